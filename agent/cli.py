@@ -1,0 +1,62 @@
+"""The `crystal-locator` command line.
+
+Each command group lives in its own module under `agent.commands` and exposes
+`register(subparsers) -> None`, which adds its sub-command(s) with `set_defaults(handler=...)`. A
+handler takes the parsed `argparse.Namespace` and returns the process exit code.
+
+Errors a user can fix (a missing file, a bad option) are raised as `CommandError` and printed as one
+line without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+#: Command modules, in the order their commands appear in `--help`.
+COMMAND_MODULES: tuple[str, ...] = (
+)
+
+
+class CommandError(Exception):
+    """A problem with the user's command or its input; printed without a traceback, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser with every registered command group."""
+    parser = argparse.ArgumentParser(
+        prog="crystal-locator",
+        description="Screen TEM grids for micro-crystals (MicroED), on a real or simulated microscope.",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module_name in COMMAND_MODULES:
+        importlib.import_module(module_name).register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(handler(args) or 0)
+    except CommandError as exc:
+        print(f"crystal-locator: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("crystal-locator: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

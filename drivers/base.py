@@ -1,0 +1,404 @@
+"""The microscope contract: the `Microscope` protocol, its data types and its errors.
+
+Everything the agent does to an instrument goes through `Microscope`. Three things implement it:
+the simulator (`simulator.microscope.SimulatedMicroscope`), the ZeroMQ bridge client
+(`drivers.zmq_bridge.BridgeClient`) and vendor adapters (e.g. `drivers.temscript_adapter`).
+
+Conventions (see DESIGN.md):
+- lengths in micrometres (`_um`), angles in degrees (`_deg`), times in seconds (`_s`);
+- images are numpy arrays, row-major `(row, col)`, `uint16`;
+- every data type here is frozen; every error is a subclass of `MicroscopeError` with a message that
+  says what was wrong and what to do.
+
+Blocking behaviour: every method blocks until its effect is complete, except `move_stage(...,
+wait=False)`, which returns once the move has started (poll `is_stage_moving()` or call
+`wait_for_stage()`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# --------------------------------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------------------------------
+
+
+class MicroscopeError(Exception):
+    """Base class of every error a microscope driver raises."""
+
+
+class StageLimitError(MicroscopeError):
+    """A stage target lies outside the stage limits. Raised before anything moves."""
+
+
+class StageMoveError(MicroscopeError):
+    """A stage move started but failed (hardware fault, collision guard, interrupted)."""
+
+
+class PresetError(MicroscopeError):
+    """An optics preset name is unknown, or the preset could not be applied."""
+
+
+class AcquisitionError(MicroscopeError):
+    """The camera did not deliver a frame (readout failure, beam blanked when it must not be)."""
+
+
+class AcquisitionTimeout(AcquisitionError):
+    """The camera did not deliver a frame within its time limit."""
+
+
+class InvalidParameterError(MicroscopeError, ValueError):
+    """A call had a parameter of the wrong type or out of its range (e.g. a negative exposure)."""
+
+
+class BridgeError(MicroscopeError):
+    """The ZeroMQ bridge failed: protocol mismatch, malformed message, remote failure."""
+
+
+class BridgeTimeout(BridgeError, TimeoutError):
+    """The bridge server did not answer within the call's time limit."""
+
+
+class ProtocolMismatchError(BridgeError):
+    """Client and server speak different protocol versions."""
+
+
+class AuthenticationError(BridgeError):
+    """The server refused the client's credentials (CURVE key not on the allow-list)."""
+
+
+#: Every error type that may cross the bridge, by name. The bridge client re-raises a remote error as
+#: the class of the same name; unknown names become `MicroscopeError`.
+ERROR_TYPES: dict[str, type[MicroscopeError]] = {
+    cls.__name__: cls
+    for cls in (
+        MicroscopeError,
+        StageLimitError,
+        StageMoveError,
+        PresetError,
+        AcquisitionError,
+        AcquisitionTimeout,
+        InvalidParameterError,
+        BridgeError,
+        BridgeTimeout,
+        ProtocolMismatchError,
+        AuthenticationError,
+    )
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Data types
+# --------------------------------------------------------------------------------------------------
+
+_FROZEN = ConfigDict(frozen=True, extra="forbid")
+
+
+class StagePosition(BaseModel):
+    """A stage position: x, y, z in micrometres, alpha (tilt) in degrees."""
+
+    model_config = _FROZEN
+
+    x_um: float
+    y_um: float
+    z_um: float = 0.0
+    alpha_deg: float = 0.0
+
+    @field_validator("x_um", "y_um", "z_um", "alpha_deg")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("stage coordinates must be finite numbers")
+        return value
+
+    def distance_xy_um(self, other: StagePosition) -> float:
+        """Euclidean distance in the x-y plane, in micrometres."""
+        return math.hypot(self.x_um - other.x_um, self.y_um - other.y_um)
+
+
+class StageLimits(BaseModel):
+    """The travel range of each stage axis (inclusive): micrometres and degrees."""
+
+    model_config = _FROZEN
+
+    x_min_um: float = -1000.0
+    x_max_um: float = 1000.0
+    y_min_um: float = -1000.0
+    y_max_um: float = 1000.0
+    z_min_um: float = -300.0
+    z_max_um: float = 300.0
+    alpha_min_deg: float = -70.0
+    alpha_max_deg: float = 70.0
+
+    def violations(self, position: StagePosition) -> list[str]:
+        """Human-readable descriptions of every axis of `position` outside the limits (empty if none)."""
+        problems = []
+        for axis, unit in (("x", "um"), ("y", "um"), ("z", "um"), ("alpha", "deg")):
+            value = getattr(position, f"{axis}_{unit}")
+            low = getattr(self, f"{axis}_min_{unit}")
+            high = getattr(self, f"{axis}_max_{unit}")
+            if not low <= value <= high:
+                problems.append(f"{axis}={value:.3f} {unit} outside [{low:.3f}, {high:.3f}]")
+        return problems
+
+    def check(self, position: StagePosition) -> None:
+        """Raise `StageLimitError` if any axis of `position` lies outside the limits."""
+        problems = self.violations(position)
+        if problems:
+            raise StageLimitError(
+                "stage target out of range: " + "; ".join(problems) + ". Choose a target inside the limits."
+            )
+
+
+class OpticsPreset(BaseModel):
+    """A named set of optics and camera settings (e.g. `atlas`, `search`, `exposure`).
+
+    `pixel_size_um` is the size of one camera pixel (after binning) projected onto the specimen.
+    """
+
+    model_config = _FROZEN
+
+    name: str
+    magnification: float = Field(gt=0)
+    pixel_size_um: float = Field(gt=0)
+    binning: int = Field(default=1, ge=1)
+    defocus_um: float = 0.0
+    spot_size: int = 1
+    camera_length_mm: float | None = Field(
+        default=None, description="camera length used by acquire_diffraction() in this preset"
+    )
+
+
+class MicroscopeInfo(BaseModel):
+    """What a microscope is and can do; returned by `Microscope.info()`."""
+
+    model_config = _FROZEN
+
+    name: str
+    camera_shape_px: tuple[int, int] = Field(description="(rows, cols) of a frame at this binning")
+    presets: tuple[OpticsPreset, ...]
+    stage_limits: StageLimits
+    software_version: str
+    simulated: bool = False
+
+    def preset(self, name: str) -> OpticsPreset:
+        """The preset called `name`; raises `PresetError` if there is none."""
+        for preset in self.presets:
+            if preset.name == name:
+                return preset
+        known = ", ".join(p.name for p in self.presets)
+        raise PresetError(f"unknown optics preset {name!r}; this microscope has: {known}")
+
+
+class FrameMetadata(BaseModel):
+    """Everything known about a frame at the moment it was taken."""
+
+    model_config = _FROZEN
+
+    kind: Literal["image", "diffraction"] = "image"
+    preset: str
+    magnification: float
+    pixel_size_um: float = Field(gt=0, description="specimen size of one pixel; for diffraction frames nominal")
+    binning: int = 1
+    stage: StagePosition
+    exposure_s: float = Field(ge=0)
+    time_s: float = Field(description="microscope clock (Microscope.microscope_time_s) at the end of exposure")
+    instrument: str = ""
+    extra: dict[str, Any] = Field(default_factory=dict, description="driver-specific, JSON-serialisable")
+
+
+@dataclass(frozen=True)
+class Frame:
+    """A camera frame: a 2-D `uint16` image plus its metadata.
+
+    The array is made read-only so that a frame passed around the agent cannot be changed behind the
+    back of whoever else holds it.
+    """
+
+    image: np.ndarray
+    metadata: FrameMetadata
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.image, np.ndarray):
+            raise InvalidParameterError(f"Frame.image must be a numpy array, got {type(self.image).__name__}")
+        if self.image.ndim != 2:
+            raise InvalidParameterError(f"Frame.image must be 2-D (rows, cols), got shape {self.image.shape}")
+        if self.image.dtype != np.uint16:
+            raise InvalidParameterError(f"Frame.image must be uint16, got {self.image.dtype}")
+        if self.image.flags.writeable:
+            view = self.image.view()
+            view.flags.writeable = False
+            object.__setattr__(self, "image", view)
+
+    @property
+    def shape_px(self) -> tuple[int, int]:
+        """(rows, cols) of the image."""
+        return (int(self.image.shape[0]), int(self.image.shape[1]))
+
+
+# --------------------------------------------------------------------------------------------------
+# The protocol
+# --------------------------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class Microscope(Protocol):
+    """A transmission electron microscope with a stage, optics presets and a camera.
+
+    Every method may raise `MicroscopeError` (or a subclass) and nothing else for instrument
+    problems; `InvalidParameterError` for bad arguments. Bridge clients may also raise `BridgeError`
+    / `BridgeTimeout`.
+    """
+
+    def info(self) -> MicroscopeInfo:
+        """Instrument name, camera shape, presets, stage limits and software version. Cheap."""
+        ...
+
+    def microscope_time_s(self) -> float:
+        """Seconds of instrument time since the driver started.
+
+        The simulator returns its virtual clock (advanced by every move, preset change and exposure);
+        a real instrument returns wall-clock time. Throughput is measured on this clock.
+        """
+        ...
+
+    # stage ----------------------------------------------------------------------------------------
+    def get_stage(self) -> StagePosition:
+        """The current stage position (um, deg). Cheap; valid while moving (then the current estimate)."""
+        ...
+
+    def stage_limits(self) -> StageLimits:
+        """The travel limits of the stage."""
+        ...
+
+    def move_stage(
+        self,
+        x_um: float | None = None,
+        y_um: float | None = None,
+        z_um: float | None = None,
+        alpha_deg: float | None = None,
+        wait: bool = True,
+    ) -> None:
+        """Move to an absolute position; axes left `None` keep their current value.
+
+        Raises `StageLimitError` before anything moves if the target is outside the limits, and
+        `StageMoveError` if the move fails. With `wait=True` it returns once the stage has settled.
+        """
+        ...
+
+    def is_stage_moving(self) -> bool:
+        """True while a move started with `wait=False` is in progress."""
+        ...
+
+    def wait_for_stage(self, timeout_s: float = 60.0) -> None:
+        """Block until the stage has settled; `StageMoveError` if it has not after `timeout_s`."""
+        ...
+
+    def stop_stage(self) -> None:
+        """Stop any stage motion at once. Safe to call when nothing moves."""
+        ...
+
+    # optics ---------------------------------------------------------------------------------------
+    def get_preset(self) -> str:
+        """Name of the active optics preset."""
+        ...
+
+    def set_preset(self, name: str) -> None:
+        """Apply the optics preset `name` (magnification, pixel size, binning). `PresetError` if unknown."""
+        ...
+
+    def set_beam_blanked(self, blanked: bool) -> None:
+        """Blank (True) or unblank (False) the beam."""
+        ...
+
+    def is_beam_blanked(self) -> bool:
+        """True if the beam is blanked."""
+        ...
+
+    # camera ---------------------------------------------------------------------------------------
+    def acquire(self, exposure_s: float) -> Frame:
+        """Expose for `exposure_s` seconds in the active preset and return the image.
+
+        Raises `InvalidParameterError` for a non-positive exposure, `AcquisitionError` /
+        `AcquisitionTimeout` when the camera fails.
+        """
+        ...
+
+    def acquire_diffraction(self, exposure_s: float) -> Frame:
+        """A diffraction pattern of the area under the beam at the current stage position.
+
+        The optics return to imaging afterwards; the frame's `metadata.kind` is `"diffraction"`.
+        """
+        ...
+
+
+#: Method names of the protocol, in the order above (used by conformance tests and the bridge).
+MICROSCOPE_METHODS: tuple[str, ...] = (
+    "info",
+    "microscope_time_s",
+    "get_stage",
+    "stage_limits",
+    "move_stage",
+    "is_stage_moving",
+    "wait_for_stage",
+    "stop_stage",
+    "get_preset",
+    "set_preset",
+    "set_beam_blanked",
+    "is_beam_blanked",
+    "acquire",
+    "acquire_diffraction",
+)
+
+
+def check_exposure_s(exposure_s: float, max_exposure_s: float = 600.0) -> float:
+    """Validate an exposure time in seconds; raise `InvalidParameterError` if it is not usable."""
+    if isinstance(exposure_s, bool) or not isinstance(exposure_s, (int, float)):
+        raise InvalidParameterError(f"exposure_s must be a number of seconds, got {type(exposure_s).__name__}")
+    if not math.isfinite(exposure_s) or exposure_s <= 0 or exposure_s > max_exposure_s:
+        raise InvalidParameterError(f"exposure_s must be in (0, {max_exposure_s}] s, got {exposure_s}")
+    return float(exposure_s)
+
+
+# --------------------------------------------------------------------------------------------------
+# Image -> stage geometry
+# --------------------------------------------------------------------------------------------------
+#
+# A pixel is addressed as the vector p = (col_px, row_px) (x to the right, y down the rows), with the
+# centre of pixel (0, 0) at (0, 0). For a frame of shape (rows, cols) taken with the stage at S, the
+# specimen point under pixel p is
+#
+#     stage_um = S_xy_um + A @ (p - image_centre_px(shape))
+#
+# where A (2x2, um per pixel) depends on the optics preset: rotation, scale and possibly a flip
+# between camera and stage axes. Drivers do not promise any particular A; the agent measures it
+# (agent.calibration) by moving the stage a known offset and phase-correlating.
+
+
+def image_centre_px(shape: tuple[int, ...]) -> np.ndarray:
+    """The centre of an image of `shape` (rows, cols) as a (col_px, row_px) vector, float64."""
+    rows, cols = int(shape[0]), int(shape[1])
+    return np.array([(cols - 1) / 2.0, (rows - 1) / 2.0], dtype=np.float64)
+
+
+def pixel_to_stage_um(
+    col_row_px: np.ndarray, shape: tuple[int, ...], stage_xy_um: tuple[float, float], matrix_um_per_px: np.ndarray
+) -> np.ndarray:
+    """Map pixel vectors `(..., 2)` as (col_px, row_px) to stage (x_um, y_um) with matrix A (see above)."""
+    offsets = np.asarray(col_row_px, dtype=np.float64) - image_centre_px(shape)
+    return np.asarray(stage_xy_um, dtype=np.float64) + offsets @ np.asarray(matrix_um_per_px, dtype=np.float64).T
+
+
+def stage_to_pixel(
+    xy_um: np.ndarray, shape: tuple[int, ...], stage_xy_um: tuple[float, float], matrix_um_per_px: np.ndarray
+) -> np.ndarray:
+    """Inverse of `pixel_to_stage_um`: stage (x_um, y_um) vectors `(..., 2)` -> (col_px, row_px)."""
+    inverse = np.linalg.inv(np.asarray(matrix_um_per_px, dtype=np.float64))
+    offsets = np.asarray(xy_um, dtype=np.float64) - np.asarray(stage_xy_um, dtype=np.float64)
+    return image_centre_px(shape) + offsets @ inverse.T
