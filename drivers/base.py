@@ -181,7 +181,9 @@ class MicroscopeInfo(BaseModel):
     model_config = _FROZEN
 
     name: str
-    camera_shape_px: tuple[int, int] = Field(description="(rows, cols) of a frame at this binning")
+    camera_shape_px: tuple[int, int] = Field(
+        description="(rows, cols) of the unbinned sensor; a frame is camera_shape_px // preset.binning"
+    )
     presets: tuple[OpticsPreset, ...]
     stage_limits: StageLimits
     software_version: str
