@@ -692,7 +692,9 @@ class OperatorChannel:
             except ValidationError as exc:
                 raise BadRequestError(f"malformed request: {_short_errors(exc)}") from exc
             if request.v != PROTOCOL_VERSION:
-                raise BadRequestError(f"protocol version {request.v} not supported; this agent speaks {PROTOCOL_VERSION}")
+                raise BadRequestError(
+                    f"protocol version {request.v} not supported; this agent speaks {PROTOCOL_VERSION}"
+                )
             reply, images = self._dispatch(request)
             reply.update({"v": PROTOCOL_VERSION, "request_id": request.request_id, "ok": True})
         except AnswerRefusedError as exc:
@@ -740,7 +742,8 @@ class OperatorChannel:
                     f"prompt {prompt_id!r} was already answered by {record.answer.operator!r}", prompt_id
                 )
             if record.state == "expired":
-                raise PromptExpiredError(f"prompt {prompt_id!r} expired at {record.deadline_utc.isoformat()}", prompt_id)
+                expired_at = record.deadline_utc.isoformat()
+                raise PromptExpiredError(f"prompt {prompt_id!r} expired at {expired_at}", prompt_id)
             if record.state == "cancelled":
                 raise PromptClosedError(f"prompt {prompt_id!r} was withdrawn by the agent", prompt_id)
             _validate_choice(record.prompt, option_ids)
@@ -1004,7 +1007,7 @@ class OperatorClient:
 def _attach_images(info: PromptInfo, frames: Sequence[bytes]) -> PromptInfo:
     if len(frames) != len(info.image_names):
         raise ValueError(f"prompt {info.id} names {len(info.image_names)} images but carries {len(frames)}")
-    images = _check_images(dict(zip(info.image_names, (bytes(f) for f in frames))))
+    images = _check_images(dict(zip(info.image_names, (bytes(f) for f in frames), strict=True)))
     updated = info.model_copy(update={"images": images})
     updated._received_monotonic = info._received_monotonic
     return updated
