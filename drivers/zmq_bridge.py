@@ -1,0 +1,949 @@
+"""The ZeroMQ bridge: `BridgeServer` next to the microscope, `BridgeClient` in the agent.
+
+`BridgeServer(microscope, endpoint)` serves any `drivers.base.Microscope` on a ROUTER socket;
+`BridgeClient(endpoint)` is itself a `Microscope`, so the agent cannot tell a local simulator from a
+remote instrument. The wire format is in `drivers.protocol`.
+
+Concurrency model of the server
+-------------------------------
+One I/O thread owns every socket; it decodes and validates requests and sends replies. Instrument
+calls run in worker threads, by call kind (`drivers.protocol.MethodSpec.kind`):
+
+- "read" calls (get_stage, is_stage_moving, get_preset, info, ...) run in a pool of `read_workers`
+  threads, concurrently with each other and with the one running control call;
+- "control" calls (move_stage, wait_for_stage, set_preset, set_beam_blanked, acquire,
+  acquire_diffraction) run one at a time, in arrival order, on a single control thread;
+- "stop" (stop_stage) has its own thread, so it is never queued behind the move it must stop.
+
+So a long exposure or move never blocks status queries from any client. The wrapped microscope must
+therefore accept read calls while one control call is in progress (the simulator and real instruments
+do). At most `max_pending` calls wait or run at once; more get a "server busy" `BridgeError`.
+
+At-most-once execution
+----------------------
+Non-idempotent calls (move_stage, acquire, acquire_diffraction) are remembered by request id. A resend
+of the same id (after a client timeout) attaches to the running call or gets the stored reply again;
+it is never executed twice. A resend carries the `server_id` of the server it was first sent to, and a
+restarted server (new id, empty memory) refuses it rather than guess. Idempotent calls are retried by
+the client with a new id and simply run again.
+
+Events
+------
+With `event_endpoint`, the server publishes state changes on a PUB socket as `[topic, json]` with
+topics `stage` (position, moving), `optics` (preset) and `beam` (blanked): after every call that may
+change them, and from a poll every `event_poll_s` seconds (changes made at the instrument itself).
+
+Security
+--------
+The server binds 127.0.0.1 by default. Binding any other interface requires CURVE: a server key pair
+and an allow-list of client public keys (`drivers.auth`); unknown clients are refused in the
+handshake and never reach the request handler.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from collections import Counter, OrderedDict
+from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import zmq
+from pydantic import BaseModel, ConfigDict, ValidationError
+from zmq.utils.monitor import recv_monitor_message
+
+from drivers.auth import (
+    AllowListAuthenticator,
+    CurveKeyPair,
+    configure_curve_client,
+    configure_curve_server,
+    load_allow_list,
+    load_public_key,
+)
+from drivers.base import (
+    AuthenticationError,
+    BridgeError,
+    BridgeTimeout,
+    Frame,
+    InvalidParameterError,
+    Microscope,
+    MicroscopeError,
+    MicroscopeInfo,
+    ProtocolMismatchError,
+    StageLimits,
+    StagePosition,
+)
+from drivers.protocol import (
+    DEFAULT_MAX_ARRAY_BYTES,
+    HELLO_METHOD,
+    METHOD_SPECS,
+    PROTOCOL_VERSION,
+    MalformedMessageError,
+    MethodSpec,
+    ReplyHeader,
+    RequestHeader,
+    decode_reply,
+    decode_request,
+    decode_value,
+    encode_arrays,
+    encode_header,
+    encode_value,
+    error_from_wire,
+    error_to_wire,
+    new_request,
+    peek_request_id,
+    validate_params,
+)
+
+logger = logging.getLogger(__name__)
+
+#: Default endpoint: loopback only.
+DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
+
+#: Default limit of one incoming request message part on the server (requests are small JSON).
+DEFAULT_MAX_REQUEST_BYTES = 1024 * 1024
+
+#: Default time limit of quick calls (status queries), seconds.
+DEFAULT_STATUS_TIMEOUT_S = 5.0
+
+_LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
+
+T = TypeVar("T")
+
+
+def is_loopback_endpoint(endpoint: str) -> bool:
+    """True if `endpoint` is reachable from this computer only (tcp on 127.x/::1/localhost, ipc, inproc).
+
+    Raises `BridgeError` for an endpoint that is not `tcp://HOST:PORT`, `ipc://...` or `inproc://...`.
+    """
+    scheme, sep, rest = endpoint.partition("://")
+    if not sep:
+        raise BridgeError(f"endpoint {endpoint!r} is not of the form tcp://HOST:PORT")
+    if scheme in ("ipc", "inproc"):
+        return True
+    if scheme != "tcp":
+        raise BridgeError(f"endpoint {endpoint!r}: only tcp://, ipc:// and inproc:// are supported")
+    host, colon, port = rest.rpartition(":")
+    if not colon or not host or not port:
+        raise BridgeError(f"endpoint {endpoint!r} is not of the form tcp://HOST:PORT")
+    return host in _LOOPBACK_HOSTS or host.startswith("127.")
+
+
+class HelloResult(BaseModel):
+    """The server's answer to the handshake."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    protocol_version: int
+    server_id: str
+    info: MicroscopeInfo
+    event_endpoint: str | None = None
+    methods: tuple[str, ...]
+    curve: bool = False
+
+
+@dataclass
+class _Job:
+    """One call being executed for one or more identical requests (same request id)."""
+
+    job_id: int
+    request_id: uuid.UUID
+    destinations: list[bytes]
+    cacheable: bool
+
+
+@dataclass
+class ServerStats:
+    """Counters of a running server (for tests, logs and `bridge ping`)."""
+
+    requests: int = 0
+    errors: int = 0
+    replayed: int = 0
+    dropped: int = 0
+    executed: Counter[str] = field(default_factory=Counter)
+
+
+class BridgeServer:
+    """Serve a `Microscope` over ZeroMQ (ROUTER socket). See the module docstring for the model.
+
+    `curve`: the server key pair (`CurveKeyPair`, a `.key_secret` file, or a directory holding
+    `server.key_secret`); `allowed_client_keys`: client public keys, `.key` files or directories of them.
+    Both are required together, and required for any endpoint that is not loopback.
+    `max_message_bytes` is set as `zmq.MAXMSGSIZE` on the ROUTER: a bigger request disconnects its
+    sender. Use as a context manager or call `start()` / `stop()`; `.endpoint` is the bound address
+    (the real port when bound to port 0).
+    """
+
+    def __init__(
+        self,
+        microscope: Microscope,
+        endpoint: str = DEFAULT_ENDPOINT,
+        *,
+        curve: CurveKeyPair | str | os.PathLike[str] | None = None,
+        allowed_client_keys: Iterable[bytes | str | os.PathLike[str]] | None = None,
+        max_message_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        event_endpoint: str | None = None,
+        read_workers: int = 4,
+        max_pending: int = 64,
+        reply_cache_size: int = 256,
+        reply_cache_bytes: int = 256 * 1024 * 1024,
+        event_poll_s: float = 0.5,
+    ) -> None:
+        if not isinstance(microscope, Microscope):
+            raise InvalidParameterError(
+                f"BridgeServer needs an object implementing drivers.base.Microscope, got {type(microscope).__name__}"
+            )
+        if max_message_bytes < 1024:
+            raise InvalidParameterError(f"max_message_bytes must be >= 1024, got {max_message_bytes}")
+        if read_workers < 1 or max_pending < 1:
+            raise InvalidParameterError("read_workers and max_pending must be >= 1")
+        self._microscope = microscope
+        self._requested_endpoint = endpoint
+        self._requested_event_endpoint = event_endpoint
+        self._curve_keys: CurveKeyPair | None = None
+        self._allowed: frozenset[bytes] = frozenset()
+        if curve is not None:
+            self._curve_keys = curve if isinstance(curve, CurveKeyPair) else CurveKeyPair.load(curve, name=None)
+            if self._curve_keys.secret is None:
+                raise AuthenticationError("the server CURVE key pair has no secret key; pass the .key_secret file")
+            self._allowed = load_allow_list(allowed_client_keys or ())
+            if not self._allowed:
+                raise AuthenticationError(
+                    "CURVE needs an allow-list of client public keys (allowed_client_keys / --allow KEYFILE)"
+                )
+        elif allowed_client_keys:
+            raise AuthenticationError("an allow-list of client keys needs CURVE server keys (curve=...)")
+        for ep in (endpoint, event_endpoint):
+            if ep is not None and not is_loopback_endpoint(ep) and self._curve_keys is None:
+                raise BridgeError(
+                    f"refusing to bind {ep}: binding anything but loopback (127.0.0.1) requires CURVE keys and "
+                    "an allow-list of clients (create keys with `crystal-locator bridge keys --out DIR`)"
+                )
+        self._max_message_bytes = int(max_message_bytes)
+        self._read_workers = int(read_workers)
+        self._max_pending = int(max_pending)
+        self._reply_cache_size = int(reply_cache_size)
+        self._reply_cache_bytes = int(reply_cache_bytes)
+        self._event_poll_s = float(event_poll_s)
+        self.server_id = uuid.uuid4().hex
+        self.stats = ServerStats()
+        self._stats_lock = threading.Lock()
+        self._endpoint: str | None = None
+        self._event_endpoint: str | None = None
+        self._context: zmq.Context | None = None
+        self._authenticator: AllowListAuthenticator | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._push_lock = threading.Lock()
+        self._push: zmq.Socket | None = None
+        self._state_lock = threading.Lock()
+        self._last_state: dict[str, Any] = {}
+        self._event_seq = itertools.count(1)
+        self._snapshot_running = threading.Event()
+        self._job_ids = itertools.count(1)
+        self._jobs: dict[int, _Job] = {}
+        self._inflight: dict[uuid.UUID, _Job] = {}
+        self._reply_cache: OrderedDict[uuid.UUID, tuple[list[Any], int]] = OrderedDict()
+        self._reply_cache_total = 0
+        self._pools: dict[str, ThreadPoolExecutor] = {}
+
+    # lifecycle ------------------------------------------------------------------------------------
+    @property
+    def endpoint(self) -> str:
+        """The bound endpoint (with the real port); `BridgeError` before `start()`."""
+        if self._endpoint is None:
+            raise BridgeError("the bridge server is not started; call start() first")
+        return self._endpoint
+
+    @property
+    def event_endpoint(self) -> str | None:
+        """The bound PUB endpoint for events, or None when events are off."""
+        return self._event_endpoint
+
+    @property
+    def running(self) -> bool:
+        """True between `start()` and `stop()`."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> BridgeServer:
+        """Bind the sockets and start serving in a background thread. Returns self."""
+        if self._thread is not None:
+            raise BridgeError("this bridge server was started already; create a new one")
+        context = zmq.Context()
+        self._context = context
+        try:
+            if self._curve_keys is not None:
+                self._authenticator = AllowListAuthenticator(context, self._allowed)
+                self._authenticator.start()
+            router = context.socket(zmq.ROUTER)
+            router.linger = 0
+            router.setsockopt(zmq.MAXMSGSIZE, self._max_message_bytes)
+            if self._curve_keys is not None:
+                configure_curve_server(router, self._curve_keys)
+            self._endpoint = self._bind(router, self._requested_endpoint)
+            publisher = None
+            if self._requested_event_endpoint is not None:
+                publisher = context.socket(zmq.PUB)
+                publisher.linger = 0
+                if self._curve_keys is not None:
+                    configure_curve_server(publisher, self._curve_keys)
+                self._event_endpoint = self._bind(publisher, self._requested_event_endpoint)
+            pull = context.socket(zmq.PULL)
+            pull.linger = 0
+            pull.rcvhwm = 0
+            inproc = f"inproc://bridge-replies-{self.server_id}"
+            pull.bind(inproc)
+            push = context.socket(zmq.PUSH)
+            push.linger = 0
+            push.sndhwm = 0
+            push.connect(inproc)
+            self._push = push
+        except BaseException:
+            self._teardown_context()
+            raise
+        self._pools = {
+            "read": ThreadPoolExecutor(self._read_workers, thread_name_prefix="bridge-read"),
+            "control": ThreadPoolExecutor(1, thread_name_prefix="bridge-control"),
+            "stop": ThreadPoolExecutor(1, thread_name_prefix="bridge-stop"),
+        }
+        self._thread = threading.Thread(
+            target=self._serve, args=(router, pull, publisher), name="bridge-io", daemon=True
+        )
+        self._thread.start()
+        logger.info("bridge serving %s on %s (events: %s, CURVE: %s)", type(self._microscope).__name__,
+                    self._endpoint, self._event_endpoint, self._curve_keys is not None)
+        return self
+
+    def _bind(self, socket: zmq.Socket, endpoint: str) -> str:
+        try:
+            socket.bind(endpoint)
+        except zmq.ZMQError as exc:
+            raise BridgeError(f"cannot bind {endpoint}: {exc}. Is another server running there?") from exc
+        return socket.getsockopt(zmq.LAST_ENDPOINT).decode("ascii")
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Stop serving: no new calls start, the sockets close. A running instrument call finishes on its own."""
+        if self._thread is None:
+            return
+        self._stopping.set()
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():  # pragma: no cover - the loop polls every 50 ms
+            logger.error("bridge I/O thread did not stop within %.1f s", timeout_s)
+        for pool in self._pools.values():
+            pool.shutdown(wait=False, cancel_futures=True)
+        self._teardown_context()
+        logger.info("bridge on %s stopped", self._endpoint)
+
+    def _teardown_context(self) -> None:
+        with self._push_lock:
+            if self._push is not None:
+                self._push.close(linger=0)
+                self._push = None
+        if self._authenticator is not None:
+            self._authenticator.stop()
+            self._authenticator = None
+        if self._context is not None:
+            self._context.destroy(linger=0)
+            self._context = None
+
+    def __enter__(self) -> BridgeServer:
+        return self.start() if self._thread is None else self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    # I/O thread -----------------------------------------------------------------------------------
+    def _serve(self, router: zmq.Socket, pull: zmq.Socket, publisher: zmq.Socket | None) -> None:
+        poller = zmq.Poller()
+        poller.register(router, zmq.POLLIN)
+        poller.register(pull, zmq.POLLIN)
+        next_poll_s = time.monotonic()
+        try:
+            while not self._stopping.is_set():
+                events = dict(poller.poll(50))
+                if pull in events:
+                    self._drain(pull, lambda parts: self._on_worker_message(router, publisher, parts))
+                if router in events:
+                    self._drain(router, lambda parts: self._on_request(router, parts))
+                if publisher is not None and time.monotonic() >= next_poll_s:
+                    next_poll_s = time.monotonic() + self._event_poll_s
+                    self._schedule_snapshot()
+        finally:
+            router.close(linger=0)
+            pull.close(linger=0)
+            if publisher is not None:
+                publisher.close(linger=0)
+
+    def _drain(self, socket: zmq.Socket, handle: Any, limit: int = 64) -> None:
+        for _ in range(limit):
+            try:
+                parts = socket.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                handle(parts)
+            except Exception:  # the server must survive anything a message does
+                logger.exception("bridge: unexpected error while handling a message; continuing")
+
+    def _send_error(self, router: zmq.Socket, identity: bytes, request_id: uuid.UUID | None, exc: Exception) -> None:
+        with self._stats_lock:
+            self.stats.errors += 1
+        header = ReplyHeader(
+            protocol_version=PROTOCOL_VERSION,
+            request_id=request_id,
+            server_id=self.server_id,
+            ok=False,
+            error=error_to_wire(exc),
+        )
+        router.send_multipart([identity, b"", encode_header(header)])
+
+    def _on_request(self, router: zmq.Socket, parts: list[zmq.Frame]) -> None:
+        self.stats.requests += 1
+        identity = parts[0].bytes
+        body = parts[1:]
+        if body and len(body[0]) == 0:  # the empty delimiter a DEALER/REQ client sends
+            body = body[1:]
+        try:
+            header = decode_request(body)
+            if header.arrays:
+                raise MalformedMessageError(f"method {header.method!r} takes no array frames")
+            spec = METHOD_SPECS.get(header.method)
+            params = validate_params(header.method, header.params)
+        except MicroscopeError as exc:
+            request_id = peek_request_id(body[0]) if body else None
+            logger.info("bridge: refused a request: %s", exc)
+            self._send_error(router, identity, request_id, exc)
+            return
+        assert spec is not None
+        request_id = header.request_id
+        cacheable = not (spec.idempotent and header.idempotent)
+        if cacheable:
+            cached = self._reply_cache.get(request_id)
+            if cached is not None:
+                self.stats.replayed += 1
+                logger.info("bridge: replaying the stored reply of %s %s", header.method, request_id)
+                router.send_multipart([identity, *cached[0]], copy=False)
+                return
+            running = self._inflight.get(request_id)
+            if running is not None:
+                self.stats.replayed += 1
+                running.destinations.append(identity)
+                return
+            if header.server_id is not None and header.server_id != self.server_id:
+                self._send_error(router, identity, request_id, BridgeError(
+                    f"{header.method} was resent after a timeout, but the server has restarted since it was first "
+                    "sent; it was NOT run again. Check the instrument state (e.g. get_stage) and call again."
+                ))
+                return
+        if len(self._jobs) >= self._max_pending:
+            self._send_error(router, identity, request_id, BridgeError(
+                f"the bridge server is busy ({len(self._jobs)} calls pending); try again later"
+            ))
+            return
+        job = _Job(next(self._job_ids), request_id, [identity], cacheable)
+        self._jobs[job.job_id] = job
+        if cacheable:
+            self._inflight[request_id] = job
+        self._pools[spec.kind].submit(self._run_job, job.job_id, spec, params, request_id)
+
+    def _on_worker_message(self, router: zmq.Socket, publisher: zmq.Socket | None, parts: list[zmq.Frame]) -> None:
+        kind = parts[0].bytes
+        if kind == b"event":
+            if publisher is not None:
+                publisher.send_multipart([parts[1], parts[2]], copy=False)
+            return
+        job = self._jobs.pop(int(parts[1].bytes.decode("ascii")), None)
+        if job is None:  # pragma: no cover - cannot happen: every job id comes from _on_request
+            return
+        reply = [b"", *parts[2:]]
+        for identity in job.destinations:
+            router.send_multipart([identity, *reply], copy=False)
+        if job.cacheable:
+            self._inflight.pop(job.request_id, None)
+            size = sum(len(p) for p in reply)
+            self._reply_cache[job.request_id] = (reply, size)
+            self._reply_cache_total += size
+            while self._reply_cache and (
+                len(self._reply_cache) > self._reply_cache_size or self._reply_cache_total > self._reply_cache_bytes
+            ):
+                _, (_, old_size) = self._reply_cache.popitem(last=False)
+                self._reply_cache_total -= old_size
+
+    def _push_parts(self, parts: list[Any]) -> None:
+        with self._push_lock:
+            if self._push is None:
+                self.stats.dropped += 1
+                return
+            self._push.send_multipart(parts, copy=False)
+
+    # worker threads -------------------------------------------------------------------------------
+    def _run_job(self, job_id: int, spec: MethodSpec, params: BaseModel, request_id: uuid.UUID) -> None:
+        arrays: list[Any] = []
+        descriptors: tuple[Any, ...] = ()
+        try:
+            if spec.name == HELLO_METHOD:
+                result: Any = self._hello(params).model_dump(mode="json")
+            else:
+                value = getattr(self._microscope, spec.name)(**params.model_dump())
+                with self._stats_lock:
+                    self.stats.executed[spec.name] += 1
+                result, raw_arrays = encode_value(value)
+                descriptors, arrays = encode_arrays(raw_arrays)
+            header = ReplyHeader(
+                protocol_version=PROTOCOL_VERSION,
+                request_id=request_id,
+                server_id=self.server_id,
+                ok=True,
+                result=result,
+                arrays=descriptors,
+            )
+        except Exception as exc:
+            with self._stats_lock:
+                self.stats.errors += 1
+            if not isinstance(exc, MicroscopeError):
+                logger.exception("bridge: %s raised a non-MicroscopeError", spec.name)
+            arrays = []
+            header = ReplyHeader(
+                protocol_version=PROTOCOL_VERSION,
+                request_id=request_id,
+                server_id=self.server_id,
+                ok=False,
+                error=error_to_wire(exc),
+            )
+        self._push_parts([b"reply", str(job_id).encode("ascii"), encode_header(header), *arrays])
+        if spec.events and self._requested_event_endpoint is not None:
+            self._publish_changes()
+
+    def _hello(self, params: BaseModel) -> HelloResult:
+        client_version = getattr(params, "client_protocol_version", None)
+        if client_version != PROTOCOL_VERSION:
+            raise ProtocolMismatchError(
+                f"client speaks bridge protocol {client_version}, server speaks {PROTOCOL_VERSION}; "
+                "install the same crystal-locator version on both sides"
+            )
+        logger.info("bridge: handshake from %r", getattr(params, "client_name", ""))
+        return HelloResult(
+            protocol_version=PROTOCOL_VERSION,
+            server_id=self.server_id,
+            info=self._microscope.info(),
+            event_endpoint=self._event_endpoint,
+            methods=tuple(METHOD_SPECS),
+            curve=self._curve_keys is not None,
+        )
+
+    def _schedule_snapshot(self) -> None:
+        if self._snapshot_running.is_set():
+            return
+        self._snapshot_running.set()
+        self._pools["read"].submit(self._publish_changes, True)
+
+    def _publish_changes(self, from_poll: bool = False) -> None:
+        """Read the instrument state and publish the topics whose state changed since the last event."""
+        try:
+            state = {
+                "stage": {
+                    "position": self._microscope.get_stage().model_dump(mode="json"),
+                    "moving": bool(self._microscope.is_stage_moving()),
+                },
+                "optics": {"preset": self._microscope.get_preset()},
+                "beam": {"blanked": bool(self._microscope.is_beam_blanked())},
+            }
+        except Exception as exc:
+            logger.debug("bridge: state poll failed: %s", exc)
+            return
+        finally:
+            if from_poll:
+                self._snapshot_running.clear()
+        with self._state_lock:
+            changed = [topic for topic, value in state.items() if self._last_state.get(topic) != value]
+            self._last_state.update(state)
+            messages = [
+                (topic, {"topic": topic, "seq": next(self._event_seq), "time_unix_s": time.time(),
+                         "server_id": self.server_id, "state": state[topic]})
+                for topic in changed
+            ]
+            for topic, payload in messages:
+                self._push_parts([b"event", topic.encode("ascii"), json.dumps(payload).encode("utf-8")])
+
+
+# --------------------------------------------------------------------------------------------------
+# Client
+# --------------------------------------------------------------------------------------------------
+
+_NO_REPLY = object()  # what _await_reply returns on timeout (None is a valid result)
+
+_AUTH_FAILURE_EVENTS = (
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
+
+
+class BridgeClient:
+    """A `Microscope` on the far side of a `BridgeServer`.
+
+    Connects and shakes hands at construction (protocol version, server info): raises
+    `ProtocolMismatchError` on a version mismatch, `BridgeTimeout` if nobody answers,
+    `AuthenticationError` if a CURVE server refuses the keys.
+
+    Time limits: quick calls `timeout_s` (default 5 s); a move at least 300 s; `acquire` 2 x exposure
+    + 30 s; `wait_for_stage` its own timeout + 10 s; override any with `method_timeouts_s`. After a
+    timeout the socket is rebuilt (lazy pirate) and the call is sent again up to `retries` times:
+    idempotent calls as a new request, moves and exposures with their original request id, which the
+    server runs at most once. Then `BridgeTimeout`. Remote errors are re-raised as the class of the
+    same name in `drivers.base.ERROR_TYPES`. One client is safe to share between threads (calls are
+    serialised); use one client per thread for concurrency.
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        timeout_s: float | None = None,
+        curve_keys: CurveKeyPair | str | os.PathLike[str] | None = None,
+        server_public_key: bytes | str | os.PathLike[str] | None = None,
+        retries: int = 2,
+        method_timeouts_s: Mapping[str, float] | None = None,
+        max_message_bytes: int = DEFAULT_MAX_ARRAY_BYTES + DEFAULT_MAX_REQUEST_BYTES,
+        client_name: str = "crystal-locator",
+    ) -> None:
+        is_loopback_endpoint(endpoint)  # validates the form
+        self.endpoint = endpoint
+        self._base_timeout_s = float(timeout_s) if timeout_s is not None else DEFAULT_STATUS_TIMEOUT_S
+        if not self._base_timeout_s > 0:
+            raise InvalidParameterError(f"timeout_s must be > 0, got {timeout_s}")
+        unknown = set(method_timeouts_s or {}) - set(METHOD_SPECS)
+        if unknown:
+            raise InvalidParameterError(f"method_timeouts_s names unknown methods: {sorted(unknown)}")
+        self._method_timeouts_s = dict(method_timeouts_s or {})
+        self._retries = max(0, int(retries))
+        self._max_message_bytes = int(max_message_bytes)
+        self._client_name = client_name
+        if (curve_keys is None) != (server_public_key is None):
+            raise AuthenticationError("CURVE needs both the client key pair and the server's public key")
+        self._curve_keys: CurveKeyPair | None = None
+        self._server_key: bytes | None = None
+        if curve_keys is not None and server_public_key is not None:
+            self._curve_keys = curve_keys if isinstance(curve_keys, CurveKeyPair) else CurveKeyPair.load(curve_keys)
+            self._server_key = load_public_key(server_public_key)
+        self._lock = threading.RLock()
+        self._context = zmq.Context()
+        self._socket: zmq.Socket | None = None
+        self._monitor: zmq.Socket | None = None
+        self.server_id: str | None = None
+        self.server_info: MicroscopeInfo | None = None
+        self.event_endpoint: str | None = None
+        self.reconnects = 0
+        try:
+            self._open_socket()
+            self._handshake()
+        except BaseException:
+            self.close()
+            raise
+
+    # connection -----------------------------------------------------------------------------------
+    def _open_socket(self) -> None:
+        socket = self._context.socket(zmq.DEALER)
+        socket.linger = 0
+        socket.setsockopt(zmq.MAXMSGSIZE, self._max_message_bytes)
+        if self._curve_keys is not None and self._server_key is not None:
+            configure_curve_client(socket, self._curve_keys, self._server_key)
+        self._monitor = socket.get_monitor_socket(_AUTH_FAILURE_EVENTS)
+        socket.connect(self.endpoint)
+        self._socket = socket
+
+    def _close_socket(self) -> None:
+        if self._socket is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                self._socket.disable_monitor()
+            self._socket.close(linger=0)
+            self._socket = None
+        if self._monitor is not None:
+            self._monitor.close(linger=0)
+            self._monitor = None
+
+    def _reconnect(self) -> None:
+        """Lazy pirate: throw the socket away (and anything queued on it) and connect a new one."""
+        self._close_socket()
+        self._open_socket()
+        self.reconnects += 1
+
+    def _handshake(self) -> None:
+        result = self._call(HELLO_METHOD, {"client_protocol_version": PROTOCOL_VERSION,
+                                           "client_name": self._client_name[:128]})
+        try:
+            hello = HelloResult.model_validate(result)
+        except ValidationError as exc:
+            raise ProtocolMismatchError(f"{self.endpoint} answered the handshake with something else: {exc}") from None
+        if hello.protocol_version != PROTOCOL_VERSION:
+            raise ProtocolMismatchError(
+                f"{self.endpoint} speaks bridge protocol {hello.protocol_version}, this client {PROTOCOL_VERSION}"
+            )
+        self.server_id = hello.server_id
+        self.server_info = hello.info
+        self.event_endpoint = hello.event_endpoint
+        logger.info("connected to %s: %s (%s)", self.endpoint, hello.info.name, hello.info.software_version)
+
+    def close(self) -> None:
+        """Close the connection. The client cannot be used afterwards."""
+        with self._lock:
+            self._close_socket()
+            if not self._context.closed:
+                self._context.term()
+
+    def __enter__(self) -> BridgeClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # calls ----------------------------------------------------------------------------------------
+    def timeout_for(self, method: str, params: Mapping[str, Any] | None = None) -> float:
+        """The time limit in seconds this client applies to one call of `method` with `params`."""
+        if method in self._method_timeouts_s:
+            return float(self._method_timeouts_s[method])
+        spec = METHOD_SPECS[method]
+        return spec.timeout_s(validate_params(method, dict(params or {})), self._base_timeout_s)
+
+    def _call(self, method: str, params: dict[str, Any] | None = None) -> Any:
+        params = dict(params or {})
+        validate_params(method, params)  # bad arguments fail here, before anything is sent
+        spec = METHOD_SPECS[method]
+        timeout_s = self.timeout_for(method, params)
+        with self._lock:
+            if self._socket is None:
+                raise BridgeError(f"the client for {self.endpoint} is closed; create a new BridgeClient")
+            header = new_request(method, params, idempotent=spec.idempotent)
+            first_server_id = self.server_id
+            for attempt in range(self._retries + 1):
+                if attempt > 0:
+                    if spec.idempotent:
+                        header = new_request(method, params, idempotent=True)
+                    else:
+                        header = header.model_copy(update={"server_id": first_server_id or self.server_id})
+                    logger.warning("%s: no answer to %s in %.1f s; resending (attempt %d of %d)",
+                                   self.endpoint, method, timeout_s, attempt + 1, self._retries + 1)
+                self._socket.send_multipart([b"", encode_header(header)])
+                reply = self._await_reply(header, timeout_s)
+                if reply is not _NO_REPLY:
+                    return reply
+                self._check_auth_failure()
+                self._reconnect()
+            raise BridgeTimeout(
+                f"{self.endpoint} did not answer {method} within {timeout_s:.1f} s ({self._retries + 1} attempts). "
+                "Check that `crystal-locator bridge serve` runs there and the network is up."
+            )
+
+    def _await_reply(self, header: RequestHeader, timeout_s: float) -> Any:
+        """The decoded result for `header`, `_NO_REPLY` on timeout; raises the remote error if there was one."""
+        assert self._socket is not None
+        deadline = time.monotonic() + timeout_s
+        while True:
+            remaining_ms = int(max(0.0, deadline - time.monotonic()) * 1000)
+            if not self._socket.poll(remaining_ms, zmq.POLLIN):
+                return _NO_REPLY
+            parts = self._socket.recv_multipart(copy=False)
+            if parts and len(parts[0]) == 0:
+                parts = parts[1:]
+            reply, arrays = decode_reply(parts, self._max_message_bytes)
+            if reply.request_id != header.request_id:
+                if reply.request_id is None and not reply.ok and reply.error is not None:
+                    raise error_from_wire(reply.error)  # the server could not read our request at all
+                logger.debug("%s: dropping a stale reply to %s", self.endpoint, reply.request_id)
+                continue
+            if reply.server_id and self.server_id and reply.server_id != self.server_id:
+                logger.warning("%s: the bridge server has restarted (new id %s)", self.endpoint, reply.server_id)
+                self.server_id = reply.server_id
+            if not reply.ok:
+                assert reply.error is not None
+                raise error_from_wire(reply.error)
+            if header.method == HELLO_METHOD:
+                return reply.result
+            return decode_value(reply.result, arrays)
+
+    def _check_auth_failure(self) -> None:
+        """Raise `AuthenticationError` if the socket monitor saw the server refuse our handshake."""
+        if self._monitor is None:
+            return
+        while True:
+            try:
+                event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if event["event"] & _AUTH_FAILURE_EVENTS:
+                raise AuthenticationError(
+                    f"{self.endpoint} refused this client's handshake (event {event['event']}, code {event['value']}): "
+                    "the server needs CURVE and this client's public key must be on its allow-list"
+                )
+
+    def _typed(self, method: str, expected: type[T], params: dict[str, Any] | None = None) -> T:
+        value = self._call(method, params)
+        if isinstance(expected, type) and expected is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, expected):
+            raise MalformedMessageError(
+                f"{self.endpoint} answered {method} with {type(value).__name__}, expected {expected.__name__}"
+            )
+        return value
+
+    # events ---------------------------------------------------------------------------------------
+    def subscribe_events(self, topics: Iterable[str] = ("stage", "optics", "beam")) -> BridgeEventSubscriber:
+        """A subscriber to the server's state-change events; `BridgeError` if the server publishes none."""
+        if self.event_endpoint is None:
+            raise BridgeError(f"{self.endpoint} publishes no events; start the server with an event endpoint")
+        endpoint = self.event_endpoint
+        if "://" in self.endpoint and endpoint.startswith("tcp://"):
+            # the server reports its bound address (maybe 0.0.0.0); connect to the host we reached it at
+            host = self.endpoint.split("://", 1)[1].rpartition(":")[0]
+            endpoint = f"tcp://{host}:{endpoint.rpartition(':')[2]}"
+        return BridgeEventSubscriber(endpoint, topics, curve_keys=self._curve_keys, server_public_key=self._server_key)
+
+    # Microscope -----------------------------------------------------------------------------------
+    def info(self) -> MicroscopeInfo:
+        """Instrument name, camera shape, presets, stage limits and software version (remote call)."""
+        return self._typed("info", MicroscopeInfo)
+
+    def microscope_time_s(self) -> float:
+        """Seconds of instrument time on the server's microscope."""
+        return self._typed("microscope_time_s", float)
+
+    def get_stage(self) -> StagePosition:
+        """The current stage position (um, deg)."""
+        return self._typed("get_stage", StagePosition)
+
+    def stage_limits(self) -> StageLimits:
+        """The stage travel limits (um, deg)."""
+        return self._typed("stage_limits", StageLimits)
+
+    def move_stage(
+        self,
+        x_um: float | None = None,
+        y_um: float | None = None,
+        z_um: float | None = None,
+        alpha_deg: float | None = None,
+        wait: bool = True,
+    ) -> None:
+        """Move to an absolute position (um, deg); run at most once on the server even when resent."""
+        self._call("move_stage", {"x_um": x_um, "y_um": y_um, "z_um": z_um, "alpha_deg": alpha_deg, "wait": wait})
+
+    def is_stage_moving(self) -> bool:
+        """True while a move started with `wait=False` is in progress."""
+        return self._typed("is_stage_moving", bool)
+
+    def wait_for_stage(self, timeout_s: float = 60.0) -> None:
+        """Block until the stage has settled; `StageMoveError` after `timeout_s` seconds."""
+        self._call("wait_for_stage", {"timeout_s": timeout_s})
+
+    def stop_stage(self) -> None:
+        """Stop stage motion at once (never queued behind a running move on the server)."""
+        self._call("stop_stage")
+
+    def get_preset(self) -> str:
+        """Name of the active optics preset."""
+        return self._typed("get_preset", str)
+
+    def set_preset(self, name: str) -> None:
+        """Apply the optics preset `name`; `PresetError` if unknown."""
+        self._call("set_preset", {"name": name})
+
+    def set_beam_blanked(self, blanked: bool) -> None:
+        """Blank (True) or unblank (False) the beam."""
+        self._call("set_beam_blanked", {"blanked": blanked})
+
+    def is_beam_blanked(self) -> bool:
+        """True if the beam is blanked."""
+        return self._typed("is_beam_blanked", bool)
+
+    def acquire(self, exposure_s: float) -> Frame:
+        """Expose for `exposure_s` seconds; the image arrives as a raw frame (read-only, not copied)."""
+        return self._typed("acquire", Frame, {"exposure_s": exposure_s})
+
+    def acquire_diffraction(self, exposure_s: float) -> Frame:
+        """A diffraction pattern at the current position, `exposure_s` seconds."""
+        return self._typed("acquire_diffraction", Frame, {"exposure_s": exposure_s})
+
+    def ping(self) -> float:
+        """Round-trip time of one status call (`microscope_time_s`), seconds."""
+        start = time.perf_counter()
+        self.microscope_time_s()
+        return time.perf_counter() - start
+
+
+# --------------------------------------------------------------------------------------------------
+# Events
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BridgeEvent:
+    """One state change published by the server: `topic` is stage, optics or beam."""
+
+    topic: str
+    seq: int
+    time_unix_s: float
+    server_id: str
+    state: dict[str, Any]
+
+
+class BridgeEventSubscriber:
+    """Receives `BridgeEvent`s from a server's PUB socket (malformed messages are skipped)."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        topics: Iterable[str] = ("stage", "optics", "beam"),
+        *,
+        curve_keys: CurveKeyPair | None = None,
+        server_public_key: bytes | None = None,
+    ) -> None:
+        self.endpoint = endpoint
+        self._context = zmq.Context()
+        self._socket = self._context.socket(zmq.SUB)
+        self._socket.linger = 0
+        self._socket.setsockopt(zmq.MAXMSGSIZE, 1024 * 1024)
+        if curve_keys is not None and server_public_key is not None:
+            configure_curve_client(self._socket, curve_keys, server_public_key)
+        for topic in topics:
+            self._socket.setsockopt(zmq.SUBSCRIBE, topic.encode("ascii"))
+        self._socket.connect(endpoint)
+
+    def receive(self, timeout_s: float) -> BridgeEvent | None:
+        """The next event, or None if none arrives within `timeout_s` seconds."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            remaining_ms = int(max(0.0, deadline - time.monotonic()) * 1000)
+            if not self._socket.poll(remaining_ms, zmq.POLLIN):
+                return None
+            parts = self._socket.recv_multipart()
+            try:
+                if len(parts) != 2:
+                    raise ValueError(f"{len(parts)} parts")
+                payload = json.loads(parts[1])
+                event = BridgeEvent(
+                    topic=str(payload["topic"]),
+                    seq=int(payload["seq"]),
+                    time_unix_s=float(payload["time_unix_s"]),
+                    server_id=str(payload["server_id"]),
+                    state=dict(payload["state"]),
+                )
+            except (ValueError, KeyError, TypeError) as exc:
+                logger.warning("%s: skipping a malformed event (%s)", self.endpoint, exc)
+                continue
+            return event
+
+    def close(self) -> None:
+        """Close the subscription."""
+        self._socket.close(linger=0)
+        self._context.term()
+
+    def __enter__(self) -> BridgeEventSubscriber:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
