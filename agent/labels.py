@@ -1,0 +1,503 @@
+"""Label memory: clusters people labelled before, re-used to label new clusters so prompts get rarer.
+
+Every label is a `LabelRecord`: a cluster's feature vector (the locator's
+`ClusterSummary.normalised_centroid`, normalised so that it compares across images) with the
+feature names, whether the cluster holds crystals, the specimen type, optics preset, session and
+who gave the label (`source`: an operator's answer, the web console, the agent itself, ...).
+
+Storage: one append-only JSON-lines file per memory folder (`labels.jsonl`). Every record is one
+line written with a single `write`, flushed and fsync'ed; a crash can at worst leave a torn last
+line, which reading skips (with a warning) and the next append steps over. Prune and clear rewrite
+the file atomically. A lock file serialises writers of several processes on one machine.
+
+Suggestions (`LabelMemory.suggest`): for each new cluster centroid, only records of the same
+specimen type and preset are used, compared on the features both have (matched by name, so the
+feature set may grow). Each feature is compressed with a signed log, `sign(x) * log1p(|x|)`, so a
+feature that is 50 background-sigmas away does not drown the others, and the distance is the RMS
+difference over the shared features. A record's weight is a Gaussian kernel of that distance
+(`bandwidth`); per session only the best-matching record of each class counts, so ten clusters of
+one image do not pose as ten independent opinions. With `w_c` / `w_n` the evidence for crystal /
+not crystal and `prior_strength` a pseudo-count:
+
+    p_crystal  = (w_c + prior/2) / (w_c + w_n + prior)
+    confidence = |w_c - w_n| / (w_c + w_n + prior)        (0 = no idea, -> 1 with agreeing support)
+
+No memory, memory far away (a different-looking specimen) and conflicting memory all give a low
+confidence; one close earlier label gives a moderate one and agreeing labels from more sessions a
+high one. Records made by the agent itself (`source="auto"`) are stored for the record but carry
+no weight by default, so the memory cannot talk itself into a mistake.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import uuid
+from collections.abc import Iterator, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from drivers.formats.images import write_atomic
+
+logger = logging.getLogger(__name__)
+
+#: File name of the append log inside a memory folder.
+LABELS_FILE_NAME = "labels.jsonl"
+#: Environment variable that overrides the default memory folder.
+LABELS_ENV_VAR = "CRYSTAL_LOCATOR_LABELS"
+#: Suggestions at or above this confidence may be used without asking (the screening loop's default).
+DEFAULT_CONFIDENCE_THRESHOLD = 0.6
+#: Kernel width, in RMS signed-log feature units.
+DEFAULT_BANDWIDTH = 0.35
+#: Pseudo-count of "no idea" evidence added to every suggestion.
+DEFAULT_PRIOR_STRENGTH = 0.5
+#: Weight of each source's labels as evidence ("auto": the agent's own guesses, none by default).
+DEFAULT_SOURCE_WEIGHTS: dict[str, float] = {
+    "operator": 1.0,
+    "console": 1.0,
+    "simulated": 1.0,
+    "import": 1.0,
+    "auto": 0.0,
+}
+#: Shared features needed to compare a record with a query: this fraction of the query's features.
+MIN_SHARED_FEATURE_FRACTION = 0.75
+EXPORT_FORMAT = "crystal-locator-labels"
+EXPORT_VERSION = 1
+
+LabelSource = Literal["operator", "console", "simulated", "auto", "import"]
+
+
+class LabelMemoryError(Exception):
+    """The label memory could not be read or written (bad folder, unreadable export, bad input)."""
+
+
+def _utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class LabelRecord(BaseModel):
+    """One labelled cluster: its normalised feature vector and whether it holds crystals."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str = Field(default_factory=lambda: uuid.uuid4().hex, min_length=1, max_length=64)
+    feature_vector: tuple[float, ...] = Field(min_length=1)
+    feature_names: tuple[str, ...] = Field(min_length=1)
+    is_crystal: bool
+    specimen: str = Field(min_length=1, max_length=200)
+    preset: str = Field(min_length=1, max_length=200)
+    session: str = Field(default="", max_length=200)
+    source: LabelSource = "operator"
+    operator: str | None = Field(default=None, max_length=200)
+    prompt_id: str | None = Field(default=None, max_length=200)
+    cluster_id: int | None = None
+    time_utc: datetime = Field(default_factory=_utc_now)
+
+    @field_validator("feature_vector")
+    @classmethod
+    def _finite(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if not all(math.isfinite(v) for v in value):
+            raise ValueError("feature_vector must hold finite numbers only")
+        return value
+
+    @field_validator("time_utc")
+    @classmethod
+    def _aware(cls, value: datetime) -> datetime:
+        return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
+
+    @model_validator(mode="after")
+    def _names_match(self) -> LabelRecord:
+        if len(self.feature_vector) != len(self.feature_names):
+            raise ValueError(
+                f"{len(self.feature_vector)} feature values but {len(self.feature_names)} feature names"
+            )
+        if len(set(self.feature_names)) != len(self.feature_names):
+            raise ValueError(f"feature names repeat: {self.feature_names}")
+        return self
+
+
+class LabelSuggestion(BaseModel):
+    """What memory says about one new cluster.
+
+    `confidence` is 0..1 (0: no or conflicting memory); `n_support`: sessions whose labels back the
+    suggestion; `p_crystal`: smoothed probability of "crystal"; `nearest_distance`: RMS signed-log
+    distance to the closest comparable record (None without any).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    is_crystal: bool
+    confidence: float = Field(ge=0.0, le=1.0)
+    n_support: int = Field(ge=0)
+    p_crystal: float = Field(ge=0.0, le=1.0)
+    nearest_distance: float | None = None
+
+
+def default_labels_dir() -> Path:
+    """The per-user memory folder: `$CRYSTAL_LOCATOR_LABELS`, else `$XDG_DATA_HOME/crystal-locator/labels`,
+    else `~/.local/share/crystal-locator/labels`. Not created here."""
+    override = os.environ.get(LABELS_ENV_VAR)
+    if override:
+        return Path(override).expanduser()
+    data_home = os.environ.get("XDG_DATA_HOME")
+    base = Path(data_home).expanduser() if data_home else Path.home() / ".local" / "share"
+    return base / "crystal-locator" / "labels"
+
+
+def signed_log(values: np.ndarray) -> np.ndarray:
+    """`sign(x) * log1p(|x|)`, elementwise, float64: compresses large normalised feature values."""
+    array = np.asarray(values, dtype=np.float64)
+    return np.sign(array) * np.log1p(np.abs(array))
+
+
+class LabelMemory:
+    """An append-only label log in `folder` (created if missing) and suggestions drawn from it.
+
+    Safe for one writer thread per process and several processes on one machine (lock file).
+    """
+
+    def __init__(
+        self,
+        folder: str | os.PathLike[str],
+        *,
+        bandwidth: float = DEFAULT_BANDWIDTH,
+        prior_strength: float = DEFAULT_PRIOR_STRENGTH,
+        source_weights: dict[str, float] | None = None,
+    ) -> None:
+        if not (bandwidth > 0 and prior_strength > 0):
+            raise LabelMemoryError(f"bandwidth and prior_strength must be > 0, got {bandwidth}, {prior_strength}")
+        self.folder = Path(folder).expanduser()
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise LabelMemoryError(f"cannot create the label memory folder {self.folder}: {exc}") from exc
+        if not self.folder.is_dir():
+            raise LabelMemoryError(f"{self.folder} is not a folder; pass a folder for the label memory")
+        self.path = self.folder / LABELS_FILE_NAME
+        self._lock_path = self.folder / ".labels.lock"
+        self.bandwidth = float(bandwidth)
+        self.prior_strength = float(prior_strength)
+        self.source_weights = dict(DEFAULT_SOURCE_WEIGHTS if source_weights is None else source_weights)
+        self._cache_key: tuple[int, int, int] | None = None
+        self._records: list[LabelRecord] = []
+        #: Lines that could not be read at the last load (torn tail after a crash, or corrupt).
+        self.skipped_lines = 0
+
+    # -- reading -----------------------------------------------------------------------------------
+
+    def list_records(
+        self, *, specimen: str | None = None, preset: str | None = None, session: str | None = None
+    ) -> list[LabelRecord]:
+        """All readable records, oldest first, optionally only those of a specimen / preset / session."""
+        records = self._load()
+        return [
+            r
+            for r in records
+            if (specimen is None or r.specimen == specimen)
+            and (preset is None or r.preset == preset)
+            and (session is None or r.session == session)
+        ]
+
+    def __len__(self) -> int:
+        return len(self._load())
+
+    def __iter__(self) -> Iterator[LabelRecord]:
+        return iter(self._load())
+
+    def _load(self) -> list[LabelRecord]:
+        try:
+            stat = self.path.stat()
+        except FileNotFoundError:
+            self._records, self._cache_key, self.skipped_lines = [], None, 0
+            return []
+        key = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        if key == self._cache_key:
+            return self._records
+        records, skipped = _parse_lines(self.path.read_bytes(), self.path)
+        self._records, self._cache_key, self.skipped_lines = records, key, skipped
+        return records
+
+    # -- writing -----------------------------------------------------------------------------------
+
+    def add(self, record: LabelRecord | Sequence[LabelRecord]) -> list[LabelRecord]:
+        """Append one record (or several) durably: flushed and fsync'ed before this returns."""
+        return self.add_many([record] if isinstance(record, LabelRecord) else list(record))
+
+    def add_many(self, records: Sequence[LabelRecord]) -> list[LabelRecord]:
+        """Append several records, one line each, in one write; durable when this returns."""
+        records = list(records)
+        if not records:
+            return []
+        payload = b"".join(r.model_dump_json().encode() + b"\n" for r in records)
+        with self._locked():
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                size = os.fstat(fd).st_size
+                if size > 0:
+                    with open(self.path, "rb") as handle:
+                        handle.seek(size - 1)
+                        if handle.read(1) != b"\n":  # a torn line from a crash: step over it
+                            payload = b"\n" + payload
+                _write_all(fd, payload)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        logger.debug("label memory %s: appended %d record(s)", self.path, len(records))
+        return records
+
+    def record_clusters(
+        self,
+        centroids: np.ndarray,
+        feature_names: Sequence[str],
+        is_crystal: Sequence[bool],
+        *,
+        specimen: str,
+        preset: str,
+        session: str,
+        source: LabelSource = "operator",
+        operator: str | None = None,
+        prompt_id: str | None = None,
+        cluster_ids: Sequence[int] | None = None,
+    ) -> list[LabelRecord]:
+        """Store one label per cluster: `centroids` (n, F) with `is_crystal` (n booleans)."""
+        matrix = _as_matrix(centroids, feature_names)
+        if len(is_crystal) != matrix.shape[0]:
+            raise LabelMemoryError(f"{matrix.shape[0]} centroids but {len(is_crystal)} labels")
+        if cluster_ids is not None and len(cluster_ids) != matrix.shape[0]:
+            raise LabelMemoryError(f"{matrix.shape[0]} centroids but {len(cluster_ids)} cluster ids")
+        try:
+            records = [
+                LabelRecord(
+                    feature_vector=tuple(float(v) for v in matrix[i]),
+                    feature_names=tuple(feature_names),
+                    is_crystal=bool(is_crystal[i]),
+                    specimen=specimen,
+                    preset=preset,
+                    session=session,
+                    source=source,
+                    operator=operator,
+                    prompt_id=prompt_id,
+                    cluster_id=None if cluster_ids is None else int(cluster_ids[i]),
+                )
+                for i in range(matrix.shape[0])
+            ]
+        except ValidationError as exc:
+            raise LabelMemoryError(f"cannot store these labels: {exc}") from exc
+        return self.add_many(records)
+
+    def prune(
+        self,
+        specimen: str | None = None,
+        older_than_s: float | None = None,
+        session: str | None = None,
+        *,
+        source: str | None = None,
+    ) -> int:
+        """Remove records matching ALL given filters (at least one is required); returns how many.
+
+        `older_than_s`: records whose time is more than that many seconds ago. Unreadable lines
+        are kept as they are. The file is rewritten atomically.
+        """
+        if specimen is None and older_than_s is None and session is None and source is None:
+            raise LabelMemoryError("prune needs at least one filter (specimen, older_than_s, session, source); "
+                                   "use clear() to remove everything")
+        now = _utc_now()
+
+        def doomed(record: LabelRecord) -> bool:
+            return (
+                (specimen is None or record.specimen == specimen)
+                and (session is None or record.session == session)
+                and (source is None or record.source == source)
+                and (older_than_s is None or (now - record.time_utc).total_seconds() > older_than_s)
+            )
+
+        return self._rewrite(doomed)
+
+    def clear(self) -> int:
+        """Remove every record (the memory starts empty); returns how many were removed."""
+        return self._rewrite(lambda record: True)
+
+    def export(self, path: str | os.PathLike[str]) -> Path:
+        """Write all records to one JSON file (atomically); `import_file` reads it back."""
+        records = self._load()
+        document = {
+            "format": EXPORT_FORMAT,
+            "version": EXPORT_VERSION,
+            "exported_utc": _utc_now().isoformat(),
+            "records": [r.model_dump(mode="json") for r in records],
+        }
+        return write_atomic(path, json.dumps(document, indent=1).encode())
+
+    def import_file(self, path: str | os.PathLike[str]) -> int:
+        """Add the records of an export (or another memory's `labels.jsonl`) not already here; returns how many."""
+        source = Path(path)
+        try:
+            raw = source.read_bytes()
+        except OSError as exc:
+            raise LabelMemoryError(f"cannot read {source}: {exc}") from exc
+        if source.suffix == ".jsonl":
+            incoming, _ = _parse_lines(raw, source)
+        else:
+            try:
+                document = json.loads(raw)
+                if document.get("format") != EXPORT_FORMAT:
+                    raise ValueError(f"format is {document.get('format')!r}, expected {EXPORT_FORMAT!r}")
+                incoming = [LabelRecord.model_validate(r) for r in document["records"]]
+            except (ValueError, KeyError, TypeError, AttributeError, ValidationError) as exc:
+                raise LabelMemoryError(f"{source} is not a label export: {exc}") from exc
+        known = {r.id for r in self._load()}
+        new = [r for r in incoming if r.id not in known]
+        self.add_many(new)
+        return len(new)
+
+    def _rewrite(self, doomed: Any) -> int:
+        with self._locked():
+            raw = self.path.read_bytes() if self.path.exists() else b""
+            kept: list[bytes] = []
+            removed = 0
+            for line in raw.split(b"\n"):
+                if not line.strip():
+                    continue
+                try:
+                    record = LabelRecord.model_validate_json(line)
+                except ValidationError:
+                    kept.append(line)  # not ours to judge: keep unreadable lines verbatim
+                    continue
+                if doomed(record):
+                    removed += 1
+                else:
+                    kept.append(line)
+            write_atomic(self.path, b"".join(line + b"\n" for line in kept))
+        self._cache_key = None
+        logger.info("label memory %s: removed %d record(s)", self.path, removed)
+        return removed
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX: one process at a time is the caller's job
+            yield
+            return
+        with open(self._lock_path, "a+b") as handle:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+    # -- suggestions -------------------------------------------------------------------------------
+
+    def suggest(
+        self,
+        centroids: np.ndarray,
+        feature_names: Sequence[str],
+        specimen: str,
+        preset: str,
+    ) -> list[LabelSuggestion]:
+        """One suggestion per row of `centroids` (n, F), from records of the same specimen and preset."""
+        query = _as_matrix(centroids, feature_names)
+        names = list(feature_names)
+        records = [
+            r
+            for r in self._load()
+            if r.specimen == specimen and r.preset == preset and self.source_weights.get(r.source, 0.0) > 0
+        ]
+        needed = max(1, math.ceil(MIN_SHARED_FEATURE_FRACTION * len(names)))
+        # evidence[i][class][session] = best kernel weight; nearest[i] = min distance
+        evidence: list[dict[bool, dict[str, float]]] = [{True: {}, False: {}} for _ in range(query.shape[0])]
+        nearest = np.full(query.shape[0], np.inf)
+        for group_names, group in _group_by_names(records).items():
+            shared = [n for n in names if n in group_names]
+            if len(shared) < needed:
+                continue
+            q_cols = [names.index(n) for n in shared]
+            r_cols = [group_names.index(n) for n in shared]
+            stored = signed_log(np.array([r.feature_vector for r in group])[:, r_cols])
+            diffs = signed_log(query[:, q_cols])[:, None, :] - stored[None, :, :]
+            distance = np.sqrt(np.mean(diffs**2, axis=2))  # (n_query, n_group)
+            weight = np.exp(-0.5 * (distance / self.bandwidth) ** 2)
+            nearest = np.minimum(nearest, distance.min(axis=1))
+            for j, record in enumerate(group):
+                source_weight = self.source_weights.get(record.source, 0.0)
+                for i in range(query.shape[0]):
+                    bucket = evidence[i][record.is_crystal]
+                    value = float(weight[i, j]) * source_weight
+                    if value > bucket.get(record.session, 0.0):
+                        bucket[record.session] = value
+        suggestions = []
+        for i in range(query.shape[0]):
+            w_c = sum(evidence[i][True].values())
+            w_n = sum(evidence[i][False].values())
+            total = w_c + w_n + self.prior_strength
+            is_crystal = w_c > w_n
+            support = evidence[i][is_crystal]
+            suggestions.append(
+                LabelSuggestion(
+                    is_crystal=is_crystal,
+                    confidence=min(1.0, abs(w_c - w_n) / total),
+                    n_support=sum(1 for v in support.values() if v >= 0.1),
+                    p_crystal=min(1.0, (w_c + self.prior_strength / 2) / total),
+                    nearest_distance=float(nearest[i]) if np.isfinite(nearest[i]) else None,
+                )
+            )
+        return suggestions
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def _as_matrix(centroids: np.ndarray, feature_names: Sequence[str]) -> np.ndarray:
+    matrix = np.asarray(centroids, dtype=np.float64)
+    if matrix.ndim == 1:
+        matrix = matrix[None, :]
+    if matrix.ndim != 2:
+        raise LabelMemoryError(f"centroids must be (n_clusters, n_features), got shape {matrix.shape}")
+    if matrix.shape[1] != len(feature_names):
+        raise LabelMemoryError(f"centroids have {matrix.shape[1]} features but {len(feature_names)} names were given")
+    if len(set(feature_names)) != len(feature_names):
+        raise LabelMemoryError(f"feature names repeat: {list(feature_names)}")
+    if not np.all(np.isfinite(matrix)):
+        raise LabelMemoryError("centroids contain NaN or infinite values; normalise them first")
+    return matrix
+
+
+def _group_by_names(records: Sequence[LabelRecord]) -> dict[tuple[str, ...], list[LabelRecord]]:
+    groups: dict[tuple[str, ...], list[LabelRecord]] = {}
+    for record in records:
+        groups.setdefault(record.feature_names, []).append(record)
+    return groups
+
+
+def _parse_lines(raw: bytes, path: Path) -> tuple[list[LabelRecord], int]:
+    lines = raw.split(b"\n")
+    records: list[LabelRecord] = []
+    skipped = 0
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(LabelRecord.model_validate_json(line))
+        except ValidationError:
+            skipped += 1
+            torn = number == len(lines)  # no newline after it: a write cut short by a crash
+            logger.warning(
+                "label memory %s: skipping %s line %d", path, "torn last" if torn else "unreadable", number
+            )
+    return records, skipped
+
+
+def _write_all(fd: int, payload: bytes) -> None:
+    view = memoryview(payload)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]

@@ -1,0 +1,216 @@
+"""Label memory: durable append log, torn lines, prune/export, and suggestions from memory."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.labels import (
+    LABELS_FILE_NAME,
+    LabelMemory,
+    LabelMemoryError,
+    LabelRecord,
+    default_labels_dir,
+)
+
+NAMES = ("mean", "std", "rel_std", "skewness", "kurtosis", "range")
+CRYSTAL = np.array([-2.5, 4.0, 3.0, 1.5, 8.0, 6.0])
+FILM = np.array([0.0, 0.1, 0.0, 0.0, 0.2, 0.1])
+BAR = np.array([-12.0, -0.8, 2.0, 0.3, -0.5, -0.9])
+
+
+def _jitter(vector: np.ndarray, rng: np.random.Generator, scale: float = 0.15) -> np.ndarray:
+    """The same kind of cluster seen in another image: each feature off by ~15 %."""
+    return vector * (1.0 + scale * rng.standard_normal(vector.shape)) + 0.05 * rng.standard_normal(vector.shape)
+
+
+def _session(memory: LabelMemory, rng: np.random.Generator, session: str, specimen: str = "protein-plates") -> None:
+    centroids = np.array([_jitter(FILM, rng), _jitter(CRYSTAL, rng), _jitter(BAR, rng)])
+    memory.record_clusters(
+        centroids, NAMES, [False, True, False], specimen=specimen, preset="atlas", session=session,
+        operator="alice", cluster_ids=[0, 1, 2],
+    )
+
+
+def test_records_persist_and_reload_across_processes(tmp_path: Path) -> None:
+    memory = LabelMemory(tmp_path / "labels")
+    _session(memory, np.random.default_rng(0), "s1")
+    script = textwrap.dedent(
+        f"""
+        import json, numpy as np
+        from agent.labels import LabelMemory
+        memory = LabelMemory({str(tmp_path / "labels")!r})
+        records = memory.list_records()
+        memory.record_clusters(np.array([[1.0, 2, 3, 4, 5, 6]]), {list(NAMES)!r}, [True],
+                               specimen="asbestos-fibres", preset="atlas", session="s2", source="console")
+        print(json.dumps([[r.is_crystal, r.session, r.cluster_id] for r in records]))
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    assert json.loads(result.stdout) == [[False, "s1", 0], [True, "s1", 1], [False, "s1", 2]]
+    records = memory.list_records()  # sees what the other process appended
+    assert len(records) == 4 and records[-1].specimen == "asbestos-fibres" and records[-1].source == "console"
+    assert memory.list_records(specimen="protein-plates", session="s1")[1].feature_names == NAMES
+
+
+def test_torn_last_line_is_tolerated_and_stepped_over(tmp_path: Path) -> None:
+    memory = LabelMemory(tmp_path)
+    _session(memory, np.random.default_rng(1), "s1")
+    path = tmp_path / LABELS_FILE_NAME
+    whole = path.read_bytes()
+    path.write_bytes(whole + whole.splitlines(keepends=True)[0][:37])  # a crash mid-write
+    fresh = LabelMemory(tmp_path)
+    assert len(fresh.list_records()) == 3 and fresh.skipped_lines == 1
+    _session(fresh, np.random.default_rng(2), "s2")
+    again = LabelMemory(tmp_path)
+    assert [r.session for r in again.list_records()] == ["s1"] * 3 + ["s2"] * 3
+    assert again.skipped_lines == 1  # the torn fragment stays on its own line, nothing else is lost
+
+
+def test_corrupt_middle_line_is_skipped_and_kept_by_prune(tmp_path: Path) -> None:
+    memory = LabelMemory(tmp_path)
+    _session(memory, np.random.default_rng(3), "s1")
+    path = tmp_path / LABELS_FILE_NAME
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(lines[0] + b"{this is not json}\n" + b"".join(lines[1:]))
+    assert len(memory.list_records()) == 3 and memory.skipped_lines == 1
+    assert memory.prune(session="nope") == 0
+    assert b"{this is not json}" in path.read_bytes()
+
+
+def test_prune_export_import_and_clear(tmp_path: Path) -> None:
+    memory = LabelMemory(tmp_path / "a")
+    rng = np.random.default_rng(4)
+    _session(memory, rng, "s1")
+    _session(memory, rng, "s2")
+    _session(memory, rng, "s3", specimen="graphite-flakes")
+    old = LabelRecord(
+        feature_vector=(1.0,), feature_names=("mean",), is_crystal=True, specimen="polymer-faint", preset="atlas",
+        time_utc=datetime.now(timezone.utc) - timedelta(days=30),
+    )
+    memory.add(old)
+    assert len(memory) == 10
+    exported = memory.export(tmp_path / "export.json")
+    document = json.loads(exported.read_text())
+    assert document["format"] == "crystal-locator-labels" and len(document["records"]) == 10
+
+    with pytest.raises(LabelMemoryError):
+        memory.prune()
+    assert memory.prune(older_than_s=7 * 24 * 3600) == 1
+    assert memory.prune(specimen="graphite-flakes") == 3
+    assert memory.prune(specimen="protein-plates", session="s1") == 3
+    assert {r.session for r in memory.list_records()} == {"s2"}
+
+    other = LabelMemory(tmp_path / "b")
+    assert other.import_file(exported) == 10
+    assert other.import_file(exported) == 0  # ids already there
+    assert memory.clear() == 3 and len(memory) == 0 and len(other) == 10
+    with pytest.raises(LabelMemoryError):
+        other.import_file(tmp_path / "b" / "missing.json")
+
+
+def test_new_memory_and_bad_input(tmp_path: Path) -> None:
+    memory = LabelMemory(tmp_path / "new")
+    assert memory.list_records() == [] and len(memory) == 0
+    suggestion = memory.suggest(np.array([CRYSTAL]), NAMES, "protein-plates", "atlas")[0]
+    assert suggestion.confidence == 0.0 and suggestion.n_support == 0 and suggestion.nearest_distance is None
+    with pytest.raises(LabelMemoryError):
+        memory.suggest(np.array([[1.0, 2.0]]), NAMES, "protein-plates", "atlas")
+    with pytest.raises(LabelMemoryError):
+        memory.suggest(np.array([[np.nan] * 6]), NAMES, "protein-plates", "atlas")
+    with pytest.raises(LabelMemoryError):
+        memory.record_clusters(np.array([CRYSTAL]), NAMES, [True, False], specimen="x", preset="atlas", session="s")
+    with pytest.raises(ValueError):
+        LabelRecord(feature_vector=(1.0, 2.0), feature_names=("a",), is_crystal=True, specimen="x", preset="p")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(LabelMemoryError):
+        LabelMemory(tmp_path / "file")
+
+
+def test_default_labels_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("CRYSTAL_LOCATOR_LABELS", raising=False)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    assert default_labels_dir() == tmp_path / "xdg" / "crystal-locator" / "labels"
+    monkeypatch.delenv("XDG_DATA_HOME")
+    assert default_labels_dir() == Path.home() / ".local" / "share" / "crystal-locator" / "labels"
+    monkeypatch.setenv("CRYSTAL_LOCATOR_LABELS", str(tmp_path / "mine"))
+    assert default_labels_dir() == tmp_path / "mine"
+
+
+def test_suggestions_grow_confident_with_sessions_and_pick_the_crystal_cluster(tmp_path: Path) -> None:
+    memory = LabelMemory(tmp_path)
+    rng = np.random.default_rng(5)
+    query = np.array([_jitter(BAR, rng), _jitter(CRYSTAL, rng), _jitter(FILM, rng)])
+    confidences = []
+    for session in ("s1", "s2", "s3"):
+        suggestions = memory.suggest(query, NAMES, "protein-plates", "atlas")
+        confidences.append(min(s.confidence for s in suggestions))
+        _session(memory, rng, session)
+    suggestions = memory.suggest(query, NAMES, "protein-plates", "atlas")
+    assert [s.is_crystal for s in suggestions] == [False, True, False]
+    assert confidences[0] == 0.0
+    assert confidences[0] < confidences[1] < confidences[2] < min(s.confidence for s in suggestions)
+    assert all(s.n_support == 3 for s in suggestions)
+    assert suggestions[1].p_crystal > 0.8 and suggestions[0].p_crystal < 0.2
+
+
+def test_unknown_specimen_preset_or_far_away_cluster_is_not_confident(tmp_path: Path) -> None:
+    memory = LabelMemory(tmp_path)
+    rng = np.random.default_rng(6)
+    for session in ("s1", "s2", "s3"):
+        _session(memory, rng, session)
+    query = np.array([_jitter(CRYSTAL, rng)])
+    assert memory.suggest(query, NAMES, "protein-plates", "atlas")[0].confidence > 0.6
+    assert memory.suggest(query, NAMES, "asbestos-fibres", "atlas")[0].confidence == 0.0
+    assert memory.suggest(query, NAMES, "protein-plates", "search")[0].confidence == 0.0
+    alien = np.array([[30.0, 0.5, -4.0, -6.0, 40.0, 0.2]])  # looks like nothing labelled before
+    far = memory.suggest(alien, NAMES, "protein-plates", "atlas")[0]
+    assert far.confidence < 0.2 and far.nearest_distance is not None and far.nearest_distance > 1.0
+
+
+def test_conflicting_memory_gives_low_confidence(tmp_path: Path) -> None:
+    memory = LabelMemory(tmp_path)
+    for session, label in (("s1", True), ("s2", False), ("s3", True), ("s4", False)):
+        memory.record_clusters(np.array([CRYSTAL]), NAMES, [label], specimen="p", preset="atlas", session=session)
+    suggestion = memory.suggest(np.array([CRYSTAL]), NAMES, "p", "atlas")[0]
+    assert suggestion.confidence < 0.1 and 0.4 < suggestion.p_crystal < 0.6
+
+
+def test_features_are_matched_by_name_and_auto_labels_carry_no_weight(tmp_path: Path) -> None:
+    memory = LabelMemory(tmp_path)
+    rng = np.random.default_rng(8)
+    for session in ("s1", "s2", "s3"):
+        _session(memory, rng, session)
+    order = [5, 3, 0, 1, 4, 2]  # same features, another order, plus one new feature
+    names = (*(NAMES[i] for i in order), "glcm_contrast")
+    query = np.concatenate([_jitter(CRYSTAL, rng)[order], [3.0]])[None, :]
+    by_name = memory.suggest(query, names, "protein-plates", "atlas")[0]
+    assert by_name.is_crystal and by_name.confidence > 0.6
+    too_different = memory.suggest(np.array([[1.0, 2.0, 3.0]]), ("mean", "a", "b"), "protein-plates", "atlas")[0]
+    assert too_different.confidence == 0.0
+
+    auto_only = LabelMemory(tmp_path / "auto")
+    for session in ("s1", "s2", "s3"):
+        auto_only.record_clusters(np.array([CRYSTAL]), NAMES, [True], specimen="p", preset="atlas",
+                                  session=session, source="auto")
+    assert len(auto_only) == 3
+    assert auto_only.suggest(np.array([CRYSTAL]), NAMES, "p", "atlas")[0].confidence == 0.0
+
+
+def test_one_image_many_clusters_count_once_per_session(tmp_path: Path) -> None:
+    memory = LabelMemory(tmp_path)
+    rng = np.random.default_rng(9)
+    same_image = np.array([_jitter(CRYSTAL, rng, 0.02) for _ in range(6)])
+    memory.record_clusters(same_image, NAMES, [True] * 6, specimen="p", preset="atlas", session="s1")
+    one = memory.suggest(np.array([CRYSTAL]), NAMES, "p", "atlas")[0]
+    assert one.n_support == 1
+    memory.record_clusters(same_image[:1], NAMES, [True], specimen="p", preset="atlas", session="s2")
+    two = memory.suggest(np.array([CRYSTAL]), NAMES, "p", "atlas")[0]
+    assert two.n_support == 2 and two.confidence > one.confidence
