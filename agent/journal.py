@@ -1,0 +1,154 @@
+"""The session journal: an append-only JSON-lines file that survives a crash at any instant.
+
+Every line is one JSON object with at least `seq` (1, 2, ...), `type`, `time_utc` (ISO 8601) and
+`microscope_time_s`. A line is written with a single `write` of the whole line, then flushed and
+fsynced before `append` returns, so after a crash the file holds every entry that was acknowledged plus
+at most one torn last line, which `read_journal` ignores (with a warning).
+
+Entry types used by the screening loop (`agent.screening`): `session` (start / resume), `plan`,
+`transition`, `calibration`, `artifact` (a file written), `mapping`, `locating`, `labelling`,
+`targets` (the planned target list), `target` (one target's outcome), `prompt`, `fault`, `summary`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+JOURNAL_NAME = "journal.jsonl"
+
+
+class JournalError(Exception):
+    """The journal cannot be written or is unreadable beyond a torn last line."""
+
+
+def _json_default(value: Any) -> Any:
+    """Make numpy scalars/arrays and paths JSON-serialisable."""
+    try:
+        import numpy as np
+
+        if isinstance(value, np.generic):
+            return value.item()
+        if isinstance(value, np.ndarray):
+            return value.tolist()
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "model_dump"):
+        return value.model_dump(mode="json")
+    raise TypeError(f"cannot write {type(value).__name__} to the journal")
+
+
+def read_journal(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """All complete entries of a journal, in order. A torn last line (crash mid-write) is skipped.
+
+    Raises `JournalError` if a line other than the last is not valid JSON (the file was damaged by
+    something other than a crash).
+    """
+    journal_path = Path(path)
+    if not journal_path.exists():
+        return []
+    raw_lines = journal_path.read_bytes().split(b"\n")
+    entries: list[dict[str, Any]] = []
+    for index, raw in enumerate(raw_lines):
+        if not raw.strip():
+            continue
+        try:
+            entry = json.loads(raw)
+            if not isinstance(entry, dict):
+                raise ValueError("entry is not an object")
+        except ValueError as exc:
+            is_last = all(not rest.strip() for rest in raw_lines[index + 1 :])
+            if is_last:
+                logger.warning("%s: ignoring torn last line (%d bytes)", journal_path, len(raw))
+                continue
+            raise JournalError(f"{journal_path}: line {index + 1} is not valid JSON ({exc}); file is damaged") from exc
+        entries.append(entry)
+    return entries
+
+
+class Journal:
+    """Appends entries to `session_dir/journal.jsonl`; thread-safe; resumes numbering after a restart.
+
+    `clock_s` is a callable giving the session's microscope time, stamped on every entry.
+    """
+
+    def __init__(self, session_dir: str | os.PathLike[str], clock_s: Any = None) -> None:
+        self.path = Path(session_dir) / JOURNAL_NAME
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._clock_s = clock_s
+        self._truncate_torn_tail()
+        existing = read_journal(self.path)
+        self._seq = int(existing[-1]["seq"]) if existing else 0
+        self._handle = open(self.path, "ab")  # noqa: SIM115 - kept open for the session's lifetime
+
+    def _truncate_torn_tail(self) -> None:
+        """Cut a torn last line so that the next entry starts on a fresh line."""
+        if not self.path.exists():
+            return
+        data = self.path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            cut = data.rfind(b"\n") + 1
+            logger.warning("%s: removing torn last line (%d bytes)", self.path, len(data) - cut)
+            with open(self.path, "r+b") as handle:
+                handle.truncate(cut)
+                handle.flush()
+                os.fsync(handle.fileno())
+
+    @property
+    def seq(self) -> int:
+        """Sequence number of the last entry written."""
+        return self._seq
+
+    def set_clock(self, clock_s: Any) -> None:
+        """Use `clock_s()` (seconds of microscope time) to stamp entries from now on."""
+        self._clock_s = clock_s
+
+    def append(self, entry_type: str, **fields: Any) -> dict[str, Any]:
+        """Write one entry durably (flush + fsync) and return it."""
+        with self._lock:
+            if self._handle.closed:
+                raise JournalError(f"{self.path}: journal is closed")
+            microscope_time_s = float(self._clock_s()) if self._clock_s is not None else None
+            entry = {
+                "seq": self._seq + 1,
+                "type": entry_type,
+                "time_utc": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+                "microscope_time_s": microscope_time_s,
+                **fields,
+            }
+            line = json.dumps(entry, default=_json_default, separators=(",", ":")).encode() + b"\n"
+            self._handle.write(line)
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
+            self._seq += 1
+            return entry
+
+    def entries(self) -> list[dict[str, Any]]:
+        """Every complete entry written so far (re-read from disk)."""
+        return read_journal(self.path)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self.entries())
+
+    def close(self) -> None:
+        """Close the file; later `append` calls raise `JournalError`."""
+        with self._lock:
+            if not self._handle.closed:
+                self._handle.close()
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

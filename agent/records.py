@@ -1,0 +1,118 @@
+"""What a screening session produces: targets, their outcomes and the summary (pydantic, JSON-ready)."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Sequence
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+_FROZEN = ConfigDict(frozen=True)
+
+Outcome = Literal["recorded", "no-diffraction", "rejected", "failed", "skipped"]
+
+#: Outcomes that count as "confirmed": the crystal was found again at the search preset.
+CONFIRMED_OUTCOMES: frozenset[str] = frozenset({"recorded", "no-diffraction"})
+
+
+class TargetRecord(BaseModel):
+    """A planned target: where the atlas says a crystal is, and why."""
+
+    model_config = _FROZEN
+
+    target_id: str
+    order: int = Field(description="position in the planned stage path, from 0")
+    x_um: float
+    y_um: float
+    atlas_col_px: float
+    atlas_row_px: float
+    area_px: float
+    score: float
+    cluster_id: int
+
+
+class TargetResult(BaseModel):
+    """What happened at a target."""
+
+    model_config = _FROZEN
+
+    target_id: str
+    outcome: Outcome
+    x_um: float = Field(description="final (re-centred) stage position")
+    y_um: float
+    recentre_offset_um: float = 0.0
+    confirm_score: float = 0.0
+    n_spots: int = 0
+    signal_to_background: float = 0.0
+    reason: str = ""
+    images: dict[str, str] = Field(default_factory=dict, description="kind -> path relative to the session")
+    microscope_time_s: float = 0.0
+
+    @property
+    def confirmed(self) -> bool:
+        """True if the crystal was found again at the search preset."""
+        return self.outcome in CONFIRMED_OUTCOMES
+
+
+class SessionSummary(BaseModel):
+    """The numbers a person looks at first; written as `summary.json` and updated as the session goes."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    session: str
+    state: str
+    specimen: str | None = None
+    targets_found: int = 0
+    targets_visited: int = 0
+    targets_confirmed: int = 0
+    targets_recorded: int = Field(default=0, description="confirmed and diffracting: ready for collection")
+    prompts: int = 0
+    microscope_time_s: float = 0.0
+    time_per_confirmed_s: float | None = None
+    confirmed_per_hour: float | None = None
+    faults: int = 0
+    precision: float | None = None
+    recall: float | None = None
+    recall_diffracting: float | None = None
+    wall_time_s: float = 0.0
+
+
+TARGET_COLUMNS = (
+    "target_id", "order", "outcome", "x_um", "y_um", "planned_x_um", "planned_y_um", "score", "cluster_id",
+    "area_px", "recentre_offset_um", "n_spots", "signal_to_background", "reason",
+)
+
+
+def target_rows(targets: Sequence[TargetRecord], results: dict[str, TargetResult]) -> list[dict[str, object]]:
+    """One row per target (planned fields + outcome), for CSV/JSON export."""
+    rows = []
+    for target in targets:
+        result = results.get(target.target_id)
+        rows.append({
+            "target_id": target.target_id,
+            "order": target.order,
+            "outcome": result.outcome if result else "pending",
+            "x_um": round(result.x_um if result else target.x_um, 3),
+            "y_um": round(result.y_um if result else target.y_um, 3),
+            "planned_x_um": round(target.x_um, 3),
+            "planned_y_um": round(target.y_um, 3),
+            "score": round(target.score, 4),
+            "cluster_id": target.cluster_id,
+            "area_px": round(target.area_px, 1),
+            "recentre_offset_um": round(result.recentre_offset_um, 3) if result else 0.0,
+            "n_spots": result.n_spots if result else 0,
+            "signal_to_background": round(result.signal_to_background, 3) if result else 0.0,
+            "reason": result.reason if result else "",
+        })
+    return rows
+
+
+def rows_to_csv(rows: Sequence[dict[str, object]], columns: Sequence[str] = TARGET_COLUMNS) -> bytes:
+    """CSV bytes with a header line."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue().encode()
