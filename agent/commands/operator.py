@@ -298,7 +298,7 @@ def _labels_list(args: argparse.Namespace) -> int:
         for record in records:
             print(record.model_dump_json())
         return 0
-    table = Table(title=f"label memory {memory.path} ({len(records)} labels)")
+    table = Table()
     for column in ("time (UTC)", "specimen", "preset", "session", "cluster", "crystal", "source", "features"):
         table.add_column(column)
     for r in records:
@@ -307,7 +307,8 @@ def _labels_list(args: argparse.Namespace) -> int:
             "" if r.cluster_id is None else str(r.cluster_id), "yes" if r.is_crystal else "no",
             r.source + (f" ({r.operator})" if r.operator else ""), str(len(r.feature_names)),
         )
-    console = Console(highlight=False)
+    console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)  # piped: do not wrap at 80
+    console.print(f"{len(records)} labels in {memory.path}")
     console.print(table)
     if memory.skipped_lines:
         console.print(f"[yellow]{memory.skipped_lines} unreadable line(s) skipped[/]")
