@@ -33,6 +33,8 @@ def register(subparsers: Any) -> None:
     operator_sub = operator.add_subparsers(dest="operator_command", metavar="SUBCOMMAND", required=True)
     connect = operator_sub.add_parser("connect", help="connect to an agent's prompt endpoint and answer prompts")
     connect.add_argument("endpoint", help="the agent's prompt endpoint, e.g. tcp://127.0.0.1:5556")
+    connect.add_argument("--event-endpoint", default=None,
+                         help="the agent's event (PUB) endpoint, if not the prompt host with the port it reports")
     connect.add_argument("--name", default=None, help="your name, sent with each answer (default: user name)")
     connect.add_argument("--save-dir", type=Path, default=None, help="folder for prompt images (default: temp)")
     connect.add_argument("--timeout-s", type=float, default=5.0, help="seconds to wait for the agent's replies")
@@ -86,6 +88,7 @@ def _connect(args: argparse.Namespace) -> int:
     try:
         client = OperatorClient(
             args.endpoint,
+            event_endpoint=args.event_endpoint,
             timeout_s=args.timeout_s,
             curve_secret_key_file=args.curve_secret,
             server_public_key_file=args.server_key,
