@@ -683,7 +683,7 @@ class OperatorChannel:
                 raise BadRequestError(f"a request is one JSON frame, got {len(rest)} frames")
             try:
                 raw = json.loads(rest[0])
-            except (UnicodeDecodeError, ValueError) as exc:
+            except (UnicodeDecodeError, ValueError, RecursionError) as exc:
                 raise BadRequestError(f"request is not JSON: {exc}") from exc
             if isinstance(raw, dict) and isinstance(raw.get("request_id"), str):
                 request_id = raw["request_id"][:100]

@@ -193,6 +193,7 @@ def _raw_request(endpoint: str, frames: list[bytes]) -> dict:
     [
         b"not json at all",
         b"\xff\xfe\x00garbage",
+        b"[" * 100_000,
         json.dumps([1, 2, 3]).encode(),
         json.dumps({"v": 1, "type": "answer", "request_id": "r1", "prompt_id": "PID", "option_ids": "a"}).encode(),
         json.dumps({"v": 1, "type": "answer", "request_id": "r1", "prompt_id": "PID", "option_ids": [0]}).encode(),
