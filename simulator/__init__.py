@@ -1,0 +1,53 @@
+"""A microscope that does not exist: procedural specimens with ground truth, or dataset tiles.
+
+Entry point: `create_simulated_microscope(specimen_type="protein-plates", seed=0)` returns a
+`SimulatedMicroscope` (a `drivers.base.Microscope`). See `simulator.microscope` for presets and timing,
+`simulator.specimen` for the specimen and its ground-truth queries, `simulator.tiles` for serving a
+montage of real image tiles.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from simulator.microscope import SimulatedMicroscope
+
+__all__ = ["SPECIMEN_TYPES", "__version__", "create_simulated_microscope"]
+
+SPECIMEN_TYPES: tuple[str, ...] = ("graphite-flakes", "asbestos-fibres", "protein-plates", "polymer-faint")
+
+
+def create_simulated_microscope(
+    specimen_type: str = "protein-plates",
+    seed: int = 0,
+    tiles: str | os.PathLike[str] | None = None,
+    pixel_size_um: float | None = None,
+    specimen_options: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> SimulatedMicroscope:
+    """A `SimulatedMicroscope` over a generated specimen, or over dataset tiles when `tiles` is given.
+
+    `specimen_type` is one of `SPECIMEN_TYPES`; `seed` seeds the specimen, the optics errors, the stage
+    and the noise. `tiles` is a folder of tiles / a layout file / a SerialEM `.mdoc` (see
+    `drivers.formats.montage.open_montage`) with `pixel_size_um` (um per mosaic pixel) if the files do
+    not say. `specimen_options` go to `simulator.specimen.generate_specimen`; other keyword arguments
+    (camera_shape_px, presets, faults, realtime, stage_limits, stage_model, optics_errors, camera_noise)
+    go to `SimulatedMicroscope`.
+    """
+    from simulator.microscope import SimulatedMicroscope
+
+    if tiles is not None:
+        from simulator.tiles import TileScene
+
+        scene: Any = TileScene.open(tiles, pixel_size_um=pixel_size_um)
+        if "stage_limits" not in kwargs:
+            kwargs["stage_limits"] = scene.stage_limits()
+    else:
+        from simulator.specimen import generate_specimen
+
+        scene = generate_specimen(specimen_type, seed, **(specimen_options or {}))
+    return SimulatedMicroscope(scene, seed=seed, **kwargs)

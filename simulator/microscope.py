@@ -1,0 +1,393 @@
+"""`SimulatedMicroscope`: a `drivers.base.Microscope` over a procedural specimen or dataset tiles.
+
+Default optics presets (camera 2048 x 2048 sensor, 14-um pixels; magnification = 14 um x binning /
+pixel size, i.e. at the camera):
+
+| preset     | um/px   | bin | frame (2k) | field of view      | mag    | defocus | diffraction beam |
+|------------|---------|-----|------------|--------------------|--------|---------|------------------|
+| `overview` | 1.6 (*) | 1   | 2048 px    | 3.3 mm: the grid   | ~9x    | 0       | 10 um            |
+| `atlas`    | 0.3     | 1   | 2048 px    | 614 um: ~5x5 sq.   | ~47x   | -50 um  | 5 um             |
+| `search`   | 0.04    | 1   | 2048 px    | 82 um: < 1 square  | ~350x  | -10 um  | 3 um             |
+| `exposure` | 0.005   | 2   | 1024 px    | 5 um: one crystal  | ~5600x | -2 um   | 2 um (SA aper.)  |
+
+(*) `overview` is scaled so that the whole 3.05 mm grid fits in one frame for any camera size. The
+other presets keep their pixel size whatever the camera shape (their field of view scales with it).
+Diffraction uses camera length 1000 mm (200 kV).
+
+Every preset has a hidden, seeded rotation between camera and stage axes (a few degrees, differing a
+little between presets) and a 1-3 % pixel-size error; `true_image_to_stage_matrix(preset)` exposes the
+true A for tests only. The agent must calibrate A itself.
+
+Time on the virtual clock (`microscope_time_s()`): stage moves (trapezoidal profile at 150 um/s,
+300 um/s^2, then 0.8 s settling), preset change 2.0 s (lens normalisation), beam blank 0.1 s, status
+poll (`is_stage_moving`) 0.02 s, exposure + readout (0.05 s + 0.06 s per megapixel), diffraction
++1.0 s each way for the mode switch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from pydantic import ValidationError
+
+import simulator
+from drivers.base import (
+    AcquisitionTimeout,
+    Frame,
+    FrameMetadata,
+    InvalidParameterError,
+    MicroscopeInfo,
+    OpticsPreset,
+    PresetError,
+    StageLimits,
+    StagePosition,
+    check_exposure_s,
+)
+from simulator.diffraction import DETECTOR_PIXEL_UM, render_diffraction
+from simulator.faults import FaultInjector, FaultPlan
+from simulator.imaging import CameraModel, OpticsErrors, Scene, SimPreset, render, true_matrix
+from simulator.specimen import Specimen
+from simulator.stage import SimulatedStage, StageModel, VirtualClock
+
+log = logging.getLogger(__name__)
+
+PRESET_CHANGE_S = 2.0
+SAME_PRESET_S = 0.05
+BEAM_BLANK_S = 0.1
+DIFFRACTION_SWITCH_S = 1.0
+DEFAULT_STAGE_LIMITS = StageLimits(x_min_um=-1200.0, x_max_um=1200.0, y_min_um=-1200.0, y_max_um=1200.0)
+INSTRUMENT_NAME = "simulated-tem"
+
+
+def _preset(
+    name: str, pixel_size_um: float, binning: int, defocus_um: float, dose: float, blur_um: float, beam_um: float
+) -> SimPreset:
+    magnification = round(DETECTOR_PIXEL_UM * binning / pixel_size_um, 1)
+    optics = OpticsPreset(
+        name=name,
+        magnification=magnification,
+        pixel_size_um=pixel_size_um,
+        binning=binning,
+        defocus_um=defocus_um,
+        camera_length_mm=1000.0,
+    )
+    return SimPreset(optics=optics, dose_e_per_px_s=dose, blur_um=blur_um, beam_diameter_um=beam_um)
+
+
+def default_presets(camera_shape_px: tuple[int, int] = (2048, 2048)) -> tuple[SimPreset, ...]:
+    """The default presets (see the module doc); `overview` fits a 3.3 mm field in the frame."""
+    overview_um_px = max(1.6, 3300.0 / max(1, min(camera_shape_px)))
+    return (
+        _preset("overview", overview_um_px, 1, 0.0, 16000.0, 1.0, 10.0),
+        _preset("atlas", 0.3, 1, -50.0, 12000.0, 0.1, 5.0),
+        _preset("search", 0.04, 1, -10.0, 4000.0, 0.012, 3.0),
+        _preset("exposure", 0.005, 2, -2.0, 1200.0, 0.002, 2.0),
+    )
+
+
+def seeded_optics_errors(names: Sequence[str], seed: int) -> dict[str, OpticsErrors]:
+    """Per-preset hidden errors: a shared rotation (-5..5 deg) plus a per-preset +-1.5 deg, 1-3 % scale
+    error of random sign, an off-centre beam and 10-30 % illumination fall-off at the corners."""
+    rng = np.random.default_rng([seed, 5])
+    base_rotation = float(rng.uniform(-5.0, 5.0))
+    errors = {}
+    for name in names:
+        errors[name] = OpticsErrors(
+            rotation_deg=base_rotation + float(rng.uniform(-1.5, 1.5)),
+            scale_error=float(rng.choice([-1.0, 1.0]) * rng.uniform(0.01, 0.03)),
+            illumination_centre=(float(rng.uniform(-0.25, 0.25)), float(rng.uniform(-0.25, 0.25))),
+            illumination_falloff=float(rng.uniform(0.1, 0.3)),
+        )
+    return errors
+
+
+class SimulatedMicroscope:
+    """A simulated TEM implementing `drivers.base.Microscope` (see the module doc for presets and timing).
+
+    `scene` is a `Specimen` (procedural, with ground truth) or any `imaging.Scene` (e.g. dataset tiles,
+    no ground truth). The same seed and the same sequence of calls give identical frames. Methods are
+    thread-safe; rendering happens outside the state lock so status calls stay fast during an
+    acquisition.
+    """
+
+    def __init__(
+        self,
+        scene: Specimen | Scene,
+        *,
+        seed: int = 0,
+        camera_shape_px: tuple[int, int] = (2048, 2048),
+        presets: Sequence[SimPreset] | None = None,
+        faults: FaultPlan | None = None,
+        realtime: bool = False,
+        stage_limits: StageLimits | None = None,
+        stage_model: StageModel | None = None,
+        optics_errors: Mapping[str, OpticsErrors] | None = None,
+        camera_noise: bool = True,
+        initial_preset: str | None = None,
+    ) -> None:
+        if len(camera_shape_px) != 2 or min(int(camera_shape_px[0]), int(camera_shape_px[1])) < 16:
+            raise InvalidParameterError(
+                f"camera_shape_px must be (rows, cols) of at least 16 px each, got {camera_shape_px}"
+            )
+        self._scene = scene
+        self._seed = int(seed)
+        self._camera = CameraModel(
+            shape_px=(int(camera_shape_px[0]), int(camera_shape_px[1])), hot_pixel_seed=self._seed, noise=camera_noise
+        )
+        preset_list = tuple(presets) if presets is not None else default_presets(self._camera.shape_px)
+        if not preset_list:
+            raise InvalidParameterError("a simulated microscope needs at least one optics preset")
+        self._presets = {p.name: p for p in preset_list}
+        errors = seeded_optics_errors(list(self._presets), self._seed)
+        if optics_errors is not None:
+            errors.update(optics_errors)
+        self._errors = errors
+        self._clock = VirtualClock(realtime=realtime)
+        self._stage = SimulatedStage(self._clock, stage_limits or DEFAULT_STAGE_LIMITS, stage_model or StageModel(),
+                                     seed=self._seed)
+        self._faults = FaultInjector(faults)
+        self._lock = threading.RLock()
+        default_name = "atlas" if "atlas" in self._presets else preset_list[0].name
+        self._preset_name = initial_preset or default_name
+        if self._preset_name not in self._presets:
+            raise PresetError(f"unknown initial preset {self._preset_name!r}; known: {', '.join(self._presets)}")
+        self._blanked = False
+        self._frames = 0
+
+    # ground truth (tests, evaluation, the simulated operator only) ---------------------------------
+    @property
+    def ground_truth(self) -> Specimen | None:
+        """The procedural specimen (None when serving dataset tiles). Never for the agent's decisions."""
+        return self._scene if isinstance(self._scene, Specimen) else None
+
+    @property
+    def scene(self) -> Specimen | Scene:
+        """What the camera looks at."""
+        return self._scene
+
+    def true_image_to_stage_matrix(self, preset: str) -> np.ndarray:
+        """The true 2x2 A (um/px) of `preset` in the drivers.base convention. For tests only."""
+        return true_matrix(self._sim_preset(preset), self._errors[preset])
+
+    def true_stage_xy_um(self) -> tuple[float, float]:
+        """Where the specimen really is under the beam (reported stage + backlash + repeat error). Tests only."""
+        with self._lock:
+            return self._stage.true_xy_um()
+
+    @property
+    def fault_counts(self) -> dict[str, int]:
+        """Calls counted so far for fault planning: move, acquire, diffraction (1-based numbering)."""
+        return {
+            "move": self._faults.move_calls,
+            "acquire": self._faults.acquire_calls,
+            "diffraction": self._faults.diffraction_calls,
+        }
+
+    @property
+    def clock(self) -> VirtualClock:
+        """The virtual clock (advance it to model idle time)."""
+        return self._clock
+
+    def sim_preset(self, name: str) -> SimPreset:
+        """The simulator's full preset record (dose, blur, beam diameter)."""
+        return self._sim_preset(name)
+
+    def _sim_preset(self, name: str) -> SimPreset:
+        if not isinstance(name, str) or name not in self._presets:
+            raise PresetError(f"unknown optics preset {name!r}; this microscope has: {', '.join(self._presets)}")
+        return self._presets[name]
+
+    # Microscope protocol ---------------------------------------------------------------------------
+    def info(self) -> MicroscopeInfo:
+        """Instrument name, camera shape, presets, stage limits and software version."""
+        return MicroscopeInfo(
+            name=INSTRUMENT_NAME,
+            camera_shape_px=self._camera.shape_px,
+            presets=tuple(p.optics for p in self._presets.values()),
+            stage_limits=self._stage.limits,
+            software_version=f"crystal-locator simulator {simulator.__version__}",
+            simulated=True,
+        )
+
+    def microscope_time_s(self) -> float:
+        """Virtual instrument time in seconds since the simulator started."""
+        return self._clock.now_s()
+
+    def get_stage(self) -> StagePosition:
+        """The reported stage position (during a move: where the stage is on its way). Costs no time."""
+        with self._lock:
+            return self._stage.position()
+
+    def stage_limits(self) -> StageLimits:
+        """The travel limits (default x, y in [-1200, 1200] um, z [-300, 300] um, alpha [-70, 70] deg)."""
+        return self._stage.limits
+
+    def move_stage(
+        self,
+        x_um: float | None = None,
+        y_um: float | None = None,
+        z_um: float | None = None,
+        alpha_deg: float | None = None,
+        wait: bool = True,
+    ) -> None:
+        """Move to an absolute position (None keeps an axis). See `drivers.base.Microscope.move_stage`.
+
+        Raises `InvalidParameterError` for non-numbers, `StageLimitError` before anything moves, and
+        `StageMoveError` for an injected failure (the stage then reports where it stopped).
+        """
+        with self._lock:
+            fail_fraction = self._faults.next_move()
+            current = self._stage.position()
+            values: dict[str, float] = {}
+            for axis, value, default in (
+                ("x_um", x_um, current.x_um),
+                ("y_um", y_um, current.y_um),
+                ("z_um", z_um, current.z_um),
+                ("alpha_deg", alpha_deg, current.alpha_deg),
+            ):
+                if value is None:
+                    values[axis] = default
+                    continue
+                if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+                    raise InvalidParameterError(f"{axis} must be a number, got {type(value).__name__}")
+                if not math.isfinite(float(value)):
+                    raise InvalidParameterError(f"{axis} must be finite, got {value}")
+                values[axis] = float(value)
+            try:
+                target = StagePosition(**values)
+            except ValidationError as exc:  # pragma: no cover - guarded above
+                raise InvalidParameterError(f"invalid stage target: {exc}") from exc
+            self._stage.limits.check(target)
+            self._stage.start_move(target, fail_fraction=fail_fraction)
+            if wait:
+                self._stage.wait(timeout_s=math.inf)
+
+    def is_stage_moving(self) -> bool:
+        """True until the clock passes the end of the move; each poll costs 0.02 s of clock time."""
+        with self._lock:
+            self._clock.advance(self._stage.model.poll_s)
+            return self._stage.is_moving()
+
+    def wait_for_stage(self, timeout_s: float = 60.0) -> None:
+        """Advance the clock to the end of the current move; `StageMoveError` if it ends after `timeout_s`."""
+        if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s >= 0:
+            raise InvalidParameterError(f"timeout_s must be a non-negative number of seconds, got {timeout_s!r}")
+        with self._lock:
+            self._stage.wait(float(timeout_s))
+
+    def stop_stage(self) -> None:
+        """Stop any motion at once; the stage reports where it stopped."""
+        with self._lock:
+            self._stage.stop()
+
+    def get_preset(self) -> str:
+        """Name of the active optics preset."""
+        return self._preset_name
+
+    def set_preset(self, name: str) -> None:
+        """Apply preset `name` (2.0 s on the clock; 0.05 s if already active). `PresetError` if unknown."""
+        with self._lock:
+            self._sim_preset(name)
+            self._clock.advance(SAME_PRESET_S if name == self._preset_name else PRESET_CHANGE_S)
+            self._preset_name = name
+
+    def set_beam_blanked(self, blanked: bool) -> None:
+        """Blank or unblank the beam (0.1 s on the clock). A blanked beam gives dark frames."""
+        if not isinstance(blanked, (bool, np.bool_)):
+            raise InvalidParameterError(f"blanked must be True or False, got {blanked!r}")
+        with self._lock:
+            self._clock.advance(BEAM_BLANK_S)
+            self._blanked = bool(blanked)
+
+    def is_beam_blanked(self) -> bool:
+        """True if the beam is blanked."""
+        return self._blanked
+
+    def acquire(self, exposure_s: float) -> Frame:
+        """Expose for `exposure_s` s in the active preset; costs exposure + readout on the clock.
+
+        Raises `InvalidParameterError` for a bad exposure and `AcquisitionTimeout` when a fault is planned.
+        """
+        exposure_s = check_exposure_s(exposure_s)
+        with self._lock:
+            preset = self._sim_preset(self._preset_name)
+            if self._faults.next_acquire():
+                self._time_out(exposure_s, "acquire")
+            reported = self._stage.position()
+            true_xy = self._stage.true_xy_um()
+            if self._stage.is_moving():
+                log.warning("acquiring while the stage moves; the frame shows the start of the exposure")
+            frame_shape = self._camera.frame_shape(preset.optics.binning)
+            self._clock.advance(exposure_s)
+            time_s = self._clock.now_s()
+            self._clock.advance(self._camera.readout_s(frame_shape))
+            self._frames += 1
+            rng = np.random.default_rng([self._seed, 1, self._frames])
+            blanked = self._blanked
+        image = render(
+            self._scene, true_xy, preset, self._camera, self._errors[preset.name], rng,
+            exposure_s=exposure_s, beam_blanked=blanked,
+        )
+        return Frame(image=image, metadata=self._metadata("image", preset, reported, exposure_s, time_s, blanked))
+
+    def acquire_diffraction(self, exposure_s: float) -> Frame:
+        """A diffraction pattern of the area under the beam (beam diameter per preset); optics return to
+        imaging afterwards. Costs 1.0 s to switch each way plus exposure and readout."""
+        exposure_s = check_exposure_s(exposure_s)
+        with self._lock:
+            preset = self._sim_preset(self._preset_name)
+            if self._faults.next_diffraction():
+                self._time_out(exposure_s, "acquire_diffraction")
+            reported = self._stage.position()
+            true_xy = self._stage.true_xy_um()
+            frame_shape = self._camera.frame_shape(preset.optics.binning)
+            self._clock.advance(DIFFRACTION_SWITCH_S + exposure_s)
+            time_s = self._clock.now_s()
+            self._clock.advance(self._camera.readout_s(frame_shape) + DIFFRACTION_SWITCH_S)
+            self._frames += 1
+            rng = np.random.default_rng([self._seed, 2, self._frames])
+            blanked = self._blanked
+        image = render_diffraction(
+            self.ground_truth, true_xy, preset, self._camera, rng, exposure_s=exposure_s, beam_blanked=blanked
+        )
+        metadata = self._metadata("diffraction", preset, reported, exposure_s, time_s, blanked)
+        return Frame(image=image, metadata=metadata)
+
+    # helpers -----------------------------------------------------------------------------------------
+    def _time_out(self, exposure_s: float, what: str) -> None:
+        lost = exposure_s + self._faults.plan.acquire_timeout_s
+        self._clock.advance(lost)
+        raise AcquisitionTimeout(
+            f"{what}: the camera delivered no frame within {lost:.1f} s (injected fault); retry the acquisition"
+        )
+
+    def _metadata(
+        self, kind: str, preset: SimPreset, stage: StagePosition, exposure_s: float, time_s: float, blanked: bool
+    ) -> FrameMetadata:
+        extra: dict[str, Any] = {"simulated": True, "frame_number": self._frames}
+        if isinstance(self._scene, Specimen):
+            extra["specimen"] = self._scene.specimen_type
+        else:
+            extra["specimen"] = "tiles"
+        if blanked:
+            extra["beam_blanked"] = True
+        if kind == "diffraction":
+            extra["camera_length_mm"] = preset.optics.camera_length_mm
+            extra["beam_diameter_um"] = preset.beam_diameter_um
+        return FrameMetadata(
+            kind=kind,  # type: ignore[arg-type]
+            preset=preset.name,
+            magnification=preset.optics.magnification,
+            pixel_size_um=preset.pixel_size_um,
+            binning=preset.optics.binning,
+            stage=stage,
+            exposure_s=exposure_s,
+            time_s=time_s,
+            instrument=INSTRUMENT_NAME,
+            extra=extra,
+        )
