@@ -41,13 +41,14 @@ import contextlib
 import json
 import logging
 import math
+import os
 import queue
 import re
 import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -55,6 +56,16 @@ from urllib.parse import urlsplit
 
 import zmq
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+
+from drivers.auth import (
+    AllowListAuthenticator,
+    CurveKeyPair,
+    configure_curve_client,
+    configure_curve_server,
+    load_allow_list,
+    load_public_key,
+)
+from drivers.base import AuthenticationError
 
 logger = logging.getLogger(__name__)
 
@@ -374,16 +385,15 @@ def _event_endpoint_for(endpoint: str) -> str:
     raise OperatorError(f"cannot derive an event endpoint from {endpoint!r}; pass event_endpoint explicitly")
 
 
-def _load_keypair(path: Path, *, need_secret: bool) -> tuple[bytes, bytes | None]:
-    import zmq.auth
-
+def _key_pair(keys: CurveKeyPair | str | os.PathLike[str]) -> CurveKeyPair:
+    """A key pair with its secret key (ours), as `drivers.auth` loads it; `OperatorSecurityError` if not."""
     try:
-        public, secret = zmq.auth.load_certificate(str(path))
-    except (OSError, ValueError) as exc:
-        raise OperatorSecurityError(f"cannot read CURVE key file {path}: {exc}") from exc
-    if need_secret and not secret:
-        raise OperatorSecurityError(f"{path} holds no secret key; pass the '.key_secret' file")
-    return public, secret
+        pair = keys if isinstance(keys, CurveKeyPair) else CurveKeyPair.load(keys)
+    except AuthenticationError as exc:
+        raise OperatorSecurityError(str(exc)) from exc
+    if not pair.has_secret:
+        raise OperatorSecurityError("this CURVE key pair has no secret key; pass the NAME.key_secret file")
+    return pair
 
 
 # --------------------------------------------------------------------------------------------------
@@ -478,9 +488,10 @@ class OperatorChannel:
 
     `endpoint` is the ROUTER address (port 0: any free port; `prompt_endpoint` gives the real one);
     `event_endpoint` the PUB address (default: same host, any free port; clients learn it with a
-    "hello" request). Listening on a non-loopback address requires CURVE: `curve_secret_key_file`
-    (the server's `.key_secret` file) and `allowed_clients_dir` (folder of client `.key` files).
-    `require_curve=True` forces CURVE on loopback too.
+    "hello" request). Listening on a non-loopback address requires CURVE (as `drivers.auth` does it
+    for the bridge): `curve` (the server key pair or its `.key_secret` file) and
+    `allowed_client_keys` (client public keys, `.key` files or folders of them). `require_curve=True`
+    forces CURVE on loopback too.
     """
 
     def __init__(
@@ -488,20 +499,30 @@ class OperatorChannel:
         endpoint: str = "tcp://127.0.0.1:0",
         *,
         event_endpoint: str | None = None,
-        curve_secret_key_file: str | Path | None = None,
-        allowed_clients_dir: str | Path | None = None,
+        curve: CurveKeyPair | str | os.PathLike[str] | None = None,
+        allowed_client_keys: Iterable[bytes | str | os.PathLike[str]] | str | os.PathLike[str] | None = None,
         require_curve: bool = False,
     ) -> None:
         event_endpoint = event_endpoint or _event_endpoint_for(endpoint)
-        use_curve = curve_secret_key_file is not None or allowed_clients_dir is not None or require_curve
+        use_curve = curve is not None or allowed_client_keys is not None or require_curve
         for address in (endpoint, event_endpoint):
             if not is_loopback_endpoint(address) and not use_curve:
                 raise OperatorSecurityError(
                     f"refusing to listen on {address} without CURVE: bind 127.0.0.1 (and use an SSH tunnel), "
-                    "or pass curve_secret_key_file and allowed_clients_dir"
+                    "or pass curve (server key pair) and allowed_client_keys"
                 )
-        if use_curve and (curve_secret_key_file is None or allowed_clients_dir is None):
-            raise OperatorSecurityError("CURVE needs both curve_secret_key_file and allowed_clients_dir")
+        server_keys: CurveKeyPair | None = None
+        allowed: frozenset[bytes] = frozenset()
+        if use_curve:
+            if curve is None or allowed_client_keys is None:
+                raise OperatorSecurityError("CURVE needs both curve (server key pair) and allowed_client_keys")
+            server_keys = _key_pair(curve)
+            single = isinstance(allowed_client_keys, (str, os.PathLike))
+            sources = [allowed_client_keys] if single else allowed_client_keys
+            try:
+                allowed = load_allow_list(sources)
+            except AuthenticationError as exc:
+                raise OperatorSecurityError(str(exc)) from exc
 
         self._lock = threading.RLock()
         self._records: OrderedDict[str, _Record] = OrderedDict()
@@ -516,8 +537,11 @@ class OperatorChannel:
             for sock in (self._router, self._pub):
                 sock.setsockopt(zmq.LINGER, 0)
             self._router.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_BYTES)
-            if use_curve:
-                self._setup_curve(Path(curve_secret_key_file), Path(allowed_clients_dir))  # type: ignore[arg-type]
+            if server_keys is not None:
+                self._auth = AllowListAuthenticator(self._context, allowed)
+                self._auth.start()
+                configure_curve_server(self._router, server_keys)
+                configure_curve_server(self._pub, server_keys)
             self._router.bind(endpoint)
             self._pub.bind(event_endpoint)
             self.prompt_endpoint: str = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -770,20 +794,6 @@ class OperatorChannel:
 
     # -- set-up / tear-down ------------------------------------------------------------------------
 
-    def _setup_curve(self, secret_file: Path, clients_dir: Path) -> None:
-        from zmq.auth.thread import ThreadAuthenticator
-
-        public, secret = _load_keypair(secret_file, need_secret=True)
-        if not clients_dir.is_dir():
-            raise OperatorSecurityError(f"allowed_clients_dir {clients_dir} is not a folder of client .key files")
-        self._auth = ThreadAuthenticator(self._context)
-        self._auth.start()
-        self._auth.configure_curve(domain="*", location=str(clients_dir))
-        for sock in (self._router, self._pub):
-            sock.curve_secretkey = secret
-            sock.curve_publickey = public
-            sock.curve_server = True
-
     def _shutdown_sockets(self) -> None:
         for name in ("_router", "_pub", "_wake_pull", "_wake_push"):
             sock = getattr(self, name, None)
@@ -824,8 +834,8 @@ class OperatorClient:
 
     `endpoint` is the channel's `prompt_endpoint`; the event (PUB) endpoint is asked for with a
     "hello" request unless given. Requests time out after `timeout_s` (`OperatorTimeoutError`; the
-    socket is then rebuilt, so the client works again once the agent is back). CURVE: pass the
-    client's `.key_secret` file and the server's public `.key` file.
+    socket is then rebuilt, so the client works again once the agent is back). CURVE: pass
+    `curve_keys` (the client's key pair or `.key_secret` file) and `server_public_key` (key or `.key` file).
     """
 
     def __init__(
@@ -834,20 +844,21 @@ class OperatorClient:
         *,
         event_endpoint: str | None = None,
         timeout_s: float = 5.0,
-        curve_secret_key_file: str | Path | None = None,
-        server_public_key_file: str | Path | None = None,
+        curve_keys: CurveKeyPair | str | os.PathLike[str] | None = None,
+        server_public_key: bytes | str | os.PathLike[str] | None = None,
     ) -> None:
         if not endpoint.startswith(("tcp://", "ipc://", "inproc://")):
             raise OperatorError(f"endpoint {endpoint!r} must look like tcp://HOST:PORT")
-        if (curve_secret_key_file is None) != (server_public_key_file is None):
-            raise OperatorSecurityError("CURVE needs both curve_secret_key_file and server_public_key_file")
+        if (curve_keys is None) != (server_public_key is None):
+            raise OperatorSecurityError("CURVE needs both curve_keys and server_public_key")
         self.endpoint = endpoint
         self.timeout_s = float(timeout_s)
-        self._curve: tuple[bytes, bytes, bytes] | None = None
-        if curve_secret_key_file is not None and server_public_key_file is not None:
-            public, secret = _load_keypair(Path(curve_secret_key_file), need_secret=True)
-            server_public, _ = _load_keypair(Path(server_public_key_file), need_secret=False)
-            self._curve = (public, secret or b"", server_public)
+        self._curve: tuple[CurveKeyPair, bytes] | None = None
+        if curve_keys is not None and server_public_key is not None:
+            try:
+                self._curve = (_key_pair(curve_keys), load_public_key(server_public_key))
+            except AuthenticationError as exc:
+                raise OperatorSecurityError(str(exc)) from exc
         self._context = zmq.Context()
         self._dealer: zmq.Socket[bytes] | None = None
         self._sub: zmq.Socket[bytes] | None = None
@@ -952,7 +963,7 @@ class OperatorClient:
 
     def _apply_curve(self, sock: zmq.Socket[bytes]) -> None:
         if self._curve is not None:
-            sock.curve_publickey, sock.curve_secretkey, sock.curve_serverkey = self._curve
+            configure_curve_client(sock, *self._curve)
 
     def _new_dealer(self) -> zmq.Socket[bytes]:
         sock = self._context.socket(zmq.DEALER)

@@ -284,23 +284,21 @@ def test_curve_allows_known_clients_only(tmp_path: Path) -> None:
     server_public, server_secret = zmq.auth.create_certificates(server_dir, "server")
     zmq.auth.create_certificates(allowed, "alice")
     _, stranger_secret = zmq.auth.create_certificates(unknown, "mallory")
-    with OperatorChannel(
-        curve_secret_key_file=server_secret, allowed_clients_dir=allowed, require_curve=True
-    ) as channel:
+    with OperatorChannel(curve=server_secret, allowed_client_keys=[allowed], require_curve=True) as channel:
         handle = channel.ask(_prompt())
         with pytest.raises(OperatorTimeoutError):
             OperatorClient(
                 channel.prompt_endpoint,
                 timeout_s=0.5,
-                curve_secret_key_file=stranger_secret,
-                server_public_key_file=server_public,
+                curve_keys=stranger_secret,
+                server_public_key=server_public,
             )
         with pytest.raises(OperatorTimeoutError):
             OperatorClient(channel.prompt_endpoint, timeout_s=0.5)  # no CURVE at all
         with OperatorClient(
             channel.prompt_endpoint,
-            curve_secret_key_file=allowed / "alice.key_secret",
-            server_public_key_file=server_public,
+            curve_keys=allowed / "alice.key_secret",
+            server_public_key=server_public,
         ) as client:
             info = _next_of(client, PromptInfo, handle.id)
             assert isinstance(info, PromptInfo)

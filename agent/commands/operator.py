@@ -90,8 +90,8 @@ def _connect(args: argparse.Namespace) -> int:
             args.endpoint,
             event_endpoint=args.event_endpoint,
             timeout_s=args.timeout_s,
-            curve_secret_key_file=args.curve_secret,
-            server_public_key_file=args.server_key,
+            curve_keys=args.curve_secret,
+            server_public_key=args.server_key,
         )
     except OperatorError as exc:
         raise CommandError(f"cannot connect to the agent at {args.endpoint}: {exc}") from exc
