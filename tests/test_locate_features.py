@@ -144,3 +144,17 @@ def test_bad_settings_raise_typed_errors() -> None:
         window_features(image, 4)
     with pytest.raises(SettingsError, match="stride"):
         window_features(image, 3, 0)
+
+
+def test_streamed_window_features_equal_whole_image() -> None:
+    from agent.locate.features import iter_window_features
+
+    image = _test_image((90, 47), np.uint16, seed=4)
+    whole, _ = window_features(image, 9, 2)
+    pieces = [chunk.copy() for _, _, chunk in iter_window_features(image, 9, 2, chunk_rows=7)]
+    np.testing.assert_allclose(np.concatenate(pieces), whole, rtol=1e-12, atol=1e-9)
+    out = np.empty_like(whole)
+    window_features(image, 9, 2, out=out)
+    np.testing.assert_array_equal(out, whole)
+    with pytest.raises(SettingsError):
+        window_features(image, 9, 2, out=np.empty((3, 3, 9)))

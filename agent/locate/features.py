@@ -39,11 +39,10 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-from scipy import ndimage
 
 from agent.locate.errors import ImageInputError, SettingsError
 
@@ -101,6 +100,15 @@ def reference_level(image: np.ndarray) -> float:
     return float(np.median(image[::step_r, ::step_c]))
 
 
+def _new_scratch(shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """Re-usable temporaries for `_moments_to_features` on arrays of `shape`."""
+    scratch = {name: np.empty(shape, dtype=np.float64) for name in ("inv", "m1", "e2", "e3", "e4", "a", "b", "v")}
+    scratch["ok"] = np.empty(shape, dtype=bool)
+    scratch["flat"] = np.empty(shape, dtype=bool)
+    scratch["feat"] = np.empty((len(FEATURE_NAMES), *shape), dtype=np.float64)
+    return scratch
+
+
 def _moments_to_features(
     n: np.ndarray,
     s1: np.ndarray,
@@ -112,38 +120,85 @@ def _moments_to_features(
     vmax: np.ndarray,
     ref: float,
     out: np.ndarray,
+    scratch: dict[str, np.ndarray] | None = None,
 ) -> None:
-    """Fill `out[..., F]` from power sums of centred values (s1..s4), gradient sums, min and max."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        m1 = s1 / n
-        e2 = s2 / n
-        e3 = s3 / n
-        e4 = s4 / n
-        m1sq = m1 * m1
-        var = np.where(vmax > vmin, np.maximum(e2 - m1sq, 0.0), 0.0)  # flat windows: exactly 0
-        mu3 = e3 - 3.0 * m1 * e2 + 2.0 * m1sq * m1
-        mu4 = e4 - 4.0 * m1 * e3 + 6.0 * m1sq * e2 - 3.0 * m1sq * m1sq
-        reliable = var > _UNRELIABLE_VARIANCE * m1sq
-        reliable &= var > 0
-        safe_var = np.where(reliable, var, 1.0)
-        std = np.sqrt(var)
-        mean = m1 + ref
-        skew = np.where(reliable, mu3 / (safe_var * np.sqrt(safe_var)), 0.0)
-        kurt = np.where(reliable, mu4 / (safe_var * safe_var) - 3.0, 0.0)
-        abs_mean = np.abs(mean)
-        rel_std = np.where(abs_mean > 0, std / np.where(abs_mean > 0, abs_mean, 1.0), 0.0)
-        grad = sg / n
-        lag1 = np.where(reliable, 1.0 - grad / (2.0 * safe_var), 0.0)
-        mode = np.clip(mean - 0.5 * skew * std, vmin, vmax)
-    out[..., 0] = mean
-    out[..., 1] = std
-    out[..., 2] = rel_std
-    out[..., 3] = skew
-    out[..., 4] = kurt
-    out[..., 5] = mode
-    out[..., 6] = vmax - vmin
-    out[..., 7] = grad
-    out[..., 8] = lag1
+    """Fill `out[..., F]` from power sums of centred values (s1..s4), gradient sums, min and max.
+
+    All inputs share one shape; `scratch` (from `_new_scratch`, re-used between calls) avoids allocating
+    temporaries: fresh large arrays cost page faults on every call. Everything is computed into a
+    contiguous (F, ...) buffer and copied into `out` once (strided writes are slow).
+    """
+    shape = np.shape(s1)
+    if scratch is None or scratch["m1"].shape != shape:
+        scratch = _new_scratch(shape)
+    inv, m1, e2, e3, e4 = scratch["inv"], scratch["m1"], scratch["e2"], scratch["e3"], scratch["e4"]
+    a, b, var, ok, flat = scratch["a"], scratch["b"], scratch["v"], scratch["ok"], scratch["flat"]
+    feat = scratch["feat"]
+    f_mean, f_std, f_rel, f_skew, f_kurt, f_mode, f_range, f_grad, f_lag = feat
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        np.divide(1.0, n, out=inv)
+        np.multiply(s1, inv, out=m1)
+        np.multiply(s2, inv, out=e2)
+        np.multiply(s3, inv, out=e3)
+        np.multiply(s4, inv, out=e4)
+        np.multiply(sg, inv, out=f_grad)  # mean gradient energy
+        # variance, exactly 0 where min == max
+        np.multiply(m1, m1, out=a)  # a = m1^2
+        np.subtract(e2, a, out=var)
+        np.maximum(var, 0.0, out=var)
+        np.not_equal(vmax, vmin, out=flat)  # flat = "not flat" here
+        np.multiply(var, flat, out=var)
+        # reliable higher moments: var > 1e-7 * m1^2 and var > 0
+        np.multiply(a, _UNRELIABLE_VARIANCE, out=b)
+        np.greater(var, b, out=ok)
+        np.greater(var, 0.0, out=flat)
+        ok &= flat
+        np.add(m1, ref, out=f_mean)
+        np.sqrt(var, out=f_std)
+        # rel_std = std / |mean| (0 where the mean is 0)
+        np.abs(f_mean, out=b)
+        np.equal(b, 0.0, out=flat)
+        b += flat
+        np.divide(f_std, b, out=f_rel)
+        np.logical_not(flat, out=flat)
+        f_rel *= flat
+        np.logical_not(ok, out=flat)  # flat = unreliable
+        var += flat  # a safe denominator; unreliable results are zeroed below
+        # mu3 = e3 - m1 * (3 e2 - 2 m1^2); skewness = mu3 / var^1.5
+        np.multiply(e2, 3.0, out=b)
+        np.multiply(a, 2.0, out=inv)
+        b -= inv
+        b *= m1
+        np.subtract(e3, b, out=b)
+        np.sqrt(var, out=inv)
+        inv *= var
+        np.divide(b, inv, out=f_skew)
+        # mu4 = e4 - m1 * (4 e3 - m1 * (6 e2 - 3 m1^2)); kurtosis = mu4 / var^2 - 3
+        np.multiply(e2, 6.0, out=b)
+        a *= 3.0
+        b -= a
+        b *= m1
+        np.multiply(e3, 4.0, out=a)
+        a -= b
+        a *= m1
+        np.subtract(e4, a, out=a)
+        np.multiply(var, var, out=b)
+        np.divide(a, b, out=f_kurt)
+        f_kurt -= 3.0
+        # lag-1 correlation = 1 - grad / (2 var)
+        np.divide(f_grad, var, out=a)
+        np.multiply(a, -0.5, out=f_lag)
+        f_lag += 1.0
+        f_skew *= ok
+        f_kurt *= ok
+        f_lag *= ok
+        # mode stand-in and range
+        np.multiply(f_skew, f_std, out=a)
+        np.multiply(a, -0.5, out=a)
+        a += f_mean
+        np.clip(a, vmin, vmax, out=f_mode)
+        np.subtract(vmax, vmin, out=f_range)
+    np.copyto(out, np.moveaxis(feat, 0, -1))
 
 
 def _gradient_energy(block: np.ndarray, next_row: np.ndarray | None, out: np.ndarray, tmp: np.ndarray) -> None:
@@ -161,6 +216,32 @@ def _gradient_energy(block: np.ndarray, next_row: np.ndarray | None, out: np.nda
         np.multiply(tmp[-1], tmp[-1], out=tmp[-1])
         out[-1] += tmp[-1]
     out *= 0.5
+
+
+def _sliding_extreme(
+    raw: np.ndarray, window_px: int, op: np.ufunc, centres_c: np.ndarray, local_rows: np.ndarray
+) -> np.ndarray:
+    """Min or max (`op` = np.minimum / np.maximum) of the clipped window around each centre.
+
+    `raw` holds the input rows of one chunk; the result has shape (len(local_rows), len(centres_c)).
+    Edge padding makes clipped windows (the edge value is inside the window anyway); a sparse table of
+    power-of-two windows gives any window as the `op` of two overlapping power-of-two windows.
+    """
+    half = window_px // 2
+    power = 1 << (window_px.bit_length() - 1)  # largest power of two <= window_px
+
+    def along_last(a: np.ndarray) -> np.ndarray:
+        table = a
+        width = 1
+        while width < power:
+            table = op(table[..., :-width], table[..., width:])
+            width *= 2
+        return op(table[..., : table.shape[-1] - (window_px - power)], table[..., window_px - power :])
+
+    padded = np.pad(raw, ((0, 0), (half, half)), mode="edge")
+    horizontal = along_last(padded)[:, centres_c]  # (n_in, n_out_c)
+    rows_first = np.pad(horizontal.T, ((0, 0), (half, half)), mode="edge")
+    return along_last(rows_first)[:, local_rows].T
 
 
 def _run_parallel(tasks: list[Callable[[], None]]) -> None:
@@ -216,11 +297,10 @@ def grid_features(image: np.ndarray, rows: int, cols: int) -> tuple[np.ndarray, 
     col_max = np.empty((rows, width), dtype=image.dtype)
 
     def work(cell_rows: list[int]) -> None:
-        block = np.empty((_BAND_ROWS, width), dtype=np.float64)
-        power = np.empty_like(block)
-        grad = np.empty_like(block)
-        tmp = np.empty_like(block)
-        next_buf = np.empty(width, dtype=np.float64)
+        block = np.empty((_BAND_ROWS + 1, width), dtype=np.float64)
+        power = np.empty((_BAND_ROWS, width), dtype=np.float64)
+        diff = np.empty((_BAND_ROWS, width), dtype=np.float64)
+        ones = np.ones(_BAND_ROWS, dtype=np.float64)
         for i in cell_rows:
             r_start, r_stop = int(edges_r[i]), int(edges_r[i + 1])
             acc = sums[i]
@@ -229,21 +309,23 @@ def grid_features(image: np.ndarray, rows: int, cols: int) -> tuple[np.ndarray, 
             for r0 in range(r_start, r_stop, _BAND_ROWS):
                 r1 = min(r0 + _BAND_ROWS, r_stop)
                 n = r1 - r0
-                d, p, g, t = block[:n], power[:n], grad[:n], tmp[:n]
-                np.subtract(image[r0:r1], ref, out=d, casting="unsafe")
-                acc[0] += d.sum(axis=0)
+                with_next = r1 < height  # the row below the band, for vertical differences
+                d_ext = block[: n + 1] if with_next else block[:n]
+                np.subtract(image[r0 : r1 + 1] if with_next else image[r0:r1], ref, out=d_ext, casting="unsafe")
+                d, p, o = block[:n], power[:n], ones[:n]
+                acc[0] += o @ d
                 np.multiply(d, d, out=p)
-                acc[1] += p.sum(axis=0)
-                np.multiply(p, d, out=p)
-                acc[2] += p.sum(axis=0)
-                np.multiply(p, d, out=p)
-                acc[3] += p.sum(axis=0)
-                next_row = None
-                if r1 < height:
-                    np.subtract(image[r1], ref, out=next_buf, casting="unsafe")
-                    next_row = next_buf
-                _gradient_energy(d, next_row, g, t)
-                acc[4] += g.sum(axis=0)
+                acc[1] += o @ p
+                acc[2] += np.einsum("ij,ij->j", p, d)
+                acc[3] += np.einsum("ij,ij->j", p, p)
+                dx = diff[:n, : width - 1]
+                np.subtract(d[:, 1:], d[:, :-1], out=dx)
+                acc[4, : width - 1] += 0.5 * np.einsum("ij,ij->j", dx, dx)
+                n_dy = d_ext.shape[0] - 1
+                if n_dy > 0:
+                    dy = diff[:n_dy]
+                    np.subtract(d_ext[1:], d_ext[:-1], out=dy)
+                    acc[4] += 0.5 * np.einsum("ij,ij->j", dy, dy)
 
     n_threads = _n_threads()
     _run_parallel([(lambda part=part: work(part)) for part in np.array_split(np.arange(rows), n_threads) if len(part)])
@@ -301,8 +383,19 @@ def check_window(image_shape: tuple[int, ...], window_px: int, stride_px: int) -
         )
 
 
-def window_features(image: np.ndarray, window_px: int, stride_px: int = 1) -> tuple[np.ndarray, tuple[str, ...]]:
+def window_features(
+    image: np.ndarray,
+    window_px: int,
+    stride_px: int = 1,
+    *,
+    out: np.ndarray | None = None,
+    row_range: tuple[int, int] | None = None,
+) -> tuple[np.ndarray, tuple[str, ...]]:
     """Statistics of a `window_px` x `window_px` window centred on every `stride_px`-th pixel.
+
+    `out` (optional): a preallocated float64 array of the output shape to fill (saves allocating and
+    first-touching a large array). `row_range=(i0, i1)` computes only output rows i0..i1-1 (the result
+    then has i1 - i0 rows; used to stream a large image chunk by chunk, see `iter_window_features`).
 
     Output ``(out_rows, out_cols, F)`` float64 where out_rows = ceil(rows / stride) (`window_output_shape`);
     element ``[i, j]`` describes the window centred on pixel ``(row, col) = (i * stride, j * stride)``.
@@ -316,79 +409,134 @@ def window_features(image: np.ndarray, window_px: int, stride_px: int = 1) -> tu
     half = window_px // 2
     centres_r = window_centres_px(height, stride_px)
     centres_c = window_centres_px(width, stride_px)
+    if row_range is not None:
+        i_start, i_stop = int(row_range[0]), int(row_range[1])
+        if not 0 <= i_start < i_stop <= len(centres_r):
+            raise SettingsError(f"row_range {row_range} outside the {len(centres_r)} output rows")
+        centres_r = centres_r[i_start:i_stop]
     n_out_r, n_out_c = len(centres_r), len(centres_c)
     lo_c = np.clip(centres_c - half, 0, width)
     hi_c = np.clip(centres_c + half + 1, 0, width)
     count_c = (hi_c - lo_c).astype(np.float64)
     ref = reference_level(image)
-    out = np.empty((n_out_r, n_out_c, len(FEATURE_NAMES)), dtype=np.float64)
+    expected = (n_out_r, n_out_c, len(FEATURE_NAMES))
+    if out is None:
+        out = np.empty(expected, dtype=np.float64)
+    elif out.shape != expected or out.dtype != np.float64:
+        raise SettingsError(f"out must be float64 of shape {expected}, got {out.dtype} {out.shape}")
 
-    # output rows are processed in chunks; each chunk needs input rows [first centre - half, last + half]
+    # Output rows are processed in chunks; a chunk needs input rows [first centre - half, last + half].
+    # Vertical window sums are running sums over rows (vector ops over whole rows), horizontal ones come
+    # from cumulative sums along the row; min and max use a sparse table of power-of-two windows.
     chunk_out = max(1, 64 // stride_px)
     chunks = [(i, min(i + chunk_out, n_out_r)) for i in range(0, n_out_r, chunk_out)]
     max_in = (chunk_out - 1) * stride_px + window_px
+    n_q = 5  # d, d**2, d**3, d**4, gradient energy
+    sub_rows = max(1, 16384 // n_out_c)
 
     def work(my_chunks: list[tuple[int, int]]) -> None:
-        block = np.empty((max_in, width), dtype=np.float64)
-        power = np.empty_like(block)
-        grad = np.empty_like(block)
-        tmp = np.empty_like(block)
-        next_buf = np.empty(width, dtype=np.float64)
-        csum = np.empty((max_in, width + 1), dtype=np.float64)
-        col_sums = np.empty((5, max_in + 1, n_out_c), dtype=np.float64)
+        block = np.empty((max_in + 1, width), dtype=np.float64)
+        q = np.empty((max_in, n_q, width), dtype=np.float64)
+        tmp = np.empty((max_in, width), dtype=np.float64)
+        vert = np.empty((chunk_out, n_q, width), dtype=np.float64)
+        csum = np.zeros((chunk_out, n_q, width + 1 + 2 * half), dtype=np.float64)
+        sums_buf = np.empty((n_q, chunk_out, n_out_c), dtype=np.float64)
+        vmin_buf = np.empty((chunk_out, n_out_c), dtype=np.float64)
+        vmax_buf = np.empty((chunk_out, n_out_c), dtype=np.float64)
+        scratches: dict[tuple[int, int], dict[str, np.ndarray]] = {}
         for i0, i1 in my_chunks:
             rows_c = centres_r[i0:i1]
+            n_rows = i1 - i0
             in0 = max(0, int(rows_c[0]) - half)
             in1 = min(height, int(rows_c[-1]) + half + 1)
             n_in = in1 - in0
-            d, p, g, t, cs = block[:n_in], power[:n_in], grad[:n_in], tmp[:n_in], csum[:n_in]
-            np.subtract(image[in0:in1], ref, out=d, casting="unsafe")
-            next_row = None
-            if in1 < height:
-                np.subtract(image[in1], ref, out=next_buf, casting="unsafe")
-                next_row = next_buf
-            _gradient_energy(d, next_row, g, t)
-            cs[:, 0] = 0.0
-            sources = (d, None, None, None, g)
-            for k in range(5):
-                if k == 0:
-                    src = d
-                elif k == 1:
-                    np.multiply(d, d, out=p)
-                    src = p
-                elif k in (2, 3):
-                    np.multiply(p, d, out=p)
-                    src = p
-                else:
-                    src = sources[4]
-                np.cumsum(src, axis=1, out=cs[:, 1:])
-                target = col_sums[k, : n_in + 1]
-                target[0] = 0.0
-                np.subtract(cs[:, hi_c], cs[:, lo_c], out=target[1:])
-                np.cumsum(target[1:], axis=0, out=target[1:])
+            with_next = in1 < height
+            d_ext = block[: n_in + 1] if with_next else block[:n_in]
+            np.subtract(image[in0 : in1 + 1] if with_next else image[in0:in1], ref, out=d_ext, casting="unsafe")
+            d = block[:n_in]
+            qq = q[:n_in]
+            qq[:, 0] = d
+            np.multiply(d, d, out=qq[:, 1])
+            np.multiply(qq[:, 1], d, out=qq[:, 2])
+            np.multiply(qq[:, 1], qq[:, 1], out=qq[:, 3])
+            _gradient_energy(d, block[n_in] if with_next else None, qq[:, 4], tmp[:n_in])
+            # vertical running sums at the centre rows
+            v = vert[:n_rows]
+            local = rows_c - in0
             lo_r = np.clip(rows_c - half, 0, height) - in0
             hi_r = np.clip(rows_c + half + 1, 0, height) - in0
-            window_sums = col_sums[:, hi_r, :] - col_sums[:, lo_r, :]  # (5, n_rows, n_out_c)
+            if stride_px >= window_px:
+                for k in range(n_rows):
+                    qq[lo_r[k] : hi_r[k]].sum(axis=0, out=v[k])
+            else:
+                qq[lo_r[0] : hi_r[0]].sum(axis=0, out=v[0])
+                for k in range(1, n_rows):
+                    np.copyto(v[k], v[k - 1])
+                    add0, add1 = hi_r[k - 1], hi_r[k]
+                    sub0, sub1 = lo_r[k - 1], lo_r[k]
+                    if add1 - add0 == 1:
+                        v[k] += qq[add0]
+                    elif add1 > add0:
+                        v[k] += qq[add0:add1].sum(axis=0)
+                    if sub1 - sub0 == 1:
+                        v[k] -= qq[sub0]
+                    elif sub1 > sub0:
+                        v[k] -= qq[sub0:sub1].sum(axis=0)
+            # horizontal sums from cumulative sums (left pad of zeros, right pad repeating the total)
+            cs = csum[:n_rows]
+            np.cumsum(v, axis=2, out=cs[:, :, half + 1 : half + 1 + width])
+            cs[:, :, half + 1 + width :] = cs[:, :, half + width : half + width + 1]
+            window_sums = sums_buf[:, :n_rows]
+            np.subtract(
+                cs[:, :, 2 * half + 1 : 2 * half + 1 + width : stride_px],
+                cs[:, :, 0:width:stride_px],
+                out=window_sums.transpose(1, 0, 2),
+            )
             counts = (hi_r - lo_r).astype(np.float64)[:, None] * count_c[None, :]
             raw = image[in0:in1]
-            vmin = ndimage.minimum_filter1d(raw, window_px, axis=1, mode="nearest")[:, centres_c]
-            vmin = ndimage.minimum_filter1d(vmin, window_px, axis=0, mode="nearest")[rows_c - in0]
-            vmax = ndimage.maximum_filter1d(raw, window_px, axis=1, mode="nearest")[:, centres_c]
-            vmax = ndimage.maximum_filter1d(vmax, window_px, axis=0, mode="nearest")[rows_c - in0]
-            _moments_to_features(
-                counts,
-                window_sums[0],
-                window_sums[1],
-                window_sums[2],
-                window_sums[3],
-                window_sums[4],
-                vmin.astype(np.float64),
-                vmax.astype(np.float64),
-                ref,
-                out[i0:i1],
-            )
+            vmin, vmax = vmin_buf[:n_rows], vmax_buf[:n_rows]
+            vmin[...] = _sliding_extreme(raw, window_px, np.minimum, centres_c, local)
+            vmax[...] = _sliding_extreme(raw, window_px, np.maximum, centres_c, local)
+            # assemble in sub-blocks small enough for the CPU cache
+            for j0 in range(0, n_rows, sub_rows):
+                j1 = min(j0 + sub_rows, n_rows)
+                shape = (j1 - j0, n_out_c)
+                if shape not in scratches:
+                    scratches[shape] = _new_scratch(shape)
+                _moments_to_features(
+                    counts[j0:j1],
+                    window_sums[0, j0:j1],
+                    window_sums[1, j0:j1],
+                    window_sums[2, j0:j1],
+                    window_sums[3, j0:j1],
+                    window_sums[4, j0:j1],
+                    vmin[j0:j1],
+                    vmax[j0:j1],
+                    ref,
+                    out[i0 + j0 : i0 + j1],
+                    scratches[shape],
+                )
 
     n_threads = _n_threads()
     parts = [chunks[k::n_threads] for k in range(n_threads)]
     _run_parallel([(lambda part=part: work(part)) for part in parts if part])
     return out, FEATURE_NAMES
+
+
+def iter_window_features(
+    image: np.ndarray, window_px: int, stride_px: int = 1, chunk_rows: int = 256
+) -> Iterator[tuple[int, int, np.ndarray]]:
+    """Yield ``(i0, i1, features[i0:i1])`` of `window_features` in chunks of `chunk_rows` output rows.
+
+    Memory stays bounded (one chunk plus buffers) for images of any height; the chunks equal the
+    corresponding rows of the whole-image result. The yielded array is re-used by the next chunk: copy
+    what you keep.
+    """
+    check_image(image)
+    check_window(image.shape, window_px, stride_px)
+    n_out_r, n_out_c = window_output_shape(image.shape, stride_px)
+    buffer = np.empty((chunk_rows, n_out_c, len(FEATURE_NAMES)), dtype=np.float64)
+    for i0 in range(0, n_out_r, chunk_rows):
+        i1 = min(i0 + chunk_rows, n_out_r)
+        window_features(image, window_px, stride_px, out=buffer[: i1 - i0], row_range=(i0, i1))
+        yield i0, i1, buffer[: i1 - i0]
