@@ -13,18 +13,24 @@ the file atomically. A lock file serialises writers of several processes on one 
 Suggestions (`LabelMemory.suggest`): for each new cluster centroid, only records of the same
 specimen type and preset are used, compared on the features both have (matched by name, so the
 feature set may grow). Each feature is compressed with a signed log, `sign(x) * log1p(|x|)`, so a
-feature that is 50 background-sigmas away does not drown the others, and the distance is the RMS
-difference over the shared features. A record's weight is a Gaussian kernel of that distance
-(`bandwidth`); per session only the best-matching record of each class counts, so ten clusters of
-one image do not pose as ten independent opinions. With `w_c` / `w_n` the evidence for crystal /
-not crystal and `prior_strength` a pseudo-count:
+feature that is 50 background-sigmas away does not drown the others, and the distance is a trimmed
+RMS difference over the shared features (the worst 20 % of features are left out, so one feature
+that behaves differently in a new image cannot hide an otherwise close match). A record's weight is
+a Gaussian kernel of that distance. Its width adapts to the memory: a fraction
+(`AUTO_BANDWIDTH_FRACTION`) of the typical distance between the closest crystal and non-crystal
+clusters of one session, i.e. of how far apart the things to tell apart are in this feature space,
+whatever the locator's normalisation (a fixed `bandwidth` may be given instead). Per session only
+the best-matching record of each class counts, so ten clusters of one image do not pose as ten
+independent opinions. With `w_c` / `w_n` the evidence for crystal / not crystal and
+`prior_strength` a pseudo-count:
 
     p_crystal  = (w_c + prior/2) / (w_c + w_n + prior)
     confidence = |w_c - w_n| / (w_c + w_n + prior)        (0 = no idea, -> 1 with agreeing support)
 
 No memory, memory far away (a different-looking specimen) and conflicting memory all give a low
-confidence; one close earlier label gives a moderate one and agreeing labels from more sessions a
-high one. Records made by the agent itself (`source="auto"`) are stored for the record but carry
+confidence; one close earlier label gives about 0.7-0.8 and agreeing labels from two or more sessions
+more than 0.8 (`DEFAULT_CONFIDENCE_THRESHOLD`), so a specimen type stops being asked about by its
+third session. Records made by the agent itself (`source="auto"`) are stored for the record but carry
 no weight by default, so the memory cannot talk itself into a mistake.
 """
 
@@ -53,11 +59,17 @@ LABELS_FILE_NAME = "labels.jsonl"
 #: Environment variable that overrides the default memory folder.
 LABELS_ENV_VAR = "CRYSTAL_LOCATOR_LABELS"
 #: Suggestions at or above this confidence may be used without asking (the screening loop's default).
-DEFAULT_CONFIDENCE_THRESHOLD = 0.6
-#: Kernel width, in RMS signed-log feature units.
+DEFAULT_CONFIDENCE_THRESHOLD = 0.8
+#: Kernel width (trimmed RMS signed-log feature units) when the memory cannot say (see module doc).
 DEFAULT_BANDWIDTH = 0.35
+#: Adaptive kernel width: this fraction of the median closest crystal / non-crystal distance per session.
+AUTO_BANDWIDTH_FRACTION = 0.35
+#: Limits of the adaptive kernel width.
+BANDWIDTH_LIMITS = (0.05, 3.0)
+#: Fraction of the shared features left out of a distance (the largest differences).
+TRIM_FRACTION = 0.2
 #: Pseudo-count of "no idea" evidence added to every suggestion.
-DEFAULT_PRIOR_STRENGTH = 0.5
+DEFAULT_PRIOR_STRENGTH = 0.2
 #: Weight of each source's labels as evidence ("auto": the agent's own guesses, none by default).
 DEFAULT_SOURCE_WEIGHTS: dict[str, float] = {
     "operator": 1.0,
@@ -167,11 +179,11 @@ class LabelMemory:
         self,
         folder: str | os.PathLike[str],
         *,
-        bandwidth: float = DEFAULT_BANDWIDTH,
+        bandwidth: float | None = None,
         prior_strength: float = DEFAULT_PRIOR_STRENGTH,
         source_weights: dict[str, float] | None = None,
     ) -> None:
-        if not (bandwidth > 0 and prior_strength > 0):
+        if not ((bandwidth is None or bandwidth > 0) and prior_strength > 0):
             raise LabelMemoryError(f"bandwidth and prior_strength must be > 0, got {bandwidth}, {prior_strength}")
         self.folder = Path(folder).expanduser()
         try:
@@ -182,7 +194,8 @@ class LabelMemory:
             raise LabelMemoryError(f"{self.folder} is not a folder; pass a folder for the label memory")
         self.path = self.folder / LABELS_FILE_NAME
         self._lock_path = self.folder / ".labels.lock"
-        self.bandwidth = float(bandwidth)
+        #: Fixed kernel width, or None to adapt it to the memory (see the module docstring).
+        self.bandwidth = None if bandwidth is None else float(bandwidth)
         self.prior_strength = float(prior_strength)
         self.source_weights = dict(DEFAULT_SOURCE_WEIGHTS if source_weights is None else source_weights)
         self._cache_key: tuple[int, int, int] | None = None
@@ -421,9 +434,9 @@ class LabelMemory:
             q_cols = [names.index(n) for n in shared]
             r_cols = [group_names.index(n) for n in shared]
             stored = signed_log(np.array([r.feature_vector for r in group])[:, r_cols])
-            diffs = signed_log(query[:, q_cols])[:, None, :] - stored[None, :, :]
-            distance = np.sqrt(np.mean(diffs**2, axis=2))  # (n_query, n_group)
-            weight = np.exp(-0.5 * (distance / self.bandwidth) ** 2)
+            distance = trimmed_rms_distance(signed_log(query[:, q_cols]), stored)  # (n_query, n_group)
+            bandwidth = self.bandwidth or adaptive_bandwidth(stored, group)
+            weight = np.exp(-0.5 * (distance / bandwidth) ** 2)
             nearest = np.minimum(nearest, distance.min(axis=1))
             for j, record in enumerate(group):
                 source_weight = self.source_weights.get(record.source, 0.0)
@@ -469,6 +482,34 @@ def _as_matrix(centroids: np.ndarray, feature_names: Sequence[str]) -> np.ndarra
     if not np.all(np.isfinite(matrix)):
         raise LabelMemoryError("centroids contain NaN or infinite values; normalise them first")
     return matrix
+
+
+def trimmed_rms_distance(a: np.ndarray, b: np.ndarray, trim_fraction: float = TRIM_FRACTION) -> np.ndarray:
+    """RMS distance between rows of `a` (n, F) and rows of `b` (m, F) leaving out the largest
+    `trim_fraction` of the per-feature squared differences; (n, m) float64."""
+    squared = (a[:, None, :] - b[None, :, :]) ** 2
+    n_features = squared.shape[2]
+    keep = n_features - int(trim_fraction * n_features)
+    if keep < n_features:
+        squared = np.partition(squared, keep - 1, axis=2)[:, :, :keep]
+    return np.sqrt(np.mean(squared, axis=2))
+
+
+def adaptive_bandwidth(stored: np.ndarray, records: Sequence[LabelRecord]) -> float:
+    """Kernel width from the memory: `AUTO_BANDWIDTH_FRACTION` x the median, over sessions that labelled
+    both kinds, of the distance between their closest crystal and non-crystal clusters (`stored`:
+    signed-log vectors of `records`). `DEFAULT_BANDWIDTH` when no session labelled both kinds."""
+    gaps = []
+    sessions = sorted({r.session for r in records})
+    for session in sessions:
+        crystal = [j for j, r in enumerate(records) if r.session == session and r.is_crystal]
+        other = [j for j, r in enumerate(records) if r.session == session and not r.is_crystal]
+        if crystal and other:
+            gaps.append(float(trimmed_rms_distance(stored[crystal], stored[other]).min()))
+    if not gaps:
+        return DEFAULT_BANDWIDTH
+    low, high = BANDWIDTH_LIMITS
+    return float(np.clip(AUTO_BANDWIDTH_FRACTION * np.median(gaps), low, high))
 
 
 def _group_by_names(records: Sequence[LabelRecord]) -> dict[tuple[str, ...], list[LabelRecord]]:

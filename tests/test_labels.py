@@ -214,3 +214,17 @@ def test_one_image_many_clusters_count_once_per_session(tmp_path: Path) -> None:
     memory.record_clusters(same_image[:1], NAMES, [True], specimen="p", preset="atlas", session="s2")
     two = memory.suggest(np.array([CRYSTAL]), NAMES, "p", "atlas")[0]
     assert two.n_support == 2 and two.confidence > one.confidence
+
+
+def test_one_wild_feature_does_not_hide_a_close_match(tmp_path: Path) -> None:
+    memory = LabelMemory(tmp_path)
+    rng = np.random.default_rng(10)
+    for session in ("s1", "s2"):
+        _session(memory, rng, session)
+    odd = _jitter(CRYSTAL, rng)
+    odd[4] = -500.0  # kurtosis gone wild in this image (e.g. a hot pixel in every crystal patch)
+    suggestion = memory.suggest(odd[None, :], NAMES, "protein-plates", "atlas")[0]
+    assert suggestion.is_crystal and suggestion.confidence > 0.6
+    two_wild = odd.copy()
+    two_wild[[0, 2]] = [40.0, -40.0]  # more than one feature off: no longer the same kind of cluster
+    assert memory.suggest(two_wild[None, :], NAMES, "protein-plates", "atlas")[0].confidence < 0.3
