@@ -48,7 +48,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -531,6 +531,7 @@ class OperatorChannel:
         self._context = zmq.Context()
         self._auth: Any = None
         self.stats: dict[str, int] = {"asked": 0, "answered": 0, "expired": 0, "cancelled": 0, "refused": 0}
+        self._listeners: list[Callable[[str, dict[str, Any]], None]] = []
         try:
             self._router = self._context.socket(zmq.ROUTER)
             self._pub = self._context.socket(zmq.PUB)
@@ -579,8 +580,22 @@ class OperatorChannel:
             self.stats["asked"] += 1
             info = record.info()
         self._publish([_TOPIC_PROMPT, info.model_dump_json().encode(), *prompt.images.values()])
+        self._notify("asked", info.model_dump(mode="json"))
         logger.info("prompt %s asked (%s, %.0f s): %s", prompt.id, prompt.kind, record.seconds_left(), prompt.question)
         return PromptHandle(self, record)
+
+    def add_listener(self, listener: Callable[[str, dict[str, Any]], None]) -> None:
+        """Call `listener(kind, payload)` on every change: kind "asked" (payload: the PromptInfo as JSON,
+        without images) or "closed" (the PromptClosed notice as JSON). It runs in the thread that made
+        the change and must be quick; its exceptions are logged and ignored."""
+        self._listeners.append(listener)
+
+    def _notify(self, kind: str, payload: dict[str, Any]) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(kind, payload)
+            except Exception:
+                logger.exception("operator channel: listener %r failed on %s", listener, kind)
 
     def open_prompts(self) -> list[PromptInfo]:
         """The prompts open now (without images)."""
@@ -629,6 +644,7 @@ class OperatorChannel:
             self._trim_closed()
         logger.info("prompt %s %s", prompt_id, state)
         self._publish([_TOPIC_CLOSED, notice.model_dump_json().encode()])
+        self._notify("closed", notice.model_dump(mode="json"))
         return True
 
     def _expire_due(self) -> None:
@@ -790,6 +806,7 @@ class OperatorChannel:
             )
         logger.info("prompt %s answered by %s: %s", prompt_id, operator, option_ids)
         self._publish([_TOPIC_CLOSED, notice.model_dump_json().encode()])
+        self._notify("closed", notice.model_dump(mode="json"))
         return AnswerReply(prompt_id=prompt_id, option_ids=answer.option_ids, operator=operator, answered_utc=now)
 
     # -- set-up / tear-down ------------------------------------------------------------------------

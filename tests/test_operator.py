@@ -73,6 +73,9 @@ def channel() -> OperatorChannel:
 
 def test_prompt_answered_by_a_client(channel: OperatorChannel) -> None:
     images = {"heatmap": _png(1), "gallery": _png(2)}
+    seen: list[tuple[str, dict]] = []
+    channel.add_listener(lambda kind, payload: seen.append((kind, payload)))
+    channel.add_listener(lambda kind, payload: 1 / 0)  # a broken listener changes nothing
     handle = channel.ask(_prompt(images=images))
     assert handle.state == "open" and handle.answer is None
     assert channel.prompt_endpoint.startswith("tcp://127.0.0.1:")
@@ -93,6 +96,8 @@ def test_prompt_answered_by_a_client(channel: OperatorChannel) -> None:
         assert closed.state == "answered" and closed.answered_by == "alice"
         assert client.open_prompts() == []
     assert channel.stats["answered"] == 1
+    assert [kind for kind, _ in seen] == ["asked", "closed"]
+    assert seen[0][1]["image_names"] == ["heatmap", "gallery"] and seen[1][1]["answered_by"] == "alice"
 
 
 def test_two_clients_race_exactly_one_wins(channel: OperatorChannel) -> None:
