@@ -456,7 +456,7 @@ class PromptHandle:
 
     @property
     def state(self) -> PromptState:
-        """"open", "answered", "expired" (deadline passed unanswered) or "cancelled"."""
+        """The prompt's state: "open", "answered", "expired" (deadline passed unanswered) or "cancelled"."""
         self._channel._expire_due()
         return self._record.state
 
