@@ -20,6 +20,8 @@ from collections.abc import Sequence
 COMMAND_MODULES: tuple[str, ...] = (
     "agent.commands.operator",
     "agent.commands.bridge",
+    "agent.commands.nav",
+    "agent.commands.montage",
 )
 
 
