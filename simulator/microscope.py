@@ -64,9 +64,11 @@ DEFAULT_STAGE_LIMITS = StageLimits(x_min_um=-1200.0, x_max_um=1200.0, y_min_um=-
 INSTRUMENT_NAME = "simulated-tem"
 
 
-def _preset(
+def make_preset(
     name: str, pixel_size_um: float, binning: int, defocus_um: float, dose: float, blur_um: float, beam_um: float
 ) -> SimPreset:
+    """A `SimPreset`: pixel size (um/px), binning, defocus (um), vacuum dose (e/px/s), blur sigma (um),
+    diffraction beam diameter (um); magnification from the 14-um detector pixel, camera length 1000 mm."""
     magnification = round(DETECTOR_PIXEL_UM * binning / pixel_size_um, 1)
     optics = OpticsPreset(
         name=name,
@@ -83,10 +85,10 @@ def default_presets(camera_shape_px: tuple[int, int] = (2048, 2048)) -> tuple[Si
     """The default presets (see the module doc); `overview` fits a 3.3 mm field in the frame."""
     overview_um_px = max(1.6, 3300.0 / max(1, min(camera_shape_px)))
     return (
-        _preset("overview", overview_um_px, 1, 0.0, 16000.0, 1.0, 10.0),
-        _preset("atlas", 0.3, 1, -50.0, 12000.0, 0.1, 5.0),
-        _preset("search", 0.04, 1, -10.0, 4000.0, 0.012, 3.0),
-        _preset("exposure", 0.005, 2, -2.0, 1200.0, 0.002, 2.0),
+        make_preset("overview", overview_um_px, 1, 0.0, 16000.0, 1.0, 10.0),
+        make_preset("atlas", 0.3, 1, -50.0, 12000.0, 0.1, 5.0),
+        make_preset("search", 0.04, 1, -10.0, 4000.0, 0.012, 3.0),
+        make_preset("exposure", 0.005, 2, -2.0, 1200.0, 0.002, 2.0),
     )
 
 

@@ -726,8 +726,8 @@ def _place_crystals(spec: Specimen, params: _TypeParams, count: int, rng: np.ran
 
 
 def _sample_on_film(spec: Specimen, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    xs: list[np.ndarray] = []
-    ys: list[np.ndarray] = []
+    xs: list[np.ndarray] = [np.zeros(0)]
+    ys: list[np.ndarray] = [np.zeros(0)]
     have = 0
     for _ in range(50):
         if have >= n:

@@ -1,0 +1,122 @@
+"""Dataset tiles served as the specimen: frames are crops of the mosaic through the camera model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from scipy import ndimage
+
+from agent.cli import main
+from drivers.base import pixel_to_stage_um
+from drivers.formats.images import read_frame_tiff
+from simulator import create_simulated_microscope
+from simulator.imaging import OpticsErrors
+from simulator.microscope import make_preset
+from simulator.stage import StageModel
+from simulator.tiles import TileScene, TileSceneError
+
+PIXEL_UM = 0.3
+TILE_ROWS, TILE_COLS = 100, 120
+
+
+def _mosaic(dtype: type, seed: int = 0) -> np.ndarray:
+    """A 200 x 360 test mosaic with smooth structure and sharp features (no two pixels alike by chance)."""
+    rng = np.random.default_rng(seed)
+    smooth = ndimage.gaussian_filter(rng.normal(size=(2 * TILE_ROWS, 3 * TILE_COLS)), 6.0)
+    smooth = (smooth - smooth.min()) / np.ptp(smooth)
+    image = 0.3 + 0.6 * smooth
+    image[40:60, 200:230] *= 0.3  # a dark "crystal"
+    high = 255 if dtype == np.uint8 else 50000
+    return (image * high).astype(dtype)
+
+
+def _write_tiles(folder: Path, mosaic: np.ndarray) -> Path:
+    folder.mkdir()
+    for r in range(2):
+        for c in range(3):
+            tile = mosaic[r * TILE_ROWS : (r + 1) * TILE_ROWS, c * TILE_COLS : (c + 1) * TILE_COLS]
+            tifffile.imwrite(folder / f"Tile_{r + 1:03d}-{c + 1:03d}.tif", tile)
+    return folder
+
+
+def _exact_scope(folder: Path, **kwargs: object):
+    zero = {name: OpticsErrors() for name in ("overview", "atlas", "search", "exposure", "low")}
+    return create_simulated_microscope(
+        tiles=folder, pixel_size_um=PIXEL_UM, camera_shape_px=(64, 80), optics_errors=zero, camera_noise=False,
+        stage_model=StageModel(backlash_um=0.0, repeat_error_um=0.0), **kwargs,
+    )
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint8])
+def test_served_pixels_match_the_source(tmp_path: Path, dtype: type) -> None:
+    mosaic = _mosaic(dtype)
+    scope = _exact_scope(_write_tiles(tmp_path / "tiles", mosaic))
+    assert scope.ground_truth is None
+    assert scope.get_preset() == "atlas" and scope.info().preset("atlas").pixel_size_um == PIXEL_UM
+    # frame centre (39.5, 31.5) lands on mosaic (179.5 + 30, 99.5 - 20): the crop [48:112, 170:250]
+    scope.move_stage(x_um=30 * PIXEL_UM, y_um=-20 * PIXEL_UM)
+    frame = scope.acquire(0.5)
+    source = mosaic[48:112, 170:250].astype(np.float64)
+    served = frame.image.astype(np.float64)
+    slope, intercept = np.polyfit(source.ravel(), served.ravel(), 1)
+    assert slope > 0
+    assert np.abs(served - (slope * source + intercept)).max() <= 1.0  # identical up to 16-bit rounding
+    assert frame.metadata.extra["specimen"] == "tiles"
+
+
+def test_rotated_frame_matches_the_mosaic_through_a_true(tmp_path: Path) -> None:
+    mosaic = _mosaic(np.uint16, seed=1)
+    errors = {"atlas": OpticsErrors(rotation_deg=4.0, scale_error=-0.02)}  # no illumination fall-off
+    scope = create_simulated_microscope(tiles=_write_tiles(tmp_path / "tiles", mosaic), pixel_size_um=PIXEL_UM,
+                                        seed=5, camera_shape_px=(64, 80), camera_noise=False, optics_errors=errors)
+    scope.move_stage(x_um=-5.0, y_um=3.0)
+    frame = scope.acquire(0.5)
+    a_true = scope.true_image_to_stage_matrix("atlas")
+    assert not np.allclose(a_true, np.eye(2) * PIXEL_UM)
+    rows, cols = np.mgrid[0:64, 0:80]
+    xy = pixel_to_stage_um(np.stack([cols, rows], -1), (64, 80), scope.true_stage_xy_um(), a_true)
+    mosaic_col = xy[..., 0] / PIXEL_UM + (mosaic.shape[1] - 1) / 2
+    mosaic_row = xy[..., 1] / PIXEL_UM + (mosaic.shape[0] - 1) / 2
+    expected = ndimage.map_coordinates(mosaic.astype(np.float64), [mosaic_row, mosaic_col], order=1)
+    corr = np.corrcoef(expected.ravel(), frame.image.astype(np.float64).ravel())[0, 1]
+    assert corr > 0.995
+
+
+def test_outside_the_mosaic_is_dark_and_lower_mag_averages(tmp_path: Path) -> None:
+    mosaic = _mosaic(np.uint16)
+    low = make_preset("low", 5 * PIXEL_UM, 1, 0.0, 12000.0, 0.0, 5.0)
+    scope = _exact_scope(_write_tiles(tmp_path / "tiles", mosaic),
+                         presets=(make_preset("atlas", PIXEL_UM, 1, 0.0, 12000.0, 0.0, 5.0), low))
+    limits = scope.stage_limits()
+    assert limits.x_max_um == pytest.approx(360 * PIXEL_UM / 2) and limits.y_max_um == pytest.approx(30.0)
+    scope.move_stage(x_um=limits.x_max_um, y_um=0.0)  # half the frame beyond the right edge
+    image = scope.acquire(0.5).image.astype(np.float64)
+    assert np.median(image[:, -20:]) == pytest.approx(100.0, abs=1.0)  # camera offset only
+    assert np.median(image[:, :20]) > 1000.0
+    # 5 mosaic pixels per camera pixel, block-averaged: the whole mosaic, mean brightness kept
+    scope.set_preset("low")
+    scope.move_stage(x_um=0.0, y_um=0.0)
+    overview = scope.acquire(0.5).image.astype(np.float64)
+    assert overview.shape == (64, 80)
+    inside = overview[overview > 200]
+    assert 60 * 36 <= inside.size <= 74 * 42  # 360 x 200 mosaic px / 5
+    expected = 100 + 2.0 * 12000.0 * 0.5 * mosaic.astype(np.float64).mean() / scope.scene.white_level
+    assert inside.mean() == pytest.approx(expected, rel=0.03)
+
+
+def test_tile_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = _write_tiles(tmp_path / "tiles", _mosaic(np.uint16))
+    with pytest.raises(TileSceneError, match="pixel size"):
+        TileScene.open(folder)  # plain TIFF tiles carry no pixel size
+    with pytest.raises(TileSceneError, match="cannot serve tiles"):
+        TileScene.open(tmp_path / "missing")
+    out = tmp_path / "snap.tif"
+    assert main(["simulate", "snapshot", "--tiles", str(folder), "--camera-px", "64", "--out", str(out)]) == 2
+    assert "--pixel-size-um" in capsys.readouterr().err
+    assert main(["simulate", "snapshot", "--tiles", str(folder), "--pixel-size-um", "0.3", "--camera-px", "64",
+                 "--out", str(out)]) == 0
+    frame = read_frame_tiff(out)
+    assert frame.metadata.extra["specimen"] == "tiles" and frame.shape_px == (64, 64)
