@@ -18,14 +18,11 @@ from collections.abc import Sequence
 
 #: Command modules, in the order their commands appear in `--help`.
 COMMAND_MODULES: tuple[str, ...] = (
-    "agent.commands.screen",
     "agent.commands.simulate",
     "agent.commands.operator",
     "agent.commands.bridge",
-    "agent.commands.console",
     "agent.commands.nav",
     "agent.commands.montage",
-    "agent.commands.evaluate",
 )
 
 
