@@ -1,0 +1,431 @@
+"""One call from an image to clusters: `analyse(image, LocateSettings) -> ClusterAnalysis`.
+
+Steps:
+1. Bars and black areas (`bar_filter`): "auto" = the geometric mesh detector plus wide dark areas plus
+   flat annotation bands at the image edges (burned-in data bars); "mesh" = mesh detector only;
+   "two-step" = the 2018 study's two-step cell filter; "none". The result is a pixel mask (`bar_mask`).
+2. Clean-up (`agent.locate.preprocess.prepare_image`): hot/dead pixels and readout stripes removed
+   (`clean`), illumination flattened (`flatten`) so an uneven beam does not become a cluster, masked
+   pixels set to the film level. Features are computed on this float64 copy.
+3. Features per cell: grid cells (`grid_features`) or sliding windows (`window_features`).
+4. Cells mostly on the bar mask (grid: >= `masked_fraction` of their pixels; window: the centre pixel)
+   are labelled -1; the others are clustered (`cluster.fit_clusters`; k = `settings.k` or 3).
+5. Summaries per cluster, with `normalised_centroid` for label memory (below), and the default
+   crystal-cluster suggestion.
+
+Normalised centroids (for comparing clusters ACROSS images, as label memory does): the background is the
+largest cluster (id 0). For each feature f, ``(cluster mean of f - background median of f) /
+background robust spread of f`` (1.4826 * MAD over the background cells, floored at 1e-6 of the
+feature's scale), i.e. "how many background sigmas away". Features whose sign flips with the contrast
+polarity (mean, mode, skewness) enter as absolute values, so a crystal cluster in bright field and one in
+dark field get the same vector. Units are background sigmas; the background cluster itself is ~0.
+
+Default crystal rule (`SUGGESTION_RULE`): among clusters other than the background that cover at most
+half of the unmasked cells, those whose texture contrast (the Euclidean norm of the normalised std,
+range and grad_energy) is at least a third of the highest -- crystals have sharp edges and internal
+contrast, film is smooth and uniform, and crystal cells often split into a core and an edge cluster.
+Polarity-invariant; bars are masked before clustering, so a bar cluster cannot win. Ice balls and debris
+may be chosen too: the operator or label memory decides between object clusters.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from agent.locate.cluster import (
+    ClusterModel,
+    fit_clusters,
+    large_dark_mask,
+    mesh_mask,
+    suggest_k,
+    two_step_black_cells,
+)
+from agent.locate.errors import SettingsError
+from agent.locate.features import (
+    check_image,
+    check_window,
+    grid_edges_px,
+    grid_features,
+    window_centres_px,
+    window_features,
+)
+from agent.locate.preprocess import prepare_image
+
+logger = logging.getLogger(__name__)
+
+SUGGESTION_RULE = (
+    "clusters other than the background (largest) cluster that cover at most half of the unmasked cells and "
+    "whose texture contrast (norm of normalised std, range, grad_energy) is at least 1/3 of the highest; "
+    "bars and black areas masked beforehand"
+)
+_POLARITY_FEATURES = ("mean", "mode", "skewness")
+_TEXTURE_FEATURES = ("std", "range", "grad_energy")
+
+
+class LocateSettings(BaseModel):
+    """How to analyse an image (frozen; saved with results). Lengths in image pixels."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    mode: Literal["grid", "window"] = "grid"
+    grid_rows: int = Field(default=20, ge=1)
+    grid_cols: int = Field(default=20, ge=1)
+    window_px: int = Field(default=31, ge=3)
+    stride_px: int = Field(default=8, ge=1)
+    k: int | None = Field(default=None, ge=1, description="clusters; None = 3 (the study's default)")
+    suggest_k: bool = Field(default=False, description="also compute the silhouette suggestion for k")
+    method: Literal["kmeans", "agglomerative"] = "kmeans"
+    bar_filter: Literal["auto", "two-step", "mesh", "none"] = "auto"
+    flatten: bool = True
+    clean: bool = Field(default=True, description="remove hot/dead pixels and readout stripes first")
+    seed: int = 0
+    sample_size: int = Field(default=100_000, ge=100)
+    masked_fraction: float = Field(default=0.5, gt=0, le=1)
+    min_bar_width_px: float | None = Field(default=None, gt=0, description="None: 2 % of the shorter side, >= 8")
+    min_bar_distance_px: float = Field(default=8.0, ge=0)
+    min_spacing_px: float = Field(default=16.0, ge=0)
+    min_area_px: float = Field(default=0.0, ge=0)
+    max_candidates: int = Field(default=500, ge=1)
+    similarity_threshold: float = Field(default=0.9, ge=-1, le=1)
+
+    @model_validator(mode="after")
+    def _odd_window(self) -> LocateSettings:
+        if self.window_px % 2 == 0:
+            raise ValueError(f"window_px must be odd so that windows are centred on a pixel, got {self.window_px}")
+        return self
+
+    @property
+    def effective_k(self) -> int:
+        """k used for clustering: the user's k, else 3."""
+        return 3 if self.k is None else self.k
+
+
+@dataclass(frozen=True)
+class ClusterSummary:
+    """One cluster: size, mean features, normalised centroid (see module docstring), example cells.
+
+    `example_cells_px` are (row_px, col_px) centres of up to 8 cells nearest the cluster centre.
+    """
+
+    cluster_id: int
+    n_cells: int
+    fraction: float
+    mean_features: tuple[float, ...]
+    normalised_centroid: tuple[float, ...]
+    example_cells_px: tuple[tuple[int, int], ...]
+    texture_contrast: float = 0.0
+
+    def to_dict(self, feature_names: tuple[str, ...]) -> dict[str, object]:
+        """JSON-ready dict."""
+        return {
+            "cluster_id": self.cluster_id,
+            "n_cells": self.n_cells,
+            "fraction": self.fraction,
+            "mean_features": dict(zip(feature_names, self.mean_features, strict=True)),
+            "normalised_centroid": dict(zip(feature_names, self.normalised_centroid, strict=True)),
+            "texture_contrast": self.texture_contrast,
+            "example_cells_px": [list(cell) for cell in self.example_cells_px],
+        }
+
+
+@dataclass(frozen=True)
+class ClusterAnalysis:
+    """Everything `analyse` found. Cells are grid cells or window centres (`grid_shape` of them).
+
+    - `label_grid` (grid_shape) int32: cluster id per cell, -1 where masked as bar/black.
+    - `bar_mask` (image_shape) bool: True on bars / black areas / annotation bands.
+    - `cell_centres_px` (n_cells, 2) float64 as (col_px, row_px), row-major cell order.
+    - `score_grid` (grid_shape) float64: distance of each cell from the background cluster centre in
+      scaled PCA space (0 where masked); used to rank candidates.
+    - `row_index_px` / `col_index_px`: for every pixel row / column, the cell row / column that
+      covers it (`to_pixels` maps any cell grid to a pixel image).
+    """
+
+    image_shape: tuple[int, int]
+    settings: LocateSettings
+    feature_names: tuple[str, ...]
+    features: np.ndarray
+    grid_shape: tuple[int, int]
+    label_grid: np.ndarray
+    bar_mask: np.ndarray
+    cell_centres_px: np.ndarray
+    cell_area_px: np.ndarray
+    score_grid: np.ndarray
+    row_index_px: np.ndarray
+    col_index_px: np.ndarray
+    clusters: tuple[ClusterSummary, ...]
+    background_cluster: int
+    suggested_crystal_clusters: tuple[int, ...]
+    suggestion_rule: str
+    model: ClusterModel | None
+    suggested_k: int | None = None
+    k_scores: dict[int, float] = field(default_factory=dict)
+    bar_angle_deg: float | None = None
+
+    @property
+    def valid_cells(self) -> np.ndarray:
+        """Flat bool (n_cells,): True where the cell is not masked."""
+        return self.label_grid.ravel() >= 0
+
+    def to_pixels(self, cell_grid: np.ndarray) -> np.ndarray:
+        """Expand a (grid_shape) array to the image shape (each pixel takes its cell's value)."""
+        cell_grid = np.asarray(cell_grid)
+        if cell_grid.shape[:2] != self.grid_shape:
+            raise SettingsError(f"cell grid has shape {cell_grid.shape}, expected {self.grid_shape}")
+        return cell_grid[self.row_index_px][:, self.col_index_px]
+
+    def cell_of_pixel(self, row_px: float, col_px: float) -> tuple[int, int]:
+        """The (cell_row, cell_col) covering pixel (row_px, col_px) (clipped to the image)."""
+        r = int(np.clip(round(row_px), 0, self.image_shape[0] - 1))
+        c = int(np.clip(round(col_px), 0, self.image_shape[1] - 1))
+        return int(self.row_index_px[r]), int(self.col_index_px[c])
+
+    def cluster(self, cluster_id: int) -> ClusterSummary:
+        """The summary of `cluster_id`; `SettingsError` if there is no such cluster."""
+        for summary in self.clusters:
+            if summary.cluster_id == cluster_id:
+                return summary
+        known = ", ".join(str(c.cluster_id) for c in self.clusters)
+        raise SettingsError(f"no cluster {cluster_id}; this analysis has clusters {known}")
+
+    def normalised_centroids(self) -> np.ndarray:
+        """(k, F) matrix of the clusters' normalised centroids, in cluster-id order (for label memory)."""
+        return np.array([c.normalised_centroid for c in self.clusters], dtype=np.float64)
+
+
+# --------------------------------------------------------------------------------------------------
+# Masks
+# --------------------------------------------------------------------------------------------------
+
+
+def flat_band_mask(image: np.ndarray, min_flat_fraction: float = 0.5) -> np.ndarray:
+    """Annotation bands burned into an image edge: rows (columns) touching the top/bottom (left/right)
+    edge in which at least `min_flat_fraction` of the pixels share one exact value. Real camera data
+    has noise; burned-in data bars and text are flat."""
+    mask = np.zeros(image.shape, dtype=bool)
+
+    def flat_lines(lines: np.ndarray) -> np.ndarray:
+        ordered = np.sort(lines, axis=1)
+        same = ordered[:, 1:] == ordered[:, :-1]
+        # longest run of equal values per line
+        best = np.zeros(lines.shape[0], dtype=np.int64)
+        for i in np.flatnonzero(same.mean(axis=1) >= min_flat_fraction * 0.99):
+            changes = np.flatnonzero(np.diff(np.concatenate(([0], same[i].astype(np.int8), [0]))))
+            runs = changes[1::2] - changes[::2]
+            best[i] = runs.max() + 1 if len(runs) else 1
+        return best >= min_flat_fraction * lines.shape[1]
+
+    for axis in (0, 1):
+        lines = image if axis == 0 else image.T
+        n = lines.shape[0]
+        depth = max(1, n // 5)  # look at the outer fifth only
+        for edge_rows in (np.arange(depth), np.arange(n - 1, n - 1 - depth, -1)):
+            flags = flat_lines(lines[edge_rows])
+            if not flags[0] and not flags[1:3].any():
+                continue
+            stop = int(np.argmin(flags)) if not flags.all() else len(flags)
+            stop = max(stop, int(np.max(np.flatnonzero(flags[: max(stop + 3, 1)])) + 1))
+            chosen = edge_rows[:stop]
+            if axis == 0:
+                mask[chosen, :] = True
+            else:
+                mask[:, chosen] = True
+    return mask
+
+
+def bar_and_black_mask(image: np.ndarray, settings: LocateSettings) -> tuple[np.ndarray, float | None]:
+    """Pixel mask of bars/black areas/annotation bands for "auto" and "mesh" filters, plus the bar angle."""
+    min_width = settings.min_bar_width_px or max(8.0, 0.02 * min(image.shape))
+    flat = flat_band_mask(image)
+    mask = flat.copy() if settings.bar_filter == "auto" else np.zeros(image.shape, dtype=bool)
+    mesh = mesh_mask(image, min_width_px=min_width, ignore=flat)
+    mask |= mesh.mask
+    if settings.bar_filter == "auto":
+        mask |= large_dark_mask(image, min_width_px=min_width, ignore=flat)
+    return mask, mesh.angle_deg
+
+
+# --------------------------------------------------------------------------------------------------
+# analyse
+# --------------------------------------------------------------------------------------------------
+
+
+def _cell_layout(
+    image_shape: tuple[int, int], settings: LocateSettings
+) -> tuple[tuple[int, int], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """grid_shape, cell centres (col, row), cell areas (n,), pixel->cell row index, pixel->cell col index."""
+    rows, cols = image_shape
+    if settings.mode == "grid":
+        er, ec = grid_edges_px(rows, settings.grid_rows), grid_edges_px(cols, settings.grid_cols)
+        centre_r = (er[:-1] + er[1:] - 1) / 2.0
+        centre_c = (ec[:-1] + ec[1:] - 1) / 2.0
+        area = np.outer(np.diff(er), np.diff(ec)).astype(np.float64).ravel()
+        row_index = np.searchsorted(er, np.arange(rows), side="right") - 1
+        col_index = np.searchsorted(ec, np.arange(cols), side="right") - 1
+        grid_shape = (settings.grid_rows, settings.grid_cols)
+    else:
+        s = settings.stride_px
+        centre_r = window_centres_px(rows, s).astype(np.float64)
+        centre_c = window_centres_px(cols, s).astype(np.float64)
+        grid_shape = (len(centre_r), len(centre_c))
+        area = np.full(grid_shape[0] * grid_shape[1], float(s * s))
+        row_index = np.minimum(np.round(np.arange(rows) / s).astype(np.int64), grid_shape[0] - 1)
+        col_index = np.minimum(np.round(np.arange(cols) / s).astype(np.int64), grid_shape[1] - 1)
+    cc, rr = np.meshgrid(centre_c, centre_r)
+    centres = np.stack([cc.ravel(), rr.ravel()], axis=1)
+    return grid_shape, centres, area, row_index, col_index
+
+
+def _cell_mask_fraction(mask: np.ndarray, settings: LocateSettings, grid_shape: tuple[int, int]) -> np.ndarray:
+    """Flat (n_cells,) fraction of each cell's pixels on the mask (window mode: the centre pixel)."""
+    if settings.mode == "grid":
+        er = grid_edges_px(mask.shape[0], grid_shape[0])
+        ec = grid_edges_px(mask.shape[1], grid_shape[1])
+        sums = np.add.reduceat(np.add.reduceat(mask.astype(np.int64), er[:-1], axis=0), ec[:-1], axis=1)
+        return (sums / np.outer(np.diff(er), np.diff(ec))).ravel()
+    s = settings.stride_px
+    return mask[::s, ::s].astype(np.float64).ravel()
+
+
+def analyse(image: np.ndarray, settings: LocateSettings | None = None) -> ClusterAnalysis:
+    """Analyse a 2-D grayscale image (any dtype, either polarity); see the module docstring.
+
+    Raises `ImageInputError` for unusable images and `SettingsError` for settings that do not fit the
+    image (grid too fine, window larger than the image, k larger than the number of unmasked patches).
+    """
+    settings = settings or LocateSettings()
+    check_image(image)
+    shape = (int(image.shape[0]), int(image.shape[1]))
+    if settings.mode == "window":
+        check_window(shape, settings.window_px, settings.stride_px)
+    elif settings.grid_rows * 2 > shape[0] or settings.grid_cols * 2 > shape[1]:
+        raise SettingsError(
+            f"a {settings.grid_rows}x{settings.grid_cols} grid is too fine for a {shape[0]}x{shape[1]} image; "
+            "use fewer grid cells"
+        )
+    grid_shape, centres, area, row_index, col_index = _cell_layout(shape, settings)
+
+    # 1. bars and black areas
+    bar_angle = None
+    if settings.bar_filter in ("auto", "mesh"):
+        bar_mask, bar_angle = bar_and_black_mask(image, settings)
+    else:
+        bar_mask = np.zeros(shape, dtype=bool)
+
+    # 2. flattening, 3. features
+    data = prepare_image(image, bar_mask, flatten=settings.flatten, clean=settings.clean)
+    if settings.mode == "grid":
+        features, names = grid_features(data, settings.grid_rows, settings.grid_cols)
+    else:
+        window, _ = window_features(data, settings.window_px, settings.stride_px)
+        features, names = window.reshape(-1, window.shape[-1]), _
+    del data
+
+    if settings.bar_filter == "two-step":
+        black = two_step_black_cells(features, names, seed=settings.seed)
+        bar_mask = black.reshape(grid_shape)[row_index][:, col_index]
+
+    # 4. cluster the unmasked cells
+    masked_fraction = _cell_mask_fraction(bar_mask, settings, grid_shape)
+    valid = masked_fraction < settings.masked_fraction
+    n_valid = int(valid.sum())
+    k = settings.effective_k
+    if n_valid == 0:
+        raise SettingsError("every patch is masked as grid bar or black area; try --bar-filter none")
+    if k > n_valid:
+        raise SettingsError(
+            f"k={k} is larger than the number of unmasked patches ({n_valid}); use a smaller k or a finer grid"
+        )
+    suggested, k_scores = (None, {})
+    if settings.suggest_k:
+        suggested, k_scores = suggest_k(features[valid], seed=settings.seed)
+    model = fit_clusters(features[valid], k, settings.method, settings.seed, settings.sample_size)
+    labels = np.full(features.shape[0], -1, dtype=np.int32)
+    labels[valid] = model.predict(features[valid])
+    label_grid = labels.reshape(grid_shape)
+
+    # 5. summaries
+    background = int(np.argmax(np.bincount(labels[valid], minlength=k)))
+    scores = np.zeros(features.shape[0])
+    scores[valid] = model.distance_to(features[valid], background)
+    bg_rows = features[labels == background]
+    bg_median = np.median(bg_rows, axis=0)
+    bg_spread = 1.4826 * np.median(np.abs(bg_rows - bg_median), axis=0)
+    scale = np.maximum(np.abs(bg_median), np.std(features[valid], axis=0))
+    bg_spread = np.maximum(bg_spread, 1e-6 * np.where(scale > 0, scale, 1.0))
+    polarity_cols = [names.index(n) for n in _POLARITY_FEATURES]
+    texture_cols = [names.index(n) for n in _TEXTURE_FEATURES]
+    summaries = []
+    z_all = model.transform(features[valid])
+    valid_idx = np.flatnonzero(valid)
+    for cid in range(k):
+        members = labels == cid
+        n_cells = int(members.sum())
+        if n_cells:
+            mean_features = features[members].mean(axis=0)
+            normalised = (mean_features - bg_median) / bg_spread
+        else:
+            mean_features = np.full(len(names), np.nan)
+            normalised = np.zeros(len(names))
+        normalised[polarity_cols] = np.abs(normalised[polarity_cols])
+        in_valid = np.flatnonzero(labels[valid] == cid)
+        if len(in_valid):
+            dist = np.sum((z_all[in_valid] - model.centroids_pca[cid]) ** 2, axis=1)
+            nearest = valid_idx[in_valid[np.argsort(dist)[:8]]]
+            examples = tuple((round(centres[i, 1]), round(centres[i, 0])) for i in nearest)
+        else:
+            examples = ()
+        summaries.append(
+            ClusterSummary(
+                cluster_id=cid,
+                n_cells=n_cells,
+                fraction=n_cells / n_valid,
+                mean_features=tuple(float(v) for v in mean_features),
+                normalised_centroid=tuple(float(v) for v in normalised),
+                example_cells_px=examples,
+                texture_contrast=float(np.linalg.norm(normalised[texture_cols])),
+            )
+        )
+    candidates = [s for s in summaries if s.cluster_id != background and s.n_cells and s.fraction <= 0.5]
+    suggestion: tuple[int, ...] = ()
+    if candidates:
+        top = max(s.texture_contrast for s in candidates)
+        suggestion = tuple(
+            s.cluster_id for s in candidates if s.texture_contrast >= top / 3.0 and s.texture_contrast > 0
+        )
+    logger.info(
+        "analysed %s image: %d cells (%d masked), k=%d, background cluster %d, suggested crystal clusters %s",
+        shape,
+        features.shape[0],
+        features.shape[0] - n_valid,
+        k,
+        background,
+        suggestion,
+    )
+    return ClusterAnalysis(
+        image_shape=shape,
+        settings=settings,
+        feature_names=tuple(names),
+        features=features,
+        grid_shape=grid_shape,
+        label_grid=label_grid,
+        bar_mask=bar_mask,
+        cell_centres_px=centres,
+        cell_area_px=area,
+        score_grid=scores.reshape(grid_shape),
+        row_index_px=row_index,
+        col_index_px=col_index,
+        clusters=tuple(summaries),
+        background_cluster=background,
+        suggested_crystal_clusters=suggestion,
+        suggestion_rule=SUGGESTION_RULE,
+        model=model,
+        suggested_k=suggested,
+        k_scores=k_scores,
+        bar_angle_deg=bar_angle,
+    )

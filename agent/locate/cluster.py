@@ -1,0 +1,394 @@
+"""Clustering of patch features and the grid-bar / black-area filters.
+
+Clustering (`fit_clusters`, `ClusterModel.predict`): features -> StandardScaler -> PCA (components
+explaining 99 % of the variance, at least 2) -> k-means (default; seeded, fitted on a random sample of at
+most `sample_size` points, every point labelled) or agglomerative (Ward, on a sample of at most 4000
+points, every point then assigned to the nearest cluster centroid). Cluster ids are renumbered by
+decreasing size, so cluster 0 is the most common kind of patch.
+
+Choosing k (`suggest_k`): silhouette score on a seeded sample for k = 2..6; the k with the highest score
+is a *suggestion*. The 2018 study found silhouette unreliable for this data, so k=3 stays the default and a
+k set by the user always wins.
+
+Bars and black areas (grid bars block the beam in bright and in dark field, so they are dark in both):
+- `two_step_black_cells`: the study's two-step method on cells. First pass: k-means with k=3 on the
+  intensity features (mean, mode, min-like and range); the darkest cluster is "black" and a cluster
+  whose cells reach down to the black level is "partly black", provided the darkest cluster is clearly
+  separated from the brightest (see the function). The second pass (in `analysis`) clusters the rest.
+- `large_dark_mask`: pixels in a dark class (Otsu threshold on a block-averaged image, accepted only
+  when the two classes are well separated) that survive a morphological opening wider than crystals.
+- `mesh_mask`: the geometric detector. Projection profiles of the dark-pixel map along every direction
+  (0.5 degree steps, refined to 0.1) find straight dark bands (grid bars) as lines that are mostly dark
+  along their whole length; bars of the perpendicular direction are found the same way. Returns a pixel
+  mask of the bands and the detected angle; nothing when no band is found.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+from scipy import ndimage
+
+from agent.locate.errors import SettingsError
+
+logger = logging.getLogger(__name__)
+
+ClusterMethod = Literal["kmeans", "agglomerative"]
+
+#: Largest sample for agglomerative clustering (memory grows with the square of it).
+AGGLOMERATIVE_SAMPLE = 4000
+
+
+@dataclass(frozen=True)
+class ClusterModel:
+    """A fitted scaler + PCA + cluster centroids; labels any feature array of the same columns.
+
+    `centroids_pca` are in PCA space (after scaling); cluster ids are 0..k-1 by decreasing size on the
+    fitting sample.
+    """
+
+    scale_mean: np.ndarray
+    scale_std: np.ndarray
+    components: np.ndarray  # (n_components, F)
+    centroids_pca: np.ndarray  # (k, n_components)
+    method: str
+    seed: int
+
+    @property
+    def k(self) -> int:
+        """Number of clusters."""
+        return int(self.centroids_pca.shape[0])
+
+    def transform(self, features: np.ndarray) -> np.ndarray:
+        """Scaled, PCA-projected features (n, n_components) float64."""
+        projection = (self.components / self.scale_std[None, :]).T  # (F, n_components)
+        offset = (self.scale_mean / self.scale_std) @ self.components.T
+        return np.asarray(features, dtype=np.float64) @ projection - offset
+
+    def predict(self, features: np.ndarray, chunk: int = 1 << 20) -> np.ndarray:
+        """Nearest-centroid cluster id of every row of `features` (n, F), int32; chunked for large n."""
+        features = np.asarray(features)
+        labels = np.empty(features.shape[0], dtype=np.int32)
+        c_sq = np.sum(self.centroids_pca**2, axis=1)
+        for start in range(0, features.shape[0], chunk):
+            z = self.transform(features[start : start + chunk])
+            # argmin ||z - c||^2 = argmin (||c||^2 - 2 z.c)
+            labels[start : start + chunk] = np.argmin(c_sq[None, :] - 2.0 * (z @ self.centroids_pca.T), axis=1)
+        return labels
+
+    def distance_to(self, features: np.ndarray, cluster_id: int) -> np.ndarray:
+        """Euclidean distance in scaled PCA space from each row of `features` to a cluster centroid."""
+        z = self.transform(features)
+        return np.sqrt(np.sum((z - self.centroids_pca[cluster_id][None, :]) ** 2, axis=1))
+
+
+def _sample_rows(n: int, size: int, seed: int) -> np.ndarray:
+    if n <= size:
+        return np.arange(n)
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n, size=size, replace=False))
+
+
+def fit_clusters(
+    features: np.ndarray,
+    k: int,
+    method: ClusterMethod = "kmeans",
+    seed: int = 0,
+    sample_size: int = 100_000,
+) -> ClusterModel:
+    """Fit scaler + PCA + `method` with `k` clusters on (a seeded sample of) `features` (n, F).
+
+    Raises `SettingsError` if k < 1, k exceeds the number of distinct feature rows, or the method is
+    unknown.
+    """
+    from sklearn.cluster import AgglomerativeClustering, KMeans
+    from sklearn.decomposition import PCA
+    from sklearn.preprocessing import StandardScaler
+
+    features = np.asarray(features)
+    if features.ndim != 2 or features.shape[0] == 0:
+        raise SettingsError(f"features must be a non-empty (n, F) array, got shape {features.shape}")
+    n = features.shape[0]
+    if isinstance(k, bool) or int(k) != k or k < 1:
+        raise SettingsError(f"k must be a positive integer, got {k!r}")
+    k = int(k)
+    if k > n:
+        raise SettingsError(f"k={k} is larger than the number of patches ({n}); use a smaller k or a finer grid")
+    if method not in ("kmeans", "agglomerative"):
+        raise SettingsError(f"unknown clustering method {method!r}; use 'kmeans' or 'agglomerative'")
+    limit = AGGLOMERATIVE_SAMPLE if method == "agglomerative" else sample_size
+    sample = np.asarray(features[_sample_rows(n, limit, seed)], dtype=np.float64)
+    n_distinct = len(np.unique(np.round(sample, 12), axis=0))
+    if k > n_distinct:
+        raise SettingsError(
+            f"k={k} but the patches have only {n_distinct} distinct feature vectors; use k <= {n_distinct}"
+        )
+    scaler = StandardScaler().fit(sample)
+    std = np.where(scaler.scale_ > 0, scaler.scale_, 1.0)
+    scaled = (sample - scaler.mean_) / std
+    n_features = scaled.shape[1]
+    pca = PCA(n_components=min(n_features, scaled.shape[0]), random_state=seed).fit(scaled)
+    cumulative = np.cumsum(pca.explained_variance_ratio_)
+    n_comp = int(np.searchsorted(cumulative, 0.99) + 1) if np.all(np.isfinite(cumulative)) else n_features
+    n_comp = max(min(2, pca.components_.shape[0]), min(n_comp, pca.components_.shape[0]))
+    components = pca.components_[:n_comp]
+    z = (scaled - pca.mean_) @ components.T
+    # fold the PCA mean into the scaler mean so that transform() is one affine map
+    scale_mean = scaler.mean_ + pca.mean_ * std
+    if method == "kmeans":
+        model = KMeans(n_clusters=k, n_init=3, random_state=seed, max_iter=100).fit(z)
+        centroids = model.cluster_centers_
+        labels = model.labels_
+    else:
+        labels = AgglomerativeClustering(n_clusters=k, linkage="ward").fit_predict(z)
+        centroids = np.stack([z[labels == c].mean(axis=0) for c in range(k)])
+    sizes = np.bincount(labels, minlength=k)
+    order = np.argsort(-sizes, kind="stable")
+    return ClusterModel(
+        scale_mean=scale_mean,
+        scale_std=std,
+        components=components,
+        centroids_pca=centroids[order],
+        method=method,
+        seed=seed,
+    )
+
+
+def suggest_k(
+    features: np.ndarray, k_values: Sequence[int] = (2, 3, 4, 5, 6), seed: int = 0, sample_size: int = 3000
+) -> tuple[int, dict[int, float]]:
+    """Suggest k by the silhouette score (higher is better) on a seeded sample; returns (best k, scores).
+
+    Only a suggestion (see module docstring); k values above the number of samples are skipped.
+    """
+    from sklearn.metrics import silhouette_score
+
+    features = np.asarray(features)
+    sample = np.asarray(features[_sample_rows(features.shape[0], sample_size, seed)], dtype=np.float64)
+    scores: dict[int, float] = {}
+    for k in k_values:
+        if k < 2 or k >= sample.shape[0]:
+            continue
+        try:
+            model = fit_clusters(sample, k, seed=seed)
+        except SettingsError:
+            continue
+        labels = model.predict(sample)
+        if len(np.unique(labels)) < 2:
+            continue
+        scores[int(k)] = float(silhouette_score(model.transform(sample), labels, random_state=seed))
+    if not scores:
+        return 3, scores
+    return max(scores, key=lambda key: scores[key]), scores
+
+
+# --------------------------------------------------------------------------------------------------
+# Bars and black areas
+# --------------------------------------------------------------------------------------------------
+
+
+def two_step_black_cells(features: np.ndarray, feature_names: Sequence[str], seed: int = 0) -> np.ndarray:
+    """First step of the study's two-step filter: True for black and partly black cells.
+
+    k-means (k=3) on scaled (mean, mode, mean - 2 std, range). The darkest cluster counts as black only
+    if its mean lies below the brightest cluster's by more than half of the brightest cluster's mean
+    above the image minimum (a black area removes most of the signal, in bright and dark field alike)
+    and by more than 5 of the brightest cluster's within-cell std; then a cluster whose cells reach down
+    to the black cluster's level (mean - 2 std below the midpoint between black and bright) counts as
+    partly black. Returns an all-False mask when no cluster qualifies.
+    """
+    from sklearn.cluster import KMeans
+
+    names = list(feature_names)
+    mean = features[:, names.index("mean")]
+    std = features[:, names.index("std")]
+    n = features.shape[0]
+    if n < 6:
+        return np.zeros(n, dtype=bool)
+    columns = np.stack([mean, features[:, names.index("mode")], mean - 2 * std, features[:, names.index("range")]], 1)
+    spread = columns.std(axis=0)
+    if not np.all(spread > 0):
+        spread = np.where(spread > 0, spread, 1.0)
+    scaled = (columns - columns.mean(axis=0)) / spread
+    sample = _sample_rows(n, 50_000, seed)
+    model = KMeans(n_clusters=3, n_init=3, random_state=seed).fit(scaled[sample])
+    labels = model.predict(scaled)
+    cluster_mean = np.array([mean[labels == c].mean() if np.any(labels == c) else np.nan for c in range(3)])
+    cluster_std = np.array([np.median(std[labels == c]) if np.any(labels == c) else np.nan for c in range(3)])
+    dark, bright = int(np.nanargmin(cluster_mean)), int(np.nanargmax(cluster_mean))
+    floor = float(mean.min())
+    gap = cluster_mean[bright] - cluster_mean[dark]
+    if not (gap > 0.5 * (cluster_mean[bright] - floor) and gap > 5 * cluster_std[bright]):
+        return np.zeros(n, dtype=bool)
+    black = labels == dark
+    middle = 3 - dark - bright
+    midpoint = 0.5 * (cluster_mean[dark] + cluster_mean[bright])
+    in_middle = labels == middle
+    if np.any(in_middle) and np.median((mean - 2 * std)[in_middle]) < midpoint:
+        black |= in_middle
+    return black
+
+
+def _block_mean(image: np.ndarray, max_side_px: int) -> tuple[np.ndarray, int]:
+    """Block-averaged float64 copy of `image` with sides <= max_side_px, and the block size."""
+    factor = max(1, int(np.ceil(max(image.shape) / max_side_px)))
+    rows, cols = image.shape[0] // factor * factor, image.shape[1] // factor * factor
+    if rows == 0 or cols == 0:
+        return image.astype(np.float64), 1
+    small = image[:rows, :cols].reshape(rows // factor, factor, cols // factor, factor).mean(axis=(1, 3))
+    return small, factor
+
+
+def _upsample_mask(small: np.ndarray, factor: int, shape: tuple[int, int]) -> np.ndarray:
+    rows = np.minimum(np.arange(shape[0]) // factor, small.shape[0] - 1)
+    cols = np.minimum(np.arange(shape[1]) // factor, small.shape[1] - 1)
+    return small[rows][:, cols]
+
+
+def dark_class(small: np.ndarray, ignore: np.ndarray | None = None) -> np.ndarray | None:
+    """Dark pixels of a block-averaged image by Otsu's threshold, or None when there is no clear dark class.
+
+    Values are clipped to their 0.5-99.5 percentiles first (hot pixels, burned-in text); `ignore` marks
+    pixels left out (annotation bands). Accepted when the dark class covers 1-95 % of the image and the
+    class means are more than 4 pooled within-class standard deviations apart, so a film with a few dark
+    crystals has no dark class.
+    """
+    from skimage.filters import threshold_otsu
+
+    considered = small if ignore is None else small[~ignore]
+    if considered.size < 16:
+        return None
+    low, high = np.percentile(considered, [0.5, 99.5])  # hot pixels and burned-in text must not set the split
+    values = np.clip(considered.ravel(), low, high)
+    if high <= low:
+        return None
+    threshold = threshold_otsu(values)
+    dark = values <= threshold
+    fraction = dark.mean()
+    if fraction < 0.01 or fraction > 0.95:
+        return None
+    mu_d, mu_b = values[dark].mean(), values[~dark].mean()
+    pooled = np.sqrt(0.5 * (values[dark].var() + values[~dark].var())) + 1e-12
+    if (mu_b - mu_d) < 4 * pooled:
+        return None
+    dark_pixels = small <= threshold
+    if ignore is not None:
+        dark_pixels &= ~ignore
+    return dark_pixels
+
+
+def _ignore_blocks(ignore: np.ndarray | None, factor: int, shape: tuple[int, int]) -> np.ndarray | None:
+    if ignore is None:
+        return None
+    rows, cols = shape[0] * factor, shape[1] * factor
+    return ignore[:rows, :cols].reshape(shape[0], factor, shape[1], factor).any(axis=(1, 3))
+
+
+def large_dark_mask(
+    image: np.ndarray, min_width_px: float, max_side_px: int = 1024, ignore: np.ndarray | None = None
+) -> np.ndarray:
+    """Pixel mask of dark areas at least `min_width_px` wide (bars, black corners, broken film edges).
+
+    Dark class from `dark_class` on a block-averaged copy; an opening with a disk of diameter
+    `min_width_px` keeps only wide structures (not crystals, not small ice balls).
+    """
+    small, factor = _block_mean(image, max_side_px)
+    dark = dark_class(small, _ignore_blocks(ignore, factor, small.shape))
+    if dark is None:
+        return np.zeros(image.shape, dtype=bool)
+    radius = max(1, round(min_width_px / factor / 2))
+    yy, xx = np.mgrid[-radius : radius + 1, -radius : radius + 1]
+    disk = xx**2 + yy**2 <= radius**2
+    opened = ndimage.binary_opening(dark, structure=disk)
+    return _upsample_mask(opened, factor, image.shape)
+
+
+@dataclass(frozen=True)
+class MeshDetection:
+    """Result of `mesh_mask`: the pixel mask, the bar direction (deg, from the column axis) and bar count."""
+
+    mask: np.ndarray
+    angle_deg: float | None
+    n_bars: int
+
+
+def _line_profiles(dark: np.ndarray, angle_deg: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Dark fraction and length of lines u = col*cos + row*sin = const (1 px bins); and u per pixel."""
+    rows, cols = dark.shape
+    theta = np.deg2rad(angle_deg)
+    rr, cc = np.mgrid[0:rows, 0:cols]
+    u = cc * np.cos(theta) + rr * np.sin(theta)
+    u_bin = np.floor(u - u.min()).astype(np.int64)
+    length = np.bincount(u_bin.ravel())
+    dark_count = np.bincount(u_bin.ravel(), weights=dark.ravel().astype(np.float64), minlength=len(length))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        fraction = np.where(length > 0, dark_count / np.maximum(length, 1), 0.0)
+    return fraction, length, u_bin
+
+
+def _mesh_angle_fft(dark: np.ndarray, step_deg: float = 0.5) -> float:
+    """Direction (deg in [-45, 45)) of the strongest pair of perpendicular lines in the power spectrum
+    of the dark map: a periodic mesh puts its energy along two perpendicular lines through the origin."""
+    rows, cols = dark.shape
+    taper = np.outer(np.hanning(rows), np.hanning(cols))
+    spectrum = np.abs(np.fft.fftshift(np.fft.fft2((dark - dark.mean()) * taper)))
+    centre = np.array([rows // 2, cols // 2], dtype=np.float64)
+    radii = np.arange(2.0, min(rows, cols) / 2.0 - 1.0)
+    angles = np.arange(-45.0, 45.0, step_deg)
+    total = np.zeros(len(angles))
+    for extra in (0.0, 90.0):
+        theta = np.deg2rad(angles + extra)[:, None]
+        r_coord = centre[0] + radii[None, :] * np.sin(theta)
+        c_coord = centre[1] + radii[None, :] * np.cos(theta)
+        samples = ndimage.map_coordinates(spectrum, [r_coord.ravel(), c_coord.ravel()], order=1, mode="nearest")
+        total += samples.reshape(len(angles), len(radii)).sum(axis=1)
+    return float(angles[int(np.argmax(total))])
+
+
+def mesh_mask(
+    image: np.ndarray, min_width_px: float = 4.0, max_side_px: int = 384, ignore: np.ndarray | None = None
+) -> MeshDetection:
+    """Detect straight dark bands (the grid-bar mesh) from projection profiles; see module docstring.
+
+    A band is a run of lines (>= `min_width_px` wide in image pixels) whose dark fraction exceeds 0.75
+    and whose length is at least a third of the image's shorter side. Both the best direction and its
+    perpendicular are searched.
+    """
+    small, factor = _block_mean(image, max_side_px)
+    dark = dark_class(small, _ignore_blocks(ignore, factor, small.shape))
+    empty = MeshDetection(np.zeros(image.shape, dtype=bool), None, 0)
+    if dark is None:
+        return empty
+    min_len = min(small.shape) / 3.0
+
+    def score(angle: float) -> float:
+        fraction, length, _ = _line_profiles(dark, angle)
+        valid = length >= min_len
+        return float(np.sum(fraction[valid] > 0.75)) + float(np.var(fraction[valid])) if np.any(valid) else 0.0
+
+    coarse = _mesh_angle_fft(dark)
+    fine = np.arange(coarse - 1.0, coarse + 1.01, 0.25)
+    best = float(fine[int(np.argmax([score(a) + score(a + 90.0) for a in fine]))])
+    band_small = np.zeros(small.shape, dtype=bool)
+    n_bars = 0
+    min_run = max(1, round(min_width_px / factor))
+    for angle in (best, best + 90.0):
+        fraction, length, u_bin = _line_profiles(dark, angle)
+        barline = (fraction > 0.75) & (length >= min_len)
+        runs, n_runs = ndimage.label(barline)
+        for run in range(1, n_runs + 1):
+            members = np.flatnonzero(runs == run)
+            if len(members) < min_run:
+                barline[members] = False
+            else:
+                n_bars += 1
+        band_small |= barline[u_bin] & ndimage.binary_dilation(dark, iterations=1)
+    if n_bars == 0:
+        return empty
+    # the band is the dark part of the bar lines, closed across small gaps
+    band_small = ndimage.binary_closing(band_small, iterations=1) | band_small
+    return MeshDetection(_upsample_mask(band_small, factor, image.shape), best, n_bars)

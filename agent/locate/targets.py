@@ -1,0 +1,174 @@
+"""From clusters (or a similarity map) to ranked, de-duplicated candidate targets.
+
+`find_candidates`: cells of the chosen crystal clusters (or cells whose similarity reaches
+`settings.similarity_threshold`) -> 8-connected regions on the cell grid -> one candidate per region at
+its area-weighted centroid (moved to the region's nearest cell when the centroid falls outside it, e.g.
+for a curved fibre) -> drop regions smaller than `min_area_px` and candidates closer than
+`min_bar_distance_px` to the bar mask -> rank by score (the region's highest cell score: distance from
+the background cluster, or similarity) -> greedy de-duplication: a candidate closer than
+`min_spacing_px` to a better one is dropped -> at most `max_candidates`.
+
+`candidates_to_stage` adds stage coordinates with `drivers.base.pixel_to_stage_um`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from agent.locate.analysis import ClusterAnalysis, LocateSettings
+from agent.locate.errors import SettingsError
+from drivers.base import pixel_to_stage_um
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A candidate target: centre in pixels (row, col), area in pixels, score (higher is better),
+    the cluster it came from (-1 for similarity candidates), and stage position (um) when known."""
+
+    row_px: float
+    col_px: float
+    area_px: float
+    score: float
+    cluster_id: int
+    x_um: float | None = None
+    y_um: float | None = None
+
+    def to_dict(self) -> dict[str, float | int | None]:
+        """JSON-ready dict."""
+        return dataclasses.asdict(self)
+
+
+def bar_distance_px(bar_mask: np.ndarray, points_rc: np.ndarray, max_side_px: int = 1024) -> np.ndarray:
+    """Distance (px) from each (row, col) point to the nearest True pixel of `bar_mask` (inf if none).
+
+    Computed on a block-reduced mask (a block counts as bar if any pixel is) for speed, so the result is
+    accurate to about one block (the mask's longer side / `max_side_px`).
+    """
+    points_rc = np.asarray(points_rc, dtype=np.float64).reshape(-1, 2)
+    if not bar_mask.any():
+        return np.full(points_rc.shape[0], np.inf)
+    factor = max(1, int(np.ceil(max(bar_mask.shape) / max_side_px)))
+    if factor > 1:
+        rows = -(-bar_mask.shape[0] // factor) * factor
+        cols = -(-bar_mask.shape[1] // factor) * factor
+        padded = np.zeros((rows, cols), dtype=bool)
+        padded[: bar_mask.shape[0], : bar_mask.shape[1]] = bar_mask
+        small = padded.reshape(rows // factor, factor, cols // factor, factor).any(axis=(1, 3))
+    else:
+        small = bar_mask
+    distance = ndimage.distance_transform_edt(~small) * factor
+    r = np.clip((points_rc[:, 0] // factor).astype(np.int64), 0, small.shape[0] - 1)
+    c = np.clip((points_rc[:, 1] // factor).astype(np.int64), 0, small.shape[1] - 1)
+    return np.maximum(distance[r, c] - (factor - 1) * 0.5, 0.0)
+
+
+def find_candidates(
+    analysis: ClusterAnalysis,
+    crystal_clusters: Sequence[int],
+    settings: LocateSettings | None = None,
+    score_map: np.ndarray | None = None,
+) -> list[Candidate]:
+    """Ranked candidates from `crystal_clusters` of `analysis`, or from `score_map` (a similarity map of
+    the cell grid, thresholded at `settings.similarity_threshold`) when given; see module docstring.
+
+    Raises `SettingsError` for unknown cluster ids or a score map of the wrong shape.
+    """
+    settings = settings or analysis.settings
+    known = {c.cluster_id for c in analysis.clusters}
+    if score_map is None:
+        unknown = [c for c in crystal_clusters if int(c) not in known]
+        if unknown:
+            raise SettingsError(f"unknown cluster ids {unknown}; this analysis has clusters {sorted(known)}")
+        if not crystal_clusters:
+            return []
+        selected = np.isin(analysis.label_grid, np.asarray(list(crystal_clusters), dtype=np.int32))
+        scores = analysis.score_grid
+        cluster_of_cell = analysis.label_grid
+    else:
+        score_map = np.asarray(score_map, dtype=np.float64)
+        if score_map.shape != analysis.grid_shape:
+            raise SettingsError(f"score map has shape {score_map.shape}, expected the cell grid {analysis.grid_shape}")
+        finite = np.isfinite(score_map)
+        selected = finite & (np.where(finite, score_map, -np.inf) >= settings.similarity_threshold)
+        selected &= analysis.label_grid >= 0
+        scores = np.where(finite, score_map, 0.0)
+        cluster_of_cell = np.full(analysis.grid_shape, -1, dtype=np.int32)
+    if not selected.any():
+        return []
+    regions, n_regions = ndimage.label(selected, structure=np.ones((3, 3), dtype=bool))
+    index = np.arange(1, n_regions + 1)
+    flat_regions = regions.ravel()
+    in_region = flat_regions > 0
+    area_cells = analysis.cell_area_px
+    weights = np.bincount(flat_regions[in_region], weights=area_cells[in_region], minlength=n_regions + 1)[1:]
+    centres = analysis.cell_centres_px  # (col, row)
+    col_sum = np.bincount(
+        flat_regions[in_region], weights=(centres[:, 0] * area_cells)[in_region], minlength=n_regions + 1
+    )
+    row_sum = np.bincount(
+        flat_regions[in_region], weights=(centres[:, 1] * area_cells)[in_region], minlength=n_regions + 1
+    )
+    centroid_col = col_sum[1:] / weights
+    centroid_row = row_sum[1:] / weights
+    best = ndimage.maximum(scores, regions, index)
+    best = np.atleast_1d(np.asarray(best, dtype=np.float64))
+    # nearest member cell when the centroid falls outside its region
+    rows_out, cols_out = [], []
+    for label_id, (r, c) in enumerate(zip(centroid_row, centroid_col, strict=True), start=1):
+        cell_r, cell_c = analysis.cell_of_pixel(r, c)
+        if regions[cell_r, cell_c] != label_id:
+            members = np.flatnonzero(flat_regions == label_id)
+            d2 = (centres[members, 0] - c) ** 2 + (centres[members, 1] - r) ** 2
+            nearest = members[int(np.argmin(d2))]
+            c, r = centres[nearest]
+        rows_out.append(float(r))
+        cols_out.append(float(c))
+    rows_arr, cols_arr = np.array(rows_out), np.array(cols_out)
+    keep = weights >= settings.min_area_px
+    if settings.min_bar_distance_px > 0:
+        keep &= bar_distance_px(analysis.bar_mask, np.stack([rows_arr, cols_arr], 1)) >= settings.min_bar_distance_px
+    dominant = ndimage.median(cluster_of_cell, regions, index) if score_map is None else np.full(n_regions, -1)
+    dominant = np.atleast_1d(np.asarray(dominant))
+    order = [i for i in np.argsort(-best, kind="stable") if keep[i]]
+    chosen: list[Candidate] = []
+    min_d2 = settings.min_spacing_px**2
+    for i in order:
+        if any((rows_arr[i] - c.row_px) ** 2 + (cols_arr[i] - c.col_px) ** 2 < min_d2 for c in chosen):
+            continue
+        chosen.append(
+            Candidate(
+                row_px=float(rows_arr[i]),
+                col_px=float(cols_arr[i]),
+                area_px=float(weights[i]),
+                score=float(best[i]),
+                cluster_id=int(dominant[i]),
+            )
+        )
+        if len(chosen) >= settings.max_candidates:
+            break
+    return chosen
+
+
+def candidates_to_stage(
+    candidates: Sequence[Candidate],
+    image_shape: tuple[int, ...],
+    stage_xy_um: tuple[float, float],
+    matrix_um_per_px: np.ndarray,
+) -> list[Candidate]:
+    """Copies of `candidates` with `x_um`, `y_um` from `drivers.base.pixel_to_stage_um` (frame taken at
+    `stage_xy_um` with the image->stage matrix `matrix_um_per_px`, 2x2 um per pixel)."""
+    if not candidates:
+        return []
+    matrix = np.asarray(matrix_um_per_px, dtype=np.float64)
+    if matrix.shape != (2, 2) or not np.all(np.isfinite(matrix)) or abs(np.linalg.det(matrix)) == 0:
+        raise SettingsError(f"matrix_um_per_px must be an invertible finite 2x2 matrix, got {matrix.tolist()}")
+    pixels = np.array([[c.col_px, c.row_px] for c in candidates], dtype=np.float64)
+    stage = pixel_to_stage_um(pixels, image_shape, stage_xy_um, matrix)
+    return [
+        dataclasses.replace(c, x_um=float(xy[0]), y_um=float(xy[1])) for c, xy in zip(candidates, stage, strict=True)
+    ]
