@@ -1,0 +1,213 @@
+"""`crystal-locator evaluate` (accuracy against ground truth) and `crystal-locator report SESSION_DIR`.
+
+    crystal-locator evaluate [--quick] [--json FILE] [--html FILE] [--seeds N] [--specimens TYPE ...]
+    crystal-locator evaluate --images DIR_OR_FILES ... --truth crystals.csv [--pixel-size-um X]
+    crystal-locator report SESSION_DIR [--out FILE]
+
+`evaluate` runs the clustering locator (grid and window modes, several k, the default crystal-cluster
+rule, no operator) and two baselines (threshold + connected components, LoG blobs) on the same images,
+scores every detection against ground truth and prints one row per specimen x preset x method x mode.
+Simulated images come from `simulator` (this module wires it in; nothing else in `agent` imports it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from agent.cli import CommandError
+
+logger = logging.getLogger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add the `evaluate` and `report` commands."""
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="score the locator and two baselines against ground truth (simulated or your labelled images)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--quick", action="store_true", help="about a minute: 2 seeds, atlas only, k=3, 1024 px")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="write rows, target checks and config as JSON")
+    parser.add_argument("--html", type=Path, metavar="FILE", help="write a self-contained HTML report")
+    parser.add_argument("--seeds", type=int, help="seeds per specimen type (default 3; quick 2)")
+    parser.add_argument("--specimens", nargs="+", metavar="TYPE", help="specimen types (default: all)")
+    parser.add_argument("--presets", nargs="+", metavar="PRESET", help="presets to image (default atlas search)")
+    parser.add_argument("--frames", type=int, help="frames per seed and preset (default 2; quick 1)")
+    parser.add_argument("--camera-px", type=int, help="simulated camera size, pixels (default 1024)")
+    parser.add_argument("--modes", nargs="+", choices=("grid", "window"), help="locator modes (default both)")
+    parser.add_argument("--k", nargs="+", type=int, dest="ks", metavar="K", help="cluster counts (default 2 3 4)")
+    parser.add_argument("--no-baselines", action="store_true", help="do not run the two baseline detectors")
+    parser.add_argument("--no-locator", action="store_true", help="run only the baselines")
+    parser.add_argument("--tolerance-um", type=float, help="matching tolerance, um (default 2)")
+    parser.add_argument("--images", nargs="+", type=Path, metavar="PATH", help="your own images (files or folders)")
+    parser.add_argument("--truth", type=Path, metavar="CSV", help="labels: image,row_px,col_px[,radius_px]")
+    parser.add_argument("--pixel-size-um", type=float, help="pixel size of --images when the files do not say")
+    parser.set_defaults(handler=run_evaluate)
+
+    report = subparsers.add_parser(
+        "report", help="(re)write the HTML report of a screening session folder",
+        description="Write SESSION_DIR/report.html: atlas with heat map and targets, per-target images, tables, "
+        "timings. Self-contained: open it in any browser, offline.",
+    )
+    report.add_argument("session_dir", type=Path, metavar="SESSION_DIR")
+    report.add_argument("--out", type=Path, metavar="FILE", help="write here instead of SESSION_DIR/report.html")
+    report.set_defaults(handler=run_report)
+
+
+def _config_from_args(args: argparse.Namespace) -> Any:
+    from agent.evaluation.runner import EvaluationConfig
+
+    overrides: dict[str, Any] = {}
+    for name, key in (("seeds", "seeds"), ("frames", "frames_per_seed"), ("camera_px", "camera_px"),
+                      ("tolerance_um", "tolerance_um")):
+        value = getattr(args, name)
+        if value is not None:
+            overrides[key] = value
+    for name in ("specimens", "presets", "modes", "ks"):
+        value = getattr(args, name)
+        if value:
+            overrides[name] = tuple(value)
+    if args.no_baselines:
+        overrides["baselines"] = False
+    if args.no_locator:
+        overrides["modes"] = ()
+    if overrides.get("ks") and "default_k" not in overrides and 3 not in overrides["ks"]:
+        overrides["default_k"] = overrides["ks"][0]
+    try:
+        return EvaluationConfig.quick(**overrides) if args.quick else EvaluationConfig(**overrides)
+    except ValueError as exc:
+        raise CommandError(f"invalid evaluation options: {exc}") from exc
+
+
+def _simulated_images(config: Any) -> Any:
+    """Yield labelled frames from a simulated microscope per specimen type and seed."""
+    from agent.evaluation.runner import simulated_images
+    from simulator import SPECIMEN_TYPES, create_simulated_microscope
+
+    unknown = [s for s in config.specimens if s not in SPECIMEN_TYPES]
+    if unknown:
+        raise CommandError(f"unknown specimen type(s) {unknown}; choose from {', '.join(SPECIMEN_TYPES)}")
+    for specimen in config.specimens:
+        for seed in range(config.seeds):
+            microscope = create_simulated_microscope(
+                specimen_type=specimen, seed=seed, camera_shape_px=(config.camera_px, config.camera_px)
+            )
+            truth = microscope.ground_truth
+            yield from simulated_images(
+                microscope, truth, specimen=specimen, seed=seed, config=config,
+                square_centres_um=truth.square_centres_um(),
+                true_matrix=microscope.true_image_to_stage_matrix,
+                true_stage_xy_um=microscope.true_stage_xy_um,
+            )
+
+
+def print_rows(rows: list[dict[str, Any]], targets: list[dict[str, Any]], title: str) -> None:
+    """Print the result rows and the target checks as rich tables."""
+    from rich.console import Console
+    from rich.table import Table
+
+    def f(value: Any, digits: int = 3) -> str:
+        return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+    console = Console()
+    table = Table(title=title)
+    for column in ("specimen", "preset", "method", "mode", "precision", "recall", "recall_diffr", "loc_err_um",
+                   "bar_iou", "crystals", "detections", "s/image"):
+        table.add_column(column, justify="left" if column in ("specimen", "preset", "method", "mode") else "right")
+    for r in rows:
+        table.add_row(r["specimen"], r["preset"], r["method"], r["mode"], f(r["precision"]), f(r["recall"]),
+                      f(r["recall_diffracting"]), f(r["loc_error_um"], 2), f(r["bar_iou"]), str(r["n_crystals"]),
+                      str(r["n_detections"]), f(r["seconds_per_image"], 2))
+    console.print(table)
+    if targets:
+        checks = Table(title="targets at atlas (recall >= goal at precision >= goal)")
+        for column in ("specimen", "role", "method", "mode", "precision", "recall", "goal P/R", "met"):
+            checks.add_column(column)
+        for t in targets:
+            checks.add_row(t["specimen"], t["role"], t["method"], t["mode"], f(t["precision"]), f(t["recall"]),
+                           f"{t['precision_goal']}/{t['recall_goal']}",
+                           "[green]yes[/green]" if t["met"] else "[red]no[/red]")
+        console.print(checks)
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    """Handler of `crystal-locator evaluate`."""
+    from agent.evaluation.labelled import LabelsError, labelled_images
+    from agent.evaluation.runner import EvaluationError, baseline_methods, evaluate_images, methods_for
+    from agent.report import ReportError, write_evaluation_report
+    from drivers.formats.images import ImageFormatError, write_atomic
+
+    if (args.images is None) != (args.truth is None):
+        raise CommandError("--images and --truth go together: your images and a CSV of crystal positions")
+    if args.pixel_size_um is not None and args.pixel_size_um <= 0:
+        raise CommandError(f"--pixel-size-um must be positive, got {args.pixel_size_um}")
+    for path in (args.json, args.html):
+        if path is not None and path.parent and not path.parent.exists():
+            raise CommandError(f"{path}: the folder {path.parent} does not exist")
+    config = _config_from_args(args)
+    start = time.perf_counter()
+    try:
+        methods = methods_for(config) if config.modes else (baseline_methods() if config.baselines else [])
+    except EvaluationError as exc:
+        raise CommandError(str(exc)) from exc
+    if not methods:
+        raise CommandError("nothing to run: --no-locator and --no-baselines together leave no method")
+    if args.images is not None:
+        images = labelled_images(args.images, args.truth, pixel_size_um=args.pixel_size_um)
+        config_dict = {"images": [str(p) for p in args.images], "truth": str(args.truth),
+                       "tolerance_um": config.tolerance_um, "modes": list(config.modes), "ks": list(config.ks),
+                       "baselines": config.baselines}
+        title = f"evaluation on {args.truth.name}"
+    else:
+        images = _simulated_images(config)
+        config_dict = {**config.model_dump(mode="json"), "quick": bool(args.quick)}
+        title = "evaluation on simulated images" + (" (quick)" if args.quick else "")
+
+    def progress(name: str) -> None:
+        logger.info("evaluating %s", name)
+
+    try:
+        result = evaluate_images(images, methods, tolerance_um=config.tolerance_um, default_k=config.default_k,
+                                 config=config_dict, progress=progress)
+    except (LabelsError, ImageFormatError, EvaluationError) as exc:
+        raise CommandError(str(exc)) from exc
+    result.elapsed_s = time.perf_counter() - start
+    print_rows(result.rows, result.targets, f"{title}: {result.n_images} images, {result.elapsed_s:.1f} s")
+    if result.failures:
+        print(f"{len(result.failures)} method run(s) failed; first: {result.failures[0]}")
+    if args.json is not None:
+        write_atomic(args.json, json.dumps(result.as_dict(), indent=2, default=str).encode())
+        print(f"wrote {args.json}")
+    if args.html is not None:
+        try:
+            write_evaluation_report(result.rows, args.html, targets=result.targets, examples=result.examples,
+                                    config=config_dict, title=title, elapsed_s=result.elapsed_s,
+                                    failures=result.failures)
+        except ReportError as exc:
+            raise CommandError(str(exc)) from exc
+        print(f"wrote {args.html}")
+    return 0
+
+
+def run_report(args: argparse.Namespace) -> int:
+    """Handler of `crystal-locator report SESSION_DIR`."""
+    from agent.report import ReportError, session_report_html, write_session_report
+    from drivers.formats.images import write_atomic
+
+    try:
+        if args.out is None:
+            path = write_session_report(args.session_dir)
+        else:
+            path = write_atomic(args.out, session_report_html(args.session_dir).encode("utf-8"))
+    except ReportError as exc:
+        raise CommandError(str(exc)) from exc
+    except OSError as exc:
+        raise CommandError(f"cannot write the report: {exc}") from exc
+    print(f"wrote {path}")
+    return 0
