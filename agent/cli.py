@@ -23,6 +23,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "agent.commands.bridge",
     "agent.commands.nav",
     "agent.commands.montage",
+    "agent.commands.evaluate",
 )
 
 
