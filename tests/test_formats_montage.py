@@ -316,3 +316,41 @@ def test_multi_section_stack_picks_a_section(tmp_path: Path) -> None:
     assert int(chosen.to_array().max()) == 2
     with pytest.raises(MontageFormatError, match="no montage section 5"):
         open_montage(tmp_path / "m.mrc.mdoc", section=5)
+
+
+def test_stage_transform_fits_piece_positions(serialem_montage: tuple[Path, np.ndarray, list]) -> None:
+    from drivers.base import pixel_to_stage_um
+    from drivers.formats.montage import fit_stage_transform
+
+    with open_montage(serialem_montage[0]) as montage:
+        fit = fit_stage_transform(montage)
+        assert fit is not None and fit.n_pieces == 9
+        # the fixture's stage = (100.5 + 0.1 * corner col, -50.25 + 0.1 * corner row): 0.1 um/px, no rotation
+        np.testing.assert_allclose(fit.matrix_um_per_px, [[0.1, 0.0], [0.0, 0.1]], atol=1e-12)
+        assert fit.rms_residual_um < 1e-9
+        piece = montage.pieces[4]
+        centre = np.array([piece.centre_px[1], piece.centre_px[0]])
+        stage = pixel_to_stage_um(centre, montage.shape_px, fit.stage_xy_um, np.array(fit.matrix_um_per_px))
+        np.testing.assert_allclose(stage, piece.stage_xy_um, atol=1e-9)  # a piece's position is at its centre
+        matrix = np.array(fit.matrix_um_per_px)
+        moved = pixel_to_stage_um(centre + np.array([10, -20]), montage.shape_px, fit.stage_xy_um, matrix)
+        np.testing.assert_allclose(moved - stage, [1.0, -2.0], atol=1e-9)
+    one_row = montage_from_arrays([np.zeros((4, 4), np.uint8)] * 3, [(0, 0), (0, 4), (0, 8)],
+                                  stage_xy_um=[(0.0, 0.0), (1.0, 0.0), (2.0, 0.0)])
+    assert fit_stage_transform(one_row) is None  # collinear: the row direction is unknown
+
+
+def test_write_serialem_montage_round_trip(tmp_path: Path) -> None:
+    from drivers.formats.montage import write_serialem_montage
+
+    mosaic = _mosaic(90, 130, np.uint8)
+    tiles, corners = _cut(mosaic, (50, 70), (40, 60), (2, 2))
+    source = montage_from_arrays(tiles, corners, pixel_size_um=0.3, stage_xy_um=[(1.0, 2.0)] * 4)
+    mdoc = write_serialem_montage(source, tmp_path / "out" / "export.mrc")
+    assert mdoc.name == "export.mrc.mdoc"
+    with open_montage(mdoc) as again:
+        assert again.dtype == np.uint16  # 8-bit is stored as 16-bit MRC
+        assert again.pixel_size_um == pytest.approx(0.3)
+        assert again.pieces[3].stage_xy_um == (1.0, 2.0)
+        np.testing.assert_array_equal(again.to_array(), source.to_array().astype(np.uint16))
+    assert not list((tmp_path / "out").glob(".*partial"))

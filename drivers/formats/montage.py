@@ -387,6 +387,103 @@ def open_montage(
     )
 
 
+# ---- stage mapping and export -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StageTransform:
+    """Mosaic pixel -> stage mapping fitted to the pieces' recorded stage positions.
+
+    In the `drivers.base` convention: `stage_um = stage_xy_um + matrix_um_per_px @ (pixel -
+    image_centre_px(shape_px))` for a pixel vector (col, row), so `drivers.base.pixel_to_stage_um(
+    col_row, shape_px, stage_xy_um, matrix_um_per_px)` maps mosaic pixels to stage um.
+    `rms_residual_um` is the root-mean-square misfit of the piece centres (stage backlash, stitching).
+    """
+
+    shape_px: tuple[int, int]
+    stage_xy_um: tuple[float, float]
+    matrix_um_per_px: tuple[tuple[float, float], tuple[float, float]]
+    rms_residual_um: float
+    n_pieces: int
+
+
+def fit_stage_transform(montage: TileMontage) -> StageTransform | None:
+    """Least-squares affine fit of the pieces' stage positions (um) to their centres (mosaic px).
+
+    Needs at least 3 pieces with stage positions that are not all on one line (e.g. a 2 x 2 or
+    larger montage); returns None otherwise. For SerialEM montages taken by stage moves the
+    positions are the stage coordinates at each piece's centre.
+    """
+    from drivers.base import image_centre_px
+
+    known = [p for p in montage.pieces if p.stage_xy_um is not None]
+    if len(known) < 3:
+        return None
+    centre = image_centre_px(montage.shape_px)
+    pixels = np.array([(p.centre_px[1], p.centre_px[0]) for p in known], dtype=np.float64) - centre
+    stage = np.array([p.stage_xy_um for p in known], dtype=np.float64)
+    design = np.hstack([np.ones((len(known), 1)), pixels])
+    if np.linalg.matrix_rank(design) < 3:
+        return None
+    solution, *_ = np.linalg.lstsq(design, stage, rcond=None)
+    residual = stage - design @ solution
+    matrix = solution[1:].T  # rows: x_um, y_um; columns: per col px, per row px
+    return StageTransform(
+        shape_px=montage.shape_px,
+        stage_xy_um=(float(solution[0, 0]), float(solution[0, 1])),
+        matrix_um_per_px=((float(matrix[0, 0]), float(matrix[0, 1])), (float(matrix[1, 0]), float(matrix[1, 1]))),
+        rms_residual_um=float(np.sqrt(np.mean(np.sum(residual**2, axis=1)))),
+        n_pieces=len(known),
+    )
+
+
+def write_serialem_montage(montage: TileMontage, stack_path: str | os.PathLike[str]) -> Path:
+    """Write `montage` as a SerialEM montage: `stack_path` (`.mrc`, one section per piece, written
+    through a memory map piece by piece) and `stack_path + ".mdoc"` (PieceCoordinates, PixelSpacing,
+    StagePosition where known). Pieces must share one shape. Returns the `.mdoc` path.
+
+    The stack is written to a temporary name and renamed, so a reader never sees half a stack.
+    """
+    import mrcfile
+
+    from drivers.formats.mdoc import montage_metadata, write_mdoc
+
+    target = Path(stack_path)
+    shapes = {p.shape_px for p in montage.pieces}
+    if len(shapes) != 1:
+        raise MontageFormatError(f"a SerialEM stack needs pieces of one shape, this montage has {sorted(shapes)}")
+    rows, cols = shapes.pop()
+    modes = {np.dtype(np.int8): 0, np.dtype(np.int16): 1, np.dtype(np.float32): 2, np.dtype(np.uint16): 6}
+    dtype = montage.dtype if montage.dtype in modes else None
+    if dtype is None and montage.dtype == np.uint8:
+        dtype = np.dtype(np.uint16)  # MRC has no unsigned 8-bit mode that every reader agrees on
+    if dtype is None:
+        raise MontageFormatError(f"cannot store {montage.dtype} in an MRC stack; convert to uint16 or float32")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(f".{target.name}.partial")
+    shape = (len(montage.pieces), rows, cols)
+    try:
+        with mrcfile.new_mmap(temporary, shape=shape, mrc_mode=modes[dtype], overwrite=True) as mrc:
+            for piece in montage.pieces:
+                mrc.data[piece.index] = montage.piece_image(piece.index).astype(dtype, copy=False)
+            if montage.pixel_size_um:
+                mrc.voxel_size = montage.pixel_size_um * 1e4
+        os.replace(temporary, target)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    stages = [p.stage_xy_um for p in montage.pieces]
+    metadata = montage_metadata(
+        [(p.row_px, p.col_px) for p in montage.pieces],
+        (rows, cols),
+        montage.pixel_size_um,
+        stage_xy_um=stages if all(s is not None for s in stages) else None,  # type: ignore[arg-type]
+        image_file=target.name,
+        data_mode=modes[dtype],
+    )
+    return write_mdoc(target.with_name(target.name + ".mdoc"), metadata)
+
+
 # ---- SerialEM ---------------------------------------------------------------------------------
 
 
