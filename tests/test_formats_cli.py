@@ -32,10 +32,14 @@ def test_montage_show_text_and_json(serialem_montage: Path, capsys: pytest.Captu
     assert "6 of 120 x 100 px" in text
     assert "231.200 nm/px" in text
     assert "overlap      10 px between columns, 10 px between rows" in text
+    assert "stage fit    " in text and "rotation" in text
     assert main(["montage", "show", str(serialem_montage.with_suffix("")), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["pieces"] == 6
     assert summary["mosaic_shape_px"] == [190, 340]
+    # fixture: stage x = -100 + 25 * corner col px, y = 50 - 20 * corner row px
+    np.testing.assert_allclose(summary["stage_fit"]["matrix_um_per_px"], [[25, 0], [0, -20]], atol=1e-9)
+    assert summary["stage_fit"]["flipped"] is True
     assert summary["stage_extent_um"] == {"x_min": -100.0, "x_max": -100.0 + 220 * 25.0, "y_min": 50.0 - 90 * 20.0,
                                           "y_max": 50.0}
 

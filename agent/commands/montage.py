@@ -2,7 +2,8 @@
 
 - `montage show PATH [--pixel-size-um X] [--overlap F] [--json]` prints the piece layout: piece
   count, piece size, mosaic size, pixel spacing, the pieces' stage extent, the overlap between
-  neighbouring pieces.
+  neighbouring pieces, and the mosaic pixel -> stage transform fitted to the pieces' stage positions
+  (scale, rotation, residual; `fit_stage_transform`).
 - `montage preview PATH --out preview.png [--max-px 2048]` writes a downsampled 8-bit picture of
   the whole mosaic (read band by band, so it works for atlases larger than memory).
 Malformed files fail with one clear line.
@@ -18,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from agent.cli import CommandError
-from drivers.formats.montage import MontageFormatError, TileMontage, open_montage
+from drivers.formats.montage import MontageFormatError, TileMontage, fit_stage_transform, open_montage
 
 
 def register(subparsers: Any) -> None:
@@ -69,6 +70,18 @@ def montage_summary(montage: TileMontage) -> dict[str, Any]:
     if stage:
         xs, ys = [s[0] for s in stage], [s[1] for s in stage]
         summary["stage_extent_um"] = {"x_min": min(xs), "x_max": max(xs), "y_min": min(ys), "y_max": max(ys)}
+    fit = fit_stage_transform(montage)
+    summary["stage_fit"] = None
+    if fit is not None:
+        matrix = np.array(fit.matrix_um_per_px)
+        summary["stage_fit"] = {
+            "stage_xy_um_at_centre": list(fit.stage_xy_um),
+            "matrix_um_per_px": [list(row) for row in fit.matrix_um_per_px],
+            "um_per_px": float(np.sqrt(abs(np.linalg.det(matrix)))),
+            "rotation_deg": float(np.degrees(np.arctan2(matrix[1, 0], matrix[0, 0]))),
+            "flipped": bool(np.linalg.det(matrix) < 0),
+            "rms_residual_um": fit.rms_residual_um,
+        }
     return summary
 
 
@@ -114,6 +127,13 @@ def _show(args: argparse.Namespace) -> int:
         print(
             f"stage        x {extent['x_min']:.2f} .. {extent['x_max']:.2f} um, "
             f"y {extent['y_min']:.2f} .. {extent['y_max']:.2f} um (piece centres)"
+        )
+    fit = summary["stage_fit"]
+    if fit is not None:
+        print(
+            f"stage fit    {fit['um_per_px'] * 1000:.3f} nm/px, rotation {fit['rotation_deg']:.2f} deg"
+            f"{', flipped' if fit['flipped'] else ''}, rms {fit['rms_residual_um']:.3f} um; mosaic centre at "
+            f"({fit['stage_xy_um_at_centre'][0]:.2f}, {fit['stage_xy_um_at_centre'][1]:.2f}) um"
         )
     return 0
 
