@@ -36,9 +36,11 @@ from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from scipy import ndimage
 
 from agent.locate.cluster import (
     ClusterModel,
+    black_pixel_mask,
     fit_clusters,
     large_dark_mask,
     mesh_mask,
@@ -204,37 +206,35 @@ class ClusterAnalysis:
 
 
 def flat_band_mask(image: np.ndarray, min_flat_fraction: float = 0.5) -> np.ndarray:
-    """Annotation bands burned into an image edge: rows (columns) touching the top/bottom (left/right)
-    edge in which at least `min_flat_fraction` of the pixels share one exact value. Real camera data
-    has noise; burned-in data bars and text are flat."""
+    """Annotation bands burned into an image edge (data bars, scale bars, text).
+
+    A line (row or column) is flat when at least `min_flat_fraction` of its pixels share one exact value;
+    real camera data has noise, burned-in bars do not. Runs of flat lines touching the top/bottom
+    (left/right) edge form a band; in it, the pixels equal to the line's flat value are masked, plus the
+    gaps between them shorter than a tenth of the line (text on the bar). Film in those lines stays.
+    """
     mask = np.zeros(image.shape, dtype=bool)
-
-    def flat_lines(lines: np.ndarray) -> np.ndarray:
-        ordered = np.sort(lines, axis=1)
-        same = ordered[:, 1:] == ordered[:, :-1]
-        # longest run of equal values per line
-        best = np.zeros(lines.shape[0], dtype=np.int64)
-        for i in np.flatnonzero(same.mean(axis=1) >= min_flat_fraction * 0.99):
-            changes = np.flatnonzero(np.diff(np.concatenate(([0], same[i].astype(np.int8), [0]))))
-            runs = changes[1::2] - changes[::2]
-            best[i] = runs.max() + 1 if len(runs) else 1
-        return best >= min_flat_fraction * lines.shape[1]
-
     for axis in (0, 1):
         lines = image if axis == 0 else image.T
-        n = lines.shape[0]
+        target = mask if axis == 0 else mask.T
+        n, length = lines.shape
         depth = max(1, n // 5)  # look at the outer fifth only
-        for edge_rows in (np.arange(depth), np.arange(n - 1, n - 1 - depth, -1)):
-            flags = flat_lines(lines[edge_rows])
-            if not flags[0] and not flags[1:3].any():
+        for edge in (np.arange(depth), np.arange(n - 1, n - 1 - depth, -1)):
+            flagged = []
+            for index in edge:
+                line = lines[index]
+                values, counts = np.unique(line, return_counts=True)
+                top = int(np.argmax(counts))
+                if counts[top] < min_flat_fraction * length:
+                    break
+                flagged.append((int(index), values[top]))
+            if not flagged:
                 continue
-            stop = int(np.argmin(flags)) if not flags.all() else len(flags)
-            stop = max(stop, int(np.max(np.flatnonzero(flags[: max(stop + 3, 1)])) + 1))
-            chosen = edge_rows[:stop]
-            if axis == 0:
-                mask[chosen, :] = True
-            else:
-                mask[:, chosen] = True
+            indices = np.array([i for i, _ in flagged])
+            flat = lines[indices] == np.array([v for _, v in flagged])[:, None]
+            gap = max(1, length // 10)
+            closed = ndimage.minimum_filter1d(ndimage.maximum_filter1d(flat, gap, axis=1), gap, axis=1)
+            target[indices] |= closed | flat
     return mask
 
 
@@ -247,6 +247,7 @@ def bar_and_black_mask(image: np.ndarray, settings: LocateSettings) -> tuple[np.
     mask |= mesh.mask
     if settings.bar_filter == "auto":
         mask |= large_dark_mask(image, min_width_px=min_width, ignore=flat)
+        mask |= black_pixel_mask(image, ignore=flat)
     return mask, mesh.angle_deg
 
 

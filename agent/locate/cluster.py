@@ -140,7 +140,11 @@ def fit_clusters(
     # fold the PCA mean into the scaler mean so that transform() is one affine map
     scale_mean = scaler.mean_ + pca.mean_ * std
     if method == "kmeans":
-        model = KMeans(n_clusters=k, n_init=3, random_state=seed, max_iter=100).fit(z)
+        from threadpoolctl import threadpool_limits
+
+        # small problems run faster on one thread than through the OpenMP pool
+        with threadpool_limits(1 if z.shape[0] < 50_000 else None):
+            model = KMeans(n_clusters=k, n_init=3, random_state=seed, max_iter=100).fit(z)
         centroids = model.cluster_centers_
         labels = model.labels_
     else:
@@ -215,7 +219,10 @@ def two_step_black_cells(features: np.ndarray, feature_names: Sequence[str], see
         spread = np.where(spread > 0, spread, 1.0)
     scaled = (columns - columns.mean(axis=0)) / spread
     sample = _sample_rows(n, 50_000, seed)
-    model = KMeans(n_clusters=3, n_init=3, random_state=seed).fit(scaled[sample])
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1 if len(sample) < 50_000 else None):
+        model = KMeans(n_clusters=3, n_init=3, random_state=seed).fit(scaled[sample])
     labels = model.predict(scaled)
     cluster_mean = np.array([mean[labels == c].mean() if np.any(labels == c) else np.nan for c in range(3)])
     cluster_std = np.array([np.median(std[labels == c]) if np.any(labels == c) else np.nan for c in range(3)])
@@ -249,6 +256,29 @@ def _upsample_mask(small: np.ndarray, factor: int, shape: tuple[int, int]) -> np
     return small[rows][:, cols]
 
 
+def _otsu_classes(small: np.ndarray, ignore: np.ndarray | None) -> tuple[float, float, float] | None:
+    """(threshold, dark mean, bright mean) of a clearly bimodal image, else None (see `dark_class`)."""
+    from skimage.filters import threshold_otsu
+
+    considered = small if ignore is None else small[~ignore]
+    if considered.size < 16:
+        return None
+    low, high = np.percentile(considered, [0.5, 99.5])  # hot pixels and burned-in text must not set the split
+    if high <= low:
+        return None
+    values = np.clip(considered.ravel(), low, high)
+    threshold = float(threshold_otsu(values))
+    dark = values <= threshold
+    fraction = dark.mean()
+    if fraction < 0.01 or fraction > 0.95:
+        return None
+    mu_d, mu_b = float(values[dark].mean()), float(values[~dark].mean())
+    pooled = np.sqrt(0.5 * (values[dark].var() + values[~dark].var())) + 1e-12
+    if (mu_b - mu_d) < 4 * pooled:
+        return None
+    return threshold, mu_d, mu_b
+
+
 def dark_class(small: np.ndarray, ignore: np.ndarray | None = None) -> np.ndarray | None:
     """Dark pixels of a block-averaged image by Otsu's threshold, or None when there is no clear dark class.
 
@@ -257,28 +287,33 @@ def dark_class(small: np.ndarray, ignore: np.ndarray | None = None) -> np.ndarra
     class means are more than 4 pooled within-class standard deviations apart, so a film with a few dark
     crystals has no dark class.
     """
-    from skimage.filters import threshold_otsu
-
-    considered = small if ignore is None else small[~ignore]
-    if considered.size < 16:
+    classes = _otsu_classes(small, ignore)
+    if classes is None:
         return None
-    low, high = np.percentile(considered, [0.5, 99.5])  # hot pixels and burned-in text must not set the split
-    values = np.clip(considered.ravel(), low, high)
-    if high <= low:
-        return None
-    threshold = threshold_otsu(values)
-    dark = values <= threshold
-    fraction = dark.mean()
-    if fraction < 0.01 or fraction > 0.95:
-        return None
-    mu_d, mu_b = values[dark].mean(), values[~dark].mean()
-    pooled = np.sqrt(0.5 * (values[dark].var() + values[~dark].var())) + 1e-12
-    if (mu_b - mu_d) < 4 * pooled:
-        return None
-    dark_pixels = small <= threshold
+    dark_pixels = small <= classes[0]
     if ignore is not None:
         dark_pixels &= ~ignore
     return dark_pixels
+
+
+def black_pixel_mask(image: np.ndarray, ignore: np.ndarray | None = None, max_side_px: int = 1024) -> np.ndarray:
+    """Pixels (of any extent) that are nearly black: below a quarter of the way from the dark class mean to
+    the bright class mean (classes as in `dark_class`; 3x3 mean first against noise), grown by 2 px.
+
+    Catches bar edges and black corners the wide-structure detectors leave out. Empty when the image has no
+    clear dark class.
+    """
+    small, factor = _block_mean(image, max_side_px)
+    classes = _otsu_classes(small, _ignore_blocks(ignore, factor, small.shape))
+    if classes is None:
+        return np.zeros(image.shape, dtype=bool)
+    _, mu_d, mu_b = classes
+    level = mu_d + 0.25 * (mu_b - mu_d)
+    smooth = ndimage.uniform_filter(image.astype(np.float32), size=3, mode="nearest")
+    black = smooth <= level
+    if ignore is not None:
+        black &= ~ignore
+    return ndimage.maximum_filter(black.astype(np.uint8), size=5) > 0
 
 
 def _ignore_blocks(ignore: np.ndarray | None, factor: int, shape: tuple[int, int]) -> np.ndarray | None:
@@ -293,17 +328,17 @@ def large_dark_mask(
 ) -> np.ndarray:
     """Pixel mask of dark areas at least `min_width_px` wide (bars, black corners, broken film edges).
 
-    Dark class from `dark_class` on a block-averaged copy; an opening with a disk of diameter
-    `min_width_px` keeps only wide structures (not crystals, not small ice balls).
+    Dark class from `dark_class` on a block-averaged copy; an opening with a square of side
+    `min_width_px / sqrt(2)` keeps only wide structures (not crystals, not small ice balls).
     """
     small, factor = _block_mean(image, max_side_px)
     dark = dark_class(small, _ignore_blocks(ignore, factor, small.shape))
     if dark is None:
         return np.zeros(image.shape, dtype=bool)
-    radius = max(1, round(min_width_px / factor / 2))
-    yy, xx = np.mgrid[-radius : radius + 1, -radius : radius + 1]
-    disk = xx**2 + yy**2 <= radius**2
-    opened = ndimage.binary_opening(dark, structure=disk)
+    # opening with a square of side min_width/sqrt(2): a bar at any angle contains such squares;
+    # separable min/max filters keep it fast
+    side = max(1, round(min_width_px / factor / np.sqrt(2.0)))
+    opened = ndimage.maximum_filter(ndimage.minimum_filter(dark.astype(np.uint8), size=side), size=side) > 0
     return _upsample_mask(opened, factor, image.shape)
 
 

@@ -60,6 +60,17 @@ def remove_outlier_pixels(data: np.ndarray, sigma: float, threshold: float = 8.0
     return count
 
 
+def _nan_median_axis0(values: np.ndarray) -> np.ndarray:
+    """Column medians ignoring NaN (NaN where a column has no value); vectorised."""
+    ordered = np.sort(values, axis=0)  # NaN sort last
+    n_valid = np.sum(np.isfinite(values), axis=0)
+    cols = np.arange(values.shape[1])
+    low = np.clip((n_valid - 1) // 2, 0, values.shape[0] - 1)
+    high = np.clip(n_valid // 2, 0, values.shape[0] - 1)
+    median = 0.5 * (ordered[low, cols] + ordered[high, cols])
+    return np.where(n_valid > 0, median, np.nan)
+
+
 def remove_stripes(data: np.ndarray, mask: np.ndarray | None = None, threshold: float = 5.0) -> int:
     """In place: divide out column and row gains that stand out (see module docstring); returns how many
     lines were corrected."""
@@ -67,16 +78,11 @@ def remove_stripes(data: np.ndarray, mask: np.ndarray | None = None, threshold: 
     for axis in (0, 1):
         lines = data if axis == 0 else data.T
         line_mask = None if mask is None else (mask if axis == 0 else mask.T)
-        step = max(1, lines.shape[0] // 1024)
+        step = max(1, lines.shape[0] // 256)
         sample = lines[::step]
         if line_mask is not None:
             sample = np.where(line_mask[::step], np.nan, sample)
-        with np.errstate(all="ignore"):
-            import warnings
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                profile = np.nanmedian(sample, axis=0)
+        profile = _nan_median_axis0(sample)
         valid = np.isfinite(profile) & (profile != 0)
         if valid.sum() < 16:
             continue
@@ -138,6 +144,6 @@ def prepare_image(image: np.ndarray, mask: np.ndarray, flatten: bool = True, cle
         unmasked = data[~mask] if (~mask).any() else data.ravel()
         level = float(np.median(unmasked[:: max(1, unmasked.size // 100_000)]))
     if mask.any():
-        grown = ndimage.binary_dilation(mask, iterations=2)
+        grown = ndimage.maximum_filter(mask.astype(np.uint8), size=5) > 0
         data[grown] = level
     return data

@@ -1,0 +1,265 @@
+"""`crystal-locator locate IMAGE`: cluster patches of one image (or montage) and write targets.
+
+Writes into `--out DIR`: `heatmap.png` (cluster map over the image, candidates numbered),
+`clusters.json` (per cluster: size, mean and normalised features; the rule or option that chose the
+crystal clusters; settings), `gallery.png` (typical patches per cluster), `candidates.json` and
+`candidates.csv` (row_px, col_px, area_px, score, cluster_id and, with stage metadata, x_um, y_um),
+`bar_mask.png` (white on grid bars / black areas) and, with `--reference`, `similarity.png`. Prints a
+short table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.cli import CommandError
+
+logger = logging.getLogger(__name__)
+
+
+def register(subparsers: Any) -> None:
+    """Add the `locate` command."""
+    parser = subparsers.add_parser(
+        "locate",
+        help="find crystal-bearing areas in an image or montage by clustering patches",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("image", help="image file (TIFF, MRC, PNG, NPY), a tile folder or a SerialEM .mdoc montage")
+    layout = parser.add_mutually_exclusive_group()
+    layout.add_argument("--grid", metavar="RxC", help="grid of R x C patches (default 20x20)")
+    layout.add_argument("--window", metavar="PX", type=int, help="sliding window of PX pixels (odd)")
+    parser.add_argument("--stride", metavar="S", type=int, default=None, help="window stride in pixels (default 8)")
+    parser.add_argument("--k", type=int, default=None, help="number of clusters (default 3)")
+    parser.add_argument("--suggest-k", action="store_true", help="also report the silhouette suggestion for k")
+    parser.add_argument("--method", choices=("kmeans", "agglomerative"), default="kmeans")
+    parser.add_argument("--bar-filter", choices=("auto", "two-step", "mesh", "none"), default="auto")
+    parser.add_argument(
+        "--crystal-cluster", type=int, action="append", default=None, metavar="N", help="cluster id(s) holding crystals"
+    )
+    parser.add_argument(
+        "--reference",
+        action="append",
+        default=None,
+        metavar="ROW,COL",
+        help="pixel (row,col) of a reference patch: rank by similarity to it instead (repeatable)",
+    )
+    parser.add_argument("--calibration", metavar="FILE", help='JSON {"presets": {NAME: {"matrix_um_per_px": ...}}}')
+    parser.add_argument("--pixel-size-um", type=float, default=None, help="override the file's pixel size (um)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-candidates", type=int, default=200)
+    parser.add_argument("--no-flatten", action="store_true", help="do not flatten uneven illumination")
+    parser.add_argument("--out", metavar="DIR", default="locate-out", help="output folder (default ./locate-out)")
+    parser.set_defaults(handler=run)
+
+
+def _parse_grid(text: str) -> tuple[int, int]:
+    try:
+        rows, cols = (int(v) for v in text.lower().replace("×", "x").split("x"))
+    except ValueError:
+        raise CommandError(f"--grid must look like 20x20 (rows x cols), got {text!r}") from None
+    if rows < 1 or cols < 1:
+        raise CommandError(f"--grid needs at least 1x1 cells, got {text!r}")
+    return rows, cols
+
+
+def _parse_reference(text: str) -> tuple[float, float]:
+    try:
+        row, col = (float(v) for v in text.split(","))
+    except ValueError:
+        raise CommandError(f"--reference must be ROW,COL in pixels, got {text!r}") from None
+    return row, col
+
+
+def load_input(path_text: str, pixel_size_um: float | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """The image (2-D array, stored dtype) and what is known about its place: `stage_xy_um`, `preset`,
+    `pixel_size_um`, `matrix_um_per_px` (montages with stage positions). Raises `CommandError`."""
+    from drivers.formats.images import ImageFormatError, read_image
+
+    path = Path(path_text)
+    if not path.exists():
+        raise CommandError(f"{path}: no such file or folder")
+    info: dict[str, Any] = {}
+    if path.is_dir() or path.suffix.lower() == ".mdoc":
+        try:
+            from drivers.formats.montage import fit_stage_transform, open_montage
+        except ImportError as exc:  # pragma: no cover - the montage reader ships with the project
+            raise CommandError(f"montages need drivers.formats.montage: {exc}") from exc
+        try:
+            with open_montage(path, pixel_size_um=pixel_size_um) as montage:
+                image = montage.to_array()
+                info["pixel_size_um"] = montage.pixel_size_um
+                transform = fit_stage_transform(montage)
+        except (ValueError, OSError) as exc:
+            raise CommandError(f"{path}: cannot read montage: {exc}") from exc
+        if transform is not None:
+            info["stage_xy_um"] = transform.stage_xy_um
+            info["matrix_um_per_px"] = np.asarray(transform.matrix_um_per_px)
+        return image, info
+    try:
+        data = read_image(path)
+    except ImageFormatError as exc:
+        raise CommandError(str(exc)) from exc
+    info["pixel_size_um"] = pixel_size_um or data.pixel_size_um
+    stage = data.metadata.get("stage") if isinstance(data.metadata, dict) else None
+    if isinstance(stage, dict) and "x_um" in stage and "y_um" in stage:
+        info["stage_xy_um"] = (float(stage["x_um"]), float(stage["y_um"]))
+    if isinstance(data.metadata, dict) and data.metadata.get("preset"):
+        info["preset"] = str(data.metadata["preset"])
+    return data.array, info
+
+
+def stage_matrix(info: dict[str, Any], calibration: str | None) -> tuple[np.ndarray | None, str]:
+    """The image->stage matrix and where it came from ("calibration", "montage", "uncalibrated", "none")."""
+    if "matrix_um_per_px" in info:
+        return np.asarray(info["matrix_um_per_px"], dtype=np.float64), "montage"
+    if calibration:
+        try:
+            payload = json.loads(Path(calibration).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise CommandError(f"{calibration}: cannot read calibration JSON ({exc})") from exc
+        presets = payload.get("presets", {}) if isinstance(payload, dict) else {}
+        preset = info.get("preset")
+        entry = presets.get(preset) if preset else None
+        if entry is not None:
+            try:
+                matrix = np.asarray(entry["matrix_um_per_px"], dtype=np.float64)
+            except (KeyError, TypeError, ValueError) as exc:
+                raise CommandError(f"{calibration}: preset {preset!r} has no valid matrix_um_per_px") from exc
+            if matrix.shape != (2, 2) or not np.all(np.isfinite(matrix)):
+                raise CommandError(f"{calibration}: matrix_um_per_px of {preset!r} must be 2x2 numbers")
+            return matrix, "calibration"
+        logger.warning("calibration %s has no preset %r", calibration, preset)
+    if info.get("pixel_size_um"):
+        return float(info["pixel_size_um"]) * np.eye(2), "uncalibrated"
+    return None, "none"
+
+
+def run(args: argparse.Namespace) -> int:
+    """Handler of `crystal-locator locate`."""
+    from pydantic import ValidationError
+
+    from agent.locate.analysis import LocateSettings, analyse
+    from agent.locate.errors import LocateError
+    from agent.locate.render import cluster_gallery_rgb, heatmap_rgb, mask_uint8, similarity_rgb
+    from agent.locate.similarity import similarity_map
+    from agent.locate.targets import candidates_to_stage, find_candidates
+    from drivers.formats.images import encode_png, write_atomic
+
+    started = time.perf_counter()
+    image, info = load_input(args.image, args.pixel_size_um)
+    if image.dtype == np.bool_ or image.dtype.kind not in "uif":
+        raise CommandError(f"{args.image}: unsupported pixel type {image.dtype}; use an integer or float image")
+    values: dict[str, Any] = {"k": args.k, "suggest_k": args.suggest_k, "method": args.method, "seed": args.seed}
+    values.update(bar_filter=args.bar_filter, flatten=not args.no_flatten, max_candidates=args.max_candidates)
+    if args.window is not None:
+        values.update(mode="window", window_px=args.window, stride_px=args.stride or 8)
+    else:
+        rows, cols = _parse_grid(args.grid or "20x20")
+        values.update(mode="grid", grid_rows=rows, grid_cols=cols)
+    try:
+        settings = LocateSettings(**values)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise CommandError(f"invalid settings: {problems}") from None
+    try:
+        analysis = analyse(image, settings)
+        similarity = None
+        if args.reference:
+            cells = [analysis.cell_of_pixel(*_parse_reference(text)) for text in args.reference]
+            similarity = similarity_map(analysis.features, analysis.grid_shape, cells, analysis.valid_cells)
+            crystal, chosen_by = (), "similarity to reference patch(es) " + ", ".join(args.reference)
+            candidates = find_candidates(analysis, (), settings, score_map=similarity)
+        else:
+            if args.crystal_cluster:
+                crystal, chosen_by = tuple(args.crystal_cluster), "--crystal-cluster"
+            else:
+                crystal, chosen_by = analysis.suggested_crystal_clusters, "default rule: " + analysis.suggestion_rule
+            candidates = find_candidates(analysis, crystal, settings)
+    except LocateError as exc:
+        raise CommandError(str(exc)) from exc
+
+    matrix, matrix_source = stage_matrix(info, args.calibration)
+    if "stage_xy_um" in info and matrix is not None:
+        if matrix_source == "uncalibrated":
+            print(
+                "warning: no calibration for this preset; stage positions assume pixel_size_um * identity "
+                "(uncalibrated). Pass --calibration FILE for accurate x_um, y_um."
+            )
+        candidates = candidates_to_stage(candidates, analysis.image_shape, info["stage_xy_um"], matrix)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "heatmap.png", encode_png(heatmap_rgb(image, analysis, candidates, crystal)))
+    write_atomic(out / "gallery.png", encode_png(cluster_gallery_rgb(image, analysis)))
+    write_atomic(out / "bar_mask.png", encode_png(mask_uint8(analysis.bar_mask)))
+    if similarity is not None:
+        write_atomic(out / "similarity.png", encode_png(similarity_rgb(image, analysis, similarity, candidates)))
+    clusters = {
+        "image": str(args.image),
+        "image_shape": list(analysis.image_shape),
+        "settings": settings.model_dump(mode="json"),
+        "feature_names": list(analysis.feature_names),
+        "background_cluster": analysis.background_cluster,
+        "crystal_clusters": list(crystal),
+        "chosen_by": chosen_by,
+        "suggested_crystal_clusters": list(analysis.suggested_crystal_clusters),
+        "suggestion_rule": analysis.suggestion_rule,
+        "suggested_k": analysis.suggested_k,
+        "k_scores": {str(k): v for k, v in analysis.k_scores.items()},
+        "bar_angle_deg": analysis.bar_angle_deg,
+        "bar_fraction": float(analysis.bar_mask.mean()),
+        "gallery": "gallery.png",
+        "clusters": [c.to_dict(analysis.feature_names) for c in analysis.clusters],
+    }
+    write_atomic(out / "clusters.json", json.dumps(clusters, indent=2, allow_nan=False, default=_json_default).encode())
+    rows_out = [c.to_dict() for c in candidates]
+    payload = {"matrix_source": matrix_source, "candidates": rows_out}
+    write_atomic(out / "candidates.json", json.dumps(payload, indent=2).encode())
+    buffer = io.StringIO()
+    fields = ["rank", "row_px", "col_px", "area_px", "score", "cluster_id", "x_um", "y_um"]
+    writer = csv.DictWriter(buffer, fieldnames=fields)
+    writer.writeheader()
+    for rank, row in enumerate(rows_out, start=1):
+        writer.writerow({"rank": rank, **{k: ("" if row[k] is None else row[k]) for k in fields[1:]}})
+    write_atomic(out / "candidates.csv", buffer.getvalue().encode())
+    _print_table(analysis, crystal, candidates, time.perf_counter() - started, out)
+    return 0
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
+
+
+def _print_table(analysis: Any, crystal: tuple[int, ...], candidates: list[Any], elapsed_s: float, out: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"clusters ({analysis.grid_shape[0]}x{analysis.grid_shape[1]} cells, {elapsed_s:.2f} s)")
+    for column in ("cluster", "cells", "fraction", "texture", "role"):
+        table.add_column(column, justify="right" if column != "role" else "left")
+    for c in analysis.clusters:
+        role = (
+            "crystal"
+            if c.cluster_id in crystal
+            else ("background" if c.cluster_id == analysis.background_cluster else "")
+        )
+        table.add_row(str(c.cluster_id), str(c.n_cells), f"{c.fraction:.3f}", f"{c.texture_contrast:.1f}", role)
+    console.print(table)
+    console.print(f"{len(candidates)} candidates; masked (bars/black): {100 * analysis.bar_mask.mean():.1f} %")
+    for rank, cand in enumerate(candidates[:10], start=1):
+        stage = f"  x={cand.x_um:.2f} um y={cand.y_um:.2f} um" if cand.x_um is not None else ""
+        console.print(f"  {rank:>3}. row {cand.row_px:.0f} col {cand.col_px:.0f}  score {cand.score:.2f}{stage}")
+    console.print(f"written to {out}/")
