@@ -221,3 +221,23 @@ def test_target_exports(tmp_path: Path) -> None:
     assert items[0].note == "crystal-locator score 0.910" and items[0].drawn_id == 7
     with pytest.raises(ValueError, match="stage coordinates"):
         targets_to_nav_items([_Target(0, 0, 0.1, None, None)])
+
+
+def test_map_from_transform_agrees_with_pyserialem_pixel_mapping(tmp_path: Path) -> None:
+    """A target's mosaic pixel -> our stage um -> pyserialem's map pixel gives the same pixel back."""
+    pyserialem_reader = pytest.importorskip("pyserialem.reader")
+    from drivers.base import pixel_to_stage_um
+    from drivers.formats.nav import map_item_from_transform
+
+    shape = (3000, 4000)
+    angle = np.radians(12.0)
+    matrix = 0.25 * np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]) @ np.diag([1, -1])
+    atlas = map_item_from_transform("atlas", "atlas.mrc", 77, shape, (15.0, -40.0), matrix)
+    pixel = np.array([1234.0, 567.0])  # (col, row)
+    x_um, y_um = pixel_to_stage_um(pixel, shape, (15.0, -40.0), matrix)
+    path = write_nav(tmp_path / "m.nav", [atlas, point_item("t1", x_um, y_um, drawn_id=77)])
+    with contextlib.redirect_stdout(io.StringIO()):
+        loaded = pyserialem_reader.read_nav_file(str(path))
+    back = loaded[0].stage_to_pixelcoords(np.array([x_um, y_um]))
+    # pyserialem puts the map centre at (W/2, H/2), we at ((W-1)/2, (H-1)/2): half a pixel apart
+    np.testing.assert_allclose(back, pixel + 0.5, atol=1e-6)

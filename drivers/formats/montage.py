@@ -47,6 +47,8 @@ logger = logging.getLogger(__name__)
 TILE_SUFFIXES: tuple[str, ...] = (".tif", ".tiff", ".png", ".npy", ".mrc")
 #: Layout file names looked for in a tile folder, in this order.
 LAYOUT_FILES: tuple[str, ...] = ("layout.json", "layout.toml")
+#: Side of the blocks `read_region` resolves overlaps in (pixels).
+_BLOCK_PX = 512
 #: The default byte budget of decoded (non memory-mapped) pieces kept in memory.
 DEFAULT_CACHE_BYTES = 256 * 1024 * 1024
 
@@ -201,9 +203,19 @@ class TileMontage:
         if rows < 0 or cols < 0:
             raise ValueError(f"region size must not be negative, got rows={rows}, cols={cols}")
         out = np.full((rows, cols), _checked_fill(fill, self.dtype), dtype=self.dtype)
-        if rows == 0 or cols == 0:
-            return out
+        # blocks keep the ownership scratch small, and most blocks lie inside one piece (plain copy)
+        for b_row in range(0, rows, _BLOCK_PX):
+            for b_col in range(0, cols, _BLOCK_PX):
+                block = out[b_row : b_row + _BLOCK_PX, b_col : b_col + _BLOCK_PX]
+                self._fill_block(block, row0 + b_row, col0 + b_col)
+        return out
+
+    def _fill_block(self, out: np.ndarray, row0: int, col0: int) -> None:
+        """Write the mosaic pixels of the block at (row0, col0) into `out` (left as is where no piece is)."""
+        rows, cols = out.shape
         hits = self.pieces_in_region(row0, col0, rows, cols)
+        if not hits:
+            return
         if len(hits) == 1:
             index = hits[0]
             (r_a, r_b), (c_a, c_b) = self._intersection(index, row0, col0, rows, cols)
@@ -211,7 +223,7 @@ class TileMontage:
             out[r_a - row0 : r_b - row0, c_a - col0 : c_b - col0] = self._piece(index)[
                 r_a - piece.row_px : r_b - piece.row_px, c_a - piece.col_px : c_b - piece.col_px
             ]
-            return out
+            return
         best = np.full((rows, cols), np.iinfo(self._dist_dtype).max, dtype=self._dist_dtype)
         for index in hits:
             piece = self.pieces[index]
@@ -228,7 +240,6 @@ class TileMontage:
             ]
             np.copyto(out_view, source, where=wins)
             np.copyto(best_view, dist, where=wins)
-        return out
 
     def to_array(self, fill: float = 0) -> np.ndarray:
         """The whole mosaic in memory, `(rows, cols)` of `dtype` (beware: this is the full size)."""

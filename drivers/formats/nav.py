@@ -233,6 +233,36 @@ def map_item(
     )
 
 
+def map_item_from_transform(
+    label: str,
+    map_file: str,
+    map_id: int,
+    shape_px: tuple[int, int],
+    stage_xy_um: tuple[float, float],
+    matrix_um_per_px: np.ndarray | Sequence[Sequence[float]],
+    z_um: float = 0.0,
+    map_montage: bool = True,
+    **kwargs: Any,
+) -> NavItem:
+    """A map item for an image (or mosaic) of `shape_px` (rows, cols) whose pixel -> stage mapping is
+    `stage_um = stage_xy_um + A @ (pixel - centre)` (drivers.base convention, A = `matrix_um_per_px`).
+
+    E.g. with `drivers.formats.montage.fit_stage_transform(montage)`: `map_item_from_transform(
+    "atlas", "atlas.mrc", 1, fit.shape_px, fit.stage_xy_um, fit.matrix_um_per_px)`. Points drawn on it
+    get `drawn_id=map_id`. Other keyword arguments go to `map_item`.
+    """
+    return map_item(
+        label,
+        map_file,
+        map_id,
+        (float(stage_xy_um[0]), float(stage_xy_um[1]), float(z_um)),
+        (int(shape_px[1]), int(shape_px[0])),
+        scale_mat_from_matrix_um_per_px(matrix_um_per_px),
+        map_montage=map_montage,
+        **kwargs,
+    )
+
+
 # --------------------------------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------------------------------
