@@ -154,6 +154,15 @@ def test_binary_and_missing_files(tmp_path: Path) -> None:
         read_mdoc(binary)
 
 
+def test_latin1_titles_and_crlf_line_ends(tmp_path: Path) -> None:
+    path = tmp_path / "win.mdoc"
+    text = "PixelSpacing = 100\r\nImageSize = 8 6\r\n\r\n[T = SerialEM: Grid \xc5 test]\r\n\r\n[ZValue = 0]\r\n"
+    path.write_bytes(text.encode("latin-1") + b"PieceCoordinates = 0 0 0\r\n")
+    meta = read_mdoc(path)
+    assert meta.titles == ("SerialEM: Grid \xc5 test",)
+    assert meta.pieces[0].piece_xyz_px == (0, 0, 0) and meta.piece_shape_px == (6, 8)
+
+
 def test_header_value_with_equals_sign_is_not_an_error() -> None:
     meta = parse_mdoc("PixelSpacing = 10\nNote = a=b\n\n[ZValue = 0]\nPieceCoordinates = 0 0 0\n")
     assert meta.pixel_size_um == pytest.approx(0.001)

@@ -132,11 +132,15 @@ def read_mdoc(path: str | os.PathLike[str]) -> MontageMetadata:
     if not file_path.is_file():
         raise MdocFormatError(f"{file_path}: no such .mdoc file")
     try:
-        text = file_path.read_text(encoding="utf-8", errors="strict")
-    except UnicodeDecodeError as exc:
-        raise MdocFormatError(f"{file_path}: not a text file ({exc}); is this really an .mdoc?") from exc
+        raw = file_path.read_bytes()
     except OSError as exc:
         raise MdocFormatError(f"{file_path}: cannot read ({exc})") from exc
+    if b"\x00" in raw:
+        raise MdocFormatError(f"{file_path}: not a text file (it holds NUL bytes); is this really an .mdoc?")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("latin-1")  # older Windows tools write titles and notes in a code page
     return parse_mdoc(text, path=file_path)
 
 
