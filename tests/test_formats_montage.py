@@ -9,6 +9,8 @@ import mrcfile
 import numpy as np
 import pytest
 import tifffile
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from drivers.formats.montage import (
     MontageFormatError,
@@ -354,3 +356,47 @@ def test_write_serialem_montage_round_trip(tmp_path: Path) -> None:
         assert again.pieces[3].stage_xy_um == (1.0, 2.0)
         np.testing.assert_array_equal(again.to_array(), source.to_array().astype(np.uint16))
     assert not list((tmp_path / "out").glob(".*partial"))
+
+
+def _brute_force_mosaic(montage: TileMontage, fill: int) -> np.ndarray:
+    """Per-pixel reference: the covering piece with the nearest centre (lowest index on ties)."""
+    rows, cols = montage.shape_px
+    out = np.full((rows, cols), fill, dtype=montage.dtype)
+    for r in range(rows):
+        for c in range(cols):
+            best, best_d = None, None
+            for p in montage.pieces:
+                if p.row_px <= r < p.row_px + p.shape_px[0] and p.col_px <= c < p.col_px + p.shape_px[1]:
+                    cr, cc = p.centre_px
+                    d = (r - cr) ** 2 + (c - cc) ** 2
+                    if best_d is None or d < best_d:
+                        best, best_d = p, d
+            if best is not None:
+                out[r, c] = montage.piece_image(best.index)[r - best.row_px, c - best.col_px]
+    return out
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    layout=st.lists(
+        st.tuples(st.integers(0, 30), st.integers(0, 30), st.integers(1, 14), st.integers(1, 14)),
+        min_size=1,
+        max_size=5,
+    ),
+    region=st.tuples(st.integers(-10, 40), st.integers(-10, 40), st.integers(0, 30), st.integers(0, 30)),
+)
+def test_read_region_matches_a_per_pixel_reference(
+    layout: list[tuple[int, int, int, int]], region: tuple[int, int, int, int]
+) -> None:
+    rng = np.random.default_rng(len(layout))
+    arrays = [rng.integers(1, 255, (h, w), dtype=np.uint8) for _, _, h, w in layout]
+    montage = montage_from_arrays(arrays, [(r, c) for r, c, _, _ in layout])
+    expected = _brute_force_mosaic(montage, fill=0)
+    np.testing.assert_array_equal(montage.to_array(), expected)
+    row0, col0, rows, cols = region
+    padded = np.zeros((rows + 80, cols + 80), np.uint8)
+    padded[40 : 40 + expected.shape[0], 40 : 40 + expected.shape[1]] = expected[: rows + 40, : cols + 40]
+    np.testing.assert_array_equal(
+        montage.read_region(row0, col0, rows, cols),
+        padded[40 + row0 : 40 + row0 + rows, 40 + col0 : 40 + col0 + cols],
+    )

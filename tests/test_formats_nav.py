@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from drivers.formats.nav import (
     MAP,
@@ -241,3 +243,30 @@ def test_map_from_transform_agrees_with_pyserialem_pixel_mapping(tmp_path: Path)
     back = loaded[0].stage_to_pixelcoords(np.array([x_um, y_um]))
     # pyserialem puts the map centre at (W/2, H/2), we at ((W-1)/2, (H-1)/2): half a pixel apart
     np.testing.assert_allclose(back, pixel + 0.5, atol=1e-6)
+
+
+_finite = st.floats(min_value=-1e5, max_value=1e5, allow_nan=False, allow_infinity=False)
+_label = st.text(alphabet=st.characters(categories=["L", "N"], include_characters="-_. "), min_size=1, max_size=12)
+_note = st.text(alphabet=st.characters(categories=["L", "N", "P", "Zs"], exclude_characters="\n\r"), max_size=30)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    points=st.lists(st.tuples(_label, _finite, _finite, _finite, _note, st.booleans()), min_size=1, max_size=6)
+)
+def test_round_trip_of_arbitrary_points(points: list[tuple[str, float, float, float, str, bool]]) -> None:
+    items, seen, note_of = [], set(), {}
+    for label, x, y, z, note, acquire in points:
+        label = label.strip()
+        if not label or label in seen:
+            continue
+        seen.add(label)
+        note_of[label] = note
+        items.append(point_item(label, x, y, z, note=note, acquire=acquire))
+    if not items:
+        return
+    back = parse_nav(format_nav(items))
+    assert [i.label for i in back] == [i.label for i in items]
+    for original, reread in zip(items, back, strict=True):
+        assert reread.stage_xyz_um == pytest.approx(original.stage_xyz_um, rel=1e-9, abs=1e-9)
+        assert (reread.note, reread.acquire) == (note_of[original.label].strip(), original.acquire)

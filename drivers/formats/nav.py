@@ -121,6 +121,7 @@ class NavItem:
             raise ValueError(f"item {label}: PtsX/PtsY must be finite numbers (um)")
         if "\n" in self.note or "\r" in self.note:
             raise ValueError(f"item {label}: the note must be one line")
+        object.__setattr__(self, "note", self.note.strip())  # autodoc values carry no outer spaces
         for key, value in self.extra.items():
             if not key or any(ch in key for ch in "[]= \n") or "\n" in str(value):
                 raise ValueError(f"item {label}: extra key {key!r} = {value!r} is not a valid autodoc line")
