@@ -29,9 +29,11 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 import os
 import re
 import sys
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -138,6 +140,7 @@ class TileMontage:
         self._loader = loader
         self._closer = closer
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
         self._cache_bytes = int(cache_bytes)
         self._corners = np.array([(p.row_px, p.col_px) for p in self.pieces], dtype=np.int64)
         self._ends = self._corners + np.array([p.shape_px for p in self.pieces], dtype=np.int64)
@@ -268,10 +271,11 @@ class TileMontage:
         return (r_a, r_b), (c_a, c_b)
 
     def _piece(self, index: int) -> np.ndarray:
-        cached = self._cache.get(index)
-        if cached is not None:
-            self._cache.move_to_end(index)
-            return cached
+        with self._lock:  # dask's threaded scheduler reads regions from several threads
+            cached = self._cache.get(index)
+            if cached is not None:
+                self._cache.move_to_end(index)
+                return cached
         piece = self.pieces[index]
         try:
             array = self._loader(index)
@@ -288,12 +292,22 @@ class TileMontage:
             )
         if array.dtype != self.dtype:
             raise MontageFormatError(f"{piece.source}: piece has dtype {array.dtype}, the montage has {self.dtype}")
-        size = 0 if isinstance(array, np.memmap) else array.nbytes
-        if size <= self._cache_bytes:
-            self._cache[index] = array
-            while sum(0 if isinstance(a, np.memmap) else a.nbytes for a in self._cache.values()) > self._cache_bytes:
-                self._cache.popitem(last=False)
+        if _held_bytes(array) <= self._cache_bytes:
+            with self._lock:
+                self._cache[index] = array
+                while sum(_held_bytes(a) for a in self._cache.values()) > self._cache_bytes:
+                    self._cache.popitem(last=False)
         return array
+
+
+def _held_bytes(array: np.ndarray) -> int:
+    """Memory an array holds (0 for memory maps: their pages are file cache)."""
+    base: Any = array
+    while base is not None:
+        if isinstance(base, (np.memmap, mmap.mmap)):
+            return 0
+        base = getattr(base, "base", None)
+    return int(array.nbytes)
 
 
 def _closed_loader(index: int) -> np.ndarray:
