@@ -77,6 +77,7 @@ class ConsoleHub:
         self._prompts: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
         self._prompt_images: dict[str, dict[str, bytes]] = {}
         self._last_seq = 0
+        self._journal_seq = 0
 
     # -- pages --------------------------------------------------------------------------------------
 
@@ -168,6 +169,7 @@ class ConsoleHub:
             self.targets.clear()
             self.chart.clear()
             self.journal.clear()
+            self._journal_seq = 0
             for entry in entries:
                 self._apply_journal_entry(entry)
             summary_path = folder / "summary.json"
@@ -194,7 +196,8 @@ class ConsoleHub:
                 self.progress = {k: v for k, v in event.items() if k not in ("topic", "seq", "time_utc")}
                 self._set_time(event.get("microscope_time_s"))
             elif topic == "journal" and isinstance(event.get("entry"), dict):
-                self._apply_journal_entry(event["entry"])
+                if not self._apply_journal_entry(event["entry"]):
+                    return
             elif topic == "atlas":
                 self.atlas_version += 1
             elif topic == "summary":
@@ -218,7 +221,14 @@ class ConsoleHub:
         if isinstance(value, (int, float)):
             self.microscope_time_s = float(value)
 
-    def _apply_journal_entry(self, entry: dict[str, Any]) -> None:
+    def _apply_journal_entry(self, entry: dict[str, Any]) -> bool:
+        """Apply one journal entry; False (ignored) if it was seen already (read from the file, then
+        received as an event)."""
+        seq = entry.get("seq")
+        if isinstance(seq, int):
+            if seq <= self._journal_seq:
+                return False
+            self._journal_seq = seq
         kind = entry.get("type")
         self.journal.append(journal_line(entry))
         self._set_time(entry.get("microscope_time_s"))
@@ -240,6 +250,7 @@ class ConsoleHub:
             self.atlas_shape_px = [int(v) for v in entry["shape_px"][:2]]
         elif kind == "summary":
             self.summary = {k: v for k, v in entry.items() if k not in ("type", "seq", "time_utc")}
+        return True
 
     # -- prompts ------------------------------------------------------------------------------------
 

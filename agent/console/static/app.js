@@ -71,7 +71,7 @@ function renderChart() {
   svg.replaceChildren();
   const points = view.chart;
   if (!points.length) {
-    svg.append(el("text", { x: "6", y: "50", text: "confirmed crystals over microscope time" }));
+    $("chart-label").textContent = "confirmed crystals over microscope time: none yet";
     return;
   }
   const tMax = Math.max(points[points.length - 1][0], view.microscopeTime || 0, 1);
@@ -87,10 +87,7 @@ function renderChart() {
   const line = document.createElementNS("http://www.w3.org/2000/svg", "polyline");
   line.setAttribute("points", coords.map((c) => c.join(",")).join(" "));
   svg.append(line);
-  const label = document.createElementNS("http://www.w3.org/2000/svg", "text");
-  label.setAttribute("x", "4"); label.setAttribute("y", "11");
-  label.textContent = `${last} confirmed in ${fmtSeconds(tMax)}`;
-  svg.append(label);
+  $("chart-label").textContent = `confirmed crystals over microscope time: ${last} in ${fmtSeconds(tMax)}`;
 }
 
 function renderJournal() {
@@ -434,7 +431,9 @@ function drawExplore() {
     const sim = decode(r.similarity_b64);
     for (let i = 0; i < sim.length; i++) {
       const v = sim[i];
-      pixels.data.set([255, 200 * (1 - v / 255) + 40, 0, v > 200 ? 200 : v * 0.6], 4 * i);
+      // similarity 0.5 .. 1 -> transparent .. strong (yellow to red); below 0.5 not drawn
+      const strength = Math.max(0, (v - 128) / 127);
+      pixels.data.set([255, Math.round(220 * (1 - strength)), 0, Math.round(200 * strength)], 4 * i);
     }
   } else {
     const labels = decode(r.labels_b64);
@@ -479,8 +478,12 @@ function drawLegend() {
     const examples = el("div", { class: "examples" });
     for (const [row, col] of cluster.example_cells) {
       const crop = el("canvas", { width: "40", height: "40" });
-      const size = ex.image.mode === "window" ? 1 : 1;
-      crop.getContext("2d").drawImage(ex.display, col * cellW, row * cellH, cellW * size, cellH * size, 0, 0, 40, 40);
+      let box = [col * cellW, row * cellH, cellW, cellH];
+      if (r.settings_mode === "window") {  // the window around the sampled centre pixel
+        const scale = ex.image.display_scale, size = r.window_px * scale;
+        box = [col * r.stride_px * scale - size / 2, row * r.stride_px * scale - size / 2, size, size];
+      }
+      crop.getContext("2d").drawImage(ex.display, ...box, 0, 0, 40, 40);
       examples.append(crop);
     }
     const entry = el("div", { class: "entry", dataset: { cluster: String(cluster.cluster_id) },
