@@ -116,6 +116,8 @@ def print_rows(rows: list[dict[str, Any]], targets: list[dict[str, Any]], title:
         return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
     console = Console()
+    if not console.is_terminal:  # piped or captured: do not squeeze the table into 80 columns
+        console = Console(width=max(console.width, 150))
     table = Table(title=title)
     for column in ("specimen", "preset", "method", "mode", "precision", "recall", "recall_diffr", "loc_err_um",
                    "bar_iou", "crystals", "detections", "s/image"):

@@ -3,12 +3,18 @@
 Both share one preprocessing step (`normalise`), built for real images rather than the simulator:
 
 1. hot pixels and readout speckle: 3x3 median filter;
-2. grid bars / black areas: Otsu threshold of a heavily smoothed copy, kept only when the dark class is
-   much darker than the rest (< half its level above the floor) and only as large regions (>= 0.5 % of
-   the image); so a frame without bars loses nothing;
-3. uneven illumination: a smooth background by normalised convolution (Gaussian, sigma 1/16 of the
-   image size) that ignores bar pixels, then the residual in robust noise units (median absolute
-   deviation), so either contrast polarity (bright-field dark crystals, dark-field bright ones) shows.
+2. grid bars / black areas: Otsu threshold of the logarithm of a heavily smoothed copy (the log keeps a
+   bright burned-in data bar from pulling the threshold up) picks the dark class, the final threshold
+   is half-way between the two class levels (where a blurred edge is), kept only when the dark class is much
+   darker than the rest (< half its level above the floor) and only as large regions (>= 0.5 % of the
+   image); so a frame without bars loses nothing;
+3. burned-in annotations and clipped areas: noise-free regions (constant in 3x3) of >= 0.2 % of
+   the image, and flat glyphs next to them, are left out of everything (a camera never gives
+   noise-free film);
+4. uneven illumination: a smooth background by normalised convolution (Gaussian, sigma 1/16 of the
+   image size) that ignores bars and annotations, then the residual in robust noise units (median
+   absolute deviation), so either contrast polarity (bright-field dark crystals, dark-field bright
+   ones) shows.
 
 Detectors:
 
@@ -87,15 +93,17 @@ def find_bars(data: np.ndarray) -> np.ndarray:
     smooth = ndimage.gaussian_filter(data, sigma)
     if float(smooth.max() - smooth.min()) <= 0:
         return np.zeros(data.shape, dtype=bool)
-    threshold = threshold_otsu(smooth)
-    dark = smooth < threshold
+    floor = float(np.percentile(smooth, 0.1))
+    log_level = np.log1p(np.maximum(smooth - floor, 0.0))
+    dark = log_level < threshold_otsu(log_level)
     if not dark.any() or dark.all():
         return np.zeros(data.shape, dtype=bool)
-    floor = float(np.percentile(smooth, 0.1))
     dark_level = float(np.median(smooth[dark])) - floor
     bright_level = float(np.median(smooth[~dark])) - floor
     if bright_level <= 0 or dark_level >= 0.5 * bright_level:
         return np.zeros(data.shape, dtype=bool)
+    # the log only chose the classes; the edge of a blurred bar lies half-way between the two levels
+    dark = smooth < floor + (dark_level + bright_level) / 2.0
     labels, n = ndimage.label(dark)
     if n == 0:
         return dark
@@ -107,10 +115,13 @@ def find_bars(data: np.ndarray) -> np.ndarray:
 
 def normalise(image: np.ndarray) -> Normalised:
     """Median-filtered, illumination-flattened residual in robust noise units, and the bar mask."""
-    data = ndimage.median_filter(check_image(image), size=3)
+    raw = check_image(image)
+    data = ndimage.median_filter(raw, size=3)
     bars = find_bars(data)
-    residual = data - smooth_background(data, bars)
-    valid = ~ndimage.binary_dilation(bars, iterations=3) if bars.any() else np.ones(data.shape, dtype=bool)
+    flat = flat_regions(raw)
+    excluded = bars | flat
+    residual = data - smooth_background(data, excluded)
+    valid = ~ndimage.binary_dilation(excluded, iterations=3) if excluded.any() else np.ones(data.shape, dtype=bool)
     if not valid.any():
         return Normalised(residual=np.zeros_like(residual), bar_mask=bars, valid=valid)
     values = residual[valid]
@@ -122,8 +133,27 @@ def normalise(image: np.ndarray) -> Normalised:
     return Normalised(residual=z, bar_mask=bars, valid=valid)
 
 
+def flat_regions(data: np.ndarray, min_fraction: float = 0.002) -> np.ndarray:
+    """Noise-free regions (constant in a 3x3 window) of at least `min_fraction` of the image, plus
+    smaller flat pieces next to them (glyphs): burned-in annotations, clipped or padded areas."""
+    flat = ndimage.maximum_filter(data, 3) == ndimage.minimum_filter(data, 3)  # exact, unlike sum-of-squares
+    if not flat.any():
+        return flat
+    labels, n = ndimage.label(flat)
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    keep = sizes >= min_fraction * data.size
+    keep[0] = False
+    large = keep[labels]
+    if not large.any():
+        return large
+    # annotation glyphs (labels, scale bars) are small flat pieces next to a large flat band: add them
+    near = np.unique(labels[ndimage.binary_dilation(large, iterations=5) & flat])
+    keep[near[near > 0]] = True
+    return ndimage.binary_dilation(keep[labels], iterations=2)
+
+
 def smooth_background(data: np.ndarray, bars: np.ndarray) -> np.ndarray:
-    """Smooth background (Gaussian sigma 1/16 of the longest side) that ignores bar pixels.
+    """Smooth background (Gaussian sigma 1/16 of the longest side) that ignores `bars` (a bool mask).
 
     Normalised convolution on a copy shrunk so that sigma is 8 px there, then bilinear upsampling:
     the background is smooth at that scale, so nothing is lost and it costs ~1/64 of the full filter.
@@ -153,7 +183,7 @@ def threshold_components(image: np.ndarray, min_area_px: int = 4) -> DetectorOut
     smooth = ndimage.gaussian_filter(norm.residual, 1.0)
     # smoothing lowers the noise by ~1/(2 sqrt(pi) sigma); re-measure it so the threshold stays in noise units
     z = smooth / _robust_noise(smooth[norm.valid])
-    objects = np.abs(z) > THRESHOLD_SIGMA
+    objects = (np.abs(z) > THRESHOLD_SIGMA) & norm.valid
     labels, n = ndimage.label(objects, structure=np.ones((3, 3), dtype=bool))
     if n == 0:
         return DetectorOutput(detections=(), bar_mask=norm.bar_mask)
