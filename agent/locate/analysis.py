@@ -205,13 +205,23 @@ class ClusterAnalysis:
 # --------------------------------------------------------------------------------------------------
 
 
+def _longest_run(flags: np.ndarray) -> int:
+    """Length of the longest run of True in a 1-D bool array."""
+    if not flags.any():
+        return 0
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], flags.astype(np.int8), [0]))))
+    return int((edges[1::2] - edges[::2]).max())
+
+
 def flat_band_mask(image: np.ndarray, min_flat_fraction: float = 0.5) -> np.ndarray:
     """Annotation bands burned into an image edge (data bars, scale bars, text).
 
-    A line (row or column) is flat when at least `min_flat_fraction` of its pixels share one exact value;
-    real camera data has noise, burned-in bars do not. Runs of flat lines touching the top/bottom
-    (left/right) edge form a band; in it, the pixels equal to the line's flat value are masked, plus the
-    gaps between them shorter than a tenth of the line (text on the bar). Film in those lines stays.
+    A line (row or column) is flat when at least `min_flat_fraction` of its pixels share one exact value
+    and that value runs unbroken over at least a tenth of the line (burned-in bars are flat; camera data has
+    noise, and the equal values of quantised 8-bit film are scattered, not in long runs). Runs of flat
+    lines touching the top/bottom (left/right) edge form a band; in it, the pixels equal to the line's
+    flat value are masked, plus the gaps between them shorter than a tenth of the line (text on the bar).
+    Film in those lines stays.
     """
     mask = np.zeros(image.shape, dtype=bool)
     for axis in (0, 1):
@@ -225,7 +235,7 @@ def flat_band_mask(image: np.ndarray, min_flat_fraction: float = 0.5) -> np.ndar
                 line = lines[index]
                 values, counts = np.unique(line, return_counts=True)
                 top = int(np.argmax(counts))
-                if counts[top] < min_flat_fraction * length:
+                if counts[top] < min_flat_fraction * length or _longest_run(line == values[top]) < length // 10:
                     break
                 flagged.append((int(index), values[top]))
             if not flagged:
@@ -318,18 +328,24 @@ def analyse(image: np.ndarray, settings: LocateSettings | None = None) -> Cluste
     else:
         bar_mask = np.zeros(shape, dtype=bool)
 
-    # 2. flattening, 3. features
-    data = prepare_image(image, bar_mask, flatten=settings.flatten, clean=settings.clean)
-    if settings.mode == "grid":
-        features, names = grid_features(data, settings.grid_rows, settings.grid_cols)
-    else:
-        window, _ = window_features(data, settings.window_px, settings.stride_px)
-        features, names = window.reshape(-1, window.shape[-1]), _
-    del data
+    def cell_features(data: np.ndarray) -> tuple[np.ndarray, tuple[str, ...]]:
+        if settings.mode == "grid":
+            return grid_features(data, settings.grid_rows, settings.grid_cols)
+        window, window_names = window_features(data, settings.window_px, settings.stride_px)
+        return window.reshape(-1, window.shape[-1]), window_names
 
     if settings.bar_filter == "two-step":
-        black = two_step_black_cells(features, names, seed=settings.seed)
+        # the study's first step works on the raw image's cells (flattening would erase the black areas)
+        raw = prepare_image(image, bar_mask, flatten=False, clean=settings.clean)
+        raw_features, raw_names = cell_features(raw)
+        del raw
+        black = two_step_black_cells(raw_features, raw_names, seed=settings.seed)
         bar_mask = black.reshape(grid_shape)[row_index][:, col_index]
+
+    # 2. clean-up and flattening, 3. features
+    data = prepare_image(image, bar_mask, flatten=settings.flatten, clean=settings.clean)
+    features, names = cell_features(data)
+    del data
 
     # 4. cluster the unmasked cells
     masked_fraction = _cell_mask_fraction(bar_mask, settings, grid_shape)

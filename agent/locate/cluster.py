@@ -263,7 +263,8 @@ def _otsu_classes(small: np.ndarray, ignore: np.ndarray | None) -> tuple[float, 
     considered = small if ignore is None else small[~ignore]
     if considered.size < 16:
         return None
-    low, high = np.percentile(considered, [0.5, 99.5])  # hot pixels and burned-in text must not set the split
+    # rare bright things (hot pixels, burned-in text, dark-field crystals) must not set the split
+    low, high = np.percentile(considered, [0.5, 95.0])
     if high <= low:
         return None
     values = np.clip(considered.ravel(), low, high)
@@ -282,7 +283,7 @@ def _otsu_classes(small: np.ndarray, ignore: np.ndarray | None) -> tuple[float, 
 def dark_class(small: np.ndarray, ignore: np.ndarray | None = None) -> np.ndarray | None:
     """Dark pixels of a block-averaged image by Otsu's threshold, or None when there is no clear dark class.
 
-    Values are clipped to their 0.5-99.5 percentiles first (hot pixels, burned-in text); `ignore` marks
+    Values are clipped to their 0.5-95 percentiles first (hot pixels, burned-in text); `ignore` marks
     pixels left out (annotation bands). Accepted when the dark class covers 1-95 % of the image and the
     class means are more than 4 pooled within-class standard deviations apart, so a film with a few dark
     crystals has no dark class.

@@ -11,8 +11,11 @@ and become clusters of their own. `prepare_image` removes them, in this order, o
 2. Stripes: the median of every column (row) over the unmasked pixels, divided by a running median of
    those medians (9 columns), gives a gain per column; columns whose gain departs from 1 by more than 5
    robust spreads of all gains are divided by it.
-3. Illumination: divided by a smooth background (normalised Gaussian convolution over unmasked pixels,
-   sigma = 1/12 of the shorter side), times the background's median (keeps the grey-value scale).
+3. Illumination: divided by a smooth background, times the background's median (keeps the grey-value
+   scale). The background is a normalised Gaussian convolution over unmasked pixels of a block-averaged
+   copy, in two passes: sigma = 1/12 of the shorter side, then 1/24 with objects (pixels more than 3
+   robust spreads from the first background) left out, so film thickness variations flatten and crystals
+   are not absorbed.
 4. Masked pixels (bars, black areas, annotation bands, grown by 2 px) are set to the median film level,
    so a patch that only touches a bar is described by its film part.
 """
@@ -111,11 +114,28 @@ def flatten_illumination(data: np.ndarray, mask: np.ndarray, sigma_fraction: flo
     blocks = data[:rows, :cols].reshape(rows // factor, factor, cols // factor, factor)
     weight = (~mask[:rows, :cols]).reshape(rows // factor, factor, cols // factor, factor).mean(axis=(1, 3))
     small = blocks.mean(axis=(1, 3))
-    sigma = max(1.0, min(small.shape) * sigma_fraction)
-    numerator = ndimage.gaussian_filter(small * weight, sigma, mode="nearest")
-    denominator = ndimage.gaussian_filter(weight, sigma, mode="nearest")
+
+    def smooth(weights: np.ndarray, sigma: float) -> np.ndarray:
+        numerator = ndimage.gaussian_filter(small * weights, sigma, mode="nearest")
+        denominator = ndimage.gaussian_filter(weights, sigma, mode="nearest")
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(denominator > 1e-3, numerator / denominator, np.nan)
+
+    # pass 1: coarse background; pass 2: finer, with objects (robust outliers of pass 1) left out, so the
+    # film's own thickness variations flatten while crystals are not absorbed into the background
+    coarse = smooth(weight, max(1.0, min(small.shape) * sigma_fraction))
     with np.errstate(divide="ignore", invalid="ignore"):
-        background = np.where(denominator > 1e-3, numerator / denominator, np.nan)
+        ratio = small / coarse - 1.0
+    usable = (weight > 0.5) & np.isfinite(ratio)
+    if usable.sum() > 16:
+        centre = np.median(ratio[usable])
+        spread = 1.4826 * np.median(np.abs(ratio[usable] - centre)) + 1e-12
+        objects = ~np.isfinite(ratio) | (np.abs(ratio - centre) > 3.0 * spread)
+        objects = ndimage.maximum_filter(objects.astype(np.uint8), size=3) > 0
+        background = smooth(weight * ~objects, max(1.0, min(small.shape) * sigma_fraction / 2.0))
+        background = np.where(np.isfinite(background), background, coarse)
+    else:
+        background = coarse
     if np.all(np.isnan(background)):
         return float(np.median(data))
     level = float(np.nanmedian(background))
