@@ -77,7 +77,7 @@ def measure(function: Callable[[], Any]) -> tuple[float, float, Any]:
 def consume_tiles(montage: Any, window_px: int, stride_px: int) -> float:
     """Stream the tiles without keeping them (e.g. to cluster on the fly); returns the mean of `mean`."""
     total, count = 0.0, 0
-    for tile in iter_window_tiles(montage, window_px, stride_px, tile_px=1024):
+    for tile in iter_window_tiles(montage, window_px, stride_px):
         total += float(tile.features[..., 0].sum())
         count += tile.features.shape[0] * tile.features.shape[1]
     return total / count
@@ -90,7 +90,7 @@ def run(size_px: int, folder: Path, naive: bool) -> None:
         rows, cols = montage.shape_px
         print(f"\n== montage {cols} x {rows} px uint16 ({rows * cols * 2 / 2**20:.0f} MiB), "
               f"{len(montage.pieces)} pieces; window {window_px}, stride {stride_px}")
-        peak, secs, (feats, _) = measure(lambda: tiled_window_features(montage, window_px, stride_px, tile_px=1024))
+        peak, secs, (feats, _) = measure(lambda: tiled_window_features(montage, window_px, stride_px))
         out_mib = feats.nbytes / 2**20
         print(f"tiled window features : peak {peak:8.1f} MiB (output {out_mib:.1f} MiB)  {secs:7.2f} s")
         peak_s, secs_s, _ = measure(lambda: consume_tiles(montage, window_px, stride_px))

@@ -43,8 +43,15 @@ from agent.locate.features import (
 
 logger = logging.getLogger(__name__)
 
-#: Default tile size (input pixels per side) for the sliding-window path.
-DEFAULT_TILE_PX = 1024
+#: Default tile size (input pixels per side) for the sliding-window path: 256 output elements a side,
+#: within [1024, 2048] input pixels (fewer, larger tiles at coarse strides; each tile's features
+#: stay below ~75 MiB at stride 1).
+DEFAULT_TILE_PX: int | None = None
+
+
+def default_tile_px(stride_px: int) -> int:
+    """The tile side used when none is given: `256 * stride_px` clipped to [1024, 2048] pixels."""
+    return int(min(2048, max(1024, 256 * int(stride_px))))
 _GRAD = FEATURE_NAMES.index("grad_energy")
 _LAG1 = FEATURE_NAMES.index("lag1_corr")
 _STD = FEATURE_NAMES.index("std")
@@ -138,17 +145,19 @@ def _reference_kwargs(function: Any, source: RegionSource) -> dict[str, float]:
 
 
 def iter_window_tiles(
-    source: np.ndarray | RegionSource, window_px: int, stride_px: int = 1, tile_px: int = DEFAULT_TILE_PX
+    source: np.ndarray | RegionSource, window_px: int, stride_px: int = 1, tile_px: int | None = DEFAULT_TILE_PX
 ) -> Iterator[WindowTile]:
     """Yield `window_features(whole image, window_px, stride_px)` tile by tile, row-major.
 
-    `tile_px` (input pixels per tile side) is rounded up to a multiple of `stride_px`. Only one tile
-    (with halo) and its features are in memory at a time. Raises `SettingsError` for a bad window or
-    stride, `ImageInputError` for an unusable source.
+    `tile_px` (input pixels per tile side; default `default_tile_px(stride_px)`) is rounded up to a
+    multiple of `stride_px`. Only one tile (with halo) and its features are in memory at a time.
+    Raises `SettingsError` for a bad window or stride, `ImageInputError` for an unusable source.
     """
     src = as_region_source(source)
     height, width = src.shape_px
     check_window((height, width), window_px, stride_px)
+    if tile_px is None:
+        tile_px = default_tile_px(stride_px)
     if isinstance(tile_px, bool) or not isinstance(tile_px, (int, np.integer)) or tile_px < 1:
         raise SettingsError(f"tile_px must be a positive integer, got {tile_px!r}")
     tile = -(-int(tile_px) // stride_px) * stride_px
@@ -175,7 +184,7 @@ def tiled_window_features(
     source: np.ndarray | RegionSource,
     window_px: int,
     stride_px: int = 1,
-    tile_px: int = DEFAULT_TILE_PX,
+    tile_px: int | None = DEFAULT_TILE_PX,
     out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, tuple[str, ...]]:
     """Like `window_features(image, window_px, stride_px)` on the whole image, computed tile by tile.
