@@ -304,6 +304,14 @@ class _Frame:
         return np.add.outer(row.astype(np.float32), col.astype(np.float32))
 
 
+def crystal_texture(crystals: dict[str, np.ndarray], i: np.ndarray, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
+    """Relative OD inside crystals `i` at offsets (dx, dy) um: wedge x (1 + bend contour), 0.3..3."""
+    wedge = 1.0 + crystals["wedge_x"][i] * dx + crystals["wedge_y"][i] * dy
+    across = crystals["bend_cos"][i] * dx + crystals["bend_sin"][i] * dy - crystals["bend_offset_um"][i]
+    band = crystals["bend_strength"][i] * np.exp(-((across / crystals["bend_width_um"][i]) ** 2))
+    return np.clip(wedge * (1.0 + band), 0.3, 3.0)
+
+
 class SpecimenScene:
     """Renders a `Specimen` (grid, film, contamination, crystals) as bright-field transmission."""
 
@@ -463,6 +471,7 @@ class SpecimenScene:
                 c["angle_deg"][i], c["shape"][i],
             ),
             thin=lambda i: np.minimum(1.0, c["length_um"][i] / edge_um) * np.minimum(1.0, c["width_um"][i] / edge_um),
+            profile=lambda i, dx, dy: crystal_texture(c, i, dx, dy),
         )
         ice = spec.ice
         self._draw(

@@ -45,6 +45,7 @@ from drivers.base import (
     OpticsPreset,
     PresetError,
     StageLimits,
+    StageMoveError,
     StagePosition,
     check_exposure_s,
 )
@@ -266,21 +267,38 @@ class SimulatedMicroscope:
                 raise InvalidParameterError(f"invalid stage target: {exc}") from exc
             self._stage.limits.check(target)
             self._stage.start_move(target, fail_fraction=fail_fraction)
-            if wait:
-                self._stage.wait(timeout_s=math.inf)
+        if wait:
+            self._wait(math.inf)
+
+    def _wait(self, timeout_s: float) -> None:
+        """Advance the clock to the end of the current move(s), without holding the state lock while
+        time passes (so that in realtime mode other threads see the stage move)."""
+        deadline = self._clock.now_s() + timeout_s
+        while True:
+            with self._lock:
+                end = self._stage.move_end_s()
+                if end is None:
+                    return
+                now = self._clock.now_s()
+            if end > deadline:
+                self._clock.advance_to(deadline)
+                raise StageMoveError(
+                    f"stage still moving after {timeout_s:.2f} s (the move ends in {end - now:.2f} s); "
+                    "wait longer or stop the stage"
+                )
+            self._clock.advance_to(end)
 
     def is_stage_moving(self) -> bool:
         """True until the clock passes the end of the move; each poll costs 0.02 s of clock time."""
+        self._clock.advance(self._stage.model.poll_s)
         with self._lock:
-            self._clock.advance(self._stage.model.poll_s)
             return self._stage.is_moving()
 
     def wait_for_stage(self, timeout_s: float = 60.0) -> None:
         """Advance the clock to the end of the current move; `StageMoveError` if it ends after `timeout_s`."""
         if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s >= 0:
             raise InvalidParameterError(f"timeout_s must be a non-negative number of seconds, got {timeout_s!r}")
-        with self._lock:
-            self._stage.wait(float(timeout_s))
+        self._wait(float(timeout_s))
 
     def stop_stage(self) -> None:
         """Stop any motion at once; the stage reports where it stopped."""
@@ -293,17 +311,17 @@ class SimulatedMicroscope:
 
     def set_preset(self, name: str) -> None:
         """Apply preset `name` (2.0 s on the clock; 0.05 s if already active). `PresetError` if unknown."""
+        self._sim_preset(name)
+        self._clock.advance(SAME_PRESET_S if name == self._preset_name else PRESET_CHANGE_S)
         with self._lock:
-            self._sim_preset(name)
-            self._clock.advance(SAME_PRESET_S if name == self._preset_name else PRESET_CHANGE_S)
             self._preset_name = name
 
     def set_beam_blanked(self, blanked: bool) -> None:
         """Blank or unblank the beam (0.1 s on the clock). A blanked beam gives dark frames."""
         if not isinstance(blanked, (bool, np.bool_)):
             raise InvalidParameterError(f"blanked must be True or False, got {blanked!r}")
+        self._clock.advance(BEAM_BLANK_S)
         with self._lock:
-            self._clock.advance(BEAM_BLANK_S)
             self._blanked = bool(blanked)
 
     def is_beam_blanked(self) -> bool:
@@ -313,65 +331,60 @@ class SimulatedMicroscope:
     def acquire(self, exposure_s: float) -> Frame:
         """Expose for `exposure_s` s in the active preset; costs exposure + readout on the clock.
 
-        Raises `InvalidParameterError` for a bad exposure and `AcquisitionTimeout` when a fault is planned.
+        The frame shows the specimen where the stage is at the start of the exposure. Raises
+        `InvalidParameterError` for a bad exposure and `AcquisitionTimeout` when a fault is planned.
         """
-        exposure_s = check_exposure_s(exposure_s)
-        with self._lock:
-            preset = self._sim_preset(self._preset_name)
-            if self._faults.next_acquire():
-                self._time_out(exposure_s, "acquire")
-            reported = self._stage.position()
-            true_xy = self._stage.true_xy_um()
-            if self._stage.is_moving():
-                log.warning("acquiring while the stage moves; the frame shows the start of the exposure")
-            frame_shape = self._camera.frame_shape(preset.optics.binning)
-            self._clock.advance(exposure_s)
-            time_s = self._clock.now_s()
-            self._clock.advance(self._camera.readout_s(frame_shape))
-            self._frames += 1
-            rng = np.random.default_rng([self._seed, 1, self._frames])
-            blanked = self._blanked
-        image = render(
-            self._scene, true_xy, preset, self._camera, self._errors[preset.name], rng,
-            exposure_s=exposure_s, beam_blanked=blanked,
-        )
-        return Frame(image=image, metadata=self._metadata("image", preset, reported, exposure_s, time_s, blanked))
+        return self._acquire("image", exposure_s)
 
     def acquire_diffraction(self, exposure_s: float) -> Frame:
         """A diffraction pattern of the area under the beam (beam diameter per preset); optics return to
         imaging afterwards. Costs 1.0 s to switch each way plus exposure and readout."""
+        return self._acquire("diffraction", exposure_s)
+
+    def _acquire(self, kind: str, exposure_s: float) -> Frame:
         exposure_s = check_exposure_s(exposure_s)
+        switch_s = DIFFRACTION_SWITCH_S if kind == "diffraction" else 0.0
         with self._lock:
             preset = self._sim_preset(self._preset_name)
-            if self._faults.next_diffraction():
-                self._time_out(exposure_s, "acquire_diffraction")
-            reported = self._stage.position()
-            true_xy = self._stage.true_xy_um()
-            frame_shape = self._camera.frame_shape(preset.optics.binning)
-            self._clock.advance(DIFFRACTION_SWITCH_S + exposure_s)
-            time_s = self._clock.now_s()
-            self._clock.advance(self._camera.readout_s(frame_shape) + DIFFRACTION_SWITCH_S)
-            self._frames += 1
-            rng = np.random.default_rng([self._seed, 2, self._frames])
-            blanked = self._blanked
-        image = render_diffraction(
-            self.ground_truth, true_xy, preset, self._camera, rng, exposure_s=exposure_s, beam_blanked=blanked
-        )
-        metadata = self._metadata("diffraction", preset, reported, exposure_s, time_s, blanked)
+            timed_out = self._faults.next_diffraction() if kind == "diffraction" else self._faults.next_acquire()
+            if not timed_out:
+                if self._stage.is_moving():
+                    log.warning("acquiring while the stage moves; the frame shows the start of the exposure")
+                reported = self._stage.position()
+                true_xy = self._stage.true_xy_um()
+                self._frames += 1
+                frame_number = self._frames
+                blanked = self._blanked
+        if timed_out:
+            lost = exposure_s + self._faults.plan.acquire_timeout_s
+            self._clock.advance(switch_s + lost)
+            raise AcquisitionTimeout(
+                f"{'acquire_diffraction' if kind == 'diffraction' else 'acquire'}: the camera delivered no frame "
+                f"within {lost:.1f} s (injected fault); retry the acquisition"
+            )
+        frame_shape = self._camera.frame_shape(preset.optics.binning)
+        time_s = self._clock.advance(switch_s + exposure_s)
+        self._clock.advance(self._camera.readout_s(frame_shape) + switch_s)
+        if kind == "diffraction":
+            rng = np.random.default_rng([self._seed, 2, frame_number])
+            image = render_diffraction(
+                self.ground_truth, true_xy, preset, self._camera, rng, exposure_s=exposure_s, beam_blanked=blanked
+            )
+        else:
+            rng = np.random.default_rng([self._seed, 1, frame_number])
+            image = render(
+                self._scene, true_xy, preset, self._camera, self._errors[preset.name], rng,
+                exposure_s=exposure_s, beam_blanked=blanked,
+            )
+        metadata = self._metadata(kind, preset, reported, exposure_s, time_s, blanked, frame_number)
         return Frame(image=image, metadata=metadata)
 
     # helpers -----------------------------------------------------------------------------------------
-    def _time_out(self, exposure_s: float, what: str) -> None:
-        lost = exposure_s + self._faults.plan.acquire_timeout_s
-        self._clock.advance(lost)
-        raise AcquisitionTimeout(
-            f"{what}: the camera delivered no frame within {lost:.1f} s (injected fault); retry the acquisition"
-        )
-
     def _metadata(
-        self, kind: str, preset: SimPreset, stage: StagePosition, exposure_s: float, time_s: float, blanked: bool
+        self, kind: str, preset: SimPreset, stage: StagePosition, exposure_s: float, time_s: float, blanked: bool,
+        frame_number: int,
     ) -> FrameMetadata:
-        extra: dict[str, Any] = {"simulated": True, "frame_number": self._frames}
+        extra: dict[str, Any] = {"simulated": True, "frame_number": frame_number}
         if isinstance(self._scene, Specimen):
             extra["specimen"] = self._scene.specimen_type
         else:

@@ -544,6 +544,7 @@ def generate_specimen(specimen_type: str, seed: int, **options: Any) -> Specimen
     )
     count = params.count if opts.crystal_count is None else opts.crystal_count
     crystals = _place_crystals(base, params, count, rng)
+    crystals.update(_crystal_texture(crystals, np.random.default_rng([int(seed), type_index, 41])))
     ice = _place_ice(base, opts.ice_ball_count, rng)
     debris = _place_debris(base, opts.debris_count, rng)
     return Specimen(
@@ -604,7 +605,8 @@ def _make_thickness_field(opts: SpecimenOptions, rng: np.random.Generator) -> np
 
 
 def _empty_crystals() -> dict[str, np.ndarray]:
-    keys_float = ("x_um", "y_um", "length_um", "width_um", "angle_deg", "contrast", "quality")
+    keys_float = ("x_um", "y_um", "length_um", "width_um", "angle_deg", "contrast", "quality", "wedge_x", "wedge_y",
+                  "bend_strength", "bend_cos", "bend_sin", "bend_offset_um", "bend_width_um")
     arrays: dict[str, np.ndarray] = {k: np.zeros(0) for k in keys_float}
     arrays["shape"] = np.zeros(0, dtype=np.int64)
     arrays["diffracts"] = np.zeros(0, dtype=bool)
@@ -723,6 +725,26 @@ def _place_crystals(spec: Specimen, params: _TypeParams, count: int, rng: np.ran
     merged["cluster"] = np.where(cluster >= 0, remap[np.maximum(cluster, 0)], -1)
     order = rng.permutation(merged["x_um"].shape[0])
     return {k: np.ascontiguousarray(v[order]) for k, v in merged.items()}
+
+
+def _crystal_texture(crystals: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Thickness variation inside each crystal: a wedge (relative OD gradient, 1/um) and, for plates and
+    blocks, a bend contour (a dark band of diffraction contrast across the crystal)."""
+    n = crystals["x_um"].shape[0]
+    length = np.maximum(crystals["length_um"], 0.1)
+    direction = rng.uniform(0, 2 * np.pi, size=n)
+    slope = rng.uniform(0.0, 0.8, size=n) / length  # up to +-40 % from the centre to the tip
+    band_angle = rng.uniform(0, 2 * np.pi, size=n)
+    has_band = np.isin(crystals["shape"], (SHAPE_PLATE, SHAPE_BLOCK)) & (rng.uniform(size=n) < 0.6)
+    return {
+        "wedge_x": slope * np.cos(direction),
+        "wedge_y": slope * np.sin(direction),
+        "bend_strength": np.where(has_band, rng.uniform(0.3, 1.5, size=n), 0.0),
+        "bend_cos": np.cos(band_angle),
+        "bend_sin": np.sin(band_angle),
+        "bend_offset_um": rng.uniform(-0.3, 0.3, size=n) * length,
+        "bend_width_um": rng.uniform(0.05, 0.15, size=n) * length,
+    }
 
 
 def _sample_on_film(spec: Specimen, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

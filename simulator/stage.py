@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from dataclasses import dataclass
 
@@ -32,28 +33,51 @@ log = logging.getLogger(__name__)
 
 
 class VirtualClock:
-    """Seconds of instrument time; `advance` moves it on (and sleeps as much if `realtime`)."""
+    """Seconds of instrument time.
+
+    Virtual (default): time stands still until `advance` moves it on, so a session runs as fast as the
+    computer allows while every step is accounted. Realtime: the clock follows the wall clock
+    (monotonic) from its start, and `advance` sleeps until the target time, so other threads see time
+    pass (e.g. a moving stage) while one call waits. Thread-safe.
+    """
 
     def __init__(self, realtime: bool = False, start_s: float = 0.0) -> None:
         self.realtime = realtime
+        self._start_s = float(start_s)
         self._now_s = float(start_s)
+        self._wall0 = time.monotonic()
+        self._lock = threading.Lock()
 
     def now_s(self) -> float:
         """Current instrument time in seconds."""
+        if self.realtime:
+            return self._start_s + (time.monotonic() - self._wall0)
         return self._now_s
 
     def advance(self, seconds: float) -> float:
-        """Advance the clock by `seconds` (>= 0) and return the new time; sleeps if realtime."""
+        """Advance the clock by `seconds` (>= 0) and return the new time; sleeps that long if realtime."""
         if not math.isfinite(seconds) or seconds < 0:
             raise ValueError(f"the clock can only advance by a finite, non-negative time, got {seconds}")
-        if self.realtime and seconds > 0:
-            time.sleep(seconds)
-        self._now_s += seconds
-        return self._now_s
+        if self.realtime:
+            return self._sleep_until(self.now_s() + seconds)
+        with self._lock:
+            self._now_s += seconds
+            return self._now_s
 
     def advance_to(self, t_s: float) -> float:
         """Advance the clock to `t_s` if that lies in the future; return the new time."""
-        return self.advance(max(0.0, t_s - self._now_s))
+        if self.realtime:
+            return self._sleep_until(t_s)
+        with self._lock:
+            self._now_s = max(self._now_s, float(t_s))
+            return self._now_s
+
+    def _sleep_until(self, t_s: float) -> float:
+        while True:
+            left = t_s - self.now_s()
+            if left <= 0:
+                return self.now_s()
+            time.sleep(left)
 
 
 @dataclass(frozen=True)

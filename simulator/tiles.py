@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 
 import numpy as np
 from scipy import ndimage
@@ -47,6 +48,7 @@ class TileScene:
         if not (math.isfinite(size) and size > 0):
             raise TileSceneError(f"pixel_size_um must be a positive number of um, got {size}")
         self.montage = montage
+        self._lock = threading.Lock()  # the montage's piece cache is not thread-safe
         self.pixel_size_um = float(size)
         self.white_level = float(white_level) if white_level is not None else self._estimate_white_level()
         if not (math.isfinite(self.white_level) and self.white_level > 0):
@@ -117,7 +119,10 @@ class TileScene:
         strip = _STRIP_OUT_ROWS
         for out_r in range(0, n_rows, strip):
             r_count = min(strip, n_rows - out_r)
-            block = self.montage.read_region(row0 + out_r * factor, col0, r_count * factor, n_cols * factor, fill=0)
+            with self._lock:
+                block = self.montage.read_region(
+                    row0 + out_r * factor, col0, r_count * factor, n_cols * factor, fill=0
+                )
             block = block.astype(np.float32)
             if factor > 1:
                 # pixels beyond the mosaic are read as 0 and average in as dark, like the outside
