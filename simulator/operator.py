@@ -4,8 +4,9 @@ It lets the screening loop run end to end with prompts in CI and evaluation. It 
 agent's `OperatorChannel` like any front-end (`agent.operator.OperatorClient` wire format; imported
 lazily so that `simulator` does not depend on `agent` at import time), and for each prompt looks at
 every option's `context["sample_xy_um"]` (stage positions, um, of typical cells of that cluster): an
-option is "crystal" when at least `min_hit_fraction` of those positions lie on a true crystal
-(`ground_truth.crystal_id_xy(x, y, tolerance_um=...) >= 0`).
+option is "crystal" when at least `min_hit_fraction` (default a third: a person shown a gallery in
+which every third patch shows a crystal says the cluster contains crystals) of those positions lie
+on a true crystal (`ground_truth.crystal_id_xy(x, y, tolerance_um=...) >= 0`).
 
 * `multiple` prompts: every "crystal" option is chosen; if none is, an option whose context says
   `{"none": true}` (or whose id is "none") is chosen, else the option with the most hits.
@@ -78,7 +79,7 @@ class SimulatedOperator:
         name: str = "simulated",
         never_answer: bool = False,
         tolerance_um: float = 3.0,
-        min_hit_fraction: float = 0.5,
+        min_hit_fraction: float = 1.0 / 3.0,
         event_endpoint: str | None = None,
     ) -> None:
         if not 0.0 <= error_rate <= 1.0:
