@@ -82,6 +82,17 @@ def make_preset(
     return SimPreset(optics=optics, dose_e_per_px_s=dose, blur_um=blur_um, beam_diameter_um=beam_um)
 
 
+def sim_preset_from_optics(optics: OpticsPreset) -> SimPreset:
+    """A `SimPreset` for a plain `OpticsPreset`: dose falls with magnification (12000 e/px/s at 0.3 um/px,
+    at least 300), blur 1/3 pixel, a diffraction beam of 20 pixels (2-10 um)."""
+    if not isinstance(optics, OpticsPreset):
+        raise InvalidParameterError(f"presets must be SimPreset or OpticsPreset, got {type(optics).__name__}")
+    ps = optics.pixel_size_um
+    dose = max(300.0, 12000.0 * min(1.0, (ps / 0.3) ** 0.5))
+    return SimPreset(optics=optics, dose_e_per_px_s=dose, blur_um=ps / 3.0,
+                     beam_diameter_um=float(np.clip(20 * ps, 2.0, 10.0)))
+
+
 def default_presets(camera_shape_px: tuple[int, int] = (2048, 2048)) -> tuple[SimPreset, ...]:
     """The default presets (see the module doc); `overview` fits a 3.3 mm field in the frame."""
     overview_um_px = max(1.6, 3300.0 / max(1, min(camera_shape_px)))
@@ -112,7 +123,7 @@ def seeded_optics_errors(names: Sequence[str], seed: int) -> dict[str, OpticsErr
 class SimulatedMicroscope:
     """A simulated TEM implementing `drivers.base.Microscope` (see the module doc for presets and timing).
 
-    `scene` is a `Specimen` (procedural, with ground truth) or any `imaging.Scene` (e.g. dataset tiles,
+    `specimen` is a `Specimen` (procedural, with ground truth) or any `imaging.Scene` (e.g. dataset tiles,
     no ground truth). The same seed and the same sequence of calls give identical frames. Methods are
     thread-safe; rendering happens outside the state lock so status calls stay fast during an
     acquisition.
@@ -120,11 +131,11 @@ class SimulatedMicroscope:
 
     def __init__(
         self,
-        scene: Specimen | Scene,
+        specimen: Specimen | Scene,
         *,
         seed: int = 0,
         camera_shape_px: tuple[int, int] = (2048, 2048),
-        presets: Sequence[SimPreset] | None = None,
+        presets: Sequence[SimPreset | OpticsPreset] | None = None,
         faults: FaultPlan | None = None,
         realtime: bool = False,
         stage_limits: StageLimits | None = None,
@@ -137,12 +148,19 @@ class SimulatedMicroscope:
             raise InvalidParameterError(
                 f"camera_shape_px must be (rows, cols) of at least 16 px each, got {camera_shape_px}"
             )
-        self._scene = scene
+        if not isinstance(specimen, Specimen) and not callable(getattr(specimen, "transmission", None)):
+            raise InvalidParameterError(
+                f"specimen must be a simulator Specimen or a Scene with transmission(), got {type(specimen).__name__}"
+            )
+        self._scene = specimen
         self._seed = int(seed)
         self._camera = CameraModel(
             shape_px=(int(camera_shape_px[0]), int(camera_shape_px[1])), hot_pixel_seed=self._seed, noise=camera_noise
         )
-        preset_list = tuple(presets) if presets is not None else default_presets(self._camera.shape_px)
+        if presets is not None:
+            preset_list = tuple(p if isinstance(p, SimPreset) else sim_preset_from_optics(p) for p in presets)
+        else:
+            preset_list = default_presets(self._camera.shape_px)
         if not preset_list:
             raise InvalidParameterError("a simulated microscope needs at least one optics preset")
         self._presets = {p.name: p for p in preset_list}

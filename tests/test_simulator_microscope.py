@@ -15,6 +15,7 @@ from drivers.base import (
     InvalidParameterError,
     Microscope,
     MicroscopeInfo,
+    OpticsPreset,
     PresetError,
     StageLimits,
     StageMoveError,
@@ -134,6 +135,16 @@ def test_unknown_preset_and_bad_exposure(specimen: Specimen) -> None:
         scope.set_beam_blanked("yes")  # type: ignore[arg-type]
     with pytest.raises(InvalidParameterError):
         SimulatedMicroscope(specimen, camera_shape_px=(4, 4))
+    with pytest.raises(InvalidParameterError):
+        SimulatedMicroscope("protein-plates")  # type: ignore[arg-type]
+
+
+def test_plain_optics_presets_are_accepted(specimen: Specimen) -> None:
+    custom = OpticsPreset(name="lm", magnification=100.0, pixel_size_um=0.5)
+    scope = SimulatedMicroscope(specimen=specimen, presets=[custom], camera_shape_px=(64, 64))
+    assert scope.get_preset() == "lm" and [p.name for p in scope.info().presets] == ["lm"]
+    frame = scope.acquire(0.1)
+    assert frame.metadata.pixel_size_um == 0.5 and frame.image.mean() > 200
 
 
 def test_same_seed_same_frames_other_seed_differs() -> None:
