@@ -32,6 +32,8 @@ Events
 With `event_endpoint`, the server publishes state changes on a PUB socket as `[topic, json]` with
 topics `stage` (position, moving), `optics` (preset) and `beam` (blanked): after every call that may
 change them, and from a poll every `event_poll_s` seconds (changes made at the instrument itself).
+Every `event_snapshot_s` seconds all topics are published even if unchanged, so a subscriber that
+joins late learns the whole state within that time.
 
 Security
 --------
@@ -46,6 +48,7 @@ import contextlib
 import itertools
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -196,6 +199,7 @@ class BridgeServer:
         reply_cache_size: int = 256,
         reply_cache_bytes: int = 256 * 1024 * 1024,
         event_poll_s: float = 0.5,
+        event_snapshot_s: float = 5.0,
     ) -> None:
         if not isinstance(microscope, Microscope):
             raise InvalidParameterError(
@@ -233,6 +237,8 @@ class BridgeServer:
         self._reply_cache_size = int(reply_cache_size)
         self._reply_cache_bytes = int(reply_cache_bytes)
         self._event_poll_s = float(event_poll_s)
+        self._event_snapshot_s = float(event_snapshot_s)
+        self._last_snapshot_s = -math.inf
         self.server_id = uuid.uuid4().hex
         self.stats = ServerStats()
         self._stats_lock = threading.Lock()
@@ -482,7 +488,11 @@ class BridgeServer:
             if self._push is None:
                 self.stats.dropped += 1
                 return
-            self._push.send_multipart(parts, copy=False)
+            try:
+                # NOBLOCK: with the I/O thread gone (server stopping) a PUSH send would block forever
+                self._push.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                self.stats.dropped += 1
 
     # worker threads -------------------------------------------------------------------------------
     def _run_job(self, job_id: int, spec: MethodSpec, params: BaseModel, request_id: uuid.UUID) -> None:
@@ -563,7 +573,12 @@ class BridgeServer:
             if from_poll:
                 self._snapshot_running.clear()
         with self._state_lock:
-            changed = [topic for topic, value in state.items() if self._last_state.get(topic) != value]
+            now_s = time.monotonic()
+            if from_poll and now_s - self._last_snapshot_s >= self._event_snapshot_s:
+                self._last_snapshot_s = now_s
+                changed = list(state)  # a full snapshot now and then, for subscribers that joined late
+            else:
+                changed = [topic for topic, value in state.items() if self._last_state.get(topic) != value]
             self._last_state.update(state)
             messages = [
                 (topic, {"topic": topic, "seq": next(self._event_seq), "time_unix_s": time.time(),
