@@ -107,6 +107,13 @@ def _serve(args: argparse.Namespace) -> int:
         raise CommandError("--allow needs --curve-dir (the server's key pair)")
     if args.curve_dir is not None and not args.allow:
         raise CommandError("--curve-dir needs at least one --allow KEYFILE (client public keys)")
+    if args.curve_dir is None:
+        for endpoint in (args.endpoint, args.event_endpoint):
+            if endpoint is not None and not _loopback(endpoint):
+                raise CommandError(
+                    f"refusing to bind {endpoint}: anything but loopback requires CURVE (--curve-dir DIR with "
+                    "server.key_secret, and --allow KEYFILE for each client; make keys with `bridge keys`)"
+                )
     microscope = _make_simulated(args) if args.simulated else _make_adapter(args)
     curve = None
     if args.curve_dir is not None:
@@ -141,6 +148,16 @@ def _serve(args: argparse.Namespace) -> int:
             signal.signal(signal.SIGTERM, previous)
     print(f"bridge: stopped ({server.stats.requests} requests served)", flush=True)
     return 0
+
+
+def _loopback(endpoint: str) -> bool:
+    from drivers.base import MicroscopeError
+    from drivers.zmq_bridge import is_loopback_endpoint
+
+    try:
+        return is_loopback_endpoint(endpoint)
+    except MicroscopeError as exc:
+        raise CommandError(str(exc)) from exc
 
 
 def _main_thread() -> bool:
