@@ -400,3 +400,19 @@ def test_read_region_matches_a_per_pixel_reference(
         montage.read_region(row0, col0, rows, cols),
         padded[40 + row0 : 40 + row0 + rows, 40 + col0 : 40 + col0 + cols],
     )
+
+
+def test_png_tiles_and_colour_tiles(tmp_path: Path) -> None:
+    from PIL import Image
+
+    mosaic = _mosaic(30, 80, np.uint8)
+    Image.fromarray(mosaic[:, :40]).save(tmp_path / "img_0_0.png")
+    Image.fromarray(mosaic[:, 40:]).save(tmp_path / "img_0_1.png")
+    montage = open_montage(tmp_path)
+    assert montage.dtype == np.uint8
+    np.testing.assert_array_equal(montage.to_array(), mosaic)
+    colour = tmp_path / "colour"
+    colour.mkdir()
+    tifffile.imwrite(colour / "Tile_1-1.tif", np.zeros((8, 8, 3), np.uint8), photometric="rgb")
+    with pytest.raises(MontageFormatError, match="grayscale"):
+        open_montage(colour)
