@@ -66,7 +66,9 @@ def test_planted_crystals_are_found_and_bars_masked(polarity: str, bit_depth: in
         for c in candidates:
             assert not scene.bar_mask[int(c.row_px), int(c.col_px)]
     assert np.mean(recalls) >= 0.75, recalls
-    assert np.mean(precisions) >= 0.5, precisions
+    # the default rule takes every object cluster (ice and debris too: the operator or label memory
+    # tells them apart), so precision is bounded by the share of crystals among the objects
+    assert np.mean(precisions) >= 0.4, precisions
 
 
 def test_uneven_illumination_does_not_become_the_crystal_cluster() -> None:

@@ -22,7 +22,8 @@ dark field get the same vector. Units are background sigmas; the background clus
 
 Default crystal rule (`SUGGESTION_RULE`): among clusters other than the background that cover at most
 half of the unmasked cells, those whose texture contrast (the Euclidean norm of the normalised std,
-range and grad_energy) is at least a third of the highest -- crystals have sharp edges and internal
+range and grad_energy) is at least `MIN_TEXTURE_CONTRAST` (8) background sigmas (so an empty field,
+where k-means can only split the film, suggests nothing) -- crystals have sharp edges and internal
 contrast, film is smooth and uniform, and crystal cells often split into a core and an edge cluster.
 Polarity-invariant; bars are masked before clustering, so a bar cluster cannot win. Ice balls and debris
 may be chosen too: the operator or label memory decides between object clusters.
@@ -62,9 +63,11 @@ logger = logging.getLogger(__name__)
 
 SUGGESTION_RULE = (
     "clusters other than the background (largest) cluster that cover at most half of the unmasked cells and "
-    "whose texture contrast (norm of normalised std, range, grad_energy) is at least 1/3 of the highest; "
+    "whose texture contrast (norm of normalised std, range, grad_energy) is at least 8 background sigmas; "
     "bars and black areas masked beforehand"
 )
+#: Texture contrast (background sigmas) below which a cluster is film, not objects (see the rule).
+MIN_TEXTURE_CONTRAST = 8.0
 _POLARITY_FEATURES = ("mean", "mode", "skewness")
 _TEXTURE_FEATURES = ("std", "range", "grad_energy")
 
@@ -411,10 +414,7 @@ def analyse(image: np.ndarray, settings: LocateSettings | None = None) -> Cluste
     candidates = [s for s in summaries if s.cluster_id != background and s.n_cells and s.fraction <= 0.5]
     suggestion: tuple[int, ...] = ()
     if candidates:
-        top = max(s.texture_contrast for s in candidates)
-        suggestion = tuple(
-            s.cluster_id for s in candidates if s.texture_contrast >= top / 3.0 and s.texture_contrast > 0
-        )
+        suggestion = tuple(s.cluster_id for s in candidates if s.texture_contrast >= MIN_TEXTURE_CONTRAST)
     logger.info(
         "analysed %s image: %d cells (%d masked), k=%d, background cluster %d, suggested crystal clusters %s",
         shape,

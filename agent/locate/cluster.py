@@ -297,10 +297,28 @@ def dark_class(small: np.ndarray, ignore: np.ndarray | None = None) -> np.ndarra
     return dark_pixels
 
 
+def keep_border_or_large(mask: np.ndarray, min_fraction: float = 0.1) -> np.ndarray:
+    """The connected parts of `mask` that touch the image border or cover at least `min_fraction` of it.
+
+    Bars, black corners and torn film run into the border or are huge; a dark crystal, even a large one at
+    high magnification, sits inside the image and must not be masked as a black area.
+    """
+    labels, n = ndimage.label(mask)
+    if n == 0:
+        return mask
+    border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    keep = sizes >= min_fraction * mask.size
+    keep[border] = True
+    keep[0] = False
+    return keep[labels]
+
+
 def black_pixel_mask(image: np.ndarray, ignore: np.ndarray | None = None, max_side_px: int = 1024) -> np.ndarray:
     """Pixels (of any extent) that are nearly black: below a quarter of the way from the dark class mean to
     the bright class mean (classes as in `dark_class`; 3x3 mean first against noise), grown by 2 px.
 
+    Only parts touching the border or covering >= 10 % of the image count (`keep_border_or_large`).
     Catches bar edges and black corners the wide-structure detectors leave out. Empty when the image has no
     clear dark class.
     """
@@ -314,6 +332,7 @@ def black_pixel_mask(image: np.ndarray, ignore: np.ndarray | None = None, max_si
     black = smooth <= level
     if ignore is not None:
         black &= ~ignore
+    black = keep_border_or_large(black)
     return ndimage.maximum_filter(black.astype(np.uint8), size=5) > 0
 
 
@@ -330,7 +349,8 @@ def large_dark_mask(
     """Pixel mask of dark areas at least `min_width_px` wide (bars, black corners, broken film edges).
 
     Dark class from `dark_class` on a block-averaged copy; an opening with a square of side
-    `min_width_px / sqrt(2)` keeps only wide structures (not crystals, not small ice balls).
+    `min_width_px / sqrt(2)` keeps only wide structures (not crystals, not small ice balls), and of
+    those only the parts touching the border or covering >= 10 % of the image (`keep_border_or_large`).
     """
     small, factor = _block_mean(image, max_side_px)
     dark = dark_class(small, _ignore_blocks(ignore, factor, small.shape))
@@ -340,7 +360,7 @@ def large_dark_mask(
     # separable min/max filters keep it fast
     side = max(1, round(min_width_px / factor / np.sqrt(2.0)))
     opened = ndimage.maximum_filter(ndimage.minimum_filter(dark.astype(np.uint8), size=side), size=side) > 0
-    return _upsample_mask(opened, factor, image.shape)
+    return _upsample_mask(keep_border_or_large(opened), factor, image.shape)
 
 
 @dataclass(frozen=True)

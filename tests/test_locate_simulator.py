@@ -1,0 +1,92 @@
+"""The locator on simulator frames with ground truth: atlas and search presets, every specimen type."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from agent.locate.analysis import LocateSettings, analyse
+from agent.locate.targets import candidates_to_stage, find_candidates
+from drivers.base import pixel_to_stage_um
+
+simulator = pytest.importorskip("simulator")
+
+VISIBLE_TYPES = ("graphite-flakes", "asbestos-fibres", "protein-plates")
+ATLAS = LocateSettings(mode="window", window_px=15, stride_px=4)
+SEARCH = LocateSettings(mode="window", window_px=31, stride_px=8)
+
+
+def _frame(specimen: str, preset: str, seed: int, camera_px: int, centre_on_crystal: bool):
+    scope = simulator.create_simulated_microscope(specimen, seed=seed, camera_shape_px=(camera_px, camera_px))
+    scope.set_preset(preset)
+    squares = scope.ground_truth.square_centres_um()
+    x_um, y_um = squares[len(squares) // 2]
+    if centre_on_crystal:
+        for sx, sy in squares[len(squares) // 2 :]:
+            nearby = scope.ground_truth.crystals_in_box(sx - 50, sx + 50, sy - 50, sy + 50)
+            if nearby:
+                x_um, y_um = nearby[0].x_um, nearby[0].y_um
+                break
+        else:
+            pytest.fail("the simulator should put crystals on intact squares")
+    scope.move_stage(x_um=float(x_um), y_um=float(y_um))
+    frame = scope.acquire(0.5)
+    return scope, frame, scope.true_image_to_stage_matrix(preset)
+
+
+def _truth_in_view(scope, frame, matrix, margin_um: float):
+    shape = frame.image.shape
+    stage = (frame.metadata.stage.x_um, frame.metadata.stage.y_um)
+    corners = np.array([[0, 0], [shape[1] - 1, 0], [0, shape[0] - 1], [shape[1] - 1, shape[0] - 1]], float)
+    xy = pixel_to_stage_um(corners, shape, stage, matrix)
+    inside = scope.ground_truth.crystals_in_box(
+        xy[:, 0].min() + margin_um, xy[:, 0].max() - margin_um, xy[:, 1].min() + margin_um, xy[:, 1].max() - margin_um
+    )
+    rows, cols = np.mgrid[0 : shape[0] : 4, 0 : shape[1] : 4]
+    pix = np.stack([cols.ravel(), rows.ravel()], 1)
+    bars = scope.ground_truth.bar_mask_xy(*pixel_to_stage_um(pix, shape, stage, matrix).T).reshape(rows.shape)
+    return inside, bars
+
+
+def _evaluate(specimen: str, preset: str, settings: LocateSettings, seed: int, camera_px: int, tolerance_um: float):
+    scope, frame, matrix = _frame(specimen, preset, seed, camera_px, centre_on_crystal=preset == "search")
+    analysis = analyse(np.asarray(frame.image), settings)
+    candidates = find_candidates(analysis, analysis.suggested_crystal_clusters)
+    stage = (frame.metadata.stage.x_um, frame.metadata.stage.y_um)
+    candidates = candidates_to_stage(candidates, frame.image.shape, stage, matrix)
+    inside, true_bars = _truth_in_view(scope, frame, matrix, margin_um=2.0 if preset == "atlas" else 0.5)
+    xs = np.array([c.x_um for c in candidates])
+    ys = np.array([c.y_um for c in candidates])
+    hit_ids = scope.ground_truth.crystal_id_xy(xs, ys, tolerance_um=tolerance_um) if candidates else np.zeros(0, int)
+    found = {int(i) for i in hit_ids if i >= 0} & {c.id for c in inside}
+    found_bars = analysis.bar_mask[::4, ::4]
+    iou = (found_bars & true_bars).sum() / max(1, (found_bars | true_bars).sum())
+    return len(found), len(inside), candidates, hit_ids, iou, true_bars.mean()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("specimen", VISIBLE_TYPES)
+def test_atlas_candidates_overlap_most_crystals_and_bars_are_masked(specimen: str) -> None:
+    found, total, _candidates, hit_ids, iou, bar_fraction = _evaluate(specimen, "atlas", ATLAS, 1, 768, 2.0)
+    assert total > 0
+    assert found / total >= 0.5, f"{specimen}: found {found} of {total} crystals"
+    assert np.mean(hit_ids >= 0) >= 0.4, f"{specimen}: precision {np.mean(hit_ids >= 0):.2f}"
+    assert bar_fraction > 0.2 and iou > 0.85, f"bar IoU {iou:.2f}"
+
+
+@pytest.mark.slow
+def test_search_frames_find_the_crystal_under_the_beam() -> None:
+    hits = 0
+    for specimen in VISIBLE_TYPES:
+        found, _total, _candidates, _, _, _ = _evaluate(specimen, "search", SEARCH, 1, 512, 0.5)
+        hits += found > 0
+    assert hits >= 2, "the crystal at the centre of a search frame should be found for most specimen types"
+
+
+@pytest.mark.slow
+def test_polymer_faint_bars_are_masked_even_where_crystals_are_too_faint() -> None:
+    """Known limitation: faint polymer crystals are not separated by the default rule (see the report);
+    the bars must still be masked and the locator must not invent many targets."""
+    _found, total, candidates, _hit_ids, iou, _ = _evaluate("polymer-faint", "atlas", ATLAS, 1, 768, 2.0)
+    assert iou > 0.85
+    assert len(candidates) <= max(10, 2 * total)
