@@ -109,7 +109,6 @@ def test_prompt_answered_in_the_browser_and_seen_by_a_second_page(browser: Any, 
     assert "left to answer" in desktop.locator(f'.card[data-prompt-id="{prompt_id}"] .countdown').inner_text()
     phone.wait_for_selector(f'.card[data-prompt-id="{prompt_id}"][data-state="open"]')
     shot(phone, "console-phone-prompt.png")
-    shot(desktop, "console-desktop-prompt.png")
 
     desktop.click(f'.card[data-prompt-id="{prompt_id}"] [data-option="1"]')
     desktop.wait_for_selector(f'.card[data-prompt-id="{prompt_id}"][data-state="answered"]')
@@ -132,22 +131,34 @@ def test_prompt_answered_in_the_browser_and_seen_by_a_second_page(browser: Any, 
     assert desktop.locator("#target-title").inner_text().startswith("T001: recorded")
     phone.wait_for_selector('#state[data-state="done"]')
     shot(desktop, "console-desktop-done.png")
-    shot(phone, "console-phone-done.png")
     assert not desktop.errors and not phone.errors, desktop.errors + phone.errors
 
 
-def test_terminal_answer_and_expiry_turn_cards_over(browser: Any, tmp_path: Path) -> None:
-    setup = Live(tmp_path / "session", step_s=0.02, prompt_timeout_s=1.5)
+def test_expiry_controls_and_a_terminal_answer(browser: Any, tmp_path: Path) -> None:
+    """A prompt nobody answers expires (the fallback goes on); pause / abort ask first; a terminal
+    client's answer turns the card over and names who answered."""
+    setup = Live(tmp_path / "session", step_s=0.25, prompt_timeout_s=1.5)  # slow: pause lands mid-session
     try:
         page = new_page(browser, PHONE, setup.console.url)
         page.wait_for_selector('#link[data-connected="true"]')
         setup.session.start()
-        card = page.locator(".card[data-prompt-id]")
-        card.wait_for()
+        page.locator(".card[data-prompt-id]").wait_for()
         page.wait_for_selector('.card[data-state="expired"]', timeout=10000)  # nobody answered in 1.5 s
-        setup.session.join(15)
-        assert setup.session.answer is None and setup.session.state == "done"  # the fallback went on
-        # a second prompt, answered from a terminal client: the card says who
+        assert wait_for(lambda: setup.session.prompt_handle.state == "expired", 5)
+        dialogs: list[str] = []
+
+        def dismiss(dialog: Any) -> None:
+            dialogs.append(dialog.message)
+            dialog.dismiss()
+
+        page.once("dialog", dismiss)
+        page.click('[data-control="pause"]')
+        assert wait_for(lambda: bool(dialogs), 5) and "Pause" in dialogs[0]
+        assert not setup.session._pause.is_set()  # dismissed: nothing sent
+        page.once("dialog", lambda dialog: dialog.accept())
+        page.click('[data-control="pause"]')
+        page.wait_for_selector('#state[data-state="paused"]')
+        assert setup.session.state == "paused"
         from agent.operator import Prompt, PromptOption
 
         handle = setup.channel.ask(Prompt(question="Again?", options=(PromptOption(id="y", label="yes"),),
@@ -157,35 +168,14 @@ def test_terminal_answer_and_expiry_turn_cards_over(browser: Any, tmp_path: Path
             client.answer(handle.id, "y", operator="terminal-ana")
         page.wait_for_selector(f'.card[data-prompt-id="{handle.id}"][data-state="answered"]')
         assert "terminal-ana" in page.locator(f'.card[data-prompt-id="{handle.id}"] .status').inner_text()
+        page.once("dialog", lambda dialog: dialog.accept())
+        page.click('[data-control="abort"]')
+        page.wait_for_selector('#state[data-state="aborted"]')
+        setup.session.join(10)
+        assert setup.session.answer is None and setup.session.state == "aborted"
         assert not page.errors, page.errors
     finally:
         setup.stop()
-
-
-def test_pause_resume_abort_buttons_ask_for_confirmation(browser: Any, live: Live) -> None:
-    page = new_page(browser, DESKTOP, live.console.url)
-    page.wait_for_selector('#link[data-connected="true"]')
-    live.session.start()
-    page.locator(".card[data-prompt-id]").wait_for()
-    dialogs: list[str] = []
-
-    def dismiss(dialog: Any) -> None:
-        dialogs.append(dialog.message)
-        dialog.dismiss()
-
-    page.once("dialog", dismiss)
-    page.click('[data-control="pause"]')
-    assert wait_for(lambda: bool(dialogs), 5) and "Pause" in dialogs[0]
-    assert not live.session._pause.is_set()  # dismissed: nothing sent
-    page.once("dialog", lambda dialog: dialog.accept())
-    page.click('[data-control="pause"]')
-    page.wait_for_function("() => document.querySelector('#control-msg').textContent.includes('pause sent')")
-    page.click('.card[data-prompt-id] [data-option="0"]')
-    page.wait_for_selector('#state[data-state="paused"]')
-    page.once("dialog", lambda dialog: dialog.accept())
-    page.click('[data-control="abort"]')
-    page.wait_for_selector('#state[data-state="aborted"]')
-    assert not page.errors, page.errors
 
 
 def test_page_reconnects_after_the_console_restarts(browser: Any, tmp_path: Path) -> None:
@@ -239,3 +229,31 @@ def test_explore_view_reclusters_when_k_changes(browser: Any, live: Live, tmp_pa
     # ScriptedSession has no label memory: the page says so instead of failing silently
     assert "not stored" in page.locator("#ex-msg").inner_text()
     assert not page.errors, page.errors
+
+
+def test_token_mode_in_the_browser(browser: Any, tmp_path: Path) -> None:
+    """Off loopback: without the token 401; the printed URL logs the browser in (cookie), the token leaves
+    the address bar, the live view and an answer work."""
+    from agent.console.links import LocalLink
+    from agent.console.security import AccessPolicy
+    from agent.console.server import ConsoleApp
+
+    setup = Live(tmp_path / "session", step_s=0.02)
+    policy = AccessPolicy("192.0.2.10")  # the policy of a non-loopback interface, served on loopback here
+    handle = ConsoleHandle(ConsoleApp(LocalLink(setup.session, setup.channel), policy), "127.0.0.1", 0).start()
+    try:
+        context = browser.new_context(viewport=PHONE)
+        page = context.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        assert page.goto(f"http://127.0.0.1:{handle.port}/").status == 401
+        page.goto(handle.url)  # http://host:port/?token=...
+        assert page.url == f"http://127.0.0.1:{handle.port}/"
+        page.wait_for_selector('#link[data-connected="true"]')
+        setup.session.start()
+        page.locator('.card[data-prompt-id] [data-option="1"]').click()
+        page.wait_for_selector('.card[data-prompt-id][data-state="answered"]')
+        setup.session.join(15)
+        assert setup.session.answer is not None and setup.session.answer.operator == "console"
+    finally:
+        handle.stop()
+        setup.stop()

@@ -195,8 +195,10 @@ def test_token_is_required_off_loopback(tmp_path: Path) -> None:
             assert request(handle, "GET", path)[0] == 401, path
             assert request(handle, "GET", path, headers={"Authorization": "Bearer wrong-token-123456"})[0] == 401
         status, headers, _body = request(handle, "GET", f"/?token={token}")
-        assert status == 200 and "console_token=" in headers.get("set-cookie", "")
-        assert "httponly" in headers["set-cookie"].lower() and "samesite=strict" in headers["set-cookie"].lower()
+        assert status == 303 and headers["location"] == "/" and "console_token=" in headers.get("set-cookie", "")
+        assert "httponly" in headers["set-cookie"].lower() and "samesite=lax" in headers["set-cookie"].lower()
+        status, _, body = request(handle, "GET", "/", headers={"Cookie": f"console_token={token}"})
+        assert status == 200 and token.encode() in body  # the page carries it for its X-Console-Token header
         assert request(handle, "GET", "/api/state", headers={"Cookie": f"console_token={token}"})[0] == 200
         assert request(handle, "GET", "/api/state", headers={"Authorization": f"Bearer {token}"})[0] == 200
         with pytest.raises(Exception, match="401"):

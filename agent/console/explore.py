@@ -20,7 +20,7 @@ The 2018 study's first item of future work. Work is split so that only what chan
 The page draws the heat map itself from the label grid (one byte per patch) over the display image, so
 no large PNG is encoded per change. Suggested crystal cluster (when none is chosen): among clusters
 holding less than half of the patches, the one whose centre is farthest from the largest (background)
-cluster's centre in standardised feature space, skipping the darkest cluster when k > 2 and it looks like
+cluster's centre in the standardised (PCA) feature space, skipping the darkest cluster when k > 2 and it looks like
 grid bars (the lowest mean). Works for either contrast polarity (distance, not sign).
 """
 
@@ -49,7 +49,7 @@ DISPLAY_MAX_PX = 2048
 #: PCA dimensions kept for clustering.
 PCA_COMPONENTS = 6
 #: Patches k-means is fitted on (a seeded random sample of them); all are then assigned.
-KMEANS_SAMPLE = 8000
+KMEANS_SAMPLE = 6000
 #: Most patches a setting may produce (sliding windows at stride 1 on 4k images are for the batch locator).
 MAX_PATCHES = 1_100_000
 #: Images kept open, and feature sets / clusterings cached (least recently used dropped).
@@ -113,19 +113,25 @@ class FeatureSet:
     raw: np.ndarray
     scaled: np.ndarray
     reduced: np.ndarray
+    reduced_t: np.ndarray
     centres_px: np.ndarray
     feature_names: tuple[str, ...]
     compute_s: float
     clusterings: collections.OrderedDict[tuple[int, int], Clustering] = field(default_factory=collections.OrderedDict)
 
 
-@dataclass(frozen=True)
+@dataclass
 class Clustering:
-    """k-means result: per-patch labels (ordered by mean grey value) and centres in reduced space."""
+    """k-means result: per-patch labels (ordered by mean grey value), centres in reduced space, and what
+    the page needs about them (computed once per k: summaries, suggestion, encoded labels, candidates)."""
 
     labels: np.ndarray
     centres: np.ndarray
     compute_s: float
+    summaries: list[dict[str, Any]] = field(default_factory=list)
+    suggested: int | None = None
+    labels_b64: str = ""
+    candidates: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
 
 
 def display_uint8(image: np.ndarray, max_px: int = DISPLAY_MAX_PX) -> tuple[np.ndarray, float]:
@@ -175,7 +181,7 @@ def _robust_standardise(features: np.ndarray) -> np.ndarray:
     return np.clip((features - centre) / spread, -50.0, 50.0)
 
 
-def kmeans_centres(points: np.ndarray, k: int, seed: int, n_init: int = 3, max_iter: int = 40) -> np.ndarray:
+def kmeans_centres(points: np.ndarray, k: int, seed: int, n_init: int = 2, max_iter: int = 40) -> np.ndarray:
     """k-means centres of `points` (n, d): k-means++ seeding, then Lloyd iterations; the best of `n_init`
     seeded runs (lowest inertia). float32 (k, d).
 
@@ -229,13 +235,17 @@ def _pca_basis(sample: np.ndarray, n_components: int) -> tuple[np.ndarray, np.nd
     return mean, vt[:n_components]
 
 
-def _nearest_centre(points: np.ndarray, centres: np.ndarray, chunk: int = 262144) -> np.ndarray:
-    labels = np.empty(points.shape[0], dtype=np.int32)
-    centre_sq = np.einsum("ij,ij->i", centres, centres)
-    for start in range(0, points.shape[0], chunk):
-        block = points[start : start + chunk]
-        distance = centre_sq[None, :] - 2.0 * block @ centres.T
-        labels[start : start + chunk] = np.argmin(distance, axis=1)
+def _nearest_centre(points_t: np.ndarray, centres: np.ndarray, chunk: int = 1 << 20) -> np.ndarray:
+    """Index of the nearest centre for every point; `points_t` is (d, n) (points as columns, contiguous),
+    so the distance matrix is (k, n) and the arg-min runs along contiguous memory."""
+    labels = np.empty(points_t.shape[1], dtype=np.int32)
+    centres = np.asarray(centres, dtype=np.float32)
+    centre_sq = np.einsum("ij,ij->i", centres, centres)[:, None]
+    for start in range(0, points_t.shape[1], chunk):
+        distance = centres @ points_t[:, start : start + chunk]
+        distance *= -2.0
+        distance += centre_sq
+        labels[start : start + chunk] = np.argmin(distance, axis=0)
     return labels
 
 
@@ -297,10 +307,13 @@ class ExploreEngine:
                 cached = self._features.get(key)
                 if cached is not None:
                     return cached, True
-            feature_set = self._compute_features(image, settings)
+            try:
+                feature_set = self._compute_features(image, settings)
+            finally:
+                with self._lock:
+                    self._computing.pop(key, None)
             with self._lock:
                 self._features[key] = feature_set
-                self._computing.pop(key, None)
                 while len(self._features) > MAX_FEATURE_SETS:
                     self._features.popitem(last=False)
         return feature_set, False
@@ -340,8 +353,8 @@ class ExploreEngine:
         centres = np.stack([cc.ravel(), rr.ravel()], axis=1)
         elapsed = time.perf_counter() - start
         logger.info("explore: features %s of %s in %.2f s", settings.feature_key(), image.name, elapsed)
-        return FeatureSet((int(grid[0]), int(grid[1])), raw, scaled.astype(np.float32), reduced, centres,
-                          tuple(names), elapsed)
+        return FeatureSet((int(grid[0]), int(grid[1])), raw, scaled.astype(np.float32), reduced,
+                          np.ascontiguousarray(reduced.T), centres, tuple(names), elapsed)
 
     def clustering(self, feature_set: FeatureSet, k: int, seed: int) -> tuple[Clustering, bool]:
         """k-means of a feature set (cached per k and seed) and whether it came from the cache."""
@@ -359,7 +372,7 @@ class ExploreEngine:
         sample = points if points.shape[0] <= KMEANS_SAMPLE else points[rng.choice(points.shape[0], KMEANS_SAMPLE,
                                                                                    replace=False)]
         centres = kmeans_centres(sample, k, seed)
-        labels = _nearest_centre(points, centres)
+        labels = _nearest_centre(feature_set.reduced_t, centres)
         # order clusters by mean grey value so that colours are stable when k changes
         mean_index = feature_set.feature_names.index("mean") if "mean" in feature_set.feature_names else 0
         sums = np.bincount(labels, weights=feature_set.raw[:, mean_index], minlength=k)
@@ -367,7 +380,13 @@ class ExploreEngine:
         order = np.argsort(sums / counts)
         remap = np.empty(k, dtype=np.int32)
         remap[order] = np.arange(k, dtype=np.int32)
-        result = Clustering(remap[labels].astype(np.uint8), centres[order], time.perf_counter() - start)
+        ordered = remap[labels].astype(np.uint8)
+        result = Clustering(ordered, centres[order], 0.0)
+        order = np.argsort(ordered, kind="stable")
+        result.summaries = _cluster_summaries(feature_set, ordered, k, mean_index, order)
+        result.suggested = suggest_crystal_cluster(result.centres, np.bincount(ordered, minlength=k))
+        result.labels_b64 = base64.b64encode(ordered.tobytes()).decode("ascii")
+        result.compute_s = time.perf_counter() - start
         with self._lock:
             feature_set.clusterings[key] = result
             while len(feature_set.clusterings) > MAX_CLUSTERINGS:
@@ -382,32 +401,23 @@ class ExploreEngine:
         feature_set, features_cached = self.features(image_id, settings)
         clustering, clusters_cached = self.clustering(feature_set, settings.k, settings.seed)
         rows, cols = feature_set.grid_shape
-        labels = clustering.labels
-        counts = np.bincount(labels, minlength=settings.k)
-        suggested = suggest_crystal_cluster(feature_set.scaled, labels, settings.k)
+        suggested = clustering.suggested
         crystal = settings.crystal_cluster if settings.crystal_cluster is not None else suggested
         if crystal is not None and crystal >= settings.k:
             raise ExploreError(f"crystal_cluster {crystal} does not exist with k={settings.k} (0..{settings.k - 1})")
         image = self.image(image_id)
-        mean_index = feature_set.feature_names.index("mean") if "mean" in feature_set.feature_names else 0
-        clusters = []
-        for cluster_id in range(settings.k):
-            members = labels == cluster_id
-            examples = np.flatnonzero(members)
-            spots = np.linspace(0, len(examples) - 1, min(6, len(examples))).astype(int)
-            pick = examples[spots] if len(examples) else []
-            clusters.append({
-                "cluster_id": cluster_id,
-                "n_cells": int(counts[cluster_id]),
-                "fraction": round(float(counts[cluster_id]) / len(labels), 4),
-                "mean_grey": float(feature_set.raw[members, mean_index].mean()) if members.any() else None,
-                "example_cells": [[int(i // cols), int(i % cols)] for i in pick],
-            })
         similarity = None
         if settings.reference_cell is not None:
             similarity = self.similarity(feature_set, settings.reference_cell)
-        candidates = find_regions(labels.reshape(rows, cols), crystal, feature_set.centres_px) if crystal is not None \
-            else []
+        candidates: list[dict[str, Any]] = []
+        if crystal is not None:
+            with self._lock:
+                cached_candidates = clustering.candidates.get(crystal)
+            if cached_candidates is None:
+                cached_candidates = find_regions(clustering.labels.reshape(rows, cols), crystal, feature_set.centres_px)
+                with self._lock:
+                    clustering.candidates[crystal] = cached_candidates
+            candidates = cached_candidates
         return {
             "image_id": image_id,
             "image_shape": [int(image.array.shape[0]), int(image.array.shape[1])],
@@ -416,9 +426,9 @@ class ExploreEngine:
             "window_px": settings.window_px,
             "stride_px": settings.stride_px,
             "k": settings.k,
-            "labels_b64": base64.b64encode(labels.tobytes()).decode("ascii"),
+            "labels_b64": clustering.labels_b64,
             "similarity_b64": None if similarity is None else base64.b64encode(similarity.tobytes()).decode("ascii"),
-            "clusters": clusters,
+            "clusters": clustering.summaries,
             "suggested_cluster": suggested,
             "crystal_cluster": crystal,
             "candidates": candidates,
@@ -463,12 +473,34 @@ class ExploreEngine:
         return tuple(float(v) for v in vector), feature_set.feature_names
 
 
-def suggest_crystal_cluster(scaled: np.ndarray, labels: np.ndarray, k: int) -> int | None:
-    """The suggested crystal cluster (see the module docstring), or None if every cluster is large."""
+def _cluster_summaries(feature_set: FeatureSet, labels: np.ndarray, k: int, mean_index: int,
+                       order: np.ndarray) -> list[dict[str, Any]]:
+    """Per cluster: size, fraction, mean grey value and up to 6 example cells (row, col) spread over it."""
+    cols = feature_set.grid_shape[1]
     counts = np.bincount(labels, minlength=k)
+    mean_grey = np.bincount(labels, weights=feature_set.raw[:, mean_index], minlength=k) / np.maximum(counts, 1)
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    summaries = []
+    for cluster_id in range(k):
+        members = order[starts[cluster_id] : starts[cluster_id + 1]]
+        pick = members[np.linspace(0, len(members) - 1, min(6, len(members))).astype(int)] if len(members) else []
+        summaries.append({
+            "cluster_id": cluster_id,
+            "n_cells": int(counts[cluster_id]),
+            "fraction": round(float(counts[cluster_id]) / len(labels), 4),
+            "mean_grey": float(mean_grey[cluster_id]) if counts[cluster_id] else None,
+            "example_cells": [[int(i // cols), int(i % cols)] for i in pick],
+        })
+    return summaries
+
+
+def suggest_crystal_cluster(centres: np.ndarray, counts: np.ndarray) -> int | None:
+    """The suggested crystal cluster (see the module docstring) from the k-means centres (ordered by mean
+    grey value, in the standardised PCA space) and cluster sizes; None if every cluster is large."""
+    k = len(counts)
+    total = int(np.sum(counts))
     background = int(np.argmax(counts))
-    centres = np.stack([scaled[labels == c].mean(axis=0) if counts[c] else np.zeros(scaled.shape[1]) for c in range(k)])
-    choices = [c for c in range(k) if c != background and 0 < counts[c] < 0.5 * labels.size]
+    choices = [c for c in range(k) if c != background and 0 < counts[c] < 0.5 * total]
     if k > 2 and len(choices) > 1 and 0 in choices:
         choices.remove(0)  # the darkest cluster: grid bars / black areas when k > 2
     if not choices:

@@ -7,8 +7,9 @@ Rules (an ASGI middleware in front of every HTTP request and WebSocket):
   `[::1]`, any port), which defeats DNS-rebinding pages.
 - Listening on any other interface requires an access token (generated and printed at start, or read
   from a file). Every request and WebSocket without it gets 401. The token may come as
-  `Authorization: Bearer T`, an `X-Console-Token: T` header, the `console_token` cookie (set when the
-  page is opened with `?token=T`) or, for the page and the WebSocket, the `token` query parameter.
+  `Authorization: Bearer T`, an `X-Console-Token: T` header, the `console_token` cookie (HttpOnly,
+  SameSite=Lax; set when the page is opened with `?token=T`, which then redirects to `/` so the token
+  leaves the address bar) or the `token` query parameter.
 - State-changing requests (every POST: answers, pause / resume / abort, explore actions) need the token
   in the `X-Console-Token` header, never just a cookie (a cross-site form cannot set headers). On loopback
   without an access token a per-process token is used for this; the page receives it embedded in its

@@ -45,7 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -168,6 +168,12 @@ class ConsoleApp:
     # -- page and live updates ----------------------------------------------------------------------
 
     async def index(self, request: Request) -> Response:
+        token = request.query_params.get("token")
+        if self.policy.access_token is not None and token and self.policy.check_token(token):
+            # keep the token in a cookie and take it out of the address bar (history, screen shares)
+            redirect = RedirectResponse("/", status_code=303, headers=_NO_STORE)
+            redirect.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="lax", path="/")
+            return redirect
         page = self._index_template.replace("{{API_TOKEN}}", html.escape(self.policy.api_token, quote=True))
         response = Response(page, media_type="text/html", headers={
             **_NO_STORE,
@@ -176,9 +182,6 @@ class ConsoleApp:
             "x-content-type-options": "nosniff",
             "referrer-policy": "no-referrer",
         })
-        token = request.query_params.get("token")
-        if self.policy.access_token is not None and token and self.policy.check_token(token):
-            response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="strict", path="/")
         return response
 
     async def websocket(self, websocket: WebSocket) -> None:

@@ -327,6 +327,10 @@ for (const tab of document.querySelectorAll(".tab")) {
   });
 }
 $("atlas-img").addEventListener("load", drawTargets);
+for (const id of ["target-thumb", "target-diff"]) {  // a rejected target has no images: hide the frame
+  $(id).addEventListener("error", () => { $(id).parentElement.hidden = true; });
+  $(id).addEventListener("load", () => { $(id).parentElement.hidden = false; });
+}
 
 // ------------------------------------------------------------------------------------------------
 // Explore view
