@@ -22,6 +22,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "agent.commands.locate",
     "agent.commands.operator",
     "agent.commands.bridge",
+    "agent.commands.console",
     "agent.commands.nav",
     "agent.commands.montage",
     "agent.commands.evaluate",
