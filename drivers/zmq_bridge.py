@@ -24,7 +24,9 @@ At-most-once execution
 Non-idempotent calls (move_stage, acquire, acquire_diffraction) are remembered by request id. A resend
 of the same id (after a client timeout) attaches to the running call or gets the stored reply again;
 it is never executed twice. A resend carries the `server_id` of the server it was first sent to, and a
-restarted server (new id, empty memory) refuses it rather than guess. Idempotent calls are retried by
+restarted server (new id, empty memory) refuses it rather than guess. The server keeps the last
+`reply_cache_size` replies (at most `reply_cache_bytes`); a resend whose reply was discarded since is
+refused too (the ids of the last 100 000 such calls are kept), never run again. Idempotent calls are retried by
 the client with a new id and simply run again.
 
 Events
@@ -117,6 +119,9 @@ DEFAULT_MAX_REQUEST_BYTES = 1024 * 1024
 #: Default time limit of quick calls (status queries), seconds.
 DEFAULT_STATUS_TIMEOUT_S = 5.0
 
+#: How many request ids of non-idempotent calls the server remembers (ids only, after replies are evicted).
+_SEEN_IDS = 100_000
+
 _LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
 
 T = TypeVar("T")
@@ -197,7 +202,7 @@ class BridgeServer:
         read_workers: int = 4,
         max_pending: int = 64,
         reply_cache_size: int = 256,
-        reply_cache_bytes: int = 256 * 1024 * 1024,
+        reply_cache_bytes: int = 128 * 1024 * 1024,
         event_poll_s: float = 0.5,
         event_snapshot_s: float = 5.0,
     ) -> None:
@@ -259,6 +264,7 @@ class BridgeServer:
         self._inflight: dict[uuid.UUID, _Job] = {}
         self._reply_cache: OrderedDict[uuid.UUID, tuple[list[Any], int]] = OrderedDict()
         self._reply_cache_total = 0
+        self._seen_ids: OrderedDict[uuid.UUID, None] = OrderedDict()
         self._pools: dict[str, ThreadPoolExecutor] = {}
 
     # lifecycle ------------------------------------------------------------------------------------
@@ -443,6 +449,12 @@ class BridgeServer:
                 self.stats.replayed += 1
                 running.destinations.append(identity)
                 return
+            if request_id in self._seen_ids:
+                self._send_error(router, identity, request_id, BridgeError(
+                    f"{header.method} was resent so late that its stored reply has been discarded; it was NOT run "
+                    "again. Check the instrument state (e.g. get_stage) and call again."
+                ))
+                return
             if header.server_id is not None and header.server_id != self.server_id:
                 self._send_error(router, identity, request_id, BridgeError(
                     f"{header.method} was resent after a timeout, but the server has restarted since it was first "
@@ -458,6 +470,9 @@ class BridgeServer:
         self._jobs[job.job_id] = job
         if cacheable:
             self._inflight[request_id] = job
+            self._seen_ids[request_id] = None
+            while len(self._seen_ids) > _SEEN_IDS:
+                self._seen_ids.popitem(last=False)
         self._pools[spec.kind].submit(self._run_job, job.job_id, spec, params, request_id)
 
     def _on_worker_message(self, router: zmq.Socket, publisher: zmq.Socket | None, parts: list[zmq.Frame]) -> None:

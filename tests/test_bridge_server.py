@@ -402,6 +402,21 @@ def test_resent_request_id_gets_the_stored_reply(server: BridgeServer, raw: Call
     assert server.stats.replayed == 1
 
 
+def test_a_resend_after_its_reply_was_discarded_is_refused_not_executed(
+    microscope: Microscope, raw: Callable[[str], zmq.Socket]
+) -> None:
+    with BridgeServer(microscope, LOOPBACK, reply_cache_size=1) as server:
+        sock = raw(server.endpoint)
+        first = [b"", encode_header(new_request("move_stage", {"x_um": 1.0}, idempotent=False))]
+        second = [b"", encode_header(new_request("move_stage", {"x_um": 2.0}, idempotent=False))]
+        assert raw_exchange(sock, first)["ok"]  # type: ignore[index]
+        assert raw_exchange(sock, second)["ok"]  # type: ignore[index]  # evicts the first reply
+        late = raw_exchange(sock, first)
+        assert late is not None and not late["ok"] and "NOT run" in late["error"]["message"]
+        assert server.stats.executed["move_stage"] == 2
+        assert microscope.get_stage().x_um == pytest.approx(2.0, abs=1.0)
+
+
 def test_a_resend_to_a_restarted_server_is_refused_not_executed(
     server: BridgeServer, raw: Callable[[str], zmq.Socket]
 ) -> None:
