@@ -68,8 +68,12 @@ class Atlas:
         """The mosaic as a `Frame` whose metadata carries the geometry (for `write_frame_tiff`)."""
         centre = self.pixel_to_stage_um(image_centre_px(self.image.shape))
         metadata = FrameMetadata(
-            preset=self.preset, magnification=1.0, pixel_size_um=self.pixel_size_um,
-            stage=StagePosition(x_um=float(centre[0]), y_um=float(centre[1])), exposure_s=0.0, time_s=time_s,
+            preset=self.preset,
+            magnification=1.0,
+            pixel_size_um=self.pixel_size_um,
+            stage=StagePosition(x_um=float(centre[0]), y_um=float(centre[1])),
+            exposure_s=0.0,
+            time_s=time_s,
             extra={"atlas": self.geometry()},
         )
         return Frame(image=self.image, metadata=metadata)
@@ -94,7 +98,9 @@ def frame_atlas(frame: Frame, matrix_um_per_px: np.ndarray) -> Atlas:
     """A single frame as an atlas."""
     centre = image_centre_px(frame.image.shape)
     return Atlas(
-        image=np.asarray(frame.image), preset=frame.metadata.preset, matrix_um_per_px=np.asarray(matrix_um_per_px),
+        image=np.asarray(frame.image),
+        preset=frame.metadata.preset,
+        matrix_um_per_px=np.asarray(matrix_um_per_px),
         reference_xy_um=(frame.metadata.stage.x_um, frame.metadata.stage.y_um),
         reference_px=(float(centre[0]), float(centre[1])),
         tile_stage_xy_um=((frame.metadata.stage.x_um, frame.metadata.stage.y_um),),
@@ -171,8 +177,11 @@ def assemble(frames: Sequence[Frame], matrix_um_per_px: np.ndarray) -> Atlas:
     centre = image_centre_px((rows, cols))
     reference_px = (float(centre[0] - minimum[0]), float(centre[1] - minimum[1]))
     return Atlas(
-        image=mosaic, preset=first.metadata.preset, matrix_um_per_px=matrix,
-        reference_xy_um=(float(origin_xy[0]), float(origin_xy[1])), reference_px=reference_px,
+        image=mosaic,
+        preset=first.metadata.preset,
+        matrix_um_per_px=matrix,
+        reference_xy_um=(float(origin_xy[0]), float(origin_xy[1])),
+        reference_px=reference_px,
         tile_stage_xy_um=tuple((f.metadata.stage.x_um, f.metadata.stage.y_um) for f in frames),
     )
 
@@ -241,8 +250,12 @@ def find_squares(overview: Atlas, bar_mask: np.ndarray) -> list[GridSquare]:
     pixel_area_um2 = overview.pixel_size_um**2
     stage_xy = overview.pixel_to_stage_um(centres[:, ::-1])
     squares = [
-        GridSquare(x_um=float(stage_xy[i, 0]), y_um=float(stage_xy[i, 1]), area_um2=float(areas[i] * pixel_area_um2),
-                   typicality=float(score[i]))
+        GridSquare(
+            x_um=float(stage_xy[i, 0]),
+            y_um=float(stage_xy[i, 1]),
+            area_um2=float(areas[i] * pixel_area_um2),
+            typicality=float(score[i]),
+        )
         for i in range(count)
         if keep[i]
     ]

@@ -4,12 +4,15 @@ Convention (drivers.base): the specimen point under pixel p = (col_px, row_px) o
 stage at S is `S + A @ (p - image_centre_px(shape))`. Cameras are rotated, scaled and sometimes flipped
 relative to the stage, differently at each magnification, so A is measured, never assumed:
 
-1. acquire a reference frame at S, then frames at S + d1 and S + d2 (d1 along x, d2 along y, each about a
-   quarter of the field of view), every position approached from the same side so backlash is the same;
+1. acquire a reference frame at S, then frames at S + d1 and S + d2 (d1 along x, d2 along y), every
+   position approached from the same side so backlash is the same;
 2. phase-correlate each against the reference (scikit-image, sub-pixel): moving the stage by d moves the
-   image content by s = -A^-1 d pixels, so A = -[d1 d2] [s1 s2]^-1;
-3. check with a diagonal move d1 + d2 that the prediction holds (residual in pixels), and that the scale
-   is within a factor 1.5 of the preset's nominal pixel size; otherwise raise `CalibrationError`.
+   image content by s = -A^-1 d pixels, so A = -[d1 d2] [s1 s2]^-1. The moves grow from a few pixels
+   (a periodic grid mesh cannot alias) to a fifth of the field of view (precision), each predicted from
+   the matrix so far so that only a small residual is correlated;
+3. the last round moves +-x, +-y and along two diagonals and fits A by least squares (stage repeat error
+   averages out); the RMS misfit must stay under 5 % of the move (or the stage's repeat error) and the
+   scale within a factor 1.5 of the preset's nominal pixel size, otherwise `CalibrationError`.
 
 Images are high-pass filtered before correlation, because uneven illumination, hot pixels and a data bar
 are fixed to the camera and would otherwise pull the correlation peak to zero shift.
@@ -27,6 +30,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 from scipy import ndimage
+from scipy.signal import windows
 
 from agent.motion import approach_move
 from drivers.base import Microscope, MicroscopeError
@@ -52,7 +56,7 @@ class PresetCalibration(BaseModel):
     rotation_deg: float = Field(description="angle of the camera's +col axis in stage coordinates")
     scale_um_per_px: tuple[float, float] = Field(description="lengths of A's columns (col, row axes)")
     flipped: bool = Field(description="True if camera and stage have opposite handedness")
-    residual_px: float = Field(description="check-move prediction error, pixels")
+    residual_px: float = Field(description="RMS misfit of the least-squares fit over the last test moves, pixels")
     shift_um: float
     stage_xy_um: tuple[float, float]
     measured_utc: str
@@ -95,31 +99,71 @@ class CalibrationSet(BaseModel):
             raise ValueError(f"{path}: not a crystal-locator calibration file ({exc})") from exc
 
 
+def _binned(image: np.ndarray, factor: int) -> np.ndarray:
+    """Sum of `factor` x `factor` pixel blocks (edges cropped), float32."""
+    data = np.asarray(image, dtype=np.float32)
+    if factor <= 1:
+        return data
+    rows, cols = (data.shape[0] // factor) * factor, (data.shape[1] // factor) * factor
+    return data[:rows, :cols].reshape(rows // factor, factor, cols // factor, factor).sum(axis=(1, 3))
+
+
 def highpass(image: np.ndarray, sigma_px: float) -> np.ndarray:
-    """Float32 image with slow illumination and single hot pixels removed, tapered at the edges."""
-    data = ndimage.median_filter(np.asarray(image, dtype=np.float32), size=3)
-    data = data - ndimage.gaussian_filter(data, sigma_px)
+    """Float32 image with slow illumination removed and hot/dead pixels clipped, tapered at the edges.
+
+    The slow background is a box filter of width ~2 sigma (running sums: cost independent of sigma).
+    """
+    data = np.asarray(image, dtype=np.float32)
+    low, high = np.percentile(data, (0.05, 99.95))  # hot/dead pixels are fixed to the camera: clip them
+    data = np.clip(data, low, high)
+    width = max(3, int(2 * sigma_px) | 1)
+    data = data - ndimage.uniform_filter(data, size=width, mode="nearest")
     rows, cols = data.shape
-    taper = np.outer(np.hanning(rows), np.hanning(cols)).astype(np.float32)
+    # A Tukey taper (flat middle, cosine edges) rather than Hann: non-periodic structure near the frame
+    # edges (the grid rim in an overview) must survive, or a periodic mesh aliases the correlation.
+    taper = np.outer(windows.tukey(rows, 0.25), windows.tukey(cols, 0.25)).astype(np.float32)
     return data * taper
 
 
 def measure_shift_px(reference: np.ndarray, moved: np.ndarray, sigma_px: float = 20.0) -> tuple[np.ndarray, float]:
     """How far the content of `moved` is displaced relative to `reference`, as (d_col, d_row) pixels.
 
-    Returns the shift and the normalised correlation peak height (0..1, higher is more reliable).
+    Large frames are binned to at most ~1024 px first (sub-pixel precision is kept by upsampling the
+    correlation peak). Returns the shift and the normalised correlation peak height (0..1, higher is more
+    reliable).
     """
     from skimage.registration import phase_cross_correlation
 
-    ref = highpass(reference, sigma_px)
-    mov = highpass(moved, sigma_px)
-    shift_row_col, _error, _phase = phase_cross_correlation(ref, mov, upsample_factor=10, normalization=None)
+    factor = max(1, min(reference.shape) // 512)
+    ref = highpass(_binned(reference, factor), sigma_px / factor)
+    mov = highpass(_binned(moved, factor), sigma_px / factor)
+    shift_row_col, _error, _phase = phase_cross_correlation(ref, mov, upsample_factor=20, normalization=None)
     # skimage gives the shift that registers `moved` onto `reference`: the content moved by minus that.
     displacement = -np.array([shift_row_col[1], shift_row_col[0]], dtype=np.float64)
-    shifted = ndimage.shift(mov, (-displacement[1], -displacement[0]), order=1, mode="constant")
+    shifted = np.roll(mov, (-round(displacement[1]), -round(displacement[0])), axis=(0, 1))
     denominator = float(np.linalg.norm(ref) * np.linalg.norm(shifted)) or 1.0
     quality = float(np.sum(ref * shifted) / denominator)
-    return displacement, quality
+    return displacement * factor, quality
+
+
+def structure_isotropy(image: np.ndarray, sigma_px: float) -> float:
+    """Smaller / larger eigenvalue of the image's global structure tensor (0: one direction only, 1: even).
+
+    A straight edge (a grid bar seen at high magnification) constrains a shift across it but not along
+    it, so correlation there is meaningless along the edge; this detects it before any move is trusted.
+    """
+    factor = max(1, min(image.shape) // 512)
+    data = highpass(_binned(image, factor), sigma_px / factor)
+    grad_rows = ndimage.sobel(data, axis=0)
+    grad_cols = ndimage.sobel(data, axis=1)
+    tensor = np.array(
+        [
+            [float(np.sum(grad_cols * grad_cols)), float(np.sum(grad_cols * grad_rows))],
+            [float(np.sum(grad_cols * grad_rows)), float(np.sum(grad_rows * grad_rows))],
+        ]
+    )
+    eigenvalues = np.linalg.eigvalsh(tensor)
+    return float(eigenvalues[0] / eigenvalues[1]) if eigenvalues[1] > 0 else 0.0
 
 
 def describe_matrix(matrix: np.ndarray) -> tuple[float, tuple[float, float], bool]:
@@ -130,21 +174,50 @@ def describe_matrix(matrix: np.ndarray) -> tuple[float, tuple[float, float], boo
     return rotation_deg, scales, bool(np.linalg.det(matrix) < 0)
 
 
+def _displacement_px(
+    reference: np.ndarray, moved: np.ndarray, predicted_px: np.ndarray, sigma_px: float
+) -> tuple[np.ndarray, float]:
+    """Displacement (d_col, d_row) of `moved` relative to `reference`, searched near `predicted_px`.
+
+    The frames are cropped to their predicted overlap (integer part of the prediction) and only the small
+    residual is phase-correlated, so periodic specimens (a grid mesh) cannot alias a large shift.
+    """
+    rows, cols = reference.shape
+    d_col, d_row = (round(float(v)) for v in predicted_px)
+    r0, r1 = max(0, -d_row), min(rows, rows - d_row)
+    c0, c1 = max(0, -d_col), min(cols, cols - d_col)
+    if r1 - r0 < 32 or c1 - c0 < 32:
+        raise CalibrationError("calibration test move left too little overlap between frames")
+    ref_crop = reference[r0:r1, c0:c1]
+    mov_crop = moved[r0 + d_row : r1 + d_row, c0 + d_col : c1 + d_col]
+    residual, quality = measure_shift_px(ref_crop, mov_crop, sigma_px)
+    return np.array([d_col, d_row], dtype=np.float64) + residual, quality
+
+
 def measure_preset(
     microscope: Microscope,
     preset: str,
     *,
     exposure_s: float,
     stage_xy_um: tuple[float, float] | None = None,
-    shift_fraction: float = 0.2,
+    shift_fraction: float = 0.3,
+    first_shift_px: float = 4.0,
+    min_first_shift_um: float = 2.0,
     approach_um: float = 0.0,
     min_quality: float = 0.05,
     max_residual_fraction: float = 0.05,
+    stage_repeat_um: float = 0.5,
+    min_isotropy: float = 0.05,
 ) -> PresetCalibration:
     """Measure A for `preset` around `stage_xy_um` (default: where the stage is now).
 
-    Leaves the stage back at `stage_xy_um` and the preset applied. Raises `CalibrationError` when the
-    correlation is too weak, the check move disagrees, or the scale is implausible.
+    Test moves grow geometrically from `first_shift_px` pixels (small enough that a periodic mesh cannot
+    alias), but at least `min_first_shift_um` (well above a stage's repeat error of a few tenths of a
+    micrometre), to `shift_fraction` of the field of view; each larger move is predicted from the matrix
+    measured so far and only the residual is correlated. The last round moves +-x, +-y and along both
+    diagonals and fits A by least squares, which averages out stage repeat error; the RMS misfit is
+    the reported residual. Leaves the stage back at `stage_xy_um`. Raises `CalibrationError` when the
+    correlation is too weak, the fit is poor, or the scale is implausible.
     """
     info = microscope.info()
     nominal = info.preset(preset)
@@ -155,36 +228,59 @@ def measure_preset(
     x0, y0 = stage_xy_um
     frame_rows = info.camera_shape_px[0] // nominal.binning
     frame_cols = info.camera_shape_px[1] // nominal.binning
-    shift_um = shift_fraction * nominal.pixel_size_um * min(frame_rows, frame_cols)
-    offsets_um = {"ref": (0.0, 0.0), "x": (shift_um, 0.0), "y": (0.0, shift_um), "xy": (shift_um, shift_um)}
-    frames: dict[str, np.ndarray] = {}
-    for name, (dx_um, dy_um) in offsets_um.items():
-        approach_move(microscope, x0 + dx_um, y0 + dy_um, approach_um)
-        frames[name] = np.asarray(microscope.acquire(exposure_s).image)
-    approach_move(microscope, x0, y0, approach_um)
-
+    final_shift_px = shift_fraction * min(frame_rows, frame_cols)
+    shifts_px = [min(final_shift_px, max(first_shift_px, min_first_shift_um / nominal.pixel_size_um))]
+    while shifts_px[-1] * 4 < final_shift_px:
+        shifts_px.append(shifts_px[-1] * 4)
+    if shifts_px[-1] < final_shift_px:
+        shifts_px.append(final_shift_px)
     sigma_px = max(4.0, min(frame_rows, frame_cols) / 40.0)
-    shifts = {}
-    for name in ("x", "y", "xy"):
-        shift, quality = measure_shift_px(frames["ref"], frames[name], sigma_px)
-        if quality < min_quality:
-            raise CalibrationError(
-                f"calibration of {preset!r} at ({x0:.1f}, {y0:.1f}) um: correlation too weak "
-                f"(peak {quality:.3f} < {min_quality}); move to an area with more structure"
-            )
-        shifts[name] = shift
-    stage_moves = np.array([[shift_um, 0.0], [0.0, shift_um]]).T  # columns d1, d2
-    pixel_moves = np.column_stack([shifts["x"], shifts["y"]])
-    if abs(np.linalg.det(pixel_moves)) < 1e-6:
-        raise CalibrationError(f"calibration of {preset!r}: the two test moves gave parallel image shifts")
-    matrix = -stage_moves @ np.linalg.inv(pixel_moves)
-    predicted_xy = -np.linalg.inv(matrix) @ np.array([shift_um, shift_um])
-    residual_px = float(np.linalg.norm(predicted_xy - shifts["xy"]))
+
+    def frame_at(dx_um: float, dy_um: float) -> np.ndarray:
+        approach_move(microscope, x0 + dx_um, y0 + dy_um, approach_um)
+        return np.asarray(microscope.acquire(exposure_s).image)
+
+    reference = frame_at(0.0, 0.0)
+    isotropy = structure_isotropy(reference, sigma_px)
+    if isotropy < min_isotropy:
+        raise CalibrationError(
+            f"calibration of {preset!r} at ({x0:.1f}, {y0:.1f}) um: the image has structure in one direction "
+            f"only (isotropy {isotropy:.3f} < {min_isotropy}: an edge, not a corner); move to a corner or texture"
+        )
+    matrix: np.ndarray | None = None
+    residual_px = 0.0
+    shift_um = 0.0
+    for round_index, step_px in enumerate(shifts_px):
+        shift_um = step_px * nominal.pixel_size_um
+        last = round_index == len(shifts_px) - 1
+        unit_moves = [(1, 0), (0, 1), (-1, 0), (0, -1), (1, 1), (-1, 1)] if last else [(1, 0), (0, 1)]
+        stage_moves = shift_um * np.array(unit_moves, dtype=np.float64).T  # (2, n) columns d_i
+        pixel_moves = np.zeros_like(stage_moves)
+        for column in range(stage_moves.shape[1]):
+            predicted = np.zeros(2) if matrix is None else -np.linalg.inv(matrix) @ stage_moves[:, column]
+            displacement, quality = _displacement_px(reference, frame_at(*stage_moves[:, column]), predicted, sigma_px)
+            if quality < min_quality:
+                raise CalibrationError(
+                    f"calibration of {preset!r} at ({x0:.1f}, {y0:.1f}) um: correlation too weak "
+                    f"(peak {quality:.3f} < {min_quality}); move to an area with more structure"
+                )
+            pixel_moves[:, column] = displacement
+        gram = pixel_moves @ pixel_moves.T
+        if abs(np.linalg.det(gram)) < 1e-6:
+            raise CalibrationError(f"calibration of {preset!r}: the test moves gave parallel image shifts")
+        matrix = -stage_moves @ pixel_moves.T @ np.linalg.inv(gram)  # least squares: A S = -D
+        misfit = -np.linalg.inv(matrix) @ stage_moves - pixel_moves
+        residual_px = float(np.sqrt(np.mean(np.sum(misfit**2, axis=0))))
+    approach_move(microscope, x0, y0, approach_um)
+    assert matrix is not None
     rotation_deg, scales, flipped = describe_matrix(matrix)
     expected_shift_px = shift_um / nominal.pixel_size_um
-    if residual_px > max_residual_fraction * expected_shift_px * math.sqrt(2):
+    # The misfit may reach the stage's repeat error (a few tenths of a um: many pixels at high
+    # magnification) or a small fraction of the move, whichever is larger.
+    allowed_px = max(max_residual_fraction * expected_shift_px, stage_repeat_um / nominal.pixel_size_um)
+    if residual_px > allowed_px:
         raise CalibrationError(
-            f"calibration of {preset!r}: check move off by {residual_px:.1f} px "
+            f"calibration of {preset!r}: test moves disagree by {residual_px:.1f} px RMS "
             f"(expected shift {expected_shift_px:.0f} px); the stage may have slipped or the area lacks texture"
         )
     for scale in scales:
@@ -195,7 +291,12 @@ def measure_preset(
             )
     logger.info(
         "calibrated %s: rotation %.2f deg, scale %.4g/%.4g um/px, flipped=%s, residual %.2f px",
-        preset, rotation_deg, scales[0], scales[1], flipped, residual_px,
+        preset,
+        rotation_deg,
+        scales[0],
+        scales[1],
+        flipped,
+        residual_px,
     )
     return PresetCalibration(
         preset=preset,

@@ -9,8 +9,10 @@ target's outcome), `journal` (a journal line), `atlas` (a new heat map is availa
 was asked / closed), `summary` (the session summary).
 
 `ControlServer` answers JSON requests on a ROUTER socket: `{"command": "pause" | "resume" | "abort" |
-"status"}` -> `{"ok": true, "state": ...}` or `{"ok": false, "error": ...}`; garbage gets an error reply
-and the server keeps serving. Both bind 127.0.0.1 unless told otherwise.
+"status"}` -> `{"ok": true, "state": ..., **info}` or `{"ok": false, "error": ...}`; garbage gets an error
+reply and the server keeps serving. `info` is what a console needs to attach to the session: the
+screen command puts `session_dir`, `events_endpoint` and `prompt_endpoint` there. Both bind 127.0.0.1
+unless told otherwise.
 """
 
 from __future__ import annotations
@@ -37,9 +39,7 @@ def check_loopback(endpoint: str) -> None:
         return
     host = endpoint.removeprefix("tcp://").rsplit(":", 1)[0].strip("[]")
     if host not in ("127.0.0.1", "localhost", "::1"):
-        raise ValueError(
-            f"refusing to bind {endpoint}: only loopback is allowed here; reach it through an SSH tunnel"
-        )
+        raise ValueError(f"refusing to bind {endpoint}: only loopback is allowed here; reach it through an SSH tunnel")
 
 
 class EventBus:
@@ -118,9 +118,12 @@ class Controllable(Protocol):
 class ControlServer:
     """Serves pause / resume / abort / status on a ROUTER socket in a background thread."""
 
-    def __init__(self, target: Controllable, endpoint: str = "tcp://127.0.0.1:0") -> None:
+    def __init__(
+        self, target: Controllable, endpoint: str = "tcp://127.0.0.1:0", info: dict[str, Any] | None = None
+    ) -> None:
         check_loopback(endpoint)
         self._target = target
+        self.info: dict[str, Any] = dict(info or {})
         self._context = zmq.Context.instance()
         self._socket = self._context.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.LINGER, 0)
@@ -136,7 +139,7 @@ class ControlServer:
             request = json.loads(payload)
             command = request["command"] if isinstance(request, dict) else None
         except (ValueError, KeyError):
-            return {"ok": False, "error": "malformed request: send JSON {\"command\": ...}"}
+            return {"ok": False, "error": 'malformed request: send JSON {"command": ...}'}
         actions = {
             "pause": self._target.request_pause,
             "resume": self._target.request_resume,
@@ -146,7 +149,7 @@ class ControlServer:
         if command not in actions:
             return {"ok": False, "error": f"unknown command {command!r}; use one of {sorted(actions)}"}
         actions[command]()
-        return {"ok": True, "command": command, "state": self._target.state}
+        return {"ok": True, "command": command, "state": self._target.state, **self.info}
 
     def _serve(self) -> None:
         poller = zmq.Poller()

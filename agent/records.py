@@ -80,8 +80,20 @@ class SessionSummary(BaseModel):
 
 
 TARGET_COLUMNS = (
-    "target_id", "order", "outcome", "x_um", "y_um", "planned_x_um", "planned_y_um", "score", "cluster_id",
-    "area_px", "recentre_offset_um", "n_spots", "signal_to_background", "reason",
+    "target_id",
+    "order",
+    "outcome",
+    "x_um",
+    "y_um",
+    "planned_x_um",
+    "planned_y_um",
+    "score",
+    "cluster_id",
+    "area_px",
+    "recentre_offset_um",
+    "n_spots",
+    "signal_to_background",
+    "reason",
 )
 
 
@@ -90,22 +102,24 @@ def target_rows(targets: Sequence[TargetRecord], results: dict[str, TargetResult
     rows = []
     for target in targets:
         result = results.get(target.target_id)
-        rows.append({
-            "target_id": target.target_id,
-            "order": target.order,
-            "outcome": result.outcome if result else "pending",
-            "x_um": round(result.x_um if result else target.x_um, 3),
-            "y_um": round(result.y_um if result else target.y_um, 3),
-            "planned_x_um": round(target.x_um, 3),
-            "planned_y_um": round(target.y_um, 3),
-            "score": round(target.score, 4),
-            "cluster_id": target.cluster_id,
-            "area_px": round(target.area_px, 1),
-            "recentre_offset_um": round(result.recentre_offset_um, 3) if result else 0.0,
-            "n_spots": result.n_spots if result else 0,
-            "signal_to_background": round(result.signal_to_background, 3) if result else 0.0,
-            "reason": result.reason if result else "",
-        })
+        rows.append(
+            {
+                "target_id": target.target_id,
+                "order": target.order,
+                "outcome": result.outcome if result else "pending",
+                "x_um": round(result.x_um if result else target.x_um, 3),
+                "y_um": round(result.y_um if result else target.y_um, 3),
+                "planned_x_um": round(target.x_um, 3),
+                "planned_y_um": round(target.y_um, 3),
+                "score": round(target.score, 4),
+                "cluster_id": target.cluster_id,
+                "area_px": round(target.area_px, 1),
+                "recentre_offset_um": round(result.recentre_offset_um, 3) if result else 0.0,
+                "n_spots": result.n_spots if result else 0,
+                "signal_to_background": round(result.signal_to_background, 3) if result else 0.0,
+                "reason": result.reason if result else "",
+            }
+        )
     return rows
 
 

@@ -1,0 +1,296 @@
+"""`crystal-locator screen`: run (or resume) a screening session on a simulated or real microscope.
+
+    crystal-locator screen --simulated [--specimen TYPE] [--seed N] [--plan plan.toml] [--out DIR]
+    crystal-locator screen --tiles DIR [--pixel-size-um X] ...
+    crystal-locator screen --bridge tcp://127.0.0.1:5555 ...
+    crystal-locator screen --resume SESSION_DIR
+
+How the microscope was made is saved in the session folder (`source.json`), so `--resume` needs nothing
+else. This is the one place in `agent` that imports `simulator` (to wire a simulated session up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import threading
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from agent.cli import CommandError
+
+logger = logging.getLogger(__name__)
+
+SOURCE_NAME = "source.json"
+DEFAULT_SPECIMEN = "protein-plates"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add the `screen` command."""
+    parser = subparsers.add_parser(
+        "screen",
+        help="run a screening session (simulated, dataset tiles, or a real microscope over the bridge)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--simulated", action="store_true", help="a simulated microscope with ground truth")
+    source.add_argument("--tiles", type=Path, metavar="DIR", help="serve a montage of real image tiles")
+    source.add_argument("--bridge", metavar="ENDPOINT", help="a microscope behind `crystal-locator bridge serve`")
+    source.add_argument("--resume", type=Path, metavar="SESSION_DIR", help="continue a session that stopped")
+    parser.add_argument("--specimen", default=None, help=f"specimen type (simulated; default {DEFAULT_SPECIMEN})")
+    parser.add_argument("--seed", type=int, default=None, help="random seed (specimen and session)")
+    parser.add_argument("--pixel-size-um", type=float, default=None, help="pixel size of the tiles, um")
+    parser.add_argument("--camera-px", type=int, default=None, help="simulated camera size, pixels (square)")
+    parser.add_argument("--plan", type=Path, help="screening plan (.toml, .yaml or .json)")
+    parser.add_argument("--out", type=Path, help="session folder (default: sessions/<date-time>)")
+    parser.add_argument("--max-targets", type=int, help="override the plan's targeting.max_targets")
+    parser.add_argument("--squares", type=int, help="override the plan's area.squares")
+    parser.add_argument("--time-budget-s", type=float, help="override the plan's time budget (microscope s)")
+    parser.add_argument(
+        "--operator",
+        default="none",
+        metavar="{none,simulated,ENDPOINT}",
+        help="who answers prompts: none (fallback only), simulated (ground truth), or bind ENDPOINT for operators",
+    )
+    parser.add_argument("--labels", type=Path, help="label-memory folder (default: per-user data folder)")
+    parser.add_argument("--no-labels", action="store_true", help="do not use or update label memory")
+    parser.add_argument("--events", metavar="ENDPOINT", help="publish session events on this PUB endpoint")
+    parser.add_argument("--control", metavar="ENDPOINT", help="serve pause/resume/abort on this endpoint")
+    # -- web console (agent.console) --
+    parser.add_argument(
+        "--console",
+        metavar="[HOST:]PORT",
+        help="operator web console for this session (host 127.0.0.1 unless given; others need a token)",
+    )
+    parser.add_argument("--console-token-file", type=Path, metavar="FILE", help="access token for --console")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.set_defaults(handler=run_screen)
+
+
+def _source_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    if args.resume is not None:
+        path = args.resume / SOURCE_NAME
+        try:
+            return dict(json.loads(path.read_text()))
+        except (OSError, ValueError) as exc:
+            raise CommandError(f"{args.resume}: cannot resume, {SOURCE_NAME} missing or unreadable ({exc})") from exc
+    if args.simulated:
+        return {
+            "kind": "simulated",
+            "specimen": args.specimen or DEFAULT_SPECIMEN,
+            "seed": args.seed or 0,
+            "camera_px": args.camera_px,
+        }
+    if args.tiles is not None:
+        return {
+            "kind": "tiles",
+            "tiles": str(args.tiles.resolve()),
+            "pixel_size_um": args.pixel_size_um,
+            "seed": args.seed or 0,
+            "camera_px": args.camera_px,
+        }
+    return {"kind": "bridge", "endpoint": args.bridge}
+
+
+def make_microscope(source: dict[str, Any]) -> tuple[Any, Any]:
+    """The microscope described by `source` and its ground truth (None unless simulated)."""
+    kind = source["kind"]
+    if kind in ("simulated", "tiles"):
+        from simulator import create_simulated_microscope
+
+        kwargs: dict[str, Any] = {"seed": int(source.get("seed") or 0)}
+        if source.get("camera_px"):
+            kwargs["camera_shape_px"] = (int(source["camera_px"]), int(source["camera_px"]))
+        try:
+            if kind == "simulated":
+                microscope = create_simulated_microscope(specimen_type=source["specimen"], **kwargs)
+            else:
+                microscope = create_simulated_microscope(
+                    tiles=source["tiles"], pixel_size_um=source.get("pixel_size_um"), **kwargs
+                )
+        except (ValueError, OSError) as exc:
+            raise CommandError(str(exc)) from exc
+        return microscope, getattr(microscope, "ground_truth", None)
+    if kind == "bridge":
+        from drivers.zmq_bridge import BridgeClient
+
+        try:
+            return BridgeClient(source["endpoint"]), None
+        except Exception as exc:
+            raise CommandError(f"cannot connect to the bridge at {source['endpoint']}: {exc}") from exc
+    raise CommandError(f"unknown microscope source {kind!r}")
+
+
+def _plan_from_args(args: argparse.Namespace, source: dict[str, Any]) -> Any:
+    from agent.config import PlanError, ScreeningPlan, load_plan
+
+    try:
+        plan = load_plan(args.plan) if args.plan else ScreeningPlan()
+    except PlanError as exc:
+        raise CommandError(str(exc)) from exc
+    updates: dict[str, Any] = {}
+    if source["kind"] == "simulated" and plan.specimen is None:
+        updates["specimen"] = source["specimen"]
+    if args.seed is not None:
+        updates["seed"] = args.seed
+    if args.time_budget_s is not None:
+        updates["time_budget_s"] = args.time_budget_s
+    if args.max_targets is not None:
+        updates["targeting"] = plan.targeting.model_copy(update={"max_targets": args.max_targets})
+    if args.squares is not None:
+        updates["area"] = plan.area.model_copy(update={"squares": args.squares})
+    if updates:
+        plan = ScreeningPlan.model_validate(
+            {
+                **plan.model_dump(),
+                **{k: (v.model_dump() if hasattr(v, "model_dump") else v) for k, v in updates.items()},
+            }
+        )
+    return plan
+
+
+def run_screen(args: argparse.Namespace) -> int:
+    """Handler of `crystal-locator screen`."""
+    from rich.console import Console
+
+    from agent.events import ControlServer, EventBus
+    from agent.journal import read_journal
+    from agent.progress import TerminalProgress, summary_table
+    from agent.screening import ScreeningSession, SessionError
+    from drivers.formats.images import write_atomic
+
+    source = _source_from_args(args)
+    session_dir = args.resume or args.out or Path("sessions") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    if args.resume is None and (session_dir / "journal.jsonl").exists() and read_journal(session_dir / "journal.jsonl"):
+        raise CommandError(f"{session_dir} already holds a session; use --resume {session_dir} or another --out")
+    microscope, truth = make_microscope(source)
+
+    labels = None
+    if not args.no_labels:
+        from agent.labels import LabelMemory, default_labels_dir
+
+        labels = LabelMemory(args.labels or default_labels_dir())
+
+    events = EventBus(args.events)
+    channel = simulated_operator = None
+    try:
+        channel, simulated_operator = _start_operator(args.operator, truth)
+        kwargs: dict[str, Any] = {"labels": labels, "operator": channel, "events": events}
+        if truth is not None:
+            from simulator.scoring import score_session
+
+            kwargs["truth_scorer"] = lambda targets, results, box: score_session(truth, list(results.values()), box)
+        try:
+            if args.resume is not None:
+                session = ScreeningSession.resume(microscope, session_dir, **kwargs)
+            else:
+                plan = _plan_from_args(args, source)
+                session_dir.mkdir(parents=True, exist_ok=True)
+                write_atomic(session_dir / SOURCE_NAME, json.dumps(source, indent=2).encode())
+                session = ScreeningSession(microscope, plan, session_dir, **kwargs)
+        except SessionError as exc:
+            raise CommandError(str(exc)) from exc
+        control = None
+        if args.control:
+            control = ControlServer(
+                session,
+                args.control,
+                info={
+                    "session_dir": str(Path(session_dir).resolve()),
+                    "events_endpoint": events.endpoint,
+                    "prompt_endpoint": channel.prompt_endpoint if channel is not None else None,
+                },
+            )
+        _install_signal_handlers(session)
+        console = Console(stderr=True)
+        console.print(f"session folder: {session_dir}")
+        if channel is not None:
+            console.print(f"operator prompts: {channel.prompt_endpoint}")
+        if events.endpoint:
+            console.print(f"events: {events.endpoint}")
+        if control is not None:
+            console.print(f"control: {control.endpoint}")
+        progress = TerminalProgress(console)
+        events.subscribe(progress.on_event)
+        web = None
+        try:
+            web = _start_console(args, session, channel, console)  # --console (agent.console)
+            with progress:
+                summary = session.run()
+        finally:
+            if web is not None:
+                web.stop()
+            if control is not None:
+                control.close()
+    finally:
+        if simulated_operator is not None:
+            simulated_operator.stop()
+        if channel is not None:
+            channel.close()
+        events.close()
+        close = getattr(microscope, "close", None)
+        if callable(close):
+            close()
+    data = summary.model_dump(mode="json")
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        Console().print(summary_table(data))
+    return 0 if summary.state == "done" else 1
+
+
+def _start_operator(mode: str, truth: Any) -> tuple[Any, Any]:
+    """The agent-side prompt channel and, for `simulated`, the simulated operator answering on it."""
+    if mode == "none":
+        return None, None
+    from agent.operator import OperatorChannel
+
+    if mode == "simulated":
+        if truth is None:
+            raise CommandError("--operator simulated needs a simulated specimen with ground truth (--simulated)")
+        from simulator.operator import SimulatedOperator
+
+        channel = OperatorChannel("tcp://127.0.0.1:0")
+        operator = SimulatedOperator(channel.prompt_endpoint, truth)
+        operator.start()
+        return channel, operator
+    try:
+        return OperatorChannel(mode), None
+    except Exception as exc:
+        raise CommandError(f"cannot open the operator endpoint {mode}: {exc}") from exc
+
+
+def _install_signal_handlers(session: Any) -> None:
+    """SIGTERM/SIGINT abort the session at the next step boundary (results so far are kept)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def abort(signum: int, frame: object) -> None:
+        logger.warning("signal %d: aborting at the next step; resume with --resume", signum)
+        session.request_abort()
+
+    signal.signal(signal.SIGTERM, abort)
+    signal.signal(signal.SIGINT, abort)
+
+
+def _start_console(args: argparse.Namespace, session: Any, channel: Any, console: Any) -> Any:
+    """`--console [HOST:]PORT`: the operator web console next to the session (None without the flag)."""
+    if not args.console:
+        return None
+    try:
+        from agent.console import parse_listen, start_console_for_session
+        from agent.console.security import SecurityError, read_token_file
+    except ImportError as exc:
+        raise CommandError(f"--console needs the extra: pip install 'crystal-locator[console]' ({exc})") from exc
+    try:
+        host, port = parse_listen(args.console)
+        token = read_token_file(args.console_token_file) if args.console_token_file else None
+        handle = start_console_for_session(session, channel, host, port, token)
+    except (ValueError, SecurityError) as exc:
+        raise CommandError(f"--console {args.console}: {exc}") from exc
+    console.print(f"web console: {handle.url}")
+    return handle

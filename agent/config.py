@@ -1,0 +1,199 @@
+"""Screening plans: frozen pydantic models, loadable from TOML, YAML or JSON, saved with each session.
+
+A plan says what to map, how to locate, how many targets to visit and what to do when nobody answers.
+Every field has a default that works on the simulator and is a sensible start on an instrument; a plan
+file only needs the fields it changes, e.g. (TOML):
+
+    specimen = "protein-plates"
+    [area]
+    squares = 2
+    [targeting]
+    max_targets = 20
+    [operator]
+    fallback = "label-memory"
+
+Lengths in micrometres, times in seconds (exposures and budgets are microscope time).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from agent.locate.analysis import LocateSettings
+from drivers.formats.images import write_atomic
+
+PLAN_NAME = "plan.json"
+
+_FROZEN = ConfigDict(frozen=True, extra="forbid")
+
+
+class PlanError(ValueError):
+    """A plan file could not be read or does not validate; the message names the file and the field."""
+
+
+class PresetNames(BaseModel):
+    """Which optics preset each stage of the loop uses (names as the microscope knows them)."""
+
+    model_config = _FROZEN
+
+    overview: str = "overview"
+    atlas: str = "atlas"
+    search: str = "search"
+
+
+class ExposurePlan(BaseModel):
+    """Exposure times per step, seconds."""
+
+    model_config = _FROZEN
+
+    overview_s: float = Field(default=0.5, gt=0)
+    calibration_s: float = Field(default=0.5, gt=0)
+    atlas_s: float = Field(default=0.5, gt=0)
+    search_s: float = Field(default=0.5, gt=0)
+    diffraction_s: float = Field(default=1.0, gt=0)
+
+
+class AreaPlan(BaseModel):
+    """What to map at the atlas preset.
+
+    Either `box_um = (x_min, x_max, y_min, y_max)`, or `squares` grid squares chosen automatically from
+    the overview (a contiguous block of typical squares nearest the stage centre).
+    """
+
+    model_config = _FROZEN
+
+    squares: int = Field(default=1, ge=1, le=64)
+    box_um: tuple[float, float, float, float] | None = None
+    overlap_fraction: float = Field(default=0.1, ge=0.0, lt=0.5)
+    margin_um: float = Field(default=5.0, ge=0.0)
+    overview: bool = Field(default=True, description="take a whole-grid overview first to choose squares")
+
+    @model_validator(mode="after")
+    def _box_ordered(self) -> AreaPlan:
+        if self.box_um is not None:
+            x_min, x_max, y_min, y_max = self.box_um
+            if not (x_min < x_max and y_min < y_max):
+                raise ValueError("box_um must be (x_min, x_max, y_min, y_max) with min < max")
+        return self
+
+
+class TargetingPlan(BaseModel):
+    """Which candidates become targets and how the stage gets there."""
+
+    model_config = _FROZEN
+
+    max_targets: int = Field(default=12, ge=1, le=10000)
+    min_spacing_um: float = Field(default=4.0, ge=0.0)
+    min_bar_distance_um: float = Field(default=4.0, ge=0.0)
+    approach_um: float = Field(default=5.0, ge=0.0, description="backlash take-up: always arrive from -x/-y")
+
+
+class ConfirmPlan(BaseModel):
+    """How a target is confirmed at the search preset and checked in diffraction."""
+
+    model_config = _FROZEN
+
+    radius_um: float = Field(default=5.0, gt=0, description="how far from the expected position it may be")
+    recentre: bool = True
+    diffraction: bool = True
+    min_spots: int = Field(default=4, ge=1, description="Bragg spots needed to call a target diffracting")
+    min_contrast_sigma: float = Field(
+        default=3.0, gt=0, description="object vs surrounding film contrast, in units of the film's noise"
+    )
+    locate: LocateSettings = Field(
+        default_factory=lambda: LocateSettings(mode="grid", grid_rows=32, grid_cols=32, k=3),
+        description="locator settings for the search image",
+    )
+
+
+class OperatorPlan(BaseModel):
+    """When to ask the operator which clusters hold crystals, and what to do without an answer."""
+
+    model_config = _FROZEN
+
+    ask: bool = True
+    min_confidence: float = Field(default=0.8, ge=0.0, le=1.0, description="label-memory confidence to skip asking")
+    wait_s: float = Field(default=30.0, ge=0.0, description="real seconds the loop waits for an answer")
+    deadline_s: float = Field(default=600.0, gt=0.0, description="real seconds a prompt stays open")
+    fallback: Literal["label-memory", "default-rule", "reference", "skip"] = "label-memory"
+    reference_cells: tuple[tuple[int, int], ...] = Field(
+        default=(), description="(row, col) cells of the atlas grid that show crystals, for fallback 'reference'"
+    )
+
+
+class RecoveryPlan(BaseModel):
+    """Fault handling: retries per step and faults per session before giving up."""
+
+    model_config = _FROZEN
+
+    max_retries: int = Field(default=2, ge=0)
+    max_faults: int = Field(default=20, ge=0)
+
+
+class ScreeningPlan(BaseModel):
+    """Everything a screening session needs to know; frozen, validated, saved as `plan.json`."""
+
+    model_config = _FROZEN
+
+    name: str = "screening"
+    specimen: str | None = Field(default=None, description="specimen type, used to match label memory")
+    seed: int = 0
+    presets: PresetNames = PresetNames()
+    exposures: ExposurePlan = ExposurePlan()
+    area: AreaPlan = AreaPlan()
+    locate: LocateSettings = Field(
+        default_factory=lambda: LocateSettings(mode="window", window_px=15, stride_px=4),
+        description="locator settings for the atlas (window ~ a few crystal sizes at the atlas pixel size)",
+    )
+    targeting: TargetingPlan = TargetingPlan()
+    confirm: ConfirmPlan = Field(default_factory=ConfirmPlan)
+    operator: OperatorPlan = OperatorPlan()
+    recovery: RecoveryPlan = RecoveryPlan()
+    time_budget_s: float | None = Field(default=None, gt=0, description="stop visiting targets after this")
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the plan as JSON, atomically."""
+        return write_atomic(path, self.model_dump_json(indent=2).encode())
+
+
+def load_plan(path: str | os.PathLike[str]) -> ScreeningPlan:
+    """Read a plan from `.toml`, `.yaml`/`.yml` or `.json`; raises `PlanError` naming the problem."""
+    plan_path = Path(path)
+    try:
+        text = plan_path.read_text()
+    except OSError as exc:
+        raise PlanError(f"{plan_path}: cannot read plan ({exc.strerror or exc})") from exc
+    suffix = plan_path.suffix.lower()
+    try:
+        if suffix == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib  # type: ignore[no-redef]
+            data = tomllib.loads(text)
+        elif suffix in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ModuleNotFoundError as exc:
+                raise PlanError(f"{plan_path}: YAML plans need PyYAML: pip install 'crystal-locator[yaml]'") from exc
+            data = yaml.safe_load(text)
+        elif suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise PlanError(f"{plan_path}: plan must be .toml, .yaml or .json")
+    except PlanError:
+        raise
+    except Exception as exc:
+        raise PlanError(f"{plan_path}: cannot parse plan ({exc})") from exc
+    if not isinstance(data, dict):
+        raise PlanError(f"{plan_path}: a plan is a table of settings, got {type(data).__name__}")
+    try:
+        return ScreeningPlan.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in error['loc'])}: {error['msg']}" for error in exc.errors())
+        raise PlanError(f"{plan_path}: invalid plan: {problems}") from exc

@@ -1,0 +1,199 @@
+"""Which clusters hold crystals: label memory first, then the operator, then the plan's fallback.
+
+1. Label memory (`agent.labels.LabelMemory`) suggests a label for every cluster from clusters labelled in
+   earlier sessions of the same specimen type and preset. Confident suggestions are taken as they are.
+2. Clusters left unsure are put to the operator as one prompt (heat map + gallery images, one option per
+   unsure cluster, several may be chosen, plus "none of these"). The loop waits at most `operator.wait_s`
+   real seconds; the prompt stays open until its deadline.
+3. Without an answer the plan's fallback decides: `label-memory` (the best guess even below the
+   confidence threshold, else the locator's default rule), `default-rule`, `reference` (clusters of the
+   plan's reference cells), or `skip` (no targets from unsure clusters). The decision and its source are
+   recorded; answers are stored in label memory so the next session asks less.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from agent.config import OperatorPlan
+
+logger = logging.getLogger(__name__)
+
+NONE_OPTION = "none"
+
+
+@dataclass(frozen=True)
+class LabellingDecision:
+    """The crystal clusters chosen, and for each cluster where its label came from."""
+
+    crystal_clusters: tuple[int, ...]
+    sources: dict[int, str]
+    confidences: dict[int, float]
+    prompt_id: str | None = None
+    answered_by: str | None = None
+    asked: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-friendly form for the journal."""
+        return {
+            "crystal_clusters": list(self.crystal_clusters),
+            "sources": {str(k): v for k, v in self.sources.items()},
+            "confidences": {str(k): round(v, 3) for k, v in self.confidences.items()},
+            "prompt_id": self.prompt_id,
+            "answered_by": self.answered_by,
+            "asked": self.asked,
+            "notes": self.notes,
+        }
+
+
+def decide_crystal_clusters(
+    analysis: Any,
+    *,
+    plan: OperatorPlan,
+    specimen: str,
+    preset: str,
+    session_id: str,
+    memory: Any | None,
+    channel: Any | None,
+    sample_xy_um: Callable[[Any], list[list[float]]],
+    prompt_images: Callable[[], dict[str, bytes]],
+    reference_clusters: Callable[[], Sequence[int]] = lambda: (),
+) -> LabellingDecision:
+    """Decide which of `analysis.clusters` hold crystals (see module docstring).
+
+    `sample_xy_um(cluster)` gives stage positions of typical cells of a cluster (sent with the prompt so
+    tools and simulated operators can look there); `prompt_images()` renders the PNGs for a prompt only
+    when one is asked.
+    """
+    clusters = list(analysis.clusters)
+    cluster_ids = [int(c.cluster_id) for c in clusters]
+    sources: dict[int, str] = {}
+    confidences: dict[int, float] = {}
+    labels: dict[int, bool] = {}
+    notes: list[str] = []
+
+    suggestions: list[Any] = [None] * len(clusters)
+    if memory is not None and clusters:
+        centroids = np.array([np.asarray(c.normalised_centroid, dtype=np.float64) for c in clusters])
+        suggestions = list(memory.suggest(centroids, tuple(analysis.feature_names), specimen, preset))
+        for cluster_id, suggestion in zip(cluster_ids, suggestions, strict=True):
+            confidences[cluster_id] = float(suggestion.confidence)
+            if suggestion.confidence >= plan.min_confidence:
+                labels[cluster_id] = bool(suggestion.is_crystal)
+                sources[cluster_id] = "label-memory"
+
+    unsure = [c for c in clusters if int(c.cluster_id) not in labels]
+    prompt_id = answered_by = None
+    asked = False
+    if unsure and plan.ask and channel is not None:
+        from agent.operator import Prompt, PromptOption
+
+        options = [
+            PromptOption(
+                id=f"cluster-{c.cluster_id}",
+                label=f"cluster {c.cluster_id} ({100 * c.fraction:.1f} % of the atlas)",
+                description="contains crystals",
+                context={"cluster_id": int(c.cluster_id), "sample_xy_um": sample_xy_um(c)},
+            )
+            for c in unsure
+        ]
+        options.append(PromptOption(id=NONE_OPTION, label="none of these contain crystals"))
+        prompt = Prompt(
+            kind="crystal-clusters",
+            question="Which of these clusters contain crystals? (choose all that do)",
+            options=tuple(options),
+            multiple=True,
+            timeout_s=plan.deadline_s,
+            images=prompt_images(),
+            context={"specimen": specimen, "preset": preset, "session": session_id},
+        )
+        handle = channel.ask(prompt)
+        asked = True
+        prompt_id = handle.id
+        answer = handle.wait(plan.wait_s)
+        if answer is not None:
+            answered_by = answer.operator
+            chosen = set(answer.option_ids)
+            for c in unsure:
+                labels[int(c.cluster_id)] = f"cluster-{c.cluster_id}" in chosen
+                sources[int(c.cluster_id)] = "operator"
+            if memory is not None:
+                _remember(memory, analysis, unsure, labels, specimen, preset, session_id, "operator")
+        else:
+            notes.append(f"prompt {prompt_id} not answered within {plan.wait_s:.0f} s; fallback {plan.fallback}")
+
+    still_unsure = [c for c in clusters if int(c.cluster_id) not in labels]
+    if still_unsure:
+        fallback = _fallback_labels(analysis, still_unsure, plan, suggestions, cluster_ids, reference_clusters)
+        for cluster_id, (is_crystal, source) in fallback.items():
+            labels[cluster_id] = is_crystal
+            sources[cluster_id] = source
+    crystal = tuple(sorted(cid for cid, is_crystal in labels.items() if is_crystal))
+    return LabellingDecision(
+        crystal_clusters=crystal,
+        sources=sources,
+        confidences=confidences,
+        prompt_id=prompt_id,
+        answered_by=answered_by,
+        asked=asked,
+        notes=notes,
+    )
+
+
+def _fallback_labels(
+    analysis: Any,
+    unsure: Sequence[Any],
+    plan: OperatorPlan,
+    suggestions: Sequence[Any],
+    cluster_ids: Sequence[int],
+    reference_clusters: Callable[[], Sequence[int]],
+) -> dict[int, tuple[bool, str]]:
+    """Labels for clusters nobody was sure about, following `plan.fallback`."""
+    default = set(int(c) for c in analysis.suggested_crystal_clusters)
+    by_id = dict(zip(cluster_ids, suggestions, strict=True))
+    result: dict[int, tuple[bool, str]] = {}
+    for cluster in unsure:
+        cid = int(cluster.cluster_id)
+        if plan.fallback == "skip":
+            result[cid] = (False, "fallback:skip")
+        elif plan.fallback == "reference":
+            result[cid] = (cid in set(reference_clusters()), "fallback:reference")
+        elif plan.fallback == "label-memory" and by_id.get(cid) is not None and by_id[cid].n_support > 0:
+            result[cid] = (bool(by_id[cid].is_crystal), "fallback:label-memory")
+        else:
+            result[cid] = (cid in default, "fallback:default-rule")
+    return result
+
+
+def _remember(
+    memory: Any,
+    analysis: Any,
+    clusters: Sequence[Any],
+    labels: dict[int, bool],
+    specimen: str,
+    preset: str,
+    session_id: str,
+    source: str,
+) -> None:
+    """Store operator labels of `clusters` in label memory."""
+    from agent.labels import LabelRecord
+
+    records = [
+        LabelRecord(
+            feature_vector=tuple(float(v) for v in np.asarray(c.normalised_centroid, dtype=np.float64)),
+            feature_names=tuple(analysis.feature_names),
+            is_crystal=labels[int(c.cluster_id)],
+            specimen=specimen,
+            preset=preset,
+            session=session_id,
+            source=source,
+        )
+        for c in clusters
+    ]
+    memory.add(records)

@@ -1,0 +1,156 @@
+"""Files a screening session writes for people and other tools.
+
+- `atlas/heatmap.png` (cluster heat map with targets), `atlas/bar_mask.png`, `atlas/gallery.png`,
+  `atlas/clusters.json`;
+- `targets.csv`, `targets.json` (stage coordinates, scores, outcomes), `targets.nav` (SerialEM navigator:
+  recorded targets as points, ready to acquire);
+- `targets/<id>_thumb.png`, `targets/<id>_diffraction.png` (8-bit previews);
+- `summary.json` (see `agent.records.SessionSummary`).
+
+Every file is written atomically, so a crash leaves the previous version, never half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.records import TargetRecord, TargetResult, rows_to_csv, target_rows
+from drivers.base import Frame
+from drivers.formats.images import encode_png, write_atomic
+
+logger = logging.getLogger(__name__)
+
+#: Longest side of PNG previews sent with prompts, pixels (phone screens, small messages).
+PROMPT_IMAGE_MAX_PX = 1024
+
+
+def write_json(path: str | Path, payload: Any) -> Path:
+    """Write JSON atomically (indented, sorted keys)."""
+    return write_atomic(path, json.dumps(payload, indent=2, sort_keys=True, default=str).encode())
+
+
+def _downscale_rgb(rgb: np.ndarray, max_px: int) -> np.ndarray:
+    """Shrink an RGB image so that its longest side is at most `max_px` (block mean; no-op if small)."""
+    factor = int(np.ceil(max(rgb.shape[:2]) / max_px))
+    if factor <= 1:
+        return rgb
+    rows, cols = (rgb.shape[0] // factor) * factor, (rgb.shape[1] // factor) * factor
+    blocks = rgb[:rows, :cols].reshape(rows // factor, factor, cols // factor, factor, -1)
+    return blocks.mean(axis=(1, 3)).astype(np.uint8)
+
+
+def prompt_images(image: np.ndarray, analysis: Any) -> dict[str, bytes]:
+    """PNG images for a labelling prompt: the cluster heat map and the gallery of typical patches."""
+    from agent.locate.render import cluster_gallery_rgb, heatmap_rgb
+
+    heat = _downscale_rgb(heatmap_rgb(image, analysis), PROMPT_IMAGE_MAX_PX)
+    gallery = _downscale_rgb(cluster_gallery_rgb(image, analysis), PROMPT_IMAGE_MAX_PX)
+    return {"heatmap.png": encode_png(heat), "gallery.png": encode_png(gallery)}
+
+
+def write_atlas_outputs(
+    session_dir: Path, atlas: Any, analysis: Any, decision: Any, targets: Sequence[TargetRecord]
+) -> dict[str, Path]:
+    """Heat map with targets, bar mask, gallery and cluster table of the atlas; returns kind -> path."""
+    from agent.locate.render import cluster_gallery_rgb, heatmap_rgb
+    from agent.locate.targets import Candidate
+
+    folder = session_dir / "atlas"
+    folder.mkdir(parents=True, exist_ok=True)
+    marks = [
+        Candidate(
+            row_px=t.atlas_row_px, col_px=t.atlas_col_px, area_px=t.area_px, score=t.score, cluster_id=t.cluster_id
+        )
+        for t in targets
+    ]
+    written = {
+        "heatmap": write_atomic(
+            folder / "heatmap.png",
+            encode_png(
+                heatmap_rgb(atlas.image, analysis, candidates=marks, crystal_clusters=decision.crystal_clusters)
+            ),
+        ),
+        "bar_mask": write_atomic(
+            folder / "bar_mask.png", encode_png(np.asarray(analysis.bar_mask, dtype=np.uint8) * 255)
+        ),
+        "gallery": write_atomic(folder / "gallery.png", encode_png(cluster_gallery_rgb(atlas.image, analysis))),
+    }
+    clusters = [
+        {
+            "cluster_id": int(c.cluster_id),
+            "n_cells": int(c.n_cells),
+            "fraction": float(c.fraction),
+            "mean_features": dict(zip(analysis.feature_names, map(float, c.mean_features), strict=True)),
+            "crystal": int(c.cluster_id) in decision.crystal_clusters,
+            "label_source": decision.sources.get(int(c.cluster_id)),
+        }
+        for c in analysis.clusters
+    ]
+    written["clusters"] = write_json(
+        folder / "clusters.json",
+        {"clusters": clusters, "suggestion_rule": analysis.suggestion_rule, "decision": decision.as_dict()},
+    )
+    return written
+
+
+def _preview_uint8(image: np.ndarray, log_scale: bool = False) -> np.ndarray:
+    """8-bit preview of a frame: robust 1-99.5 percentile stretch (log first for diffraction)."""
+    data = np.asarray(image, dtype=np.float32)
+    if log_scale:
+        data = np.log1p(np.maximum(data - np.percentile(data, 1), 0))
+    low, high = np.percentile(data, (1, 99.5))
+    scaled = (data - low) / max(high - low, 1e-6)
+    return (np.clip(scaled, 0, 1) * 255).astype(np.uint8)
+
+
+def write_target_thumbnails(
+    session_dir: Path, target_id: str, search: Frame, diffraction: Frame | None
+) -> dict[str, Path]:
+    """Small PNG previews of a target's search image and diffraction pattern; returns kind -> path."""
+    folder = session_dir / "targets"
+    written = {}
+    thumb = _downscale_rgb(np.repeat(_preview_uint8(search.image)[..., None], 3, axis=2), 256)
+    written["thumb"] = write_atomic(folder / f"{target_id}_thumb.png", encode_png(thumb))
+    if diffraction is not None:
+        pattern = _downscale_rgb(np.repeat(_preview_uint8(diffraction.image, True)[..., None], 3, axis=2), 256)
+        written["diffraction_png"] = write_atomic(folder / f"{target_id}_diffraction.png", encode_png(pattern))
+    return written
+
+
+def write_target_tables(
+    session_dir: Path,
+    targets: Sequence[TargetRecord],
+    results: dict[str, TargetResult],
+    calibration: Any,
+    atlas: Any,
+) -> None:
+    """`targets.csv`, `targets.json` and `targets.nav` (recorded targets) in the session folder."""
+    rows = target_rows(targets, results)
+    write_atomic(session_dir / "targets.csv", rows_to_csv(rows))
+    write_json(session_dir / "targets.json", {"targets": rows})
+    try:
+        from drivers.formats.nav import point_item, write_nav
+    except ImportError:  # pragma: no cover - the navigator writer ships with the package
+        return
+    items = []
+    for target in targets:
+        result = results.get(target.target_id)
+        if result is None or not result.confirmed:
+            continue
+        items.append(
+            point_item(
+                target.target_id,
+                result.x_um,
+                result.y_um,
+                note=f"{result.outcome} score {target.score:.3f} spots {result.n_spots}",
+                color=0 if result.outcome == "recorded" else 3,
+                acquire=result.outcome == "recorded",
+            )
+        )
+    write_nav(session_dir / "targets.nav", items)
