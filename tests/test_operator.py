@@ -337,3 +337,29 @@ def test_many_prompts_stay_responsive(channel: OperatorChannel) -> None:
     assert all(h.state == "answered" for h in handles)
     assert [h.answer.operator for h in handles] == [f"op{i}" for i in range(50)]
     assert channel.open_prompts() == []
+
+
+def test_client_survives_an_agent_restart_on_the_same_endpoints() -> None:
+    first = OperatorChannel()
+    prompt_endpoint, event_endpoint = first.prompt_endpoint, first.event_endpoint
+    with OperatorClient(prompt_endpoint, timeout_s=0.5) as client:
+        old = first.ask(_prompt())
+        _next_of(client, PromptInfo, old.id)
+        first.close()  # the agent stops: its open prompt is withdrawn
+        with pytest.raises(OperatorTimeoutError):
+            client.answer(old.id, "cluster-0")
+        with OperatorChannel(prompt_endpoint, event_endpoint=event_endpoint) as second:
+            for _ in range(50):  # bounded: the SUB socket reconnects by itself
+                new = second.ask(_prompt())
+                event = client.next_event(0.1)
+                while isinstance(event, PromptClosed):
+                    event = client.next_event(0.1)
+                if isinstance(event, PromptInfo) and event.id == new.id:
+                    break
+                new.cancel()
+            else:
+                raise AssertionError("the client never saw a prompt from the restarted agent")
+            assert client.answer(new.id, "cluster-1", operator="back").accepted
+            assert new.wait(5) is not None
+            with pytest.raises(PromptNotFoundError):
+                client.answer(old.id, "cluster-0")  # the new agent never asked the old prompt
