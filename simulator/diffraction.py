@@ -111,7 +111,7 @@ def render_diffraction(
         for centre, width, weight in ((1 / 2.1, 0.06, film_weight), (1 / 1.2, 0.1, 0.5 * film_weight),
                                       (1 / 3.7, 0.05, ice_weight), (1 / 2.25, 0.06, 0.6 * ice_weight)):
             if weight > 0:
-                electrons += np.float32(60.0 * weight) * np.exp(-(((g - np.float32(centre)) / np.float32(width)) ** 2))
+                electrons += np.float32(25.0 * weight) * np.exp(-(((g - np.float32(centre)) / np.float32(width)) ** 2))
         if specimen is not None:
             for cid, fraction in contents["crystals"].items():  # type: ignore[union-attr]
                 _add_bragg_spots(electrons, specimen, cid, fraction, scale, (cr, cc))

@@ -36,6 +36,9 @@ BAR_OD = 7.0
 _SPLAT_RADIUS_PX = 0.75
 _COARSE_STEP = 16
 _BATCH_RADIUS_PX = 8
+#: Film grain: texel sizes (um) and OD amplitude (natural-log units, ~ +-2 % intensity).
+_TEXTURE_TEXEL_UM = (0.01, 0.25)
+_TEXTURE_OD = 0.02
 _BLOCK_ROWS = 128
 _POOL: ThreadPoolExecutor | None = None
 
@@ -397,6 +400,7 @@ class SpecimenScene:
         factor_table = spec.square_thickness_factor[np.ix_(ii, jj)] * (spec.options.film_thickness_nm * FILM_OD_PER_NM)
         factor_table = np.where(states == SQUARE_EMPTY, 0.0, factor_table).astype(np.float32).ravel()
         film_od *= np.take(factor_table, local_index)
+        self._add_film_texture(frame, film_od, r0, r1)
         if np.any(states == SQUARE_BROKEN):
             hole = spec.square_hole[np.ix_(ii, jj)].reshape(-1, 3).astype(np.float32)
             hu = fu - np.take(hole[:, 0], local_index)
@@ -426,6 +430,37 @@ class SpecimenScene:
         film_od -= film_od * bar_cov
         bar_cov *= np.float32(BAR_OD)
         film_od += bar_cov
+
+    def _add_film_texture(self, frame: _Frame, film_od: np.ndarray, r0: int, r1: int) -> None:
+        """Add the film's grain (OD +-`_TEXTURE_OD`) where there is film, at the texture scale that suits
+        the pixel size; a texture much finer than a pixel averages out (its amplitude falls)."""
+        pixel_um = float(np.sqrt(abs(np.linalg.det(frame.matrix))))
+        texel_um = next((t for t in _TEXTURE_TEXEL_UM if t >= 1.5 * pixel_um), _TEXTURE_TEXEL_UM[-1])
+        amplitude = _TEXTURE_OD * min(1.0, texel_um / (2.0 * pixel_um)) ** 2
+        if amplitude < 0.002:
+            return
+        tile = self.specimen.film_texture()
+        size = tile.shape[0]
+        rows, cols = slice(r0, r1), slice(0, frame.shape[1])
+        tx = frame.affine(1.0 / texel_um, 0.0, 0.0, rows, cols)
+        ty = frame.affine(0.0, 1.0 / texel_um, 0.0, rows, cols)
+        fx = np.floor(tx)
+        fy = np.floor(ty)
+        tx -= fx
+        ty -= fy
+        ix = fx.astype(np.int64) & (size - 1)
+        iy = (fy.astype(np.int64) & (size - 1)) * size
+        ix1 = (ix + 1) & (size - 1)
+        iy1 = (iy + size) & (size * size - 1)
+        flat = tile.ravel()
+        top = np.take(flat, iy + ix)
+        top += (np.take(flat, iy + ix1) - top) * tx
+        bottom = np.take(flat, iy1 + ix)
+        bottom += (np.take(flat, iy1 + ix1) - bottom) * tx
+        top += (bottom - top) * ty
+        top *= np.float32(amplitude)
+        top *= film_od > 0
+        film_od += top
 
     def _thickness_coarse(self, frame: _Frame) -> np.ndarray:
         """The relative film thickness sampled every `_COARSE_STEP` px of the frame (float32)."""

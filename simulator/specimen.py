@@ -244,6 +244,7 @@ class Specimen:
         self.ice = {k: _frozen(v) for k, v in ice.items()}
         self.debris = {k: _frozen(v) for k, v in debris.items()}
         self._truth: tuple[CrystalTruth, ...] | None = None
+        self._texture: np.ndarray | None = None
         self._build_cell_index()
 
     # ---------------------------------------------------------------------------------------------
@@ -321,6 +322,18 @@ class Specimen:
         coords = np.stack([rows.ravel(), cols.ravel()])
         values = ndimage.map_coordinates(self.thickness_field, coords, order=1, mode="nearest")
         return values.reshape(np.shape(rows))
+
+    def film_texture(self) -> np.ndarray:
+        """A seeded, tileable 256 x 256 texture (float32, mean 0, std 1, ~3-texel grains) of the film.
+
+        Imaging lays it on the stage at fixed physical scales, so the film has the same grain wherever
+        and whenever it is imaged (image registration on plain film works, as on a real grid)."""
+        if self._texture is None:
+            rng = np.random.default_rng([self.seed, SPECIMEN_TYPES.index(self.specimen_type), 43])
+            tile = ndimage.gaussian_filter(rng.normal(size=(256, 256)), sigma=1.2, mode="wrap")
+            tile = (tile - tile.mean()) / max(float(tile.std()), 1e-12)
+            self._texture = _frozen(tile.astype(np.float32))
+        return self._texture
 
     def thickness_map_geometry(self) -> tuple[float, float]:
         """(cell size um, index of the map's centre) of `thickness_field`, for resampling it in imaging."""

@@ -296,3 +296,27 @@ def test_fault_rates_are_seeded(specimen: Specimen) -> None:
         outcomes.append(record)
     assert outcomes[0] == outcomes[1]
     assert 2 <= outcomes[0].count("move-failed") <= 16 and 1 <= outcomes[0].count("timeout") <= 14
+
+
+def test_plain_film_has_grain_that_registers_a_known_stage_shift(specimen: Specimen) -> None:
+    """Film texture is fixed to the specimen: two search frames of plain film register to the true shift."""
+    from skimage.registration import phase_cross_correlation
+
+    scope = _scope(specimen, camera_shape_px=(256, 256))
+    scope.set_preset("search")
+    spot = next((x, y) for x, y in specimen.square_centres_um()
+                if specimen.crystal_id_xy(np.array([x]), np.array([y]), 10.0)[0] < 0
+                and not len(specimen.crystals_near(x, y, 15.0)))
+    scope.move_stage(x_um=spot[0], y_um=spot[1])
+    first, true_first = scope.acquire(0.5).image.astype(np.float64), np.array(scope.true_stage_xy_um())
+    scope.move_stage(x_um=spot[0] + 1.0, y_um=spot[1] + 0.5)
+    second, true_second = scope.acquire(0.5).image.astype(np.float64), np.array(scope.true_stage_xy_um())
+
+    def detail(image: np.ndarray) -> np.ndarray:  # band-pass: no hot pixels, shot noise or illumination fall-off
+        image = ndimage.median_filter(image, size=3)
+        return ndimage.gaussian_filter(image, 2.0) - ndimage.gaussian_filter(image, 10.0)
+
+    shift_rc, _, _ = phase_cross_correlation(detail(first), detail(second), upsample_factor=10, normalization=None)
+    expected_cr = np.linalg.solve(scope.true_image_to_stage_matrix("search"), true_second - true_first)
+    assert np.hypot(*expected_cr) > 8  # a real shift of many pixels (backlash included)
+    np.testing.assert_allclose(shift_rc[::-1], expected_cr, atol=1.0)
