@@ -61,6 +61,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import numpy as np
 import zmq
 from pydantic import BaseModel, ConfigDict, ValidationError
 from zmq.utils.monitor import recv_monitor_message
@@ -608,6 +609,13 @@ class BridgeServer:
 # Client
 # --------------------------------------------------------------------------------------------------
 
+def _plain(value: Any) -> Any:
+    """A numpy scalar as the Python number it holds (agents often pass np.float64 / np.int64); else unchanged."""
+    if isinstance(value, np.generic) and isinstance(value.item(), (bool, int, float, str)):
+        return value.item()
+    return value
+
+
 _NO_REPLY = object()  # what _await_reply returns on timeout (None is a valid result)
 
 _AUTH_FAILURE_EVENTS = (
@@ -742,7 +750,7 @@ class BridgeClient:
         return spec.timeout_s(validate_params(method, dict(params or {})), self._base_timeout_s)
 
     def _call(self, method: str, params: dict[str, Any] | None = None) -> Any:
-        params = dict(params or {})
+        params = {key: _plain(value) for key, value in (params or {}).items()}
         validate_params(method, params)  # bad arguments fail here, before anything is sent
         spec = METHOD_SPECS[method]
         timeout_s = self.timeout_for(method, params)

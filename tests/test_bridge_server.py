@@ -201,6 +201,20 @@ def test_typed_errors_cross_the_wire(client: BridgeClient) -> None:
     assert client.get_stage() is not None  # the connection is fine afterwards
 
 
+def test_numpy_scalars_are_accepted_as_arguments(client: BridgeClient) -> None:
+    client.move_stage(x_um=np.float32(15.0), y_um=np.int64(-4), wait=np.bool_(True))  # type: ignore[arg-type]
+    assert client.get_stage().x_um == pytest.approx(15.0, abs=1.0)
+    with pytest.raises(InvalidParameterError, match="x_um"):
+        client.move_stage(x_um=object())  # type: ignore[arg-type]
+
+
+def test_received_frames_outlive_the_client(server: BridgeServer) -> None:
+    with BridgeClient(server.endpoint, timeout_s=5.0) as client:
+        frame = client.acquire(0.2)
+        expected = int(frame.image.astype(np.int64).sum())
+    assert int(frame.image.astype(np.int64).sum()) == expected
+
+
 def test_events_follow_the_instrument(client: BridgeClient) -> None:
     with client.subscribe_events() as events:
         first = events.receive(5.0)  # the periodic poll publishes the initial state
@@ -462,6 +476,26 @@ def test_slow_exposure_does_not_block_status_from_another_client() -> None:
             gated.gate.set()
             for c in (slow, fast, mover):
                 c.close()
+
+
+def test_a_full_queue_answers_busy_instead_of_growing() -> None:
+    gated = Gated(make_microscope(), gated=("acquire",))
+    with BridgeServer(gated, LOOPBACK, max_pending=1) as server:  # type: ignore[arg-type]
+        holder = BridgeClient(server.endpoint, timeout_s=5.0)
+        other = BridgeClient(server.endpoint, timeout_s=5.0, retries=0)
+        try:
+            exposure = threading.Thread(target=lambda: holder.acquire(0.1))
+            exposure.start()
+            assert gated.entered.wait(10.0)
+            with pytest.raises(BridgeError, match="busy"):
+                other.get_stage()
+            gated.gate.set()
+            exposure.join(15.0)
+            assert other.get_stage() is not None  # served again once the queue drained
+        finally:
+            gated.gate.set()
+            holder.close()
+            other.close()
 
 
 # --------------------------------------------------------------------------------------------------
