@@ -223,20 +223,6 @@ class SimulatedStage:
         backlash = np.where(self._last_direction < 0, m.backlash_um, 0.0)
         self._error_xy_um = backlash + self._rng.normal(0.0, m.repeat_error_um, size=2)
 
-    def wait(self, timeout_s: float) -> None:
-        """Advance the clock to the end of the move; `StageMoveError` if that is more than `timeout_s` away."""
-        end = self.move_end_s()
-        if end is None:
-            return
-        if end - self.clock.now_s() > timeout_s:
-            self.clock.advance(max(timeout_s, 0.0))
-            raise StageMoveError(
-                f"stage still moving after {timeout_s:.2f} s (the move ends in "
-                f"{end - self.clock.now_s():.2f} s); wait longer or stop the stage"
-            )
-        self.clock.advance_to(end)
-        self._update()
-
     def stop(self) -> None:
         """Stop at once: the stage stays where it is now (a short deceleration is ignored)."""
         self._update()

@@ -21,7 +21,7 @@ import threading
 import numpy as np
 from scipy import ndimage
 
-from drivers.base import InvalidParameterError, StageLimits
+from drivers.base import AcquisitionError, InvalidParameterError, StageLimits
 from drivers.formats.montage import TileMontage, open_montage
 
 log = logging.getLogger(__name__)
@@ -120,9 +120,14 @@ class TileScene:
         for out_r in range(0, n_rows, strip):
             r_count = min(strip, n_rows - out_r)
             with self._lock:
-                block = self.montage.read_region(
-                    row0 + out_r * factor, col0, r_count * factor, n_cols * factor, fill=0
-                )
+                try:
+                    block = self.montage.read_region(
+                        row0 + out_r * factor, col0, r_count * factor, n_cols * factor, fill=0
+                    )
+                except (OSError, ValueError) as exc:
+                    raise AcquisitionError(
+                        f"cannot read the dataset tiles for this frame ({exc}); check the tile files"
+                    ) from exc
             block = block.astype(np.float32)
             if factor > 1:
                 # pixels beyond the mosaic are read as 0 and average in as dark, like the outside

@@ -10,7 +10,7 @@ import tifffile
 from scipy import ndimage
 
 from agent.cli import main
-from drivers.base import pixel_to_stage_um
+from drivers.base import AcquisitionError, pixel_to_stage_um
 from drivers.formats.images import read_frame_tiff
 from simulator import create_simulated_microscope
 from simulator.imaging import OpticsErrors
@@ -120,3 +120,33 @@ def test_tile_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFixture[str
                  "--out", str(out)]) == 0
     frame = read_frame_tiff(out)
     assert frame.metadata.extra["specimen"] == "tiles" and frame.shape_px == (64, 64)
+
+
+def test_an_unreadable_piece_gives_an_acquisition_error() -> None:
+    from drivers.formats.montage import TileMontage, montage_from_arrays
+    from simulator.microscope import SimulatedMicroscope
+
+    mosaic = _mosaic(np.uint16)
+    tiles = [mosaic[:, :180], mosaic[:, 180:]]
+    good = montage_from_arrays(tiles, [(0, 0), (0, 180)], pixel_size_um=PIXEL_UM)
+
+    def loader(index: int) -> np.ndarray:  # piece 0's file went bad after the montage was opened
+        if index == 0:
+            raise OSError("tile file truncated")
+        return tiles[index]
+
+    broken = TileMontage(good.pieces, loader, np.uint16, pixel_size_um=PIXEL_UM)
+    scope = SimulatedMicroscope(TileScene(broken, white_level=50000.0), camera_shape_px=(32, 32),
+                                stage_limits=TileScene(good).stage_limits())
+    scope.move_stage(x_um=-40.0, y_um=0.0)
+    with pytest.raises(AcquisitionError, match="tile"):
+        scope.acquire(0.1)
+    scope.move_stage(x_um=40.0, y_um=0.0)  # the other piece still serves
+    assert scope.acquire(0.1).image.mean() > 1000
+
+
+def test_simulator_package_lists_the_specimen_types() -> None:
+    import simulator
+    from simulator import specimen
+
+    assert simulator.SPECIMEN_TYPES == specimen.SPECIMEN_TYPES
