@@ -242,3 +242,31 @@ def test_float_and_int16_inputs_work() -> None:
     a_i = analyse(as_int16, GRID)
     assert a_f.label_grid.shape == a_i.label_grid.shape == (40, 40)
     assert (a_f.bar_mask == a_i.bar_mask).mean() > 0.95
+
+
+def test_heatmap_png_and_gallery_render_every_cluster() -> None:
+    import io
+
+    from PIL import Image
+
+    from agent.locate.render import cluster_gallery_rgb, display_uint8, heatmap_png, heatmap_rgb, similarity_rgb
+
+    scene = make_grid_image((256, 320), 14, n_crystals=4)
+    analysis = analyse(scene.image, LocateSettings(mode="grid", grid_rows=16, grid_cols=20))
+    candidates = find_candidates(analysis, analysis.suggested_crystal_clusters)
+    rgb = heatmap_rgb(scene.image, analysis, candidates, analysis.suggested_crystal_clusters)
+    assert rgb.shape == (256, 320, 3) and rgb.dtype == np.uint8
+    # masked pixels are tinted dark, film keeps its brightness ordering
+    assert rgb[analysis.bar_mask].mean() < rgb[~analysis.bar_mask].mean()
+    png = heatmap_png(scene.image, analysis, candidates, analysis.suggested_crystal_clusters)
+    decoded = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+    assert decoded.shape == (256, 320, 3)
+    assert np.abs(decoded[100:, 100:].astype(int) - rgb[100:, 100:].astype(int)).mean() < 12
+    gallery = cluster_gallery_rgb(scene.image, analysis, per_cluster=4, patch_px=32)
+    assert gallery.ndim == 3 and gallery.shape[0] >= len(analysis.clusters) * 32
+    similarity = np.zeros(analysis.grid_shape)
+    assert similarity_rgb(scene.image, analysis, similarity).shape == (256, 320, 3)
+    stretched = display_uint8(np.array([[0.0, 1.0], [2.0, 3.0]]))
+    assert stretched.dtype == np.uint8 and stretched[0, 0] == 0 and stretched[1, 1] == 255
+    with pytest.raises(ImageInputError):
+        heatmap_rgb(scene.image[:100], analysis)

@@ -89,7 +89,7 @@ class LocateSettings(BaseModel):
     flatten: bool = True
     clean: bool = Field(default=True, description="remove hot/dead pixels and readout stripes first")
     seed: int = 0
-    sample_size: int = Field(default=100_000, ge=100)
+    sample_size: int = Field(default=20_000, ge=100, description="cells the clustering is fitted on (all are labelled)")
     masked_fraction: float = Field(default=0.5, gt=0, le=1)
     min_bar_width_px: float | None = Field(default=None, gt=0, description="None: 2 % of the shorter side, >= 8")
     min_bar_distance_px: float = Field(default=8.0, ge=0)

@@ -1,0 +1,168 @@
+"""Speed of the locator against naive per-patch baselines run in the same process.
+
+Run by hand: `.venv/bin/python benchmarks/bench_locate.py [--size 4096] [--repeats 3]`.
+
+Measures (median of --repeats):
+- grid features, SIZE^2 uint16, 20x20 and 40x40 grids, vs a per-patch Python loop (numpy + scipy.stats
+  per patch, as the 2018 code did);
+- sliding-window features, window 31, stride 1 (every pixel), plus clustering all windows (fit on a
+  sample, label all), vs the per-window loop timed on a sample of windows and extrapolated;
+- heat map PNG (cluster map blended over the image + legend, encoded), vs drawing every patch with
+  Pillow and alpha compositing;
+- peak resident memory of the process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from agent.locate.analysis import LocateSettings, analyse
+from agent.locate.cluster import fit_clusters
+from agent.locate.features import FEATURE_NAMES, grid_edges_px, grid_features, window_features
+from agent.locate.render import heatmap_png, heatmap_rgb
+from drivers.formats.images import encode_png
+
+
+def timed(function: Callable[[], object], repeats: int) -> float:
+    """Median wall time (s) of `function` over `repeats` runs."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def naive_patch_stats(patch: np.ndarray) -> list[float]:
+    """The 2018 way: one patch at a time with numpy and scipy.stats."""
+    from scipy import stats
+
+    x = patch.astype(np.float64).ravel()
+    mean, std = x.mean(), x.std()
+    values, counts = np.unique(x, return_counts=True)
+    gx = np.diff(patch.astype(np.float64), axis=1) ** 2
+    return [
+        mean,
+        std,
+        std / mean if mean else 0.0,
+        float(stats.skew(x)),
+        float(stats.kurtosis(x)),
+        float(values[np.argmax(counts)]),
+        float(x.max() - x.min()),
+        float(gx.mean()),
+    ]
+
+
+def naive_grid(image: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    er, ec = grid_edges_px(image.shape[0], rows), grid_edges_px(image.shape[1], cols)
+    return np.array(
+        [naive_patch_stats(image[er[i] : er[i + 1], ec[j] : ec[j + 1]]) for i in range(rows) for j in range(cols)]
+    )
+
+
+def naive_heatmap(image: np.ndarray, labels: np.ndarray) -> bytes:
+    """Per-patch drawing: one translucent rectangle per cell, composited with Pillow."""
+    import io
+
+    from PIL import Image, ImageDraw
+
+    low, high = np.percentile(image[::8, ::8], [0.5, 99.5])
+    gray = np.clip((image - low) / max(high - low, 1) * 255, 0, 255).astype(np.uint8)
+    base = Image.fromarray(gray).convert("RGBA")
+    overlay = Image.new("RGBA", base.size, (0, 0, 0, 0))
+    draw = ImageDraw.Draw(overlay)
+    rows, cols = labels.shape
+    er, ec = grid_edges_px(image.shape[0], rows), grid_edges_px(image.shape[1], cols)
+    colours = [(31, 119, 180, 115), (255, 127, 14, 115), (214, 39, 40, 180), (40, 40, 40, 160)]
+    for i in range(rows):
+        for j in range(cols):
+            draw.rectangle((ec[j], er[i], ec[j + 1] - 1, er[i + 1] - 1), fill=colours[labels[i, j] % 4])
+    out = io.BytesIO()
+    Image.alpha_composite(base, overlay).convert("RGB").save(out, format="PNG", compress_level=1)
+    return out.getvalue()
+
+
+def make_image(size: int, seed: int = 0) -> np.ndarray:
+    """A uint16 test image: film with noise, a few dark plates, two grid bars."""
+    rng = np.random.default_rng(seed)
+    image = rng.normal(30000, 600, (size, size))
+    yy, xx = np.mgrid[0:size, 0:size]
+    for _ in range(60):
+        r, c = rng.integers(0, size, 2)
+        image[(yy - r) ** 2 + (xx - c) ** 2 < (size / 200) ** 2] *= 0.6
+    image[:, size // 3 : size // 3 + size // 40] = 300
+    image[size // 2 : size // 2 + size // 40, :] = 300
+    return np.clip(image, 0, 65535).astype(np.uint16)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    size, repeats = args.size, args.repeats
+    image = make_image(size)
+    print(f"image {size}x{size} uint16; {len(FEATURE_NAMES)} features; median of {repeats}")
+
+    for grid in (20, 40):
+        fast = timed(lambda grid=grid: grid_features(image, grid, grid), repeats)
+        naive = timed(lambda grid=grid: naive_grid(image, grid, grid), 1)
+        print(
+            f"grid features {grid}x{grid}: {fast * 1e3:.1f} ms "
+            f"(naive per-patch loop {naive * 1e3:.0f} ms, {naive / fast:.0f}x)"
+        )
+
+    out = np.empty((size, size, len(FEATURE_NAMES)), dtype=np.float64)
+    out.fill(0.0)  # first touch outside the timing
+    window = timed(lambda: window_features(image, 31, 1, out=out), repeats)
+    features = out.reshape(-1, out.shape[-1])
+
+    def cluster_all() -> None:
+        model = fit_clusters(features, 3, seed=0)
+        model.predict(features)
+
+    clustering = timed(cluster_all, repeats)
+    rng = np.random.default_rng(1)
+    sample = 2000
+    centres = rng.integers(15, size - 15, (sample, 2))
+    start = time.perf_counter()
+    for r, c in centres:
+        naive_patch_stats(image[r - 15 : r + 16, c - 15 : c + 16])
+    per_window = (time.perf_counter() - start) / sample
+    naive_total = per_window * size * size
+    total = window + clustering
+    print(
+        f"window features 31 px, stride 1 ({size * size / 1e6:.1f} M windows): {window:.2f} s + clustering all "
+        f"{clustering:.2f} s = {total:.2f} s (naive per-window loop ~{naive_total / 60:.0f} min extrapolated "
+        f"from {sample} windows, {naive_total / total:.0f}x)"
+    )
+    whole = timed(lambda: window_features(image, 31, 1), 1)
+    print(f"  window features with a fresh output array (page faults included): {whole:.2f} s")
+
+    analysis = analyse(image, LocateSettings(mode="grid", grid_rows=40, grid_cols=40))
+    heat = timed(lambda: heatmap_png(image, analysis), repeats)
+    heat_rgb = timed(lambda: encode_png(heatmap_rgb(image, analysis)), 1)
+    naive_heat = timed(lambda: naive_heatmap(image, np.where(analysis.label_grid < 0, 3, analysis.label_grid)), 1)
+    print(
+        f"heat map PNG {size}x{size} (40x40 cells): {heat * 1e3:.0f} ms "
+        f"(per-patch drawing {naive_heat * 1e3:.0f} ms, {naive_heat / heat:.1f}x; "
+        f"RGB array + encode_png {heat_rgb * 1e3:.0f} ms)"
+    )
+    full = timed(lambda: analyse(image, LocateSettings(mode="grid", grid_rows=20, grid_cols=20)), 1)
+    print(f"analyse() end to end, 20x20 grid incl. bar filter and clean-up: {full:.2f} s")
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"peak resident memory: {peak_mib:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
