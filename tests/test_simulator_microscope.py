@@ -320,3 +320,24 @@ def test_plain_film_has_grain_that_registers_a_known_stage_shift(specimen: Speci
     expected_cr = np.linalg.solve(scope.true_image_to_stage_matrix("search"), true_second - true_first)
     assert np.hypot(*expected_cr) > 8  # a real shift of many pixels (backlash included)
     np.testing.assert_allclose(shift_rc[::-1], expected_cr, atol=1.0)
+
+
+def test_camera_model_dose_noise_gain_offset_and_saturation() -> None:
+    from simulator.imaging import CameraModel, expose
+    from simulator.microscope import make_preset
+
+    preset = make_preset("flat", 0.1, 1, 0.0, 1000.0, 0.0, 2.0)
+    camera = CameraModel(shape_px=(128, 128), gain_counts_per_e=2.0, offset_counts=100.0, read_noise_counts=3.0,
+                         hot_pixels=0)
+    flat = np.full((128, 128), 0.5, dtype=np.float32)
+    rng = np.random.default_rng(1)
+    for exposure_s in (0.1, 1.0):
+        counts = expose(flat, preset, camera, OpticsErrors(), rng, exposure_s=exposure_s).astype(np.float64)
+        electrons = 1000.0 * exposure_s * 0.5
+        assert counts.mean() == pytest.approx(100.0 + 2.0 * electrons, rel=0.01)
+        assert counts.var() == pytest.approx(4.0 * electrons + 9.0, rel=0.1)  # shot noise x gain^2 + read noise
+    saturated = expose(flat, preset, camera, OpticsErrors(), rng, exposure_s=200.0)
+    assert saturated.dtype == np.uint16 and (saturated == 65535).all()  # clipped, never wrapped
+    falloff = expose(np.ones((128, 128), np.float32), preset, CameraModel(shape_px=(128, 128), noise=False),
+                     OpticsErrors(illumination_falloff=0.3), rng, exposure_s=1.0).astype(np.float64)
+    assert falloff[64, 64] > falloff[0, 0] * 1.3 > falloff[0, 0]  # uneven illumination: darker corners

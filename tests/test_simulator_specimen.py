@@ -78,16 +78,16 @@ def test_crystal_id_matches_brute_force(specimens: dict[str, Specimen]) -> None:
     spec = specimens["graphite-flakes"]
     rng = np.random.default_rng(0)
     # points near crystals (so that hits are frequent) and uniform points
-    ids = rng.integers(0, spec.crystal_count, size=3000)
-    x = np.concatenate([spec.crystals["x_um"][ids] + rng.normal(0, 8, 3000), rng.uniform(-1200, 1200, 3000)])
-    y = np.concatenate([spec.crystals["y_um"][ids] + rng.normal(0, 8, 3000), rng.uniform(-1200, 1200, 3000)])
+    ids = rng.integers(0, spec.crystal_count, size=1500)
+    x = np.concatenate([spec.crystals["x_um"][ids] + rng.normal(0, 8, 1500), rng.uniform(-1200, 1200, 1000)])
+    y = np.concatenate([spec.crystals["y_um"][ids] + rng.normal(0, 8, 1500), rng.uniform(-1200, 1200, 1000)])
     for tolerance in (0.0, 3.0):
         fast = spec.crystal_id_xy(x, y, tolerance_um=tolerance)
         all_ids = np.arange(spec.crystal_count)
         inside = spec.crystal_distance_um(all_ids[None, :], x[:, None], y[:, None]) >= -tolerance
         brute = np.where(inside.any(axis=1), np.where(inside, all_ids[None, :], -1).max(axis=1), -1)
         np.testing.assert_array_equal(fast, brute)
-        assert (fast >= 0).sum() > 500
+        assert (fast >= 0).sum() > 250
     assert spec.crystal_id_xy(np.float64(5000.0), np.float64(0.0)) == -1
     with pytest.raises(InvalidParameterError):
         spec.crystal_id_xy(x, y, tolerance_um=50.0)
