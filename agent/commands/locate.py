@@ -150,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
 
     from agent.locate.analysis import LocateSettings, analyse
     from agent.locate.errors import LocateError
-    from agent.locate.render import cluster_gallery_rgb, heatmap_rgb, mask_uint8, similarity_rgb
+    from agent.locate.render import cluster_gallery_rgb, heatmap_png, mask_uint8, similarity_rgb
     from agent.locate.similarity import similarity_map
     from agent.locate.targets import candidates_to_stage, find_candidates
     from drivers.formats.images import encode_png, write_atomic
@@ -199,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "heatmap.png", encode_png(heatmap_rgb(image, analysis, candidates, crystal)))
+    write_atomic(out / "heatmap.png", heatmap_png(image, analysis, candidates, crystal))
     write_atomic(out / "gallery.png", encode_png(cluster_gallery_rgb(image, analysis)))
     write_atomic(out / "bar_mask.png", encode_png(mask_uint8(analysis.bar_mask)))
     if similarity is not None:
