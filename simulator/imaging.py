@@ -8,6 +8,9 @@ p = (col, row) is `stage_xy_um + A_true @ (p - image_centre_px(shape))` with
 Image model (bright field, with objective aperture):
 - the scene gives an optical density (OD, natural-log units) per pixel: film ~0.05-0.2, crystals
   -ln(1 - contrast), ice balls 1.2-3 at their centre (spheres), debris 0.3-1.5, bars and rim ~7 (opaque);
+- the film carries a fixed grain (a seeded texture laid on the stage at 10 nm or 250 nm texels, +-2 %
+  intensity, fading when much finer than a pixel), so plain film registers between frames;
+- crystals have a thickness wedge and, for plates and blocks, often a dark bend contour;
 - defocus and the instrument's resolution blur every edge: objects are drawn analytically with an edge
   ramp as wide as the blur kernel (equivalent to a Gaussian blur of the geometry, at no per-pixel cost);
 - uneven illumination (a beam centred off the frame centre, falling off towards the corners);

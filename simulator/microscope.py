@@ -22,6 +22,10 @@ Time on the virtual clock (`microscope_time_s()`): stage moves (trapezoidal prof
 300 um/s^2, then 0.8 s settling), preset change 2.0 s (lens normalisation), beam blank 0.1 s, status
 poll (`is_stage_moving`) 0.02 s, exposure + readout (0.05 s + 0.06 s per megapixel), diffraction
 +1.0 s each way for the mode switch.
+
+Limits of the model: stage z and alpha are tracked, limited and timed but do not change the image
+(no defocus from z, no foreshortening from tilt); a frame taken while the stage moves shows the
+position at the start of the exposure (no motion blur).
 """
 
 from __future__ import annotations
