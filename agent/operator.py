@@ -85,6 +85,7 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1", "[::1]"}
 _TOPIC_PROMPT = b"prompt"
 _TOPIC_CLOSED = b"closed"
+_TOPIC_SYNC = b"sync"
 
 PromptState = Literal["open", "answered", "expired", "cancelled"]
 ErrorCode = Literal["not_found", "expired", "already_answered", "cancelled", "invalid_answer", "bad_request"]
@@ -342,11 +343,12 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     v: int
-    type: Literal["hello", "list", "answer"]
+    type: Literal["hello", "sync", "list", "answer"]
     request_id: str = Field(min_length=1, max_length=100)
     prompt_id: str | None = Field(default=None, max_length=200)
     option_ids: list[str] | None = Field(default=None, max_length=256)
     operator: str | None = Field(default=None, max_length=200)
+    token: str | None = Field(default=None, max_length=64)
 
     @model_validator(mode="after")
     def _answer_fields(self) -> _Request:
@@ -751,6 +753,10 @@ class OperatorChannel:
         self._router.send_multipart([*envelope, json.dumps(reply, default=str).encode(), *images])
 
     def _dispatch(self, request: _Request) -> tuple[dict[str, Any], list[bytes]]:
+        if request.type == "sync":
+            token = (request.token or "")[:64]
+            self._publish([_TOPIC_SYNC, json.dumps({"token": token}).encode()])
+            return {"type": "sync", "token": token}, []
         if request.type == "hello":
             port = self.event_endpoint.rsplit(":", 1)[-1]
             return {
@@ -896,7 +902,9 @@ class OperatorClient:
             self._apply_curve(self._sub)
             self._sub.setsockopt(zmq.SUBSCRIBE, _TOPIC_PROMPT)
             self._sub.setsockopt(zmq.SUBSCRIBE, _TOPIC_CLOSED)
+            self._sub.setsockopt(zmq.SUBSCRIBE, _TOPIC_SYNC)
             self._sub.connect(event_endpoint)
+            self._synchronise()
         except BaseException:
             self.close()
             raise
@@ -1018,6 +1026,28 @@ class OperatorClient:
             error = reply.get("error") or {}
             cls = _ERRORS_BY_CODE.get(str(error.get("code")), AnswerRefusedError)
             raise cls(str(error.get("message", "request refused")), error.get("prompt_id"))
+
+    def _synchronise(self) -> None:
+        """Wait until the event socket really receives (ZeroMQ drops what a PUB sends before a new SUB
+        has joined): ask the agent to publish a token until it arrives, at most `timeout_s`."""
+        assert self._sub is not None
+        token = uuid.uuid4().hex
+        deadline = time.monotonic() + self.timeout_s
+        while time.monotonic() < deadline:
+            self._request({"type": "sync", "token": token})
+            until = min(deadline, time.monotonic() + 0.2)
+            while (left_ms := int((until - time.monotonic()) * 1000)) > 0 and self._sub.poll(left_ms):
+                frames = self._sub.recv_multipart()
+                if frames[0] == _TOPIC_SYNC:
+                    with contextlib.suppress(ValueError, IndexError, AttributeError):
+                        if json.loads(frames[1]).get("token") == token:
+                            return
+                    continue
+                event = self._decode_event(frames)
+                if event is not None:
+                    self._pending.append(event)
+        logger.warning("operator client: the event socket %s did not sync within %.1f s; events may be late",
+                       self.event_endpoint, self.timeout_s)
 
     def _decode_event(self, frames: list[bytes]) -> OperatorEvent | None:
         try:
