@@ -21,7 +21,8 @@ How (see `agent.locate.features` for the border rules):
   tile with halo plus its features, independent of the mosaic size (plus the output array, which
   `iter_window_tiles` lets a caller avoid by consuming tiles as they come).
 - Grid cells: each row of cells is read as a full-width band (plus the image row below it, whose
-  vertical differences belong to the cells' `grad_energy`), so memory is one band of cells.
+  vertical differences belong to the cells' `grad_energy`); two bands are computed at a time, so
+  memory is two bands of cells (mosaic width x cell height), independent of the mosaic height.
 - `dask_window_features` builds the same computation as a lazy `dask.array` (extra
   `crystal-locator[dask]`), for a Dask cluster or many grids at once.
 """
@@ -30,7 +31,9 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -57,6 +60,8 @@ DEFAULT_TILE_PX: int | None = None
 def default_tile_px(stride_px: int) -> int:
     """The tile side used when none is given: `256 * stride_px` clipped to [1024, 2048] pixels."""
     return int(min(2048, max(1024, 256 * int(stride_px))))
+#: Bands of grid cells computed at the same time by `tiled_grid_features`.
+_BAND_WORKERS = 2
 _GRAD = FEATURE_NAMES.index("grad_energy")
 _LAG1 = FEATURE_NAMES.index("lag1_corr")
 _STD = FEATURE_NAMES.index("std")
@@ -234,7 +239,8 @@ def tiled_grid_features(source: np.ndarray | RegionSource, rows: int, cols: int)
     edges_c = grid_edges_px(width, cols)
     out = np.empty((rows, cols, len(FEATURE_NAMES)), dtype=np.float64)
     extra = _reference_kwargs(grid_features, src)
-    for i in range(rows):
+
+    def band_features(i: int) -> None:
         r_a, r_b = int(edges_r[i]), int(edges_r[i + 1])
         with_next = r_b < height
         band = np.ascontiguousarray(src.read_region(r_a, 0, r_b - r_a + (1 if with_next else 0), width))
@@ -248,6 +254,17 @@ def tiled_grid_features(source: np.ndarray | RegionSource, rows: int, cols: int)
             counts = (r_b - r_a) * np.diff(edges_c).astype(np.float64)
             _add_gradient_energy(feats, missing / counts)
         out[i] = feats
+
+    # grid_features parallelises over cell rows, so one band of one row runs on one core: run two
+    # bands at a time (numpy releases the GIL); memory is then two bands
+    workers = max(1, min(_BAND_WORKERS, rows, os.cpu_count() or 1))
+    if workers == 1:
+        for i in range(rows):
+            band_features(i)
+    else:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for future in [pool.submit(band_features, i) for i in range(rows)]:
+                future.result()
     return out.reshape(rows * cols, len(FEATURE_NAMES)), FEATURE_NAMES
 
 
