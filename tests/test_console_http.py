@@ -406,3 +406,30 @@ def test_explore_upload_analyse_recluster_and_label(tmp_path: Path) -> None:
     finally:
         handle.stop()
         agent.stop()
+
+
+def test_explore_cluster_vectors_match_the_locators_for_label_memory() -> None:
+    """A cluster marked in the explore view is stored as the screening loop would store it: its normalised
+    centroid is close (signed-log RMS < the label memory's kernel width) to `analyse`'s for the same cluster,
+    and a bright-field / dark-field pair of the same image gives the same vector (polarity-invariant)."""
+    from agent.console.explore import ExploreEngine, ExploreSettings
+    from agent.labels import DEFAULT_BANDWIDTH, signed_log
+    from agent.locate.analysis import LocateSettings, analyse
+
+    image, _ = blob_image()
+    analysis = analyse(image, LocateSettings(grid_rows=32, grid_cols=32, k=3))
+    locator = np.asarray(max(analysis.clusters, key=lambda c: c.texture_contrast).normalised_centroid)
+    engine = ExploreEngine()
+    settings = ExploreSettings(grid_rows=32, grid_cols=32, k=3)
+    vectors = []
+    for array in (image, (65535 - image.astype(np.int64)).astype(np.uint16)):  # bright field, dark field
+        opened = engine.open(array, "blobs")
+        result = engine.analyse(opened.image_id, settings)
+        assert result["suggested_cluster"] is not None
+        vector, names = engine.cluster_vector(opened.image_id, settings, result["suggested_cluster"])
+        assert names == analysis.feature_names
+        vectors.append(np.asarray(vector))
+    distance = float(np.sqrt(np.mean((signed_log(vectors[0]) - signed_log(locator)) ** 2)))
+    assert distance < DEFAULT_BANDWIDTH, (vectors[0], locator)
+    polarity = float(np.sqrt(np.mean((signed_log(vectors[0]) - signed_log(vectors[1])) ** 2)))
+    assert polarity < DEFAULT_BANDWIDTH, vectors

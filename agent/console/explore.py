@@ -4,24 +4,26 @@ The 2018 study's first item of future work. Work is split so that only what chan
 
 1. `ExploreImage`: the image (its dtype kept; isolated hot pixels replaced by their neighbours, see
    `suppress_hot_pixels`) and an 8-bit display copy (robust percentile stretch, longest side at most
-   `DISPLAY_MAX_PX`), once per opened image.
+   `DISPLAY_MAX_PX`). On first use, the locator's own preparation (`agent.locate.analysis.
+   bar_and_black_mask` and `agent.locate.preprocess.prepare_image`: bars, black areas and burned-in
+   annotation bands masked; hot pixels and stripes removed; illumination flattened), once per image.
 2. `FeatureSet`, cached per (image, patch settings): grid or sliding-window statistics
-   (`agent.locate.features`), standardised (median / robust scale per feature, so that single extreme
-   patches such as hot pixels or a burned-in data bar do not squash the others) and reduced by PCA to
-   at most `PCA_COMPONENTS` dimensions (float32). Seconds for a 4k image's sliding windows, milliseconds
-   for a grid.
+   (`agent.locate.features`) of the prepared image; patches on the bar mask (grid: >= half their
+   pixels; window: the centre pixel) are left out (label `MASKED_LABEL`). The rest are standardised
+   (median / robust scale per feature) and reduced by PCA (SVD of a seeded sample) to at most
+   `PCA_COMPONENTS` dimensions (float32).
 3. `Clustering`, cached per (features, k, seed): k-means (`kmeans_centres`) fitted on a seeded sample of
-   at most `KMEANS_SAMPLE` patches, then every patch assigned to its nearest centre (a chunked numpy
-   arg-min), so a change of k costs tens of milliseconds even for a million windows. Cluster ids are
-   ordered by mean grey value (0 = darkest), so colours stay put when k changes.
+   at most `KMEANS_SAMPLE` patches, then every patch assigned to its nearest centre, so a change of k
+   costs tens of milliseconds even for a quarter of a million windows. Cluster ids are ordered by mean
+   grey value (0 = darkest), so colours stay put when k changes. Each cluster's normalised centroid and
+   texture contrast are those of `agent.locate.analysis` (same formula), so a cluster marked here is
+   stored in label memory exactly as the screening loop would store it.
 4. Per request: the crystal cluster (chosen, else suggested), candidates (connected regions of that
    cluster) and an optional similarity map (cosine similarity of every patch to a clicked one).
 
 The page draws the heat map itself from the label grid (one byte per patch) over the display image, so
-no large PNG is encoded per change. Suggested crystal cluster (when none is chosen): among clusters
-holding less than half of the patches, the one whose centre is farthest from the largest (background)
-cluster's centre in the standardised (PCA) feature space, skipping the darkest cluster when k > 2 and it looks like
-grid bars (the lowest mean). Works for either contrast polarity (distance, not sign).
+no large PNG is encoded per change. Suggested crystal cluster: the locator's default rule narrowed to
+one cluster (`suggest_crystal_cluster`); polarity-invariant.
 """
 
 from __future__ import annotations
@@ -53,10 +55,21 @@ KMEANS_SAMPLE = 6000
 #: Most patches a setting may produce (sliding windows at stride 1 on 4k images are for the batch locator).
 MAX_PATCHES = 1_100_000
 #: Images kept open, and feature sets / clusterings cached (least recently used dropped).
-MAX_IMAGES = 4
+MAX_IMAGES = 2
 MAX_FEATURE_SETS = 6
 MAX_CLUSTERINGS = 32
 MAX_CANDIDATES = 50
+#: Label of patches on grid bars / black areas (not clustered).
+MASKED_LABEL = 255
+#: A grid cell with at least this fraction of its pixels on the bar mask is masked (as `analyse` does).
+MASKED_FRACTION = 0.5
+#: As `agent.locate.analysis`: features whose sign flips with contrast polarity, and texture features.
+POLARITY_FEATURES = ("mean", "mode", "skewness")
+TEXTURE_FEATURES = ("std", "range", "grad_energy")
+#: As `agent.locate.analysis.MIN_TEXTURE_CONTRAST`: below this (background sigmas) a cluster is film.
+MIN_TEXTURE_CONTRAST = 8.0
+#: Background patches sampled for the per-k suggestion (the label record uses all of them).
+BACKGROUND_SAMPLE = 20000
 
 
 class ExploreError(ValueError):
@@ -103,6 +116,9 @@ class ExploreImage:
     display: np.ndarray
     display_scale: float
     pixel_size_um: float | None = None
+    prepared: np.ndarray | None = None
+    bar_mask: np.ndarray | None = None
+    prepare_s: float = 0.0
 
 
 @dataclass
@@ -110,6 +126,7 @@ class FeatureSet:
     """Standardised, PCA-reduced patch features of one image at one patch setting."""
 
     grid_shape: tuple[int, int]
+    valid: np.ndarray
     raw: np.ndarray
     scaled: np.ndarray
     reduced: np.ndarray
@@ -128,6 +145,7 @@ class Clustering:
     labels: np.ndarray
     centres: np.ndarray
     compute_s: float
+    normalised: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
     summaries: list[dict[str, Any]] = field(default_factory=list)
     suggested: int | None = None
     labels_b64: str = ""
@@ -318,31 +336,61 @@ class ExploreEngine:
                     self._features.popitem(last=False)
         return feature_set, False
 
+    def _prepare(self, image: ExploreImage) -> None:
+        """The locator's own preparation, once per image: bar / black-area / annotation mask
+        (`bar_and_black_mask`, filter "auto") and the cleaned, illumination-flattened float64 copy
+        (`prepare_image`), so that features and normalised centroids are those `analyse` computes."""
+        from agent.locate.analysis import LocateSettings, bar_and_black_mask
+        from agent.locate.preprocess import prepare_image
+
+        with self._lock:
+            guard = self._computing.setdefault(("prepare", image.image_id), threading.Lock())
+        with guard:
+            if image.prepared is not None:
+                return
+            start = time.perf_counter()
+            mask, _ = bar_and_black_mask(image.array, LocateSettings())
+            image.prepared = prepare_image(image.array, mask, flatten=True, clean=True)
+            image.bar_mask = mask
+            image.prepare_s = time.perf_counter() - start
+            logger.info("explore: %s prepared in %.2f s (%.1f %% masked as bars / black areas)", image.name,
+                        image.prepare_s, 100.0 * float(mask.mean()))
+
     def _compute_features(self, image: ExploreImage, settings: ExploreSettings) -> FeatureSet:
         start = time.perf_counter()
-        array = image.array
-        rows_px, cols_px = array.shape
+        self._prepare(image)
+        assert image.prepared is not None and image.bar_mask is not None
+        data, mask = image.prepared, image.bar_mask
+        rows_px, cols_px = data.shape
         try:
             if settings.mode == "grid":
                 grid = (settings.grid_rows, settings.grid_cols)
-                raw, names = grid_features(array, *grid)
+                raw, names = grid_features(data, *grid)
                 edges_r, edges_c = grid_edges_px(rows_px, grid[0]), grid_edges_px(cols_px, grid[1])
                 centre_r = (edges_r[:-1] + edges_r[1:] - 1) / 2.0
                 centre_c = (edges_c[:-1] + edges_c[1:] - 1) / 2.0
+                sums = np.add.reduceat(np.add.reduceat(mask.astype(np.int64), edges_r[:-1], axis=0), edges_c[:-1],
+                                       axis=1)
+                masked_fraction = (sums / np.outer(np.diff(edges_r), np.diff(edges_c))).ravel()
             else:
-                grid = window_output_shape(array.shape, settings.stride_px)
+                grid = window_output_shape(data.shape, settings.stride_px)
                 if grid[0] * grid[1] > MAX_PATCHES:
                     raise ExploreError(
                         f"{grid[0] * grid[1]} windows is too many for the explore view (max {MAX_PATCHES}); "
                         f"use a stride of at least {int(np.ceil(np.sqrt(rows_px * cols_px / MAX_PATCHES)))} px"
                     )
-                cube, names = window_features(array, settings.window_px, settings.stride_px)
+                cube, names = window_features(data, settings.window_px, settings.stride_px)
                 raw = cube.reshape(-1, cube.shape[-1])
                 centre_r = np.arange(grid[0], dtype=np.float64) * settings.stride_px
                 centre_c = np.arange(grid[1], dtype=np.float64) * settings.stride_px
+                masked_fraction = mask[:: settings.stride_px, :: settings.stride_px].astype(np.float64).ravel()
         except SettingsError as exc:
             raise ExploreError(str(exc)) from exc
-        scaled = _robust_standardise(raw)
+        valid = masked_fraction < MASKED_FRACTION
+        if not valid.any():
+            raise ExploreError("every patch lies on grid bars or black areas; open another image or area")
+        valid_raw = raw[valid]
+        scaled = _robust_standardise(valid_raw)
         n_components = min(PCA_COMPONENTS, scaled.shape[1], max(1, scaled.shape[0] - 1))
         rng = np.random.default_rng(settings.seed)
         sample = scaled if scaled.shape[0] <= KMEANS_SAMPLE else scaled[rng.choice(scaled.shape[0], KMEANS_SAMPLE,
@@ -353,11 +401,11 @@ class ExploreEngine:
         centres = np.stack([cc.ravel(), rr.ravel()], axis=1)
         elapsed = time.perf_counter() - start
         logger.info("explore: features %s of %s in %.2f s", settings.feature_key(), image.name, elapsed)
-        return FeatureSet((int(grid[0]), int(grid[1])), raw, scaled.astype(np.float32), reduced,
+        return FeatureSet((int(grid[0]), int(grid[1])), valid, raw, scaled.astype(np.float32), reduced,
                           np.ascontiguousarray(reduced.T), centres, tuple(names), elapsed)
 
     def clustering(self, feature_set: FeatureSet, k: int, seed: int) -> tuple[Clustering, bool]:
-        """k-means of a feature set (cached per k and seed) and whether it came from the cache."""
+        """k-means of a feature set's unmasked patches (cached per k and seed) and whether it was cached."""
         key = (k, seed)
         with self._lock:
             cached = feature_set.clusterings.get(key)
@@ -367,25 +415,33 @@ class ExploreEngine:
         start = time.perf_counter()
         points = feature_set.reduced
         if k > points.shape[0]:
-            raise ExploreError(f"k={k} is more than the {points.shape[0]} patches; use fewer clusters or more patches")
+            raise ExploreError(f"k={k} is more than the {points.shape[0]} unmasked patches; use fewer clusters "
+                               "or more patches")
         rng = np.random.default_rng(seed)
         sample = points if points.shape[0] <= KMEANS_SAMPLE else points[rng.choice(points.shape[0], KMEANS_SAMPLE,
                                                                                    replace=False)]
         centres = kmeans_centres(sample, k, seed)
         labels = _nearest_centre(feature_set.reduced_t, centres)
         # order clusters by mean grey value so that colours are stable when k changes
+        valid_raw = feature_set.raw[feature_set.valid]
         mean_index = feature_set.feature_names.index("mean") if "mean" in feature_set.feature_names else 0
-        sums = np.bincount(labels, weights=feature_set.raw[:, mean_index], minlength=k)
-        counts = np.maximum(np.bincount(labels, minlength=k), 1)
-        order = np.argsort(sums / counts)
+        counts = np.bincount(labels, minlength=k)
+        sums = np.bincount(labels, weights=valid_raw[:, mean_index], minlength=k)
+        order = np.argsort(sums / np.maximum(counts, 1))
         remap = np.empty(k, dtype=np.int32)
         remap[order] = np.arange(k, dtype=np.int32)
-        ordered = remap[labels].astype(np.uint8)
-        result = Clustering(ordered, centres[order], 0.0)
-        order = np.argsort(ordered, kind="stable")
-        result.summaries = _cluster_summaries(feature_set, ordered, k, mean_index, order)
-        result.suggested = suggest_crystal_cluster(result.centres, np.bincount(ordered, minlength=k))
-        result.labels_b64 = base64.b64encode(ordered.tobytes()).decode("ascii")
+        ordered_valid = remap[labels].astype(np.uint8)
+        full = np.full(feature_set.valid.size, MASKED_LABEL, dtype=np.uint8)
+        full[feature_set.valid] = ordered_valid
+        result = Clustering(full, centres[order], 0.0)
+        members = np.argsort(ordered_valid, kind="stable")
+        result.normalised = normalised_centroids(valid_raw, ordered_valid, k, feature_set.feature_names, members,
+                                                 sample_seed=seed)
+        texture = texture_contrast(result.normalised, feature_set.feature_names)
+        valid_index = np.flatnonzero(feature_set.valid)
+        result.summaries = _cluster_summaries(feature_set, ordered_valid, k, mean_index, valid_index[members], texture)
+        result.suggested = suggest_crystal_cluster(np.bincount(ordered_valid, minlength=k), texture)
+        result.labels_b64 = base64.b64encode(full.tobytes()).decode("ascii")
         result.compute_s = time.perf_counter() - start
         with self._lock:
             feature_set.clusterings[key] = result
@@ -442,71 +498,109 @@ class ExploreEngine:
         }
 
     def similarity(self, feature_set: FeatureSet, cell: tuple[int, int]) -> np.ndarray:
-        """Cosine similarity of every patch to the patch at `cell` (row, col), as uint8 (0..255 for 0..1)."""
+        """Cosine similarity of every patch to the patch at `cell` (row, col), as uint8 (0..255 for 0..1;
+        0 on masked patches)."""
         rows, cols = feature_set.grid_shape
         row, col = cell
         if not (0 <= row < rows and 0 <= col < cols):
             raise ExploreError(f"reference cell {cell} outside the {rows}x{cols} patch grid")
+        index = row * cols + col
+        if not feature_set.valid[index]:
+            raise ExploreError(f"patch {cell} lies on a grid bar or black area; pick another one")
         vectors = feature_set.scaled
-        reference = vectors[row * cols + col]
+        reference = vectors[int(np.count_nonzero(feature_set.valid[:index]))]
         norms = np.linalg.norm(vectors, axis=1) * max(float(np.linalg.norm(reference)), 1e-9)
         cosine = (vectors @ reference) / np.maximum(norms, 1e-9)
-        return np.clip(cosine * 255.0, 0, 255).astype(np.uint8)
+        out = np.zeros(feature_set.valid.size, dtype=np.uint8)
+        out[feature_set.valid] = np.clip(cosine * 255.0, 0, 255).astype(np.uint8)
+        return out
 
     def cluster_vector(self, image_id: str, settings: ExploreSettings, cluster_id: int) -> tuple[
             tuple[float, ...], tuple[str, ...]]:
-        """The cluster's feature vector normalised to compare across images (for label memory).
-
-        Each feature: (cluster median - background median) / background robust spread, where the
-        background is the largest cluster (the film) of the same image.
-        """
+        """The cluster's normalised centroid, as `agent.locate.analysis` defines it (for label memory):
+        per feature (cluster mean - background median) / background robust spread, the background being
+        the largest cluster, polarity-dependent features as absolute values; all background patches used."""
         feature_set, _ = self.features(image_id, settings)
         clustering, _ = self.clustering(feature_set, settings.k, settings.seed)
-        labels = clustering.labels
+        labels = clustering.labels[feature_set.valid]
         if not 0 <= cluster_id < settings.k or not np.any(labels == cluster_id):
             raise ExploreError(f"cluster {cluster_id} is empty or does not exist with k={settings.k}")
-        background = feature_set.raw[labels == int(np.argmax(np.bincount(labels)))]
-        centre = np.median(background, axis=0)
-        spread = 1.4826 * np.median(np.abs(background - centre), axis=0)
-        spread = np.where(spread > 1e-12, spread, np.maximum(background.std(axis=0), 1e-9))
-        vector = (np.median(feature_set.raw[labels == cluster_id], axis=0) - centre) / spread
-        return tuple(float(v) for v in vector), feature_set.feature_names
+        vectors = normalised_centroids(feature_set.raw[feature_set.valid], labels, settings.k,
+                                       feature_set.feature_names, np.argsort(labels, kind="stable"), sample_seed=None)
+        return tuple(float(v) for v in vectors[cluster_id]), feature_set.feature_names
+
+
+def normalised_centroids(
+    valid_raw: np.ndarray, labels: np.ndarray, k: int, feature_names: tuple[str, ...], order: np.ndarray,
+    sample_seed: int | None = 0,
+) -> np.ndarray:
+    """(k, F) normalised centroids exactly as `agent.locate.analysis.analyse` defines them (module docstring
+    there): background = largest cluster; (cluster mean - background median) / max(1.4826 * background
+    MAD, 1e-6 * scale); |.| for polarity features. `sample_seed`: estimate the background median / MAD
+    on at most `BACKGROUND_SAMPLE` patches (None: all of them)."""
+    counts = np.bincount(labels, minlength=k)
+    background = int(np.argmax(counts))
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    bg_rows = valid_raw[order[starts[background] : starts[background + 1]]]
+    if sample_seed is not None and bg_rows.shape[0] > BACKGROUND_SAMPLE:
+        pick = np.random.default_rng(sample_seed).choice(bg_rows.shape[0], BACKGROUND_SAMPLE, replace=False)
+        bg_rows = bg_rows[pick]
+    bg_median = np.median(bg_rows, axis=0)
+    bg_spread = 1.4826 * np.median(np.abs(bg_rows - bg_median), axis=0)
+    scale = np.maximum(np.abs(bg_median), np.std(valid_raw, axis=0))
+    bg_spread = np.maximum(bg_spread, 1e-6 * np.where(scale > 0, scale, 1.0))
+    sorted_rows = valid_raw[order]
+    present = counts > 0
+    sums = np.zeros((k, valid_raw.shape[1]), dtype=np.float64)
+    sums[present] = np.add.reduceat(sorted_rows, starts[:-1][present], axis=0)
+    means = sums / np.maximum(counts, 1)[:, None]
+    normalised = (means - bg_median) / bg_spread
+    normalised[~present] = 0.0
+    polarity = [feature_names.index(n) for n in POLARITY_FEATURES if n in feature_names]
+    normalised[:, polarity] = np.abs(normalised[:, polarity])
+    return normalised
+
+
+def texture_contrast(normalised: np.ndarray, feature_names: tuple[str, ...]) -> np.ndarray:
+    """(k,) norm of the normalised texture features (std, range, grad_energy), as the locator's rule."""
+    columns = [feature_names.index(n) for n in TEXTURE_FEATURES if n in feature_names]
+    return np.linalg.norm(normalised[:, columns], axis=1)
 
 
 def _cluster_summaries(feature_set: FeatureSet, labels: np.ndarray, k: int, mean_index: int,
-                       order: np.ndarray) -> list[dict[str, Any]]:
-    """Per cluster: size, fraction, mean grey value and up to 6 example cells (row, col) spread over it."""
+                       members: np.ndarray, texture: np.ndarray) -> list[dict[str, Any]]:
+    """Per cluster: size, fraction of unmasked patches, mean grey value, texture contrast and up to 6
+    example cells (row, col). `labels` are the unmasked patches' labels; `members` the patch indices
+    (in the full grid) sorted by label."""
     cols = feature_set.grid_shape[1]
     counts = np.bincount(labels, minlength=k)
-    mean_grey = np.bincount(labels, weights=feature_set.raw[:, mean_index], minlength=k) / np.maximum(counts, 1)
+    valid_raw_mean = feature_set.raw[feature_set.valid, mean_index]
+    mean_grey = np.bincount(labels, weights=valid_raw_mean, minlength=k) / np.maximum(counts, 1)
     starts = np.concatenate([[0], np.cumsum(counts)])
     summaries = []
     for cluster_id in range(k):
-        members = order[starts[cluster_id] : starts[cluster_id + 1]]
-        pick = members[np.linspace(0, len(members) - 1, min(6, len(members))).astype(int)] if len(members) else []
+        cells = members[starts[cluster_id] : starts[cluster_id + 1]]
+        pick = cells[np.linspace(0, len(cells) - 1, min(6, len(cells))).astype(int)] if len(cells) else []
         summaries.append({
             "cluster_id": cluster_id,
             "n_cells": int(counts[cluster_id]),
-            "fraction": round(float(counts[cluster_id]) / len(labels), 4),
+            "fraction": round(float(counts[cluster_id]) / max(1, len(labels)), 4),
             "mean_grey": float(mean_grey[cluster_id]) if counts[cluster_id] else None,
+            "texture_contrast": round(float(texture[cluster_id]), 2),
             "example_cells": [[int(i // cols), int(i % cols)] for i in pick],
         })
     return summaries
 
 
-def suggest_crystal_cluster(centres: np.ndarray, counts: np.ndarray) -> int | None:
-    """The suggested crystal cluster (see the module docstring) from the k-means centres (ordered by mean
-    grey value, in the standardised PCA space) and cluster sizes; None if every cluster is large."""
-    k = len(counts)
+def suggest_crystal_cluster(counts: np.ndarray, texture: np.ndarray) -> int | None:
+    """The locator's default rule (`agent.locate.analysis.SUGGESTION_RULE`), narrowed to one cluster:
+    among clusters other than the background (largest) covering at most half of the unmasked patches,
+    those with texture contrast >= `MIN_TEXTURE_CONTRAST`; the most textured of them, or None."""
     total = int(np.sum(counts))
     background = int(np.argmax(counts))
-    choices = [c for c in range(k) if c != background and 0 < counts[c] < 0.5 * total]
-    if k > 2 and len(choices) > 1 and 0 in choices:
-        choices.remove(0)  # the darkest cluster: grid bars / black areas when k > 2
-    if not choices:
-        return None
-    distances = {c: float(np.linalg.norm(centres[c] - centres[background])) for c in choices}
-    return max(distances, key=distances.__getitem__)
+    choices = [c for c in range(len(counts)) if c != background and 0 < counts[c] <= 0.5 * total
+               and texture[c] >= MIN_TEXTURE_CONTRAST]
+    return max(choices, key=lambda c: float(texture[c])) if choices else None
 
 
 def find_regions(label_grid: np.ndarray, cluster_id: int, centres_px: np.ndarray) -> list[dict[str, Any]]:

@@ -409,6 +409,7 @@ async function runAnalysis() {
   if (seq !== ex.seq) return; // a newer request is on its way
   if (!result.ok) { exploreMessage(`cannot analyse: ${result.data.error || result.status}`); return; }
   ex.result = result.data;
+  ex.labels = decode(result.data.labels_b64);
   drawExplore();
   const t = result.data.timing_ms;
   exploreMessage(`${result.data.grid[0]}×${result.data.grid[1]} patches · features ${result.data.features_cached ? "cached" : t.features + " ms"}` +
@@ -431,22 +432,26 @@ function drawExplore() {
   overlay.width = cols; overlay.height = rows;
   const octx = overlay.getContext("2d");
   const pixels = octx.createImageData(cols, rows);
+  const out = new Uint32Array(pixels.data.buffer);  // one RGBA pixel per write (little-endian: ABGR)
+  const lut = new Uint32Array(256);
+  const rgba = (r, g, b, a) => ((a << 24) | (b << 16) | (g << 8) | r) >>> 0;
+  let values;
   if (r.similarity_b64) {
-    const sim = decode(r.similarity_b64);
-    for (let i = 0; i < sim.length; i++) {
-      const v = sim[i];
+    values = decode(r.similarity_b64);
+    for (let v = 0; v < 256; v++) {
       // similarity 0.5 .. 1 -> transparent .. strong (yellow to red); below 0.5 not drawn
       const strength = Math.max(0, (v - 128) / 127);
-      pixels.data.set([255, Math.round(220 * (1 - strength)), 0, Math.round(200 * strength)], 4 * i);
+      lut[v] = rgba(255, Math.round(220 * (1 - strength)), 0, Math.round(200 * strength));
     }
   } else {
-    const labels = decode(r.labels_b64);
-    for (let i = 0; i < labels.length; i++) {
-      const colour = PALETTE[labels[i] % PALETTE.length];
-      const strong = labels[i] === r.crystal_cluster;
-      pixels.data.set([colour[0], colour[1], colour[2], strong ? 170 : 95], 4 * i);
+    values = ex.labels;
+    for (let v = 0; v < 256; v++) {
+      const colour = PALETTE[v % PALETTE.length];
+      lut[v] = rgba(colour[0], colour[1], colour[2], v === r.crystal_cluster ? 170 : 95);
     }
+    lut[255] = rgba(0, 0, 0, 150);  // masked: grid bars, black areas, annotation bands
   }
+  for (let i = 0; i < values.length; i++) out[i] = lut[values[i]];
   octx.putImageData(pixels, 0, 0);
   ctx.imageSmoothingEnabled = false;
   ctx.drawImage(overlay, 0, 0, canvas.width, canvas.height);
@@ -523,7 +528,7 @@ $("ex-canvas").addEventListener("click", (event) => {
   const col = Math.min(cols - 1, Math.floor(((event.clientX - box.left) / box.width) * cols));
   const row = Math.min(rows - 1, Math.floor(((event.clientY - box.top) / box.height) * rows));
   if ($("ex-similar").checked) { ex.reference = [row, col]; requestAnalysis(0); return; }
-  const cluster = decode(ex.result.labels_b64)[row * cols + col];
+  const cluster = ex.labels[row * cols + col];
   $("ex-crystal").value = String(cluster);
   requestAnalysis(0);
 });
