@@ -38,6 +38,7 @@ def register(subparsers: Any) -> None:
     serve.add_argument("--specimen", default="protein-plates", help="simulated specimen type")
     serve.add_argument("--seed", type=int, default=0, help="seed of the simulated specimen")
     serve.add_argument("--tiles", type=Path, default=None, help="serve this folder of real tiles (simulated)")
+    serve.add_argument("--pixel-size-um", type=float, default=None, help="um per pixel of --tiles if files do not say")
     serve.add_argument("--camera-px", type=int, default=None, help="simulated camera size (square), pixels")
     serve.add_argument("--endpoint", default="tcp://127.0.0.1:5555", help="where to bind (default loopback 5555)")
     serve.add_argument("--event-endpoint", default=None, help="where to publish state events (PUB), optional")
@@ -81,6 +82,8 @@ def _make_simulated(args: argparse.Namespace) -> Any:
         if not args.tiles.is_dir():
             raise CommandError(f"{args.tiles}: no such folder of tiles")
         kwargs[name] = args.tiles
+        if args.pixel_size_um is not None and "pixel_size_um" in accepted:
+            kwargs["pixel_size_um"] = args.pixel_size_um
     try:
         return factory(**kwargs)
     except (ValueError, OSError) as exc:
