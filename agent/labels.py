@@ -31,18 +31,23 @@ nearest record has weight below `MIN_VOTE_WEIGHT` saw nothing alike and does not
     confidence = |w_c - w_n| / (w_c + w_n + prior)        (0 = no idea, -> 1 with agreeing votes)
 
 No memory, memory far away (a different-looking specimen) and conflicting memory all give a low
-confidence; one earlier session gives at most 0.8 (1 / 1.25), agreeing close labels from two
-sessions more (`DEFAULT_CONFIDENCE_THRESHOLD` = 0.8), so a kind of cluster is not asked about again
-from the third session of a specimen type on. Calibration (simulated atlas frames of the four
-specimen types, five seeds each, 32x32 grid, k=3, the simulated operator's labels, memory holding only
-the clusters that were asked about, random session orders): the crystal and background clusters are
-auto-labelled from the third session on; clusters of mixed content (20-55 % of their cells on
-crystals, which even the operator's labels flip on) stay below the threshold and are asked again; 1
-of 323 auto labels contradicted a clear operator label. Parameters were chosen on those figures, not
-on one image.
+confidence; one earlier session gives at most 0.77 (1 / 1.3), agreeing close labels from two
+sessions more than `DEFAULT_CONFIDENCE_THRESHOLD` (0.8), so a kind of cluster can be labelled without
+asking from the third session of a specimen type on.
 
-Records made by the agent itself (`source="auto"`) are stored for the record but carry
-no weight by default, so the memory cannot talk itself into a mistake.
+Calibration (not tuned to one image): simulated atlas frames, four specimen types x five seeds,
+k = 3, labels from the simulated operator, memory holding only the clusters that were asked about
+(as the screening loop stores them), 20 random session orders. With a 64 x 64 grid, protein plates and
+asbestos fibres are not asked about at all from the third session on, with no auto label
+contradicting the operator; graphite flakes and faint polymer crystals are still asked about ~1 of 3
+clusters per session: those are mixed clusters (25-67 % of their cells on crystals, split into a
+"core" and an "edge" cluster that look alike), on which the operator's own answers flip between
+sessions. With a 32 x 32 grid (cells ~10 um at atlas) clusters are more mixed: a quarter of the
+protein-plate and asbestos sessions still ask from the third on, graphite and polymer most of them.
+
+Records made by the agent itself (`source="auto"`) are stored for the record and take part in the
+nearest-record search (a session whose nearest record was auto-labelled casts no vote) but carry no
+weight by default, so the memory cannot talk itself into a mistake.
 """
 
 from __future__ import annotations
@@ -82,7 +87,7 @@ TRIM_FRACTION = 0.2
 #: A session votes only if its nearest record has at least this kernel weight (else it saw nothing alike).
 MIN_VOTE_WEIGHT = 0.3
 #: Pseudo-count of "no idea" evidence added to every suggestion.
-DEFAULT_PRIOR_STRENGTH = 0.25
+DEFAULT_PRIOR_STRENGTH = 0.3
 #: Weight of each source's labels as evidence ("auto": the agent's own guesses, none by default).
 DEFAULT_SOURCE_WEIGHTS: dict[str, float] = {
     "operator": 1.0,
@@ -434,7 +439,7 @@ class LabelMemory:
         records = [
             r
             for r in self._load()
-            if r.specimen == specimen and r.preset == preset and self.source_weights.get(r.source, 0.0) > 0
+            if r.specimen == specimen and r.preset == preset
         ]
         needed = max(1, math.ceil(MIN_SHARED_FEATURE_FRACTION * len(names)))
         # votes[i][session] = (distance, weight, is_crystal) of that session's nearest record
