@@ -15,6 +15,7 @@ that crashed shows what is there and says what is missing.
 from __future__ import annotations
 
 import base64
+import contextlib
 import csv
 import html
 import io
@@ -302,7 +303,7 @@ def session_report_html(session_dir: str | Path) -> str:
     ]
     overview_png = image_file_png(folder / "overview.tif", 800)
     if overview_png is not None:
-        figures.insert(0, _figure(overview_png, "whole-grid overview"))
+        figures.insert(0, _figure(overview_png, "whole-grid overview", width_px=420))
     sections.append("<h2>Atlas</h2>" + "".join(figures))
     clusters = _read_json(atlas_dir / "clusters.json")
     if isinstance(clusters, dict) and isinstance(clusters.get("clusters"), list):
@@ -361,7 +362,7 @@ def session_report_html(session_dir: str | Path) -> str:
             rows = []
             for name, entry in presets.items():
                 matrix = entry.get("matrix_um_per_px") if isinstance(entry, dict) else None
-                rows.append((name, json.dumps(matrix) if matrix is not None else _fmt(entry)))
+                rows.append((name, _matrix_text(matrix) if matrix is not None else _fmt(entry)))
             sections.append("<h2>Calibration</h2>" + html_table(["preset", "image->stage matrix (um/px)"], rows,
                                                                 table_id="calibration"))
     if plan is not None:
@@ -371,12 +372,31 @@ def session_report_html(session_dir: str | Path) -> str:
     return _page(title, sections)
 
 
+def _matrix_text(matrix: Any) -> str:
+    """A 2x2 matrix as `[[a, b], [c, d]]` with 5 significant digits (or its JSON if it is not 2x2)."""
+    try:
+        values = np.asarray(matrix, dtype=np.float64)
+    except (TypeError, ValueError):
+        return json.dumps(matrix, default=str)
+    if values.shape != (2, 2):
+        return json.dumps(matrix, default=str)
+    return "[[{:.5g}, {:.5g}], [{:.5g}, {:.5g}]]".format(*values.ravel())
+
+
+def _write_report(path: Path, text: str) -> Path:
+    """Write atomically and make the file readable by others (it is meant to be shared)."""
+    written = write_atomic(path, text.encode("utf-8"))
+    with contextlib.suppress(OSError):  # e.g. a file system without permissions
+        written.chmod(0o644)
+    return written
+
+
 def write_session_report(session_dir: str | Path) -> Path:
     """Write `session_dir/report.html` (atomically) from the session folder; returns its path."""
     folder = Path(session_dir)
     text = session_report_html(folder)
     try:
-        return write_atomic(folder / REPORT_NAME, text.encode("utf-8"))
+        return _write_report(folder / REPORT_NAME, text)
     except OSError as exc:
         raise ReportError(f"{folder / REPORT_NAME}: cannot write the report ({exc})") from exc
 
@@ -478,6 +498,6 @@ def write_evaluation_report(
     text = evaluation_report_html(rows, targets=targets, examples=examples, config=config, title=title,
                                   elapsed_s=elapsed_s, failures=failures)
     try:
-        return write_atomic(path, text.encode("utf-8"))
+        return _write_report(Path(path), text)
     except OSError as exc:
         raise ReportError(f"{path}: cannot write the report ({exc})") from exc

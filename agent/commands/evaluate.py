@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -171,8 +172,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
         config_dict = {**config.model_dump(mode="json"), "quick": bool(args.quick)}
         title = "evaluation on simulated images" + (" (quick)" if args.quick else "")
 
+    counter = {"images": 0}
+
     def progress(name: str) -> None:
-        logger.info("evaluating %s", name)
+        counter["images"] += 1
+        print(f"[{counter['images']:>3}] {name} ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
 
     try:
         result = evaluate_images(images, methods, tolerance_um=config.tolerance_um, default_k=config.default_k,
