@@ -228,3 +228,16 @@ def test_one_wild_feature_does_not_hide_a_close_match(tmp_path: Path) -> None:
     two_wild = odd.copy()
     two_wild[[0, 2]] = [40.0, -40.0]  # more than one feature off: no longer the same kind of cluster
     assert memory.suggest(two_wild[None, :], NAMES, "protein-plates", "atlas")[0].confidence < 0.3
+
+
+def test_a_session_whose_nearest_record_was_auto_labelled_casts_no_vote(tmp_path: Path) -> None:
+    memory = LabelMemory(tmp_path)
+    for session in ("s1", "s2", "s3"):
+        memory.record_clusters(np.array([CRYSTAL]), NAMES, [True], specimen="p", preset="atlas", session=session,
+                               source="auto")  # the agent labelled the crystal cluster itself ...
+        memory.record_clusters(np.array([CRYSTAL * 0.6]), NAMES, [False], specimen="p", preset="atlas",
+                               session=session)  # ... and asked only about a similar, mixed cluster
+    suggestion = memory.suggest(np.array([CRYSTAL]), NAMES, "p", "atlas")[0]
+    assert suggestion.confidence == 0.0  # no human vote: the mixed cluster's "no" does not speak for it
+    mixed = memory.suggest(np.array([CRYSTAL * 0.6]), NAMES, "p", "atlas")[0]
+    assert not mixed.is_crystal and mixed.confidence > 0.8
