@@ -32,7 +32,7 @@ the client with a new id and simply run again.
 Events
 ------
 With `event_endpoint`, the server publishes state changes on a PUB socket as `[topic, json]` with
-topics `stage` (position, moving), `optics` (preset) and `beam` (blanked): after every call that may
+topics `stage` (position), `optics` (preset) and `beam` (blanked): after every call that may
 change them, and from a poll every `event_poll_s` seconds (changes made at the instrument itself).
 Every `event_snapshot_s` seconds all topics are published even if unchanged, so a subscriber that
 joins late learns the whole state within that time.
@@ -575,10 +575,8 @@ class BridgeServer:
         """Read the instrument state and publish the topics whose state changed since the last event."""
         try:
             state = {
-                "stage": {
-                    "position": self._microscope.get_stage().model_dump(mode="json"),
-                    "moving": bool(self._microscope.is_stage_moving()),
-                },
+                # only calls that cost nothing: the simulator charges clock time for is_stage_moving polls
+                "stage": {"position": self._microscope.get_stage().model_dump(mode="json")},
                 "optics": {"preset": self._microscope.get_preset()},
                 "beam": {"blanked": bool(self._microscope.is_beam_blanked())},
             }

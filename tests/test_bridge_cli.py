@@ -81,3 +81,22 @@ def test_serve_with_curve_answers_ping_and_stops_on_sigterm(
         if process.poll() is None:
             process.kill()
             process.wait(timeout=10.0)
+
+
+def test_serve_stops_cleanly_on_ctrl_c() -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", "bridge", "serve", "--adapter", "temscript-null",
+         "--endpoint", "tcp://127.0.0.1:0"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=_read_lines, args=(process.stdout, lines), daemon=True).start()
+    try:
+        first = lines.get(timeout=60.0)
+        assert "serving TemscriptMicroscope" in first, first
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=20.0) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10.0)

@@ -136,10 +136,10 @@ def _serve(args: argparse.Namespace) -> int:
 
     stop = threading.Event()
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.set()) if _main_thread() else None
-    print(f"bridge: serving {type(microscope).__name__} on {server.endpoint}"
-          + (f", events on {server.event_endpoint}" if server.event_endpoint else "")
-          + (", CURVE on" if curve else "") + " (Ctrl-C to stop)", flush=True)
     try:
+        print(f"bridge: serving {type(microscope).__name__} on {server.endpoint}"
+              + (f", events on {server.event_endpoint}" if server.event_endpoint else "")
+              + (", CURVE on" if curve else "") + " (Ctrl-C to stop)", flush=True)
         while not stop.wait(0.5):
             if not server.running:  # pragma: no cover - the I/O thread never exits on its own
                 raise CommandError("the bridge server stopped unexpectedly; see the log")
