@@ -105,10 +105,6 @@ class ConfirmPlan(BaseModel):
     min_contrast_sigma: float = Field(
         default=3.0, gt=0, description="object vs surrounding film contrast, in units of the film's noise"
     )
-    locate: LocateSettings = Field(
-        default_factory=lambda: LocateSettings(mode="grid", grid_rows=32, grid_cols=32, k=3),
-        description="locator settings for the search image",
-    )
 
 
 class OperatorPlan(BaseModel):

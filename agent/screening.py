@@ -50,6 +50,7 @@ from agent.atlas import (
 )
 from agent.calibration import CALIBRATION_NAME, CalibrationSet, measure_preset
 from agent.config import PLAN_NAME, ScreeningPlan, load_plan
+from agent.confirm import find_object_near_centre
 from agent.diffraction import score_diffraction
 from agent.events import EventBus
 from agent.journal import Journal, read_journal
@@ -58,7 +59,7 @@ from agent.locate.analysis import analyse
 from agent.locate.targets import find_candidates
 from agent.motion import approach_move, plan_path
 from agent.records import CONFIRMED_OUTCOMES, SessionSummary, TargetRecord, TargetResult
-from drivers.base import Frame, Microscope, MicroscopeError, image_centre_px, pixel_to_stage_um
+from drivers.base import Frame, Microscope, MicroscopeError, pixel_to_stage_um
 from drivers.formats.images import read_frame_tiff, write_frame_tiff
 
 logger = logging.getLogger(__name__)
@@ -459,6 +460,18 @@ class ScreeningSession:
         )
         return "located"
 
+    def _atlas_bar_lookup(self, xy_um: np.ndarray) -> np.ndarray:
+        """True where stage points fall on grid bars (or black areas) of the atlas; False off the atlas."""
+        if self.atlas is None or self.analysis is None:
+            return np.zeros(len(xy_um), dtype=bool)
+        mask = np.asarray(self.analysis.bar_mask, dtype=bool)
+        col_row = np.rint(self.atlas.stage_to_pixel(np.asarray(xy_um, dtype=np.float64))).astype(np.int64)
+        inside = (col_row[:, 0] >= 0) & (col_row[:, 0] < mask.shape[1])
+        inside &= (col_row[:, 1] >= 0) & (col_row[:, 1] < mask.shape[0])
+        result = np.zeros(len(col_row), dtype=bool)
+        result[inside] = mask[col_row[inside, 1], col_row[inside, 0]]
+        return result
+
     def _sample_xy_um(self, cluster: Any) -> list[list[float]]:
         assert self.atlas is not None
         rows_cols = np.asarray(cluster.example_cells_px, dtype=np.float64).reshape(-1, 2)
@@ -583,7 +596,9 @@ class ScreeningSession:
     def _step_confirming(self) -> str:
         assert self._current is not None
         frame: Frame = self._work["search"]
-        found = locate_near_centre(frame, self.calibration.matrix(self.plan.presets.search), self.plan)
+        found = locate_near_centre(
+            frame, self.calibration.matrix(self.plan.presets.search), self.plan, self._atlas_bar_lookup
+        )
         if found is None:
             self._finish_target(
                 "rejected",
@@ -819,55 +834,40 @@ def square_corners(
 
 
 def locate_near_centre(
-    frame: Frame, matrix_um_per_px: np.ndarray, plan: ScreeningPlan
+    frame: Frame,
+    matrix_um_per_px: np.ndarray,
+    plan: ScreeningPlan,
+    bar_mask_of: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> tuple[float, float, float] | None:
-    """Find the crystal-like object nearest the centre of a search frame, within `confirm.radius_um`.
+    """Find the object nearest the centre of a search frame within `confirm.radius_um` (see
+    `agent.confirm`); returns its stage position (x_um, y_um) and contrast in film-noise sigmas, or None.
 
-    Returns its stage position (x_um, y_um) and a contrast score (object vs surrounding film, in units of
-    the film's robust noise), or None when nothing stands out there.
+    `bar_mask_of(stage_xy_um (n, 2)) -> bool (n,)` says which stage points are grid bar (from the atlas),
+    so that a bar edge in view is never taken for the target.
     """
-    settings = plan.confirm.locate
-    analysis = analyse(np.asarray(frame.image), settings)
-    if not analysis.suggested_crystal_clusters:
-        return None
+    image = np.asarray(frame.image)
+    stage_xy = (frame.metadata.stage.x_um, frame.metadata.stage.y_um)
     pixel_um = float(math.sqrt(abs(np.linalg.det(matrix_um_per_px))))
-    candidates = find_candidates(analysis, analysis.suggested_crystal_clusters, settings)
-    if not candidates:
-        return None
-    centre = image_centre_px(frame.image.shape)
-    radius_px = plan.confirm.radius_um / pixel_um
-    near = [c for c in candidates if math.hypot(c.col_px - centre[0], c.row_px - centre[1]) <= radius_px]
-    if not near:
-        return None
-    best = min(near, key=lambda c: math.hypot(c.col_px - centre[0], c.row_px - centre[1]))
-    contrast = _object_contrast(np.asarray(frame.image), best.row_px, best.col_px, best.area_px)
-    if contrast < plan.confirm.min_contrast_sigma:
-        return None
-    xy = pixel_to_stage_um(
-        np.array([best.col_px, best.row_px]),
-        frame.image.shape,
-        (frame.metadata.stage.x_um, frame.metadata.stage.y_um),
-        matrix_um_per_px,
+    exclude = None
+    if bar_mask_of is not None:
+        step = max(1, min(image.shape) // 128)
+        rows = np.arange(0, image.shape[0], step)
+        cols = np.arange(0, image.shape[1], step)
+        grid_cols, grid_rows = np.meshgrid(cols, rows)
+        points = np.column_stack([grid_cols.ravel(), grid_rows.ravel()]).astype(np.float64)
+        stage_points = pixel_to_stage_um(points, image.shape, stage_xy, matrix_um_per_px)
+        coarse = bar_mask_of(stage_points).reshape(grid_rows.shape)
+        exclude = np.repeat(np.repeat(coarse, step, axis=0), step, axis=1)[: image.shape[0], : image.shape[1]]
+    found = find_object_near_centre(
+        image,
+        radius_px=plan.confirm.radius_um / pixel_um,
+        min_contrast_sigma=plan.confirm.min_contrast_sigma,
+        exclude_mask=exclude,
     )
-    return float(xy[0]), float(xy[1]), float(contrast)
-
-
-def _object_contrast(image: np.ndarray, row_px: float, col_px: float, area_px: float) -> float:
-    """|median inside a disc of the object's size - median of a surrounding ring| / robust noise of the
-    ring, computed on a lightly smoothed image (the object's scale, not single pixels)."""
-    radius = max(2.0, math.sqrt(max(area_px, 1.0) / math.pi))
-    rows, cols = image.shape
-    r0, r1 = int(max(0, row_px - 3 * radius)), int(min(rows, row_px + 3 * radius + 1))
-    c0, c1 = int(max(0, col_px - 3 * radius)), int(min(cols, col_px + 3 * radius + 1))
-    patch = ndimage.gaussian_filter(image[r0:r1, c0:c1].astype(np.float64), max(1.0, radius / 6))
-    yy, xx = np.mgrid[r0:r1, c0:c1]
-    distance = np.hypot(yy - row_px, xx - col_px)
-    inside = patch[distance <= 0.7 * radius]
-    ring = patch[(distance >= 1.5 * radius) & (distance <= 3 * radius)]
-    if inside.size < 3 or ring.size < 10:
-        return 0.0
-    noise = 1.4826 * float(np.median(np.abs(ring - np.median(ring)))) or 1e-9
-    return abs(float(np.median(inside)) - float(np.median(ring))) / noise
+    if found is None:
+        return None
+    xy = pixel_to_stage_um(np.array([found.col_px, found.row_px]), image.shape, stage_xy, matrix_um_per_px)
+    return float(xy[0]), float(xy[1]), found.contrast_sigma
 
 
 def load_session_summary(session_dir: str | Path) -> dict[str, Any]:

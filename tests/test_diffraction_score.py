@@ -36,3 +36,14 @@ def test_spots_are_counted_and_rings_are_not_spots(seed: int) -> None:
 def test_bad_input_is_refused() -> None:
     with pytest.raises(ValueError, match="2-D"):
         score_diffraction(np.zeros((4, 4)))
+
+
+def test_hot_pixels_are_not_spots() -> None:
+    rng = np.random.default_rng(7)
+    frame = _frame(spots=0, rings=True, seed=7).astype(np.int64)
+    rows, cols = rng.integers(0, 512, size=(2, 30))
+    frame[rows, cols] = 60000  # detector defects: single bright pixels
+    assert score_diffraction(frame.astype(np.uint16)).n_spots <= 3
+    with_spots = _frame(spots=20, rings=True, seed=7).astype(np.int64)
+    with_spots[rows, cols] = 60000
+    assert score_diffraction(with_spots.astype(np.uint16)).n_spots >= 15

@@ -1,0 +1,137 @@
+"""Confirming a target at the search preset: is there an object near the centre, and where exactly?
+
+At search magnification a target is one object (a crystal, or what the atlas took for one) a few to many
+times larger than at the atlas, possibly larger than the field of view (graphite flakes), beside ice
+balls, debris and grid-bar edges. The test is polarity-free and stated in units of the film's noise:
+
+1. smooth the frame lightly (object scale, not pixels) and model the film (with its uneven
+   illumination) as a quadratic surface fitted robustly to a ring of pixels along the frame border that
+   are not grid bar (bars are known from the atlas and mapped into this frame); the frame divided by
+   that surface is the relative transmission, and the film noise is its robust sigma (1.4826 x MAD) on
+   the ring;
+2. pixels that differ from the film level by more than `min_contrast_sigma` noise sigmas, outside the bar
+   mask, form objects (connected components, small holes filled);
+3. the object nearest the frame centre, within `radius_px`, is the target: its centroid is where the
+   stage re-centres, its median contrast (in sigmas) is the confirmation score. Nothing there: rejected.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from drivers.base import image_centre_px
+
+
+@dataclass(frozen=True)
+class FoundObject:
+    """An object found near the centre of a frame: centroid (col, row) px, area px, contrast (sigmas)."""
+
+    col_px: float
+    row_px: float
+    area_px: float
+    contrast_sigma: float
+    touches_border: bool
+
+
+def find_object_near_centre(
+    image: np.ndarray,
+    *,
+    radius_px: float,
+    min_contrast_sigma: float = 3.0,
+    exclude_mask: np.ndarray | None = None,
+    smooth_px: float | None = None,
+    min_area_px: float | None = None,
+) -> FoundObject | None:
+    """The object nearest the centre of `image` within `radius_px`, or None (see module docstring).
+
+    `exclude_mask` (bool, image shape) marks pixels that can never be the object (grid bars).
+    """
+    data = np.asarray(image, dtype=np.float32)
+    if data.ndim != 2 or min(data.shape) < 16:
+        raise ValueError(f"confirmation needs a 2-D image of at least 16x16 px, got {data.shape}")
+    rows, cols = data.shape
+    smooth = smooth_px if smooth_px is not None else max(1.0, min(rows, cols) / 256)
+    smoothed = ndimage.gaussian_filter(data, smooth)
+    excluded = np.zeros(data.shape, dtype=bool) if exclude_mask is None else np.asarray(exclude_mask, dtype=bool)
+    border = max(2, min(rows, cols) // 32)
+    ring = np.zeros(data.shape, dtype=bool)
+    ring[:border, :] = ring[-border:, :] = ring[:, :border] = ring[:, -border:] = True
+    ring &= ~excluded
+    if ring.sum() < 16:  # the border is all bar: use everything that is not bar
+        ring = ~excluded
+        if ring.sum() < 16:
+            return None
+    film = _film_surface(smoothed, ring)
+    relative = smoothed / np.maximum(film, 1e-6)
+    residual = relative[ring] - 1.0
+    noise = 1.4826 * float(np.median(np.abs(residual - np.median(residual))))
+    # Shot noise after smoothing still sets a floor when the ring is perfectly flat.
+    noise = max(noise, 1e-6, 0.25 / math.sqrt(max(float(np.median(film[ring])), 1.0)) / max(smooth, 1.0))
+    contrast = np.abs(relative - 1.0) / noise
+    objects = (contrast > min_contrast_sigma) & ~excluded
+    objects = ndimage.binary_opening(objects, iterations=1)
+    objects = ndimage.binary_fill_holes(objects)
+    labels, count = ndimage.label(objects)
+    if count == 0:
+        return None
+    index = np.arange(1, count + 1)
+    areas = ndimage.sum_labels(np.ones_like(labels), labels, index)
+    minimum_area = min_area_px if min_area_px is not None else max(4.0, (smooth * 2) ** 2)
+    centre = image_centre_px(data.shape)
+    best: FoundObject | None = None
+    best_distance = math.inf
+    coms = ndimage.center_of_mass(objects, labels, index)
+    touching = set(np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])).tolist())
+    for label_id, area, (row, col) in zip(index, areas, coms, strict=True):
+        if area < minimum_area:
+            continue
+        member = labels == label_id
+        # Distance from the centre to the object itself (0 if the centre lies on it), not its centroid:
+        # an object larger than the field of view still counts when the centre is on it.
+        if member[round(float(centre[1])), round(float(centre[0]))]:
+            distance = 0.0
+        else:
+            object_rows, object_cols = np.nonzero(member)
+            distance = float(np.min(np.hypot(object_cols - centre[0], object_rows - centre[1])))
+        if distance <= radius_px and distance < best_distance:
+            best_distance = distance
+            best = FoundObject(
+                col_px=float(col),
+                row_px=float(row),
+                area_px=float(area),
+                contrast_sigma=float(np.median(contrast[member])),
+                touches_border=int(label_id) in touching,
+            )
+    return best
+
+
+def _film_surface(smoothed: np.ndarray, ring: np.ndarray) -> np.ndarray:
+    """A quadratic surface through the ring pixels (two rounds, outliers beyond 3 robust sigmas dropped)."""
+    rows, cols = smoothed.shape
+    ring_rows, ring_cols = np.nonzero(ring)
+    step = max(1, len(ring_rows) // 20000)
+    ring_rows, ring_cols = ring_rows[::step], ring_cols[::step]
+    values = smoothed[ring_rows, ring_cols].astype(np.float64)
+
+    def design(r: np.ndarray, c: np.ndarray) -> np.ndarray:
+        y, x = r / rows - 0.5, c / cols - 0.5
+        return np.column_stack([np.ones_like(x), x, y, x * x, x * y, y * y])
+
+    basis = design(ring_rows.astype(np.float64), ring_cols.astype(np.float64))
+    keep = np.ones(len(values), dtype=bool)
+    coefficients = np.zeros(6)
+    for _ in range(2):
+        coefficients, *_ = np.linalg.lstsq(basis[keep], values[keep], rcond=None)
+        misfit = values - basis @ coefficients
+        sigma = 1.4826 * float(np.median(np.abs(misfit[keep] - np.median(misfit[keep])))) or 1e-9
+        keep = np.abs(misfit) <= 3 * sigma
+        if keep.sum() < 12:
+            break
+    y = (np.arange(rows, dtype=np.float64) / rows - 0.5)[:, None]
+    x = (np.arange(cols, dtype=np.float64) / cols - 0.5)[None, :]
+    c = coefficients
+    return (c[0] + c[1] * x + c[2] * y + c[3] * x * x + c[4] * x * y + c[5] * y * y).astype(np.float32)

@@ -1,0 +1,71 @@
+"""Confirmation at the search preset finds the object at the centre whatever its polarity or size."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from agent.confirm import find_object_near_centre
+
+
+def _film(seed: int, size: int = 256, level: float = 3000.0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    illumination = 1.0 + 0.15 * (xx / size) - 0.1 * (yy / size)  # uneven illumination
+    return level * illumination, rng
+
+
+def _poisson(signal: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return rng.poisson(np.clip(signal, 0, None)).astype(np.uint16)
+
+
+@pytest.mark.parametrize("dark_field", [False, True])
+def test_a_plate_near_the_centre_is_found_in_either_polarity(dark_field: bool) -> None:
+    signal, rng = _film(0)
+    yy, xx = np.mgrid[:256, :256]
+    plate = (np.abs(xx - 140) < 25) & (np.abs(yy - 120) < 15)
+    signal = signal * (1.3 if dark_field else 0.7) ** plate
+    found = find_object_near_centre(_poisson(signal, rng), radius_px=60, min_contrast_sigma=3)
+    assert found is not None
+    assert abs(found.col_px - 140) < 2 and abs(found.row_px - 120) < 2
+    assert found.contrast_sigma > 5
+
+
+def test_empty_film_is_rejected() -> None:
+    signal, rng = _film(1)
+    assert find_object_near_centre(_poisson(signal, rng), radius_px=60, min_contrast_sigma=3) is None
+
+
+def test_an_object_larger_than_the_field_counts_when_the_centre_is_on_it() -> None:
+    signal, rng = _film(2)
+    yy, xx = np.mgrid[:256, :256]
+    flake = xx + yy > 180  # covers the centre and most of the frame
+    found = find_object_near_centre(_poisson(signal * 0.75**flake, rng), radius_px=20, min_contrast_sigma=3)
+    assert found is not None and found.touches_border
+
+
+def test_grid_bar_in_view_is_never_the_target() -> None:
+    signal, rng = _film(3)
+    _yy, xx = np.mgrid[:256, :256]
+    bar = xx < 100
+    image = _poisson(signal * np.where(bar, 0.02, 1.0), rng)
+    assert find_object_near_centre(image, radius_px=60, min_contrast_sigma=3, exclude_mask=bar) is None
+    # without the bar mask, the bar's edge would be taken for an object
+    assert find_object_near_centre(image, radius_px=60, min_contrast_sigma=3) is not None
+
+
+def test_the_nearest_of_several_objects_wins_and_far_ones_are_ignored() -> None:
+    signal, rng = _film(4)
+    yy, xx = np.mgrid[:256, :256]
+    near = np.hypot(xx - 135, yy - 130) < 10
+    far = np.hypot(xx - 30, yy - 30) < 20  # an ice ball in the corner
+    image = _poisson(signal * np.where(near, 0.6, 1.0) * np.where(far, 0.2, 1.0), rng)
+    found = find_object_near_centre(image, radius_px=40, min_contrast_sigma=3)
+    assert found is not None and abs(found.col_px - 135) < 2
+    only_far = _poisson(signal * np.where(far, 0.2, 1.0), rng)
+    assert find_object_near_centre(only_far, radius_px=40, min_contrast_sigma=3) is None
+
+
+def test_bad_input() -> None:
+    with pytest.raises(ValueError, match="2-D"):
+        find_object_near_centre(np.zeros((4, 4)), radius_px=3)
