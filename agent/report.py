@@ -407,7 +407,7 @@ def write_session_report(session_dir: str | Path) -> Path:
 
 _ROW_COLUMNS = (
     "specimen", "preset", "method", "mode", "precision", "recall", "recall_diffracting", "loc_error_um",
-    "bar_iou", "n_images", "n_crystals", "n_detections", "seconds_per_image",
+    "precision_area", "recall_area", "bar_iou", "n_images", "n_crystals", "n_detections", "seconds_per_image",
 )
 
 

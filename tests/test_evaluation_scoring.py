@@ -83,6 +83,16 @@ def test_tolerance_decides_a_near_miss() -> None:
     assert score_frame(near, _truth(um_per_px=None), tolerance_um=2.0, tolerance_px_default=2.0).true_positives == 0
 
 
+def test_area_variant_uses_the_detection_extent() -> None:
+    truth = _truth(um_per_px=0.5)
+    coarse = [Detection(10, 25, area_px=np.pi * 15.0**2)]  # a grid cell centred 15 px from crystal 0
+    score = score_frame(coarse, truth, tolerance_um=2.0)
+    assert score.true_positives == 0 and score.true_positives_area == 1
+    summary = combine_scores([score])
+    assert summary.precision == 0.0 and summary.precision_area == 1.0
+    assert summary.recall_area == 0.5 and summary.recall == 0.0
+
+
 def test_combine_is_micro_averaged_and_handles_empty() -> None:
     truth = _truth()
     good = score_frame([Detection(10, 10)], truth)

@@ -118,14 +118,15 @@ def print_rows(rows: list[dict[str, Any]], targets: list[dict[str, Any]], title:
 
     console = Console()
     if not console.is_terminal:  # piped or captured: do not squeeze the table into 80 columns
-        console = Console(width=max(console.width, 150))
+        console = Console(width=max(console.width, 170))
     table = Table(title=title)
     for column in ("specimen", "preset", "method", "mode", "precision", "recall", "recall_diffr", "loc_err_um",
-                   "bar_iou", "crystals", "detections", "s/image"):
+                   "P_area", "R_area", "bar_iou", "crystals", "detections", "s/image"):
         table.add_column(column, justify="left" if column in ("specimen", "preset", "method", "mode") else "right")
     for r in rows:
         table.add_row(r["specimen"], r["preset"], r["method"], r["mode"], f(r["precision"]), f(r["recall"]),
-                      f(r["recall_diffracting"]), f(r["loc_error_um"], 2), f(r["bar_iou"]), str(r["n_crystals"]),
+                      f(r["recall_diffracting"]), f(r["loc_error_um"], 2), f(r.get("precision_area")),
+                      f(r.get("recall_area")), f(r["bar_iou"]), str(r["n_crystals"]),
                       str(r["n_detections"]), f(r["seconds_per_image"], 2))
     console.print(table)
     if targets:

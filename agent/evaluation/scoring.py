@@ -13,6 +13,9 @@ Matching rule (documented in the README, "Evaluating on your own images"):
 - **Localisation error**: for each true positive, the distance (um) from the detection to the centre of
   the nearest crystal it matched.
 - **Bar IoU**: |predicted & true| / |predicted | true| of the grid-bar masks (None when both are empty).
+- *Area* variants (`precision_area`, `recall_area`): the same with each detection's own extent as the
+  tolerance (the radius of a disc of its `area_px`, at least the tolerance): "the crystal is in the
+  cell / region the method reported", which tells a coarse-but-right grid cell from a wrong one.
 
 The default tolerance, 2 um, is about the size of the beam used to check diffraction (a selected
 area of 1-2 um) and well inside the search preset's field of view, where the screening loop re-centres
@@ -57,6 +60,8 @@ class FrameScore:
     loc_errors_px: list[float] = field(default_factory=list)
     #: (length_um or None, found) of every countable crystal, for recall by size
     countable_found: list[tuple[float | None, bool]] = field(default_factory=list)
+    true_positives_area: int = 0
+    n_found_area: int = 0
     um_per_px: float | None = None
     bar_iou: float | None = None
     seconds: float = 0.0
@@ -137,6 +142,10 @@ def score_frame(
     score.n_found = int((found & countable).sum())
     score.n_found_diffracting = int((found & countable & diffracting).sum())
     score.countable_found = [(c.length_um, bool(f)) for c, f in zip(truth.crystals, found, strict=True) if c.countable]
+    areas = np.array([max(d.area_px, 0.0) for d in detections], dtype=np.float64)
+    matched_area = dist <= np.maximum(tol, np.sqrt(areas / np.pi))[:, None]
+    score.true_positives_area = int(matched_area.any(axis=1).sum())
+    score.n_found_area = int((matched_area.any(axis=0) & countable).sum())
     centres = np.array([[c.row_px, c.col_px] for c in truth.crystals])
     for i in np.nonzero(is_tp)[0]:
         candidates = np.nonzero(matched[i])[0]
@@ -162,6 +171,8 @@ class Summary:
     bar_iou: float | None
     seconds_per_image: float
     recall_by_size: dict[str, float | None] = field(default_factory=dict)
+    precision_area: float | None = None
+    recall_area: float | None = None
 
     def as_dict(self) -> dict[str, float | int | None]:
         """JSON-ready dict (rounded)."""
@@ -175,6 +186,7 @@ class Summary:
             "loc_error_um": r(self.loc_error_um, 3), "loc_error_px": r(self.loc_error_px, 2),
             "bar_iou": r(self.bar_iou), "seconds_per_image": r(self.seconds_per_image, 3),
             "recall_by_size": {k: r(v) for k, v in self.recall_by_size.items()},
+            "precision_area": r(self.precision_area), "recall_area": r(self.recall_area),
         }
 
 
@@ -208,6 +220,8 @@ def combine_scores(scores: Iterable[FrameScore]) -> Summary:
         bar_iou=float(np.mean(ious)) if ious else None,
         seconds_per_image=float(np.mean([s.seconds for s in items])) if items else 0.0,
         recall_by_size=_recall_by_size([pair for s in items for pair in s.countable_found]),
+        precision_area=sum(s.true_positives_area for s in items) / detections if detections else None,
+        recall_area=sum(s.n_found_area for s in items) / countable if countable else None,
     )
 
 
