@@ -71,3 +71,12 @@ def test_snapshot_errors_are_clear(tmp_path: Path, capsys: pytest.CaptureFixture
 def test_specimen_unknown_type(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["simulate", "specimen", "--specimen", "nope", "--out", str(tmp_path / "t.json")]) == 2
     assert "unknown specimen type" in capsys.readouterr().err
+
+
+def test_unwritable_output_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "a-folder.tif"
+    folder.mkdir()  # the output path is a directory
+    assert main(["simulate", "snapshot", "--camera-px", "32", "--out", str(folder)]) == 2
+    assert "cannot write" in capsys.readouterr().err
+    assert main(["simulate", "specimen", "--out", str(folder)]) == 2
+    assert "cannot write" in capsys.readouterr().err

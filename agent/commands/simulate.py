@@ -106,12 +106,18 @@ def _snapshot(args: argparse.Namespace) -> int:
         raise
     except (MicroscopeError, OSError, ValueError) as exc:
         raise CommandError(str(exc)) from exc
-    path = write_frame_tiff(args.out, frame)
+    try:
+        path = write_frame_tiff(args.out, frame)
+    except OSError as exc:
+        raise CommandError(f"cannot write {args.out}: {exc}") from exc
     print(f"wrote {path} ({frame.shape_px[1]}x{frame.shape_px[0]} px, {frame.metadata.pixel_size_um} um/px, "
           f"preset {frame.metadata.preset}, stage ({args.x_um}, {args.y_um}) um)")
     if args.png:
         png_path = args.out.with_suffix(".png")
-        write_png(png_path, preview_8bit(frame.image, gamma=0.5 if args.diffraction else 1.0))
+        try:
+            write_png(png_path, preview_8bit(frame.image, gamma=0.5 if args.diffraction else 1.0))
+        except OSError as exc:
+            raise CommandError(f"cannot write {png_path}: {exc}") from exc
         print(f"wrote {png_path}")
     return 0
 
