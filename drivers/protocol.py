@@ -61,8 +61,11 @@ PROTOCOL_VERSION = 1
 #: Name of the handshake method (not a microscope method).
 HELLO_METHOD = "_hello"
 
-#: Largest JSON header accepted, in bytes.
+#: Largest JSON request header the server accepts, in bytes.
 MAX_HEADER_BYTES = 64 * 1024
+
+#: Largest JSON reply header the client accepts, in bytes (frame metadata may carry driver extras).
+MAX_REPLY_HEADER_BYTES = 16 * 1024 * 1024
 
 #: Largest number of binary frames in one message.
 MAX_ARRAYS = 8
@@ -415,10 +418,10 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not allowed in bridge JSON")
 
 
-def _parse_json(part: Any, what: str) -> Any:
+def _parse_json(part: Any, what: str, limit: int = MAX_HEADER_BYTES) -> Any:
     view = as_buffer(part)
-    if view.nbytes > MAX_HEADER_BYTES:
-        raise MalformedMessageError(f"{what} header is {view.nbytes} bytes; the limit is {MAX_HEADER_BYTES}")
+    if view.nbytes > limit:
+        raise MalformedMessageError(f"{what} header is {view.nbytes} bytes; the limit is {limit}")
     try:
         return json.loads(view.tobytes().decode("utf-8"), parse_constant=_reject_constant)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
@@ -531,7 +534,7 @@ def decode_reply(
     """Validate `[header, *frames]` as a reply and wrap its arrays; `MalformedMessageError` if invalid."""
     if not parts:
         raise MalformedMessageError("empty reply")
-    raw = _parse_json(parts[0], "reply")
+    raw = _parse_json(parts[0], "reply", MAX_REPLY_HEADER_BYTES)
     if not isinstance(raw, dict):
         raise MalformedMessageError(f"reply header must be a JSON object, got {type(raw).__name__}")
     if raw.get("protocol_version") != PROTOCOL_VERSION:

@@ -634,7 +634,8 @@ class BridgeClient:
     idempotent calls as a new request, moves and exposures with their original request id, which the
     server runs at most once. Then `BridgeTimeout`. Remote errors are re-raised as the class of the
     same name in `drivers.base.ERROR_TYPES`. One client is safe to share between threads (calls are
-    serialised); use one client per thread for concurrency.
+    serialised); use one client per thread for concurrency. After a server restart the client
+    reconnects by itself and refreshes `server_info` and `event_endpoint`.
     """
 
     def __init__(
@@ -676,6 +677,7 @@ class BridgeClient:
         self.server_info: MicroscopeInfo | None = None
         self.event_endpoint: str | None = None
         self.reconnects = 0
+        self._handshake_stale = False
         try:
             self._open_socket()
             self._handshake()
@@ -768,6 +770,10 @@ class BridgeClient:
                 self._socket.send_multipart([b"", encode_header(header)])
                 reply = self._await_reply(header, timeout_s)
                 if reply is not _NO_REPLY:
+                    if self._handshake_stale and method != HELLO_METHOD:
+                        self._handshake_stale = False
+                        with contextlib.suppress(MicroscopeError):
+                            self._handshake()  # a restarted server: refresh its info and event endpoint
                     return reply
                 self._check_auth_failure()
                 self._reconnect()
@@ -796,6 +802,7 @@ class BridgeClient:
             if reply.server_id and self.server_id and reply.server_id != self.server_id:
                 logger.warning("%s: the bridge server has restarted (new id %s)", self.endpoint, reply.server_id)
                 self.server_id = reply.server_id
+                self._handshake_stale = True
             if not reply.ok:
                 assert reply.error is not None
                 raise error_from_wire(reply.error)

@@ -194,6 +194,15 @@ def test_malformed_request_headers_raise_malformed_message_error(raw: bytes, mat
         decode_request([raw])
 
 
+def test_replies_may_carry_large_metadata_but_requests_may_not() -> None:
+    metadata = _metadata().model_copy(update={"extra": {"notes": "n" * (2 * MAX_HEADER_BYTES)}})
+    frame = Frame(image=np.zeros((2, 2), dtype=np.uint16), metadata=metadata)
+    restored = _roundtrip(frame)
+    assert isinstance(restored, Frame) and restored.metadata.extra["notes"] == metadata.extra["notes"]
+    with pytest.raises(MalformedMessageError, match="limit"):
+        decode_request([encode_header(new_request("set_preset", {"name": "n" * (2 * MAX_HEADER_BYTES)}))])
+
+
 def test_request_with_undeclared_frames_is_rejected() -> None:
     header = encode_header(new_request("get_stage"))
     with pytest.raises(MalformedMessageError, match="declares 0"):

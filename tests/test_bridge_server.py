@@ -344,9 +344,10 @@ def test_client_times_out_and_survives_a_server_restart(microscope: Microscope) 
         with pytest.raises(BridgeTimeout, match="did not answer get_stage"):
             client.get_stage()
         assert client.reconnects >= 1
-        with BridgeServer(microscope, endpoint) as second:
+        with BridgeServer(microscope, endpoint, event_endpoint=LOOPBACK) as second:
             assert client.get_stage().x_um == pytest.approx(12.0, abs=1.0)
             assert client.server_id == second.server_id != first.server_id
+            assert client.event_endpoint == second.event_endpoint  # the handshake was refreshed
     finally:
         client.close()
         first.stop()
