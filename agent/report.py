@@ -45,7 +45,8 @@ padding:0 1em;line-height:1.4}
 h1{font-size:1.6em;margin-bottom:.2em}h2{border-bottom:2px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
 table{border-collapse:collapse;margin:.6em 0;font-size:.9em}
 th,td{border:1px solid #ccc;padding:.25em .55em;text-align:right}th{background:#f2f2f2}
-td.t,th.t{text-align:left}tr.fail td{background:#fde8e8}tr.ok td{background:#e8f6e8}
+td.t,th.t{text-align:left;white-space:nowrap}.scroll{overflow-x:auto;max-width:100%}
+tr.fail td{background:#fde8e8}tr.ok td{background:#e8f6e8}
 figure{display:inline-block;margin:.4em;vertical-align:top;text-align:center}
 figure img{max-width:100%;border:1px solid #bbb;image-rendering:auto}
 figcaption{font-size:.85em;color:#555}
@@ -97,7 +98,8 @@ def html_table(
         css = f' class="{_e(classes[index])}"' if index < len(classes) and classes[index] else ""
         body.append(f"<tr{css}>{cells}</tr>")
     ident = f' id="{_e(table_id)}"' if table_id else ""
-    return f"<table{ident}><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    return (f'<div class="scroll"><table{ident}><thead><tr>{head}</tr></thead>'
+            f"<tbody>{''.join(body)}</tbody></table></div>")
 
 
 def png_data_uri(png: bytes) -> str:
