@@ -130,10 +130,11 @@ def _show(args: argparse.Namespace) -> int:
         )
     fit = summary["stage_fit"]
     if fit is not None:
+        x_um, y_um = (round(v, 2) + 0.0 for v in fit["stage_xy_um_at_centre"])  # no "-0.00"
         print(
             f"stage fit    {fit['um_per_px'] * 1000:.3f} nm/px, rotation {fit['rotation_deg']:.2f} deg"
             f"{', flipped' if fit['flipped'] else ''}, rms {fit['rms_residual_um']:.3f} um; mosaic centre at "
-            f"({fit['stage_xy_um_at_centre'][0]:.2f}, {fit['stage_xy_um_at_centre'][1]:.2f}) um"
+            f"({x_um:.2f}, {y_um:.2f}) um"
         )
     return 0
 

@@ -91,7 +91,8 @@ def _show(args: argparse.Namespace) -> int:
     # piped output (files, scripts) gets full rows instead of rich's 80-column squeeze
     Console(width=None if sys.stdout.isatty() else 200).print(table)
     counts = {kind: sum(1 for i in items if i.kind == kind) for kind in ("point", "polygon", "map")}
-    print(", ".join(f"{n} {kind}s" for kind, n in counts.items()) + f", {sum(i.acquire for i in items)} to acquire")
+    listed = ", ".join(f"{n} {kind}{'' if n == 1 else 's'}" for kind, n in counts.items())
+    print(f"{listed}, {sum(i.acquire for i in items)} to acquire")
     return 0
 
 
