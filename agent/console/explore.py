@@ -134,6 +134,9 @@ class FeatureSet:
     centres_px: np.ndarray
     feature_names: tuple[str, ...]
     compute_s: float
+    feature_std: np.ndarray | None = None
+    valid_raw: np.ndarray | None = None
+    texture_raw: np.ndarray | None = None
     clusterings: collections.OrderedDict[tuple[int, int], Clustering] = field(default_factory=collections.OrderedDict)
 
 
@@ -145,7 +148,7 @@ class Clustering:
     labels: np.ndarray
     centres: np.ndarray
     compute_s: float
-    normalised: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    normalised: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))  # texture features only
     summaries: list[dict[str, Any]] = field(default_factory=list)
     suggested: int | None = None
     labels_b64: str = ""
@@ -402,7 +405,9 @@ class ExploreEngine:
         elapsed = time.perf_counter() - start
         logger.info("explore: features %s of %s in %.2f s", settings.feature_key(), image.name, elapsed)
         return FeatureSet((int(grid[0]), int(grid[1])), valid, raw, scaled.astype(np.float32), reduced,
-                          np.ascontiguousarray(reduced.T), centres, tuple(names), elapsed)
+                          np.ascontiguousarray(reduced.T), centres, tuple(names), elapsed,
+                          feature_std=np.std(valid_raw, axis=0), valid_raw=valid_raw,
+                          texture_raw=np.asfortranarray(valid_raw[:, [names.index(n) for n in TEXTURE_FEATURES]]))
 
     def clustering(self, feature_set: FeatureSet, k: int, seed: int) -> tuple[Clustering, bool]:
         """k-means of a feature set's unmasked patches (cached per k and seed) and whether it was cached."""
@@ -423,7 +428,8 @@ class ExploreEngine:
         centres = kmeans_centres(sample, k, seed)
         labels = _nearest_centre(feature_set.reduced_t, centres)
         # order clusters by mean grey value so that colours are stable when k changes
-        valid_raw = feature_set.raw[feature_set.valid]
+        assert feature_set.valid_raw is not None and feature_set.texture_raw is not None
+        valid_raw = feature_set.valid_raw
         mean_index = feature_set.feature_names.index("mean") if "mean" in feature_set.feature_names else 0
         counts = np.bincount(labels, minlength=k)
         sums = np.bincount(labels, weights=valid_raw[:, mean_index], minlength=k)
@@ -435,9 +441,11 @@ class ExploreEngine:
         full[feature_set.valid] = ordered_valid
         result = Clustering(full, centres[order], 0.0)
         members = np.argsort(ordered_valid, kind="stable")
-        result.normalised = normalised_centroids(valid_raw, ordered_valid, k, feature_set.feature_names, members,
-                                                 sample_seed=seed)
-        texture = texture_contrast(result.normalised, feature_set.feature_names)
+        texture_std = None if feature_set.feature_std is None else feature_set.feature_std[
+            [feature_set.feature_names.index(n) for n in TEXTURE_FEATURES]]
+        result.normalised = normalised_centroids(feature_set.texture_raw, ordered_valid, k, TEXTURE_FEATURES, members,
+                                                 sample_seed=seed, feature_std=texture_std)
+        texture = texture_contrast(result.normalised, TEXTURE_FEATURES)
         valid_index = np.flatnonzero(feature_set.valid)
         result.summaries = _cluster_summaries(feature_set, ordered_valid, k, mean_index, valid_index[members], texture)
         result.suggested = suggest_crystal_cluster(np.bincount(ordered_valid, minlength=k), texture)
@@ -526,33 +534,39 @@ class ExploreEngine:
         if not 0 <= cluster_id < settings.k or not np.any(labels == cluster_id):
             raise ExploreError(f"cluster {cluster_id} is empty or does not exist with k={settings.k}")
         vectors = normalised_centroids(feature_set.raw[feature_set.valid], labels, settings.k,
-                                       feature_set.feature_names, np.argsort(labels, kind="stable"), sample_seed=None)
+                                       feature_set.feature_names, np.argsort(labels, kind="stable"), sample_seed=None,
+                                       feature_std=feature_set.feature_std)
         return tuple(float(v) for v in vectors[cluster_id]), feature_set.feature_names
 
 
 def normalised_centroids(
     valid_raw: np.ndarray, labels: np.ndarray, k: int, feature_names: tuple[str, ...], order: np.ndarray,
-    sample_seed: int | None = 0,
+    sample_seed: int | None = 0, columns: tuple[str, ...] | None = None, feature_std: np.ndarray | None = None,
 ) -> np.ndarray:
     """(k, F) normalised centroids exactly as `agent.locate.analysis.analyse` defines them (module docstring
     there): background = largest cluster; (cluster mean - background median) / max(1.4826 * background
     MAD, 1e-6 * scale); |.| for polarity features. `sample_seed`: estimate the background median / MAD
-    on at most `BACKGROUND_SAMPLE` patches (None: all of them)."""
+    on at most `BACKGROUND_SAMPLE` patches (None: all of them). `columns`: only these features (the
+    result then has len(columns) columns). `feature_std`: per-feature std over all rows, if known."""
+    if columns is not None:
+        index = [feature_names.index(n) for n in columns]
+        valid_raw = valid_raw[:, index]
+        feature_std = None if feature_std is None else feature_std[index]
+        feature_names = tuple(columns)
     counts = np.bincount(labels, minlength=k)
     background = int(np.argmax(counts))
     starts = np.concatenate([[0], np.cumsum(counts)])
-    bg_rows = valid_raw[order[starts[background] : starts[background + 1]]]
-    if sample_seed is not None and bg_rows.shape[0] > BACKGROUND_SAMPLE:
-        pick = np.random.default_rng(sample_seed).choice(bg_rows.shape[0], BACKGROUND_SAMPLE, replace=False)
-        bg_rows = bg_rows[pick]
+    bg_members = order[starts[background] : starts[background + 1]]
+    if sample_seed is not None and bg_members.size > BACKGROUND_SAMPLE:
+        bg_members = np.random.default_rng(sample_seed).choice(bg_members, BACKGROUND_SAMPLE, replace=False)
+    bg_rows = valid_raw[bg_members]
     bg_median = np.median(bg_rows, axis=0)
     bg_spread = 1.4826 * np.median(np.abs(bg_rows - bg_median), axis=0)
-    scale = np.maximum(np.abs(bg_median), np.std(valid_raw, axis=0))
+    scale = np.maximum(np.abs(bg_median), np.std(valid_raw, axis=0) if feature_std is None else feature_std)
     bg_spread = np.maximum(bg_spread, 1e-6 * np.where(scale > 0, scale, 1.0))
-    sorted_rows = valid_raw[order]
     present = counts > 0
-    sums = np.zeros((k, valid_raw.shape[1]), dtype=np.float64)
-    sums[present] = np.add.reduceat(sorted_rows, starts[:-1][present], axis=0)
+    sums = np.stack([np.bincount(labels, weights=valid_raw[:, j], minlength=k) for j in range(valid_raw.shape[1])],
+                    axis=1)
     means = sums / np.maximum(counts, 1)[:, None]
     normalised = (means - bg_median) / bg_spread
     normalised[~present] = 0.0
@@ -562,7 +576,8 @@ def normalised_centroids(
 
 
 def texture_contrast(normalised: np.ndarray, feature_names: tuple[str, ...]) -> np.ndarray:
-    """(k,) norm of the normalised texture features (std, range, grad_energy), as the locator's rule."""
+    """(k,) norm of the normalised texture features (std, range, grad_energy), as the locator's rule;
+    `normalised` has the columns named by `feature_names`."""
     columns = [feature_names.index(n) for n in TEXTURE_FEATURES if n in feature_names]
     return np.linalg.norm(normalised[:, columns], axis=1)
 
@@ -574,7 +589,8 @@ def _cluster_summaries(feature_set: FeatureSet, labels: np.ndarray, k: int, mean
     (in the full grid) sorted by label."""
     cols = feature_set.grid_shape[1]
     counts = np.bincount(labels, minlength=k)
-    valid_raw_mean = feature_set.raw[feature_set.valid, mean_index]
+    valid_raw_mean = feature_set.raw[feature_set.valid, mean_index] if feature_set.valid_raw is None \
+        else feature_set.valid_raw[:, mean_index]
     mean_grey = np.bincount(labels, weights=valid_raw_mean, minlength=k) / np.maximum(counts, 1)
     starts = np.concatenate([[0], np.cumsum(counts)])
     summaries = []
