@@ -46,6 +46,15 @@ _BLOCK_ROWS = 128
 _POOL: ThreadPoolExecutor | None = None
 
 
+def _forget_pool_after_fork() -> None:
+    global _POOL
+    _POOL = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_after_fork)
+
+
 def for_blocks(rows: int, work: Callable[[int, int], None]) -> None:
     """Run `work(r0, r1)` over row blocks of a frame on a small thread pool (numpy releases the GIL)."""
     global _POOL
@@ -53,7 +62,7 @@ def for_blocks(rows: int, work: Callable[[int, int], None]) -> None:
     if len(blocks) == 1:
         work(*blocks[0])
         return
-    if _POOL is None:
+    if _POOL is None:  # (re)created lazily, also in a forked child, whose copy has no threads
         _POOL = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="render")
     for future in [_POOL.submit(work, r0, r1) for r0, r1 in blocks]:
         future.result()

@@ -341,3 +341,35 @@ def test_camera_model_dose_noise_gain_offset_and_saturation() -> None:
     falloff = expose(np.ones((128, 128), np.float32), preset, CameraModel(shape_px=(128, 128), noise=False),
                      OpticsErrors(illumination_falloff=0.3), rng, exposure_s=1.0).astype(np.float64)
     assert falloff[64, 64] > falloff[0, 0] * 1.3 > falloff[0, 0]  # uneven illumination: darker corners
+
+
+def test_rendering_works_in_a_forked_child(specimen: Specimen) -> None:
+    """The render thread pool is re-created after fork (a copied pool has no threads and would hang)."""
+    import os
+    import select
+    import signal
+
+    if not hasattr(os, "fork"):
+        pytest.skip("no fork on this platform")
+    scope = _scope(specimen, camera_shape_px=(256, 256))
+    parent_mean = float(scope.acquire(0.1).image.mean())  # the pool exists in the parent now
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: render, report the mean as text, exit without running pytest's teardown
+        try:
+            os.close(read_fd)
+            mean = float(_scope(specimen, camera_shape_px=(256, 256)).acquire(0.1).image.mean())
+            os.write(write_fd, f"{mean:.3f}".encode())
+        finally:
+            os._exit(0)
+    os.close(write_fd)
+    try:
+        ready, _, _ = select.select([read_fd], [], [], 60.0)
+        answer = os.read(read_fd, 64).decode() if ready else ""
+    finally:
+        os.close(read_fd)
+        if not answer:
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    assert answer, "the forked child did not render within 60 s"
+    assert float(answer) == pytest.approx(parent_mean, rel=0.2)
