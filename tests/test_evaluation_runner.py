@@ -104,6 +104,16 @@ def test_a_failing_method_is_recorded_and_the_others_still_run(simulated_frames:
 def test_unknown_locator_setting_is_a_clear_error() -> None:
     with pytest.raises(EvaluationError, match="unknown locator settings"):
         locator_method("grid", 3, no_such_setting=1)
+    with pytest.raises(EvaluationError, match="invalid locator settings"):
+        locator_method("grid", 3, grid_rows=0)
+
+
+def test_quick_config_is_small() -> None:
+    quick = EvaluationConfig.quick()
+    assert quick.seeds == 2 and quick.presets == ("atlas",) and quick.frames_per_seed == 1
+    assert quick.camera_px == 1024 and quick.ks == (3,) and set(quick.modes) == {"grid", "window"}
+    assert len(quick.specimens) == 4
+    assert EvaluationConfig.quick(seeds=1).seeds == 1
 
 
 def test_check_targets_reports_gaps() -> None:
@@ -211,15 +221,19 @@ def test_cli_evaluate_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert main(["evaluate", "--specimens", "no-such-type", "--no-locator", "--seeds", "1"]) == 2
     assert "no-such-type" in capsys.readouterr().err
     assert main(["evaluate", "--json", str(tmp_path / "missing" / "x.json"), "--no-locator"]) == 2
+    assert main(["evaluate", "--grid", "20by20", "--seeds", "1"]) == 2
+    assert "--grid" in capsys.readouterr().err
 
 
 def test_cli_evaluate_simulated_small(tmp_path: Path) -> None:
     out_json = tmp_path / "sim.json"
     code = main(["evaluate", "--specimens", "graphite-flakes", "--seeds", "1", "--frames", "1", "--presets", "atlas",
-                 "--camera-px", "384", "--modes", "window", "--k", "3", "--json", str(out_json)])
+                 "--camera-px", "384", "--modes", "window", "--k", "3", "--window-px", "21", "--stride-px", "6",
+                 "--json", str(out_json)])
     assert code == 0
     document = json.loads(out_json.read_text())
     assert {r["method"] for r in document["rows"]} == {"kmeans-k3", "threshold-cc", "log-blob"}
     assert document["config"]["camera_px"] == 384
+    assert document["config"]["locator_settings"] == {"window_px": 21, "stride_px": 6}
     assert document["matching"]["tolerance_um"] == 2.0
     assert any(t["specimen"] == "graphite-flakes" for t in document["targets"])

@@ -43,6 +43,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     parser.add_argument("--camera-px", type=int, help="simulated camera size, pixels (default 1024)")
     parser.add_argument("--modes", nargs="+", choices=("grid", "window"), help="locator modes (default both)")
     parser.add_argument("--k", nargs="+", type=int, dest="ks", metavar="K", help="cluster counts (default 2 3 4)")
+    parser.add_argument("--grid", metavar="RxC", help="locator grid mode: patch grid (default: the locator's)")
+    parser.add_argument("--window-px", type=int, help="locator window mode: window size, pixels")
+    parser.add_argument("--stride-px", type=int, help="locator window mode: stride, pixels")
     parser.add_argument("--no-baselines", action="store_true", help="do not run the two baseline detectors")
     parser.add_argument("--no-locator", action="store_true", help="run only the baselines")
     parser.add_argument("--tolerance-um", type=float, help="matching tolerance, um (default 2)")
@@ -74,6 +77,19 @@ def _config_from_args(args: argparse.Namespace) -> Any:
         value = getattr(args, name)
         if value:
             overrides[name] = tuple(value)
+    settings: dict[str, Any] = {}
+    if args.grid:
+        try:
+            rows_text, cols_text = args.grid.lower().split("x")
+            settings.update(grid_rows=int(rows_text), grid_cols=int(cols_text))
+        except ValueError as exc:
+            raise CommandError(f"--grid must look like 20x20 (rows x columns), got {args.grid!r}") from exc
+    if args.window_px is not None:
+        settings["window_px"] = args.window_px
+    if args.stride_px is not None:
+        settings["stride_px"] = args.stride_px
+    if settings:
+        overrides["locator_settings"] = settings
     if args.no_baselines:
         overrides["baselines"] = False
     if args.no_locator:

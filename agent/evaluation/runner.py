@@ -59,6 +59,9 @@ class EvaluationConfig(BaseModel):
     default_k: int = Field(default=3, ge=2, description="k whose atlas rows are checked against the targets")
     baselines: bool = True
     tolerance_um: float = Field(default=DEFAULT_TOLERANCE_UM, gt=0, le=10.0)
+    locator_settings: dict[str, Any] = Field(
+        default_factory=dict, description="extra agent.locate LocateSettings (grid_rows, window_px, stride_px, ...)"
+    )
 
     @classmethod
     def quick(cls, **overrides: Any) -> EvaluationConfig:
@@ -176,7 +179,7 @@ def locator_method(mode: str, k: int, seed: int = 0, **settings: Any) -> Method:
 
 def methods_for(config: EvaluationConfig) -> list[Method]:
     """Locator methods (every mode x k of `config`) then, if asked, the baselines."""
-    methods = [locator_method(mode, k) for mode in config.modes for k in config.ks]
+    methods = [locator_method(mode, k, **config.locator_settings) for mode in config.modes for k in config.ks]
     if config.baselines:
         methods += baseline_methods()
     return methods
