@@ -40,7 +40,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import queue
 import re
@@ -1100,8 +1099,3 @@ def _safe_component(name: str) -> str:
     cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".")
     return cleaned[:100] or "unnamed"
 
-
-def seconds_until(deadline_utc: datetime) -> float:
-    """Seconds from now until `deadline_utc` (negative once passed); finite."""
-    value = (deadline_utc - _utc_now()).total_seconds()
-    return value if math.isfinite(value) else 0.0
