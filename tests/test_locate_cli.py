@@ -46,7 +46,7 @@ def test_locate_writes_every_output_with_stage_positions(tmp_path: Path, scene, 
     assert code == 0
     for name in ("heatmap.png", "gallery.png", "bar_mask.png", "clusters.json", "candidates.json", "candidates.csv"):
         assert (out / name).is_file(), name
-    heat = np.asarray(Image.open(out / "heatmap.png"))
+    heat = np.asarray(Image.open(out / "heatmap.png").convert("RGB"))
     assert heat.shape == (384, 384, 3)
     mask = np.asarray(Image.open(out / "bar_mask.png"))
     assert set(np.unique(mask)) <= {0, 255} and (mask == 255).mean() > 0.2

@@ -320,33 +320,37 @@ def keep_border_or_large(mask: np.ndarray, min_fraction: float = 0.1) -> np.ndar
     return keep[labels]
 
 
+def _ignore_blocks(ignore: np.ndarray | None, factor: int, shape: tuple[int, int]) -> np.ndarray | None:
+    """Blocks (of a `_block_mean` copy) holding any ignored pixel; None when nothing is ignored."""
+    if ignore is None or not ignore.any():
+        return None
+    rows, cols = shape[0] * factor, shape[1] * factor
+    return ignore[:rows, :cols].reshape(shape[0], factor, shape[1], factor).any(axis=(1, 3))
+
+
 def black_pixel_mask(image: np.ndarray, ignore: np.ndarray | None = None, max_side_px: int = 1024) -> np.ndarray:
     """Pixels (of any extent) that are nearly black: below a quarter of the way from the dark class mean to
-    the bright class mean (classes as in `dark_class`; 3x3 mean first against noise), grown by 2 px.
+    the bright class mean (classes as in `dark_class`), on a block-averaged copy (blocks of at most
+    2x2 px for images up to 2k, which also averages noise), grown by about 2 px.
 
     Only parts touching the border or covering >= 10 % of the image count (`keep_border_or_large`).
     Catches bar edges and black corners the wide-structure detectors leave out. Empty when the image has no
     clear dark class.
     """
     small, factor = _block_mean(image, max_side_px)
-    classes = _otsu_classes(small, _ignore_blocks(ignore, factor, small.shape))
+    ignore_small = _ignore_blocks(ignore, factor, small.shape)
+    classes = _otsu_classes(small, ignore_small)
     if classes is None:
         return np.zeros(image.shape, dtype=bool)
     _, mu_d, mu_b = classes
     level = mu_d + 0.25 * (mu_b - mu_d)
-    smooth = ndimage.uniform_filter(image.astype(np.float32), size=3, mode="nearest")
-    black = smooth <= level
-    if ignore is not None:
-        black &= ~ignore
+    black = ndimage.uniform_filter(small, size=3, mode="nearest") <= level if factor == 1 else small <= level
+    if ignore_small is not None:
+        black &= ~ignore_small
     black = keep_border_or_large(black)
-    return ndimage.maximum_filter(black.astype(np.uint8), size=5) > 0
-
-
-def _ignore_blocks(ignore: np.ndarray | None, factor: int, shape: tuple[int, int]) -> np.ndarray | None:
-    if ignore is None:
-        return None
-    rows, cols = shape[0] * factor, shape[1] * factor
-    return ignore[:rows, :cols].reshape(shape[0], factor, shape[1], factor).any(axis=(1, 3))
+    grow = 2 * max(1, int(np.ceil(2 / factor))) + 1
+    black = ndimage.maximum_filter(black.astype(np.uint8), size=grow) > 0
+    return _upsample_mask(black, factor, image.shape)
 
 
 def large_dark_mask(

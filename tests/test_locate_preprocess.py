@@ -1,0 +1,54 @@
+"""Clean-up before features: hot/dead pixels, stripes, illumination, masked areas."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from agent.locate.preprocess import (
+    flatten_illumination,
+    noise_sigma,
+    prepare_image,
+    remove_outlier_pixels,
+    remove_stripes,
+)
+
+
+def test_hot_and_dead_pixels_are_replaced_including_corners_and_band_edges() -> None:
+    rng = np.random.default_rng(0)
+    data = rng.normal(1000, 10, (300, 200))
+    spots = [(0, 0), (150, 100), (299, 199), (64, 5), (63, 7)]
+    values = [5000, 5000, -3000, 9000, 0]
+    for (r, c), v in zip(spots, values, strict=True):
+        data[r, c] = v
+    clean_before = data.copy()
+    assert remove_outlier_pixels(data, noise_sigma(data)) == len(spots)
+    for r, c in spots:
+        assert abs(data[r, c] - 1000) < 60
+    untouched = np.ones(data.shape, dtype=bool)
+    untouched[tuple(np.array(spots).T)] = False
+    np.testing.assert_array_equal(data[untouched], clean_before[untouched])
+
+
+def test_bright_column_and_uneven_light_are_removed() -> None:
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[0:256, 0:256]
+    light = 1.0 + 0.4 * (xx / 256.0) - 0.3 * ((yy - 128) / 256.0) ** 2
+    data = 1000.0 * light + rng.normal(0, 5, (256, 256))
+    data[:, 77] *= 1.25
+    assert remove_stripes(data) >= 1
+    assert abs(np.median(data[:, 77]) / np.median(data[:, 78]) - 1) < 0.02
+    level = flatten_illumination(data, np.zeros(data.shape, dtype=bool))
+    assert level > 0
+    assert data[:, 10:40].mean() / data[:, 210:240].mean() == np.float64(
+        np.clip(data[:, 10:40].mean() / data[:, 210:240].mean(), 0.97, 1.03)
+    )
+
+
+def test_masked_pixels_take_the_film_level() -> None:
+    image = np.full((64, 64), 20000, dtype=np.uint16)
+    image[:, :10] = 100
+    mask = np.zeros(image.shape, dtype=bool)
+    mask[:, :10] = True
+    prepared = prepare_image(image, mask)
+    assert prepared.dtype == np.float64
+    np.testing.assert_allclose(prepared[:, :12], 20000, rtol=1e-6)
