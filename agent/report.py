@@ -409,7 +409,8 @@ def write_session_report(session_dir: str | Path) -> Path:
 
 _ROW_COLUMNS = (
     "specimen", "preset", "method", "mode", "precision", "recall", "recall_diffracting", "loc_error_um",
-    "precision_area", "recall_area", "bar_iou", "n_images", "n_crystals", "n_detections", "seconds_per_image",
+    "precision_unique", "precision_area", "recall_area", "bar_iou", "n_images", "n_crystals", "n_detections",
+    "seconds_per_image",
 )
 
 

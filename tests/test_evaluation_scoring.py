@@ -74,6 +74,14 @@ def test_score_frame_counts_and_errors() -> None:
     assert summary.recall_by_size["<3um"] is None and summary.recall_by_size["3-6um"] == 1.0
 
 
+def test_duplicates_count_once_in_precision_unique() -> None:
+    truth = _truth(um_per_px=0.5)
+    detections = [Detection(10, 10), Detection(11, 10), Detection(10, 11), Detection(30, 90)]
+    summary = combine_scores([score_frame(detections, truth)])
+    assert summary.precision == pytest.approx(0.75)
+    assert summary.precision_unique == pytest.approx(0.25)  # one crystal hit, three times
+
+
 def test_tolerance_decides_a_near_miss() -> None:
     truth = _truth(um_per_px=0.5)
     near = [Detection(10, 16)]  # 3 px = 1.5 um outside crystal 0

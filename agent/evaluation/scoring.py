@@ -13,6 +13,8 @@ Matching rule (documented in the README, "Evaluating on your own images"):
 - **Localisation error**: for each true positive, the distance (um) from the detection to the centre of
   the nearest crystal it matched.
 - **Bar IoU**: |predicted & true| / |predicted | true| of the grid-bar masks (None when both are empty).
+- `precision_unique`: distinct crystals hit / detections, i.e. a second detection on the same crystal
+  counts as a false positive (it would cost a second visit); `precision` counts it as a true positive.
 - *Area* variants (`precision_area`, `recall_area`): the same with each detection's own extent as the
   tolerance (the radius of a disc of its `area_px`, at least the tolerance): "the crystal is in the
   cell / region the method reported", which tells a coarse-but-right grid cell from a wrong one.
@@ -62,6 +64,7 @@ class FrameScore:
     countable_found: list[tuple[float | None, bool]] = field(default_factory=list)
     true_positives_area: int = 0
     n_found_area: int = 0
+    unique_hits: int = 0
     um_per_px: float | None = None
     bar_iou: float | None = None
     seconds: float = 0.0
@@ -138,6 +141,7 @@ def score_frame(
     matched = dist <= tol
     is_tp = matched.any(axis=1)
     score.true_positives = int(is_tp.sum())
+    score.unique_hits = _unique_hits(matched, dist)
     found = matched.any(axis=0)
     score.n_found = int((found & countable).sum())
     score.n_found_diffracting = int((found & countable & diffracting).sum())
@@ -152,6 +156,15 @@ def score_frame(
         best = candidates[np.argmin(dist[i, candidates])]
         score.loc_errors_px.append(float(np.hypot(*(points[i] - centres[best]))))
     return score
+
+
+def _unique_hits(matched: np.ndarray, dist: np.ndarray) -> int:
+    """Distinct crystals hit when every true-positive detection is assigned to its nearest matched crystal."""
+    hits: set[int] = set()
+    for i in np.nonzero(matched.any(axis=1))[0]:
+        candidates = np.nonzero(matched[i])[0]
+        hits.add(int(candidates[np.argmin(dist[i, candidates])]))
+    return len(hits)
 
 
 @dataclass(frozen=True)
@@ -173,6 +186,7 @@ class Summary:
     recall_by_size: dict[str, float | None] = field(default_factory=dict)
     precision_area: float | None = None
     recall_area: float | None = None
+    precision_unique: float | None = None
 
     def as_dict(self) -> dict[str, float | int | None]:
         """JSON-ready dict (rounded)."""
@@ -187,6 +201,7 @@ class Summary:
             "bar_iou": r(self.bar_iou), "seconds_per_image": r(self.seconds_per_image, 3),
             "recall_by_size": {k: r(v) for k, v in self.recall_by_size.items()},
             "precision_area": r(self.precision_area), "recall_area": r(self.recall_area),
+            "precision_unique": r(self.precision_unique),
         }
 
 
@@ -222,6 +237,7 @@ def combine_scores(scores: Iterable[FrameScore]) -> Summary:
         recall_by_size=_recall_by_size([pair for s in items for pair in s.countable_found]),
         precision_area=sum(s.true_positives_area for s in items) / detections if detections else None,
         recall_area=sum(s.n_found_area for s in items) / countable if countable else None,
+        precision_unique=sum(s.unique_hits for s in items) / detections if detections else None,
     )
 
 
