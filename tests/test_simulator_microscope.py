@@ -373,3 +373,26 @@ def test_rendering_works_in_a_forked_child(specimen: Specimen) -> None:
         os.waitpid(pid, 0)
     assert answer, "the forked child did not render within 60 s"
     assert float(answer) == pytest.approx(parent_mean, rel=0.2)
+
+
+@pytest.mark.parametrize(("specimen_type", "low", "high"), [("polymer-faint", 0.0, 0.07), ("protein-plates", 0.1, 0.6)])
+def test_crystal_contrast_at_atlas_per_specimen_type(specimen_type: str, low: float, high: float) -> None:
+    """Protein plates stand out at the atlas preset; polymer crystals are barely darker than the film."""
+    spec = generate_specimen(specimen_type, 2)
+    scope = SimulatedMicroscope(spec, seed=2, camera_shape_px=(512, 512), camera_noise=False)
+    darkening = []
+    rows, cols = np.mgrid[0:512, 0:512]
+    for centre in spec.square_centres_um()[:60:20]:
+        scope.move_stage(x_um=float(centre[0]), y_um=float(centre[1]))
+        image = scope.acquire(0.5).image.astype(np.float64)
+        xy = pixel_to_stage_um(np.stack([cols, rows], -1), (512, 512), scope.true_stage_xy_um(),
+                               scope.true_image_to_stage_matrix("atlas"))
+        ids = spec.crystal_id_xy(xy[..., 0], xy[..., 1])
+        film = spec.film_mask_xy(xy[..., 0], xy[..., 1]) & ~ndimage.binary_dilation(ids >= 0, iterations=8)
+        film_level = float(np.median(image[film]))
+        for cid in np.unique(ids[ids >= 0]):
+            inside = ndimage.binary_erosion(ids == cid)
+            if inside.sum() >= 4:
+                darkening.append(1.0 - np.median(image[inside]) / film_level)
+    assert len(darkening) >= 8
+    assert low <= float(np.median(darkening)) <= high
