@@ -93,9 +93,10 @@ class SimPreset:
         """Nominal pixel size (um/px) after binning."""
         return self.optics.pixel_size_um
 
-    def blur_sigma_um(self) -> float:
-        """Total blur (Gaussian sigma, um): resolution plus defocus x 1 mrad beam convergence."""
-        return math.hypot(self.blur_um, abs(self.optics.defocus_um) * 1e-3)
+    def blur_sigma_um(self, z_um: float = 0.0) -> float:
+        """Total blur (Gaussian sigma, um): resolution plus defocus x 1 mrad beam convergence, where the
+        defocus is the preset's plus the specimen's height `z_um` off the eucentric plane."""
+        return math.hypot(self.blur_um, abs(self.optics.defocus_um + z_um) * 1e-3)
 
 
 @dataclass(frozen=True)
@@ -172,10 +173,10 @@ def true_matrix(preset: SimPreset, errors: OpticsErrors) -> np.ndarray:
     return scale * rotation @ flip
 
 
-def edge_width_um(preset: SimPreset, matrix_um_per_px: np.ndarray) -> float:
+def edge_width_um(preset: SimPreset, matrix_um_per_px: np.ndarray, z_um: float = 0.0) -> float:
     """Width (um) of the linear edge ramp: one pixel combined with the blur (10-90 % ~ 2.5 sigma)."""
     pixel_um = float(np.sqrt(abs(np.linalg.det(matrix_um_per_px))))
-    return math.hypot(pixel_um, 2.5 * preset.blur_sigma_um())
+    return math.hypot(pixel_um, 2.5 * preset.blur_sigma_um(z_um))
 
 
 def render(
@@ -188,8 +189,11 @@ def render(
     *,
     exposure_s: float,
     beam_blanked: bool = False,
+    z_um: float = 0.0,
 ) -> np.ndarray:
     """The uint16 frame the camera records at `stage_xy_um` (true stage position, um) in `preset`.
+
+    `z_um` (stage height off the eucentric plane) adds to the preset's defocus and so to the blur.
 
     `scene` is a `Specimen` (wrapped in `SpecimenScene`) or any `Scene` (e.g. dataset tiles). `rng`
     draws the noise only, so the same arguments and rng state give the same frame.
@@ -201,7 +205,7 @@ def render(
     else:
         if isinstance(scene, Specimen):
             scene = SpecimenScene(scene)
-        transmission = scene.transmission(stage_xy_um, matrix, shape, edge_width_um(preset, matrix))
+        transmission = scene.transmission(stage_xy_um, matrix, shape, edge_width_um(preset, matrix, z_um))
     return expose(transmission, preset, camera, optics_errors, rng, exposure_s=exposure_s)
 
 

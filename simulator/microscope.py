@@ -23,9 +23,10 @@ Time on the virtual clock (`microscope_time_s()`): stage moves (trapezoidal prof
 poll (`is_stage_moving`) 0.02 s, exposure + readout (0.05 s + 0.06 s per megapixel), diffraction
 +1.0 s each way for the mode switch.
 
-Limits of the model: stage z and alpha are tracked, limited and timed but do not change the image
-(no defocus from z, no foreshortening from tilt); a frame taken while the stage moves shows the
-position at the start of the exposure (no motion blur).
+Stage z (height off the eucentric plane) adds to the preset's defocus: images blur by |defocus + z| x
+1 mrad. Limits of the model: alpha (tilt) is tracked, limited and timed but does not change the image
+(no foreshortening); a frame taken while the stage moves shows the position at the start of the
+exposure (no motion blur).
 """
 
 from __future__ import annotations
@@ -396,7 +397,7 @@ class SimulatedMicroscope:
             rng = np.random.default_rng([self._seed, 1, frame_number])
             image = render(
                 self._scene, true_xy, preset, self._camera, self._errors[preset.name], rng,
-                exposure_s=exposure_s, beam_blanked=blanked,
+                exposure_s=exposure_s, beam_blanked=blanked, z_um=reported.z_um,
             )
         metadata = self._metadata(kind, preset, reported, exposure_s, time_s, blanked, frame_number)
         return Frame(image=image, metadata=metadata)

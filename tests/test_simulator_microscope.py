@@ -28,6 +28,7 @@ from simulator.faults import FaultPlan
 from simulator.imaging import OpticsErrors
 from simulator.microscope import SimulatedMicroscope
 from simulator.specimen import CrystalTruth, Specimen, generate_specimen
+from simulator.stage import StageModel
 
 
 @pytest.fixture(scope="module")
@@ -396,3 +397,16 @@ def test_crystal_contrast_at_atlas_per_specimen_type(specimen_type: str, low: fl
                 darkening.append(1.0 - np.median(image[inside]) / film_level)
     assert len(darkening) >= 8
     assert low <= float(np.median(darkening)) <= high
+
+
+def test_stage_height_defocuses_the_image(specimen: Specimen) -> None:
+    crystal = _lone_crystal(specimen, 3.0, 8.0, clear_um=16.0)
+    scope = _scope(specimen, camera_shape_px=(256, 256), camera_noise=False,
+                   stage_model=StageModel(backlash_um=0.0, repeat_error_um=0.0))
+    scope.set_preset("search")
+    sharpness = {}
+    for z_um in (0.0, 250.0):
+        scope.move_stage(x_um=crystal.x_um, y_um=crystal.y_um, z_um=z_um)
+        image = scope.acquire(0.5).image.astype(np.float64)
+        sharpness[z_um] = float(np.abs(np.diff(image, axis=1)).max())
+    assert sharpness[250.0] < 0.5 * sharpness[0.0]  # the crystal's edges are soft 250 um off eucentric
