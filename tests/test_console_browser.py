@@ -220,8 +220,10 @@ def test_explore_view_reclusters_when_k_changes(browser: Any, live: Live, tmp_pa
     assert page.locator("#ex-legend .entry").count() == 5
     assert "features cached" in page.locator("#ex-msg").inner_text()
     page.locator("#ex-similar").check()
-    page.locator("#ex-canvas").click(position={"x": 20, "y": 20})
-    page.wait_for_function("() => document.querySelector('#ex-msg').textContent.includes('clustering cached')")
+    box = page.locator("#ex-canvas").bounding_box()
+    page.locator("#ex-canvas").click(position={"x": box["width"] / 2, "y": box["height"] / 2})
+    page.wait_for_function("() => /clustering cached|cannot/.test(document.querySelector('#ex-msg').textContent)")
+    assert "clustering cached" in page.locator("#ex-msg").inner_text(), page.locator("#ex-msg").inner_text()
     shot(page, "console-desktop-explore.png")
     page.click("#ex-mark-yes")
     page.wait_for_function("() => document.querySelector('#ex-msg').textContent.length > 0 && "

@@ -59,6 +59,8 @@ MAX_IMAGES = 2
 MAX_FEATURE_SETS = 6
 MAX_CLUSTERINGS = 32
 MAX_CANDIDATES = 50
+#: A bar / black-area mask covering more than this fraction of the image is not trusted (ignored).
+MAX_BAR_FRACTION = 0.75
 #: Label of patches on grid bars / black areas (not clustered).
 MASKED_LABEL = 255
 #: A grid cell with at least this fraction of its pixels on the bar mask is masked (as `analyse` does).
@@ -353,6 +355,12 @@ class ExploreEngine:
                 return
             start = time.perf_counter()
             mask, _ = bar_and_black_mask(image.array, LocateSettings())
+            if mask.mean() > MAX_BAR_FRACTION:
+                # grid bars never cover most of an image worth exploring: a film darker than a few bright
+                # objects can be taken for a "black area"; explore it unmasked rather than not at all
+                logger.warning("explore: %s: the bar / black-area filter masked %.0f %% of the image; ignoring it",
+                               image.name, 100.0 * float(mask.mean()))
+                mask = np.zeros_like(mask)
             image.prepared = prepare_image(image.array, mask, flatten=True, clean=True)
             image.bar_mask = mask
             image.prepare_s = time.perf_counter() - start
@@ -490,6 +498,7 @@ class ExploreEngine:
             "window_px": settings.window_px,
             "stride_px": settings.stride_px,
             "k": settings.k,
+            "masked_fraction": round(float(1.0 - feature_set.valid.mean()), 4),
             "labels_b64": clustering.labels_b64,
             "similarity_b64": None if similarity is None else base64.b64encode(similarity.tobytes()).decode("ascii"),
             "clusters": clustering.summaries,

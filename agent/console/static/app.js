@@ -241,6 +241,7 @@ function renderPrompt(prompt) {
   entry.prompt = prompt;
   if (prompt.state === "open") entry.deadline = performance.now() + 1000 * (prompt.seconds_left || 0);
   setCardState(entry, prompt.state, statusText(prompt));
+  tickCountdowns();
 }
 
 function setCardState(entry, state, text) {
@@ -275,7 +276,7 @@ async function sendAnswer(promptId, optionIds) {
   }
 }
 
-setInterval(() => {
+function tickCountdowns() {
   const now = performance.now();
   for (const entry of prompts.values()) {
     if (entry.card.dataset.state !== "open") continue;
@@ -283,7 +284,8 @@ setInterval(() => {
     entry.card.querySelector(".countdown").textContent = left > 0 ? `${Math.ceil(left)} s left to answer` : "deadline passed";
     if (left <= 0 && now - entry.deadline > 5000) setCardState(entry, "expired", "expired: the agent went on with its fallback");
   }
-}, 500);
+}
+setInterval(tickCountdowns, 500);
 
 // ------------------------------------------------------------------------------------------------
 // WebSocket: pushed updates, reconnects by itself
@@ -412,7 +414,8 @@ async function runAnalysis() {
   ex.labels = decode(result.data.labels_b64);
   drawExplore();
   const t = result.data.timing_ms;
-  exploreMessage(`${result.data.grid[0]}×${result.data.grid[1]} patches · features ${result.data.features_cached ? "cached" : t.features + " ms"}` +
+  const masked = result.data.masked_fraction ? ` (${(100 * result.data.masked_fraction).toFixed(0)} % on bars)` : "";
+  exploreMessage(`${result.data.grid[0]}×${result.data.grid[1]} patches${masked} · features ${result.data.features_cached ? "cached" : t.features + " ms"}` +
                  ` · clustering ${result.data.clusters_cached ? "cached" : t.clusters + " ms"} · round trip ${(performance.now() - started).toFixed(0)} ms`);
 }
 
@@ -445,9 +448,12 @@ function drawExplore() {
     }
   } else {
     values = ex.labels;
+    // the background (largest) cluster stays faint so that the image shows through
+    const background = r.clusters.reduce((a, b) => (b.n_cells > a.n_cells ? b : a)).cluster_id;
     for (let v = 0; v < 256; v++) {
       const colour = PALETTE[v % PALETTE.length];
-      lut[v] = rgba(colour[0], colour[1], colour[2], v === r.crystal_cluster ? 170 : 95);
+      const alpha = v === r.crystal_cluster ? 170 : v === background ? 30 : 95;
+      lut[v] = rgba(colour[0], colour[1], colour[2], alpha);
     }
     lut[255] = rgba(0, 0, 0, 150);  // masked: grid bars, black areas, annotation bands
   }
