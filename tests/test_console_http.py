@@ -398,6 +398,16 @@ def test_explore_upload_analyse_recluster_and_label(tmp_path: Path) -> None:
         records = LabelMemory(tmp_path / "labels").list_records()
         assert len(records) == 1 and records[0].source == "console" and records[0].is_crystal
         assert records[0].specimen == "blobs" and records[0].cluster_id == crystal
+        # the session's atlas can be opened; other names cannot (no explore folder given)
+        assert json.loads(request(handle, "GET", "/api/explore/files")[2]) == {"atlas": False, "files": []}
+        (tmp_path / "session" / "atlas").mkdir(parents=True, exist_ok=True)
+        tifffile.imwrite(tmp_path / "session" / "atlas" / "atlas.tif", image)
+        assert json.loads(request(handle, "GET", "/api/explore/files")[2])["atlas"] is True
+        status, _, body = request(handle, "POST", "/api/explore/open", {"source": "atlas"}, api_headers(handle))
+        assert status == 200 and json.loads(body)["shape"] == [384, 384]
+        for bad, expected in (({"source": "file", "name": "../session/atlas/atlas.tif"}, 404),
+                              ({"source": "file", "name": "/etc/passwd"}, 404), ({"source": "evil"}, 400)):
+            assert request(handle, "POST", "/api/explore/open", bad, api_headers(handle))[0] == expected, bad
         # bad uploads: wrong type, corrupt file
         assert request(handle, "POST", "/api/explore/upload", raw=b"x", headers={**headers, "X-Filename": "a.exe"})[0] \
             == 415
@@ -433,3 +443,21 @@ def test_explore_cluster_vectors_match_the_locators_for_label_memory() -> None:
     assert distance < DEFAULT_BANDWIDTH, (vectors[0], locator)
     polarity = float(np.sqrt(np.mean((signed_log(vectors[0]) - signed_log(vectors[1])) ** 2)))
     assert polarity < DEFAULT_BANDWIDTH, vectors
+
+
+def test_console_command_rejects_bad_options_with_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from agent.cli import main
+
+    short = tmp_path / "token"
+    short.write_text("short\n")
+    cases = [
+        (["console", "--agent", "tcp://127.0.0.1:1", "--listen", "nowhere:"], "HOST:]PORT"),
+        (["console", "--agent", "tcp://127.0.0.1:1", "--listen", "0", "--token-file", str(short)], "16 printable"),
+        (["console", "--agent", "localhost:5562", "--listen", "0", "--labels", str(tmp_path / "l")], "tcp://HOST:PORT"),
+        (["console", "--agent", "tcp://127.0.0.1:1", "--explore-dir", str(tmp_path / "missing")], "not a folder"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        assert message in capsys.readouterr().err, argv
