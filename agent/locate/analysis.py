@@ -361,42 +361,53 @@ def analyse(image: np.ndarray, settings: LocateSettings | None = None) -> Cluste
         raise SettingsError(
             f"k={k} is larger than the number of unmasked patches ({n_valid}); use a smaller k or a finer grid"
         )
+    # Large inputs (a 4k image at stride 1 has 16.8 M cells) are never copied whole: the model is fitted
+    # on a seeded sample of the unmasked cells, every cell is labelled in chunks, and the statistics below
+    # use bincounts or seeded samples.
+    rng = np.random.default_rng(settings.seed)
+    valid_idx = np.flatnonzero(valid)
+
+    def sample_of(indices: np.ndarray, size: int) -> np.ndarray:
+        return indices if len(indices) <= size else np.sort(rng.choice(indices, size=size, replace=False))
+
     suggested, k_scores = (None, {})
     if settings.suggest_k:
-        suggested, k_scores = suggest_k(features[valid], seed=settings.seed)
-    model = fit_clusters(features[valid], k, settings.method, settings.seed, settings.sample_size)
-    labels = np.full(features.shape[0], -1, dtype=np.int32)
-    labels[valid] = model.predict(features[valid])
+        suggested, k_scores = suggest_k(features[sample_of(valid_idx, 3000)], seed=settings.seed)
+    fit_rows = features[sample_of(valid_idx, settings.sample_size)]
+    model = fit_clusters(fit_rows, k, settings.method, settings.seed, settings.sample_size)
+    labels = model.predict(features)
+    labels[~valid] = -1
     label_grid = labels.reshape(grid_shape)
 
     # 5. summaries
-    background = int(np.argmax(np.bincount(labels[valid], minlength=k)))
-    scores = np.zeros(features.shape[0])
-    scores[valid] = model.distance_to(features[valid], background)
-    bg_rows = features[labels == background]
+    counts = np.bincount(labels + 1, minlength=k + 1)[1:]
+    background = int(np.argmax(counts))
+    scores = model.distance_to(features, background)
+    scores[~valid] = 0.0
+    bg_rows = features[sample_of(np.flatnonzero(labels == background), 200_000)]
     bg_median = np.median(bg_rows, axis=0)
     bg_spread = 1.4826 * np.median(np.abs(bg_rows - bg_median), axis=0)
-    scale = np.maximum(np.abs(bg_median), np.std(features[valid], axis=0))
+    scale = np.maximum(np.abs(bg_median), np.std(features[sample_of(valid_idx, 200_000)], axis=0))
     bg_spread = np.maximum(bg_spread, 1e-6 * np.where(scale > 0, scale, 1.0))
     polarity_cols = [names.index(n) for n in _POLARITY_FEATURES]
     texture_cols = [names.index(n) for n in _TEXTURE_FEATURES]
+    sums = np.stack(
+        [np.bincount(labels + 1, weights=features[:, j], minlength=k + 1)[1:] for j in range(len(names))], 1
+    )
     summaries = []
-    z_all = model.transform(features[valid])
-    valid_idx = np.flatnonzero(valid)
     for cid in range(k):
-        members = labels == cid
-        n_cells = int(members.sum())
+        n_cells = int(counts[cid])
         if n_cells:
-            mean_features = features[members].mean(axis=0)
+            mean_features = sums[cid] / n_cells
             normalised = (mean_features - bg_median) / bg_spread
         else:
             mean_features = np.full(len(names), np.nan)
             normalised = np.zeros(len(names))
         normalised[polarity_cols] = np.abs(normalised[polarity_cols])
-        in_valid = np.flatnonzero(labels[valid] == cid)
-        if len(in_valid):
-            dist = np.sum((z_all[in_valid] - model.centroids_pca[cid]) ** 2, axis=1)
-            nearest = valid_idx[in_valid[np.argsort(dist)[:8]]]
+        members = sample_of(np.flatnonzero(labels == cid), 20_000)
+        if len(members):
+            dist = model.distance_to(features[members], cid)
+            nearest = members[np.argsort(dist, kind="stable")[:8]]
             examples = tuple((round(centres[i, 1]), round(centres[i, 0])) for i in nearest)
         else:
             examples = ()

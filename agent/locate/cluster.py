@@ -84,10 +84,19 @@ class ClusterModel:
                 labels[start : start + chunk] = np.argmin(c_sq[None, :] - 2.0 * (z @ self.centroids_pca.T), axis=1)
         return labels
 
-    def distance_to(self, features: np.ndarray, cluster_id: int) -> np.ndarray:
-        """Euclidean distance in scaled PCA space from each row of `features` to a cluster centroid."""
-        z = self.transform(features)
-        return np.sqrt(np.sum((z - self.centroids_pca[cluster_id][None, :]) ** 2, axis=1))
+    def distance_to(self, features: np.ndarray, cluster_id: int, chunk: int = 1 << 20) -> np.ndarray:
+        """Euclidean distance in scaled PCA space from each row of `features` to a cluster centroid
+        (float64, chunked for large inputs)."""
+        from threadpoolctl import threadpool_limits
+
+        features = np.asarray(features)
+        out = np.empty(features.shape[0], dtype=np.float64)
+        centre = self.centroids_pca[cluster_id][None, :]
+        with threadpool_limits(1, user_api="blas"):
+            for start in range(0, features.shape[0], chunk):
+                z = self.transform(features[start : start + chunk]) - centre
+                out[start : start + chunk] = np.sqrt(np.einsum("ij,ij->i", z, z))
+        return out
 
 
 def _sample_rows(n: int, size: int, seed: int) -> np.ndarray:
