@@ -414,7 +414,7 @@ _ROW_COLUMNS = (
 )
 
 
-def overlay_rgb(image: np.ndarray, truth: Any, detections: Sequence[Any], max_side_px: int = 768) -> np.ndarray:
+def overlay_rgb(image: np.ndarray, truth: Any, detections: Sequence[Any], max_side_px: int = 512) -> np.ndarray:
     """RGB preview: the image (stretched), true crystals as green circles, detections as red crosses."""
     from PIL import Image, ImageDraw
 
