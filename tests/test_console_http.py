@@ -461,3 +461,19 @@ def test_console_command_rejects_bad_options_with_a_clear_error(
     for argv, message in cases:
         assert main(argv) == 2, argv
         assert message in capsys.readouterr().err, argv
+
+
+def test_an_answer_after_the_deadline_is_refused_as_expired(tmp_path: Path) -> None:
+    agent = Agent(tmp_path / "session", prompt_timeout_s=0.5)
+    handle = start_console_for_session(agent.session, agent.channel, "127.0.0.1", 0)
+    try:
+        prompt_id = open_prompt(agent, handle)
+        assert wait_for(lambda: handle.hub.prompt_state(prompt_id) == "expired", 10)
+        status, _, body = request(handle, "POST", f"/api/prompts/{prompt_id}/answer", {"option_ids": ["1"]},
+                                  api_headers(handle))
+        assert status == 409 and json.loads(body)["code"] == "expired"
+        agent.session.join(10)
+        assert agent.session.answer is None and agent.session.state == "done"  # the fallback went on
+    finally:
+        handle.stop()
+        agent.stop()
