@@ -10,8 +10,9 @@ relative to the stage, differently at each magnification, so A is measured, neve
    image content by s = -A^-1 d pixels, so A = -[d1 d2] [s1 s2]^-1. The moves grow from a few pixels
    (a periodic grid mesh cannot alias) to a fifth of the field of view (precision), each predicted from
    the matrix so far so that only a small residual is correlated;
-3. the last round moves +-x, +-y and along two diagonals and fits A by least squares (stage repeat error
-   averages out); the RMS misfit must stay under 5 % of the move (or the stage's repeat error) and the
+3. the last round moves +-x, +-y and along both diagonals both ways, and fits A with an offset by least
+   squares (stage repeat error averages out, the reference frame's own error is absorbed; one outlier
+   move is dropped); the RMS misfit must stay under 5 % of the move (or the stage's repeat error) and the
    scale within a factor 1.5 of the preset's nominal pixel size, otherwise `CalibrationError`.
 
 Images are high-pass filtered before correlation, because uneven illumination, hot pixels and a data bar
@@ -166,6 +167,22 @@ def structure_isotropy(image: np.ndarray, sigma_px: float) -> float:
     return float(eigenvalues[0] / eigenvalues[1]) if eigenvalues[1] > 0 else 0.0
 
 
+def _fit_with_offset(stage_moves: np.ndarray, pixel_moves: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Least-squares M, t with pixel_moves ~ M @ stage_moves + t; one move whose misfit exceeds three
+    times the median (a slipped stage, a bad correlation) is dropped and the fit repeated."""
+    keep = np.ones(stage_moves.shape[1], dtype=bool)
+    for _ in range(2):
+        design = np.column_stack([stage_moves[:, keep].T, np.ones(int(keep.sum()))])
+        solution, *_ = np.linalg.lstsq(design, pixel_moves[:, keep].T, rcond=None)
+        m_matrix, offset = solution[:2].T, solution[2]
+        misfit = np.linalg.norm(m_matrix @ stage_moves + offset[:, None] - pixel_moves, axis=0)
+        worst = int(np.argmax(np.where(keep, misfit, -1.0)))
+        if keep.sum() <= 5 or misfit[worst] <= 3.0 * float(np.median(misfit[keep])):
+            break
+        keep[worst] = False
+    return m_matrix, offset
+
+
 def describe_matrix(matrix: np.ndarray) -> tuple[float, tuple[float, float], bool]:
     """Rotation (deg) of the +col axis, column lengths (um/px), and whether A flips handedness."""
     col_axis, row_axis = matrix[:, 0], matrix[:, 1]
@@ -200,7 +217,7 @@ def measure_preset(
     *,
     exposure_s: float,
     stage_xy_um: tuple[float, float] | None = None,
-    shift_fraction: float = 0.3,
+    shift_fraction: float = 0.35,
     first_shift_px: float = 4.0,
     min_first_shift_um: float = 2.0,
     approach_um: float = 0.0,
@@ -214,10 +231,10 @@ def measure_preset(
     Test moves grow geometrically from `first_shift_px` pixels (small enough that a periodic mesh cannot
     alias), but at least `min_first_shift_um` (well above a stage's repeat error of a few tenths of a
     micrometre), to `shift_fraction` of the field of view; each larger move is predicted from the matrix
-    measured so far and only the residual is correlated. The last round moves +-x, +-y and along both
-    diagonals and fits A by least squares, which averages out stage repeat error; the RMS misfit is
-    the reported residual. Leaves the stage back at `stage_xy_um`. Raises `CalibrationError` when the
-    correlation is too weak, the fit is poor, or the scale is implausible.
+    measured so far and only the residual is correlated. The last round moves +-x, +-y and both ways along
+    both diagonals and fits A (with a common offset) by least squares, which averages out stage repeat
+    error; the RMS misfit is the reported residual. Leaves the stage back at `stage_xy_um`. Raises
+    `CalibrationError` when the correlation is too weak, the fit is poor, or the scale is implausible.
     """
     info = microscope.info()
     nominal = info.preset(preset)
@@ -253,7 +270,9 @@ def measure_preset(
     for round_index, step_px in enumerate(shifts_px):
         shift_um = step_px * nominal.pixel_size_um
         last = round_index == len(shifts_px) - 1
-        unit_moves = [(1, 0), (0, 1), (-1, 0), (0, -1), (1, 1), (-1, 1)] if last else [(1, 0), (0, 1)]
+        unit_moves = (
+            [(1, 0), (0, 1), (-1, 0), (0, -1), (1, 1), (-1, 1), (1, -1), (-1, -1)] if last else [(1, 0), (0, 1)]
+        )
         stage_moves = shift_um * np.array(unit_moves, dtype=np.float64).T  # (2, n) columns d_i
         pixel_moves = np.zeros_like(stage_moves)
         for column in range(stage_moves.shape[1]):
@@ -265,12 +284,17 @@ def measure_preset(
                     f"(peak {quality:.3f} < {min_quality}); move to an area with more structure"
                 )
             pixel_moves[:, column] = displacement
-        gram = pixel_moves @ pixel_moves.T
-        if abs(np.linalg.det(gram)) < 1e-6:
+        if last:
+            # displacement = M d + t: the intercept t absorbs the reference frame's own stage error,
+            # which every displacement shares; A = -M^-1.
+            m_matrix, offset = _fit_with_offset(stage_moves, pixel_moves)
+        else:
+            m_matrix, offset = pixel_moves @ np.linalg.inv(stage_moves), np.zeros(2)
+        if abs(np.linalg.det(m_matrix)) < 1e-12:
             raise CalibrationError(f"calibration of {preset!r}: the test moves gave parallel image shifts")
-        matrix = -stage_moves @ pixel_moves.T @ np.linalg.inv(gram)  # least squares: A S = -D
-        misfit = -np.linalg.inv(matrix) @ stage_moves - pixel_moves
-        residual_px = float(np.sqrt(np.mean(np.sum(misfit**2, axis=0))))
+        matrix = -np.linalg.inv(m_matrix)
+        misfit = np.linalg.norm(m_matrix @ stage_moves + offset[:, None] - pixel_moves, axis=0)
+        residual_px = float(np.sqrt(np.mean(np.sort(misfit**2)[: max(2, len(misfit) - 1)])))
     approach_move(microscope, x0, y0, approach_um)
     assert matrix is not None
     rotation_deg, scales, flipped = describe_matrix(matrix)

@@ -143,8 +143,12 @@ class ScreeningPlan(BaseModel):
     exposures: ExposurePlan = ExposurePlan()
     area: AreaPlan = AreaPlan()
     locate: LocateSettings = Field(
-        default_factory=lambda: LocateSettings(mode="window", window_px=15, stride_px=4),
-        description="locator settings for the atlas (window ~ a few crystal sizes at the atlas pixel size)",
+        default_factory=lambda: LocateSettings(mode="window", window_px=15, stride_px=4, k=5),
+        description=(
+            "locator settings for the atlas: a window of a few crystal sizes at the atlas pixel size, and more "
+            "clusters than the 2018 study's 3 so that ice balls and debris get clusters of their own, which the "
+            "operator or label memory then rejects"
+        ),
     )
     targeting: TargetingPlan = TargetingPlan()
     confirm: ConfirmPlan = Field(default_factory=ConfirmPlan)

@@ -533,6 +533,9 @@ class ScreeningSession:
         for candidate in candidates:
             x_um, y_um = atlas.pixel_to_stage_um(np.array([candidate.col_px, candidate.row_px]))
             inside = limits.x_min_um <= x_um <= limits.x_max_um and limits.y_min_um <= y_um <= limits.y_max_um
+            if self.map_box_um is not None:  # the atlas frame may show more than the squares asked for
+                x_min, x_max, y_min, y_max = self.map_box_um
+                inside = inside and x_min <= x_um <= x_max and y_min <= y_um <= y_max
             if inside:
                 kept.append((candidate, float(x_um), float(y_um)))
         kept.sort(key=lambda item: -item[0].score)
