@@ -75,13 +75,17 @@ class ClusterModel:
 
         features = np.asarray(features)
         labels = np.empty(features.shape[0], dtype=np.int32)
-        c_sq = np.sum(self.centroids_pca**2, axis=1)
+        # argmin ||z - c||^2 = argmin (||c||^2 - 2 z.c) with z = x @ P - o, folded into one product:
+        # x @ (P @ C^T) - o @ C^T  (one thin matrix product per chunk, no z array)
+        projection = (self.components / self.scale_std[None, :]).T  # (F, n_components)
+        offset = (self.scale_mean / self.scale_std) @ self.components.T
+        weights = projection @ self.centroids_pca.T  # (F, k)
+        bias = np.sum(self.centroids_pca**2, axis=1) + 2.0 * (offset @ self.centroids_pca.T)
         # thin matrix products: one BLAS thread is faster than two competing ones
         with threadpool_limits(1, user_api="blas"):
             for start in range(0, features.shape[0], chunk):
-                z = self.transform(features[start : start + chunk])
-                # argmin ||z - c||^2 = argmin (||c||^2 - 2 z.c)
-                labels[start : start + chunk] = np.argmin(c_sq[None, :] - 2.0 * (z @ self.centroids_pca.T), axis=1)
+                block = np.asarray(features[start : start + chunk], dtype=np.float64)
+                labels[start : start + chunk] = np.argmin(bias[None, :] - 2.0 * (block @ weights), axis=1)
         return labels
 
     def distance_to(self, features: np.ndarray, cluster_id: int, chunk: int = 1 << 20) -> np.ndarray:
