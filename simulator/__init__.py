@@ -27,6 +27,7 @@ def create_simulated_microscope(
     tiles: str | os.PathLike[str] | None = None,
     pixel_size_um: float | None = None,
     specimen_options: dict[str, Any] | None = None,
+    overlap_fraction: float | None = None,
     **kwargs: Any,
 ) -> SimulatedMicroscope:
     """A `SimulatedMicroscope` over a generated specimen, or over dataset tiles when `tiles` is given.
@@ -34,16 +35,16 @@ def create_simulated_microscope(
     `specimen_type` is one of `SPECIMEN_TYPES`; `seed` seeds the specimen, the optics errors, the stage
     and the noise. `tiles` is a folder of tiles / a layout file / a SerialEM `.mdoc` (see
     `drivers.formats.montage.open_montage`) with `pixel_size_um` (um per mosaic pixel) if the files do
-    not say. `specimen_options` go to `simulator.specimen.generate_specimen`; other keyword arguments
-    (camera_shape_px, presets, faults, realtime, stage_limits, stage_model, optics_errors, camera_noise)
-    go to `SimulatedMicroscope`.
+    not say, and `overlap_fraction` for tiles placed by their row/column names. `specimen_options` go
+    to `simulator.specimen.generate_specimen`; other keyword arguments (camera_shape_px, presets,
+    faults, realtime, stage_limits, stage_model, optics_errors, camera_noise) go to `SimulatedMicroscope`.
     """
     from simulator.microscope import SimulatedMicroscope
 
     if tiles is not None:
         from simulator.tiles import TileScene
 
-        scene: Any = TileScene.open(tiles, pixel_size_um=pixel_size_um)
+        scene: Any = TileScene.open(tiles, pixel_size_um=pixel_size_um, overlap_fraction=overlap_fraction)
         if "stage_limits" not in kwargs:
             kwargs["stage_limits"] = scene.stage_limits()
     else:

@@ -150,3 +150,21 @@ def test_simulator_package_lists_the_specimen_types() -> None:
     from simulator import specimen
 
     assert simulator.SPECIMEN_TYPES == specimen.SPECIMEN_TYPES
+
+
+def test_overlapping_tiles_are_placed_with_the_overlap(tmp_path: Path) -> None:
+    """Tiles cut with a 20 % overlap and served with --overlap 0.2 give the original mosaic back."""
+    mosaic = _mosaic(np.uint16, seed=3)  # steps: 80 rows (100 x 0.8), 96 columns (120 x 0.8)
+    folder = tmp_path / "overlap"
+    folder.mkdir()
+    for r in range(2):
+        for c in range(3):
+            c0 = c * 96
+            tile = mosaic[r * 80 : r * 80 + TILE_ROWS, c0 : c0 + TILE_COLS]
+            tifffile.imwrite(folder / f"Tile_{r:03d}-{c:03d}.tif", tile)
+    scene = TileScene.open(folder, pixel_size_um=PIXEL_UM, overlap_fraction=0.2)
+    assert scene.montage.shape_px == (180, 312)  # 80 + 100 rows; 96 + 96 + 120 columns
+    np.testing.assert_array_equal(scene.montage.to_array(), mosaic[:180, :312])
+    out = tmp_path / "snap.tif"
+    assert main(["simulate", "snapshot", "--tiles", str(folder), "--pixel-size-um", "0.3", "--overlap", "0.2",
+                 "--camera-px", "32", "--out", str(out)]) == 0

@@ -55,6 +55,8 @@ def _source_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--tiles", type=Path, default=None, help="serve a folder of dataset tiles (a montage)")
     parser.add_argument("--pixel-size-um", type=float, default=None, help="um per pixel of the tiles")
+    parser.add_argument("--overlap", type=float, default=None,
+                        help="overlap fraction of neighbouring Tile_RRR-CCC tiles (default: the layout's, else 0)")
 
 
 def _check_specimen(name: str) -> None:
@@ -83,6 +85,7 @@ def _snapshot(args: argparse.Namespace) -> int:
             seed=args.seed,
             tiles=args.tiles,
             pixel_size_um=args.pixel_size_um,
+            overlap_fraction=args.overlap,
             camera_shape_px=(args.camera_px, args.camera_px),
         )
         info = microscope.info()
