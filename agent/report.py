@@ -455,6 +455,14 @@ def evaluation_report_html(
                                                               table_id="config"))
     if elapsed_s is not None:
         sections.append(f'<p class="muted">evaluation took {elapsed_s:.1f} s (wall time)</p>')
+    tolerance = (config or {}).get("tolerance_um")
+    sections.append(
+        "<p>A detection is a true positive when it lies within "
+        f"{_e(_fmt(tolerance) if tolerance is not None else 'the tolerance')} um of a true crystal's outline; "
+        "recall counts crystals wholly inside the frame and off the grid bars; <i>precision_unique</i> counts a "
+        "second detection on the same crystal as a false positive; the <i>area</i> figures use each detection's "
+        "own cell or region as its tolerance. Figures are pooled over all images.</p>"
+    )
     if targets:
         classes = ["ok" if t.get("met") else "fail" for t in targets]
         sections.append("<h2>Targets at atlas</h2>" + html_table(
