@@ -68,4 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    # `python -m agent.cli`: run the importable module's main, so that exceptions raised by command
+    # modules (which import `agent.cli`) are the same classes that `main` catches.
+    from agent.cli import main as _main
+
+    sys.exit(_main())

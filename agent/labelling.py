@@ -8,7 +8,8 @@
 3. Without an answer the plan's fallback decides: `label-memory` (the best guess even below the
    confidence threshold, else the locator's default rule), `default-rule`, `reference` (clusters of the
    plan's reference cells), or `skip` (no targets from unsure clusters). The decision and its source are
-   recorded; answers are stored in label memory so the next session asks less.
+   recorded; answers are stored in label memory so the next session asks less (the agent's own labels
+   are stored too, as source "auto", which label memory keeps for context but never counts as a vote).
 """
 
 from __future__ import annotations
@@ -135,6 +136,10 @@ def decide_crystal_clusters(
             labels[cluster_id] = is_crystal
             sources[cluster_id] = source
     crystal = tuple(sorted(cid for cid, is_crystal in labels.items() if is_crystal))
+    if memory is not None:  # the agent's own labels are kept too, with no vote (source "auto")
+        automatic = [c for c in clusters if sources.get(int(c.cluster_id)) != "operator"]
+        if automatic:
+            _remember(memory, analysis, automatic, labels, specimen, preset, session_id, "auto")
     return LabellingDecision(
         crystal_clusters=crystal,
         sources=sources,
