@@ -131,7 +131,9 @@ def test_confirmed_targets_are_recentred_onto_real_objects(finished: dict[str, S
         for result in session.results.values():
             if result.confirmed:
                 confirmed += 1
-                assert _nearest_object_um(truth, result.x_um, result.y_um) <= 1.0, result
+                # within ~ the diffraction beam's radius at search (1.5 um) plus stage repeat error: a
+                # cluster of touching crystals is re-centred on its centroid, which may fall between them
+                assert _nearest_object_um(truth, result.x_um, result.y_um) <= 2.0, result
     assert confirmed >= 3
     on_crystals = [s.summary().precision for s in finished.values() if s.summary().precision is not None]
     assert max(on_crystals) > 0

@@ -235,12 +235,26 @@ def run_screen(args: argparse.Namespace) -> int:
         close = getattr(microscope, "close", None)
         if callable(close):
             close()
+    report = _write_report(session_dir)
     data = summary.model_dump(mode="json")
     if args.json:
         print(json.dumps(data, indent=2))
     else:
         Console().print(summary_table(data))
+        if report is not None:
+            Console().print(f"report: {report}")
     return 0 if summary.state == "done" else 1
+
+
+def _write_report(session_dir: Path) -> Path | None:
+    """The session's self-contained HTML report; a failure is logged, never fatal (the data is on disk)."""
+    from agent.report import ReportError, write_session_report
+
+    try:
+        return write_session_report(session_dir)
+    except (ReportError, OSError, ValueError) as exc:
+        logger.warning("could not write the HTML report: %s (run `crystal-locator report %s`)", exc, session_dir)
+        return None
 
 
 def _start_operator(mode: str, truth: Any) -> tuple[Any, Any]:
