@@ -246,6 +246,18 @@ def measure_preset(
     frame_rows = info.camera_shape_px[0] // nominal.binning
     frame_cols = info.camera_shape_px[1] // nominal.binning
     final_shift_px = shift_fraction * min(frame_rows, frame_cols)
+    limits = microscope.stage_limits()
+    room_um = min(
+        x0 - limits.x_min_um - approach_um,
+        limits.x_max_um - x0,
+        y0 - limits.y_min_um - approach_um,
+        limits.y_max_um - y0,
+    )
+    final_shift_px = min(final_shift_px, room_um / nominal.pixel_size_um)  # small stages (tile mosaics)
+    if final_shift_px < 3.0:
+        raise CalibrationError(
+            f"calibration of {preset!r} at ({x0:.1f}, {y0:.1f}) um: too close to the stage limits for test moves"
+        )
     shifts_px = [min(final_shift_px, max(first_shift_px, min_first_shift_um / nominal.pixel_size_um))]
     while shifts_px[-1] * 4 < final_shift_px:
         shifts_px.append(shifts_px[-1] * 4)

@@ -128,8 +128,10 @@ class ScreeningSession:
         self.truth_scorer = truth_scorer
         info = microscope.info()
         self.info = info
-        self.calibration = calibration if calibration and calibration.instrument == info.name else None
-        self.calibration = self.calibration or CalibrationSet(instrument=info.name)
+        if calibration is not None and calibration.instrument != info.name:
+            logger.warning("ignoring a calibration of %r: this microscope is %r", calibration.instrument, info.name)
+            calibration = None
+        self.calibration = calibration or CalibrationSet(instrument=info.name)
 
         self._clock_offset_s = 0.0
         self._clock_base_s = float(microscope.microscope_time_s())

@@ -303,3 +303,31 @@ def test_screen_cli_and_kill_and_resume_give_the_same_targets(tmp_path: Path) ->
         assert finished_before <= set(visits)
         for path in written_before:
             assert (out / path).exists(), f"lost {path}"
+
+
+def test_a_session_runs_on_real_style_dataset_tiles(tmp_path: Path) -> None:
+    """8-bit tiles with a burned-in data bar, hot pixels and a seam that does not stitch cleanly."""
+    import tifffile
+
+    source = create_simulated_microscope(specimen_type="graphite-flakes", seed=5, camera_shape_px=(768, 768))
+    source.set_preset("atlas")
+    image = np.asarray(source.acquire(0.5).image, dtype=np.float64)
+    image8 = (np.clip(image / np.percentile(image, 99.9), 0, 1) * 255).astype(np.uint8)
+    image8[-30:, :200] = 0  # data bar
+    rng = np.random.default_rng(0)
+    image8[rng.integers(0, 768, 40), rng.integers(0, 768, 40)] = 255  # hot pixels
+    tiles = tmp_path / "tiles"
+    tiles.mkdir()
+    for r in range(2):
+        for c in range(2):
+            tile = image8[r * 384 : (r + 1) * 384, c * 384 : (c + 1) * 384]
+            if (r, c) == (1, 1):
+                tile = np.roll(tile, 3, axis=1)  # a seam that does not stitch cleanly
+            tifffile.imwrite(tiles / f"Tile_{r + 1:03d}-{c + 1:03d}.tif", tile)
+    microscope = create_simulated_microscope(tiles=tiles, pixel_size_um=0.3, camera_shape_px=(384, 384))
+    assert microscope.ground_truth is None
+    session = ScreeningSession(microscope, _plan("graphite-flakes", max_targets=3), tmp_path / "tiles-session")
+    summary = session.run()
+    assert summary.state == "done"
+    assert summary.targets_found >= 1 and summary.targets_confirmed >= 1
+    assert summary.precision is None  # no ground truth for real tiles

@@ -56,6 +56,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         metavar="{none,simulated,ENDPOINT}",
         help="who answers prompts: none (fallback only), simulated (ground truth), or bind ENDPOINT for operators",
     )
+    parser.add_argument(
+        "--calibration",
+        type=Path,
+        metavar="FILE",
+        help="re-use a calibration.json from an earlier session on the same instrument (skips calibrating)",
+    )
     parser.add_argument("--labels", type=Path, help="label-memory folder (default: per-user data folder)")
     parser.add_argument("--no-labels", action="store_true", help="do not use or update label memory")
     parser.add_argument("--events", metavar="ENDPOINT", help="publish session events on this PUB endpoint")
@@ -180,6 +186,8 @@ def run_screen(args: argparse.Namespace) -> int:
     try:
         channel, simulated_operator = _start_operator(args.operator, truth)
         kwargs: dict[str, Any] = {"labels": labels, "operator": channel, "events": events}
+        if args.calibration is not None and args.resume is None:
+            kwargs["calibration"] = _load_calibration(args.calibration)
         if truth is not None:
             from simulator.scoring import score_session
 
@@ -255,6 +263,16 @@ def _write_report(session_dir: Path) -> Path | None:
     except (ReportError, OSError, ValueError) as exc:
         logger.warning("could not write the HTML report: %s (run `crystal-locator report %s`)", exc, session_dir)
         return None
+
+
+def _load_calibration(path: Path) -> Any:
+    """A saved `CalibrationSet`; a calibration of another instrument is ignored by the session."""
+    from agent.calibration import CalibrationSet
+
+    try:
+        return CalibrationSet.load(path)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from exc
 
 
 def _start_operator(mode: str, truth: Any) -> tuple[Any, Any]:
