@@ -299,7 +299,6 @@ def grid_features(image: np.ndarray, rows: int, cols: int) -> tuple[np.ndarray, 
     def work(cell_rows: list[int]) -> None:
         block = np.empty((_BAND_ROWS + 1, width), dtype=np.float64)
         power = np.empty((_BAND_ROWS, width), dtype=np.float64)
-        diff = np.empty((_BAND_ROWS, width), dtype=np.float64)
         ones = np.ones(_BAND_ROWS, dtype=np.float64)
         for i in cell_rows:
             r_start, r_stop = int(edges_r[i]), int(edges_r[i + 1])
@@ -313,19 +312,25 @@ def grid_features(image: np.ndarray, rows: int, cols: int) -> tuple[np.ndarray, 
                 d_ext = block[: n + 1] if with_next else block[:n]
                 np.subtract(image[r0 : r1 + 1] if with_next else image[r0:r1], ref, out=d_ext, casting="unsafe")
                 d, p, o = block[:n], power[:n], ones[:n]
-                acc[0] += o @ d
                 np.multiply(d, d, out=p)
-                acc[1] += o @ p
+                s2 = o @ p
+                acc[0] += o @ d
+                acc[1] += s2
                 acc[2] += np.einsum("ij,ij->j", p, d)
                 acc[3] += np.einsum("ij,ij->j", p, p)
-                dx = diff[:n, : width - 1]
-                np.subtract(d[:, 1:], d[:, :-1], out=dx)
-                acc[4, : width - 1] += 0.5 * np.einsum("ij,ij->j", dx, dx)
+                # gradient energy from cross products (no difference arrays):
+                # sum (x[c+1] - x[c])^2 = sum x[c+1]^2 + sum x[c]^2 - 2 sum x[c] x[c+1], per column c
+                cross_h = np.einsum("ij,ij->j", d[:, :-1], d[:, 1:])
+                acc[4, : width - 1] += 0.5 * (s2[1:] + s2[:-1] - 2.0 * cross_h)
                 n_dy = d_ext.shape[0] - 1
                 if n_dy > 0:
-                    dy = diff[:n_dy]
-                    np.subtract(d_ext[1:], d_ext[:-1], out=dy)
-                    acc[4] += 0.5 * np.einsum("ij,ij->j", dy, dy)
+                    cross_v = np.einsum("ij,ij->j", d_ext[:-1], d_ext[1:])
+                    first_sq = d_ext[0] * d_ext[0]
+                    last_sq = d_ext[n_dy] * d_ext[n_dy]
+                    # rows 0..n_dy-1 and rows 1..n_dy of d_ext, from the band's sum of squares
+                    upper = s2 - (d[n - 1] * d[n - 1] if n_dy < n else 0.0)
+                    lower = s2 - first_sq + (last_sq if n_dy == n else 0.0)
+                    acc[4] += 0.5 * (upper + lower - 2.0 * cross_v)
 
     n_threads = _n_threads()
     _run_parallel([(lambda part=part: work(part)) for part in np.array_split(np.arange(rows), n_threads) if len(part)])
