@@ -102,6 +102,9 @@ class ConfirmPlan(BaseModel):
     recentre: bool = True
     diffraction: bool = True
     min_spots: int = Field(default=4, ge=1, description="Bragg spots needed to call a target diffracting")
+    min_size_um: float = Field(
+        default=0.5, gt=0, description="smallest object that counts at search (film texture is smaller)"
+    )
     min_contrast_sigma: float = Field(
         default=3.0, gt=0, description="object vs surrounding film contrast, in units of the film's noise"
     )

@@ -5,7 +5,8 @@ times larger than at the atlas, possibly larger than the field of view (graphite
 balls, debris and grid-bar edges. The test is polarity-free and stated in units of the film's noise:
 
 1. smooth the frame lightly (object scale, not pixels) and model the film (with its uneven
-   illumination) as a quadratic surface fitted robustly to a ring of pixels along the frame border that
+   illumination) as a quadratic surface fitted robustly to pixels known to be film (from the atlas's
+   background cluster, mapped into this frame), else to a ring of pixels along the frame border that
    are not grid bar (bars are known from the atlas and mapped into this frame); the frame divided by
    that surface is the relative transmission, and the film noise is its robust sigma (1.4826 x MAD) on
    the ring;
@@ -43,12 +44,15 @@ def find_object_near_centre(
     radius_px: float,
     min_contrast_sigma: float = 3.0,
     exclude_mask: np.ndarray | None = None,
+    film_mask: np.ndarray | None = None,
     smooth_px: float | None = None,
     min_area_px: float | None = None,
 ) -> FoundObject | None:
     """The object nearest the centre of `image` within `radius_px`, or None (see module docstring).
 
-    `exclude_mask` (bool, image shape) marks pixels that can never be the object (grid bars).
+    `exclude_mask` (bool, image shape) marks pixels that can never be the object (grid bars);
+    `film_mask` (bool) marks pixels known to be plain film (from the atlas): when it holds enough pixels
+    it replaces the border ring as the film sample.
     """
     data = np.asarray(image, dtype=np.float32)
     if data.ndim != 2 or min(data.shape) < 16:
@@ -61,6 +65,8 @@ def find_object_near_centre(
     ring = np.zeros(data.shape, dtype=bool)
     ring[:border, :] = ring[-border:, :] = ring[:, :border] = ring[:, -border:] = True
     ring &= ~excluded
+    if film_mask is not None and np.count_nonzero(np.asarray(film_mask, dtype=bool) & ~excluded) >= 64:
+        ring = np.asarray(film_mask, dtype=bool) & ~excluded
     if ring.sum() < 16:  # the border is all bar: use everything that is not bar
         ring = ~excluded
         if ring.sum() < 16:
@@ -110,7 +116,8 @@ def find_object_near_centre(
 
 
 def _film_surface(smoothed: np.ndarray, ring: np.ndarray) -> np.ndarray:
-    """A quadratic surface through the ring pixels (two rounds, outliers beyond 3 robust sigmas dropped)."""
+    """A quadratic surface through the film pixels of the ring: robust start at the median, then three
+    least-squares rounds on pixels within 3 robust sigmas (objects crossing the ring are left out)."""
     rows, cols = smoothed.shape
     ring_rows, ring_cols = np.nonzero(ring)
     step = max(1, len(ring_rows) // 20000)
@@ -122,15 +129,17 @@ def _film_surface(smoothed: np.ndarray, ring: np.ndarray) -> np.ndarray:
         return np.column_stack([np.ones_like(x), x, y, x * x, x * y, y * y])
 
     basis = design(ring_rows.astype(np.float64), ring_cols.astype(np.float64))
-    keep = np.ones(len(values), dtype=bool)
+    # Start from the median (robust to objects covering up to half of the ring), then refine a quadratic
+    # on the pixels within 3 robust sigmas of the current model, three times.
     coefficients = np.zeros(6)
-    for _ in range(2):
-        coefficients, *_ = np.linalg.lstsq(basis[keep], values[keep], rcond=None)
+    coefficients[0] = float(np.median(values))
+    for _ in range(3):
         misfit = values - basis @ coefficients
-        sigma = 1.4826 * float(np.median(np.abs(misfit[keep] - np.median(misfit[keep])))) or 1e-9
+        sigma = 1.4826 * float(np.median(np.abs(misfit - np.median(misfit)))) or 1e-9
         keep = np.abs(misfit) <= 3 * sigma
         if keep.sum() < 12:
             break
+        coefficients, *_ = np.linalg.lstsq(basis[keep], values[keep], rcond=None)
     y = (np.arange(rows, dtype=np.float64) / rows - 0.5)[:, None]
     x = (np.arange(cols, dtype=np.float64) / cols - 0.5)[None, :]
     c = coefficients

@@ -86,6 +86,9 @@ TERMINAL_STATES = frozenset({"done", "aborted", "failed"})
 WORKING_STATES = tuple(s for s in STATES if s not in TERMINAL_STATES and s not in ("paused", "recovering", "idle"))
 TARGET_STATES = frozenset({"moving", "zooming", "confirming", "diffraction", "recording"})
 
+#: What the atlas saw at a stage point (see `ScreeningSession._atlas_classes`).
+OFF_ATLAS, BAR, FILM, OTHER = -1, 0, 1, 2
+
 #: Scores the session against ground truth (simulated sessions only): (targets, results, box_um) -> dict
 #: with precision / recall / recall_diffracting. Supplied by whoever wires a simulator in (the CLI).
 TruthScorer = Callable[[list[TargetRecord], dict[str, TargetResult], tuple[float, float, float, float]], dict[str, Any]]
@@ -462,16 +465,22 @@ class ScreeningSession:
         )
         return "located"
 
-    def _atlas_bar_lookup(self, xy_um: np.ndarray) -> np.ndarray:
-        """True where stage points fall on grid bars (or black areas) of the atlas; False off the atlas."""
+    def _atlas_classes(self, xy_um: np.ndarray) -> np.ndarray:
+        """What the atlas says is at stage points: OFF_ATLAS, BAR (bars, black areas), FILM (the background
+        cluster) or OTHER (any other cluster)."""
+        result = np.full(len(xy_um), OFF_ATLAS, dtype=np.int8)
         if self.atlas is None or self.analysis is None:
-            return np.zeros(len(xy_um), dtype=bool)
-        mask = np.asarray(self.analysis.bar_mask, dtype=bool)
+            return result
+        analysis = self.analysis
+        bar = np.asarray(analysis.bar_mask, dtype=bool)
         col_row = np.rint(self.atlas.stage_to_pixel(np.asarray(xy_um, dtype=np.float64))).astype(np.int64)
-        inside = (col_row[:, 0] >= 0) & (col_row[:, 0] < mask.shape[1])
-        inside &= (col_row[:, 1] >= 0) & (col_row[:, 1] < mask.shape[0])
-        result = np.zeros(len(col_row), dtype=bool)
-        result[inside] = mask[col_row[inside, 1], col_row[inside, 0]]
+        inside = (col_row[:, 0] >= 0) & (col_row[:, 0] < bar.shape[1])
+        inside &= (col_row[:, 1] >= 0) & (col_row[:, 1] < bar.shape[0])
+        rows, cols = col_row[inside, 1], col_row[inside, 0]
+        labels = np.asarray(analysis.label_grid)[analysis.row_index_px[rows], analysis.col_index_px[cols]]
+        classes = np.where(labels == analysis.background_cluster, FILM, OTHER)
+        classes[(labels < 0) | bar[rows, cols]] = BAR
+        result[inside] = classes
         return result
 
     def _sample_xy_um(self, cluster: Any) -> list[list[float]]:
@@ -602,7 +611,7 @@ class ScreeningSession:
         assert self._current is not None
         frame: Frame = self._work["search"]
         found = locate_near_centre(
-            frame, self.calibration.matrix(self.plan.presets.search), self.plan, self._atlas_bar_lookup
+            frame, self.calibration.matrix(self.plan.presets.search), self.plan, self._atlas_classes
         )
         if found is None:
             self._finish_target(
@@ -842,32 +851,38 @@ def locate_near_centre(
     frame: Frame,
     matrix_um_per_px: np.ndarray,
     plan: ScreeningPlan,
-    bar_mask_of: Callable[[np.ndarray], np.ndarray] | None = None,
+    atlas_classes: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> tuple[float, float, float] | None:
     """Find the object nearest the centre of a search frame within `confirm.radius_um` (see
     `agent.confirm`); returns its stage position (x_um, y_um) and contrast in film-noise sigmas, or None.
 
-    `bar_mask_of(stage_xy_um (n, 2)) -> bool (n,)` says which stage points are grid bar (from the atlas),
-    so that a bar edge in view is never taken for the target.
+    `atlas_classes(stage_xy_um (n, 2)) -> (n,)` says what the atlas saw at stage points (BAR, FILM,
+    OTHER, OFF_ATLAS): bar pixels can never be the target, and film pixels set the film level even when
+    objects cover most of the frame's border.
     """
     image = np.asarray(frame.image)
     stage_xy = (frame.metadata.stage.x_um, frame.metadata.stage.y_um)
     pixel_um = float(math.sqrt(abs(np.linalg.det(matrix_um_per_px))))
-    exclude = None
-    if bar_mask_of is not None:
+    exclude = film = None
+    if atlas_classes is not None:
         step = max(1, min(image.shape) // 128)
         rows = np.arange(0, image.shape[0], step)
         cols = np.arange(0, image.shape[1], step)
         grid_cols, grid_rows = np.meshgrid(cols, rows)
         points = np.column_stack([grid_cols.ravel(), grid_rows.ravel()]).astype(np.float64)
         stage_points = pixel_to_stage_um(points, image.shape, stage_xy, matrix_um_per_px)
-        coarse = bar_mask_of(stage_points).reshape(grid_rows.shape)
-        exclude = np.repeat(np.repeat(coarse, step, axis=0), step, axis=1)[: image.shape[0], : image.shape[1]]
+        coarse = atlas_classes(stage_points).reshape(grid_rows.shape)
+        full = np.repeat(np.repeat(coarse, step, axis=0), step, axis=1)[: image.shape[0], : image.shape[1]]
+        exclude = full == BAR
+        # Atlas cells are coarse: keep only film well inside film areas (away from any object).
+        film = ndimage.binary_erosion(full == FILM, iterations=max(1, 4 * step))
     found = find_object_near_centre(
         image,
         radius_px=plan.confirm.radius_um / pixel_um,
         min_contrast_sigma=plan.confirm.min_contrast_sigma,
         exclude_mask=exclude,
+        film_mask=film,
+        min_area_px=math.pi / 4 * (plan.confirm.min_size_um / pixel_um) ** 2,
     )
     if found is None:
         return None

@@ -69,3 +69,15 @@ def test_the_nearest_of_several_objects_wins_and_far_ones_are_ignored() -> None:
 def test_bad_input() -> None:
     with pytest.raises(ValueError, match="2-D"):
         find_object_near_centre(np.zeros((4, 4)), radius_px=3)
+
+
+def test_film_known_from_the_atlas_sets_the_level_when_objects_cover_the_border() -> None:
+    """Two flakes larger than the field cover most of the border; the film is only a strip between."""
+    signal, rng = _film(5)
+    _yy, xx = np.mgrid[:256, :256]
+    left, right = xx < 110, xx > 150
+    image = _poisson(signal * np.where(left | right, 0.7, 1.0), rng)
+    film = (xx > 118) & (xx < 142)
+    found = find_object_near_centre(image, radius_px=40, min_contrast_sigma=3, film_mask=film, min_area_px=50)
+    assert found is not None
+    assert left[round(found.row_px), round(found.col_px)] or right[round(found.row_px), round(found.col_px)]
