@@ -269,16 +269,11 @@ def grid_edges_px(length_px: int, n_cells: int) -> np.ndarray:
     return np.round(np.linspace(0, length_px, n_cells + 1)).astype(np.int64)
 
 
-def grid_features(image: np.ndarray, rows: int, cols: int) -> tuple[np.ndarray, tuple[str, ...]]:
-    """Statistics of every cell of a `rows` x `cols` grid laid over `image`.
+def check_grid(rows: int, cols: int, height: int, width: int) -> tuple[int, int]:
+    """Validate a `rows` x `cols` grid over a `height` x `width` image; returns the counts as ints.
 
-    Returns ``(features, FEATURE_NAMES)`` with `features` of shape ``(rows * cols, F)`` float64 in
-    row-major cell order (cell ``(i, j)`` is row ``i * cols + j``). Cell boundaries are
-    `grid_edges_px`. Raises `ImageInputError` for unusable images and `SettingsError` when a cell would be
-    smaller than 2x2 pixels.
+    Raises `SettingsError` for non-integer or non-positive counts and for cells smaller than 2x2 px.
     """
-    check_image(image)
-    height, width = image.shape
     if isinstance(rows, bool) or isinstance(cols, bool) or int(rows) != rows or int(cols) != cols:
         raise SettingsError(f"grid rows and cols must be integers, got {rows!r} x {cols!r}")
     rows, cols = int(rows), int(cols)
@@ -289,6 +284,20 @@ def grid_features(image: np.ndarray, rows: int, cols: int) -> tuple[np.ndarray, 
             f"a {rows}x{cols} grid is too fine for a {height}x{width} image (cells must be at least 2x2 px);"
             " use fewer grid cells"
         )
+    return rows, cols
+
+
+def grid_features(image: np.ndarray, rows: int, cols: int) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Statistics of every cell of a `rows` x `cols` grid laid over `image`.
+
+    Returns ``(features, FEATURE_NAMES)`` with `features` of shape ``(rows * cols, F)`` float64 in
+    row-major cell order (cell ``(i, j)`` is row ``i * cols + j``). Cell boundaries are
+    `grid_edges_px`. Raises `ImageInputError` for unusable images and `SettingsError` when a cell would be
+    smaller than 2x2 pixels.
+    """
+    check_image(image)
+    height, width = image.shape
+    rows, cols = check_grid(rows, cols, height, width)
     ref = reference_level(image)
     edges_r = grid_edges_px(height, rows)
     edges_c = grid_edges_px(width, cols)

@@ -42,6 +42,7 @@ import numpy as np
 from agent.locate.errors import ImageInputError, SettingsError
 from agent.locate.features import (
     FEATURE_NAMES,
+    check_grid,
     check_window,
     grid_edges_px,
     grid_features,
@@ -225,16 +226,7 @@ def tiled_grid_features(source: np.ndarray | RegionSource, rows: int, cols: int)
     """
     src = as_region_source(source)
     height, width = src.shape_px
-    if isinstance(rows, bool) or isinstance(cols, bool) or int(rows) != rows or int(cols) != cols:
-        raise SettingsError(f"grid rows and cols must be integers, got {rows!r} x {cols!r}")
-    rows, cols = int(rows), int(cols)
-    if rows < 1 or cols < 1:
-        raise SettingsError(f"grid must have at least 1x1 cells, got {rows}x{cols}")
-    if rows * 2 > height or cols * 2 > width:
-        raise SettingsError(
-            f"a {rows}x{cols} grid is too fine for a {height}x{width} image (cells must be at least 2x2 px);"
-            " use fewer grid cells"
-        )
+    rows, cols = check_grid(rows, cols, height, width)
     edges_r = grid_edges_px(height, rows)
     edges_c = grid_edges_px(width, cols)
     out = np.empty((rows, cols, len(FEATURE_NAMES)), dtype=np.float64)
