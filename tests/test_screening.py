@@ -331,3 +331,39 @@ def test_a_session_runs_on_real_style_dataset_tiles(tmp_path: Path) -> None:
     assert summary.state == "done"
     assert summary.targets_found >= 1 and summary.targets_confirmed >= 1
     assert summary.precision is None  # no ground truth for real tiles
+
+
+def test_prompts_reach_the_simulated_operator_and_fall_back_when_nobody_answers(tmp_path: Path) -> None:
+    from agent.labels import LabelMemory
+    from agent.operator import OperatorChannel
+    from simulator.operator import SimulatedOperator
+
+    memory = LabelMemory(tmp_path / "labels")
+    with OperatorChannel("tcp://127.0.0.1:0") as channel:
+        microscope = create_simulated_microscope(
+            specimen_type="protein-plates", seed=7, camera_shape_px=(CAMERA_PX, CAMERA_PX)
+        )
+        with SimulatedOperator(channel.prompt_endpoint, microscope.ground_truth) as operator:
+            session = ScreeningSession(
+                microscope, _plan("protein-plates", seed=7), tmp_path / "asked", labels=memory, operator=channel
+            )
+            summary = session.run()
+        assert summary.state == "done" and summary.prompts == 1
+        assert operator.answered and session.decision is not None
+        assert session.decision.answered_by == "simulated"
+        assert set(session.decision.sources.values()) <= {"operator", "label-memory"}
+        assert any(r.source == "operator" for r in memory.list_records())
+
+    plan = _plan("polymer-faint", seed=8).model_copy(
+        update={"operator": ScreeningPlan().operator.model_copy(update={"wait_s": 0.5, "fallback": "default-rule"})}
+    )
+    with OperatorChannel("tcp://127.0.0.1:0") as silent:  # nobody is connected: the loop must go on
+        microscope = create_simulated_microscope(
+            specimen_type="polymer-faint", seed=8, camera_shape_px=(CAMERA_PX, CAMERA_PX)
+        )
+        session = ScreeningSession(microscope, plan, tmp_path / "unanswered", labels=memory, operator=silent)
+        summary = session.run()
+    assert summary.state == "done" and summary.prompts == 1
+    assert session.decision is not None and session.decision.answered_by is None
+    assert any("not answered" in note for note in session.decision.notes)
+    assert all(source.startswith(("fallback:", "label-memory")) for source in session.decision.sources.values())
