@@ -367,3 +367,23 @@ def test_prompts_reach_the_simulated_operator_and_fall_back_when_nobody_answers(
     assert session.decision is not None and session.decision.answered_by is None
     assert any("not answered" in note for note in session.decision.notes)
     assert all(source.startswith(("fallback:", "label-memory")) for source in session.decision.sources.values())
+
+
+def test_a_session_runs_through_the_zeromq_bridge(tmp_path: Path) -> None:
+    """The agent cannot tell a remote microscope from a local one: the same loop, over real sockets."""
+    from drivers.zmq_bridge import BridgeClient, BridgeServer
+
+    simulated = create_simulated_microscope(
+        specimen_type="asbestos-fibres", seed=0, camera_shape_px=(CAMERA_PX, CAMERA_PX)
+    )
+    with BridgeServer(simulated, "tcp://127.0.0.1:0") as server, BridgeClient(server.endpoint) as client:
+        session = ScreeningSession(client, _plan("asbestos-fibres"), tmp_path / "bridged")
+        summary = session.run()
+    assert summary.state == "done" and summary.faults == 0
+    assert summary.targets_found >= 1 and summary.targets_visited == summary.targets_found
+    # the remote session planned what a local one plans on the same specimen and seed
+    local = _session(tmp_path / "local", "asbestos-fibres")
+    local.run()
+    assert [(t.target_id, round(t.x_um, 3)) for t in session.targets] == [
+        (t.target_id, round(t.x_um, 3)) for t in local.targets
+    ]
