@@ -538,7 +538,7 @@ class ScreeningSession:
                 "max_candidates": max(targeting.max_targets * 4, 50),
             }
         )
-        candidates = find_candidates(self.analysis, self.decision.crystal_clusters, settings)
+        candidates = find_candidates(self.analysis, self.decision.crystal_clusters, settings, image=atlas.image)
         limits = self.microscope.stage_limits()
         kept = []
         for candidate in candidates:

@@ -270,3 +270,27 @@ def test_heatmap_png_and_gallery_render_every_cluster() -> None:
     assert stretched.dtype == np.uint8 and stretched[0, 0] == 0 and stretched[1, 1] == 255
     with pytest.raises(ImageInputError):
         heatmap_rgb(scene.image[:100], analysis)
+
+
+def test_given_the_image_each_object_in_a_region_becomes_its_own_candidate() -> None:
+    """Two plates in one coarse cell region give two candidates, each on its plate (not between)."""
+    from agent.locate.analysis import LocateSettings, analyse
+    from agent.locate.targets import find_candidates
+
+    rng = np.random.default_rng(3)
+    image = rng.normal(3000.0, 40.0, size=(256, 256))
+    yy, xx = np.mgrid[:256, :256]
+    plates = [(100, 100), (100, 116), (190, 60)]
+    for row, col in plates:
+        image[(np.abs(yy - row) < 4) & (np.abs(xx - col) < 4)] *= 0.6
+    image = image.astype(np.uint16)
+    settings = LocateSettings(
+        mode="grid", grid_rows=8, grid_cols=8, k=2, bar_filter="none", min_spacing_px=4, min_bar_distance_px=0
+    )
+    analysis = analyse(image, settings)
+    crystal = analysis.suggested_crystal_clusters
+    coarse = find_candidates(analysis, crystal, settings)
+    fine = find_candidates(analysis, crystal, settings, image=image)
+    assert len(fine) > len(coarse)
+    for row, col in plates:
+        assert min(np.hypot(c.row_px - row, c.col_px - col) for c in fine) < 2.0

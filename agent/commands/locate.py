@@ -184,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
                 crystal, chosen_by = tuple(args.crystal_cluster), "--crystal-cluster"
             else:
                 crystal, chosen_by = analysis.suggested_crystal_clusters, "default rule: " + analysis.suggestion_rule
-            candidates = find_candidates(analysis, crystal, settings)
+            candidates = find_candidates(analysis, crystal, settings, image=image)
     except LocateError as exc:
         raise CommandError(str(exc)) from exc
 

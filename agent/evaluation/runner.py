@@ -119,8 +119,12 @@ class EvaluationResult:
     def as_dict(self) -> dict[str, Any]:
         """The JSON document `crystal-locator evaluate --json` writes."""
         return {
-            "rows": self.rows, "targets": self.targets, "config": self.config,
-            "elapsed_s": round(self.elapsed_s, 2), "n_images": self.n_images, "failures": self.failures,
+            "rows": self.rows,
+            "targets": self.targets,
+            "config": self.config,
+            "elapsed_s": round(self.elapsed_s, 2),
+            "n_images": self.n_images,
+            "failures": self.failures,
             "matching": {
                 "tolerance_um": self.config.get("tolerance_um"),
                 "rule": "a detection is a true positive within tolerance_um of a crystal outline (capsule); "
@@ -166,7 +170,7 @@ def locator_method(mode: str, k: int, seed: int = 0, **settings: Any) -> Method:
 
     def run(image: np.ndarray) -> DetectorOutput:
         analysis = analyse(image, locate_settings)
-        candidates = find_candidates(analysis, analysis.suggested_crystal_clusters, locate_settings)
+        candidates = find_candidates(analysis, analysis.suggested_crystal_clusters, locate_settings, image=image)
         detections = tuple(
             Detection(row_px=float(c.row_px), col_px=float(c.col_px), area_px=float(c.area_px), score=float(c.score))
             for c in candidates
@@ -200,7 +204,11 @@ def atlas_positions(square_centres_um: np.ndarray, n: int, rng: np.random.Genera
 
 
 def search_positions(
-    truth: GroundTruth, square_centres_um: np.ndarray, n: int, field_um: float, rng: np.random.Generator,
+    truth: GroundTruth,
+    square_centres_um: np.ndarray,
+    n: int,
+    field_um: float,
+    rng: np.random.Generator,
     half_open_um: float = 40.0,
 ) -> list[tuple[float, float]]:
     """Positions for search frames the way the loop takes them: near a crystal (a random one in a random
@@ -250,12 +258,21 @@ def simulated_images(
         for index, (x_um, y_um) in enumerate(positions):
             microscope.move_stage(x_um=x_um, y_um=y_um)
             frame = microscope.acquire(config.exposure_s)
-            stage_xy = true_stage_xy_um() if true_stage_xy_um is not None else (
-                frame.metadata.stage.x_um, frame.metadata.stage.y_um)
+            stage_xy = (
+                true_stage_xy_um()
+                if true_stage_xy_um is not None
+                else (frame.metadata.stage.x_um, frame.metadata.stage.y_um)
+            )
             name = f"{specimen}/seed{seed}/{preset}/{index}"
             image_truth = truth_for_frame(truth, frame.shape_px, stage_xy, matrix, source=name)
-            yield LabelledImage(image=np.asarray(frame.image), truth=image_truth, specimen=specimen, preset=preset,
-                                name=name, stage_xy_um=(float(stage_xy[0]), float(stage_xy[1])))
+            yield LabelledImage(
+                image=np.asarray(frame.image),
+                truth=image_truth,
+                specimen=specimen,
+                preset=preset,
+                name=name,
+                stage_xy_um=(float(stage_xy[0]), float(stage_xy[1])),
+            )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -311,8 +328,11 @@ def evaluate_images(
             bar_mask = output.bar_mask
             if bar_mask is not None and bar_mask.shape != labelled.image.shape:
                 bar_mask = None
-            scores[key].append(score_frame(output.detections, labelled.truth, tolerance_um=tolerance_um,
-                                           bar_mask=bar_mask, seconds=seconds))
+            scores[key].append(
+                score_frame(
+                    output.detections, labelled.truth, tolerance_um=tolerance_um, bar_mask=bar_mask, seconds=seconds
+                )
+            )
             if example.name == labelled.name:
                 label = f"{method.name} ({method.mode})"
                 example.detections[label] = output.detections
@@ -325,13 +345,27 @@ def evaluate_images(
     for key in order:
         specimen, preset, name, mode = key
         summary = combine_scores(scores[key])
-        rows.append({
-            "specimen": specimen, "preset": preset, "method": name, "mode": mode, "k": k_of.get((name, mode)),
-            **summary.as_dict(), "n_failed": failed.get(key, 0),
-        })
+        rows.append(
+            {
+                "specimen": specimen,
+                "preset": preset,
+                "method": name,
+                "mode": mode,
+                "k": k_of.get((name, mode)),
+                **summary.as_dict(),
+                "n_failed": failed.get(key, 0),
+            }
+        )
     targets = check_targets(rows, default_k=default_k)
-    return EvaluationResult(rows=rows, targets=targets, examples=examples, config=dict(config or {}),
-                            elapsed_s=time.perf_counter() - start, n_images=n_images, failures=failures)
+    return EvaluationResult(
+        rows=rows,
+        targets=targets,
+        examples=examples,
+        config=dict(config or {}),
+        elapsed_s=time.perf_counter() - start,
+        n_images=n_images,
+        failures=failures,
+    )
 
 
 def check_targets(rows: Sequence[dict[str, Any]], default_k: int = 3) -> list[dict[str, Any]]:
@@ -368,8 +402,14 @@ def _target_entry(row: dict[str, Any], recall_goal: float, precision_goal: float
     recall = row["recall"]
     met = precision is not None and recall is not None and precision >= precision_goal and recall >= recall_goal
     return {
-        "specimen": row["specimen"], "role": role, "method": row["method"], "mode": row["mode"],
-        "precision": precision, "recall": recall, "precision_goal": precision_goal, "recall_goal": recall_goal,
+        "specimen": row["specimen"],
+        "role": role,
+        "method": row["method"],
+        "mode": row["mode"],
+        "precision": precision,
+        "recall": recall,
+        "precision_goal": precision_goal,
+        "recall_goal": recall_goal,
         "precision_gap": None if precision is None else round(precision - precision_goal, 4),
         "recall_gap": None if recall is None else round(recall - recall_goal, 4),
         "met": met,

@@ -3,7 +3,8 @@
 `find_candidates`: cells of the chosen crystal clusters (or cells whose similarity reaches
 `settings.similarity_threshold`) -> 8-connected regions on the cell grid -> one candidate per region at
 its area-weighted centroid (moved to the region's nearest cell when the centroid falls outside it, e.g.
-for a curved fibre) -> drop regions smaller than `min_area_px` and candidates closer than
+for a curved fibre), or, given the image, one candidate per object inside the region
+(`objects_in_regions`) -> drop regions smaller than `min_area_px` and candidates closer than
 `min_bar_distance_px` to the bar mask -> rank by score (the region's highest cell score: distance from
 the background cluster, or similarity) -> greedy de-duplication: a candidate closer than
 `min_spacing_px` to a better one is dropped -> at most `max_candidates`.
@@ -72,9 +73,14 @@ def find_candidates(
     crystal_clusters: Sequence[int],
     settings: LocateSettings | None = None,
     score_map: np.ndarray | None = None,
+    image: np.ndarray | None = None,
 ) -> list[Candidate]:
     """Ranked candidates from `crystal_clusters` of `analysis`, or from `score_map` (a similarity map of
     the cell grid, thresholded at `settings.similarity_threshold`) when given; see module docstring.
+
+    With `image` (the analysed image), each region is split into the objects it holds (see
+    `objects_in_regions`) and every object becomes a candidate at its own centroid; a region in which no
+    object stands out keeps its centroid.
 
     Raises `SettingsError` for unknown cluster ids or a score map of the wrong shape.
     """
@@ -130,10 +136,22 @@ def find_candidates(
         cols_out.append(float(c))
     rows_arr, cols_arr = np.array(rows_out), np.array(cols_out)
     keep = weights >= settings.min_area_px
+    region_of = np.arange(n_regions)
+    if image is not None and score_map is None:
+        objects = objects_in_regions(image, analysis, regions, settings)
+        if objects is not None:
+            object_region, object_rows, object_cols, object_area = objects
+            lone = np.setdiff1d(np.flatnonzero(keep), object_region)  # regions where nothing stood out
+            region_of = np.concatenate([object_region, lone])
+            rows_arr = np.concatenate([object_rows, rows_arr[lone]])
+            cols_arr = np.concatenate([object_cols, cols_arr[lone]])
+            weights = np.concatenate([object_area, weights[lone]])
+            keep = keep[region_of]
     if settings.min_bar_distance_px > 0:
         keep &= bar_distance_px(analysis.bar_mask, np.stack([rows_arr, cols_arr], 1)) >= settings.min_bar_distance_px
     dominant = ndimage.median(cluster_of_cell, regions, index) if score_map is None else np.full(n_regions, -1)
-    dominant = np.atleast_1d(np.asarray(dominant))
+    dominant = np.atleast_1d(np.asarray(dominant))[region_of]
+    best = best[region_of]
     order = [i for i in np.argsort(-best, kind="stable") if keep[i]]
     chosen: list[Candidate] = []
     min_d2 = settings.min_spacing_px**2
@@ -172,3 +190,44 @@ def candidates_to_stage(
     return [
         dataclasses.replace(c, x_um=float(xy[0]), y_um=float(xy[1])) for c, xy in zip(candidates, stage, strict=True)
     ]
+
+
+def objects_in_regions(
+    image: np.ndarray,
+    analysis: ClusterAnalysis,
+    regions: np.ndarray,
+    settings: LocateSettings,
+    min_contrast_sigma: float = 4.0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """The separate objects inside candidate regions, found at pixel level.
+
+    The image is prepared as for the features (artefacts removed, illumination flattened, bars set to the
+    film level) and lightly smoothed; the film level and noise are the median and robust sigma of the
+    pixels of the background cluster. Pixels of a region that differ from the film by more than
+    `min_contrast_sigma` noise sigmas (either polarity) form objects. Returns, per object, the index of
+    its region (0-based), centroid row and col (px) and area (px); None when there is no film to compare
+    with. Two crystals that share a region become two candidates, and a candidate lands on an object
+    rather than between objects.
+    """
+    from agent.locate.preprocess import prepare_image
+
+    bar = np.asarray(analysis.bar_mask, dtype=bool)
+    data = ndimage.gaussian_filter(prepare_image(image, bar, flatten=settings.flatten, clean=settings.clean), 1.0)
+    film = analysis.to_pixels(analysis.label_grid == analysis.background_cluster) & ~bar
+    if np.count_nonzero(film) < 64:
+        return None
+    sample = data[film][:: max(1, int(np.count_nonzero(film)) // 200_000)]
+    level = float(np.median(sample))
+    sigma = 1.4826 * float(np.median(np.abs(sample - level))) or 1e-9
+    region_px = analysis.to_pixels(regions)
+    objects = (np.abs(data - level) > min_contrast_sigma * sigma) & (region_px > 0) & ~bar
+    objects = ndimage.binary_opening(objects)  # single noisy pixels are not objects
+    labels, count = ndimage.label(objects)
+    if count == 0:
+        return (np.zeros(0, np.int64), np.zeros(0), np.zeros(0), np.zeros(0))
+    index = np.arange(1, count + 1)
+    area = np.atleast_1d(ndimage.sum_labels(np.ones_like(labels), labels, index)).astype(np.float64)
+    centres = np.array(ndimage.center_of_mass(objects, labels, index), dtype=np.float64).reshape(-1, 2)
+    region = np.atleast_1d(ndimage.maximum(region_px, labels, index)).astype(np.int64) - 1
+    large = area >= max(4.0, settings.min_area_px)
+    return region[large], centres[large, 0], centres[large, 1], area[large]
