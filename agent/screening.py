@@ -390,13 +390,17 @@ class ScreeningSession:
         return self.overview
 
     def _bar_mask(self, atlas: Atlas) -> np.ndarray:
-        """Grid bars and black areas of an overview or atlas image; the overview's is computed once."""
-        from agent.locate.analysis import LocateSettings
+        """Grid bars and black areas of an overview or atlas image; the overview's is computed once.
+
+        Only the locator's mask step runs (`bar_and_black_mask`, the same as `analyse` with
+        `bar_filter="auto"`): no features or clustering are needed for it.
+        """
+        from agent.locate.analysis import LocateSettings, bar_and_black_mask
 
         if atlas is self.overview and self._overview_bar_mask is not None:
             return self._overview_bar_mask
-        settings = LocateSettings(mode="grid", grid_rows=48, grid_cols=48, k=3, seed=self.plan.seed)
-        mask = np.asarray(analyse(atlas.image, settings).bar_mask, dtype=bool)
+        mask, _angle_deg = bar_and_black_mask(np.asarray(atlas.image), LocateSettings(bar_filter="auto"))
+        mask = np.asarray(mask, dtype=bool)
         if atlas is self.overview:
             self._overview_bar_mask = mask
         return mask
