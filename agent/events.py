@@ -34,11 +34,16 @@ TOPICS = ("state", "progress", "target", "journal", "atlas", "prompt", "summary"
 
 
 def check_loopback(endpoint: str) -> None:
-    """Raise ValueError unless `endpoint` is a tcp endpoint on the loopback interface (or ipc/inproc)."""
-    if endpoint.startswith(("ipc://", "inproc://")):
-        return
-    host = endpoint.removeprefix("tcp://").rsplit(":", 1)[0].strip("[]")
-    if host not in ("127.0.0.1", "localhost", "::1"):
+    """Raise ValueError unless `endpoint` is on the loopback interface (or ipc/inproc); the test is the
+    bridge's own (`drivers.zmq_bridge.is_loopback_endpoint`)."""
+    from drivers.base import BridgeError
+    from drivers.zmq_bridge import is_loopback_endpoint
+
+    try:
+        loopback = is_loopback_endpoint(endpoint)
+    except BridgeError as exc:
+        raise ValueError(str(exc)) from exc
+    if not loopback:
         raise ValueError(f"refusing to bind {endpoint}: only loopback is allowed here; reach it through an SSH tunnel")
 
 
