@@ -100,13 +100,14 @@ def write_atlas_outputs(
 
 
 def _preview_uint8(image: np.ndarray, log_scale: bool = False) -> np.ndarray:
-    """8-bit preview of a frame: robust 1-99.5 percentile stretch (log first for diffraction)."""
-    data = np.asarray(image, dtype=np.float32)
+    """8-bit preview of a frame: the locator's robust 1-99.5 percentile stretch (log first for diffraction)."""
+    from agent.locate.render import display_uint8
+
+    data = np.asarray(image)
     if log_scale:
+        data = np.asarray(data, dtype=np.float32)
         data = np.log1p(np.maximum(data - np.percentile(data, 1), 0))
-    low, high = np.percentile(data, (1, 99.5))
-    scaled = (data - low) / max(high - low, 1e-6)
-    return (np.clip(scaled, 0, 1) * 255).astype(np.uint8)
+    return display_uint8(data, low_percent=1.0, high_percent=99.5)
 
 
 def write_target_thumbnails(
