@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from scipy import ndimage
 from scipy.signal import windows
 
+from agent.locate.preprocess import block_sum
 from agent.motion import approach_move
 from drivers.base import Microscope, MicroscopeError
 from drivers.formats.images import write_atomic
@@ -100,15 +101,6 @@ class CalibrationSet(BaseModel):
             raise ValueError(f"{path}: not a crystal-locator calibration file ({exc})") from exc
 
 
-def _binned(image: np.ndarray, factor: int) -> np.ndarray:
-    """Sum of `factor` x `factor` pixel blocks (edges cropped), float32."""
-    data = np.asarray(image, dtype=np.float32)
-    if factor <= 1:
-        return data
-    rows, cols = (data.shape[0] // factor) * factor, (data.shape[1] // factor) * factor
-    return data[:rows, :cols].reshape(rows // factor, factor, cols // factor, factor).sum(axis=(1, 3))
-
-
 def highpass(image: np.ndarray, sigma_px: float) -> np.ndarray:
     """Float32 image with slow illumination removed and hot/dead pixels clipped, tapered at the edges.
 
@@ -136,8 +128,8 @@ def measure_shift_px(reference: np.ndarray, moved: np.ndarray, sigma_px: float =
     from skimage.registration import phase_cross_correlation
 
     factor = max(1, min(reference.shape) // 512)
-    ref = highpass(_binned(reference, factor), sigma_px / factor)
-    mov = highpass(_binned(moved, factor), sigma_px / factor)
+    ref = highpass(block_sum(reference, factor), sigma_px / factor)
+    mov = highpass(block_sum(moved, factor), sigma_px / factor)
     shift_row_col, _error, _phase = phase_cross_correlation(ref, mov, upsample_factor=20, normalization=None)
     # skimage gives the shift that registers `moved` onto `reference`: the content moved by minus that.
     displacement = -np.array([shift_row_col[1], shift_row_col[0]], dtype=np.float64)
@@ -154,7 +146,7 @@ def structure_isotropy(image: np.ndarray, sigma_px: float) -> float:
     it, so correlation there is meaningless along the edge; this detects it before any move is trusted.
     """
     factor = max(1, min(image.shape) // 512)
-    data = highpass(_binned(image, factor), sigma_px / factor)
+    data = highpass(block_sum(image, factor), sigma_px / factor)
     grad_rows = ndimage.sobel(data, axis=0)
     grad_cols = ndimage.sobel(data, axis=1)
     tensor = np.array(

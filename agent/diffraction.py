@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from agent.locate.preprocess import block_sum
+
 
 @dataclass(frozen=True)
 class DiffractionScore:
@@ -52,9 +54,7 @@ def score_diffraction(
         raise ValueError(f"diffraction frame must be 2-D and at least 16x16 px, got {data.shape}")
     data = remove_hot_pixels(data)
     factor = max(1, min(data.shape) // 1024)
-    if factor > 1:  # spots survive 2x2 binning; the radial statistics get 4x cheaper
-        rows, cols = (data.shape[0] // factor) * factor, (data.shape[1] // factor) * factor
-        data = data[:rows, :cols].reshape(rows // factor, factor, cols // factor, factor).sum(axis=(1, 3))
+    data = block_sum(data, factor)  # spots survive 2x2 binning; the radial statistics get 4x cheaper
     rows, cols = data.shape
     size = min(rows, cols)
     separation = min_separation_px or max(3, size // 100)

@@ -182,3 +182,12 @@ def prepare_image(image: np.ndarray, mask: np.ndarray, flatten: bool = True, cle
         grown = ndimage.maximum_filter(mask.astype(np.uint8), size=5) > 0
         data[grown] = level
     return data
+
+
+def block_sum(image: np.ndarray, factor: int) -> np.ndarray:
+    """Sum of `factor` x `factor` pixel blocks as float32 (edges that do not fill a block are cropped)."""
+    data = np.asarray(image, dtype=np.float32)
+    if factor <= 1:
+        return data
+    rows, cols = (data.shape[0] // factor) * factor, (data.shape[1] // factor) * factor
+    return data[:rows, :cols].reshape(rows // factor, factor, cols // factor, factor).sum(axis=(1, 3))
