@@ -186,19 +186,14 @@ def _remember(
     session_id: str,
     source: str,
 ) -> None:
-    """Store operator labels of `clusters` in label memory."""
-    from agent.labels import LabelRecord
-
-    records = [
-        LabelRecord(
-            feature_vector=tuple(float(v) for v in np.asarray(c.normalised_centroid, dtype=np.float64)),
-            feature_names=tuple(analysis.feature_names),
-            is_crystal=labels[int(c.cluster_id)],
-            specimen=specimen,
-            preset=preset,
-            session=session_id,
-            source=source,
-        )
-        for c in clusters
-    ]
-    memory.add(records)
+    """Store the labels of `clusters` in label memory (`LabelMemory.record_clusters`)."""
+    memory.record_clusters(
+        np.array([np.asarray(c.normalised_centroid, dtype=np.float64) for c in clusters]),
+        tuple(analysis.feature_names),
+        [labels[int(c.cluster_id)] for c in clusters],
+        specimen=specimen,
+        preset=preset,
+        session=session_id,
+        source=source,
+        cluster_ids=[int(c.cluster_id) for c in clusters],
+    )
