@@ -23,7 +23,6 @@ is then skipped (`failed`); more than `recovery.max_faults` faults end the sessi
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import threading
@@ -58,7 +57,7 @@ from agent.labelling import LabellingDecision, decide_crystal_clusters
 from agent.locate.analysis import analyse
 from agent.locate.targets import find_candidates
 from agent.motion import approach_move, plan_path
-from agent.records import CONFIRMED_OUTCOMES, SessionSummary, TargetRecord, TargetResult
+from agent.records import SessionSummary, TargetRecord, TargetResult
 from drivers.base import Frame, Microscope, MicroscopeError, pixel_to_stage_um
 from drivers.formats.images import read_frame_tiff, write_frame_tiff
 
@@ -723,7 +722,7 @@ class ScreeningSession:
 
     def summary(self) -> SessionSummary:
         """The session's numbers now."""
-        confirmed = sum(1 for r in self.results.values() if r.outcome in CONFIRMED_OUTCOMES)
+        confirmed = sum(1 for r in self.results.values() if r.confirmed)
         time_s = self.microscope_time_s()
         truth: dict[str, Any] = {}
         if self.truth_scorer is not None and self.map_box_um is not None:
@@ -892,8 +891,3 @@ def locate_near_centre(
         return None
     xy = pixel_to_stage_um(np.array([found.col_px, found.row_px]), image.shape, stage_xy, matrix_um_per_px)
     return float(xy[0]), float(xy[1]), found.contrast_sigma
-
-
-def load_session_summary(session_dir: str | Path) -> dict[str, Any]:
-    """The `summary.json` of a session folder."""
-    return dict(json.loads((Path(session_dir) / "summary.json").read_text()))
