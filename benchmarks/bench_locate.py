@@ -1,14 +1,14 @@
 """Speed of the locator against naive per-patch baselines run in the same process.
 
-Run by hand: `.venv/bin/python benchmarks/bench_locate.py [--size 4096] [--repeats 3]`.
+Run by hand: `.venv/bin/python benchmarks/bench_locate.py [--size 4096] [--repeats 3] [--only heatmap]`.
 
 Measures (median of --repeats):
 - grid features, SIZE^2 uint16, 20x20 and 40x40 grids, vs a per-patch Python loop (numpy + scipy.stats
   per patch, as the 2018 code did);
 - sliding-window features, window 31, stride 1 (every pixel), plus clustering all windows (fit on a
   sample, label all), vs the per-window loop timed on a sample of windows and extrapolated;
-- heat map PNG (cluster map blended over the image + legend, encoded), vs drawing every patch with
-  Pillow and alpha compositing;
+- heat map PNG (cluster map blended over the image + legend + candidate marks, encoded; wall and CPU
+  time), vs drawing every patch with Pillow and alpha compositing;
 - peak resident memory of the process.
 """
 
@@ -30,17 +30,24 @@ from agent.locate.analysis import LocateSettings, analyse
 from agent.locate.cluster import fit_clusters
 from agent.locate.features import FEATURE_NAMES, grid_edges_px, grid_features, window_features
 from agent.locate.render import heatmap_png, heatmap_rgb
+from agent.locate.targets import find_candidates
 from drivers.formats.images import encode_png
 
 
 def timed(function: Callable[[], object], repeats: int) -> float:
     """Median wall time (s) of `function` over `repeats` runs."""
-    times = []
+    return timed_wall_cpu(function, repeats)[0]
+
+
+def timed_wall_cpu(function: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """Median wall time and median process CPU time (s, all threads) of `function` over `repeats` runs."""
+    walls, cpus = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        walls.append(time.perf_counter() - start)
+        cpus.append(time.process_time() - start_cpu)
+    return statistics.median(walls), statistics.median(cpus)
 
 
 def naive_patch_stats(patch: np.ndarray) -> list[float]:
@@ -105,15 +112,10 @@ def make_image(size: int, seed: int = 0) -> np.ndarray:
     return np.clip(image, 0, 65535).astype(np.uint16)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", type=int, default=4096)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
-    size, repeats = args.size, args.repeats
-    image = make_image(size)
-    print(f"image {size}x{size} uint16; {len(FEATURE_NAMES)} features; median of {repeats}")
+PARTS = ("grid", "window", "heatmap", "analyse")
 
+
+def bench_grid(image: np.ndarray, repeats: int) -> None:
     for grid in (20, 40):
         fast = timed(lambda grid=grid: grid_features(image, grid, grid), repeats)
         naive = timed(lambda grid=grid: naive_grid(image, grid, grid), 1)
@@ -122,6 +124,9 @@ def main() -> None:
             f"(naive per-patch loop {naive * 1e3:.0f} ms, {naive / fast:.0f}x)"
         )
 
+
+def bench_window(image: np.ndarray, repeats: int) -> None:
+    size = image.shape[0]
     out = np.empty((size, size, len(FEATURE_NAMES)), dtype=np.float64)
     out.fill(0.0)  # first touch outside the timing
     window = timed(lambda: window_features(image, 31, 1, out=out), repeats)
@@ -149,17 +154,47 @@ def main() -> None:
     whole = timed(lambda: window_features(image, 31, 1), 1)
     print(f"  window features with a fresh output array (page faults included): {whole:.2f} s")
 
+
+def bench_heatmap(image: np.ndarray, repeats: int) -> None:
+    """`heatmap_png` as the `locate` command calls it (crystal clusters, candidate marks, legend)."""
+    size = image.shape[0]
     analysis = analyse(image, LocateSettings(mode="grid", grid_rows=40, grid_cols=40))
-    heat = timed(lambda: heatmap_png(image, analysis), repeats)
-    heat_rgb = timed(lambda: encode_png(heatmap_rgb(image, analysis)), 1)
+    crystal = analysis.suggested_crystal_clusters
+    candidates = find_candidates(analysis, crystal)
+    png = heatmap_png(image, analysis, candidates, crystal)  # warm-up (imports, font)
+    heat, heat_cpu = timed_wall_cpu(lambda: heatmap_png(image, analysis, candidates, crystal), repeats)
+    heat_rgb = timed(lambda: encode_png(heatmap_rgb(image, analysis, candidates, crystal)), 1)
     naive_heat = timed(lambda: naive_heatmap(image, np.where(analysis.label_grid < 0, 3, analysis.label_grid)), 1)
     print(
-        f"heat map PNG {size}x{size} (40x40 cells): {heat * 1e3:.0f} ms "
+        f"heat map PNG {size}x{size} (40x40 cells, {len(candidates)} candidates, {len(png) / 2**20:.1f} MiB): "
+        f"{heat * 1e3:.0f} ms wall, {heat_cpu * 1e3:.0f} ms CPU "
         f"(per-patch drawing {naive_heat * 1e3:.0f} ms, {naive_heat / heat:.1f}x; "
         f"RGB array + encode_png {heat_rgb * 1e3:.0f} ms)"
     )
+
+
+def bench_analyse(image: np.ndarray) -> None:
     full = timed(lambda: analyse(image, LocateSettings(mode="grid", grid_rows=20, grid_cols=20)), 1)
     print(f"analyse() end to end, 20x20 grid incl. bar filter and clean-up: {full:.2f} s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", nargs="+", choices=PARTS, default=PARTS, help="run only these parts")
+    args = parser.parse_args()
+    size, repeats = args.size, args.repeats
+    image = make_image(size)
+    print(f"image {size}x{size} uint16; {len(FEATURE_NAMES)} features; median of {repeats}")
+    if "grid" in args.only:
+        bench_grid(image, repeats)
+    if "window" in args.only:
+        bench_window(image, repeats)
+    if "heatmap" in args.only:
+        bench_heatmap(image, repeats)
+    if "analyse" in args.only:
+        bench_analyse(image)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak resident memory: {peak_mib:.0f} MiB")
 
