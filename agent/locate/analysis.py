@@ -40,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from scipy import ndimage
 
 from agent.locate.cluster import (
+    OUTLIER_CAP_SIGMA,
     ClusterModel,
     black_pixel_mask,
     fit_clusters,
@@ -90,6 +91,11 @@ class LocateSettings(BaseModel):
     clean: bool = Field(default=True, description="remove hot/dead pixels and readout stripes first")
     seed: int = 0
     sample_size: int = Field(default=20_000, ge=100, description="cells the clustering is fitted on (all are labelled)")
+    outlier_cap_sigma: float | None = Field(
+        default=OUTLIER_CAP_SIGMA,
+        gt=0,
+        description="clip each feature at median +- this many robust sigmas before clustering; None: no cap",
+    )
     masked_fraction: float = Field(default=0.5, gt=0, le=1)
     min_bar_width_px: float | None = Field(default=None, gt=0, description="None: 2 % of the shorter side, >= 8")
     min_bar_distance_px: float = Field(default=8.0, ge=0)
@@ -374,7 +380,9 @@ def analyse(image: np.ndarray, settings: LocateSettings | None = None) -> Cluste
     if settings.suggest_k:
         suggested, k_scores = suggest_k(features[sample_of(valid_idx, 3000)], seed=settings.seed)
     fit_rows = features[sample_of(valid_idx, settings.sample_size)]
-    model = fit_clusters(fit_rows, k, settings.method, settings.seed, settings.sample_size)
+    model = fit_clusters(
+        fit_rows, k, settings.method, settings.seed, settings.sample_size, outlier_cap_sigma=settings.outlier_cap_sigma
+    )
     labels = model.predict(features)
     labels[~valid] = -1
     label_grid = labels.reshape(grid_shape)

@@ -1,10 +1,17 @@
 """Clustering of patch features and the grid-bar / black-area filters.
 
-Clustering (`fit_clusters`, `ClusterModel.predict`): features -> StandardScaler -> PCA (components
+Clustering (`fit_clusters`, `ClusterModel.predict`): features -> outlier cap -> StandardScaler -> PCA (components
 explaining 99 % of the variance, at least 2) -> k-means (default; seeded, fitted on a random sample of at
 most `sample_size` points (20 000 by default), every point labelled) or agglomerative (Ward, on a sample of at most 4000
 points, every point then assigned to the nearest cluster centroid). Cluster ids are renumbered by
 decreasing size, so cluster 0 is the most common kind of patch.
+
+Outlier cap (`outlier_cap_sigma`, default 10; None switches it off): before scaling, every feature is
+clipped to its sample median +- `outlier_cap_sigma` robust sigmas (1.4826 x MAD). Without it, a few very
+strong objects (ice balls, bar edges, thick debris) inflate each feature's standard deviation, k-means
+spends its clusters on how strong they are, and faint crystals (a few % contrast) fall into the
+background cluster. With it, a cell that is 10 sigmas out on a feature counts as "out" on that feature
+and k-means separates cells by *which* features stand out. The cap is one `np.clip` per chunk.
 
 Choosing k (`suggest_k`): silhouette score on a seeded sample for k = 2..6; the k with the highest score
 is a *suggestion*. The 2018 study found silhouette unreliable for this data, so k=3 stays the default and a
@@ -39,6 +46,9 @@ logger = logging.getLogger(__name__)
 
 ClusterMethod = Literal["kmeans", "agglomerative"]
 
+#: Robust sigmas beyond which a feature value is capped before clustering (see the module docstring).
+OUTLIER_CAP_SIGMA = 10.0
+
 #: Largest sample for agglomerative clustering (memory grows with the square of it).
 AGGLOMERATIVE_SAMPLE = 4000
 
@@ -57,6 +67,15 @@ class ClusterModel:
     centroids_pca: np.ndarray  # (k, n_components)
     method: str
     seed: int
+    clip_low: np.ndarray | None = None  # (F,) features are clipped to [clip_low, clip_high] first
+    clip_high: np.ndarray | None = None
+
+    def capped(self, features: np.ndarray) -> np.ndarray:
+        """`features` as float64 with the outlier cap applied (a copy only when capping)."""
+        features = np.asarray(features, dtype=np.float64)
+        if self.clip_low is None or self.clip_high is None:
+            return features
+        return np.clip(features, self.clip_low, self.clip_high)
 
     @property
     def k(self) -> int:
@@ -67,7 +86,7 @@ class ClusterModel:
         """Scaled, PCA-projected features (n, n_components) float64."""
         projection = (self.components / self.scale_std[None, :]).T  # (F, n_components)
         offset = (self.scale_mean / self.scale_std) @ self.components.T
-        return np.asarray(features, dtype=np.float64) @ projection - offset
+        return self.capped(features) @ projection - offset
 
     def predict(self, features: np.ndarray, chunk: int = 1 << 20) -> np.ndarray:
         """Nearest-centroid cluster id of every row of `features` (n, F), int32; chunked for large n."""
@@ -84,7 +103,7 @@ class ClusterModel:
         # thin matrix products: one BLAS thread is faster than two competing ones
         with threadpool_limits(1, user_api="blas"):
             for start in range(0, features.shape[0], chunk):
-                block = np.asarray(features[start : start + chunk], dtype=np.float64)
+                block = self.capped(features[start : start + chunk])
                 labels[start : start + chunk] = np.argmin(bias[None, :] - 2.0 * (block @ weights), axis=1)
         return labels
 
@@ -116,8 +135,9 @@ def fit_clusters(
     method: ClusterMethod = "kmeans",
     seed: int = 0,
     sample_size: int = 20_000,
+    outlier_cap_sigma: float | None = OUTLIER_CAP_SIGMA,
 ) -> ClusterModel:
-    """Fit scaler + PCA + `method` with `k` clusters on (a seeded sample of) `features` (n, F).
+    """Fit outlier cap + scaler + PCA + `method` with `k` clusters on (a seeded sample of) `features` (n, F).
 
     Raises `SettingsError` if k < 1, k exceeds the number of distinct feature rows, or the method is
     unknown.
@@ -146,6 +166,10 @@ def fit_clusters(
         raise SettingsError(
             f"k={k} but the patches have only {n_distinct} distinct feature vectors; use k <= {n_distinct}"
         )
+    clip_low = clip_high = None
+    if outlier_cap_sigma is not None:
+        clip_low, clip_high = outlier_bounds(sample, outlier_cap_sigma)
+        sample = np.clip(sample, clip_low, clip_high)
     scaler = StandardScaler().fit(sample)
     std = np.where(scaler.scale_ > 0, scaler.scale_, 1.0)
     scaled = (sample - scaler.mean_) / std
@@ -178,7 +202,23 @@ def fit_clusters(
         centroids_pca=centroids[order],
         method=method,
         seed=seed,
+        clip_low=clip_low,
+        clip_high=clip_high,
     )
+
+
+def outlier_bounds(sample: np.ndarray, cap_sigma: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature (low, high) bounds: median -/+ `cap_sigma` robust sigmas (1.4826 MAD) of `sample` (n, F).
+
+    A feature with no spread (MAD 0) falls back to its standard deviation; a constant feature is left as is.
+    """
+    if cap_sigma <= 0:
+        raise SettingsError(f"outlier_cap_sigma must be positive, got {cap_sigma}")
+    centre = np.median(sample, axis=0)
+    spread = 1.4826 * np.median(np.abs(sample - centre), axis=0)
+    spread = np.where(spread > 0, spread, np.std(sample, axis=0))
+    spread = np.where(spread > 0, spread, np.inf)
+    return centre - cap_sigma * spread, centre + cap_sigma * spread
 
 
 def suggest_k(
