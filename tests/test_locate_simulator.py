@@ -11,7 +11,7 @@ from drivers.base import pixel_to_stage_um
 
 simulator = pytest.importorskip("simulator")
 
-VISIBLE_TYPES = ("graphite-flakes", "asbestos-fibres", "protein-plates")
+ALL_TYPES = ("graphite-flakes", "asbestos-fibres", "protein-plates", "polymer-faint")
 ATLAS = LocateSettings(mode="window", window_px=15, stride_px=4)
 SEARCH = LocateSettings(mode="window", window_px=31, stride_px=8)
 
@@ -51,7 +51,7 @@ def _truth_in_view(scope, frame, matrix, margin_um: float):
 def _evaluate(specimen: str, preset: str, settings: LocateSettings, seed: int, camera_px: int, tolerance_um: float):
     scope, frame, matrix = _frame(specimen, preset, seed, camera_px, centre_on_crystal=preset == "search")
     analysis = analyse(np.asarray(frame.image), settings)
-    candidates = find_candidates(analysis, analysis.suggested_crystal_clusters)
+    candidates = find_candidates(analysis, analysis.suggested_crystal_clusters, image=np.asarray(frame.image))
     stage = (frame.metadata.stage.x_um, frame.metadata.stage.y_um)
     candidates = candidates_to_stage(candidates, frame.image.shape, stage, matrix)
     inside, true_bars = _truth_in_view(scope, frame, matrix, margin_um=2.0 if preset == "atlas" else 0.5)
@@ -65,7 +65,7 @@ def _evaluate(specimen: str, preset: str, settings: LocateSettings, seed: int, c
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("specimen", VISIBLE_TYPES)
+@pytest.mark.parametrize("specimen", ALL_TYPES)
 def test_atlas_candidates_overlap_most_crystals_and_bars_are_masked(specimen: str) -> None:
     found, total, _candidates, hit_ids, iou, bar_fraction = _evaluate(specimen, "atlas", ATLAS, 1, 768, 2.0)
     assert total > 0
@@ -76,17 +76,9 @@ def test_atlas_candidates_overlap_most_crystals_and_bars_are_masked(specimen: st
 
 @pytest.mark.slow
 def test_search_frames_find_the_crystal_under_the_beam() -> None:
-    hits = 0
-    for specimen in VISIBLE_TYPES:
+    hits = {}
+    for specimen in ALL_TYPES:
         found, _total, _candidates, _, _, _ = _evaluate(specimen, "search", SEARCH, 1, 512, 0.5)
-        hits += found > 0
-    assert hits >= 2, "the crystal at the centre of a search frame should be found for most specimen types"
-
-
-@pytest.mark.slow
-def test_polymer_faint_bars_are_masked_even_where_crystals_are_too_faint() -> None:
-    """Known limitation: faint polymer crystals are not separated by the default rule (see the report);
-    the bars must still be masked and the locator must not invent many targets."""
-    _found, total, candidates, _hit_ids, iou, _ = _evaluate("polymer-faint", "atlas", ATLAS, 1, 768, 2.0)
-    assert iou > 0.85
-    assert len(candidates) <= max(10, 2 * total)
+        hits[specimen] = found
+    # asbestos needles and faint polymer crystals at search magnification are still missed (issue 4 note)
+    assert sum(found > 0 for found in hits.values()) >= 2, f"crystals found per type at search: {hits}"

@@ -199,35 +199,30 @@ def objects_in_regions(
     settings: LocateSettings,
     min_contrast_sigma: float = 4.0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
-    """The separate objects inside candidate regions, found at pixel level.
+    """The separate objects inside candidate regions, found at pixel level (`agent.locate.objects`).
 
     The image is prepared as for the features (artefacts removed, illumination flattened, bars set to the
-    film level) and lightly smoothed; the film level and noise are the median and robust sigma of the
-    pixels of the background cluster. Pixels of a region that differ from the film by more than
-    `min_contrast_sigma` noise sigmas (either polarity) form objects. Returns, per object, the index of
-    its region (0-based), centroid row and col (px) and area (px); None when there is no film to compare
-    with. Two crystals that share a region become two candidates, and a candidate lands on an object
-    rather than between objects.
+    film level); the film level and noise come from the pixels of the background cluster. Pixels of a
+    region that differ from the film by more than `min_contrast_sigma` noise sigmas, in the objects'
+    measured polarity, form objects; touching objects are split where they meet (pieces at least a third
+    of `settings.min_spacing_px` apart, at least 2 px). Returns, per object, the index of its region
+    (0-based), centroid row and col (px) and area (px); None when there is no film to compare with.
     """
+    from agent.locate.objects import find_objects
     from agent.locate.preprocess import prepare_image
 
     bar = np.asarray(analysis.bar_mask, dtype=bool)
-    data = ndimage.gaussian_filter(prepare_image(image, bar, flatten=settings.flatten, clean=settings.clean), 1.0)
-    film = analysis.to_pixels(analysis.label_grid == analysis.background_cluster) & ~bar
-    if np.count_nonzero(film) < 64:
+    prepared = prepare_image(image, bar, flatten=settings.flatten, clean=settings.clean)
+    film = analysis.to_pixels(analysis.label_grid == analysis.background_cluster)
+    table = find_objects(
+        prepared,
+        film,
+        analysis.to_pixels(regions),
+        bar,
+        min_contrast_sigma=min_contrast_sigma,
+        min_distance_px=max(2, round(settings.min_spacing_px / 3)),
+        min_area_px=settings.min_area_px,
+    )
+    if table is None:
         return None
-    sample = data[film][:: max(1, int(np.count_nonzero(film)) // 200_000)]
-    level = float(np.median(sample))
-    sigma = 1.4826 * float(np.median(np.abs(sample - level))) or 1e-9
-    region_px = analysis.to_pixels(regions)
-    objects = (np.abs(data - level) > min_contrast_sigma * sigma) & (region_px > 0) & ~bar
-    objects = ndimage.binary_opening(objects)  # single noisy pixels are not objects
-    labels, count = ndimage.label(objects)
-    if count == 0:
-        return (np.zeros(0, np.int64), np.zeros(0), np.zeros(0), np.zeros(0))
-    index = np.arange(1, count + 1)
-    area = np.atleast_1d(ndimage.sum_labels(np.ones_like(labels), labels, index)).astype(np.float64)
-    centres = np.array(ndimage.center_of_mass(objects, labels, index), dtype=np.float64).reshape(-1, 2)
-    region = np.atleast_1d(ndimage.maximum(region_px, labels, index)).astype(np.int64) - 1
-    large = area >= max(4.0, settings.min_area_px)
-    return region[large], centres[large, 0], centres[large, 1], area[large]
+    return table.region, table.row_px, table.col_px, table.area_px

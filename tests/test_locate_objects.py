@@ -1,0 +1,100 @@
+"""Pixel-level objects in candidate regions (`agent.locate.objects`) and the clustering's outlier cap."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from agent.locate.analysis import LocateSettings, analyse
+from agent.locate.cluster import fit_clusters, outlier_bounds
+from agent.locate.errors import SettingsError
+from agent.locate.objects import compound_objects, find_objects, object_polarity, split_touching
+from agent.locate.targets import find_candidates
+from tests.synthetic_images import make_grid_image
+
+
+def _disc(shape: tuple[int, int], row: float, col: float, radius: float) -> np.ndarray:
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    return (yy - row) ** 2 + (xx - col) ** 2 <= radius**2
+
+
+def test_two_touching_discs_are_split_and_a_single_plate_stays_whole() -> None:
+    from scipy import ndimage
+
+    shape = (80, 120)
+    pair = _disc(shape, 40, 40, 10) | _disc(shape, 40, 57, 10)  # touching: a neck between them
+    plate = np.zeros(shape, dtype=bool)
+    plate[30:50, 85:105] = True  # one convex crystal
+    objects = pair | plate
+    labels, count = ndimage.label(objects)
+    assert count == 2
+    compound = compound_objects(labels)
+    assert compound[labels[40, 40]] and not compound[labels[40, 95]]
+    split = split_touching(objects, labels, min_distance_px=5)
+    assert split[40, 40] != split[40, 57] and split[40, 40] > 0 and split[40, 57] > 0
+    assert len(np.unique(split[plate])) == 1, "a single convex plate must not be cut"
+    assert np.array_equal(split > 0, objects), "splitting loses no pixel"
+
+
+def test_polarity_follows_the_objects_not_an_assumption() -> None:
+    rng = np.random.default_rng(0)
+    shape = (200, 200)
+    deviation = rng.normal(0, 1, shape)
+    dark = np.zeros(shape, dtype=bool)
+    for row, col in rng.uniform(20, 180, size=(8, 2)):
+        dark |= _disc(shape, row, col, 4)
+    fringe = np.zeros(shape, dtype=bool)
+    fringe[100:102, 10:16] = True  # a faint bright fringe: many pixels of little contrast
+    deviation[dark] = -30.0
+    deviation[fringe] = 5.0
+    assert object_polarity(dark, fringe, deviation) == "dark"
+    assert object_polarity(fringe, dark, -deviation) == "bright"  # dark field: the same, mirrored
+    assert object_polarity(dark, dark, deviation) == "both"  # undecided: both signs make objects
+
+
+def test_find_objects_ignores_the_bright_side_of_a_hole_in_bright_field() -> None:
+    rng = np.random.default_rng(1)
+    shape = (256, 256)
+    image = rng.normal(1000.0, 10.0, shape)
+    crystals = [(60, 60), (60, 190), (190, 60), (120, 120), (200, 200), (40, 120)]
+    for row, col in crystals:
+        image[_disc(shape, row, col, 6)] -= 300.0
+    hole = _disc(shape, 256, 256, 40)  # torn film in a corner: brighter than the film
+    image[hole] += 400.0
+    regions = np.ones(shape, dtype=np.int32)
+    table = find_objects(image, ~hole, regions, np.zeros(shape, dtype=bool))
+    assert table is not None and table.polarity == "dark"
+    centres = np.stack([table.row_px, table.col_px], 1)
+    assert len(table) == len(crystals)
+    for row, col in crystals:
+        assert np.min(np.hypot(centres[:, 0] - row, centres[:, 1] - col)) < 1.0
+
+
+def test_outlier_cap_bounds_and_bad_cap() -> None:
+    sample = np.column_stack([np.arange(100.0), np.full(100, 5.0)])
+    low, high = outlier_bounds(sample, 2.0)
+    assert low[0] < np.median(sample[:, 0]) < high[0]
+    assert np.isinf(low[1]) and np.isinf(high[1]), "a constant feature is not clipped"
+    with pytest.raises(SettingsError):
+        outlier_bounds(sample, 0.0)
+    model = fit_clusters(np.random.default_rng(0).normal(size=(500, 3)), 2, outlier_cap_sigma=3.0)
+    capped = model.capped(np.array([[1e9, 0.0, 0.0]]))
+    assert capped[0, 0] == pytest.approx(model.clip_high[0])
+
+
+@pytest.mark.parametrize("polarity", ["bright", "dark"])
+def test_faint_crystals_are_found_next_to_very_dark_ice(polarity: str) -> None:
+    """Faint plates (5 % contrast) in an image with near-opaque ice: with the outlier cap the ice does not
+    take all clusters, and candidates land on the faint plates in either contrast polarity."""
+    scene = make_grid_image(
+        (512, 512), 7, polarity=polarity, bars=False, data_bar=False, n_crystals=10, crystal_contrast=0.05, n_ice=6
+    )
+    settings = LocateSettings(mode="window", window_px=15, stride_px=4, k=3, min_bar_distance_px=0)
+    analysis = analyse(scene.image, settings)
+    candidates = find_candidates(analysis, analysis.suggested_crystal_clusters, settings, image=scene.image)
+    points = np.array([[c.row_px, c.col_px] for c in candidates]).reshape(-1, 2)
+    found = sum(
+        bool(len(points)) and np.min(np.hypot(points[:, 0] - c.row_px, points[:, 1] - c.col_px)) <= c.radius_px + 3
+        for c in scene.crystals
+    )
+    assert found >= 0.7 * len(scene.crystals), f"found {found} of {len(scene.crystals)} faint plates"
