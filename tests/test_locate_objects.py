@@ -8,7 +8,7 @@ import pytest
 from agent.locate.analysis import LocateSettings, analyse
 from agent.locate.cluster import fit_clusters, outlier_bounds
 from agent.locate.errors import SettingsError
-from agent.locate.objects import compound_objects, find_objects, object_polarity, split_touching
+from agent.locate.objects import find_objects, is_compound, object_polarity, split_compound
 from agent.locate.targets import find_candidates
 from tests.synthetic_images import make_grid_image
 
@@ -19,21 +19,16 @@ def _disc(shape: tuple[int, int], row: float, col: float, radius: float) -> np.n
 
 
 def test_two_touching_discs_are_split_and_a_single_plate_stays_whole() -> None:
-    from scipy import ndimage
-
     shape = (80, 120)
     pair = _disc(shape, 40, 40, 10) | _disc(shape, 40, 57, 10)  # touching: a neck between them
     plate = np.zeros(shape, dtype=bool)
     plate[30:50, 85:105] = True  # one convex crystal
-    objects = pair | plate
-    labels, count = ndimage.label(objects)
-    assert count == 2
-    compound = compound_objects(labels)
-    assert compound[labels[40, 40]] and not compound[labels[40, 95]]
-    split = split_touching(objects, labels, min_distance_px=5)
-    assert split[40, 40] != split[40, 57] and split[40, 40] > 0 and split[40, 57] > 0
-    assert len(np.unique(split[plate])) == 1, "a single convex plate must not be cut"
-    assert np.array_equal(split > 0, objects), "splitting loses no pixel"
+    assert is_compound(pair) and not is_compound(plate)
+    parts = split_compound(pair, min_distance_px=5)
+    assert parts.max() == 2 and parts[40, 40] != parts[40, 57] and parts[40, 40] > 0 and parts[40, 57] > 0
+    assert np.array_equal(parts > 0, pair), "splitting loses no pixel"
+    whole = split_compound(plate, min_distance_px=5)
+    assert whole.max() == 1 and np.array_equal(whole > 0, plate), "a single convex plate must not be cut"
 
 
 def test_polarity_follows_the_objects_not_an_assumption() -> None:

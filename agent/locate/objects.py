@@ -19,8 +19,8 @@ targets. Steps (`find_objects`):
    next to a hole -- still can; dropping objects that border opposite-sign pixels was tried and cost
    recall, because defocus fringes border every real crystal the same way.)
 4. Deviant pixels inside the candidate regions are labelled into connected objects. Objects that look
-   like several crystals together (`compound_objects`: not convex, or a long bundle) are split along
-   the necks between their parts (`split_touching`: watershed of the distance transform, one marker per
+   like several crystals together (`is_compound`: not convex, or a long bundle) are split along
+   the necks between their parts (`split_compound`: watershed of the distance transform, one marker per
    local maximum at least `min_distance_px` apart). A cluster of crystals becomes several objects, a
    bundle of needles several pieces along its length; a single convex crystal stays whole.
 
@@ -111,8 +111,8 @@ def object_polarity(dark: np.ndarray, bright: np.ndarray, deviation: np.ndarray)
     return "both"
 
 
-def compound_objects(labels: np.ndarray) -> np.ndarray:
-    """Bool (n_labels + 1,) indexed by label: True for objects that look like several crystals together.
+def is_compound(mask: np.ndarray) -> bool:
+    """True when the object `mask` (bool crop holding one object) looks like several crystals together.
 
     A single crystal is convex and compact. Touching crystals make a non-convex union (solidity below
     `MIN_SINGLE_SOLIDITY`, the necks between them), and needles lying side by side make a long bundle
@@ -120,46 +120,34 @@ def compound_objects(labels: np.ndarray) -> np.ndarray:
     """
     from skimage.measure import regionprops
 
-    compound = np.zeros(int(labels.max()) + 1, dtype=bool)
-    for props in regionprops(labels):
-        if props.area < 2 * MIN_OBJECT_AREA_PX:
-            continue
-        elongation = props.axis_major_length / max(props.axis_minor_length, 1.0)
-        compound[props.label] = props.solidity < MIN_SINGLE_SOLIDITY or elongation > MAX_SINGLE_ELONGATION
-    return compound
+    if np.count_nonzero(mask) < 2 * MIN_OBJECT_AREA_PX:
+        return False
+    props = regionprops(mask.astype(np.uint8))[0]
+    elongation = props.axis_major_length / max(props.axis_minor_length, 1.0)
+    return bool(props.solidity < MIN_SINGLE_SOLIDITY or elongation > MAX_SINGLE_ELONGATION)
 
 
-def split_touching(objects: np.ndarray, labels: np.ndarray, min_distance_px: int) -> np.ndarray:
-    """Split compound objects (`compound_objects`) along the necks between their parts; new labels (1..n).
+def split_compound(mask: np.ndarray, min_distance_px: int) -> np.ndarray:
+    """Labels (int32, 0 outside, 1..n) of the parts of one object (`mask`, a bool crop).
 
-    Watershed of the negated distance transform inside each compound object, with one marker per local
-    maximum of the distance transform at least `min_distance_px` apart. Single objects keep one marker
-    (their deepest pixel) and stay whole, so no object is lost and a lone crystal is never cut in two.
+    A compound object (`is_compound`) is split along the necks between its parts: watershed of the
+    negated distance transform with one marker per local maximum at least `min_distance_px` apart. A
+    single object comes back whole as label 1, so a lone crystal is never cut in two and nothing is lost.
     """
     from skimage.feature import peak_local_max
     from skimage.segmentation import watershed
 
-    count = int(labels.max())
-    if count == 0:
-        return labels
-    distance = ndimage.distance_transform_edt(objects)
-    compound = compound_objects(labels)
-    split_labels = np.where(compound[labels], labels, 0)
-    peaks = np.zeros((0, 2), dtype=np.int64)
-    if compound.any():
-        peaks = peak_local_max(
-            distance, min_distance=max(1, int(min_distance_px)), labels=split_labels, exclude_border=False
-        )
-    markers = np.zeros(labels.shape, dtype=np.int32)
-    if len(peaks):
-        markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1, dtype=np.int32)
-    covered = np.unique(labels[tuple(peaks.T)]) if len(peaks) else np.zeros(0, dtype=labels.dtype)
-    missing = np.setdiff1d(np.arange(1, count + 1), covered)
-    if len(missing):
-        deepest = ndimage.maximum_position(distance, labels, missing)
-        for marker, (r, c) in enumerate(deepest, start=len(peaks) + 1):
-            markers[int(r), int(c)] = marker
-    return watershed(-distance, markers, mask=objects).astype(np.int32)
+    mask = np.asarray(mask, dtype=bool)
+    if not is_compound(mask):
+        return mask.astype(np.int32)
+    padded = np.pad(mask, 1)
+    distance = ndimage.distance_transform_edt(padded)
+    peaks = peak_local_max(distance, min_distance=max(1, int(min_distance_px)), labels=padded.astype(np.int32))
+    if len(peaks) < 2:
+        return mask.astype(np.int32)
+    markers = np.zeros(padded.shape, dtype=np.int32)
+    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1, dtype=np.int32)
+    return watershed(-distance, markers, mask=padded)[1:-1, 1:-1].astype(np.int32)
 
 
 def find_objects(
@@ -176,7 +164,8 @@ def find_objects(
 
     `prepared` is the cleaned, flattened float image; `film` a bool mask of film (background-cluster)
     pixels; `region_px` an int image of candidate region ids (1..n, 0 outside); `bar_mask` True on bars.
-    Returns None when there is too little film to measure the film level against.
+    Returns None when there is too little film to measure the film level against. Whole-image steps are
+    filters and labelling; everything per object works on the object's bounding box.
     """
     data = ndimage.gaussian_filter(np.asarray(prepared, dtype=np.float64), SMOOTH_SIGMA_PX)
     stats = film_statistics(data, film & ~bar_mask)
@@ -188,15 +177,27 @@ def find_objects(
     bright = ndimage.binary_opening((data > level + threshold) & ~bar_mask)
     polarity = object_polarity(dark, bright, data - level)
     deviant = dark if polarity == "dark" else bright if polarity == "bright" else dark | bright
-    objects = deviant & (region_px > 0)
-    labels, count = ndimage.label(objects)
-    empty = np.zeros(0)
-    if count == 0:
-        return ObjectTable(np.zeros(0, np.int64), empty, empty, empty, polarity)
-    labels = split_touching(objects, labels, min_distance_px)
-    index = np.arange(1, int(labels.max()) + 1)
-    area = np.atleast_1d(ndimage.sum_labels(np.ones(labels.shape, np.float64), labels, index))
-    centres = np.array(ndimage.center_of_mass(objects, labels, index), dtype=np.float64).reshape(-1, 2)
-    region = np.atleast_1d(ndimage.maximum(region_px, labels, index)).astype(np.int64) - 1
-    large = area >= max(MIN_OBJECT_AREA_PX, min_area_px)
-    return ObjectTable(region[large], centres[large, 0], centres[large, 1], area[large], polarity)
+    labels, _count = ndimage.label(deviant & (region_px > 0))
+    smallest = max(MIN_OBJECT_AREA_PX, min_area_px)
+    region_of, rows, cols, areas = [], [], [], []
+    for label_id, box in enumerate(ndimage.find_objects(labels), start=1):
+        if box is None:
+            continue
+        mask = labels[box] == label_id
+        region = int(region_px[box][mask].max()) - 1
+        parts = split_compound(mask, min_distance_px)
+        for part in range(1, int(parts.max()) + 1):
+            part_rows, part_cols = np.nonzero(parts == part)
+            if len(part_rows) < smallest:
+                continue
+            region_of.append(region)
+            rows.append(box[0].start + part_rows.mean())
+            cols.append(box[1].start + part_cols.mean())
+            areas.append(float(len(part_rows)))
+    return ObjectTable(
+        np.asarray(region_of, dtype=np.int64),
+        np.asarray(rows, dtype=np.float64),
+        np.asarray(cols, dtype=np.float64),
+        np.asarray(areas, dtype=np.float64),
+        polarity,
+    )
