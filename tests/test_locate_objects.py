@@ -93,3 +93,31 @@ def test_faint_crystals_are_found_next_to_very_dark_ice(polarity: str) -> None:
         for c in scene.crystals
     )
     assert found >= 0.7 * len(scene.crystals), f"found {found} of {len(scene.crystals)} faint plates"
+
+
+def test_too_thick_objects_are_dropped_only_when_asked() -> None:
+    """Bright field with bars (the camera's dark level) and an offset: a near-opaque ball (5 % transmission)
+    is dropped with `max_object_od=2`, thin plates (60 %) are kept; without the option all are kept."""
+    rng = np.random.default_rng(2)
+    shape = (320, 320)
+    offset, film = 500.0, 4000.0
+    transmission = np.ones(shape)
+    transmission[:, :40] = 0.0  # a grid bar
+    plates = [(80, 120), (80, 240), (240, 240), (160, 180), (160, 280)]  # enough to measure the polarity
+    for row, col in plates:
+        transmission[_disc(shape, row, col, 7)] = 0.6
+    transmission[_disc(shape, 240, 120, 7)] = 0.05  # ice ball
+    image = (offset + film * transmission + rng.normal(0, 20, shape)).astype(np.uint16)
+    kept = LocateSettings(mode="window", window_px=15, stride_px=4, k=3, min_bar_distance_px=0)
+    strict = kept.model_copy(update={"max_object_od": 2.0})
+    analysis = analyse(image, kept)
+    crystal = analysis.suggested_crystal_clusters
+
+    def near_ice(settings: LocateSettings) -> bool:
+        points = [(c.row_px, c.col_px) for c in find_candidates(analysis, crystal, settings, image=image)]
+        for row, col in plates:
+            assert any(np.hypot(r - row, c - col) < 3 for r, c in points), "a thin plate was lost"
+        return any(np.hypot(r - 240, c - 120) < 10 for r, c in points)
+
+    assert near_ice(kept)
+    assert not near_ice(strict)

@@ -101,6 +101,12 @@ class LocateSettings(BaseModel):
     min_bar_distance_px: float = Field(default=8.0, ge=0)
     min_spacing_px: float = Field(default=16.0, ge=0)
     min_area_px: float = Field(default=0.0, ge=0)
+    max_object_od: float | None = Field(
+        default=None,
+        gt=0,
+        description="bright field: drop objects whose darkest pixel has a higher optical density (ln units) "
+        "than this, i.e. too thick for electron diffraction; needs visible bars for the dark level; None: keep all",
+    )
     max_candidates: int = Field(default=500, ge=1)
     similarity_threshold: float = Field(default=0.9, ge=-1, le=1)
 

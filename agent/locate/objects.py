@@ -56,7 +56,8 @@ class ObjectTable:
     """Objects found in candidate regions (all arrays have one entry per object).
 
     `region` is the 0-based index of the candidate region holding the object; `row_px`, `col_px` its
-    centroid and `area_px` its area in pixels; `polarity` the objects' measured polarity.
+    centroid and `area_px` its area in pixels; `polarity` the objects' measured polarity;
+    `too_thick_regions` the regions (0-based) where an object was dropped as too thick (`max_od`).
     """
 
     region: np.ndarray
@@ -64,6 +65,7 @@ class ObjectTable:
     col_px: np.ndarray
     area_px: np.ndarray
     polarity: Polarity
+    too_thick_regions: tuple[int, ...] = ()
 
     def __len__(self) -> int:
         return int(self.region.shape[0])
@@ -159,6 +161,8 @@ def find_objects(
     min_contrast_sigma: float = 4.0,
     min_distance_px: int = 5,
     min_area_px: float = MIN_OBJECT_AREA_PX,
+    dark_fraction: float | None = None,
+    max_od: float | None = None,
 ) -> ObjectTable | None:
     """Objects inside candidate regions (see module docstring).
 
@@ -166,6 +170,11 @@ def find_objects(
     pixels; `region_px` an int image of candidate region ids (1..n, 0 outside); `bar_mask` True on bars.
     Returns None when there is too little film to measure the film level against. Whole-image steps are
     filters and labelling; everything per object works on the object's bounding box.
+
+    Too thick (`max_od`, optical density, ln units): in bright field, with `dark_fraction` (the camera's
+    zero-transmission level -- bars -- as a fraction of the film level) known, an object whose darkest
+    pixel transmits less than exp(-max_od) of the film's intensity is dropped: it is too thick for
+    electron diffraction (see `LocateSettings.max_object_od`).
     """
     data = ndimage.gaussian_filter(np.asarray(prepared, dtype=np.float64), SMOOTH_SIGMA_PX)
     stats = film_statistics(data, film & ~bar_mask)
@@ -179,12 +188,20 @@ def find_objects(
     deviant = dark if polarity == "dark" else bright if polarity == "bright" else dark | bright
     labels, _count = ndimage.label(deviant & (region_px > 0))
     smallest = max(MIN_OBJECT_AREA_PX, min_area_px)
+    min_transmission = None
+    if polarity == "dark" and dark_fraction is not None and max_od is not None and 0 <= dark_fraction < 1:
+        # flattened intensity / film level = T (1 - d) + d for transmission T and dark fraction d
+        min_transmission = float(np.exp(-max_od)) * (1.0 - dark_fraction) + dark_fraction
     region_of, rows, cols, areas = [], [], [], []
+    too_thick: set[int] = set()
     for label_id, box in enumerate(ndimage.find_objects(labels), start=1):
         if box is None:
             continue
         mask = labels[box] == label_id
         region = int(region_px[box][mask].max()) - 1
+        if min_transmission is not None and float(data[box][mask].min()) < min_transmission * level:
+            too_thick.add(region)
+            continue
         parts = split_compound(mask, min_distance_px)
         for part in range(1, int(parts.max()) + 1):
             part_rows, part_cols = np.nonzero(parts == part)
@@ -200,4 +217,5 @@ def find_objects(
         np.asarray(cols, dtype=np.float64),
         np.asarray(areas, dtype=np.float64),
         polarity,
+        tuple(sorted(too_thick)),
     )

@@ -140,8 +140,9 @@ def find_candidates(
     if image is not None and score_map is None:
         objects = objects_in_regions(image, analysis, regions, settings)
         if objects is not None:
-            object_region, object_rows, object_cols, object_area = objects
-            lone = np.setdiff1d(np.flatnonzero(keep), object_region)  # regions where nothing stood out
+            object_region, object_rows, object_cols, object_area, too_thick = objects
+            # regions where nothing stood out keep their centroid; regions of too-thick objects are dropped
+            lone = np.setdiff1d(np.flatnonzero(keep), np.concatenate([object_region, too_thick]))
             region_of = np.concatenate([object_region, lone])
             rows_arr = np.concatenate([object_rows, rows_arr[lone]])
             cols_arr = np.concatenate([object_cols, cols_arr[lone]])
@@ -198,15 +199,17 @@ def objects_in_regions(
     regions: np.ndarray,
     settings: LocateSettings,
     min_contrast_sigma: float = 4.0,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
     """The separate objects inside candidate regions, found at pixel level (`agent.locate.objects`).
 
     The image is prepared as for the features (artefacts removed, illumination flattened, bars set to the
     film level); the film level and noise come from the pixels of the background cluster. Pixels of a
     region that differ from the film by more than `min_contrast_sigma` noise sigmas, in the objects'
     measured polarity, form objects; touching objects are split where they meet (pieces at least a third
-    of `settings.min_spacing_px` apart, at least 2 px). Returns, per object, the index of its region
-    (0-based), centroid row and col (px) and area (px); None when there is no film to compare with.
+    of `settings.min_spacing_px` apart, at least 2 px). In bright field, objects darker than
+    `settings.max_object_od` allows are dropped when the bars give the camera's dark level. Returns, per
+    object, the index of its region (0-based), centroid row and col (px) and area (px), then the regions
+    whose objects were dropped as too thick; None when there is no film to compare with.
     """
     from agent.locate.objects import find_objects
     from agent.locate.preprocess import prepare_image
@@ -222,7 +225,27 @@ def objects_in_regions(
         min_contrast_sigma=min_contrast_sigma,
         min_distance_px=max(2, round(settings.min_spacing_px / 3)),
         min_area_px=settings.min_area_px,
+        dark_fraction=dark_fraction(image, bar, film) if settings.max_object_od is not None else None,
+        max_od=settings.max_object_od,
     )
     if table is None:
         return None
-    return table.region, table.row_px, table.col_px, table.area_px
+    too_thick = np.asarray(table.too_thick_regions, dtype=np.int64)
+    return table.region, table.row_px, table.col_px, table.area_px, too_thick
+
+
+def dark_fraction(image: np.ndarray, bar_mask: np.ndarray, film: np.ndarray, min_pixels: int = 400) -> float | None:
+    """The camera's zero-transmission level as a fraction of the film level, from the raw `image`: median
+    of the bar pixels well inside the bar mask (grid bars stop the beam) over the median of the film
+    pixels. None when fewer than `min_pixels` bar pixels remain or the ratio is not in [0, 1)."""
+    inner = ndimage.binary_erosion(bar_mask, iterations=4)
+    film_only = film & ~ndimage.binary_dilation(bar_mask, iterations=4)
+    if np.count_nonzero(inner) < min_pixels or np.count_nonzero(film_only) < min_pixels:
+        return None
+    step_bar = max(1, int(np.count_nonzero(inner)) // 200_000)
+    step_film = max(1, int(np.count_nonzero(film_only)) // 200_000)
+    dark = float(np.median(image[inner][::step_bar]))
+    bright = float(np.median(image[film_only][::step_film]))
+    if not bright > 0 or not 0 <= dark / bright < 1:
+        return None
+    return dark / bright
