@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
 from agent.locate.analysis import LocateSettings, analyse
 from agent.locate.cluster import fit_clusters, outlier_bounds
 from agent.locate.errors import SettingsError
-from agent.locate.objects import find_objects, is_compound, object_polarity, split_compound
+from agent.locate.objects import (
+    find_objects,
+    is_compound,
+    object_polarity,
+    outline_turning_concentration,
+    split_compound,
+)
 from agent.locate.targets import find_candidates
 from tests.synthetic_images import make_grid_image
 
@@ -16,6 +24,16 @@ from tests.synthetic_images import make_grid_image
 def _disc(shape: tuple[int, int], row: float, col: float, radius: float) -> np.ndarray:
     yy, xx = np.mgrid[: shape[0], : shape[1]]
     return (yy - row) ** 2 + (xx - col) ** 2 <= radius**2
+
+
+def _polygon_mask(shape: tuple[int, int], row: float, col: float, radius: float, sides: int, turn: float) -> np.ndarray:
+    from skimage.draw import polygon
+
+    angles = turn + np.arange(sides) * 2 * np.pi / sides
+    rr, cc = polygon(row + radius * np.sin(angles), col + radius * np.cos(angles), shape)
+    mask = np.zeros(shape, dtype=bool)
+    mask[rr, cc] = True
+    return mask
 
 
 def test_two_touching_discs_are_split_and_a_single_plate_stays_whole() -> None:
@@ -53,7 +71,7 @@ def test_find_objects_ignores_the_bright_side_of_a_hole_in_bright_field() -> Non
     image = rng.normal(1000.0, 10.0, shape)
     crystals = [(60, 60), (60, 190), (190, 60), (120, 120), (200, 200), (40, 120)]
     for row, col in crystals:
-        image[_disc(shape, row, col, 6)] -= 300.0
+        image[_polygon_mask(shape, row, col, 8, 4, 0.3)] -= 300.0  # crystals are faceted
     hole = _disc(shape, 256, 256, 40)  # torn film in a corner: brighter than the film
     image[hole] += 400.0
     regions = np.ones(shape, dtype=np.int32)
@@ -105,8 +123,8 @@ def test_too_thick_objects_are_dropped_only_when_asked() -> None:
     transmission[:, :40] = 0.0  # a grid bar
     plates = [(80, 120), (80, 240), (240, 240), (160, 180), (160, 280)]  # enough to measure the polarity
     for row, col in plates:
-        transmission[_disc(shape, row, col, 7)] = 0.6
-    transmission[_disc(shape, 240, 120, 7)] = 0.05  # ice ball
+        transmission[_polygon_mask(shape, row, col, 9, 6, 0.2)] = 0.6  # hexagonal plates
+    transmission[_polygon_mask(shape, 240, 120, 9, 6, 0.2)] = 0.05  # as dark as an ice ball, but faceted
     image = (offset + film * transmission + rng.normal(0, 20, shape)).astype(np.uint16)
     kept = LocateSettings(mode="window", window_px=15, stride_px=4, k=3, min_bar_distance_px=0)
     strict = kept.model_copy(update={"max_object_od": 2.0})
@@ -121,3 +139,49 @@ def test_too_thick_objects_are_dropped_only_when_asked() -> None:
 
     assert near_ice(kept)
     assert not near_ice(strict)
+
+
+def test_turning_concentration_tells_circles_from_polygons() -> None:
+    angles = np.linspace(0, 2 * np.pi, 400)
+    circle = np.column_stack([30 + 20 * np.sin(angles), 30 + 20 * np.cos(angles)])
+    corners = np.array([[10, 10], [10, 50], [50, 50], [50, 10], [10, 10]], float)
+    square = np.concatenate([np.linspace(a, b, 80, endpoint=False) for a, b in itertools.pairwise(corners)])
+    square = np.vstack([square, square[:1]])
+    assert abs(outline_turning_concentration(circle) - 0.25) < 0.05
+    assert outline_turning_concentration(square) > 0.8
+    assert np.isnan(outline_turning_concentration(circle[:5] * 0.1))
+
+
+@pytest.mark.parametrize("polarity", ["bright", "dark"])
+def test_round_ice_is_dropped_and_faceted_plates_are_kept(polarity: str) -> None:
+    """Blurred, noisy discs (ice) and hexagons / squares / rods (crystals) of the same size and contrast."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(4)
+    shape = (360, 360)
+    objects = np.zeros(shape)
+    ice = [(60, 60), (60, 300), (300, 180)]
+    crystals = [
+        _polygon_mask(shape, 60, 180, 14, 6, 0.3),
+        _polygon_mask(shape, 180, 60, 13, 4, 0.5),
+        _polygon_mask(shape, 180, 300, 15, 6, 0.0),
+        _polygon_mask(shape, 300, 60, 12, 4, 0.1),
+    ]
+    for row, col in ice:
+        objects[_disc(shape, row, col, 12)] = 1.0
+    for mask in crystals:
+        objects[mask] = 1.0
+    contrast = -0.4 if polarity == "bright" else 0.4
+    image = 2000.0 * (1.0 + contrast * ndimage.gaussian_filter(objects, 1.2)) + rng.normal(0, 15, shape)
+    regions = np.ones(shape, dtype=np.int32)
+    table = find_objects(image, objects == 0, regions, np.zeros(shape, dtype=bool))
+    assert table is not None
+    centres = np.stack([table.row_px, table.col_px], 1)
+    assert table.dropped.get("round") == len(ice)
+    for row, col in ice:
+        assert np.min(np.hypot(centres[:, 0] - row, centres[:, 1] - col)) > 20, "an ice ball was kept"
+    for mask in crystals:
+        row, col = np.argwhere(mask).mean(axis=0)
+        assert np.min(np.hypot(centres[:, 0] - row, centres[:, 1] - col)) < 2, "a faceted crystal was dropped"
+    kept = find_objects(image, objects == 0, regions, np.zeros(shape, dtype=bool), drop_round=False)
+    assert kept is not None and len(kept) == len(ice) + len(crystals)

@@ -101,6 +101,9 @@ class LocateSettings(BaseModel):
     min_bar_distance_px: float = Field(default=8.0, ge=0)
     min_spacing_px: float = Field(default=16.0, ge=0)
     min_area_px: float = Field(default=0.0, ge=0)
+    drop_round_objects: bool = Field(
+        default=True, description="drop objects with a round outline (ice balls) from the candidates"
+    )
     max_object_od: float | None = Field(
         default=None,
         gt=0,

@@ -29,7 +29,7 @@ Returned per object: its region (0-based), centroid row/col (px), area (px).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -45,6 +45,10 @@ MIN_POLARITY_OBJECTS = 5
 MIN_SINGLE_SOLIDITY = 0.9
 #: Major / minor axis ratio above which an object is taken for a bundle (split along its length).
 MAX_SINGLE_ELONGATION = 3.0
+#: Objects whose outline turns this evenly (share of turning in the sharpest quarter) are round (ice).
+ROUND_MAX_TURNING_SHARE = 0.35
+#: Objects smaller than a disc of this radius (px) are never called round.
+ROUND_MIN_RADIUS_PX = 6.0
 #: Components smaller than this (px) are not objects.
 MIN_OBJECT_AREA_PX = 4.0
 
@@ -57,7 +61,8 @@ class ObjectTable:
 
     `region` is the 0-based index of the candidate region holding the object; `row_px`, `col_px` its
     centroid and `area_px` its area in pixels; `polarity` the objects' measured polarity;
-    `too_thick_regions` the regions (0-based) where an object was dropped as too thick (`max_od`).
+    `dropped_regions` the regions (0-based) where an object was dropped (round contamination, or too
+    thick); `dropped` how many objects were dropped for each reason ("round", "too-thick").
     """
 
     region: np.ndarray
@@ -65,7 +70,8 @@ class ObjectTable:
     col_px: np.ndarray
     area_px: np.ndarray
     polarity: Polarity
-    too_thick_regions: tuple[int, ...] = ()
+    dropped_regions: tuple[int, ...] = ()
+    dropped: dict[str, int] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.region.shape[0])
@@ -152,6 +158,68 @@ def split_compound(mask: np.ndarray, min_distance_px: int) -> np.ndarray:
     return watershed(-distance, markers, mask=padded)[1:-1, 1:-1].astype(np.int32)
 
 
+def outline_turning_concentration(outline_rc: np.ndarray, chord_px: float = 2.0, top_fraction: float = 0.25) -> float:
+    """Share of an outline's total turning that happens in its most sharply turning `top_fraction` of length.
+
+    `outline_rc` is a closed sub-pixel contour (n, 2). It is resampled every 0.5 px and the turning angle
+    between chords of `chord_px` before and after each point is taken. A circle turns evenly, so the
+    share equals `top_fraction` (0.25); a polygon turns at its corners only, so the share approaches 1;
+    smooth irregular blobs lie between. NaN for outlines shorter than 20 px.
+    """
+    outline_rc = np.asarray(outline_rc, dtype=np.float64)
+    steps = np.hypot(*np.diff(outline_rc, axis=0).T)
+    arc = np.concatenate([[0.0], np.cumsum(steps)])
+    length = float(arc[-1])
+    if length < 20.0:
+        return float("nan")
+    n = int(length / 0.5)
+    t = np.linspace(0.0, length, n, endpoint=False)
+    points = np.column_stack([np.interp(t, arc, outline_rc[:, 0]), np.interp(t, arc, outline_rc[:, 1])])
+    k = max(1, round(chord_px / 0.5))
+    ahead = np.roll(points, -k, axis=0) - points
+    behind = points - np.roll(points, k, axis=0)
+    turn = np.arctan2(ahead[:, 0], ahead[:, 1]) - np.arctan2(behind[:, 0], behind[:, 1])
+    turn = np.abs((turn + np.pi) % (2.0 * np.pi) - np.pi)
+    total = float(turn.sum())
+    if total <= 0:
+        return float("nan")
+    return float(np.sort(turn)[::-1][: max(1, int(n * top_fraction))].sum() / total)
+
+
+def is_round(data: np.ndarray, box: tuple[slice, slice], mask: np.ndarray, level: float) -> bool:
+    """True when the object (`mask` in bounding box `box` of the smoothed image `data`) has a round outline.
+
+    Ice balls are frozen droplets: spheres, round in projection. Crystals are faceted and turn at their
+    corners; debris is irregular. The outline is the sub-pixel contour of the object's deviation from the
+    film `level` at half its contrast (90th percentile); it is round when its turning concentration
+    (`outline_turning_concentration`) is below `ROUND_MAX_TURNING_SHARE` (0.35: a circle's 0.25 plus
+    room for noise on the outline; a square measures about 0.9, a hexagon over 0.6). Objects smaller than
+    a disc of radius `ROUND_MIN_RADIUS_PX` (6 px) are never called round: blurred by the optics and the
+    smoothing, their corners are not resolved, so small ice and small crystals cannot be told apart.
+    """
+    from skimage.measure import find_contours
+
+    if np.count_nonzero(mask) < np.pi * ROUND_MIN_RADIUS_PX**2:
+        return False
+    pad = 3
+    rows = slice(max(box[0].start - pad, 0), min(box[0].stop + pad, data.shape[0]))
+    cols = slice(max(box[1].start - pad, 0), min(box[1].stop + pad, data.shape[1]))
+    inside = np.zeros((rows.stop - rows.start, cols.stop - cols.start), dtype=bool)
+    r0, c0 = box[0].start - rows.start, box[1].start - cols.start
+    inside[r0 : r0 + mask.shape[0], c0 : c0 + mask.shape[1]] = mask
+    deviation = np.abs(data[rows, cols] - level)
+    near = ndimage.binary_dilation(inside, iterations=2)  # this object only, not its neighbours
+    half = 0.5 * float(np.percentile(deviation[inside], 90))
+    contours = find_contours(np.where(near, deviation, 0.0), half)
+    if not contours:
+        return False
+    outline = max(contours, key=len)
+    if np.hypot(*(outline[0] - outline[-1])) > 1.0:  # not closed (cut by the frame)
+        return False
+    share = outline_turning_concentration(outline)
+    return bool(np.isfinite(share) and share < ROUND_MAX_TURNING_SHARE)
+
+
 def find_objects(
     prepared: np.ndarray,
     film: np.ndarray,
@@ -163,6 +231,7 @@ def find_objects(
     min_area_px: float = MIN_OBJECT_AREA_PX,
     dark_fraction: float | None = None,
     max_od: float | None = None,
+    drop_round: bool = True,
 ) -> ObjectTable | None:
     """Objects inside candidate regions (see module docstring).
 
@@ -175,6 +244,8 @@ def find_objects(
     zero-transmission level -- bars -- as a fraction of the film level) known, an object whose darkest
     pixel transmits less than exp(-max_od) of the film's intensity is dropped: it is too thick for
     electron diffraction (see `LocateSettings.max_object_od`).
+
+    Round (`drop_round`): objects with a round outline (`is_round`) are dropped as ice balls.
     """
     data = ndimage.gaussian_filter(np.asarray(prepared, dtype=np.float64), SMOOTH_SIGMA_PX)
     stats = film_statistics(data, film & ~bar_mask)
@@ -193,14 +264,21 @@ def find_objects(
         # flattened intensity / film level = T (1 - d) + d for transmission T and dark fraction d
         min_transmission = float(np.exp(-max_od)) * (1.0 - dark_fraction) + dark_fraction
     region_of, rows, cols, areas = [], [], [], []
-    too_thick: set[int] = set()
+    dropped_regions: set[int] = set()
+    dropped: dict[str, int] = {}
     for label_id, box in enumerate(ndimage.find_objects(labels), start=1):
         if box is None:
             continue
         mask = labels[box] == label_id
         region = int(region_px[box][mask].max()) - 1
+        reason = None
         if min_transmission is not None and float(data[box][mask].min()) < min_transmission * level:
-            too_thick.add(region)
+            reason = "too-thick"
+        elif drop_round and is_round(data, box, mask, level):
+            reason = "round"
+        if reason is not None:
+            dropped_regions.add(region)
+            dropped[reason] = dropped.get(reason, 0) + 1
             continue
         parts = split_compound(mask, min_distance_px)
         for part in range(1, int(parts.max()) + 1):
@@ -217,5 +295,6 @@ def find_objects(
         np.asarray(cols, dtype=np.float64),
         np.asarray(areas, dtype=np.float64),
         polarity,
-        tuple(sorted(too_thick)),
+        tuple(sorted(dropped_regions)),
+        dropped,
     )

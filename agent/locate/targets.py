@@ -140,9 +140,9 @@ def find_candidates(
     if image is not None and score_map is None:
         objects = objects_in_regions(image, analysis, regions, settings)
         if objects is not None:
-            object_region, object_rows, object_cols, object_area, too_thick = objects
-            # regions where nothing stood out keep their centroid; regions of too-thick objects are dropped
-            lone = np.setdiff1d(np.flatnonzero(keep), np.concatenate([object_region, too_thick]))
+            object_region, object_rows, object_cols, object_area, dropped = objects
+            # regions where nothing stood out keep their centroid; regions of dropped objects (ice) are dropped
+            lone = np.setdiff1d(np.flatnonzero(keep), np.concatenate([object_region, dropped]))
             region_of = np.concatenate([object_region, lone])
             rows_arr = np.concatenate([object_rows, rows_arr[lone]])
             cols_arr = np.concatenate([object_cols, cols_arr[lone]])
@@ -227,11 +227,12 @@ def objects_in_regions(
         min_area_px=settings.min_area_px,
         dark_fraction=dark_fraction(image, bar, film) if settings.max_object_od is not None else None,
         max_od=settings.max_object_od,
+        drop_round=settings.drop_round_objects,
     )
     if table is None:
         return None
-    too_thick = np.asarray(table.too_thick_regions, dtype=np.int64)
-    return table.region, table.row_px, table.col_px, table.area_px, too_thick
+    dropped = np.asarray(table.dropped_regions, dtype=np.int64)
+    return table.region, table.row_px, table.col_px, table.area_px, dropped
 
 
 def dark_fraction(image: np.ndarray, bar_mask: np.ndarray, film: np.ndarray, min_pixels: int = 400) -> float | None:
