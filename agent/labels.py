@@ -31,19 +31,34 @@ nearest record has weight below `MIN_VOTE_WEIGHT` saw nothing alike and does not
     confidence = |w_c - w_n| / (w_c + w_n + prior)        (0 = no idea, -> 1 with agreeing votes)
 
 No memory, memory far away (a different-looking specimen) and conflicting memory all give a low
-confidence; one earlier session gives at most 0.77 (1 / 1.3), agreeing close labels from two
-sessions more than `DEFAULT_CONFIDENCE_THRESHOLD` (0.8), so a kind of cluster can be labelled without
-asking from the third session of a specimen type on.
+vote confidence; one earlier session gives at most 0.77 (1 / 1.3), agreeing close labels from two
+sessions more than `DEFAULT_CONFIDENCE_THRESHOLD` (0.8).
 
-Calibration (not tuned to one image): simulated atlas frames, four specimen types x five seeds,
-k = 3, labels from the simulated operator, memory holding only the clusters that were asked about
-(as the screening loop stores them), 20 random session orders. With a 64 x 64 grid, protein plates and
-asbestos fibres are not asked about at all from the third session on, with no auto label
-contradicting the operator; graphite flakes and faint polymer crystals are still asked about ~1 of 3
-clusters per session: those are mixed clusters (25-67 % of their cells on crystals, split into a
-"core" and an "edge" cluster that look alike), on which the operator's own answers flip between
-sessions. With a 32 x 32 grid (cells ~10 um at atlas) clusters are more mixed: a quarter of the
-protein-plate and asbestos sessions still ask from the third on, graphite and polymer most of them.
+Held-out check (`held_out_precision`): votes trust that clusters which look alike hold alike things.
+Whether they do depends on the specimen, the atlas and the locator's features, so the memory checks it
+on its own answers: every session with answers is predicted from the other sessions, and for each
+label, over its confident predictions (vote confidence >= `CALIBRATION_CONFIDENCE`), `(right + 1) /
+(n + 1)` is taken (one assumed success, so a memory that was never wrong is not held back, and one that
+was wrong once in n < 4 predictions of a label drops below the default threshold). A suggestion's
+confidence is its vote confidence capped at that figure for the label it suggests: a memory that has
+mispredicted its own past answers (look-alike clusters answered differently in different sessions)
+asks instead of guessing, until enough right predictions outweigh the mistakes.
+
+Measured (`benchmarks/bench_labels.py`: four sessions of a type on one memory, then a new type; one
+grid square, the default plan's window features and k = 5, simulated operator; plus offline replays of
+the memory on 20 session orders of harvested atlases):
+
+- 1024 px camera (the atlas frame shows about 300 um, several grid squares): clusters recur across
+  seeds (the nearest cluster of another session carries the same answer for 96-100 % of graphite and
+  polymer clusters). Prompts per session 1,1,0,0 for graphite and protein, 1,1,1,0 polymer, 1,1,1,1
+  asbestos; every auto crystal label passes the operator's own criterion. What is still asked are
+  clusters with one session's support only, or mixed clusters on which earlier answers differ.
+- 512 px camera (about one grid square, often empty or without crystals): clusters do not recur, and
+  film-thickness steps and bar edges look like graphite flakes and asbestos fibres to these features
+  (nearest-cluster agreement 70-88 %). Prompts do not stop and auto crystal labels are less precise
+  than the operator's (graphite: 0.6-0.7 of their sample cells on crystals vs 0.95). The held-out
+  check changes little here: most wrong auto labels are look-alikes seen for the first time, which no
+  memory of earlier answers can catch; the remedy is a larger atlas, not a bolder memory.
 
 Records made by the agent itself (`source="auto"`) are stored for the record and take part in the
 nearest-record search (a session whose nearest record was auto-labelled casts no vote) but carry no
@@ -86,6 +101,8 @@ BANDWIDTH_LIMITS = (0.05, 3.0)
 TRIM_FRACTION = 0.2
 #: A session votes only if its nearest record has at least this kernel weight (else it saw nothing alike).
 MIN_VOTE_WEIGHT = 0.3
+#: The held-out check counts the memory's predictions of its own past sessions at this vote confidence or more.
+CALIBRATION_CONFIDENCE = 0.5
 #: Pseudo-count of "no idea" evidence added to every suggestion.
 DEFAULT_PRIOR_STRENGTH = 0.3
 #: Weight of each source's labels as evidence ("auto": the agent's own guesses, none by default).
@@ -145,9 +162,7 @@ class LabelRecord(BaseModel):
     @model_validator(mode="after")
     def _names_match(self) -> LabelRecord:
         if len(self.feature_vector) != len(self.feature_names):
-            raise ValueError(
-                f"{len(self.feature_vector)} feature values but {len(self.feature_names)} feature names"
-            )
+            raise ValueError(f"{len(self.feature_vector)} feature values but {len(self.feature_names)} feature names")
         if len(set(self.feature_names)) != len(self.feature_names):
             raise ValueError(f"feature names repeat: {self.feature_names}")
         return self
@@ -168,6 +183,7 @@ class LabelSuggestion(BaseModel):
     n_support: int = Field(ge=0)
     p_crystal: float = Field(ge=0.0, le=1.0)
     nearest_distance: float | None = None
+    held_out_precision: float | None = Field(default=None, ge=0.0, le=1.0)
 
 
 def default_labels_dir() -> Path:
@@ -220,6 +236,7 @@ class LabelMemory:
         self._records: list[LabelRecord] = []
         #: Lines that could not be read at the last load (torn tail after a crash, or corrupt).
         self.skipped_lines = 0
+        self._held_out_cache: dict[tuple[Any, str, str], dict[str, tuple[bool, bool]]] = {}
 
     # -- reading -----------------------------------------------------------------------------------
 
@@ -337,8 +354,10 @@ class LabelMemory:
         are kept as they are. The file is rewritten atomically.
         """
         if specimen is None and older_than_s is None and session is None and source is None:
-            raise LabelMemoryError("prune needs at least one filter (specimen, older_than_s, session, source); "
-                                   "use clear() to remove everything")
+            raise LabelMemoryError(
+                "prune needs at least one filter (specimen, older_than_s, session, source); "
+                "use clear() to remove everything"
+            )
         now = _utc_now()
 
         def doomed(record: LabelRecord) -> bool:
@@ -433,18 +452,69 @@ class LabelMemory:
         specimen: str,
         preset: str,
     ) -> list[LabelSuggestion]:
-        """One suggestion per row of `centroids` (n, F), from records of the same specimen and preset."""
+        """One suggestion per row of `centroids` (n, F), from records of the same specimen and preset.
+
+        The vote's confidence is capped at the memory's held-out precision for the suggested label (see
+        the module docstring), so a memory that mispredicts its own past answers keeps asking.
+        """
         query = _as_matrix(centroids, feature_names)
-        names = list(feature_names)
-        records = [
-            r
-            for r in self._load()
-            if r.specimen == specimen and r.preset == preset
+        records = [r for r in self._load() if r.specimen == specimen and r.preset == preset]
+        votes = self._votes(query, tuple(feature_names), records)
+        precision = self.held_out_precision(specimen, preset)
+        return [
+            vote.model_copy(
+                update={
+                    "confidence": min(vote.confidence, precision[vote.is_crystal]),
+                    "held_out_precision": precision[vote.is_crystal],
+                }
+            )
+            for vote in votes
         ]
+
+    def held_out_precision(self, specimen: str, preset: str) -> dict[bool, float]:
+        """Per suggested label (True: crystal), `(right + 1) / (n + 1)` over the memory's confident
+        predictions of that label for its own past answers (`held_out_verdicts`; module docstring)."""
+        verdicts = self.held_out_verdicts(specimen, preset).values()
+        result = {}
+        for label in (True, False):
+            mine = [right for predicted, right in verdicts if predicted == label]
+            result[label] = (sum(mine) + 1) / (len(mine) + 1)
+        return result
+
+    def held_out_verdicts(self, specimen: str, preset: str) -> dict[str, tuple[bool, bool]]:
+        """Record id -> (label predicted for it without its session, whether that matched its answer).
+
+        Every session with answers that count (source weight > 0) is predicted from the other sessions'
+        records; only predictions with a vote confidence of at least `CALIBRATION_CONFIDENCE` get a
+        verdict (a memory that said "no idea" was not wrong). Cached until the file changes.
+        """
+        records = [r for r in self._load() if r.specimen == specimen and r.preset == preset]
+        key = (self._cache_key, specimen, preset)
+        cached = self._held_out_cache.get(key)
+        if cached is not None:
+            return cached
+        verdicts: dict[str, tuple[bool, bool]] = {}
+        answered = sorted({r.session for r in records if self.source_weights.get(r.source, 0.0) > 0})
+        for session in answered if len(answered) > 1 else ():
+            others = [r for r in records if r.session != session]
+            mine = [r for r in records if r.session == session and self.source_weights.get(r.source, 0.0) > 0]
+            for names, group in _group_by_names(mine).items():
+                votes = self._votes(np.array([r.feature_vector for r in group]), names, others)
+                for record, vote in zip(group, votes, strict=True):
+                    if vote.n_support and vote.confidence >= CALIBRATION_CONFIDENCE:
+                        verdicts[record.id] = (vote.is_crystal, vote.is_crystal == record.is_crystal)
+        self._held_out_cache = {key: verdicts}
+        return verdicts
+
+    def _votes(
+        self, query: np.ndarray, names: tuple[str, ...], records: Sequence[LabelRecord]
+    ) -> list[LabelSuggestion]:
+        """The sessions' votes (module docstring) for each row of `query`, before the held-out check."""
         needed = max(1, math.ceil(MIN_SHARED_FEATURE_FRACTION * len(names)))
-        # votes[i][session] = (distance, weight, is_crystal) of that session's nearest record
-        votes: list[dict[str, tuple[float, float, bool]]] = [{} for _ in range(query.shape[0])]
-        nearest = np.full(query.shape[0], np.inf)
+        n_query = query.shape[0]
+        # best[i][session] = (distance, weight, is_crystal) of that session's nearest record
+        best: list[dict[str, tuple[float, float, bool]]] = [{} for _ in range(n_query)]
+        nearest = np.full(n_query, np.inf)
         for group_names, group in _group_by_names(records).items():
             shared = [n for n in names if n in group_names]
             if len(shared) < needed:
@@ -456,16 +526,19 @@ class LabelMemory:
             bandwidth = self.bandwidth or adaptive_bandwidth(stored, group)
             weight = np.exp(-0.5 * (distance / bandwidth) ** 2)
             nearest = np.minimum(nearest, distance.min(axis=1))
-            for j, record in enumerate(group):
-                source_weight = self.source_weights.get(record.source, 0.0)
-                for i in range(query.shape[0]):
+            sessions = np.array([r.session for r in group])
+            source_weight = np.array([self.source_weights.get(r.source, 0.0) for r in group])
+            for session in np.unique(sessions):
+                columns = np.flatnonzero(sessions == session)
+                closest = columns[np.argmin(distance[:, columns], axis=1)]
+                for i, j in enumerate(closest):
                     d = float(distance[i, j])
-                    best = votes[i].get(record.session)
-                    if best is None or d < best[0]:
-                        votes[i][record.session] = (d, float(weight[i, j]) * source_weight, record.is_crystal)
+                    previous = best[i].get(str(session))
+                    if previous is None or d < previous[0]:
+                        best[i][str(session)] = (d, float(weight[i, j] * source_weight[j]), group[j].is_crystal)
         suggestions = []
-        for i in range(query.shape[0]):
-            counted = [(w, crystal) for _, w, crystal in votes[i].values() if w >= MIN_VOTE_WEIGHT]
+        for i in range(n_query):
+            counted = [(w, crystal) for _, w, crystal in best[i].values() if w >= MIN_VOTE_WEIGHT]
             w_c = sum(w for w, crystal in counted if crystal)
             w_n = sum(w for w, crystal in counted if not crystal)
             total = w_c + w_n + self.prior_strength
@@ -549,9 +622,7 @@ def _parse_lines(raw: bytes, path: Path) -> tuple[list[LabelRecord], int]:
         except ValidationError:
             skipped += 1
             torn = number == len(lines)  # no newline after it: a write cut short by a crash
-            logger.warning(
-                "label memory %s: skipping %s line %d", path, "torn last" if torn else "unreadable", number
-            )
+            logger.warning("label memory %s: skipping %s line %d", path, "torn last" if torn else "unreadable", number)
     return records, skipped
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from agent.labels import (
+    DEFAULT_CONFIDENCE_THRESHOLD,
     LABELS_FILE_NAME,
     LabelMemory,
     LabelMemoryError,
@@ -34,8 +35,14 @@ def _jitter(vector: np.ndarray, rng: np.random.Generator, scale: float = 0.15) -
 def _session(memory: LabelMemory, rng: np.random.Generator, session: str, specimen: str = "protein-plates") -> None:
     centroids = np.array([_jitter(FILM, rng), _jitter(CRYSTAL, rng), _jitter(BAR, rng)])
     memory.record_clusters(
-        centroids, NAMES, [False, True, False], specimen=specimen, preset="atlas", session=session,
-        operator="alice", cluster_ids=[0, 1, 2],
+        centroids,
+        NAMES,
+        [False, True, False],
+        specimen=specimen,
+        preset="atlas",
+        session=session,
+        operator="alice",
+        cluster_ids=[0, 1, 2],
     )
 
 
@@ -92,7 +99,11 @@ def test_prune_export_import_and_clear(tmp_path: Path) -> None:
     _session(memory, rng, "s2")
     _session(memory, rng, "s3", specimen="graphite-flakes")
     old = LabelRecord(
-        feature_vector=(1.0,), feature_names=("mean",), is_crystal=True, specimen="polymer-faint", preset="atlas",
+        feature_vector=(1.0,),
+        feature_names=("mean",),
+        is_crystal=True,
+        specimen="polymer-faint",
+        preset="atlas",
         time_utc=datetime.now(timezone.utc) - timedelta(days=30),
     )
     memory.add(old)
@@ -198,8 +209,9 @@ def test_features_are_matched_by_name_and_auto_labels_carry_no_weight(tmp_path: 
 
     auto_only = LabelMemory(tmp_path / "auto")
     for session in ("s1", "s2", "s3"):
-        auto_only.record_clusters(np.array([CRYSTAL]), NAMES, [True], specimen="p", preset="atlas",
-                                  session=session, source="auto")
+        auto_only.record_clusters(
+            np.array([CRYSTAL]), NAMES, [True], specimen="p", preset="atlas", session=session, source="auto"
+        )
     assert len(auto_only) == 3
     assert auto_only.suggest(np.array([CRYSTAL]), NAMES, "p", "atlas")[0].confidence == 0.0
 
@@ -233,11 +245,46 @@ def test_one_wild_feature_does_not_hide_a_close_match(tmp_path: Path) -> None:
 def test_a_session_whose_nearest_record_was_auto_labelled_casts_no_vote(tmp_path: Path) -> None:
     memory = LabelMemory(tmp_path)
     for session in ("s1", "s2", "s3"):
-        memory.record_clusters(np.array([CRYSTAL]), NAMES, [True], specimen="p", preset="atlas", session=session,
-                               source="auto")  # the agent labelled the crystal cluster itself ...
-        memory.record_clusters(np.array([CRYSTAL * 0.6]), NAMES, [False], specimen="p", preset="atlas",
-                               session=session)  # ... and asked only about a similar, mixed cluster
+        memory.record_clusters(
+            np.array([CRYSTAL]), NAMES, [True], specimen="p", preset="atlas", session=session, source="auto"
+        )  # the agent labelled the crystal cluster itself ...
+        memory.record_clusters(
+            np.array([CRYSTAL * 0.6]), NAMES, [False], specimen="p", preset="atlas", session=session
+        )  # ... and asked only about a similar, mixed cluster
     suggestion = memory.suggest(np.array([CRYSTAL]), NAMES, "p", "atlas")[0]
     assert suggestion.confidence == 0.0  # no human vote: the mixed cluster's "no" does not speak for it
     mixed = memory.suggest(np.array([CRYSTAL * 0.6]), NAMES, "p", "atlas")[0]
-    assert not mixed.is_crystal and mixed.confidence > 0.8
+    assert not mixed.is_crystal and mixed.confidence >= DEFAULT_CONFIDENCE_THRESHOLD
+
+
+def test_a_memory_that_mispredicts_its_own_answers_keeps_asking(tmp_path: Path) -> None:
+    """Look-alike clusters answered differently in different sessions (a film step that looks like a
+    flake): the votes near the flake agree, but held out, the memory got its own past answers wrong."""
+    rng = np.random.default_rng(11)
+    consistent = LabelMemory(tmp_path / "consistent")
+    for session in ("s1", "s2", "s3", "s4"):
+        _session(consistent, rng, session)
+    query = np.array([_jitter(CRYSTAL, rng), _jitter(FILM, rng)])
+    crystal, film = consistent.suggest(query, NAMES, "protein-plates", "atlas")
+    assert crystal.is_crystal and crystal.confidence >= DEFAULT_CONFIDENCE_THRESHOLD
+    assert not film.is_crystal and film.confidence >= DEFAULT_CONFIDENCE_THRESHOLD
+    assert crystal.held_out_precision is not None and crystal.held_out_precision >= DEFAULT_CONFIDENCE_THRESHOLD
+    assert consistent.held_out_precision("protein-plates", "atlas") == {True: 1.0, False: 1.0}  # never wrong
+
+    fooled = LabelMemory(tmp_path / "fooled")
+    for session in ("s1", "s2", "s3", "s4"):
+        _session(fooled, rng, session)
+    for session in ("s5", "s6"):  # sessions whose crystal-looking cluster was not crystal after all
+        fooled.record_clusters(
+            np.array([_jitter(CRYSTAL, rng, 0.05)]),
+            NAMES,
+            [False],
+            specimen="protein-plates",
+            preset="atlas",
+            session=session,
+        )
+    verdicts = fooled.held_out_verdicts("protein-plates", "atlas")
+    assert sorted(verdicts.values()).count((True, False)) >= 2  # it would have called them crystal
+    crystal = fooled.suggest(query[:1], NAMES, "protein-plates", "atlas")[0]
+    assert crystal.confidence < DEFAULT_CONFIDENCE_THRESHOLD  # so it asks
+    assert crystal.held_out_precision is not None and crystal.held_out_precision <= 5 / 7  # 4 of 6 right, + 1
