@@ -1,7 +1,9 @@
 """Benchmark: prompts per session as label memory fills, and how precise the labels it gives are.
 
 Run by hand: `.venv/bin/python benchmarks/bench_labels.py [--sessions 4] [--specimens TYPE ...]
-[--camera-px 512] [--squares 1] [--max-targets 2] [--json FILE]`.
+[--camera-px 1024] [--squares 1] [--max-targets 2] [--json FILE]` (about 10 minutes at 1024 px under
+load; `--camera-px 512` takes 4, but a 512 px atlas frame shows about one grid square, often without
+crystals, and its clusters do not recur across seeds: see `agent.labels` for both figures).
 
 For every specimen type: a fresh label-memory folder (temporary), then `--sessions` simulated screening
 sessions of that type with seeds 1, 2, ... sharing it, each with the simulated operator answering prompts
@@ -171,7 +173,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sessions", type=int, default=4, help="sessions per specimen type on one memory")
     parser.add_argument("--specimens", nargs="+", default=list(SPECIMEN_TYPES))
-    parser.add_argument("--camera-px", type=int, default=512)
+    parser.add_argument("--camera-px", type=int, default=1024)
     parser.add_argument("--squares", type=int, default=1)
     parser.add_argument("--max-targets", type=int, default=2)
     parser.add_argument("--first-seed", type=int, default=1)
