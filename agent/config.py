@@ -108,6 +108,9 @@ class ConfirmPlan(BaseModel):
     min_contrast_sigma: float = Field(
         default=3.0, gt=0, description="object vs surrounding film contrast, in units of the film's noise"
     )
+    reject_round: bool = Field(
+        default=True, description="reject a target whose object has a round outline (an ice ball) at search"
+    )
 
 
 class OperatorPlan(BaseModel):

@@ -14,28 +14,36 @@ balls, debris and grid-bar edges. The test is polarity-free and stated in units 
    mask, form objects (connected components, small holes filled);
 3. the object nearest the frame centre, within `radius_px`, is the target: its centroid is where the
    stage re-centres, its median contrast (in sigmas) is the confirmation score. Nothing there: rejected.
+4. whether that object's outline is round (`agent.locate.objects.is_round`: an ice ball, a frozen
+   droplet, where crystals are faceted) is reported in `FoundObject.round_outline`; at search
+   magnification even a 0.5 um ball spans enough pixels for the test. Objects cut by the frame edge are
+   never called round.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
 
+from agent.locate.objects import is_round
 from drivers.base import image_centre_px
 
 
 @dataclass(frozen=True)
 class FoundObject:
-    """An object found near the centre of a frame: centroid (col, row) px, area px, contrast (sigmas)."""
+    """An object found near the centre of a frame: centroid (col, row) px, area px, contrast (sigmas), and
+    whether its outline is round (an ice ball rather than a crystal)."""
 
     col_px: float
     row_px: float
     area_px: float
     contrast_sigma: float
     touches_border: bool
+    round_outline: bool = False
 
 
 def find_object_near_centre(
@@ -89,6 +97,7 @@ def find_object_near_centre(
     minimum_area = min_area_px if min_area_px is not None else max(4.0, (smooth * 2) ** 2)
     centre = image_centre_px(data.shape)
     best: FoundObject | None = None
+    best_label = 0
     best_distance = math.inf
     coms = ndimage.center_of_mass(objects, labels, index)
     touching = set(np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])).tolist())
@@ -105,6 +114,7 @@ def find_object_near_centre(
             distance = float(np.min(np.hypot(object_cols - centre[0], object_rows - centre[1])))
         if distance <= radius_px and distance < best_distance:
             best_distance = distance
+            best_label = int(label_id)
             best = FoundObject(
                 col_px=float(col),
                 row_px=float(row),
@@ -112,6 +122,10 @@ def find_object_near_centre(
                 contrast_sigma=float(np.median(contrast[member])),
                 touches_border=int(label_id) in touching,
             )
+    if best is not None and not best.touches_border:
+        box = ndimage.find_objects((labels == best_label).astype(np.int32))[0]
+        round_outline = is_round(relative, box, labels[box] == best_label, 1.0)
+        best = dataclasses.replace(best, round_outline=round_outline)
     return best
 
 

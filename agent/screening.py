@@ -624,7 +624,10 @@ class ScreeningSession:
                 reason="nothing crystal-like near the expected position at the search preset",
             )
             return self._advance()
-        x_um, y_um, confirm_score = found
+        x_um, y_um, confirm_score, round_outline = found
+        if round_outline and self.plan.confirm.reject_round:
+            self._finish_target("rejected", x_um, y_um, reason="a round object at the search preset (an ice ball)")
+            return self._advance()
         offset_um = math.hypot(x_um - frame.metadata.stage.x_um, y_um - frame.metadata.stage.y_um)
         self._work.update(x_um=x_um, y_um=y_um, confirm_score=confirm_score, offset_um=offset_um)
         if self.plan.confirm.recentre and offset_um > 0.05 * self.plan.confirm.radius_um:
@@ -855,9 +858,10 @@ def locate_near_centre(
     matrix_um_per_px: np.ndarray,
     plan: ScreeningPlan,
     atlas_classes: Callable[[np.ndarray], np.ndarray] | None = None,
-) -> tuple[float, float, float] | None:
+) -> tuple[float, float, float, bool] | None:
     """Find the object nearest the centre of a search frame within `confirm.radius_um` (see
-    `agent.confirm`); returns its stage position (x_um, y_um) and contrast in film-noise sigmas, or None.
+    `agent.confirm`); returns its stage position (x_um, y_um), contrast in film-noise sigmas and whether its
+    outline is round (an ice ball), or None.
 
     `atlas_classes(stage_xy_um (n, 2)) -> (n,)` says what the atlas saw at stage points (BAR, FILM,
     OTHER, OFF_ATLAS): bar pixels can never be the target, and film pixels set the film level even when
@@ -890,4 +894,4 @@ def locate_near_centre(
     if found is None:
         return None
     xy = pixel_to_stage_um(np.array([found.col_px, found.row_px]), image.shape, stage_xy, matrix_um_per_px)
-    return float(xy[0]), float(xy[1]), found.contrast_sigma
+    return float(xy[0]), float(xy[1]), found.contrast_sigma, found.round_outline

@@ -81,3 +81,23 @@ def test_film_known_from_the_atlas_sets_the_level_when_objects_cover_the_border(
     found = find_object_near_centre(image, radius_px=40, min_contrast_sigma=3, film_mask=film, min_area_px=50)
     assert found is not None
     assert left[round(found.row_px), round(found.col_px)] or right[round(found.row_px), round(found.col_px)]
+
+
+def test_a_round_ball_is_flagged_and_a_faceted_plate_is_not() -> None:
+    """At search magnification an ice ball (a sphere: round, darker towards its centre) is told from a
+    hexagonal plate of the same size and contrast by its outline."""
+    from skimage.draw import polygon
+
+    rng = np.random.default_rng(5)
+    yy, xx = np.mgrid[:256, :256]
+    r2 = ((yy - 128.0) ** 2 + (xx - 128.0) ** 2) / 40.0**2
+    ball = np.exp(-1.5 * np.sqrt(np.clip(1 - r2, 0, 1)))  # transmission of a sphere of OD 1.5
+    found = find_object_near_centre(_poisson(400.0 * ball, rng), radius_px=60, min_contrast_sigma=3)
+    assert found is not None and found.round_outline
+
+    angles = 0.2 + np.arange(6) * np.pi / 3
+    rows, cols = polygon(128 + 42 * np.sin(angles), 128 + 42 * np.cos(angles), (256, 256))
+    plate = np.ones((256, 256))
+    plate[rows, cols] = 0.6
+    found = find_object_near_centre(_poisson(400.0 * plate, rng), radius_px=60, min_contrast_sigma=3)
+    assert found is not None and not found.round_outline

@@ -207,7 +207,12 @@ def is_round(data: np.ndarray, box: tuple[slice, slice], mask: np.ndarray, level
     inside = np.zeros((rows.stop - rows.start, cols.stop - cols.start), dtype=bool)
     r0, c0 = box[0].start - rows.start, box[1].start - cols.start
     inside[r0 : r0 + mask.shape[0], c0 : c0 + mask.shape[1]] = mask
+    radius_px = float(np.sqrt(np.count_nonzero(mask) / np.pi))
     deviation = np.abs(data[rows, cols] - level)
+    if radius_px > 16.0:
+        # a large outline is smoothed in proportion (a sixteenth of the radius), so shot noise along it
+        # does not read as corners; a polygon's corners stay sharp at that scale
+        deviation = ndimage.gaussian_filter(deviation, radius_px / 16.0)
     near = ndimage.binary_dilation(inside, iterations=2)  # this object only, not its neighbours
     half = 0.5 * float(np.percentile(deviation[inside], 90))
     contours = find_contours(np.where(near, deviation, 0.0), half)
@@ -216,7 +221,7 @@ def is_round(data: np.ndarray, box: tuple[slice, slice], mask: np.ndarray, level
     outline = max(contours, key=len)
     if np.hypot(*(outline[0] - outline[-1])) > 1.0:  # not closed (cut by the frame)
         return False
-    share = outline_turning_concentration(outline)
+    share = outline_turning_concentration(outline, chord_px=max(2.0, radius_px / 8.0))  # chords grow alike
     return bool(np.isfinite(share) and share < ROUND_MAX_TURNING_SHARE)
 
 
