@@ -33,7 +33,7 @@ Bars and black areas (grid bars block the beam in bright and in dark field, so t
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -88,7 +88,31 @@ class ClusterModel:
         offset = (self.scale_mean / self.scale_std) @ self.components.T
         return self.capped(features) @ projection - offset
 
-    def predict(self, features: np.ndarray, chunk: int = 1 << 20) -> np.ndarray:
+    def _blocks(self, features: np.ndarray, chunk: int) -> Iterator[tuple[int, np.ndarray]]:
+        """(start row, float32 block of capped features) over `features` in chunks of `chunk` rows.
+
+        Labelling millions of windows is bandwidth-bound: one float32 buffer, reused, holds each chunk
+        with the cap applied in place (float32 keeps ~7 significant digits, far more than the features'
+        noise, and halves the memory traffic of the clip and the product).
+        """
+        shape = (min(chunk, features.shape[0]), features.shape[1])
+        buffer = np.empty(shape, dtype=np.float32)
+        low = high = None
+        if self.clip_low is not None and self.clip_high is not None:
+            # bounds tiled to the block's shape: element-wise min/max on equal shapes vectorise, while
+            # np.clip with per-column bounds broadcast along 9-wide rows runs ~8x slower
+            low = np.ascontiguousarray(np.broadcast_to(self.clip_low.astype(np.float32), shape))
+            high = np.ascontiguousarray(np.broadcast_to(self.clip_high.astype(np.float32), shape))
+        for start in range(0, features.shape[0], chunk):
+            rows = min(chunk, features.shape[0] - start)
+            block = buffer[:rows]
+            np.copyto(block, features[start : start + chunk], casting="unsafe")
+            if low is not None and high is not None:
+                np.minimum(block, high[:rows], out=block)
+                np.maximum(block, low[:rows], out=block)
+            yield start, block
+
+    def predict(self, features: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
         """Nearest-centroid cluster id of every row of `features` (n, F), int32; chunked for large n."""
         from threadpoolctl import threadpool_limits
 
@@ -98,27 +122,28 @@ class ClusterModel:
         # x @ (P @ C^T) - o @ C^T  (one thin matrix product per chunk, no z array)
         projection = (self.components / self.scale_std[None, :]).T  # (F, n_components)
         offset = (self.scale_mean / self.scale_std) @ self.components.T
-        weights = projection @ self.centroids_pca.T  # (F, k)
-        bias = np.sum(self.centroids_pca**2, axis=1) + 2.0 * (offset @ self.centroids_pca.T)
+        weights = (projection @ self.centroids_pca.T).astype(np.float32)  # (F, k)
+        bias = (np.sum(self.centroids_pca**2, axis=1) + 2.0 * (offset @ self.centroids_pca.T)).astype(np.float32)
         # thin matrix products: one BLAS thread is faster than two competing ones
         with threadpool_limits(1, user_api="blas"):
-            for start in range(0, features.shape[0], chunk):
-                block = self.capped(features[start : start + chunk])
-                labels[start : start + chunk] = np.argmin(bias[None, :] - 2.0 * (block @ weights), axis=1)
+            for start, block in self._blocks(features, chunk):
+                labels[start : start + block.shape[0]] = np.argmin(bias[None, :] - 2.0 * (block @ weights), axis=1)
         return labels
 
-    def distance_to(self, features: np.ndarray, cluster_id: int, chunk: int = 1 << 20) -> np.ndarray:
+    def distance_to(self, features: np.ndarray, cluster_id: int, chunk: int = 1 << 16) -> np.ndarray:
         """Euclidean distance in scaled PCA space from each row of `features` to a cluster centroid
-        (float64, chunked for large inputs)."""
+        (float64 out, float32 arithmetic, chunked for large inputs)."""
         from threadpoolctl import threadpool_limits
 
         features = np.asarray(features)
         out = np.empty(features.shape[0], dtype=np.float64)
-        centre = self.centroids_pca[cluster_id][None, :]
+        projection = ((self.components / self.scale_std[None, :]).T).astype(np.float32)
+        offset = (self.scale_mean / self.scale_std) @ self.components.T + self.centroids_pca[cluster_id]
+        offset32 = offset.astype(np.float32)[None, :]
         with threadpool_limits(1, user_api="blas"):
-            for start in range(0, features.shape[0], chunk):
-                z = self.transform(features[start : start + chunk]) - centre
-                out[start : start + chunk] = np.sqrt(np.einsum("ij,ij->i", z, z))
+            for start, block in self._blocks(features, chunk):
+                z = block @ projection - offset32
+                out[start : start + block.shape[0]] = np.sqrt(np.einsum("ij,ij->i", z, z))
         return out
 
 
