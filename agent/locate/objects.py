@@ -90,17 +90,19 @@ def film_statistics(data: np.ndarray, film: np.ndarray, max_samples: int = 200_0
     return level, sigma
 
 
-def object_polarity(dark: np.ndarray, bright: np.ndarray, deviation: np.ndarray) -> Polarity:
+def object_polarity(
+    dark: np.ndarray, bright: np.ndarray, deviation: np.ndarray, min_area_px: float = MIN_OBJECT_AREA_PX
+) -> Polarity:
     """Which deviant sign makes objects (see module docstring).
 
-    `dark` and `bright` are bool masks of deviant pixels of each sign (already opened), `deviation` the
-    smoothed image minus the film level. Each sign is weighed by the integrated contrast (sum of
-    |deviation|) of its compact components: at least `MIN_OBJECT_AREA_PX` pixels and at most 1 % of the
-    image (larger areas are holes, film steps or thickness changes, not objects). Weighing by contrast
+    `dark` and `bright` are bool masks of deviant pixels of each sign, `deviation` the smoothed image
+    minus the film level. Each sign is weighed by the integrated contrast (sum of |deviation|) of its
+    compact components: at least `min_area_px` pixels and at most 1 % of the image (larger areas are
+    holes, film steps or thickness changes, not objects). Weighing by contrast
     rather than counting keeps the faint bright fringes that defocus draws around dark objects from
     outvoting the objects themselves.
     """
-    max_area = max(MIN_OBJECT_AREA_PX, 0.01 * dark.size)
+    max_area = max(min_area_px, 0.01 * dark.size)
 
     def weight(mask: np.ndarray) -> tuple[int, float]:
         labels, count = ndimage.label(mask)
@@ -108,7 +110,7 @@ def object_polarity(dark: np.ndarray, bright: np.ndarray, deviation: np.ndarray)
             return 0, 0.0
         areas = np.bincount(labels.ravel())[1:]
         contrast = np.bincount(labels.ravel(), weights=np.abs(deviation).ravel())[1:]
-        compact = (areas >= MIN_OBJECT_AREA_PX) & (areas <= max_area)
+        compact = (areas >= min_area_px) & (areas <= max_area)
         return int(np.count_nonzero(compact)), float(contrast[compact].sum())
 
     (n_dark, w_dark), (n_bright, w_bright) = weight(dark), weight(bright)
@@ -258,11 +260,20 @@ def find_objects(
         return None
     level, sigma = stats
     threshold = min_contrast_sigma * sigma
-    dark = ndimage.binary_opening((data < level - threshold) & ~bar_mask)
-    bright = ndimage.binary_opening((data > level + threshold) & ~bar_mask)
-    polarity = object_polarity(dark, bright, data - level)
-    deviant = dark if polarity == "dark" else bright if polarity == "bright" else dark | bright
-    labels, _count = ndimage.label(deviant & (region_px > 0))
+    # the polarity is a whole-image vote: measured on every second pixel (a quarter of the work), where
+    # objects of MIN_OBJECT_AREA_PX and more still have a pixel or more
+    half, half_bar = data[::2, ::2], bar_mask[::2, ::2]
+    polarity = object_polarity(
+        (half < level - threshold) & ~half_bar, (half > level + threshold) & ~half_bar, half - level, min_area_px=1.0
+    )
+    if polarity == "dark":
+        deviant = data < level - threshold
+    elif polarity == "bright":
+        deviant = data > level + threshold
+    else:
+        deviant = np.abs(data - level) > threshold
+    deviant = ndimage.binary_opening(deviant & ~bar_mask & (region_px > 0))  # single noisy pixels are not objects
+    labels, _count = ndimage.label(deviant)
     smallest = max(MIN_OBJECT_AREA_PX, min_area_px)
     min_transmission = None
     if polarity == "dark" and dark_fraction is not None and max_od is not None and 0 <= dark_fraction < 1:
