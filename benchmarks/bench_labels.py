@@ -34,6 +34,7 @@ labels (nobody answered) are counted apart and should not occur with the simulat
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import tempfile
@@ -184,6 +185,13 @@ def main() -> None:
     console = Console(width=200)
 
     results: list[dict[str, Any]] = []
+    session = functools.partial(
+        run_session,
+        camera_px=args.camera_px,
+        squares=args.squares,
+        max_targets=args.max_targets,
+        error_rate=args.error_rate,
+    )
     with tempfile.TemporaryDirectory(prefix="bench-labels-") as tmp:
         base = args.out or Path(tmp)
         for index, specimen in enumerate(args.specimens):
@@ -191,16 +199,7 @@ def main() -> None:
             sessions = []
             for n in range(args.sessions):
                 seed = args.first_seed + n
-                row = run_session(
-                    specimen,
-                    seed,
-                    labels_dir,
-                    base / f"{specimen}-s{seed}",
-                    camera_px=args.camera_px,
-                    squares=args.squares,
-                    max_targets=args.max_targets,
-                    error_rate=args.error_rate,
-                )
+                row = session(specimen, seed, labels_dir, base / f"{specimen}-s{seed}")
                 sources = [c["source"] for c in row["clusters"]]
                 console.print(
                     f"{specimen} seed {seed}: {row['prompts']} prompt(s), labels "
@@ -211,16 +210,7 @@ def main() -> None:
             others = [s for s in SPECIMEN_TYPES if s != specimen]
             new_type = others[index % len(others)]
             new_seed = args.first_seed + args.sessions
-            new = run_session(
-                new_type,
-                new_seed,
-                labels_dir,
-                base / f"{specimen}-then-{new_type}-s{new_seed}",
-                camera_px=args.camera_px,
-                squares=args.squares,
-                max_targets=args.max_targets,
-                error_rate=args.error_rate,
-            )
+            new = session(new_type, new_seed, labels_dir, base / f"{specimen}-then-{new_type}-s{new_seed}")
             console.print(f"{specimen} memory, new type {new_type} seed {new_seed}: {new['prompts']} prompt(s)")
             results.append(
                 {
