@@ -109,7 +109,8 @@ class ConfirmPlan(BaseModel):
         default=3.0, gt=0, description="object vs surrounding film contrast, in units of the film's noise"
     )
     reject_round: bool = Field(
-        default=True, description="reject a target whose object has a round outline (an ice ball) at search"
+        default=True,
+        description="reject a target whose object nearest the centre has a round outline (an ice ball) at search",
     )
 
 

@@ -15,9 +15,11 @@ balls, debris and grid-bar edges. The test is polarity-free and stated in units 
 3. the object nearest the frame centre, within `radius_px`, is the target: its centroid is where the
    stage re-centres, its median contrast (in sigmas) is the confirmation score. Nothing there: rejected.
 4. whether that object's outline is round (`agent.locate.objects.is_round`: an ice ball, a frozen
-   droplet, where crystals are faceted) is reported in `FoundObject.round_outline`; at search
-   magnification even a 0.5 um ball spans enough pixels for the test. Objects cut by the frame edge are
-   never called round.
+   droplet, where crystals are faceted) is reported in `FoundObject.round_outline`, tested on the frame
+   smoothed by 1 px only (the object-scale smoothing would round off a small crystal's corners). Objects
+   cut by the frame edge and compound objects (a ball touching a crystal) are never called round. Only
+   the object nearest the centre is judged: when it is round the target is rejected, even if a crystal
+   lies a little further out (the atlas put the target on the nearest object).
 """
 
 from __future__ import annotations
@@ -123,8 +125,17 @@ def find_object_near_centre(
                 touches_border=int(label_id) in touching,
             )
     if best is not None and not best.touches_border:
+        # the outline test needs fine detail: a light smoothing, not the object-scale one used to find it
         box = ndimage.find_objects((labels == best_label).astype(np.int32))[0]
-        round_outline = is_round(relative, box, labels[box] == best_label, 1.0)
+        pad = 8
+        rows_box = slice(max(box[0].start - pad, 0), min(box[0].stop + pad, rows))
+        cols_box = slice(max(box[1].start - pad, 0), min(box[1].stop + pad, cols))
+        fine = ndimage.gaussian_filter(data[rows_box, cols_box], 1.0) / np.maximum(film[rows_box, cols_box], 1e-6)
+        inner = (
+            slice(box[0].start - rows_box.start, box[0].stop - rows_box.start),
+            slice(box[1].start - cols_box.start, box[1].stop - cols_box.start),
+        )
+        round_outline = is_round(fine, inner, labels[box] == best_label, 1.0)
         best = dataclasses.replace(best, round_outline=round_outline)
     return best
 

@@ -101,3 +101,31 @@ def test_a_round_ball_is_flagged_and_a_faceted_plate_is_not() -> None:
     plate[rows, cols] = 0.6
     found = find_object_near_centre(_poisson(400.0 * plate, rng), radius_px=60, min_contrast_sigma=3)
     assert found is not None and not found.round_outline
+
+
+def test_a_small_faceted_crystal_on_a_large_frame_is_not_called_round() -> None:
+    """On a 2048 px frame the object is found after an 8 px smoothing; the outline test must not see that
+    blur, or a hexagon of 20 px radius loses its corners and is rejected as ice."""
+    from skimage.draw import polygon
+
+    rng = np.random.default_rng(6)
+    angles = 0.2 + np.arange(6) * np.pi / 3
+    rows, cols = polygon(1024 + 20 * np.sin(angles), 1024 + 20 * np.cos(angles), (2048, 2048))
+    plate = np.ones((2048, 2048))
+    plate[rows, cols] = 0.6
+    found = find_object_near_centre(_poisson(400.0 * plate, rng), radius_px=200, min_contrast_sigma=3)
+    assert found is not None and not found.round_outline
+
+
+def test_a_crystal_touching_an_ice_ball_is_not_called_round() -> None:
+    from skimage.draw import polygon
+
+    rng = np.random.default_rng(7)
+    yy, xx = np.mgrid[:256, :256]
+    r2 = ((yy - 128.0) ** 2 + (xx - 128.0) ** 2) / 22.0**2
+    image = np.exp(-1.5 * np.sqrt(np.clip(1 - r2, 0, 1)))
+    angles = np.arange(6) * np.pi / 3
+    rows, cols = polygon(128 + 16 * np.sin(angles), 166 + 16 * np.cos(angles), (256, 256))
+    image[rows, cols] = np.minimum(image[rows, cols], 0.6)  # a hexagon touching the ball
+    found = find_object_near_centre(_poisson(400.0 * image, rng), radius_px=60, min_contrast_sigma=3)
+    assert found is not None and not found.round_outline

@@ -185,3 +185,40 @@ def test_round_ice_is_dropped_and_faceted_plates_are_kept(polarity: str) -> None
         assert np.min(np.hypot(centres[:, 0] - row, centres[:, 1] - col)) < 2, "a faceted crystal was dropped"
     kept = find_objects(image, objects == 0, regions, np.zeros(shape, dtype=bool), drop_round=False)
     assert kept is not None and len(kept) == len(ice) + len(crystals)
+
+
+def test_a_crystal_touching_an_ice_ball_is_kept() -> None:
+    """The round test judges single objects only: a ball touching a hexagon is split, not dropped."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(8)
+    shape = (200, 200)
+    objects = np.zeros(shape)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    r2 = ((yy - 100.0) ** 2 + (xx - 80.0) ** 2) / 22.0**2
+    od = 1.5 * np.sqrt(np.clip(1 - r2, 0, 1))  # an ice ball
+    hexagon = _polygon_mask(shape, 100, 118, 16, 6, 0.0)
+    od[hexagon] = np.maximum(od[hexagon], 0.5)
+    image = 2000.0 * np.exp(-ndimage.gaussian_filter(od, 1.0)) + rng.normal(0, 15, shape)
+    objects = od > 0
+    table = find_objects(image, ~objects, np.ones(shape, dtype=np.int32), np.zeros(shape, dtype=bool))
+    assert table is not None and not table.dropped
+    centres = np.stack([table.row_px, table.col_px], 1)
+    assert np.min(np.hypot(centres[:, 0] - 100, centres[:, 1] - 118)) < 6, "the hexagon must stay a candidate"
+
+
+def test_lone_noisy_pixels_do_not_decide_the_polarity() -> None:
+    """A bright-field image with one bright tear and three faint dark crystals: too few objects of either
+    sign to decide, so both signs make objects and the crystals are kept."""
+    rng = np.random.default_rng(9)
+    shape = (512, 512)
+    image = rng.normal(1000.0, 10.0, shape)
+    image[_disc(shape, 100, 100, 30)] += 200.0  # a tear in the film: brighter
+    crystals = [(300, 300), (400, 150), (200, 400)]
+    for row, col in crystals:
+        image[_polygon_mask(shape, row, col, 12, 6, 0.0)] -= 150.0
+    table = find_objects(image, np.ones(shape, dtype=bool), np.ones(shape, dtype=np.int32), np.zeros(shape, bool))
+    assert table is not None and table.polarity == "both"
+    centres = np.stack([table.row_px, table.col_px], 1)
+    for row, col in crystals:
+        assert np.min(np.hypot(centres[:, 0] - row, centres[:, 1] - col)) < 2

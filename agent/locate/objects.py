@@ -23,6 +23,9 @@ targets. Steps (`find_objects`):
    the necks between their parts (`split_compound`: watershed of the distance transform, one marker per
    local maximum at least `min_distance_px` apart). A cluster of crystals becomes several objects, a
    bundle of needles several pieces along its length; a single convex crystal stays whole.
+5. Objects are dropped before splitting when their outline is round (`is_round`: ice balls; single,
+   convex objects only) or, with `max_od`, when they are too thick for diffraction. A candidate region
+   whose objects were all dropped gives no candidate (`ObjectTable.dropped_regions`).
 
 Returned per object: its region (0-based), centroid row/col (px), area (px).
 """
@@ -198,10 +201,15 @@ def is_round(data: np.ndarray, box: tuple[slice, slice], mask: np.ndarray, level
     room for noise on the outline; a square measures about 0.9, a hexagon over 0.6). Objects smaller than
     a disc of radius `ROUND_MIN_RADIUS_PX` (6 px) are never called round: blurred by the optics and the
     smoothing, their corners are not resolved, so small ice and small crystals cannot be told apart.
+    `data` must be smoothed lightly (about 1 px), or corners of crystals a few tens of pixels across are
+    rounded off. Compound objects (`is_compound`: an ice ball touching a crystal, say) are never round,
+    so a crystal is not thrown away with the ball it touches. The test is tuned to spheres, whose
+    projection darkens towards the centre: a flat-topped, sharp-edged disc measures 0.36-0.40 and passes
+    as not round.
     """
     from skimage.measure import find_contours
 
-    if np.count_nonzero(mask) < np.pi * ROUND_MIN_RADIUS_PX**2:
+    if np.count_nonzero(mask) < np.pi * ROUND_MIN_RADIUS_PX**2 or is_compound(mask):
         return False
     pad = 3
     rows = slice(max(box[0].start - pad, 0), min(box[0].stop + pad, data.shape[0]))
@@ -260,11 +268,12 @@ def find_objects(
         return None
     level, sigma = stats
     threshold = min_contrast_sigma * sigma
-    # the polarity is a whole-image vote: measured on every second pixel (a quarter of the work), where
-    # objects of MIN_OBJECT_AREA_PX and more still have a pixel or more
+    # the polarity is a whole-image vote, measured on every second pixel (a quarter of the work); there
+    # a component needs 2 pixels (about 8 at full resolution), so lone noisy pixels cast no vote and
+    # MIN_POLARITY_OBJECTS keeps its meaning
     half, half_bar = data[::2, ::2], bar_mask[::2, ::2]
     polarity = object_polarity(
-        (half < level - threshold) & ~half_bar, (half > level + threshold) & ~half_bar, half - level, min_area_px=1.0
+        (half < level - threshold) & ~half_bar, (half > level + threshold) & ~half_bar, half - level, min_area_px=2.0
     )
     if polarity == "dark":
         deviant = data < level - threshold

@@ -80,7 +80,8 @@ def find_candidates(
 
     With `image` (the analysed image), each region is split into the objects it holds (see
     `objects_in_regions`) and every object becomes a candidate at its own centroid; a region in which no
-    object stands out keeps its centroid.
+    object stands out keeps its centroid, and a region whose objects were all dropped (ice balls, too
+    thick) gives no candidate.
 
     Raises `SettingsError` for unknown cluster ids or a score map of the wrong shape.
     """
@@ -209,7 +210,7 @@ def objects_in_regions(
     of `settings.min_spacing_px` apart, at least 2 px). In bright field, objects darker than
     `settings.max_object_od` allows are dropped when the bars give the camera's dark level. Returns, per
     object, the index of its region (0-based), centroid row and col (px) and area (px), then the regions
-    whose objects were dropped as too thick; None when there is no film to compare with.
+    where an object was dropped (round: ice; or too thick); None when there is no film to compare with.
     """
     from agent.locate.objects import find_objects
     from agent.locate.preprocess import prepare_image
