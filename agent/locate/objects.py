@@ -140,18 +140,19 @@ def is_compound(mask: np.ndarray) -> bool:
     return bool(props.solidity < MIN_SINGLE_SOLIDITY or elongation > MAX_SINGLE_ELONGATION)
 
 
-def split_compound(mask: np.ndarray, min_distance_px: int) -> np.ndarray:
+def split_compound(mask: np.ndarray, min_distance_px: int, compound: bool | None = None) -> np.ndarray:
     """Labels (int32, 0 outside, 1..n) of the parts of one object (`mask`, a bool crop).
 
     A compound object (`is_compound`) is split along the necks between its parts: watershed of the
     negated distance transform with one marker per local maximum at least `min_distance_px` apart. A
     single object comes back whole as label 1, so a lone crystal is never cut in two and nothing is lost.
+    `compound` is `is_compound(mask)` when the caller has it already (None: measured here).
     """
     from skimage.feature import peak_local_max
     from skimage.segmentation import watershed
 
     mask = np.asarray(mask, dtype=bool)
-    if not is_compound(mask):
+    if not (is_compound(mask) if compound is None else compound):
         return mask.astype(np.int32)
     padded = np.pad(mask, 1)
     distance = ndimage.distance_transform_edt(padded)
@@ -191,7 +192,9 @@ def outline_turning_concentration(outline_rc: np.ndarray, chord_px: float = 2.0,
     return float(np.sort(turn)[::-1][: max(1, int(n * top_fraction))].sum() / total)
 
 
-def is_round(data: np.ndarray, box: tuple[slice, slice], mask: np.ndarray, level: float) -> bool:
+def is_round(
+    data: np.ndarray, box: tuple[slice, slice], mask: np.ndarray, level: float, compound: bool | None = None
+) -> bool:
     """True when the object (`mask` in bounding box `box` of the smoothed image `data`) has a round outline.
 
     Ice balls are frozen droplets: spheres, round in projection. Crystals are faceted and turn at their
@@ -205,11 +208,13 @@ def is_round(data: np.ndarray, box: tuple[slice, slice], mask: np.ndarray, level
     rounded off. Compound objects (`is_compound`: an ice ball touching a crystal, say) are never round,
     so a crystal is not thrown away with the ball it touches. The test is tuned to spheres, whose
     projection darkens towards the centre: a flat-topped, sharp-edged disc measures 0.36-0.40 and passes
-    as not round.
+    as not round. `compound` is `is_compound(mask)` when the caller has it already (None: measured here).
     """
     from skimage.measure import find_contours
 
-    if np.count_nonzero(mask) < np.pi * ROUND_MIN_RADIUS_PX**2 or is_compound(mask):
+    if np.count_nonzero(mask) < np.pi * ROUND_MIN_RADIUS_PX**2:
+        return False
+    if is_compound(mask) if compound is None else compound:
         return False
     pad = 3
     rows = slice(max(box[0].start - pad, 0), min(box[0].stop + pad, data.shape[0]))
@@ -296,16 +301,17 @@ def find_objects(
             continue
         mask = labels[box] == label_id
         region = int(region_px[box][mask].max()) - 1
+        compound = is_compound(mask)
         reason = None
         if min_transmission is not None and float(data[box][mask].min()) < min_transmission * level:
             reason = "too-thick"
-        elif drop_round and is_round(data, box, mask, level):
+        elif drop_round and is_round(data, box, mask, level, compound=compound):
             reason = "round"
         if reason is not None:
             dropped_regions.add(region)
             dropped[reason] = dropped.get(reason, 0) + 1
             continue
-        parts = split_compound(mask, min_distance_px)
+        parts = split_compound(mask, min_distance_px, compound=compound)
         for part in range(1, int(parts.max()) + 1):
             part_rows, part_cols = np.nonzero(parts == part)
             if len(part_rows) < smallest:
