@@ -8,9 +8,11 @@ and become clusters of their own. `prepare_image` removes them, in this order, o
    8 neighbours is replaced by the mean of that maximum and minimum. The noise sigma is 1.4826 * MAD of
    horizontal neighbour differences / sqrt(2) over the unmasked pixels (self-calibrating: nothing is
    tuned to a detector).
-2. Stripes: the median of every column (row) over the unmasked pixels, divided by a running median of
-   those medians (9 columns), gives a gain per column; columns whose gain departs from 1 by more than 5
-   robust spreads of all gains are divided by it.
+2. Stripes: every pixel is divided by the median of its 8 neighbours along its row (4 on each side,
+   unmasked); the median of those ratios over the rows is the column's gain (rows likewise). Columns
+   whose gain departs from 1 by more than 5 robust spreads of all gains (and 0.5 %) are divided by it.
+   Ratios within a row cancel the illumination, so a column that keeps other rows than its neighbours
+   (at a tilted bar edge) is not read as a stripe.
 3. Illumination: divided by a smooth background, times the background's median (keeps the grey-value
    scale). The background is a normalised Gaussian convolution over unmasked pixels of a block-averaged
    copy, in two passes: sigma = 1/12 of the shorter side, then 1/24 with objects (pixels more than 3
@@ -78,6 +80,38 @@ def _nan_median_axis0(values: np.ndarray) -> np.ndarray:
     return np.where(n_valid > 0, median, np.nan)
 
 
+def _line_gains(sample: np.ndarray, width: int = 9) -> np.ndarray:
+    """Per column of `sample` (rows x columns, NaN where masked): the median over rows of each pixel divided
+    by the median of its `width` - 1 neighbours in the same row (NaN where a column has too few such pixels).
+
+    Ratios within a row cancel the illumination and the film level, so columns whose unmasked rows differ
+    (a tilted bar edge ending in one column and not the next) are compared fairly; a column median of raw
+    values would read the illumination of the rows it happens to keep as a gain. The neighbours' median,
+    not their mean, keeps one stripe from making its neighbours look like stripes too.
+    """
+    half = width // 2
+    sample = sample.astype(np.float32)  # float32 halves the sort's time; gains need no more precision
+    cols = sample.shape[1]
+    padded = np.pad(sample, ((0, 0), (half, half)), constant_values=np.nan)
+    neighbours = np.stack([padded[:, k : k + cols] for k in range(width) if k != half], axis=2)
+    neighbours.sort(axis=2)  # NaN sort last
+    finite = np.pad(np.isfinite(sample), ((0, 0), (half, half))).astype(np.int16)
+    n_left = sum(finite[:, k : k + cols] for k in range(half))
+    n_right = sum(finite[:, k : k + cols] for k in range(half + 1, width))
+    n_valid = n_left + n_right
+    low = np.clip((n_valid - 1) // 2, 0, width - 2)[..., None]
+    high = np.clip(n_valid // 2, 0, width - 2)[..., None]
+    local = 0.5 * (np.take_along_axis(neighbours, low, 2) + np.take_along_axis(neighbours, high, 2))[..., 0]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        # neighbours on both sides, so a gradient along the line (the beam's fall-off) cancels
+        both_sides = (n_left >= 2) & (n_right >= 2)
+        ratio = np.where(both_sides & (local != 0), sample / local, np.nan)
+    gains = _nan_median_axis0(ratio)
+    # too few rows for a median that can be trusted to 0.1 %: no gain (left alone)
+    enough = np.sum(np.isfinite(ratio), axis=0) >= max(16, sample.shape[0] // 8)
+    return np.where(enough, gains, np.nan)
+
+
 def remove_stripes(data: np.ndarray, mask: np.ndarray | None = None, threshold: float = 5.0) -> int:
     """In place: divide out column and row gains that stand out (see module docstring); returns how many
     lines were corrected."""
@@ -89,16 +123,12 @@ def remove_stripes(data: np.ndarray, mask: np.ndarray | None = None, threshold: 
         sample = lines[::step]
         if line_mask is not None:
             sample = np.where(line_mask[::step], np.nan, sample)
-        profile = _nan_median_axis0(sample)
-        valid = np.isfinite(profile) & (profile != 0)
+        gain = _line_gains(sample).astype(np.float64)
+        valid = np.isfinite(gain) & (gain > 0)
         if valid.sum() < 16:
             continue
-        filled = np.where(valid, profile, np.nanmedian(profile[valid]))
-        smooth = ndimage.median_filter(filled, size=9, mode="nearest")
-        gain = np.where(valid & (smooth != 0), filled / np.where(smooth != 0, smooth, 1.0), 1.0)
-        spread = 1.4826 * np.median(np.abs(gain[valid] - 1.0))
-        if spread <= 0:
-            spread = 1e-6
+        gain = np.where(valid, gain, 1.0)
+        spread = max(1.4826 * float(np.median(np.abs(gain[valid] - 1.0))), 1e-6)
         bad = valid & (np.abs(gain - 1.0) > threshold * spread) & (np.abs(gain - 1.0) > 0.005)
         if bad.any():
             factors = np.where(bad, gain, 1.0)
