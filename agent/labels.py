@@ -34,15 +34,20 @@ No memory, memory far away (a different-looking specimen) and conflicting memory
 vote confidence; one earlier session gives at most 0.77 (1 / 1.3), agreeing close labels from two
 sessions more than `DEFAULT_CONFIDENCE_THRESHOLD` (0.8).
 
-Held-out check (`held_out_precision`): votes trust that clusters which look alike hold alike things.
-Whether they do depends on the specimen, the atlas and the locator's features, so the memory checks it
-on its own answers: every session with answers is predicted from the other sessions, and for each
-label, over its confident predictions (vote confidence >= `CALIBRATION_CONFIDENCE`), `(right + 1) /
-(n + 1)` is taken (one assumed success, so a memory that was never wrong is not held back, and one that
-was wrong once in n < 4 predictions of a label drops below the default threshold). A suggestion's
-confidence is its vote confidence capped at that figure for the label it suggests: a memory that has
-mispredicted its own past answers (look-alike clusters answered differently in different sessions)
-asks instead of guessing, until enough right predictions outweigh the mistakes.
+Held-out check (`held_out_verdicts`, `local_precision`): votes trust that clusters which look alike
+hold alike things. Whether they do depends on the specimen, the atlas and the locator's features, so the
+memory checks it on its own answers: every session with answers is predicted from the other sessions,
+and each confident prediction (vote confidence >= `CALIBRATION_CONFIDENCE`) gets a verdict, right or
+wrong. The check is local: a suggestion looks at the verdicts of the records that voted on it (each
+earlier session's nearest record, either label), and over those whose own held-out prediction was the
+label it suggests takes `(right + 1) / (n + 1)`, each counted with its vote weight (one assumed
+success, so a memory that was never wrong is not held back, and one wrong verdict among fewer than four
+drops below the default threshold). The suggestion's confidence is capped at that figure: where the
+memory mispredicted its own past answers (look-alike clusters answered differently in different
+sessions) it asks instead of guessing, until enough right predictions outweigh the mistakes, while a
+mistake about one kind of cluster (a mixed film-and-crystal cluster) does not hold back the labels of
+another (the clean crystal cluster) that it predicted right every time. `held_out_precision` gives
+the same figure over all verdicts of a memory, for reports.
 
 Measured (`benchmarks/bench_labels.py`: four sessions of a type on one memory, then a new type; one
 grid square, the default plan's window features and k = 5, simulated operator; plus offline replays of
@@ -454,22 +459,22 @@ class LabelMemory:
     ) -> list[LabelSuggestion]:
         """One suggestion per row of `centroids` (n, F), from records of the same specimen and preset.
 
-        The vote's confidence is capped at the memory's held-out precision for the suggested label (see
-        the module docstring), so a memory that mispredicts its own past answers keeps asking.
+        The vote's confidence is capped at the memory's local held-out precision for the suggested label:
+        how often the memory, predicting the sessions that vote here from the other sessions, was right
+        when it said that label (module docstring). A memory that mispredicted its own past answers for
+        clusters like this one keeps asking; mistakes about other kinds of cluster do not hold it back.
         """
         query = _as_matrix(centroids, feature_names)
         records = [r for r in self._load() if r.specimen == specimen and r.preset == preset]
-        votes = self._votes(query, tuple(feature_names), records)
-        precision = self.held_out_precision(specimen, preset)
-        return [
-            vote.model_copy(
-                update={
-                    "confidence": min(vote.confidence, precision[vote.is_crystal]),
-                    "held_out_precision": precision[vote.is_crystal],
-                }
+        votes, voters = self._votes_and_voters(query, tuple(feature_names), records)
+        verdicts = self.held_out_verdicts(specimen, preset)
+        suggestions = []
+        for vote, near in zip(votes, voters, strict=True):
+            precision = local_precision(near, verdicts, vote.is_crystal)
+            suggestions.append(
+                vote.model_copy(update={"confidence": min(vote.confidence, precision), "held_out_precision": precision})
             )
-            for vote in votes
-        ]
+        return suggestions
 
     def held_out_precision(self, specimen: str, preset: str) -> dict[bool, float]:
         """Per suggested label (True: crystal), `(right + 1) / (n + 1)` over the memory's confident
@@ -499,21 +504,22 @@ class LabelMemory:
             others = [r for r in records if r.session != session]
             mine = [r for r in records if r.session == session and self.source_weights.get(r.source, 0.0) > 0]
             for names, group in _group_by_names(mine).items():
-                votes = self._votes(np.array([r.feature_vector for r in group]), names, others)
+                votes, _ = self._votes_and_voters(np.array([r.feature_vector for r in group]), names, others)
                 for record, vote in zip(group, votes, strict=True):
                     if vote.n_support and vote.confidence >= CALIBRATION_CONFIDENCE:
                         verdicts[record.id] = (vote.is_crystal, vote.is_crystal == record.is_crystal)
         self._held_out_cache = {key: verdicts}
         return verdicts
 
-    def _votes(
+    def _votes_and_voters(
         self, query: np.ndarray, names: tuple[str, ...], records: Sequence[LabelRecord]
-    ) -> list[LabelSuggestion]:
-        """The sessions' votes (module docstring) for each row of `query`, before the held-out check."""
+    ) -> tuple[list[LabelSuggestion], list[list[tuple[str, float]]]]:
+        """The sessions' votes (module docstring) for each row of `query`, before the held-out check, and
+        per row the records that voted: (record id, vote weight)."""
         needed = max(1, math.ceil(MIN_SHARED_FEATURE_FRACTION * len(names)))
         n_query = query.shape[0]
-        # best[i][session] = (distance, weight, is_crystal) of that session's nearest record
-        best: list[dict[str, tuple[float, float, bool]]] = [{} for _ in range(n_query)]
+        # best[i][session] = (distance, weight, is_crystal, record id) of that session's nearest record
+        best: list[dict[str, tuple[float, float, bool, str]]] = [{} for _ in range(n_query)]
         nearest = np.full(n_query, np.inf)
         for group_names, group in _group_by_names(records).items():
             shared = [n for n in names if n in group_names]
@@ -535,10 +541,13 @@ class LabelMemory:
                     d = float(distance[i, j])
                     previous = best[i].get(str(session))
                     if previous is None or d < previous[0]:
-                        best[i][str(session)] = (d, float(weight[i, j] * source_weight[j]), group[j].is_crystal)
+                        seen = float(weight[i, j] * source_weight[j])
+                        best[i][str(session)] = (d, seen, group[j].is_crystal, group[j].id)
         suggestions = []
+        voters = []
         for i in range(n_query):
-            counted = [(w, crystal) for _, w, crystal in best[i].values() if w >= MIN_VOTE_WEIGHT]
+            counted = [(w, crystal) for _, w, crystal, _ in best[i].values() if w >= MIN_VOTE_WEIGHT]
+            voters.append([(record_id, w) for _, w, _, record_id in best[i].values() if w >= MIN_VOTE_WEIGHT])
             w_c = sum(w for w, crystal in counted if crystal)
             w_n = sum(w for w, crystal in counted if not crystal)
             total = w_c + w_n + self.prior_strength
@@ -552,12 +561,24 @@ class LabelMemory:
                     nearest_distance=float(nearest[i]) if np.isfinite(nearest[i]) else None,
                 )
             )
-        return suggestions
+        return suggestions, voters
 
 
 # --------------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------------
+
+
+def local_precision(voters: Sequence[tuple[str, float]], verdicts: dict[str, tuple[bool, bool]], label: bool) -> float:
+    """`(right + 1) / (n + 1)` over the held-out verdicts of the records that voted on a cluster (either
+    way) whose held-out prediction was `label`, each counted with its vote weight (module docstring)."""
+    right = total = 0.0
+    for record_id, weight in voters:
+        verdict = verdicts.get(record_id)
+        if verdict is not None and verdict[0] == label:
+            total += weight
+            right += weight * verdict[1]
+    return (right + 1.0) / (total + 1.0)
 
 
 def _as_matrix(centroids: np.ndarray, feature_names: Sequence[str]) -> np.ndarray:

@@ -288,3 +288,34 @@ def test_a_memory_that_mispredicts_its_own_answers_keeps_asking(tmp_path: Path) 
     crystal = fooled.suggest(query[:1], NAMES, "protein-plates", "atlas")[0]
     assert crystal.confidence < DEFAULT_CONFIDENCE_THRESHOLD  # so it asks
     assert crystal.held_out_precision is not None and crystal.held_out_precision <= 5 / 7  # 4 of 6 right, + 1
+
+
+def test_mistakes_about_one_kind_of_cluster_do_not_hold_back_another(tmp_path: Path) -> None:
+    """Two mixed kinds (crystal edges, film steps) were called crystal in three sessions and not in the
+    fourth: held out, the memory got those wrong. It must keep asking about them, but the clean crystal
+    cluster, predicted right every time, is labelled without asking although the memory's overall
+    held-out precision for "crystal" is below the threshold."""
+    rng = np.random.default_rng(5)
+    edge = np.array([-1.0, 1.5, 1.0, 0.5, 3.0, 2.0])
+    step = np.array([1.5, 2.0, 1.5, -1.0, 2.0, 3.0])
+    memory = LabelMemory(tmp_path)
+    for session in ("s1", "s2", "s3", "s4"):
+        mixed_answer = session != "s4"
+        memory.record_clusters(
+            np.array([_jitter(FILM, rng), _jitter(CRYSTAL, rng), _jitter(edge, rng), _jitter(step, rng)]),
+            NAMES,
+            [False, True, mixed_answer, mixed_answer],
+            specimen="protein-plates",
+            preset="atlas",
+            session=session,
+        )
+    overall = memory.held_out_precision("protein-plates", "atlas")
+    assert overall[True] < DEFAULT_CONFIDENCE_THRESHOLD  # two wrong "crystal" predictions of six
+    crystal, mixed, film = memory.suggest(
+        np.array([_jitter(CRYSTAL, rng), _jitter(edge, rng), _jitter(FILM, rng)]), NAMES, "protein-plates", "atlas"
+    )
+    assert crystal.is_crystal and crystal.confidence >= DEFAULT_CONFIDENCE_THRESHOLD
+    assert crystal.held_out_precision == 1.0
+    assert mixed.confidence < DEFAULT_CONFIDENCE_THRESHOLD
+    assert mixed.held_out_precision is not None and mixed.held_out_precision < DEFAULT_CONFIDENCE_THRESHOLD
+    assert not film.is_crystal and film.confidence >= DEFAULT_CONFIDENCE_THRESHOLD
