@@ -16,6 +16,10 @@ from a console or a signal handler). Every transition and every target's outcome
 fsynced) before the next step, so `ScreeningSession.resume(dir)` continues a session killed at any point
 without revisiting a finished target or losing a written result.
 
+At `confirming` a target is rejected when nothing crystal-like lies near it at the search preset, when the
+object there is round (an ice ball), or when it re-centres onto an object an earlier target already
+confirmed (within `targeting.min_spacing_um`: pieces of one large flake or blob are measured once).
+
 Faults (`MicroscopeError` from any step) go to `recovering`: calibration and mapping are retried (a new
 calibration site each time), a target step is retried up to `recovery.max_retries` times and the target
 is then skipped (`failed`); more than `recovery.max_faults` faults end the session in `failed`.
@@ -57,7 +61,7 @@ from agent.labelling import LabellingDecision, decide_crystal_clusters
 from agent.locate.analysis import analyse
 from agent.locate.targets import find_candidates
 from agent.motion import approach_move, plan_path
-from agent.records import SessionSummary, TargetRecord, TargetResult
+from agent.records import CONFIRMED_OUTCOMES, SessionSummary, TargetRecord, TargetResult
 from drivers.base import Frame, Microscope, MicroscopeError, pixel_to_stage_um
 from drivers.formats.images import read_frame_tiff, write_frame_tiff
 
@@ -630,6 +634,14 @@ class ScreeningSession:
             return self._advance()
         offset_um = math.hypot(x_um - frame.metadata.stage.x_um, y_um - frame.metadata.stage.y_um)
         self._work.update(x_um=x_um, y_um=y_um, confirm_score=confirm_score, offset_um=offset_um)
+        earlier = self._measured_near(x_um, y_um)
+        if earlier is not None:
+            # several atlas targets on one large object (pieces of a blob, two ends of a flake) all re-centre
+            # onto it: measure it once
+            self._finish_target(
+                "rejected", x_um, y_um, reason=f"the same object as {earlier} (re-centred onto it at the search preset)"
+            )
+            return self._advance()
         if self.plan.confirm.recentre and offset_um > 0.05 * self.plan.confirm.radius_um:
             approach_move(self.microscope, x_um, y_um, self.plan.targeting.approach_um)
             centred = self.microscope.acquire(self.plan.exposures.search_s)
@@ -637,6 +649,14 @@ class ScreeningSession:
             self._work["images"]["centred"] = self._artifact("centred", path, target_id=self._current.target_id)
             self._work["search"] = centred
         return "confirmed"
+
+    def _measured_near(self, x_um: float, y_um: float) -> str | None:
+        """The id of a target already confirmed within `targeting.min_spacing_um` of (x, y) um, if any."""
+        spacing_um = self.plan.targeting.min_spacing_um
+        for result in self.results.values():
+            if result.outcome in CONFIRMED_OUTCOMES and math.hypot(result.x_um - x_um, result.y_um - y_um) < spacing_um:
+                return result.target_id
+        return None
 
     def _step_diffraction(self) -> str:
         assert self._current is not None

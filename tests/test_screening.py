@@ -387,3 +387,26 @@ def test_a_session_runs_through_the_zeromq_bridge(tmp_path: Path) -> None:
     assert [(t.target_id, round(t.x_um, 3)) for t in session.targets] == [
         (t.target_id, round(t.x_um, 3)) for t in local.targets
     ]
+
+
+def test_targets_that_recentre_onto_an_object_already_measured_are_not_measured_again(tmp_path: Path) -> None:
+    """Large flakes and blobs give several atlas targets (pieces of one object) that all re-centre onto the
+    same object at the search preset; it is confirmed and diffracted once, the others are rejected."""
+    microscope = create_simulated_microscope(specimen_type="graphite-flakes", seed=0, camera_shape_px=(CAMERA_PX,) * 2)
+    plan = ScreeningPlan(
+        specimen="graphite-flakes", seed=0, area=AreaPlan(squares=1), targeting=TargetingPlan(max_targets=12)
+    )
+    session = ScreeningSession(microscope, plan, tmp_path / "session")
+    session.run()
+    results = list(session.results.values())
+    confirmed = [r for r in results if r.confirmed]
+    spacing_um = plan.targeting.min_spacing_um
+    for i, a in enumerate(confirmed):
+        for b in confirmed[i + 1 :]:
+            assert np.hypot(a.x_um - b.x_um, a.y_um - b.y_um) >= spacing_um, (a.target_id, b.target_id)
+    duplicates = [r for r in results if r.outcome == "rejected" and "same object" in r.reason]
+    assert duplicates, "this grid has flakes that give several targets each"
+    for duplicate in duplicates:
+        earlier = session.results[duplicate.reason.split("same object as ")[1].split()[0]]
+        assert earlier.confirmed and np.hypot(earlier.x_um - duplicate.x_um, earlier.y_um - duplicate.y_um) < spacing_um
+        assert "diffraction" not in duplicate.images  # not measured again
