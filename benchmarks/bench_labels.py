@@ -27,6 +27,11 @@ tolerance; a cluster is "crystal" when that fraction reaches the operator's `min
 - `cell precision`: of ALL cells of the clusters labelled crystal, the fraction on a true crystal
   (what targets are drawn from; pooled over the sessions of a type).
 
+Replay (`replay_orders`): the sessions' clusters are also replayed offline in every order (24 for four
+sessions), each answered as the simulated operator would; it reports the mean prompts per session
+position and how many confident memory labels disagreed with the operator. One live run sees one order,
+in which a single mixed cluster decides whether a session asks.
+
 "Auto" counts the labels memory gave with enough confidence to skip asking (`label-memory`); fallback
 labels (nobody answered) are counted apart and should not occur with the simulated operator.
 """
@@ -35,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import sys
 import tempfile
@@ -103,6 +109,9 @@ def run_session(
         "targets_found": summary.get("targets_found"),
         "clusters": _judge_clusters(session, truth, operator),
         "operator_mistakes": sum(len(d.mistakes) for d in operator.decisions),
+        "preset": plan.presets.atlas,
+        "feature_names": list(session.analysis.feature_names) if session.analysis is not None else [],
+        "centroids": session.analysis.normalised_centroids().tolist() if session.analysis is not None else [],
     }
 
 
@@ -163,6 +172,51 @@ def precision_by_group(sessions: list[dict[str, Any]]) -> dict[str, dict[str, An
     return result
 
 
+def replay_orders(sessions: list[dict[str, Any]], max_orders: int = 24) -> dict[str, Any]:
+    """Offline replay of the memory on the sessions' clusters in every order (up to `max_orders`).
+
+    Each session is labelled from a fresh memory holding the sessions before it in that order, all answered
+    as the simulated operator would answer them (`truly_crystal`, also for clusters memory labelled in the
+    live run); a session asks when any cluster is below the default confidence threshold. One live run sees
+    one order, in which one mixed cluster decides whether a session asks; the replay averages that out.
+    Returns the mean prompts per session position, and how many confident labels disagreed with the
+    operator (`wrong`), of how many (`auto`, `auto_crystal`).
+    """
+    from agent.labels import DEFAULT_CONFIDENCE_THRESHOLD
+
+    usable = [s for s in sessions if s["centroids"]]
+    orders = list(itertools.islice(itertools.permutations(range(len(usable))), max_orders))
+    prompts = np.zeros(len(usable))
+    auto = auto_crystal = wrong = 0
+    for order in orders:
+        with tempfile.TemporaryDirectory(prefix="bench-labels-replay-") as tmp:
+            memory = LabelMemory(Path(tmp))
+            for position, index in enumerate(order):
+                session = usable[index]
+                answers = [bool(c["truly_crystal"]) for c in session["clusters"]]
+                centroids = np.asarray(session["centroids"], dtype=np.float64)
+                names, specimen, preset = session["feature_names"], session["specimen"], session["preset"]
+                suggestions = memory.suggest(centroids, names, specimen, preset)
+                confident = [s.confidence >= DEFAULT_CONFIDENCE_THRESHOLD for s in suggestions]
+                prompts[position] += not all(confident)
+                for sure, suggestion, answer in zip(confident, suggestions, answers, strict=True):
+                    if sure:
+                        auto += 1
+                        auto_crystal += suggestion.is_crystal
+                        wrong += suggestion.is_crystal != answer
+                memory.record_clusters(
+                    centroids, names, answers, specimen=specimen, preset=preset, session=f"replay-{index}",
+                    source="simulated",
+                )
+    return {
+        "orders": len(orders),
+        "prompts_by_position": (prompts / max(1, len(orders))).round(2).tolist(),
+        "auto": auto,
+        "auto_crystal": auto_crystal,
+        "wrong": wrong,
+    }
+
+
 def _f(value: Any, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -182,7 +236,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="keep session folders and memories here (default: temporary)")
     parser.add_argument("--json", type=Path, help="write every session as JSON")
     args = parser.parse_args()
-    console = Console(width=200)
+    console = Console(width=240)
 
     results: list[dict[str, Any]] = []
     session = functools.partial(
@@ -218,6 +272,7 @@ def main() -> None:
                     "sessions": sessions,
                     "new_type": new,
                     "precision": precision_by_group(sessions),
+                    "replay": replay_orders(sessions),
                 }
             )
 
@@ -231,6 +286,7 @@ def main() -> None:
     table.add_column("operator prec (cluster / sample / cell)")
     table.add_column("missed auto / op")
     table.add_column("target prec")
+    table.add_column("replay: prompts by position / wrong of auto")
     for entry in results:
         p = entry["precision"]
         auto, op = p["auto"], p["operator"]
@@ -245,6 +301,8 @@ def main() -> None:
             f"{_f(op['cluster_precision'])} / {_f(op['sample_precision'])} / {_f(op['cell_precision'])}",
             f"{auto['missed']} / {op['missed']}",
             ",".join(_f(t) for t in target) or "-",
+            f"{','.join(_f(v) for v in entry['replay']['prompts_by_position'])} / "
+            f"{entry['replay']['wrong']} of {entry['replay']['auto']}",
         )
     console.print(table)
     if args.json:
