@@ -54,10 +54,14 @@ grid square, the default plan's window features and k = 5, simulated operator; p
 the memory on 20 session orders of harvested atlases):
 
 - 1024 px camera (the atlas frame shows about 300 um, several grid squares): clusters recur across
-  seeds (the nearest cluster of another session carries the same answer for 96-100 % of graphite and
-  polymer clusters). Prompts per session 1,1,0,0 for graphite and protein, 1,1,1,0 polymer, 1,1,1,1
-  asbestos; every auto crystal label passes the operator's own criterion. What is still asked are
-  clusters with one session's support only, or mixed clusters on which earlier answers differ.
+  seeds. Prompts per session (seeds 1-4) 1,1,0,0 for graphite, protein and asbestos, 1,1,1,0 for
+  polymer. Replayed over all 24 orders of those sessions, the mean prompts of the third and fourth
+  session are protein 0 / 0, polymer 0.08 / 0, graphite 0.5 / 0.25, asbestos 0.5 / 0.75. What is still
+  asked is one mixed cluster (a fibre or flake edge, 10-60 % of its cells on crystals) that the operator
+  calls crystal in some sessions and not in others: no memory of such answers can be confident about
+  the next one. Confident labels agreed with the operator everywhere except asbestos (12 of 210, the
+  same mixed kind of cluster, labelled crystal where the operator's sample of it held no crystal).
+- 2048 px camera: 1,1,1,1 for protein and graphite (one cluster asked in the third and fourth session).
 - 512 px camera (about one grid square, often empty or without crystals): clusters do not recur, and
   film-thickness steps and bar edges look like graphite flakes and asbestos fibres to these features
   (nearest-cluster agreement 70-88 %). Prompts do not stop and auto crystal labels are less precise
