@@ -222,3 +222,28 @@ def test_lone_noisy_pixels_do_not_decide_the_polarity() -> None:
     centres = np.stack([table.row_px, table.col_px], 1)
     for row, col in crystals:
         assert np.min(np.hypot(centres[:, 0] - row, centres[:, 1] - col)) < 2
+
+
+def test_each_region_gives_its_first_object_before_any_region_gives_a_second() -> None:
+    """A row of dark blobs close enough to make one candidate region holds several objects that share the
+    region's score; they must not take every target slot before a fainter crystal elsewhere gets one."""
+    rng = np.random.default_rng(4)
+    shape = (256, 256)
+    transmission = np.ones(shape)
+    row_of_blobs = np.zeros(shape, dtype=bool)
+    for k in range(5):
+        row_of_blobs |= _disc(shape, 70, 60 + 14 * k, 5)  # 4 px gaps: one region, five objects
+    transmission[row_of_blobs] = 0.55
+    plate = _polygon_mask(shape, 180, 170, 9, 6, 0.2)
+    transmission[plate] = 0.8
+    image = np.clip(rng.poisson(4000 * transmission).astype(np.float64), 0, 65535).astype(np.uint16)
+    settings = LocateSettings(mode="window", window_px=9, stride_px=2, k=3, max_candidates=2, min_spacing_px=6)
+    analysis = analyse(image, settings)
+    labels = analysis.to_pixels(analysis.label_grid)
+    crystal = sorted({int(v) for v in labels[row_of_blobs | plate]} - {analysis.background_cluster, -1})
+    everything = find_candidates(analysis, crystal, settings.model_copy(update={"max_candidates": 10_000}), image=image)
+    assert sum(row_of_blobs[round(c.row_px), round(c.col_px)] for c in everything) == 5
+    top_two = find_candidates(analysis, crystal, settings, image=image)
+    assert len(top_two) == 2
+    assert sum(row_of_blobs[round(c.row_px), round(c.col_px)] for c in top_two) == 1
+    assert sum(plate[round(c.row_px), round(c.col_px)] for c in top_two) == 1

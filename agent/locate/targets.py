@@ -6,7 +6,8 @@ its area-weighted centroid (moved to the region's nearest cell when the centroid
 for a curved fibre), or, given the image, one candidate per object inside the region
 (`objects_in_regions`) -> drop regions smaller than `min_area_px` and candidates closer than
 `min_bar_distance_px` to the bar mask -> rank by score (the region's highest cell score: distance from
-the background cluster, or similarity) -> greedy de-duplication: a candidate closer than
+the background cluster, or similarity), every region's largest object before any region's second one ->
+greedy de-duplication: a candidate closer than
 `min_spacing_px` to a better one is dropped -> at most `max_candidates`.
 
 `candidates_to_stage` adds stage coordinates with `drivers.base.pixel_to_stage_um`.
@@ -154,7 +155,13 @@ def find_candidates(
     dominant = ndimage.median(cluster_of_cell, regions, index) if score_map is None else np.full(n_regions, -1)
     dominant = np.atleast_1d(np.asarray(dominant))[region_of]
     best = best[region_of]
-    order = [i for i in np.argsort(-best, kind="stable") if keep[i]]
+    # the objects of one region share its score: take every region's largest object first, then the second
+    # ones, ..., so that the pieces of one big blob do not crowd out the other regions' objects
+    by_size = np.lexsort((-weights, region_of))
+    rank_in_region = np.empty(len(region_of), dtype=np.int64)
+    starts = np.flatnonzero(np.r_[True, np.diff(region_of[by_size]) != 0])
+    rank_in_region[by_size] = np.arange(len(by_size)) - np.repeat(starts, np.diff(np.r_[starts, len(by_size)]))
+    order = [i for i in np.lexsort((-best, rank_in_region)) if keep[i]]
     chosen: list[Candidate] = []
     min_d2 = settings.min_spacing_px**2
     for i in order:
