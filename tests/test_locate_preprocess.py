@@ -70,3 +70,25 @@ def test_tilted_bar_edge_under_uneven_light_is_not_taken_for_stripes() -> None:
     striped[:, 120] *= 1.06  # a real bright column is still found on the same image
     assert remove_stripes(striped, bar) >= 1
     assert abs(np.median(striped[:, 120]) / np.median(striped[:, 121]) - 1) < 0.01
+
+
+def test_low_dose_counts_are_not_taken_for_stripes() -> None:
+    """At a few counts per pixel most column medians are the same integer: the gains' own spread is then
+    zero, and only each median's standard error tells a stripe from noise."""
+    rng = np.random.default_rng(2)
+    data = rng.poisson(10, (512, 512)).astype(np.float64)
+    untouched = data.copy()
+    assert remove_stripes(data) == 0
+    np.testing.assert_array_equal(data, untouched)
+
+
+def test_a_stripe_several_columns_wide_is_removed_and_its_neighbours_are_left_alone() -> None:
+    rng = np.random.default_rng(5)
+    clean = rng.normal(1000, 18, (512, 512))
+    data = clean.copy()
+    data[:, 200:204] *= 1.08
+    assert remove_stripes(data) == 4
+    leftover = np.abs(np.median(data / clean, axis=0) - 1)
+    assert leftover.max() < 0.005
+    np.testing.assert_array_equal(data[:, :200], clean[:, :200])
+    np.testing.assert_array_equal(data[:, 204:], clean[:, 204:])

@@ -69,6 +69,14 @@ def remove_outlier_pixels(data: np.ndarray, sigma: float, threshold: float = 8.0
     return count
 
 
+#: Lines a pixel is compared with along its row: 8 on each side.
+_STRIPE_WINDOW = 17
+#: Passes of the stripe search (a stripe up to this many lines wide is measured against clean neighbours).
+_MAX_STRIPE_PASSES = 4
+#: Smallest gain error corrected (fraction).
+_MIN_STRIPE_GAIN = 0.005
+
+
 def _nan_median_axis0(values: np.ndarray) -> np.ndarray:
     """Column medians ignoring NaN (NaN where a column has no value); vectorised."""
     ordered = np.sort(values, axis=0)  # NaN sort last
@@ -80,36 +88,50 @@ def _nan_median_axis0(values: np.ndarray) -> np.ndarray:
     return np.where(n_valid > 0, median, np.nan)
 
 
-def _line_gains(sample: np.ndarray, width: int = 9) -> np.ndarray:
+def _line_gains(sample: np.ndarray, exclude: np.ndarray, width: int = _STRIPE_WINDOW) -> tuple[np.ndarray, np.ndarray]:
     """Per column of `sample` (rows x columns, NaN where masked): the median over rows of each pixel divided
-    by the median of its `width` - 1 neighbours in the same row (NaN where a column has too few such pixels).
+    by the level of its neighbours in the same row (up to `width` // 2 on each side, at least 2 on each,
+    columns flagged in `exclude` left out; the two sides' means interpolated to the pixel), and the standard
+    error of that median. NaN where a column has
+    too few such pixels.
 
     Ratios within a row cancel the illumination and the film level, so columns whose unmasked rows differ
     (a tilted bar edge ending in one column and not the next) are compared fairly; a column median of raw
-    values would read the illumination of the rows it happens to keep as a gain. The neighbours' median,
-    not their mean, keeps one stripe from making its neighbours look like stripes too.
+    values would read the illumination of the rows it happens to keep as a gain. Neighbours on both sides
+    cancel a gradient along the row (the beam's fall-off); so the outer two lines are never measured.
     """
     half = width // 2
-    sample = sample.astype(np.float32)  # float32 halves the sort's time; gains need no more precision
-    cols = sample.shape[1]
-    padded = np.pad(sample, ((0, 0), (half, half)), constant_values=np.nan)
-    neighbours = np.stack([padded[:, k : k + cols] for k in range(width) if k != half], axis=2)
-    neighbours.sort(axis=2)  # NaN sort last
-    finite = np.pad(np.isfinite(sample), ((0, 0), (half, half))).astype(np.int16)
-    n_left = sum(finite[:, k : k + cols] for k in range(half))
-    n_right = sum(finite[:, k : k + cols] for k in range(half + 1, width))
-    n_valid = n_left + n_right
-    low = np.clip((n_valid - 1) // 2, 0, width - 2)[..., None]
-    high = np.clip(n_valid // 2, 0, width - 2)[..., None]
-    local = 0.5 * (np.take_along_axis(neighbours, low, 2) + np.take_along_axis(neighbours, high, 2))[..., 0]
+    valid = np.isfinite(sample)
+    usable = valid & ~exclude[None, :]
+    values = np.where(usable, sample, 0.0)
+
+    def window_sums(array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        total = np.pad(np.cumsum(array, axis=1), ((0, 0), (half + 1, half)), mode="edge")
+        total[:, : half + 1] = 0.0
+        cols = array.shape[1]
+        left = total[:, half : half + cols] - total[:, :cols]  # columns c - half .. c - 1
+        right = total[:, 2 * half + 1 : 2 * half + 1 + cols] - total[:, half + 1 : half + 1 + cols]
+        return left, right
+
+    left_sum, right_sum = window_sums(values)
+    n_left, n_right = window_sums(usable.astype(np.float64))
     with np.errstate(divide="ignore", invalid="ignore"):
-        # neighbours on both sides, so a gradient along the line (the beam's fall-off) cancels
-        both_sides = (n_left >= 2) & (n_right >= 2)
-        ratio = np.where(both_sides & (local != 0), sample / local, np.nan)
+        # each side's mean sits about (n + 1) / 2 lines away: interpolating between them cancels a gradient
+        # along the row even where a mask leaves fewer neighbours on one side
+        left_distance, right_distance = (n_left + 1) / 2, (n_right + 1) / 2
+        local = (right_distance * left_sum / n_left + left_distance * right_sum / n_right) / (
+            left_distance + right_distance
+        )
+        ratio = np.where(valid & (n_left >= 2) & (n_right >= 2) & (local != 0), sample / local, np.nan)
     gains = _nan_median_axis0(ratio)
-    # too few rows for a median that can be trusted to 0.1 %: no gain (left alone)
-    enough = np.sum(np.isfinite(ratio), axis=0) >= max(16, sample.shape[0] // 8)
-    return np.where(enough, gains, np.nan)
+    n_rows = np.sum(np.isfinite(ratio), axis=0)
+    residual = (ratio - gains[None, :])[np.isfinite(ratio)]
+    sigma = 1.4826 * float(np.median(np.abs(residual[:: max(1, residual.size // 200_000)]))) if residual.size else 0.0
+    # the median of integer counts is quantised (most columns land exactly on 1 at low dose): the spread of
+    # the gains then says nothing, and the standard error of each median is the honest yardstick
+    standard_error = 1.2533 * sigma / np.sqrt(np.maximum(n_rows, 1))
+    enough = n_rows >= max(16, sample.shape[0] // 8)
+    return np.where(enough, gains, np.nan), standard_error
 
 
 def remove_stripes(data: np.ndarray, mask: np.ndarray | None = None, threshold: float = 5.0) -> int:
@@ -120,23 +142,41 @@ def remove_stripes(data: np.ndarray, mask: np.ndarray | None = None, threshold: 
         lines = data if axis == 0 else data.T
         line_mask = None if mask is None else (mask if axis == 0 else mask.T)
         step = max(1, lines.shape[0] // 256)
-        sample = lines[::step]
+        sample = lines[::step].astype(np.float64)
         if line_mask is not None:
-            sample = np.where(line_mask[::step], np.nan, sample)
-        gain = _line_gains(sample).astype(np.float64)
-        valid = np.isfinite(gain) & (gain > 0)
-        if valid.sum() < 16:
-            continue
-        gain = np.where(valid, gain, 1.0)
-        spread = max(1.4826 * float(np.median(np.abs(gain[valid] - 1.0))), 1e-6)
-        bad = valid & (np.abs(gain - 1.0) > threshold * spread) & (np.abs(gain - 1.0) > 0.005)
-        if bad.any():
-            factors = np.where(bad, gain, 1.0)
+            sample[line_mask[::step]] = np.nan
+        bad = np.zeros(sample.shape[1], dtype=bool)
+        for _ in range(_MAX_STRIPE_PASSES):
+            gain, standard_error = _line_gains(sample, bad)
+            valid = np.isfinite(gain) & (gain > 0)
+            if valid.sum() < 16:
+                break
+            signed = np.where(valid & ~bad, gain - 1.0, 0.0)
+            deviation = np.abs(signed)
+            clean = valid & ~bad
+            spread = 1.4826 * float(np.median(deviation[clean])) if clean.any() else 0.0
+            limit = np.maximum(threshold * np.maximum(spread, standard_error), _MIN_STRIPE_GAIN)
+            # a stripe pulls its neighbours' means its way, so they seem to deviate the other way: per
+            # pass, only lines on the dominant side of their neighbourhood and at least half as strong as
+            # its strongest are taken; the next pass measures the rest against neighbours without them
+            high = ndimage.maximum_filter1d(signed, size=_STRIPE_WINDOW)
+            low = ndimage.minimum_filter1d(signed, size=_STRIPE_WINDOW)
+            dominant = np.where(
+                signed > 0, (high >= -low) & (signed >= 0.5 * high), (-low >= high) & (signed <= 0.5 * low)
+            )
+            new = clean & (deviation > limit) & dominant
+            if not new.any():
+                break
+            bad |= new
+        else:
+            gain, _ = _line_gains(sample, bad)
+        factors = np.where(bad & np.isfinite(gain) & (gain > 0), gain, 1.0)
+        if (factors != 1.0).any():
             if axis == 0:
                 data /= factors[None, :]
             else:
                 data /= factors[:, None]
-            corrected += int(bad.sum())
+            corrected += int((factors != 1.0).sum())
     return corrected
 
 
