@@ -556,8 +556,7 @@ class ScreeningSession:
                 inside = inside and x_min <= x_um <= x_max and y_min <= y_um <= y_max
             if inside:
                 kept.append((candidate, float(x_um), float(y_um)))
-        kept.sort(key=lambda item: -item[0].score)
-        kept = kept[: targeting.max_targets]
+        kept = kept[: targeting.max_targets]  # in the locator's order (best first, one object per region first)
         here = self.microscope.get_stage()
         order = plan_path((here.x_um, here.y_um), np.array([[x, y] for _, x, y in kept]).reshape(-1, 2))
         self.targets = [

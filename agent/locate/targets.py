@@ -155,13 +155,13 @@ def find_candidates(
     dominant = ndimage.median(cluster_of_cell, regions, index) if score_map is None else np.full(n_regions, -1)
     dominant = np.atleast_1d(np.asarray(dominant))[region_of]
     best = best[region_of]
-    # the objects of one region share its score: take every region's largest object first, then the second
-    # ones, ..., so that the pieces of one big blob do not crowd out the other regions' objects
-    by_size = np.lexsort((-weights, region_of))
-    rank_in_region = np.empty(len(region_of), dtype=np.int64)
+    # the objects of one region share its score: take every region's largest kept object first, then the
+    # second ones, ..., so that the pieces of one big blob do not crowd out the other regions' objects
+    kept_index = np.flatnonzero(keep)
+    by_size = kept_index[np.lexsort((-weights[kept_index], region_of[kept_index]))]
     starts = np.flatnonzero(np.r_[True, np.diff(region_of[by_size]) != 0])
-    rank_in_region[by_size] = np.arange(len(by_size)) - np.repeat(starts, np.diff(np.r_[starts, len(by_size)]))
-    order = [i for i in np.lexsort((-best, rank_in_region)) if keep[i]]
+    rank_in_region = np.arange(len(by_size)) - np.repeat(starts, np.diff(np.r_[starts, len(by_size)]))
+    order = by_size[np.lexsort((-best[by_size], rank_in_region))].tolist()
     chosen: list[Candidate] = []
     min_d2 = settings.min_spacing_px**2
     for i in order:
