@@ -40,18 +40,18 @@ memory checks it on its own answers: every session with answers is predicted fro
 and each confident prediction (vote confidence >= `CALIBRATION_CONFIDENCE`) gets a verdict, right or
 wrong. The check is local: a suggestion looks at the verdicts of the records that voted on it (each
 earlier session's nearest record, either label), and over those whose own held-out prediction was the
-label it suggests takes `(right + 1) / (n + 1)`, each counted with its vote weight (one assumed
-success, so a memory that was never wrong is not held back, and one wrong verdict among fewer than four
-drops below the default threshold). The suggestion's confidence is capped at that figure: where the
-memory mispredicted its own past answers (look-alike clusters answered differently in different
-sessions) it asks instead of guessing, until enough right predictions outweigh the mistakes, while a
-mistake about one kind of cluster (a mixed film-and-crystal cluster) does not hold back the labels of
-another (the clean crystal cluster) that it predicted right every time. `held_out_precision` gives
-the same figure over all verdicts of a memory, for reports.
+label it suggests takes `(right + 1) / (n + 1)`, each verdict counted with its record's vote weight
+(one assumed success, so a memory that was never wrong is not held back; one wrong verdict of full
+weight among fewer than four drops below the default threshold). The suggestion's confidence is capped
+at that figure: where the memory mispredicted its own past answers (look-alike clusters answered
+differently in different sessions) it asks instead of guessing, until enough right predictions outweigh
+the mistakes, while a mistake about one kind of cluster (a mixed film-and-crystal cluster) does not hold
+back the labels of another (the clean crystal cluster) that it predicted right every time. `held_out_precision` gives
+the unweighted figure over all verdicts of a memory, for reports.
 
 Measured (`benchmarks/bench_labels.py`: four sessions of a type on one memory, then a new type; one
-grid square, the default plan's window features and k = 5, simulated operator; plus offline replays of
-the memory on 20 session orders of harvested atlases):
+grid square, the default plan's window features and k = 5, simulated operator; its offline replay
+relabels the same sessions in all 24 orders):
 
 - 1024 px camera (the atlas frame shows about 300 um, several grid squares): clusters recur across
   seeds. Prompts per session (seeds 1-4) 1,1,0,0 for graphite, protein and asbestos, 1,1,1,0 for

@@ -42,6 +42,7 @@ import argparse
 import functools
 import itertools
 import json
+import math
 import sys
 import tempfile
 import time
@@ -173,7 +174,8 @@ def precision_by_group(sessions: list[dict[str, Any]]) -> dict[str, dict[str, An
 
 
 def replay_orders(sessions: list[dict[str, Any]], max_orders: int = 24) -> dict[str, Any]:
-    """Offline replay of the memory on the sessions' clusters in every order (up to `max_orders`).
+    """Offline replay of the memory on the sessions' clusters in every order (a seeded sample of
+    `max_orders` when there are more).
 
     Each session is labelled from a fresh memory holding the sessions before it in that order, all answered
     as the simulated operator would answer them (`truly_crystal`, also for clusters memory labelled in the
@@ -185,7 +187,11 @@ def replay_orders(sessions: list[dict[str, Any]], max_orders: int = 24) -> dict[
     from agent.labels import DEFAULT_CONFIDENCE_THRESHOLD
 
     usable = [s for s in sessions if s["centroids"]]
-    orders = list(itertools.islice(itertools.permutations(range(len(usable))), max_orders))
+    if math.factorial(len(usable)) <= max_orders:
+        orders = list(itertools.permutations(range(len(usable))))
+    else:  # a seeded sample of orders (the first permutations would all start with session 0)
+        rng = np.random.default_rng(0)
+        orders = [tuple(int(i) for i in rng.permutation(len(usable))) for _ in range(max_orders)]
     prompts = np.zeros(len(usable))
     auto = auto_crystal = wrong = 0
     for order in orders:
