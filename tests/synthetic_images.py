@@ -42,6 +42,7 @@ class SyntheticImage:
     ice_centres_px: tuple[tuple[float, float], ...] = ()
     data_bar_rows: tuple[int, int] | None = None
     polarity: str = "bright"
+    hole_mask: np.ndarray | None = None
     notes: dict[str, float] = field(default_factory=dict)
 
     def crystal_mask(self, margin_px: float = 0.0) -> np.ndarray:
@@ -108,9 +109,11 @@ def make_grid_image(
     data_bar: bool = True,
     tile_seams: bool = False,
     noise_counts: float = 1.0,
+    torn_film_hole: bool = False,
 ) -> SyntheticImage:
     """A seeded real-world-like grid image; see the module docstring. Crystals lie on film only, away
-    from bars, the data bar and each other (no overlaps)."""
+    from bars, the data bar and each other (no overlaps). `torn_film_hole`: one square's film has a round
+    hole (vacuum: about 8 % brighter than the film in bright field, dark in dark field; `hole_mask`)."""
     rng = np.random.default_rng(seed)
     rows, cols = shape
     angle = float(rng.uniform(-20, 20)) if bar_angle_deg is None else float(bar_angle_deg)
@@ -129,6 +132,14 @@ def make_grid_image(
     forbidden[: int(crystal_size_px[1]), :] = True
     forbidden[:, : int(crystal_size_px[1])] = True
     forbidden[:, -int(crystal_size_px[1]) :] = True
+    hole = np.zeros(shape, dtype=bool)
+    if torn_film_hole:
+        open_distance = ndimage.distance_transform_edt(~(bar | forbidden))
+        centre = np.unravel_index(int(np.argmax(open_distance)), shape)
+        radius = 0.8 * float(open_distance[centre])
+        yy, xx = np.ogrid[0:rows, 0:cols]
+        hole = ((yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= radius**2) & ~bar
+        forbidden |= ndimage.distance_transform_edt(~hole) < margin
     crystals: list[PlantedCrystal] = []
     attempts = 0
     while len(crystals) < n_crystals and attempts < n_crystals * 200:
@@ -175,6 +186,8 @@ def make_grid_image(
         window = (slice(r - 30, r + 31), slice(c - 30, c + 31))
         film[window] -= 0.2 * local
         scatter[window] += 0.2 * local
+    film[hole] = 1.08  # vacuum: nothing scatters
+    scatter[hole] = -0.15  # dark field: darker than the film
     yy, xx = np.mgrid[0:rows, 0:cols].astype(np.float64)
     vignette = 1.0 - uneven_illumination * (((yy - rows * 0.4) / rows) ** 2 + ((xx - cols * 0.6) / cols) ** 2) * 2
     gradient = 1.0 + uneven_illumination * 0.5 * (xx / cols - 0.5)
@@ -217,5 +230,6 @@ def make_grid_image(
         ice_centres_px=tuple(ice),
         data_bar_rows=data_rows,
         polarity=polarity,
+        hole_mask=hole if torn_film_hole else None,
         notes={"bar_angle_deg": angle},
     )

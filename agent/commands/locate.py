@@ -4,8 +4,8 @@ Writes into `--out DIR`: `heatmap.png` (cluster map over the image, candidates n
 `clusters.json` (per cluster: size, mean and normalised features; the rule or option that chose the
 crystal clusters; settings), `gallery.png` (typical patches per cluster), `candidates.json` and
 `candidates.csv` (row_px, col_px, area_px, score, cluster_id and, with stage metadata, x_um, y_um),
-`bar_mask.png` (white on grid bars / black areas) and, with `--reference`, `similarity.png`. Prints a
-short table.
+`bar_mask.png` (white on grid bars / black areas / holes in the film) and, with `--reference`,
+`similarity.png`. Prints a short table.
 """
 
 from __future__ import annotations
@@ -218,6 +218,7 @@ def run(args: argparse.Namespace) -> int:
         "k_scores": {str(k): v for k, v in analysis.k_scores.items()},
         "bar_angle_deg": analysis.bar_angle_deg,
         "bar_fraction": float(analysis.bar_mask.mean()),
+        "vacuum_fraction": float(analysis.vacuum_mask.mean()) if analysis.vacuum_mask is not None else 0.0,
         "gallery": "gallery.png",
         "clusters": [c.to_dict(analysis.feature_names) for c in analysis.clusters],
     }
@@ -258,7 +259,8 @@ def _print_table(analysis: Any, crystal: tuple[int, ...], candidates: list[Any],
         )
         table.add_row(str(c.cluster_id), str(c.n_cells), f"{c.fraction:.3f}", f"{c.texture_contrast:.1f}", role)
     console.print(table)
-    console.print(f"{len(candidates)} candidates; masked (bars/black): {100 * analysis.bar_mask.mean():.1f} %")
+    masked_percent = 100 * analysis.bar_mask.mean()
+    console.print(f"{len(candidates)} candidates; masked (bars/black/film holes): {masked_percent:.1f} %")
     for rank, cand in enumerate(candidates[:10], start=1):
         stage = f"  x={cand.x_um:.2f} um y={cand.y_um:.2f} um" if cand.x_um is not None else ""
         console.print(f"  {rank:>3}. row {cand.row_px:.0f} col {cand.col_px:.0f}  score {cand.score:.2f}{stage}")

@@ -175,8 +175,10 @@ def locator_method(mode: str, k: int, seed: int = 0, **settings: Any) -> Method:
             Detection(row_px=float(c.row_px), col_px=float(c.col_px), area_px=float(c.area_px), score=float(c.score))
             for c in candidates
         )
-        bar_mask = getattr(analysis, "bar_mask", None)
-        return DetectorOutput(detections=detections, bar_mask=None if bar_mask is None else np.asarray(bar_mask, bool))
+        bar_mask = np.asarray(analysis.bar_mask, dtype=bool)
+        if analysis.vacuum_mask is not None:  # film holes are masked too, but they are not bars
+            bar_mask = bar_mask & ~analysis.vacuum_mask
+        return DetectorOutput(detections=detections, bar_mask=bar_mask)
 
     return Method(name=f"kmeans-k{k}", mode=mode, run=run, k=k)
 

@@ -4,6 +4,9 @@ Steps:
 1. Bars and black areas (`bar_filter`): "auto" = the geometric mesh detector plus wide dark areas plus
    flat annotation bands at the image edges (burned-in data bars); "mesh" = mesh detector only;
    "two-step" = the 2018 study's two-step cell filter; "none". The result is a pixel mask (`bar_mask`).
+   Holes in the support film (vacuum, bright field) are added to it (`mask_vacuum`;
+   `agent.locate.vacuum`): no crystal lies there, and the flattening must not average a hole into the
+   film's background.
 2. Clean-up (`agent.locate.preprocess.prepare_image`): hot/dead pixels and readout stripes removed
    (`clean`), illumination flattened (`flatten`) so an uneven beam does not become a cluster, masked
    pixels set to the film level. Features are computed on this float64 copy.
@@ -59,6 +62,7 @@ from agent.locate.features import (
     window_features,
 )
 from agent.locate.preprocess import prepare_image
+from agent.locate.vacuum import vacuum_mask
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +92,9 @@ class LocateSettings(BaseModel):
     method: Literal["kmeans", "agglomerative"] = "kmeans"
     bar_filter: Literal["auto", "two-step", "mesh", "none"] = "auto"
     flatten: bool = True
+    mask_vacuum: bool = Field(
+        default=True, description="mask holes in the support film (bright field; agent.locate.vacuum) like bars"
+    )
     clean: bool = Field(default=True, description="remove hot/dead pixels and readout stripes first")
     seed: int = 0
     sample_size: int = Field(default=20_000, ge=100, description="cells the clustering is fitted on (all are labelled)")
@@ -158,7 +165,8 @@ class ClusterAnalysis:
     """Everything `analyse` found. Cells are grid cells or window centres (`grid_shape` of them).
 
     - `label_grid` (grid_shape) int32: cluster id per cell, -1 where masked as bar/black.
-    - `bar_mask` (image_shape) bool: True on bars / black areas / annotation bands.
+    - `bar_mask` (image_shape) bool: True on bars / black areas / annotation bands, and on holes in the
+      film (`vacuum_mask`, also kept on its own; None when `mask_vacuum` is off).
     - `cell_centres_px` (n_cells, 2) float64 as (col_px, row_px), row-major cell order.
     - `score_grid` (grid_shape) float64: distance of each cell from the background cluster centre in
       scaled PCA space (0 where masked); used to rank candidates.
@@ -186,6 +194,7 @@ class ClusterAnalysis:
     suggested_k: int | None = None
     k_scores: dict[int, float] = field(default_factory=dict)
     bar_angle_deg: float | None = None
+    vacuum_mask: np.ndarray | None = None
 
     @property
     def valid_cells(self) -> np.ndarray:
@@ -360,6 +369,11 @@ def analyse(image: np.ndarray, settings: LocateSettings | None = None) -> Cluste
         black = two_step_black_cells(raw_features, raw_names, seed=settings.seed)
         bar_mask = black.reshape(grid_shape)[row_index][:, col_index]
 
+    # film holes: no crystal lies on vacuum, and left in, a hole spoils the flattening around it
+    vacuum = vacuum_mask(image, bar_mask) if settings.mask_vacuum else None
+    if vacuum is not None:
+        bar_mask = bar_mask | vacuum
+
     # 2. clean-up and flattening, 3. features
     data = prepare_image(image, bar_mask, flatten=settings.flatten, clean=settings.clean)
     features, names = cell_features(data)
@@ -473,4 +487,5 @@ def analyse(image: np.ndarray, settings: LocateSettings | None = None) -> Cluste
         suggested_k=suggested,
         k_scores=k_scores,
         bar_angle_deg=bar_angle,
+        vacuum_mask=vacuum,
     )
