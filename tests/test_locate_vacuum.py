@@ -59,7 +59,7 @@ def test_a_hole_is_masked_and_leaves_no_targets_along_its_edge() -> None:
         counts[mask_vacuum] = sum(near_edge[round(c.row_px), round(c.col_px)] for c in candidates)
         if mask_vacuum:
             assert analysis.vacuum_mask is not None and _iou(analysis.vacuum_mask, scene.hole_mask) > 0.85
-            assert analysis.bar_mask[scene.hole_mask].all()
+            assert analysis.bar_mask[scene.hole_mask].mean() > 0.95  # to within a block of its edge
             found = sum(
                 any(np.hypot(c.row_px - p.row_px, c.col_px - p.col_px) <= p.radius_px + 3 for c in candidates)
                 for p in scene.crystals

@@ -11,8 +11,8 @@ The test works on a block-averaged copy (about 256 blocks along the short side, 
 at that scale), divided by a wide normalised-Gaussian background (a quarter of the short side: the beam's
 fall-off goes, a hole as large as a grid square stays):
 
-1. Polarity: holes are looked for only when the image's compact objects are darker than the film
-   (bright field; `objects.object_polarity` on the block ratios). In dark field vacuum is dark and the
+1. Polarity: holes are not looked for when the image's compact objects are brighter than the film
+   (dark field; `objects.object_polarity` on the block ratios). In dark field vacuum is dark and the
    black-area filter already masks it, while the bright plateaus there are thick objects.
 2. Per open area (a connected part of the unmasked blocks, i.e. a grid square), the block ratios are
    split in two levels by Otsu's threshold. A connected bright region is a hole when
@@ -21,14 +21,15 @@ fall-off goes, a hole as large as a grid square stays):
    - the brighter level is above the film level of the whole image by at least 30 % of the step (and
      1 %): vacuum is brighter than any film, while in a square with dark crystals or ice the bright level
      is the film itself, at the image's film level,
-   - it covers at least `min_area_fraction` of the image,
-   - its edge is a step all round: on at least 75 % of its rim (where it meets film) the gradient is at
-     least a fifth of the step per block and four times the median gradient 3-6 blocks either side of
-     the rim. A film that thickens smoothly, or the beam's fall-off, is a ramp: as steep away from the
+   - it covers at least `min_area_fraction` of the image and at most 85 % of its open area,
+   - its edge (the outline of the region with anything inside it filled) is a step all round: on at
+     least 75 % of its rim (where it meets film) the gradient is at least a fifth of the step per block
+     and four times the median gradient 3-6 blocks either side of the rim.
+     A film that thickens smoothly, or the beam's fall-off, is a ramp: as steep away from the
      split as on it, and a split through a ramp wanders with the noise,
-   - the sharp part of its rim does not run along one row or column: that is a montage seam between
-     tiles of different gain.
-3. Accepted regions are grown by one block and returned at full resolution.
+   - the sharp part of its rim does not run along one row or column, or a row and a column meeting at a
+     corner: that is a montage seam between tiles of different gain.
+3. Accepted regions are returned at full resolution (block resolution: the edge is within one block).
 
 The test is conservative: it misses holes (a whole square without film has no edge inside it to find,
 and a hole whose edge is soft somewhere is left alone), but on the simulator's atlases and the synthetic
@@ -60,6 +61,8 @@ MIN_ABOVE_FILM = 0.3
 MIN_RIM_SHARPNESS = 0.2
 #: ... and as a multiple of the median gradient 3-6 blocks either side of the rim.
 RIM_CONTRAST = 4.0
+#: A bright region filling more than this share of its open area is not a hole (nothing to tear from).
+MAX_AREA_SHARE = 0.85
 #: Share of a hole's rim (where it meets film) that must be that sharp: a hole's edge is a step all round.
 MIN_SHARP_RIM_FRACTION = 0.75
 
@@ -79,24 +82,37 @@ def _otsu_threshold(values: np.ndarray, bins: int = 128) -> float:
     return float(edges[int(np.argmax(between)) + 1])
 
 
-def _straight_along_an_axis(rim: np.ndarray, fraction: float = 0.5) -> bool:
-    """True when at least `fraction` of the `rim` blocks lie within one block of a single row or column."""
+def _straight_along_an_axis(rim: np.ndarray, fraction: float = 0.5, corner_fraction: float = 0.6) -> bool:
+    """True when at least `fraction` of the `rim` blocks lie within one block of one row or one column, or
+    `corner_fraction` of them within a row and a column together (two tile edges meeting at a corner; an
+    arc has a flat top and a flat side too, but not most of its length on them)."""
     rows, cols = np.nonzero(rim)
-    for coordinate in (rows, cols):
-        counts = np.bincount(coordinate)
-        near = np.convolve(counts, np.ones(3, dtype=np.int64), mode="same")
-        if near.max() >= fraction * len(coordinate):
-            return True
-    return False
+    if rows.size == 0:
+        return False
+
+    def band(coordinate: np.ndarray) -> np.ndarray:
+        counts = np.convolve(np.bincount(coordinate), np.ones(3, dtype=np.int64), mode="same")
+        return np.abs(coordinate - int(np.argmax(counts))) <= 1
+
+    on_row, on_col = band(rows), band(cols)
+    if max(on_row.sum(), on_col.sum()) >= fraction * rows.size:
+        return True
+    return bool((on_row | on_col).sum() >= corner_fraction * rows.size)
 
 
 def _block_ratio(image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     """Block means divided by their coarse background minus 1 (NaN where masked), usable blocks, factor."""
     factor = max(1, min(image.shape) // BLOCKS_PER_SIDE)
     rows, cols = image.shape[0] // factor * factor, image.shape[1] // factor * factor
-    small = image[:rows, :cols].astype(np.float64).reshape(rows // factor, factor, cols // factor, factor)
-    small = small.mean(axis=(1, 3))
-    weight = 1.0 - mask[:rows, :cols].reshape(rows // factor, factor, cols // factor, factor).mean(axis=(1, 3))
+    keep = ~mask[:rows, :cols]
+
+    def block_sum(array: np.ndarray) -> np.ndarray:
+        return array.reshape(rows // factor, factor, cols // factor, factor).sum(axis=(1, 3))
+
+    count = block_sum(keep.astype(np.float64))
+    # the mean of the unmasked pixels only: a film block that touches a bar must not look darker
+    small = block_sum(np.where(keep, image[:rows, :cols], 0).astype(np.float64)) / np.maximum(count, 1.0)
+    weight = count / factor**2
     usable = weight > 0.9
     remove_stripes(small, ~usable)  # a bright readout column is a sharp step too
     sigma = max(1.0, min(small.shape) * BACKGROUND_SIGMA_FRACTION)
@@ -126,8 +142,8 @@ def vacuum_mask(
     residual = filled - ndimage.median_filter(filled, size=3)
     noise = 1.4826 * float(np.median(np.abs(residual[usable])))
     deviation = filled - film_level
-    if object_polarity(deviation < -5 * noise, deviation > 5 * noise, deviation, min_area_px=2) != "dark":
-        return result
+    if object_polarity(deviation < -5 * noise, deviation > 5 * noise, deviation, min_area_px=2) == "bright":
+        return result  # dark field (objects brighter than the film): vacuum is dark there
     gy, gx = np.gradient(filled)
     gradient = np.hypot(gy, gx)
     min_blocks = max(16, int(min_area_fraction * usable.size))
@@ -156,9 +172,13 @@ def vacuum_mask(
             if region_id == 0:
                 continue
             region = regions == region_id
-            rim = ndimage.binary_dilation(region) & ~region & area
-            near = ndimage.binary_dilation(region, iterations=6) & ~ndimage.binary_dilation(region, iterations=3)
-            near |= ndimage.binary_erosion(region, iterations=3) & ~ndimage.binary_erosion(region, iterations=6)
+            # the hole's own outline: crystals inside a bright region are not its edge
+            outline = ndimage.binary_fill_holes(region)
+            if outline.sum() > MAX_AREA_SHARE * area.sum():
+                continue  # a whole square brighter than the rest is film or illumination, not a tear in it
+            rim = ndimage.binary_dilation(outline) & ~outline & area
+            near = ndimage.binary_dilation(outline, iterations=6) & ~ndimage.binary_dilation(outline, iterations=3)
+            near |= ndimage.binary_erosion(outline, iterations=3) & ~ndimage.binary_erosion(outline, iterations=6)
             near &= area
             if rim.sum() < 4 or near.sum() < 4:
                 continue
@@ -170,7 +190,6 @@ def vacuum_mask(
             holes |= region
     if not holes.any():
         return result
-    holes = ndimage.binary_dilation(holes)
     full = np.repeat(np.repeat(holes, factor, axis=0), factor, axis=1)
     result[: full.shape[0], : full.shape[1]] = full
     return result & ~mask
