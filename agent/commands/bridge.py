@@ -135,7 +135,12 @@ def _serve(args: argparse.Namespace) -> int:
         raise CommandError(str(exc)) from exc
 
     stop = threading.Event()
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set()) if _main_thread() else None
+    # Ctrl-C and SIGTERM only set a flag that the loop below checks: a KeyboardInterrupt raised at an
+    # arbitrary point (inside a lock, during interpreter shutdown) could leave the process hanging
+    previous: dict[int, Any] = {}
+    if _main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, lambda *_: stop.set())
     try:
         print(f"bridge: serving {type(microscope).__name__} on {server.endpoint}"
               + (f", events on {server.event_endpoint}" if server.event_endpoint else "")
@@ -147,8 +152,8 @@ def _serve(args: argparse.Namespace) -> int:
         pass
     finally:
         server.stop()
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     print(f"bridge: stopped ({server.stats.requests} requests served)", flush=True)
     return 0
 
