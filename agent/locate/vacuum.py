@@ -42,7 +42,7 @@ import numpy as np
 from scipy import ndimage
 
 from agent.locate.objects import object_polarity
-from agent.locate.preprocess import remove_stripes
+from agent.locate.preprocess import block_sum, remove_stripes
 
 #: Blocks along the short side of the block-averaged copy.
 BLOCKS_PER_SIDE = 256
@@ -82,7 +82,7 @@ def _otsu_threshold(values: np.ndarray, bins: int = 128) -> float:
     return float(edges[int(np.argmax(between)) + 1])
 
 
-def _straight_along_an_axis(rim: np.ndarray, fraction: float = 0.5, corner_fraction: float = 0.6) -> bool:
+def _along_tile_edges(rim: np.ndarray, fraction: float = 0.5, corner_fraction: float = 0.6) -> bool:
     """True when at least `fraction` of the `rim` blocks lie within one block of one row or one column, or
     `corner_fraction` of them within a row and a column together (two tile edges meeting at a corner; an
     arc has a flat top and a flat side too, but not most of its length on them)."""
@@ -105,13 +105,9 @@ def _block_ratio(image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.nd
     factor = max(1, min(image.shape) // BLOCKS_PER_SIDE)
     rows, cols = image.shape[0] // factor * factor, image.shape[1] // factor * factor
     keep = ~mask[:rows, :cols]
-
-    def block_sum(array: np.ndarray) -> np.ndarray:
-        return array.reshape(rows // factor, factor, cols // factor, factor).sum(axis=(1, 3))
-
-    count = block_sum(keep.astype(np.float64))
+    count = block_sum(keep, factor).astype(np.float64)
     # the mean of the unmasked pixels only: a film block that touches a bar must not look darker
-    small = block_sum(np.where(keep, image[:rows, :cols], 0).astype(np.float64)) / np.maximum(count, 1.0)
+    small = block_sum(np.where(keep, image[:rows, :cols], 0), factor) / np.maximum(count, 1.0)
     weight = count / factor**2
     usable = weight > 0.9
     remove_stripes(small, ~usable)  # a bright readout column is a sharp step too
@@ -185,7 +181,7 @@ def vacuum_mask(
             sharp = rim & (gradient >= max(MIN_RIM_SHARPNESS * step, RIM_CONTRAST * float(np.median(gradient[near]))))
             if sharp.sum() < MIN_SHARP_RIM_FRACTION * rim.sum():
                 continue  # no step all round: a ramp (film thickness, the beam's fall-off) is soft somewhere
-            if _straight_along_an_axis(sharp):
+            if _along_tile_edges(sharp):
                 continue  # a montage seam (tiles of different gain) is a sharp step too, along a tile edge
             holes |= region
     if not holes.any():
