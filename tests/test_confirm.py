@@ -83,22 +83,33 @@ def test_film_known_from_the_atlas_sets_the_level_when_objects_cover_the_border(
     assert left[round(found.row_px), round(found.col_px)] or right[round(found.row_px), round(found.col_px)]
 
 
+def _ball(shape: tuple[int, int], row: float, col: float, radius: float) -> np.ndarray:
+    """Transmission of an ice ball (a sphere of centre OD 1.5) on clear film."""
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    r2 = ((yy - row) ** 2 + (xx - col) ** 2) / radius**2
+    return np.exp(-1.5 * np.sqrt(np.clip(1 - r2, 0, 1)))
+
+
+def _hexagon_plate(shape: tuple[int, int], row: float, col: float, radius: float, turn: float) -> np.ndarray:
+    """Transmission of a hexagonal plate (0.6) on clear film."""
+    from skimage.draw import polygon
+
+    angles = turn + np.arange(6) * np.pi / 3
+    rows, cols = polygon(row + radius * np.sin(angles), col + radius * np.cos(angles), shape)
+    plate = np.ones(shape)
+    plate[rows, cols] = 0.6
+    return plate
+
+
 def test_a_round_ball_is_flagged_and_a_faceted_plate_is_not() -> None:
     """At search magnification an ice ball (a sphere: round, darker towards its centre) is told from a
     hexagonal plate of the same size and contrast by its outline."""
-    from skimage.draw import polygon
-
     rng = np.random.default_rng(5)
-    yy, xx = np.mgrid[:256, :256]
-    r2 = ((yy - 128.0) ** 2 + (xx - 128.0) ** 2) / 40.0**2
-    ball = np.exp(-1.5 * np.sqrt(np.clip(1 - r2, 0, 1)))  # transmission of a sphere of OD 1.5
+    ball = _ball((256, 256), 128.0, 128.0, 40.0)
     found = find_object_near_centre(_poisson(400.0 * ball, rng), radius_px=60, min_contrast_sigma=3)
     assert found is not None and found.round_outline
 
-    angles = 0.2 + np.arange(6) * np.pi / 3
-    rows, cols = polygon(128 + 42 * np.sin(angles), 128 + 42 * np.cos(angles), (256, 256))
-    plate = np.ones((256, 256))
-    plate[rows, cols] = 0.6
+    plate = _hexagon_plate((256, 256), 128, 128, 42, turn=0.2)
     found = find_object_near_centre(_poisson(400.0 * plate, rng), radius_px=60, min_contrast_sigma=3)
     assert found is not None and not found.round_outline
 
@@ -106,26 +117,15 @@ def test_a_round_ball_is_flagged_and_a_faceted_plate_is_not() -> None:
 def test_a_small_faceted_crystal_on_a_large_frame_is_not_called_round() -> None:
     """On a 2048 px frame the object is found after an 8 px smoothing; the outline test must not see that
     blur, or a hexagon of 20 px radius loses its corners and is rejected as ice."""
-    from skimage.draw import polygon
-
     rng = np.random.default_rng(6)
-    angles = 0.2 + np.arange(6) * np.pi / 3
-    rows, cols = polygon(1024 + 20 * np.sin(angles), 1024 + 20 * np.cos(angles), (2048, 2048))
-    plate = np.ones((2048, 2048))
-    plate[rows, cols] = 0.6
+    plate = _hexagon_plate((2048, 2048), 1024, 1024, 20, turn=0.2)
     found = find_object_near_centre(_poisson(400.0 * plate, rng), radius_px=200, min_contrast_sigma=3)
     assert found is not None and not found.round_outline
 
 
 def test_a_crystal_touching_an_ice_ball_is_not_called_round() -> None:
-    from skimage.draw import polygon
-
     rng = np.random.default_rng(7)
-    yy, xx = np.mgrid[:256, :256]
-    r2 = ((yy - 128.0) ** 2 + (xx - 128.0) ** 2) / 22.0**2
-    image = np.exp(-1.5 * np.sqrt(np.clip(1 - r2, 0, 1)))
-    angles = np.arange(6) * np.pi / 3
-    rows, cols = polygon(128 + 16 * np.sin(angles), 166 + 16 * np.cos(angles), (256, 256))
-    image[rows, cols] = np.minimum(image[rows, cols], 0.6)  # a hexagon touching the ball
+    # a hexagon touching the ball
+    image = np.minimum(_ball((256, 256), 128.0, 128.0, 22.0), _hexagon_plate((256, 256), 128, 166, 16, turn=0.0))
     found = find_object_near_centre(_poisson(400.0 * image, rng), radius_px=60, min_contrast_sigma=3)
     assert found is not None and not found.round_outline
