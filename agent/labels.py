@@ -54,13 +54,14 @@ grid square, the default plan's window features and k = 5, simulated operator; i
 relabels the same sessions in all 24 orders):
 
 - 1024 px camera (the atlas frame shows about 300 um, several grid squares): clusters recur across
-  seeds. Prompts per session (seeds 1-4) 1,1,0,0 for graphite, protein and asbestos, 1,1,1,0 for
-  polymer. Replayed over all 24 orders of those sessions, the mean prompts of the third and fourth
-  session are protein 0 / 0, polymer 0.08 / 0, graphite 0.5 / 0.25, asbestos 0.5 / 0.75. What is still
+  seeds. Prompts per session (seeds 1-4) 1,1,0,0 for protein and asbestos, 1,1,0,1 for graphite,
+  1,1,1,0 for polymer. Replayed over all 24 orders of those sessions, the mean prompts of the third and
+  fourth session are protein 0 / 0, polymer 0.08 / 0, graphite 0.42 / 0.5, asbestos 0.5 / 0.75. What is still
   asked is one mixed cluster (a fibre or flake edge, 10-60 % of its cells on crystals) that the operator
   calls crystal in some sessions and not in others: no memory of such answers can be confident about
-  the next one. Confident labels agreed with the operator everywhere except asbestos (12 of 210, the
-  same mixed kind of cluster, labelled crystal where the operator's sample of it held no crystal).
+  the next one. Confident labels agreed with the operator except for asbestos (12 of 210, the same
+  mixed kind of cluster, labelled crystal where the operator's sample of it held no crystal) and
+  graphite (2 of 218).
 - 2048 px camera: 1,1,1,1 for protein and graphite (one cluster asked in the third and fourth session).
 - 512 px camera (about one grid square, often empty or without crystals): clusters do not recur, and
   film-thickness steps and bar edges look like graphite flakes and asbestos fibres to these features
