@@ -124,6 +124,14 @@ class OperatorPlan(BaseModel):
     wait_s: float = Field(default=30.0, ge=0.0, description="real seconds the loop waits for an answer")
     deadline_s: float = Field(default=600.0, gt=0.0, description="real seconds a prompt stays open")
     fallback: Literal["label-memory", "default-rule", "reference", "skip"] = "label-memory"
+    mixed: Literal["last", "ask", "skip"] = Field(
+        default="last",
+        description=(
+            "clusters that earlier operators answered both ways (label memory's 'mixed'): 'last' = not asked, "
+            "their targets come after the crystal clusters' ones; 'ask' = asked like any unsure cluster; "
+            "'skip' = not asked, no targets"
+        ),
+    )
     reference_cells: tuple[tuple[int, int], ...] = Field(
         default=(), description="(row, col) cells of the atlas grid that show crystals, for fallback 'reference'"
     )

@@ -2,6 +2,10 @@
 
 1. Label memory (`agent.labels.LabelMemory`) suggests a label for every cluster from clusters labelled in
    earlier sessions of the same specimen type and preset. Confident suggestions are taken as they are.
+   A cluster memory calls mixed (look-alike clusters answered both ways before: typically a flake or
+   fibre edge with some of its cells on crystals) is handled by `plan.mixed`: by default it is not asked
+   about, since the answer would be a coin toss, and its targets come after the crystal clusters' ones
+   (`LabellingDecision.mixed_clusters`), so the search-preset check decides object by object.
 2. Clusters left unsure are put to the operator as one prompt (heat map + gallery images, one option per
    unsure cluster, several may be chosen, plus "none of these"). The loop waits at most `operator.wait_s`
    real seconds; the prompt stays open until its deadline.
@@ -30,7 +34,8 @@ NONE_OPTION = "none"
 
 @dataclass(frozen=True)
 class LabellingDecision:
-    """The crystal clusters chosen, and for each cluster where its label came from."""
+    """The crystal clusters chosen, the mixed clusters whose targets come after theirs (`plan.mixed` "last"),
+    and for each cluster where its label came from."""
 
     crystal_clusters: tuple[int, ...]
     sources: dict[int, str]
@@ -39,11 +44,13 @@ class LabellingDecision:
     answered_by: str | None = None
     asked: bool = False
     notes: list[str] = field(default_factory=list)
+    mixed_clusters: tuple[int, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-friendly form for the journal."""
         return {
             "crystal_clusters": list(self.crystal_clusters),
+            "mixed_clusters": list(self.mixed_clusters),
             "sources": {str(k): v for k, v in self.sources.items()},
             "confidences": {str(k): round(v, 3) for k, v in self.confidences.items()},
             "prompt_id": self.prompt_id,
@@ -78,6 +85,7 @@ def decide_crystal_clusters(
     confidences: dict[int, float] = {}
     labels: dict[int, bool] = {}
     notes: list[str] = []
+    mixed: list[int] = []
 
     suggestions: list[Any] = [None] * len(clusters)
     if memory is not None and clusters:
@@ -88,6 +96,11 @@ def decide_crystal_clusters(
             if suggestion.confidence >= plan.min_confidence:
                 labels[cluster_id] = bool(suggestion.is_crystal)
                 sources[cluster_id] = "label-memory"
+            elif suggestion.mixed and plan.mixed != "ask":
+                labels[cluster_id] = False
+                sources[cluster_id] = f"label-memory:mixed-{plan.mixed}"
+                if plan.mixed == "last":
+                    mixed.append(cluster_id)
 
     unsure = [c for c in clusters if int(c.cluster_id) not in labels]
     prompt_id = answered_by = None
@@ -139,9 +152,11 @@ def decide_crystal_clusters(
     if memory is not None:  # the agent's own labels are kept too, with no vote (source "auto")
         automatic = [c for c in clusters if sources.get(int(c.cluster_id)) != "operator"]
         if automatic:
-            _remember(memory, analysis, automatic, labels, specimen, preset, session_id, "auto")
+            drawn_from = {**labels, **{cid: True for cid in mixed}}
+            _remember(memory, analysis, automatic, drawn_from, specimen, preset, session_id, "auto")
     return LabellingDecision(
         crystal_clusters=crystal,
+        mixed_clusters=tuple(sorted(mixed)),
         sources=sources,
         confidences=confidences,
         prompt_id=prompt_id,

@@ -34,6 +34,15 @@ No memory, memory far away (a different-looking specimen) and conflicting memory
 vote confidence; one earlier session gives at most 0.77 (1 / 1.3), agreeing close labels from two
 sessions more than `DEFAULT_CONFIDENCE_THRESHOLD` (0.8).
 
+Mixed clusters (`LabelSuggestion.mixed`): when sessions voted both ways and the minority holds at least
+`MIXED_MIN_SHARE` (one vote in five) of the vote weight, operators have answered clusters like this one
+differently before. These are clusters of which a part lies on crystals (a flake's or fibre's edge, 10-60 %
+of its cells on crystals): whether the operator calls one "crystal" depends on which cells the gallery
+happens to show, so a further answer is a coin toss and more answers never make the memory confident.
+The screening loop does not ask about them by default; their targets come after the crystal clusters'
+ones and the search-preset check decides object by object (`agent.labelling`, `OperatorPlan.mixed`).
+A rare operator mistake (below one vote in five) does not make a cluster mixed.
+
 Held-out check (`held_out_verdicts`, `local_precision`): votes trust that clusters which look alike
 hold alike things. Whether they do depends on the specimen, the atlas and the locator's features, so the
 memory checks it on its own answers: every session with answers is predicted from the other sessions,
@@ -113,6 +122,9 @@ TRIM_FRACTION = 0.2
 MIN_VOTE_WEIGHT = 0.3
 #: The held-out check counts the memory's predictions of its own past sessions at this vote confidence or more.
 CALIBRATION_CONFIDENCE = 0.5
+#: A cluster is "mixed" when earlier sessions voted both ways on it and the minority label holds at least
+#: this share of the vote weight (module docstring).
+MIXED_MIN_SHARE = 0.2
 #: Pseudo-count of "no idea" evidence added to every suggestion.
 DEFAULT_PRIOR_STRENGTH = 0.3
 #: Weight of each source's labels as evidence ("auto": the agent's own guesses, none by default).
@@ -183,7 +195,9 @@ class LabelSuggestion(BaseModel):
 
     `confidence` is 0..1 (0: no or conflicting memory); `n_support`: sessions whose labels back the
     suggestion; `p_crystal`: smoothed probability of "crystal"; `nearest_distance`: RMS signed-log
-    distance to the closest comparable record (None without any).
+    distance to the closest comparable record (None without any); `mixed`: earlier sessions answered
+    clusters like this one both ways, the minority with at least `MIXED_MIN_SHARE` of the votes (asking
+    again would be a coin toss; see the module docstring).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -194,6 +208,7 @@ class LabelSuggestion(BaseModel):
     p_crystal: float = Field(ge=0.0, le=1.0)
     nearest_distance: float | None = None
     held_out_precision: float | None = Field(default=None, ge=0.0, le=1.0)
+    mixed: bool = False
 
 
 def default_labels_dir() -> Path:
@@ -557,6 +572,7 @@ class LabelMemory:
             w_n = sum(w for w, crystal in counted if not crystal)
             total = w_c + w_n + self.prior_strength
             is_crystal = w_c > w_n
+            mixed = min(w_c, w_n) > 0 and min(w_c, w_n) >= MIXED_MIN_SHARE * (w_c + w_n)
             suggestions.append(
                 LabelSuggestion(
                     is_crystal=is_crystal,
@@ -564,6 +580,7 @@ class LabelMemory:
                     n_support=sum(1 for _, crystal in counted if crystal == is_crystal),
                     p_crystal=min(1.0, (w_c + (total - w_c - w_n) / 2) / total),
                     nearest_distance=float(nearest[i]) if np.isfinite(nearest[i]) else None,
+                    mixed=mixed,
                 )
             )
         return suggestions, voters

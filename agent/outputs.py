@@ -88,6 +88,7 @@ def write_atlas_outputs(
             "fraction": float(c.fraction),
             "mean_features": dict(zip(analysis.feature_names, map(float, c.mean_features), strict=True)),
             "crystal": int(c.cluster_id) in decision.crystal_clusters,
+            "mixed": int(c.cluster_id) in decision.mixed_clusters,
             "label_source": decision.sources.get(int(c.cluster_id)),
         }
         for c in analysis.clusters

@@ -546,6 +546,13 @@ class ScreeningSession:
             }
         )
         candidates = find_candidates(self.analysis, self.decision.crystal_clusters, settings, image=atlas.image)
+        if self.decision.mixed_clusters:  # label memory's mixed clusters fill the places left
+            spacing_px = settings.min_spacing_px
+            candidates = candidates + [
+                c
+                for c in find_candidates(self.analysis, self.decision.mixed_clusters, settings, image=atlas.image)
+                if not any(np.hypot(c.row_px - o.row_px, c.col_px - o.col_px) < spacing_px for o in candidates)
+            ]
         limits = self.microscope.stage_limits()
         kept = []
         for candidate in candidates:
@@ -791,6 +798,7 @@ class ScreeningSession:
             elif kind == "labelling":
                 self.decision = LabellingDecision(
                     crystal_clusters=tuple(entry["crystal_clusters"]),
+                    mixed_clusters=tuple(entry.get("mixed_clusters", ())),
                     sources={int(k): v for k, v in entry.get("sources", {}).items()},
                     confidences={int(k): v for k, v in entry.get("confidences", {}).items()},
                     prompt_id=entry.get("prompt_id"),

@@ -136,6 +136,7 @@ def _judge_clusters(session: ScreeningSession, truth: Any, operator: SimulatedOp
                 "cluster_id": cid,
                 "n_cells": int(members.sum()),
                 "labelled_crystal": cid in decision.crystal_clusters,
+                "mixed": cid in decision.mixed_clusters,
                 "source": decision.sources.get(cid, "?"),
                 "confidence": decision.confidences.get(cid),
                 "sample_fraction": sample_fraction,
@@ -149,17 +150,20 @@ def _judge_clusters(session: ScreeningSession, truth: Any, operator: SimulatedOp
 def _group(source: str) -> str:
     if source == "label-memory":
         return "auto"
+    if source.startswith("label-memory:mixed"):
+        return "mixed"
     if source == "operator":
         return "operator"
     return "fallback"
 
 
 def precision_by_group(sessions: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Cluster and cell precision of crystal labels, per label origin (auto / operator / fallback)."""
+    """Cluster and cell precision of crystal labels, per label origin (auto / operator / fallback / mixed:
+    for mixed clusters, "crystal" means that targets were drawn from them, after the crystal clusters')."""
     result: dict[str, dict[str, Any]] = {}
-    for group in ("auto", "operator", "fallback"):
-        crystal = [c for s in sessions for c in s["clusters"] if c["labelled_crystal"] and _group(c["source"]) == group]
+    for group in ("auto", "operator", "fallback", "mixed"):
         labelled = [c for s in sessions for c in s["clusters"] if _group(c["source"]) == group]
+        crystal = [c for c in labelled if c["labelled_crystal"] or c.get("mixed")]
         cells = sum(c["n_cells"] for c in crystal)
         result[group] = {
             "labelled": len(labelled),
@@ -182,7 +186,9 @@ def replay_orders(sessions: list[dict[str, Any]], max_orders: int = 24) -> dict[
     live run); a session asks when any cluster is below the default confidence threshold. One live run sees
     one order, in which one mixed cluster decides whether a session asks; the replay averages that out.
     Returns the mean prompts per session position, and how many confident labels disagreed with the
-    operator (`wrong`), of how many (`auto`, `auto_crystal`).
+    operator (`wrong`), of how many (`auto`, `auto_crystal`); clusters memory called mixed (`mixed`; not
+    asked under the default `mixed="last"`) are counted apart, with how many the operator would have
+    called crystal (`mixed_crystal`).
     """
     from agent.labels import DEFAULT_CONFIDENCE_THRESHOLD
 
@@ -193,7 +199,7 @@ def replay_orders(sessions: list[dict[str, Any]], max_orders: int = 24) -> dict[
         rng = np.random.default_rng(0)
         orders = [tuple(int(i) for i in rng.permutation(len(usable))) for _ in range(max_orders)]
     prompts = np.zeros(len(usable))
-    auto = auto_crystal = wrong = 0
+    auto = auto_crystal = wrong = mixed = mixed_crystal = 0
     for order in orders:
         with tempfile.TemporaryDirectory(prefix="bench-labels-replay-") as tmp:
             memory = LabelMemory(Path(tmp))
@@ -203,10 +209,13 @@ def replay_orders(sessions: list[dict[str, Any]], max_orders: int = 24) -> dict[
                 centroids = np.asarray(session["centroids"], dtype=np.float64)
                 names, specimen, preset = session["feature_names"], session["specimen"], session["preset"]
                 suggestions = memory.suggest(centroids, names, specimen, preset)
-                confident = [s.confidence >= DEFAULT_CONFIDENCE_THRESHOLD for s in suggestions]
+                confident = [s.confidence >= DEFAULT_CONFIDENCE_THRESHOLD or s.mixed for s in suggestions]
                 prompts[position] += not all(confident)
                 for sure, suggestion, answer in zip(confident, suggestions, answers, strict=True):
-                    if sure:
+                    if sure and suggestion.mixed:
+                        mixed += 1
+                        mixed_crystal += answer
+                    elif sure:
                         auto += 1
                         auto_crystal += suggestion.is_crystal
                         wrong += suggestion.is_crystal != answer
@@ -220,6 +229,8 @@ def replay_orders(sessions: list[dict[str, Any]], max_orders: int = 24) -> dict[
         "auto": auto,
         "auto_crystal": auto_crystal,
         "wrong": wrong,
+        "mixed": mixed,
+        "mixed_crystal": mixed_crystal,
     }
 
 
@@ -291,12 +302,14 @@ def main() -> None:
     table.add_column("operator: n / crystal")
     table.add_column("operator prec (cluster / sample / cell)")
     table.add_column("missed auto / op")
+    table.add_column("mixed: n / operator's crystal")
     table.add_column("target prec")
-    table.add_column("replay: prompts by position / wrong of auto")
+    table.add_column("replay: prompts by position / wrong of auto, mixed")
     for entry in results:
         p = entry["precision"]
         auto, op = p["auto"], p["operator"]
         target = [s["target_precision"] for s in entry["sessions"] if s["target_precision"] is not None]
+        mixed_crystal = sum(c["truly_crystal"] for s in entry["sessions"] for c in s["clusters"] if c.get("mixed"))
         table.add_row(
             entry["specimen"],
             ",".join(str(s["prompts"]) for s in entry["sessions"]),
@@ -306,9 +319,10 @@ def main() -> None:
             f"{op['labelled']} / {op['crystal']}",
             f"{_f(op['cluster_precision'])} / {_f(op['sample_precision'])} / {_f(op['cell_precision'])}",
             f"{auto['missed']} / {op['missed']}",
+            f"{p['mixed']['labelled']} / {mixed_crystal}",
             ",".join(_f(t) for t in target) or "-",
             f"{','.join(_f(v) for v in entry['replay']['prompts_by_position'])} / "
-            f"{entry['replay']['wrong']} of {entry['replay']['auto']}",
+            f"{entry['replay']['wrong']} of {entry['replay']['auto']}, mixed {entry['replay']['mixed']}",
         )
     console.print(table)
     if args.json:

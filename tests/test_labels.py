@@ -192,6 +192,7 @@ def test_conflicting_memory_gives_low_confidence(tmp_path: Path) -> None:
         memory.record_clusters(np.array([CRYSTAL]), NAMES, [label], specimen="p", preset="atlas", session=session)
     suggestion = memory.suggest(np.array([CRYSTAL]), NAMES, "p", "atlas")[0]
     assert suggestion.confidence < 0.1 and 0.4 < suggestion.p_crystal < 0.6
+    assert suggestion.mixed  # answered both ways: asking again would be a coin toss
 
 
 def test_features_are_matched_by_name_and_auto_labels_carry_no_weight(tmp_path: Path) -> None:
@@ -257,9 +258,10 @@ def test_a_session_whose_nearest_record_was_auto_labelled_casts_no_vote(tmp_path
     assert not mixed.is_crystal and mixed.confidence >= DEFAULT_CONFIDENCE_THRESHOLD
 
 
-def test_a_memory_that_mispredicts_its_own_answers_keeps_asking(tmp_path: Path) -> None:
+def test_a_memory_that_mispredicts_its_own_answers_is_not_confident(tmp_path: Path) -> None:
     """Look-alike clusters answered differently in different sessions (a film step that looks like a
-    flake): the votes near the flake agree, but held out, the memory got its own past answers wrong."""
+    flake): held out, the memory got its own past answers wrong, so it gives no confident label; the
+    votes are split two to four, so it calls the cluster mixed (not asked by default; `agent.labelling`)."""
     rng = np.random.default_rng(11)
     consistent = LabelMemory(tmp_path / "consistent")
     for session in ("s1", "s2", "s3", "s4"):
@@ -268,6 +270,7 @@ def test_a_memory_that_mispredicts_its_own_answers_keeps_asking(tmp_path: Path) 
     crystal, film = consistent.suggest(query, NAMES, "protein-plates", "atlas")
     assert crystal.is_crystal and crystal.confidence >= DEFAULT_CONFIDENCE_THRESHOLD
     assert not film.is_crystal and film.confidence >= DEFAULT_CONFIDENCE_THRESHOLD
+    assert not crystal.mixed and not film.mixed
     assert crystal.held_out_precision is not None and crystal.held_out_precision >= DEFAULT_CONFIDENCE_THRESHOLD
     assert consistent.held_out_precision("protein-plates", "atlas") == {True: 1.0, False: 1.0}  # never wrong
 
@@ -286,7 +289,7 @@ def test_a_memory_that_mispredicts_its_own_answers_keeps_asking(tmp_path: Path) 
     verdicts = fooled.held_out_verdicts("protein-plates", "atlas")
     assert sorted(verdicts.values()).count((True, False)) >= 2  # it would have called them crystal
     crystal = fooled.suggest(query[:1], NAMES, "protein-plates", "atlas")[0]
-    assert crystal.confidence < DEFAULT_CONFIDENCE_THRESHOLD  # so it asks
+    assert crystal.confidence < DEFAULT_CONFIDENCE_THRESHOLD and crystal.mixed
     assert crystal.held_out_precision is not None and crystal.held_out_precision <= 5 / 7  # 4 of 6 right, + 1
 
 
@@ -316,6 +319,7 @@ def test_mistakes_about_one_kind_of_cluster_do_not_hold_back_another(tmp_path: P
     )
     assert crystal.is_crystal and crystal.confidence >= DEFAULT_CONFIDENCE_THRESHOLD
     assert crystal.held_out_precision == 1.0
-    assert mixed.confidence < DEFAULT_CONFIDENCE_THRESHOLD
+    assert mixed.confidence < DEFAULT_CONFIDENCE_THRESHOLD and mixed.mixed  # three to one
+    assert not crystal.mixed and not film.mixed
     assert mixed.held_out_precision is not None and mixed.held_out_precision < DEFAULT_CONFIDENCE_THRESHOLD
     assert not film.is_crystal and film.confidence >= DEFAULT_CONFIDENCE_THRESHOLD

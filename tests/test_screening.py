@@ -333,26 +333,41 @@ def test_a_session_runs_on_real_style_dataset_tiles(tmp_path: Path) -> None:
     assert summary.precision is None  # no ground truth for real tiles
 
 
-def test_prompts_reach_the_simulated_operator_and_fall_back_when_nobody_answers(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def asked(tmp_path_factory: pytest.TempPathFactory) -> tuple[ScreeningSession, Any, Any]:
+    """A protein session (seed 7) whose prompt the simulated operator answered: (session, summary, memory)."""
     from agent.labels import LabelMemory
     from agent.operator import OperatorChannel
     from simulator.operator import SimulatedOperator
 
-    memory = LabelMemory(tmp_path / "labels")
+    folder = tmp_path_factory.mktemp("asked")
+    memory = LabelMemory(folder / "labels")
     with OperatorChannel("tcp://127.0.0.1:0") as channel:
         microscope = create_simulated_microscope(
             specimen_type="protein-plates", seed=7, camera_shape_px=(CAMERA_PX, CAMERA_PX)
         )
         with SimulatedOperator(channel.prompt_endpoint, microscope.ground_truth) as operator:
             session = ScreeningSession(
-                microscope, _plan("protein-plates", seed=7), tmp_path / "asked", labels=memory, operator=channel
+                microscope, _plan("protein-plates", seed=7), folder / "session", labels=memory, operator=channel
             )
             summary = session.run()
-        assert summary.state == "done" and summary.prompts == 1
-        assert operator.answered and session.decision is not None
-        assert session.decision.answered_by == "simulated"
-        assert set(session.decision.sources.values()) <= {"operator", "label-memory"}
-        assert any(r.source == "operator" for r in memory.list_records())
+        assert operator.answered
+    return session, summary, memory
+
+
+def test_prompts_reach_the_simulated_operator_and_fall_back_when_nobody_answers(
+    asked: tuple[ScreeningSession, Any, Any], tmp_path: Path
+) -> None:
+    from agent.labels import LabelMemory
+    from agent.operator import OperatorChannel
+
+    session, summary, memory = asked
+    assert summary.state == "done" and summary.prompts == 1
+    assert session.decision is not None and session.decision.answered_by == "simulated"
+    assert set(session.decision.sources.values()) <= {"operator", "label-memory"}
+    assert any(r.source == "operator" for r in memory.list_records())
+
+    memory = LabelMemory(tmp_path / "labels")
 
     plan = _plan("polymer-faint", seed=8).model_copy(
         update={"operator": ScreeningPlan().operator.model_copy(update={"wait_s": 0.5, "fallback": "default-rule"})}
@@ -367,6 +382,48 @@ def test_prompts_reach_the_simulated_operator_and_fall_back_when_nobody_answers(
     assert session.decision is not None and session.decision.answered_by is None
     assert any("not answered" in note for note in session.decision.notes)
     assert all(source.startswith(("fallback:", "label-memory")) for source in session.decision.sources.values())
+
+
+def test_clusters_answered_both_ways_are_not_asked_again_and_their_objects_are_still_visited(
+    asked: tuple[ScreeningSession, Any, Any], tmp_path: Path
+) -> None:
+    """The same atlas seen in three earlier sessions, its crystal clusters answered "crystal" in two and
+    "not crystal" in the third: the loop does not ask (nobody would answer here) and draws its targets
+    from those clusters, after any cluster memory is sure about."""
+    from agent.labels import LabelMemory
+    from agent.operator import OperatorChannel
+
+    first, _, answered = asked
+    assert first.decision is not None and first.decision.crystal_clusters, "the operator chose no crystal cluster"
+    records = [r for r in answered.list_records() if r.source == "operator"]
+    memory = LabelMemory(tmp_path / "labels")
+    for session_id in ("s1", "s2", "s3"):
+        memory.record_clusters(
+            np.array([r.feature_vector for r in records]),
+            records[0].feature_names,
+            [r.is_crystal and session_id != "s3" for r in records],
+            specimen="protein-plates",
+            preset=records[0].preset,
+            session=session_id,
+            cluster_ids=[r.cluster_id for r in records],
+        )
+    plan = _plan("protein-plates", seed=7).model_copy(
+        update={"operator": ScreeningPlan().operator.model_copy(update={"wait_s": 0.5})}
+    )
+    with OperatorChannel("tcp://127.0.0.1:0") as silent:
+        microscope = create_simulated_microscope(
+            specimen_type="protein-plates", seed=7, camera_shape_px=(CAMERA_PX, CAMERA_PX)
+        )
+        session = ScreeningSession(microscope, plan, tmp_path / "mixed", labels=memory, operator=silent)
+        summary = session.run()
+    assert summary.state == "done" and summary.prompts == 0
+    decision = session.decision
+    assert decision is not None and not decision.asked and decision.crystal_clusters == ()
+    assert decision.mixed_clusters == first.decision.crystal_clusters
+    assert session.targets and {t.cluster_id for t in session.targets} <= set(decision.mixed_clusters)
+    assert [t.target_id for t in session.targets] == [t.target_id for t in first.targets]  # same atlas, same order
+    clusters = json.loads((tmp_path / "mixed" / "atlas" / "clusters.json").read_text())
+    assert {c["cluster_id"] for c in clusters["clusters"] if c["mixed"]} == set(decision.mixed_clusters)
 
 
 def test_a_session_runs_through_the_zeromq_bridge(tmp_path: Path) -> None:

@@ -1,0 +1,89 @@
+"""`decide_crystal_clusters`: label memory first, then the operator, and what happens to mixed clusters.
+
+Real parts only: the locator's analysis of a real-world-like image, a label memory in a temporary folder
+and an `OperatorChannel` on loopback with nobody connected (so any prompt goes unanswered).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.config import OperatorPlan
+from agent.labelling import decide_crystal_clusters
+from agent.labels import LabelMemory
+from agent.locate.analysis import ClusterAnalysis, LocateSettings, analyse
+from agent.operator import OperatorChannel
+from tests.synthetic_images import make_grid_image
+
+
+@pytest.fixture(scope="module")
+def analysis() -> ClusterAnalysis:
+    image = make_grid_image(seed=3).image
+    return analyse(image, LocateSettings(mode="window", window_px=15, stride_px=4, k=4))
+
+
+def _memory(folder: Path, analysis: ClusterAnalysis, flipped_in_one_session: int) -> LabelMemory:
+    """Three earlier sessions saw exactly these clusters; cluster `flipped_in_one_session` was answered
+    "crystal" in two of them and "not crystal" in the third, every other cluster the same way each time."""
+    memory = LabelMemory(folder)
+    centroids = np.array([c.normalised_centroid for c in analysis.clusters])
+    ids = [int(c.cluster_id) for c in analysis.clusters]
+    for session in ("s1", "s2", "s3"):
+        labels = [cid == flipped_in_one_session and session != "s3" for cid in ids]
+        memory.record_clusters(
+            centroids, analysis.feature_names, labels, specimen="p", preset="atlas", session=session, cluster_ids=ids
+        )
+    return memory
+
+
+def _decide(analysis: ClusterAnalysis, memory: LabelMemory, plan: OperatorPlan, channel: OperatorChannel):
+    return decide_crystal_clusters(
+        analysis,
+        plan=plan,
+        specimen="p",
+        preset="atlas",
+        session_id="new",
+        memory=memory,
+        channel=channel,
+        sample_xy_um=lambda cluster: [[0.0, 0.0]],
+        prompt_images=lambda: {},
+    )
+
+
+def test_a_cluster_answered_both_ways_is_not_asked_about_and_its_targets_come_last(
+    analysis: ClusterAnalysis, tmp_path: Path
+) -> None:
+    mixed_id = int(analysis.clusters[-1].cluster_id)
+    memory = _memory(tmp_path / "labels", analysis, mixed_id)
+    suggestions = memory.suggest(
+        np.array([c.normalised_centroid for c in analysis.clusters]), analysis.feature_names, "p", "atlas"
+    )
+    assert [s.mixed for s in suggestions] == [int(c.cluster_id) == mixed_id for c in analysis.clusters]
+
+    with OperatorChannel("tcp://127.0.0.1:0") as channel:
+        plan = OperatorPlan(wait_s=0.2)
+        last = _decide(analysis, memory, plan, channel)
+        assert not last.asked and last.prompt_id is None
+        assert last.mixed_clusters == (mixed_id,) and mixed_id not in last.crystal_clusters
+        assert last.sources[mixed_id] == "label-memory:mixed-last"
+        assert all(last.sources[int(c.cluster_id)] == "label-memory" for c in analysis.clusters[:-1])
+        assert last.as_dict()["mixed_clusters"] == [mixed_id]
+
+        skip = _decide(analysis, memory, plan.model_copy(update={"mixed": "skip"}), channel)
+        assert not skip.asked and skip.mixed_clusters == () and mixed_id not in skip.crystal_clusters
+        assert skip.sources[mixed_id] == "label-memory:mixed-skip"
+
+        ask = _decide(analysis, memory, plan.model_copy(update={"mixed": "ask"}), channel)
+        assert ask.asked and ask.answered_by is None  # nobody is connected
+        assert ask.mixed_clusters == () and ask.sources[mixed_id].startswith("fallback:")
+
+
+def test_a_cluster_answered_the_same_way_every_time_is_not_mixed(analysis: ClusterAnalysis, tmp_path: Path) -> None:
+    memory = _memory(tmp_path / "labels", analysis, flipped_in_one_session=-1)  # no cluster flipped
+    with OperatorChannel("tcp://127.0.0.1:0") as channel:
+        decision = _decide(analysis, memory, OperatorPlan(wait_s=0.2), channel)
+    assert not decision.asked and decision.mixed_clusters == () and decision.crystal_clusters == ()
+    assert set(decision.sources.values()) == {"label-memory"}
