@@ -309,7 +309,8 @@ def session_report_html(session_dir: str | Path) -> str:
     sections.append("<h2>Atlas</h2>" + "".join(figures))
     clusters = _read_json(atlas_dir / "clusters.json")
     if isinstance(clusters, dict) and isinstance(clusters.get("clusters"), list):
-        rows = [(c.get("cluster_id"), c.get("n_cells"), c.get("fraction"), c.get("crystal"), c.get("label_source"))
+        rows = [(c.get("cluster_id"), c.get("n_cells"), c.get("fraction"),
+                 "mixed (targets last)" if c.get("mixed") else c.get("crystal"), c.get("label_source"))
                 for c in clusters["clusters"] if isinstance(c, dict)]
         sections.append("<h3>Clusters</h3>" + html_table(
             ["cluster", "cells", "fraction", "crystal", "label source"], rows, table_id="clusters"))
