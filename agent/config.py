@@ -127,9 +127,10 @@ class OperatorPlan(BaseModel):
     mixed: Literal["last", "ask", "skip"] = Field(
         default="last",
         description=(
-            "clusters that earlier operators answered both ways (label memory's 'mixed'): 'last' = not asked, "
-            "their targets come after the crystal clusters' ones; 'ask' = asked like any unsure cluster; "
-            "'skip' = not asked, no targets"
+            "clusters that earlier operators answered both ways (label memory's 'mixed'): 'last' = no prompt "
+            "of their own (they join a prompt asked anyway), their targets are visited after the crystal "
+            "clusters' ones; 'ask' = asked like any unsure cluster (and left to the fallback); 'skip' = no "
+            "prompt of their own, no targets. Applies whatever the fallback is"
         ),
     )
     reference_cells: tuple[tuple[int, int], ...] = Field(

@@ -3,9 +3,13 @@
 1. Label memory (`agent.labels.LabelMemory`) suggests a label for every cluster from clusters labelled in
    earlier sessions of the same specimen type and preset. Confident suggestions are taken as they are.
    A cluster memory calls mixed (look-alike clusters answered both ways before: typically a flake or
-   fibre edge with some of its cells on crystals) is handled by `plan.mixed`: by default it is not asked
-   about, since the answer would be a coin toss, and its targets come after the crystal clusters' ones
-   (`LabellingDecision.mixed_clusters`), so the search-preset check decides object by object.
+   fibre edge with some of its cells on crystals) is handled by `plan.mixed`: by default no prompt is
+   asked for it alone, since the answer would be a coin toss, and its targets are visited after every
+   crystal cluster's target (`LabellingDecision.mixed_clusters`, `TargetRecord.from_mixed_cluster`), so
+   the search-preset check decides object by object. When a prompt goes out for other clusters anyway,
+   mixed clusters are put in it too: their answers keep accumulating, so a cluster made mixed by one
+   careless answer among few can become sure again. `plan.mixed` is applied whatever `plan.fallback`
+   says (set it to "skip" for a run that draws targets only from clusters someone is sure about).
 2. Clusters left unsure are put to the operator as one prompt (heat map + gallery images, one option per
    unsure cluster, several may be chosen, plus "none of these"). The loop waits at most `operator.wait_s`
    real seconds; the prompt stays open until its deadline.
@@ -85,7 +89,7 @@ def decide_crystal_clusters(
     confidences: dict[int, float] = {}
     labels: dict[int, bool] = {}
     notes: list[str] = []
-    mixed: list[int] = []
+    mixed: set[int] = set()  # not worth a prompt of their own (`plan.mixed` "last" or "skip")
 
     suggestions: list[Any] = [None] * len(clusters)
     if memory is not None and clusters:
@@ -97,15 +101,15 @@ def decide_crystal_clusters(
                 labels[cluster_id] = bool(suggestion.is_crystal)
                 sources[cluster_id] = "label-memory"
             elif suggestion.mixed and plan.mixed != "ask":
-                labels[cluster_id] = False
-                sources[cluster_id] = f"label-memory:mixed-{plan.mixed}"
-                if plan.mixed == "last":
-                    mixed.append(cluster_id)
+                mixed.add(cluster_id)
 
-    unsure = [c for c in clusters if int(c.cluster_id) not in labels]
+    unsure = [c for c in clusters if int(c.cluster_id) not in labels and int(c.cluster_id) not in mixed]
     prompt_id = answered_by = None
     asked = False
     if unsure and plan.ask and channel is not None:
+        # a prompt goes out anyway: mixed clusters ride along, so their answers keep accumulating (one
+        # careless answer among few must not make a cluster mixed for good) at no extra prompt
+        unsure = [c for c in clusters if int(c.cluster_id) not in labels]
         from agent.operator import Prompt, PromptOption
 
         options = [
@@ -137,11 +141,15 @@ def decide_crystal_clusters(
             for c in unsure:
                 labels[int(c.cluster_id)] = f"cluster-{c.cluster_id}" in chosen
                 sources[int(c.cluster_id)] = "operator"
+                mixed.discard(int(c.cluster_id))
             if memory is not None:
                 _remember(memory, analysis, unsure, labels, specimen, preset, session_id, "operator")
         else:
             notes.append(f"prompt {prompt_id} not answered within {plan.wait_s:.0f} s; fallback {plan.fallback}")
 
+    for cluster_id in mixed:  # not answered: the plan's handling of mixed clusters, not the fallback
+        labels[cluster_id] = False
+        sources[cluster_id] = f"label-memory:mixed-{plan.mixed}"
     still_unsure = [c for c in clusters if int(c.cluster_id) not in labels]
     if still_unsure:
         fallback = _fallback_labels(analysis, still_unsure, plan, suggestions, cluster_ids, reference_clusters)
@@ -152,11 +160,10 @@ def decide_crystal_clusters(
     if memory is not None:  # the agent's own labels are kept too, with no vote (source "auto")
         automatic = [c for c in clusters if sources.get(int(c.cluster_id)) != "operator"]
         if automatic:
-            drawn_from = {**labels, **{cid: True for cid in mixed}}
-            _remember(memory, analysis, automatic, drawn_from, specimen, preset, session_id, "auto")
+            _remember(memory, analysis, automatic, labels, specimen, preset, session_id, "auto")
     return LabellingDecision(
         crystal_clusters=crystal,
-        mixed_clusters=tuple(sorted(mixed)),
+        mixed_clusters=tuple(sorted(mixed)) if plan.mixed == "last" else (),
         sources=sources,
         confidences=confidences,
         prompt_id=prompt_id,

@@ -39,9 +39,11 @@ Mixed clusters (`LabelSuggestion.mixed`): when sessions voted both ways and the 
 differently before. These are clusters of which a part lies on crystals (a flake's or fibre's edge, 10-60 %
 of its cells on crystals): whether the operator calls one "crystal" depends on which cells the gallery
 happens to show, so a further answer is a coin toss and more answers never make the memory confident.
-The screening loop does not ask about them by default; their targets come after the crystal clusters'
-ones and the search-preset check decides object by object (`agent.labelling`, `OperatorPlan.mixed`).
-A rare operator mistake (below one vote in five) does not make a cluster mixed.
+The screening loop asks no prompt for them alone by default; their targets are visited after the crystal
+clusters' ones and the search-preset check decides object by object (`agent.labelling`,
+`OperatorPlan.mixed`). With few sessions one wrong answer is already a fifth of the votes and makes a
+clean cluster mixed; it still gets its targets, and since mixed clusters join every prompt asked anyway,
+further answers accumulate until the mistake is outvoted (below one vote in five).
 
 Held-out check (`held_out_verdicts`, `local_precision`): votes trust that clusters which look alike
 hold alike things. Whether they do depends on the specimen, the atlas and the locator's features, so the
@@ -53,10 +55,11 @@ label it suggests takes `(right + 1) / (n + 1)`, each verdict counted with its r
 (one assumed success, so a memory that was never wrong is not held back; one wrong verdict of full
 weight among fewer than four drops below the default threshold). The suggestion's confidence is capped
 at that figure: where the memory mispredicted its own past answers (look-alike clusters answered
-differently in different sessions) it asks instead of guessing, until enough right predictions outweigh
-the mistakes, while a mistake about one kind of cluster (a mixed film-and-crystal cluster) does not hold
-back the labels of another (the clean crystal cluster) that it predicted right every time. `held_out_precision` gives
-the unweighted figure over all verdicts of a memory, for reports.
+differently in different sessions) it gives no confident label (and, when the votes split, calls the
+cluster mixed: above) instead of guessing, until enough right predictions outweigh the mistakes, while
+a mistake about one kind of cluster (a mixed film-and-crystal cluster) does not hold back the labels of
+another (the clean crystal cluster) that it predicted right every time. `held_out_precision` gives the
+unweighted figure over all verdicts of a memory, for reports.
 
 Measured (`benchmarks/bench_labels.py`: four sessions of a type on one memory, then a new type; one
 grid square, the default plan's window features and k = 5, simulated operator; its offline replay
@@ -482,7 +485,8 @@ class LabelMemory:
         The vote's confidence is capped at the memory's local held-out precision for the suggested label:
         how often the memory, predicting the sessions that vote here from the other sessions, was right
         when it said that label (module docstring). A memory that mispredicted its own past answers for
-        clusters like this one keeps asking; mistakes about other kinds of cluster do not hold it back.
+        clusters like this one gives no confident label (see `LabelSuggestion.mixed` for split votes);
+        mistakes about other kinds of cluster do not hold it back.
         """
         query = _as_matrix(centroids, feature_names)
         records = [r for r in self._load() if r.specimen == specimen and r.preset == preset]

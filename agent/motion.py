@@ -68,3 +68,20 @@ def plan_path(start_xy_um: Sequence[float], points_xy_um: np.ndarray, max_two_op
         if not improved:
             break
     return [node - 1 for node in route[1:]]
+
+
+def plan_tiered_path(start_xy_um: Sequence[float], tiers: Sequence[np.ndarray]) -> list[tuple[int, int]]:
+    """Visit every point of `tiers[0]` before any of `tiers[1]`, and so on: each tier (shape (n, 2),
+    micrometres) on a short path (`plan_path`) that starts where the previous tier's path ended.
+
+    Returns (tier, index into that tier) pairs in visiting order.
+    """
+    order: list[tuple[int, int]] = []
+    start = np.asarray(start_xy_um, dtype=np.float64)
+    for tier, points in enumerate(tiers):
+        points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+        path = plan_path(start, points)
+        order += [(tier, index) for index in path]
+        if path:
+            start = points[path[-1]]
+    return order

@@ -31,6 +31,10 @@ class TargetRecord(BaseModel):
     area_px: float
     score: float
     cluster_id: int
+    from_mixed_cluster: bool = Field(
+        default=False,
+        description="drawn from a cluster label memory calls mixed: visited after every crystal cluster's target",
+    )
 
 
 class TargetResult(BaseModel):
@@ -89,6 +93,7 @@ TARGET_COLUMNS = (
     "planned_y_um",
     "score",
     "cluster_id",
+    "from_mixed_cluster",
     "area_px",
     "recentre_offset_um",
     "n_spots",
@@ -113,6 +118,7 @@ def target_rows(targets: Sequence[TargetRecord], results: dict[str, TargetResult
                 "planned_y_um": round(target.y_um, 3),
                 "score": round(target.score, 4),
                 "cluster_id": target.cluster_id,
+                "from_mixed_cluster": target.from_mixed_cluster,
                 "area_px": round(target.area_px, 1),
                 "recentre_offset_um": round(result.recentre_offset_um, 3) if result else 0.0,
                 "n_spots": result.n_spots if result else 0,

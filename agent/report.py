@@ -264,8 +264,8 @@ _SUMMARY_KEYS = (
 )
 
 _TARGET_COLUMNS = (
-    "target_id", "outcome", "x_um", "y_um", "score", "cluster_id", "area_px", "recentre_offset_um", "n_spots",
-    "signal_to_background", "reason",
+    "target_id", "outcome", "x_um", "y_um", "score", "cluster_id", "from_mixed_cluster", "area_px",
+    "recentre_offset_um", "n_spots", "signal_to_background", "reason",
 )
 
 

@@ -60,7 +60,7 @@ from agent.journal import Journal, read_journal
 from agent.labelling import LabellingDecision, decide_crystal_clusters
 from agent.locate.analysis import analyse
 from agent.locate.targets import find_candidates
-from agent.motion import approach_move, plan_path
+from agent.motion import approach_move, plan_tiered_path
 from agent.records import CONFIRMED_OUTCOMES, SessionSummary, TargetRecord, TargetResult
 from drivers.base import Frame, Microscope, MicroscopeError, pixel_to_stage_um
 from drivers.formats.images import read_frame_tiff, write_frame_tiff
@@ -545,27 +545,34 @@ class ScreeningSession:
                 "max_candidates": max(targeting.max_targets * 4, 50),
             }
         )
-        candidates = find_candidates(self.analysis, self.decision.crystal_clusters, settings, image=atlas.image)
-        if self.decision.mixed_clusters:  # label memory's mixed clusters fill the places left
-            spacing_px = settings.min_spacing_px
-            candidates = candidates + [
-                c
-                for c in find_candidates(self.analysis, self.decision.mixed_clusters, settings, image=atlas.image)
-                if not any(np.hypot(c.row_px - o.row_px, c.col_px - o.col_px) < spacing_px for o in candidates)
-            ]
         limits = self.microscope.stage_limits()
-        kept = []
-        for candidate in candidates:
-            x_um, y_um = atlas.pixel_to_stage_um(np.array([candidate.col_px, candidate.row_px]))
-            inside = limits.x_min_um <= x_um <= limits.x_max_um and limits.y_min_um <= y_um <= limits.y_max_um
-            if self.map_box_um is not None:  # the atlas frame may show more than the squares asked for
-                x_min, x_max, y_min, y_max = self.map_box_um
-                inside = inside and x_min <= x_um <= x_max and y_min <= y_um <= y_max
-            if inside:
-                kept.append((candidate, float(x_um), float(y_um)))
-        kept = kept[: targeting.max_targets]  # in the locator's order (best first, one object per region first)
+
+        def reachable(clusters: tuple[int, ...]) -> list[tuple[Any, float, float]]:
+            """Candidates of `clusters` (locator's order) inside the stage limits and the mapped box, with stage um."""
+            kept = []
+            for candidate in find_candidates(self.analysis, clusters, settings, image=atlas.image):
+                x_um, y_um = atlas.pixel_to_stage_um(np.array([candidate.col_px, candidate.row_px]))
+                inside = limits.x_min_um <= x_um <= limits.x_max_um and limits.y_min_um <= y_um <= limits.y_max_um
+                if self.map_box_um is not None:  # the atlas frame may show more than the squares asked for
+                    x_min, x_max, y_min, y_max = self.map_box_um
+                    inside = inside and x_min <= x_um <= x_max and y_min <= y_um <= y_max
+                if inside:
+                    kept.append((candidate, float(x_um), float(y_um)))
+            return kept
+
+        # in the locator's order (best first, one object per region first), then cut to the budget
+        sure = reachable(self.decision.crystal_clusters)[: targeting.max_targets]
+        mixed: list[tuple[Any, float, float]] = []
+        if self.decision.mixed_clusters and len(sure) < targeting.max_targets:
+            # label memory's mixed clusters fill the places left, away from the sure targets
+            for candidate, x_um, y_um in reachable(self.decision.mixed_clusters):
+                if all(math.hypot(x_um - x, y_um - y) >= targeting.min_spacing_um for _, x, y in sure):
+                    mixed.append((candidate, x_um, y_um))
+            mixed = mixed[: targeting.max_targets - len(sure)]
         here = self.microscope.get_stage()
-        order = plan_path((here.x_um, here.y_um), np.array([[x, y] for _, x, y in kept]).reshape(-1, 2))
+        tiers = (sure, mixed)  # every sure target before any mixed one, each tier on a short path
+        order = plan_tiered_path((here.x_um, here.y_um), [np.array([[x, y] for _, x, y in t]) for t in tiers])
+        visits = [(tiers[tier][index], tier == 1) for tier, index in order]
         self.targets = [
             TargetRecord(
                 target_id=f"T{rank + 1:03d}",
@@ -577,8 +584,9 @@ class ScreeningSession:
                 area_px=float(c.area_px),
                 score=float(c.score),
                 cluster_id=int(c.cluster_id),
+                from_mixed_cluster=from_mixed,
             )
-            for rank, (c, x_um, y_um) in enumerate(kept[i] for i in order)
+            for rank, ((c, x_um, y_um), from_mixed) in enumerate(visits)
         ]
         self._record("targets", targets=[t.model_dump(mode="json") for t in self.targets])
         written = outputs.write_atlas_outputs(self.session_dir, atlas, self.analysis, self.decision, self.targets)

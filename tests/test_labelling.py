@@ -6,6 +6,7 @@ and an `OperatorChannel` on loopback with nobody connected (so any prompt goes u
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from agent.config import OperatorPlan
 from agent.labelling import decide_crystal_clusters
 from agent.labels import LabelMemory
 from agent.locate.analysis import ClusterAnalysis, LocateSettings, analyse
-from agent.operator import OperatorChannel
+from agent.operator import OperatorChannel, OperatorClient, PromptInfo
 from tests.synthetic_images import make_grid_image
 
 
@@ -87,3 +88,33 @@ def test_a_cluster_answered_the_same_way_every_time_is_not_mixed(analysis: Clust
         decision = _decide(analysis, memory, OperatorPlan(wait_s=0.2), channel)
     assert not decision.asked and decision.mixed_clusters == () and decision.crystal_clusters == ()
     assert set(decision.sources.values()) == {"label-memory"}
+
+
+def test_mixed_clusters_ride_along_on_a_prompt_asked_anyway_and_the_answer_settles_them(
+    analysis: ClusterAnalysis, tmp_path: Path
+) -> None:
+    """A stricter confidence threshold leaves the other clusters unsure, so a prompt goes out: the mixed
+    cluster is in it too, and the operator's answer labels it (and is stored) instead of "mixed"."""
+    mixed_id = int(analysis.clusters[-1].cluster_id)
+    memory = _memory(tmp_path / "labels", analysis, mixed_id)
+    seen: list[tuple[str, ...]] = []
+    with OperatorChannel("tcp://127.0.0.1:0") as channel, OperatorClient(channel.prompt_endpoint) as client:
+
+        def operator() -> None:
+            for _ in range(50):  # bounded: about 10 s
+                event = client.next_event(timeout_s=0.2)
+                if isinstance(event, PromptInfo):
+                    seen.append(tuple(o.id for o in event.options))
+                    client.answer(event.id, [f"cluster-{mixed_id}"], operator="alice")
+                    return
+
+        answering = threading.Thread(target=operator, daemon=True)
+        answering.start()
+        decision = _decide(analysis, memory, OperatorPlan(wait_s=10.0, min_confidence=0.95), channel)
+        answering.join(timeout=10.0)
+    assert decision.asked and decision.answered_by == "alice"
+    assert seen and f"cluster-{mixed_id}" in seen[0] and len(seen[0]) == len(analysis.clusters) + 1  # + "none"
+    assert decision.mixed_clusters == () and decision.crystal_clusters == (mixed_id,)
+    assert set(decision.sources.values()) == {"operator"}
+    stored = [r for r in memory.list_records() if r.session == "new" and r.source == "operator"]
+    assert {r.cluster_id for r in stored if r.is_crystal} == {mixed_id}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from agent.motion import path_length_um, plan_path
+from agent.motion import path_length_um, plan_path, plan_tiered_path
 
 
 def _nearest_neighbour(start: np.ndarray, points: np.ndarray) -> list[int]:
@@ -37,3 +37,15 @@ def test_two_opt_untangles_a_crossing() -> None:
 def test_empty_and_single() -> None:
     assert plan_path((0, 0), np.zeros((0, 2))) == []
     assert plan_path((0, 0), np.array([[5.0, 5.0]])) == [0]
+
+
+def test_tiered_path_visits_every_point_of_a_tier_before_the_next_tier() -> None:
+    sure = np.array([[100.0, 0.0], [200.0, 0.0], [150.0, 5.0]])
+    mixed = np.array([[1.0, 0.0], [210.0, 0.0], [5.0, 1.0]])  # two of them right next to the start
+    order = plan_tiered_path((0.0, 0.0), [sure, mixed])
+    assert [tier for tier, _ in order] == [0, 0, 0, 1, 1, 1]
+    assert sorted(i for t, i in order if t == 0) == [0, 1, 2] and sorted(i for t, i in order if t == 1) == [0, 1, 2]
+    assert [i for t, i in order if t == 0] == plan_path((0.0, 0.0), sure)
+    assert order[3] == (1, 1)  # the mixed tier starts from where the sure one ended (x = 200), not from the start
+    assert plan_tiered_path((0.0, 0.0), [np.zeros((0, 2)), mixed])[0] == (1, 0)
+    assert plan_tiered_path((0.0, 0.0), [np.zeros((0, 2)), np.zeros((0, 2))]) == []

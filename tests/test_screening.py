@@ -384,12 +384,13 @@ def test_prompts_reach_the_simulated_operator_and_fall_back_when_nobody_answers(
     assert all(source.startswith(("fallback:", "label-memory")) for source in session.decision.sources.values())
 
 
-def test_clusters_answered_both_ways_are_not_asked_again_and_their_objects_are_still_visited(
+def test_clusters_answered_both_ways_are_not_asked_again_and_their_targets_are_still_visited(
     asked: tuple[ScreeningSession, Any, Any], tmp_path: Path
 ) -> None:
     """The same atlas seen in three earlier sessions, its crystal clusters answered "crystal" in two and
-    "not crystal" in the third: the loop does not ask (nobody would answer here) and draws its targets
-    from those clusters, after any cluster memory is sure about."""
+    "not crystal" in the third: with nobody to answer now, the loop asks nothing and draws its targets from
+    those mixed clusters, marked as such, and visits them (the order of sure before mixed targets is
+    tested on `plan_tiered_path`)."""
     from agent.labels import LabelMemory
     from agent.operator import OperatorChannel
 
@@ -420,8 +421,15 @@ def test_clusters_answered_both_ways_are_not_asked_again_and_their_objects_are_s
     decision = session.decision
     assert decision is not None and not decision.asked and decision.crystal_clusters == ()
     assert decision.mixed_clusters == first.decision.crystal_clusters
-    assert session.targets and {t.cluster_id for t in session.targets} <= set(decision.mixed_clusters)
-    assert [t.target_id for t in session.targets] == [t.target_id for t in first.targets]  # same atlas, same order
+    assert session.targets and all(t.from_mixed_cluster for t in session.targets)
+    assert {t.cluster_id for t in session.targets} <= set(decision.mixed_clusters)
+    same_place = [(round(t.x_um, 3), round(t.y_um, 3)) for t in session.targets]
+    assert sorted(same_place) == sorted((round(t.x_um, 3), round(t.y_um, 3)) for t in first.targets)  # same atlas
+    assert summary.targets_visited == len(session.targets) and set(session.results) == {
+        t.target_id for t in session.targets
+    }
+    table = (tmp_path / "mixed" / "targets.csv").read_text().splitlines()
+    assert "from_mixed_cluster" in table[0].split(",") and all(",True," in row for row in table[1:])
     clusters = json.loads((tmp_path / "mixed" / "atlas" / "clusters.json").read_text())
     assert {c["cluster_id"] for c in clusters["clusters"] if c["mixed"]} == set(decision.mixed_clusters)
 
