@@ -36,7 +36,7 @@ def _frame(specimen: str, preset: str, seed: int, camera_px: int, centre_on_crys
 
 def _truth_in_view(scope, frame, matrix, margin_um: float):
     shape = frame.image.shape
-    stage = (frame.metadata.stage.x_um, frame.metadata.stage.y_um)
+    stage = scope.true_stage_xy_um()  # where the specimen really is (backlash, repeat error), as the evaluation does
     corners = np.array([[0, 0], [shape[1] - 1, 0], [0, shape[0] - 1], [shape[1] - 1, shape[0] - 1]], float)
     xy = pixel_to_stage_um(corners, shape, stage, matrix)
     inside = scope.ground_truth.crystals_in_box(
@@ -52,8 +52,9 @@ def _evaluate(specimen: str, preset: str, settings: LocateSettings, seed: int, c
     scope, frame, matrix = _frame(specimen, preset, seed, camera_px, centre_on_crystal=preset == "search")
     analysis = analyse(np.asarray(frame.image), settings)
     candidates = find_candidates(analysis, analysis.suggested_crystal_clusters, image=np.asarray(frame.image))
-    stage = (frame.metadata.stage.x_um, frame.metadata.stage.y_um)
-    candidates = candidates_to_stage(candidates, frame.image.shape, stage, matrix)
+    # scored where the specimen really is: at search magnification the stage's repeat error (about 1 um)
+    # is larger than a fibre is wide, and the locator cannot know it
+    candidates = candidates_to_stage(candidates, frame.image.shape, scope.true_stage_xy_um(), matrix)
     inside, true_bars = _truth_in_view(scope, frame, matrix, margin_um=2.0 if preset == "atlas" else 0.5)
     xs = np.array([c.x_um for c in candidates])
     ys = np.array([c.y_um for c in candidates])
@@ -80,5 +81,6 @@ def test_search_frames_find_the_crystal_under_the_beam() -> None:
     for specimen in ALL_TYPES:
         found, _total, _candidates, _, _, _ = _evaluate(specimen, "search", SEARCH, 1, 512, 0.5)
         hits[specimen] = found
-    # asbestos needles and faint polymer crystals at search magnification are still missed (issue 4 note)
-    assert sum(found > 0 for found in hits.values()) >= 2, f"crystals found per type at search: {hits}"
+    # faint polymer crystals at search magnification are still missed: their contrast is within the film's
+    # mottle in every window statistic (issue 4 notes); the screening loop re-centres on what the atlas found
+    assert all(hits[s] > 0 for s in ALL_TYPES if s != "polymer-faint"), f"crystals found per type at search: {hits}"
