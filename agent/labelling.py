@@ -116,8 +116,13 @@ def decide_crystal_clusters(
             PromptOption(
                 id=f"cluster-{c.cluster_id}",
                 label=f"cluster {c.cluster_id} ({100 * c.fraction:.1f} % of the atlas)",
-                description="contains crystals",
-                context={"cluster_id": int(c.cluster_id), "sample_xy_um": sample_xy_um(c)},
+                description="contains crystals"
+                + ("; clusters like it were answered both ways before" if int(c.cluster_id) in mixed else ""),
+                context={
+                    "cluster_id": int(c.cluster_id),
+                    "sample_xy_um": sample_xy_um(c),
+                    "answered_both_ways": int(c.cluster_id) in mixed,
+                },
             )
             for c in unsure
         ]

@@ -97,14 +97,14 @@ def test_mixed_clusters_ride_along_on_a_prompt_asked_anyway_and_the_answer_settl
     cluster is in it too, and the operator's answer labels it (and is stored) instead of "mixed"."""
     mixed_id = int(analysis.clusters[-1].cluster_id)
     memory = _memory(tmp_path / "labels", analysis, mixed_id)
-    seen: list[tuple[str, ...]] = []
+    seen: list[dict[str, bool]] = []
     with OperatorChannel("tcp://127.0.0.1:0") as channel, OperatorClient(channel.prompt_endpoint) as client:
 
         def operator() -> None:
             for _ in range(50):  # bounded: about 10 s
                 event = client.next_event(timeout_s=0.2)
                 if isinstance(event, PromptInfo):
-                    seen.append(tuple(o.id for o in event.options))
+                    seen.append({o.id: bool(o.context.get("answered_both_ways")) for o in event.options})
                     client.answer(event.id, [f"cluster-{mixed_id}"], operator="alice")
                     return
 
@@ -113,7 +113,9 @@ def test_mixed_clusters_ride_along_on_a_prompt_asked_anyway_and_the_answer_settl
         decision = _decide(analysis, memory, OperatorPlan(wait_s=10.0, min_confidence=0.95), channel)
         answering.join(timeout=10.0)
     assert decision.asked and decision.answered_by == "alice"
-    assert seen and f"cluster-{mixed_id}" in seen[0] and len(seen[0]) == len(analysis.clusters) + 1  # + "none"
+    # every cluster is in the prompt (and "none"), the mixed one marked as such for the operator
+    assert seen and len(seen[0]) == len(analysis.clusters) + 1
+    assert [option for option, both_ways in seen[0].items() if both_ways] == [f"cluster-{mixed_id}"]
     assert decision.mixed_clusters == () and decision.crystal_clusters == (mixed_id,)
     assert set(decision.sources.values()) == {"operator"}
     stored = [r for r in memory.list_records() if r.session == "new" and r.source == "operator"]
