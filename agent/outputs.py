@@ -73,7 +73,13 @@ def write_atlas_outputs(
         "heatmap": write_atomic(
             folder / "heatmap.png",
             encode_png(
-                heatmap_rgb(atlas.image, analysis, candidates=marks, crystal_clusters=decision.crystal_clusters)
+                heatmap_rgb(
+                    atlas.image,
+                    analysis,
+                    candidates=marks,
+                    crystal_clusters=decision.crystal_clusters,
+                    mixed_clusters=decision.mixed_clusters,
+                )
             ),
         ),
         "bar_mask": write_atomic(

@@ -16,6 +16,7 @@ from agent.locate.render import (
     _draw_ops,
     _encode_png_rows,
     _font,
+    _legend_labels,
     display_uint8,
     heatmap_png,
     heatmap_rgb,
@@ -170,3 +171,19 @@ def test_marks_drawn_on_crops_equal_marks_drawn_on_the_whole_picture(mode: str) 
             getattr(draw, method)(xy, **kwargs)
         _draw_ops(target, ops)
     assert np.array_equal(target, np.asarray(whole))
+
+
+def test_legend_tags_crystal_and_mixed_clusters_and_the_picture_shows_the_difference(
+    scene_analysis: tuple[np.ndarray, ClusterAnalysis],
+) -> None:
+    image, analysis = scene_analysis
+    crystal, mixed = analysis.clusters[1].cluster_id, analysis.clusters[2].cluster_id
+    lines = _legend_labels(analysis, [crystal], [mixed])
+    assert lines[0] == "bar / black" and len(lines) == len(analysis.clusters) + 1
+    assert lines[crystal + 1].endswith("% crystal") and lines[mixed + 1].endswith("% mixed")
+    assert sum(line.endswith(("crystal", "mixed")) for line in lines) == 2
+    tagged = heatmap_rgb(image, analysis, crystal_clusters=[crystal], mixed_clusters=[mixed])
+    plain = heatmap_rgb(image, analysis, crystal_clusters=[crystal])
+    legend_rows = slice(0, _legend_rows(analysis))
+    assert not np.array_equal(tagged[legend_rows], plain[legend_rows])  # the tag is drawn
+    assert np.array_equal(tagged[_legend_rows(analysis) :], plain[_legend_rows(analysis) :])  # colours unchanged

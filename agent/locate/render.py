@@ -200,11 +200,15 @@ def _draw_overlay(
     _draw_ops(target, ops)
 
 
-def _legend_labels(analysis: ClusterAnalysis, crystal_clusters: Sequence[int]) -> list[str]:
-    """Legend lines: the mask, then one per cluster with its share of the image and a crystal tag."""
+def _legend_labels(
+    analysis: ClusterAnalysis, crystal_clusters: Sequence[int], mixed_clusters: Sequence[int] = ()
+) -> list[str]:
+    """Legend lines: the mask, then one per cluster with its share of the image and a crystal (or mixed:
+    label memory's answered-both-ways clusters, whose targets come last) tag."""
     labels = ["bar / black"]
     for summary in analysis.clusters:
         tag = " crystal" if summary.cluster_id in crystal_clusters else ""
+        tag = " mixed" if summary.cluster_id in mixed_clusters else tag
         labels.append(f"{summary.cluster_id}: {100 * summary.fraction:.1f}%{tag}")
     return labels
 
@@ -215,11 +219,12 @@ def heatmap_rgb(
     candidates: Sequence[Candidate] = (),
     crystal_clusters: Sequence[int] = (),
     alpha: float = 0.45,
+    mixed_clusters: Sequence[int] = (),
 ) -> np.ndarray:
     """The cluster map blended over the image: uint8 (rows, cols, 3), with a legend and candidates.
 
     Crystal clusters are red and more opaque; other clusters take palette colours at `alpha`; masked
-    cells (bars, black areas) are dark grey.
+    cells (bars, black areas) are dark grey. `mixed_clusters` are only tagged in the legend.
     """
     if tuple(image.shape[:2]) != analysis.image_shape:
         raise ImageInputError(f"image shape {image.shape} does not match the analysis ({analysis.image_shape})")
@@ -233,7 +238,8 @@ def heatmap_rgb(
     colour_index = np.where(analysis.bar_mask, 0, colour_index)
     rgb = _blend(gray, colour_index, lut, alpha_lut)
     swatches = [MASK_RGB] + [tuple(int(v) for v in lut[s.cluster_id + 1]) for s in analysis.clusters]
-    _draw_overlay(rgb, list(zip(_legend_labels(analysis, crystal_clusters), swatches, strict=True)), candidates)
+    legend = _legend_labels(analysis, crystal_clusters, mixed_clusters)
+    _draw_overlay(rgb, list(zip(legend, swatches, strict=True)), candidates)
     return rgb
 
 
