@@ -128,9 +128,9 @@ class OperatorPlan(BaseModel):
         default="last",
         description=(
             "clusters that earlier operators answered both ways (label memory's 'mixed'): 'last' = no prompt "
-            "of their own (they join a prompt asked anyway), their targets are visited after the crystal "
-            "clusters' ones; 'ask' = asked like any unsure cluster (and left to the fallback); 'skip' = no "
-            "prompt of their own, no targets. Applies whatever the fallback is"
+            "of their own (they join a prompt asked anyway), their targets fill the places the crystal "
+            "clusters leave and are visited after them; 'ask' = asked like any unsure cluster (and left to "
+            "the fallback); 'skip' = no prompt of their own, no targets. Applies whatever the fallback is"
         ),
     )
     reference_cells: tuple[tuple[int, int], ...] = Field(

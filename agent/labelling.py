@@ -4,12 +4,14 @@
    earlier sessions of the same specimen type and preset. Confident suggestions are taken as they are.
    A cluster memory calls mixed (look-alike clusters answered both ways before: typically a flake or
    fibre edge with some of its cells on crystals) is handled by `plan.mixed`: by default no prompt is
-   asked for it alone, since the answer would be a coin toss, and its targets are visited after every
-   crystal cluster's target (`LabellingDecision.mixed_clusters`, `TargetRecord.from_mixed_cluster`), so
-   the search-preset check decides object by object. When a prompt goes out for other clusters anyway,
+   asked for it alone, since the answer would be a coin toss, and its targets fill the places the crystal
+   clusters' targets leave (`targeting.max_targets`) and are visited after them
+   (`LabellingDecision.mixed_clusters`, `TargetRecord.from_mixed_cluster`), so the search-preset check
+   decides object by object. When a prompt goes out for other clusters anyway,
    mixed clusters are put in it too: their answers keep accumulating, so a cluster made mixed by one
    careless answer among few can become sure again. `plan.mixed` is applied whatever `plan.fallback`
-   says (set it to "skip" for a run that draws targets only from clusters someone is sure about).
+   says (set it and `plan.fallback` to "skip" for a run that draws targets only from clusters someone is
+   sure about).
 2. Clusters left unsure are put to the operator as one prompt (heat map + gallery images, one option per
    unsure cluster, several may be chosen, plus "none of these"). The loop waits at most `operator.wait_s`
    real seconds; the prompt stays open until its deadline.
@@ -102,6 +104,7 @@ def decide_crystal_clusters(
                 sources[cluster_id] = "label-memory"
             elif suggestion.mixed and plan.mixed != "ask":
                 mixed.add(cluster_id)
+    split = {cid for cid, s in zip(cluster_ids, suggestions, strict=True) if s is not None and s.mixed}
 
     unsure = [c for c in clusters if int(c.cluster_id) not in labels and int(c.cluster_id) not in mixed]
     prompt_id = answered_by = None
@@ -117,11 +120,11 @@ def decide_crystal_clusters(
                 id=f"cluster-{c.cluster_id}",
                 label=f"cluster {c.cluster_id} ({100 * c.fraction:.1f} % of the atlas)",
                 description="contains crystals"
-                + ("; clusters like it were answered both ways before" if int(c.cluster_id) in mixed else ""),
+                + ("; clusters like it were answered both ways before" if int(c.cluster_id) in split else ""),
                 context={
                     "cluster_id": int(c.cluster_id),
                     "sample_xy_um": sample_xy_um(c),
-                    "answered_both_ways": int(c.cluster_id) in mixed,
+                    "answered_both_ways": int(c.cluster_id) in split,
                 },
             )
             for c in unsure

@@ -39,11 +39,13 @@ Mixed clusters (`LabelSuggestion.mixed`): when sessions voted both ways and the 
 differently before. These are clusters of which a part lies on crystals (a flake's or fibre's edge, 10-60 %
 of its cells on crystals): whether the operator calls one "crystal" depends on which cells the gallery
 happens to show, so a further answer is a coin toss and more answers never make the memory confident.
-The screening loop asks no prompt for them alone by default; their targets are visited after the crystal
-clusters' ones and the search-preset check decides object by object (`agent.labelling`,
-`OperatorPlan.mixed`). With few sessions one wrong answer is already a fifth of the votes and makes a
-clean cluster mixed; it still gets its targets, and since mixed clusters join every prompt asked anyway,
-further answers accumulate until the mistake is outvoted (below one vote in five).
+The screening loop asks no prompt for them alone by default; their targets fill the places the crystal
+clusters' targets leave and are visited after them, and the search-preset check decides object by object
+(`agent.labelling`, `OperatorPlan.mixed`). The price: with few sessions one answer is already a fifth of
+the votes, so one careless answer (or one unlucky gallery) makes a clean cluster mixed. It still gets
+the places the sure clusters leave, and since mixed clusters join every prompt asked anyway, further
+answers accumulate until the odd one is outvoted (below one vote in five); a mature memory that never
+asks keeps it mixed. `OperatorPlan.mixed = "ask"` trades those prompts back for this.
 
 Held-out check (`held_out_verdicts`, `local_precision`): votes trust that clusters which look alike
 hold alike things. Whether they do depends on the specimen, the atlas and the locator's features, so the

@@ -33,7 +33,8 @@ class TargetRecord(BaseModel):
     cluster_id: int
     from_mixed_cluster: bool = Field(
         default=False,
-        description="drawn from a cluster label memory calls mixed: visited after every crystal cluster's target",
+        description="drawn from a cluster label memory calls mixed: fills a place the crystal clusters' targets "
+        "left, visited after them",
     )
 
 

@@ -101,6 +101,25 @@ class SessionError(Exception):
     """A session cannot start or resume (missing or damaged session folder, wrong instrument)."""
 
 
+def fill_target_places(
+    sure: list[tuple[Any, float, float]],
+    mixed: list[tuple[Any, float, float]],
+    max_targets: int,
+    min_spacing_um: float,
+) -> tuple[list[tuple[Any, float, float]], list[tuple[Any, float, float]]]:
+    """Targets from the sure (crystal) clusters' candidates, then from the mixed clusters' ones.
+
+    Both lists hold (candidate, x_um, y_um) in the locator's order (best first, one object per region
+    first). The sure ones take up to `max_targets` places; mixed ones fill the places left, skipping any
+    within `min_spacing_um` of a sure target (the same object seen by two clusters).
+    """
+    sure = sure[:max_targets]
+    kept = [
+        entry for entry in mixed if all(math.hypot(entry[1] - x, entry[2] - y) >= min_spacing_um for _, x, y in sure)
+    ]
+    return sure, kept[: max_targets - len(sure)]
+
+
 class ScreeningSession:
     """Runs one screening session on any `Microscope`; see the module docstring for the state diagram.
 
@@ -560,15 +579,12 @@ class ScreeningSession:
                     kept.append((candidate, float(x_um), float(y_um)))
             return kept
 
-        # in the locator's order (best first, one object per region first), then cut to the budget
-        sure = reachable(self.decision.crystal_clusters)[: targeting.max_targets]
-        mixed: list[tuple[Any, float, float]] = []
-        if self.decision.mixed_clusters and len(sure) < targeting.max_targets:
-            # label memory's mixed clusters fill the places left, away from the sure targets
-            for candidate, x_um, y_um in reachable(self.decision.mixed_clusters):
-                if all(math.hypot(x_um - x, y_um - y) >= targeting.min_spacing_um for _, x, y in sure):
-                    mixed.append((candidate, x_um, y_um))
-            mixed = mixed[: targeting.max_targets - len(sure)]
+        sure, mixed = fill_target_places(
+            reachable(self.decision.crystal_clusters),
+            reachable(self.decision.mixed_clusters) if self.decision.mixed_clusters else [],
+            targeting.max_targets,
+            targeting.min_spacing_um,
+        )
         here = self.microscope.get_stage()
         tiers = (sure, mixed)  # every sure target before any mixed one, each tier on a short path
         order = plan_tiered_path((here.x_um, here.y_um), [np.array([[x, y] for _, x, y in t]) for t in tiers])

@@ -172,7 +172,7 @@ def precision_by_group(sessions: list[dict[str, Any]]) -> dict[str, dict[str, An
             "sample_precision": (sum(c["sample_fraction"] for c in crystal) / len(crystal)) if crystal else None,
             "cell_precision": (sum(c["cells_on_crystal"] for c in crystal) / cells) if cells else None,
             # clusters the operator's criterion calls crystal that got "not crystal" (missed)
-            "missed": sum(1 for c in labelled if c["truly_crystal"] and not c["labelled_crystal"]),
+            "missed": sum(1 for c in labelled if c["truly_crystal"] and c not in crystal),
         }
     return result
 

@@ -54,7 +54,7 @@ def _decide(analysis: ClusterAnalysis, memory: LabelMemory, plan: OperatorPlan, 
     )
 
 
-def test_a_cluster_answered_both_ways_is_not_asked_about_and_its_targets_come_last(
+def test_a_cluster_answered_both_ways_is_not_asked_about_and_is_handed_to_targeting_as_mixed(
     analysis: ClusterAnalysis, tmp_path: Path
 ) -> None:
     mixed_id = int(analysis.clusters[-1].cluster_id)
@@ -78,8 +78,11 @@ def test_a_cluster_answered_both_ways_is_not_asked_about_and_its_targets_come_la
         assert skip.sources[mixed_id] == "label-memory:mixed-skip"
 
         ask = _decide(analysis, memory, plan.model_copy(update={"mixed": "ask"}), channel)
-        assert ask.asked and ask.answered_by is None  # nobody is connected
+        assert ask.asked and ask.answered_by is None and ask.prompt_id is not None  # nobody is connected
         assert ask.mixed_clusters == () and ask.sources[mixed_id].startswith("fallback:")
+        options = channel.handle(ask.prompt_id).prompt.options
+        flagged = [o for o in options if o.context.get("answered_both_ways")]
+        assert [o.id for o in flagged] == [f"cluster-{mixed_id}"] and "both ways" in flagged[0].description
 
 
 def test_a_cluster_answered_the_same_way_every_time_is_not_mixed(analysis: ClusterAnalysis, tmp_path: Path) -> None:

@@ -434,6 +434,18 @@ def test_clusters_answered_both_ways_are_not_asked_again_and_their_targets_are_s
     assert {c["cluster_id"] for c in clusters["clusters"] if c["mixed"]} == set(decision.mixed_clusters)
 
 
+def test_mixed_targets_fill_only_the_places_left_and_keep_away_from_sure_targets() -> None:
+    from agent.screening import fill_target_places
+
+    sure = [("s1", 0.0, 0.0), ("s2", 50.0, 0.0), ("s3", 100.0, 0.0)]
+    mixed = [("m-near-s1", 2.0, 1.0), ("m1", 0.0, 50.0), ("m2", 50.0, 50.0), ("m3", 100.0, 50.0)]
+    kept_sure, kept_mixed = fill_target_places(sure, mixed, max_targets=5, min_spacing_um=4.0)
+    assert [c for c, _, _ in kept_sure] == ["s1", "s2", "s3"]
+    assert [c for c, _, _ in kept_mixed] == ["m1", "m2"]  # the locator's order, the one near s1 skipped
+    assert fill_target_places(sure, mixed, max_targets=2, min_spacing_um=4.0) == (sure[:2], [])
+    assert fill_target_places([], mixed, max_targets=2, min_spacing_um=4.0) == ([], mixed[:2])
+
+
 def test_a_session_runs_through_the_zeromq_bridge(tmp_path: Path) -> None:
     """The agent cannot tell a remote microscope from a local one: the same loop, over real sockets."""
     from drivers.zmq_bridge import BridgeClient, BridgeServer
