@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import textwrap
@@ -13,12 +14,21 @@ import numpy as np
 import pytest
 
 from agent.labels import (
+    AUTO_BANDWIDTH_FRACTION,
+    BANDWIDTH_LIMITS,
+    CALIBRATION_CONFIDENCE,
+    DEFAULT_BANDWIDTH,
     DEFAULT_CONFIDENCE_THRESHOLD,
     LABELS_FILE_NAME,
+    MIN_SHARED_FEATURE_FRACTION,
+    MIN_VOTE_WEIGHT,
+    MIXED_MIN_SHARE,
     LabelMemory,
     LabelMemoryError,
     LabelRecord,
     default_labels_dir,
+    signed_log,
+    trimmed_rms_distance,
 )
 
 NAMES = ("mean", "std", "rel_std", "skewness", "kurtosis", "range")
@@ -323,3 +333,81 @@ def test_mistakes_about_one_kind_of_cluster_do_not_hold_back_another(tmp_path: P
     assert not crystal.mixed and not film.mixed
     assert mixed.held_out_precision is not None and mixed.held_out_precision < DEFAULT_CONFIDENCE_THRESHOLD
     assert not film.is_crystal and film.confidence >= DEFAULT_CONFIDENCE_THRESHOLD
+
+
+def _reference_votes(memory: LabelMemory, query: np.ndarray, names: tuple[str, ...], records: list[LabelRecord]):
+    """Straightforward per-record loops for what `LabelMemory` computes with arrays (module docstring):
+    each session's nearest comparable record, its kernel weight, the votes. Returns per query row
+    (is_crystal, confidence, n_support, mixed)."""
+    needed = math.ceil(MIN_SHARED_FEATURE_FRACTION * len(names))
+    best: list[dict[str, tuple[float, float, bool]]] = [{} for _ in range(len(query))]
+    for group_names in dict.fromkeys(r.feature_names for r in records):
+        group = [r for r in records if r.feature_names == group_names]
+        shared = [n for n in names if n in group_names]
+        if len(shared) < needed:
+            continue
+        q = signed_log(query[:, [names.index(n) for n in shared]])
+        stored = signed_log(np.array([r.feature_vector for r in group])[:, [group_names.index(n) for n in shared]])
+        gaps = []
+        for session in sorted({r.session for r in group}):
+            crystal = [j for j, r in enumerate(group) if r.session == session and r.is_crystal]
+            other = [j for j, r in enumerate(group) if r.session == session and not r.is_crystal]
+            if crystal and other:
+                gaps.append(min(trimmed_rms_distance(stored[[a]], stored[[b]])[0, 0] for a in crystal for b in other))
+        width = memory.bandwidth or (
+            float(np.clip(AUTO_BANDWIDTH_FRACTION * np.median(gaps), *BANDWIDTH_LIMITS)) if gaps else DEFAULT_BANDWIDTH
+        )
+        for i in range(len(query)):
+            for j, record in enumerate(group):
+                d = float(trimmed_rms_distance(q[[i]], stored[[j]])[0, 0])
+                if record.session not in best[i] or d < best[i][record.session][0]:
+                    weight = math.exp(-0.5 * (d / width) ** 2) * memory.source_weights.get(record.source, 0.0)
+                    best[i][record.session] = (d, weight, record.is_crystal)
+    result = []
+    for votes in best:
+        counted = [(w, crystal) for _, w, crystal in votes.values() if w >= MIN_VOTE_WEIGHT]
+        w_c = sum(w for w, crystal in counted if crystal)
+        w_n = sum(w for w, crystal in counted if not crystal)
+        is_crystal = w_c > w_n
+        confidence = min(1.0, abs(w_c - w_n) / (w_c + w_n + memory.prior_strength))
+        support = sum(1 for _, crystal in counted if crystal == is_crystal)
+        mixed = min(w_c, w_n) > 0 and min(w_c, w_n) >= MIXED_MIN_SHARE * (w_c + w_n)
+        result.append((is_crystal, confidence, support, mixed))
+    return result
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_votes_and_held_out_verdicts_equal_a_straightforward_reference(tmp_path: Path, seed: int) -> None:
+    """Random memories: several sessions, two feature sets (one with an extra feature), auto records,
+    a fixed kernel width in some; the array code must give the reference's suggestions and verdicts."""
+    rng = np.random.default_rng(seed)
+    long_names = (*NAMES, "extra")
+    kinds = rng.normal(size=(5, len(long_names))) * rng.uniform(0.5, 5.0)
+    memory = LabelMemory(tmp_path, bandwidth=0.4 if seed % 4 == 3 else None)
+    for session in range(int(rng.integers(2, 12))):
+        names = long_names if rng.random() < 0.25 else NAMES
+        n = int(rng.integers(1, 6))
+        vectors = kinds[:n, : len(names)] * (1.0 + rng.uniform(0.05, 0.4) * rng.standard_normal((n, len(names))))
+        source = "auto" if rng.random() < 0.15 else "operator"
+        labels = list(rng.random(n) < 0.4)
+        memory.record_clusters(vectors, names, labels, specimen="p", preset="a", session=str(session), source=source)
+    records = memory.list_records()
+    for names in (NAMES, long_names):
+        query = kinds[:, : len(names)] * (1.0 + 0.3 * rng.standard_normal((5, len(names))))
+        votes, _ = memory._votes_and_voters(query, names, records)  # all records are of specimen p, preset a
+        expected = _reference_votes(memory, query, names, records)
+        got = [(v.is_crystal, v.confidence, v.n_support, v.mixed) for v in votes]
+        assert [g[0::2] for g in got] == [e[0::2] for e in expected]  # label, support, mixed
+        assert np.allclose([g[1] for g in got], [e[1] for e in expected], rtol=0, atol=1e-12)
+
+    expected_verdicts = {}
+    answered = sorted({r.session for r in records if r.source != "auto"})
+    for session in answered if len(answered) > 1 else ():
+        others = [r for r in records if r.session != session]
+        for record in (r for r in records if r.session == session and r.source != "auto"):
+            is_crystal, confidence, support, _ = _reference_votes(
+                memory, np.array([record.feature_vector]), record.feature_names, others
+            )[0]
+            if support and confidence >= CALIBRATION_CONFIDENCE:
+                expected_verdicts[record.id] = (is_crystal, is_crystal == record.is_crystal)
+    assert memory.held_out_verdicts("p", "a") == expected_verdicts
