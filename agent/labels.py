@@ -87,13 +87,14 @@ relabels the same sessions in all 24 orders):
   disagreed with the operator 12 times of 210 (graphite), 12 of 208 (protein), 14 of 186 (polymer) and
   0 of 240 (asbestos). Mixed clusters: graphite's two were not crystal by the operator's criterion
   (their targets are visited last), protein's and polymer's were.
-- 512 px camera (about one grid square, often empty or without crystals; measured before mixed
-  clusters): clusters do not recur, and film-thickness steps and bar edges look like graphite flakes
-  and asbestos fibres to these features (nearest-cluster agreement 70-88 %). Prompts do not stop and
-  auto crystal labels are less precise than the operator's (graphite: 0.6-0.7 of their sample cells on
-  crystals vs 0.95). The held-out
-  check changes little here: most wrong auto labels are look-alikes seen for the first time, which no
-  memory of earlier answers can catch; the remedy is a larger atlas, not a bolder memory.
+- 512 px camera (about one grid square, often empty or without crystals): clusters do not recur, and
+  film-thickness steps and bar edges look like graphite flakes and asbestos fibres to these features.
+  Prompts 1,1,1,0 for graphite and asbestos, 1,1,0,0 for protein, 1,1,1,1 for polymer (replayed third /
+  fourth session: 0.58 / 0, 0.83 / 0.75, 0 / 0, 0.92 / 1.0). Graphite's two confident crystal labels
+  were both wrong by the operator's criterion (cells on crystals 0.30 against the operator's 0.77);
+  protein, asbestos and polymer as precise as the operator or more. The held-out check changes little
+  here: most wrong auto labels are look-alikes seen for the first time, which no memory of earlier
+  answers can catch; the remedy is a larger atlas, not a bolder memory.
 
 Speed (`benchmarks/bench_label_memory.py`): a session's first suggestion computes the held-out check from
 scratch; each record's nearest record per session is found once for the whole memory, with arrays. Five
