@@ -91,8 +91,9 @@ relabels the same sessions in all 24 orders):
   film-thickness steps and bar edges look like graphite flakes and asbestos fibres to these features.
   Prompts 1,1,1,0 for graphite and asbestos, 1,1,0,0 for protein, 1,1,1,1 for polymer (replayed third /
   fourth session: 0.58 / 0, 0.83 / 0.75, 0 / 0, 0.92 / 1.0). Graphite's two confident crystal labels
-  were both wrong by the operator's criterion (cells on crystals 0.30 against the operator's 0.77);
-  protein, asbestos and polymer as precise as the operator or more. The held-out check changes little
+  were both wrong by the operator's criterion (in those sessions the clusters labelled crystal held 0.30
+  of their cells on crystals, the operator's choice 0.77); protein, asbestos and polymer were as precise
+  as the operator or more. The held-out check changes little
   here: most wrong auto labels are look-alikes seen for the first time, which no memory of earlier
   answers can catch; the remedy is a larger atlas, not a bolder memory.
 
