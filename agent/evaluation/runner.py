@@ -175,10 +175,8 @@ def locator_method(mode: str, k: int, seed: int = 0, **settings: Any) -> Method:
             Detection(row_px=float(c.row_px), col_px=float(c.col_px), area_px=float(c.area_px), score=float(c.score))
             for c in candidates
         )
-        bar_mask = np.asarray(analysis.bar_mask, dtype=bool)
-        if analysis.vacuum_mask is not None:  # film holes are masked too, but they are not bars
-            bar_mask = bar_mask & ~analysis.vacuum_mask
-        return DetectorOutput(detections=detections, bar_mask=bar_mask)
+        # film holes are masked too, but they are not bars
+        return DetectorOutput(detections=detections, bar_mask=np.asarray(analysis.bar_mask_without_holes, dtype=bool))
 
     return Method(name=f"kmeans-k{k}", mode=mode, run=run, k=k)
 

@@ -197,6 +197,11 @@ class ClusterAnalysis:
     vacuum_mask: np.ndarray | None = None
 
     @property
+    def bar_mask_without_holes(self) -> np.ndarray:
+        """`bar_mask` without the film holes (`vacuum_mask`): grid bars, black areas and annotation bands."""
+        return self.bar_mask if self.vacuum_mask is None else self.bar_mask & ~self.vacuum_mask
+
+    @property
     def valid_cells(self) -> np.ndarray:
         """Flat bool (n_cells,): True where the cell is not masked."""
         return self.label_grid.ravel() >= 0

@@ -152,7 +152,7 @@ def find_candidates(
             keep = keep[region_of]
     if settings.min_bar_distance_px > 0:
         # from bars only: a crystal may lie right at the edge of a hole in the film
-        bars = analysis.bar_mask if analysis.vacuum_mask is None else analysis.bar_mask & ~analysis.vacuum_mask
+        bars = analysis.bar_mask_without_holes
         keep &= bar_distance_px(bars, np.stack([rows_arr, cols_arr], 1)) >= settings.min_bar_distance_px
     dominant = ndimage.median(cluster_of_cell, regions, index) if score_map is None else np.full(n_regions, -1)
     dominant = np.atleast_1d(np.asarray(dominant))[region_of]
