@@ -59,6 +59,7 @@ from agent.events import EventBus
 from agent.journal import Journal, read_journal
 from agent.labelling import LabellingDecision, decide_crystal_clusters
 from agent.locate.analysis import analyse
+from agent.locate.preprocess import prepare_image
 from agent.locate.targets import find_candidates
 from agent.motion import approach_move, plan_tiered_path
 from agent.records import CONFIRMED_OUTCOMES, SessionSummary, TargetRecord, TargetResult
@@ -565,11 +566,17 @@ class ScreeningSession:
             }
         )
         limits = self.microscope.stage_limits()
+        # with candidates of two cluster sets to find, the image is prepared for them once
+        prepared = (
+            prepare_image(atlas.image, self.analysis.bar_mask, flatten=settings.flatten, clean=settings.clean)
+            if self.decision.crystal_clusters and self.decision.mixed_clusters
+            else None
+        )
 
         def reachable(clusters: tuple[int, ...]) -> list[tuple[Any, float, float]]:
             """Candidates of `clusters` (locator's order) inside the stage limits and the mapped box, with stage um."""
             kept = []
-            for candidate in find_candidates(self.analysis, clusters, settings, image=atlas.image):
+            for candidate in find_candidates(self.analysis, clusters, settings, image=atlas.image, prepared=prepared):
                 x_um, y_um = atlas.pixel_to_stage_um(np.array([candidate.col_px, candidate.row_px]))
                 inside = limits.x_min_um <= x_um <= limits.x_max_um and limits.y_min_um <= y_um <= limits.y_max_um
                 if self.map_box_um is not None:  # the atlas frame may show more than the squares asked for

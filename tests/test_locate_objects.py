@@ -247,3 +247,17 @@ def test_each_region_gives_its_first_object_before_any_region_gives_a_second() -
     assert len(top_two) == 2
     assert sum(row_of_blobs[round(c.row_px), round(c.col_px)] for c in top_two) == 1
     assert sum(plate[round(c.row_px), round(c.col_px)] for c in top_two) == 1
+
+
+def test_a_prepared_image_given_once_gives_the_same_candidates_and_is_not_changed() -> None:
+    from agent.locate.preprocess import prepare_image
+
+    image = make_grid_image(seed=4).image
+    settings = LocateSettings(mode="window", window_px=15, stride_px=4, k=4)
+    analysis = analyse(image, settings)
+    prepared = prepare_image(image, analysis.bar_mask, flatten=settings.flatten, clean=settings.clean)
+    before = prepared.copy()
+    for clusters in ([c.cluster_id for c in analysis.clusters[1:]], analysis.suggested_crystal_clusters):
+        expected = find_candidates(analysis, clusters, settings, image=image)
+        assert expected and find_candidates(analysis, clusters, settings, image=image, prepared=prepared) == expected
+    assert np.array_equal(prepared, before)

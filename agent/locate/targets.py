@@ -75,6 +75,7 @@ def find_candidates(
     settings: LocateSettings | None = None,
     score_map: np.ndarray | None = None,
     image: np.ndarray | None = None,
+    prepared: np.ndarray | None = None,
 ) -> list[Candidate]:
     """Ranked candidates from `crystal_clusters` of `analysis`, or from `score_map` (a similarity map of
     the cell grid, thresholded at `settings.similarity_threshold`) when given; see module docstring.
@@ -82,7 +83,9 @@ def find_candidates(
     With `image` (the analysed image), each region is split into the objects it holds (see
     `objects_in_regions`) and every object becomes a candidate at its own centroid; a region in which no
     object stands out keeps its centroid, and a region whose objects were all dropped (ice balls, too
-    thick) gives no candidate.
+    thick) gives no candidate. `prepared`, if given, is `image` as `preprocess.prepare_image` makes it for
+    `analysis.bar_mask` and these settings' `flatten` and `clean`: a caller that asks for the candidates
+    of several cluster sets prepares the image once.
 
     Raises `SettingsError` for unknown cluster ids or a score map of the wrong shape.
     """
@@ -140,7 +143,7 @@ def find_candidates(
     keep = weights >= settings.min_area_px
     region_of = np.arange(n_regions)
     if image is not None and score_map is None:
-        objects = objects_in_regions(image, analysis, regions, settings)
+        objects = objects_in_regions(image, analysis, regions, settings, prepared=prepared)
         if objects is not None:
             object_region, object_rows, object_cols, object_area, dropped = objects
             # regions where nothing stood out keep their centroid; regions of dropped objects (ice) are dropped
@@ -209,6 +212,7 @@ def objects_in_regions(
     regions: np.ndarray,
     settings: LocateSettings,
     min_contrast_sigma: float = 4.0,
+    prepared: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
     """The separate objects inside candidate regions, found at pixel level (`agent.locate.objects`).
 
@@ -220,12 +224,14 @@ def objects_in_regions(
     `settings.max_object_od` allows are dropped when the bars give the camera's dark level. Returns, per
     object, the index of its region (0-based), centroid row and col (px) and area (px), then the regions
     where an object was dropped (round: ice; or too thick); None when there is no film to compare with.
+    `prepared`: the prepared image when the caller has it already (see `find_candidates`).
     """
     from agent.locate.objects import find_objects
     from agent.locate.preprocess import prepare_image
 
     bar = np.asarray(analysis.bar_mask, dtype=bool)
-    prepared = prepare_image(image, bar, flatten=settings.flatten, clean=settings.clean)
+    if prepared is None:
+        prepared = prepare_image(image, bar, flatten=settings.flatten, clean=settings.clean)
     film = analysis.to_pixels(analysis.label_grid == analysis.background_cluster)
     table = find_objects(
         prepared,
