@@ -703,7 +703,8 @@ class _Comparable:
 
 @dataclass(frozen=True)
 class _GroupWidth:
-    """The kernel width for one feature set: fixed, or from the sessions' gaps (`adaptive_bandwidth`)."""
+    """The kernel width for one feature set: fixed, or `AUTO_BANDWIDTH_FRACTION` x the median of the
+    sessions' gaps between their closest crystal and non-crystal records (module docstring)."""
 
     fixed: float | None
     gaps: dict[int, float]
@@ -771,15 +772,8 @@ def trimmed_rms_distance(a: np.ndarray, b: np.ndarray, trim_fraction: float = TR
     return np.sqrt(np.mean(squared, axis=2))
 
 
-def adaptive_bandwidth(stored: np.ndarray, records: Sequence[LabelRecord]) -> float:
-    """Kernel width from the memory: `AUTO_BANDWIDTH_FRACTION` x the median, over sessions that labelled
-    both kinds, of the distance between their closest crystal and non-crystal clusters (`stored`:
-    signed-log vectors of `records`). `DEFAULT_BANDWIDTH` when no session labelled both kinds."""
-    memory = _Comparable(list(records), {})
-    return _width_from_gaps(list(memory.session_gaps(stored, np.arange(len(records))).values()))
-
-
 def _width_from_gaps(gaps: Sequence[float]) -> float:
+    """The adaptive kernel width from per-session gaps (clipped to `BANDWIDTH_LIMITS`); the default without."""
     if not gaps:
         return DEFAULT_BANDWIDTH
     low, high = BANDWIDTH_LIMITS
