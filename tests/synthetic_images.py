@@ -110,10 +110,15 @@ def make_grid_image(
     tile_seams: bool = False,
     noise_counts: float = 1.0,
     torn_film_hole: bool = False,
+    film_grain: float = 0.0,
+    grain_px: float = 6.0,
 ) -> SyntheticImage:
     """A seeded real-world-like grid image; see the module docstring. Crystals lie on film only, away
     from bars, the data bar and each other (no overlaps). `torn_film_hole`: one square's film has a round
-    hole (vacuum: about 8 % brighter than the film in bright field, dark in dark field; `hole_mask`)."""
+    hole (vacuum: about 8 % brighter than the film in bright field, dark in dark field; `hole_mask`).
+    `film_grain`: the film's mottle at high magnification, a random texture correlated over `grain_px`
+    pixels with this standard deviation (fraction of the transmission); drawn from its own seeded stream,
+    so images without it are unchanged."""
     rng = np.random.default_rng(seed)
     rows, cols = shape
     angle = float(rng.uniform(-20, 20)) if bar_angle_deg is None else float(bar_angle_deg)
@@ -124,6 +129,9 @@ def make_grid_image(
     # "transmission" of the specimen: 1 on film, lower on things; bars 0
     coarse = ndimage.zoom(rng.normal(size=(8, 8)), (rows / 8, cols / 8), order=3)[:rows, :cols]
     film = 1.0 - 0.03 * coarse  # slowly varying film thickness
+    if film_grain > 0:
+        grain = ndimage.gaussian_filter(np.random.default_rng([seed, 1]).normal(size=shape), grain_px)
+        film += film_grain * grain / max(float(grain.std()), 1e-12)
     scatter = np.zeros(shape)  # how much each object scatters (for dark field)
     margin = max(8.0, crystal_size_px[1])
     forbidden = ndimage.distance_transform_edt(~bar) < margin if bars else np.zeros(shape, dtype=bool)
