@@ -13,7 +13,13 @@ Steps:
 3. Features per cell: grid cells (`grid_features`) or sliding windows (`window_features`).
 4. Cells mostly on the bar mask (grid: >= `masked_fraction` of their pixels; window: the centre pixel)
    are labelled -1; the others are clustered (`cluster.fit_clusters`; k = `settings.k` or 3).
-5. Summaries per cluster, with `normalised_centroid` for label memory (below), and the default
+5. With `outline_length_px` (high magnification): objects bounded by long straight edges
+   (`agent.locate.outlines`: faint crystals that no window statistic tells from the film's mottle). The
+   cells whose centre lies inside such an outline form one more cluster, the *outlined* cluster (the
+   last id, `outline_cluster`), and every cell gets one more feature, `straight_edge` (the mean
+   straight-edge z-score over its window). k-means does not see that feature, so the other clusters are
+   the same as without outlines, less the cells that moved.
+6. Summaries per cluster, with `normalised_centroid` for label memory (below), and the default
    crystal-cluster suggestion.
 
 Normalised centroids (for comparing clusters ACROSS images, as label memory does): the background is the
@@ -29,7 +35,9 @@ range and grad_energy) is at least `MIN_TEXTURE_CONTRAST` (8) background sigmas 
 where k-means can only split the film, suggests nothing) -- crystals have sharp edges and internal
 contrast, film is smooth and uniform, and crystal cells often split into a core and an edge cluster.
 Polarity-invariant; bars are masked before clustering, so a bar cluster cannot win. Ice balls and debris
-may be chosen too: the operator or label memory decides between object clusters.
+may be chosen too: the operator or label memory decides between object clusters. The outlined cluster,
+when there is one, is always suggested (`OUTLINE_RULE`): straight edges are what tells a crystal from ice
+and debris, and the outlines already leave out round and irregular objects.
 """
 
 from __future__ import annotations
@@ -61,6 +69,7 @@ from agent.locate.features import (
     window_centres_px,
     window_features,
 )
+from agent.locate.outlines import OutlineTable, find_outlines
 from agent.locate.preprocess import prepare_image
 from agent.locate.vacuum import vacuum_mask
 
@@ -71,10 +80,14 @@ SUGGESTION_RULE = (
     "whose texture contrast (norm of normalised std, range, grad_energy) is at least 8 background sigmas; "
     "bars and black areas masked beforehand"
 )
+#: Added to `SUGGESTION_RULE` when outlines are on.
+OUTLINE_RULE = "; plus the outlined cluster: cells inside outlines of long straight edges (agent.locate.outlines)"
 #: Texture contrast (background sigmas) below which a cluster is film, not objects (see the rule).
 MIN_TEXTURE_CONTRAST = 8.0
 _POLARITY_FEATURES = ("mean", "mode", "skewness")
 _TEXTURE_FEATURES = ("std", "range", "grad_energy")
+#: The feature added with `outline_length_px`: cell mean of the straight-edge z-score (`agent.locate.outlines`).
+STRAIGHT_EDGE_FEATURE = "straight_edge"
 
 
 class LocateSettings(BaseModel):
@@ -116,6 +129,13 @@ class LocateSettings(BaseModel):
         gt=0,
         description="bright field: drop objects whose darkest pixel has a higher optical density (ln units) "
         "than this, i.e. too thick for electron diffraction; needs visible bars for the dark level; None: keep all",
+    )
+    outline_length_px: int | None = Field(
+        default=None,
+        ge=9,
+        description="also find faint crystals by their straight edges (agent.locate.outlines), with lines of this "
+        "length (px, about the shortest facet worth finding); the cells inside their outlines form a cluster of "
+        "their own, which is suggested. For high magnification, where crystals are tens of windows wide. None: off",
     )
     max_candidates: int = Field(default=500, ge=1)
     similarity_threshold: float = Field(default=0.9, ge=-1, le=1)
@@ -172,6 +192,8 @@ class ClusterAnalysis:
       scaled PCA space (0 where masked); used to rank candidates.
     - `row_index_px` / `col_index_px`: for every pixel row / column, the cell row / column that
       covers it (`to_pixels` maps any cell grid to a pixel image).
+    - `outline_cluster`: with `settings.outline_length_px`, the id of the cluster of cells inside
+      straight-edged outlines (the last id), None when there is none.
     """
 
     image_shape: tuple[int, int]
@@ -195,6 +217,7 @@ class ClusterAnalysis:
     k_scores: dict[int, float] = field(default_factory=dict)
     bar_angle_deg: float | None = None
     vacuum_mask: np.ndarray | None = None
+    outline_cluster: int | None = None
 
     @property
     def bar_mask_without_holes(self) -> np.ndarray:
@@ -382,6 +405,7 @@ def analyse(image: np.ndarray, settings: LocateSettings | None = None) -> Cluste
     # 2. clean-up and flattening, 3. features
     data = prepare_image(image, bar_mask, flatten=settings.flatten, clean=settings.clean)
     features, names = cell_features(data)
+    outlines = find_outlines(data, bar_mask, settings.outline_length_px) if settings.outline_length_px else None
     del data
 
     # 4. cluster the unmasked cells
@@ -413,13 +437,20 @@ def analyse(image: np.ndarray, settings: LocateSettings | None = None) -> Cluste
     )
     labels = model.predict(features)
     labels[~valid] = -1
-    label_grid = labels.reshape(grid_shape)
 
     # 5. summaries
-    counts = np.bincount(labels + 1, minlength=k + 1)[1:]
-    background = int(np.argmax(counts))
+    background = int(np.argmax(np.bincount(labels + 1, minlength=k + 1)[1:]))
     scores = model.distance_to(features, background)
     scores[~valid] = 0.0
+    outline_cluster = None
+    n_model_features = features.shape[1]
+    if outlines is not None:
+        grid_cell_px = max(shape[0] // settings.grid_rows, shape[1] // settings.grid_cols, 3)
+        cell_px = settings.window_px if settings.mode == "window" else grid_cell_px
+        features, names, outline_cluster = _add_outline_cluster(outlines, features, names, labels, centres, cell_px, k)
+        k += outline_cluster is not None
+    label_grid = labels.reshape(grid_shape)
+    counts = np.bincount(labels + 1, minlength=k + 1)[1:]
     bg_rows = features[sample_of(np.flatnonzero(labels == background), 200_000)]
     bg_median = np.median(bg_rows, axis=0)
     bg_spread = 1.4826 * np.median(np.abs(bg_rows - bg_median), axis=0)
@@ -442,7 +473,10 @@ def analyse(image: np.ndarray, settings: LocateSettings | None = None) -> Cluste
         normalised[polarity_cols] = np.abs(normalised[polarity_cols])
         members = sample_of(np.flatnonzero(labels == cid), 20_000)
         if len(members):
-            dist = model.distance_to(features[members], cid)
+            if cid == outline_cluster:  # no model centroid: show the cells on the strongest edges
+                dist = -features[members, -1]
+            else:
+                dist = model.distance_to(features[members, :n_model_features], cid)
             nearest = members[np.argsort(dist, kind="stable")[:8]]
             examples = tuple((round(centres[i, 1]), round(centres[i, 0])) for i in nearest)
         else:
@@ -458,10 +492,12 @@ def analyse(image: np.ndarray, settings: LocateSettings | None = None) -> Cluste
                 texture_contrast=float(np.linalg.norm(normalised[texture_cols])),
             )
         )
-    candidates = [s for s in summaries if s.cluster_id != background and s.n_cells and s.fraction <= 0.5]
-    suggestion: tuple[int, ...] = ()
-    if candidates:
-        suggestion = tuple(s.cluster_id for s in candidates if s.texture_contrast >= MIN_TEXTURE_CONTRAST)
+    candidates = [s for s in summaries if s.cluster_id not in (background, outline_cluster) and s.n_cells]
+    suggestion = tuple(
+        s.cluster_id for s in candidates if s.fraction <= 0.5 and s.texture_contrast >= MIN_TEXTURE_CONTRAST
+    )
+    if outline_cluster is not None:
+        suggestion += (outline_cluster,)
     logger.info(
         "analysed %s image: %d cells (%d masked), k=%d, background cluster %d, suggested crystal clusters %s",
         shape,
@@ -487,10 +523,36 @@ def analyse(image: np.ndarray, settings: LocateSettings | None = None) -> Cluste
         clusters=tuple(summaries),
         background_cluster=background,
         suggested_crystal_clusters=suggestion,
-        suggestion_rule=SUGGESTION_RULE,
+        suggestion_rule=SUGGESTION_RULE + (OUTLINE_RULE if settings.outline_length_px else ""),
         model=model,
         suggested_k=suggested,
         k_scores=k_scores,
         bar_angle_deg=bar_angle,
         vacuum_mask=vacuum,
+        outline_cluster=outline_cluster,
     )
+
+
+def _add_outline_cluster(
+    outlines: OutlineTable,
+    features: np.ndarray,
+    names: tuple[str, ...],
+    labels: np.ndarray,
+    centres: np.ndarray,
+    cell_px: int,
+    k: int,
+) -> tuple[np.ndarray, tuple[str, ...], int | None]:
+    """Give cells whose centre lies inside an outline cluster id `k` (in place in `labels`; masked cells
+    stay masked) and append the feature `straight_edge`: the mean straight-edge z-score over `cell_px` x
+    `cell_px` pixels around the cell's centre (its window or grid cell), so that the outline cluster
+    stands out from the film in its normalised centroid (label memory). Returns the new features, names
+    and the cluster id (None: no cell inside)."""
+    rows = np.clip(np.rint(centres[:, 1]).astype(np.intp), 0, outlines.labels.shape[0] - 1)
+    cols = np.clip(np.rint(centres[:, 0]).astype(np.intp), 0, outlines.labels.shape[1] - 1)
+    inside = (outlines.labels[rows, cols] > 0) & (labels >= 0)
+    local = ndimage.uniform_filter(outlines.edge_z_map, size=cell_px)
+    features = np.concatenate([features, local[rows, cols].astype(np.float64)[:, None]], axis=1)
+    if not inside.any():
+        return features, (*names, STRAIGHT_EDGE_FEATURE), None
+    labels[inside] = k
+    return features, (*names, STRAIGHT_EDGE_FEATURE), k
