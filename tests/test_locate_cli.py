@@ -134,6 +134,7 @@ def test_montage_folder_is_read_as_one_image(tmp_path: Path, scene) -> None:
         (["--grid", "abc"], "--grid"),
         (["--grid", "10x10", "--crystal-cluster", "7"], "unknown cluster"),
         (["--grid", "10x10", "--reference", "nope"], "ROW,COL"),
+        (["--window", "31", "--outlines", "5"], "outline_length_px"),
     ],
 )
 def test_bad_options_give_one_line_errors(tmp_path: Path, scene, capsys, args: list[str], message: str) -> None:
@@ -142,6 +143,28 @@ def test_bad_options_give_one_line_errors(tmp_path: Path, scene, capsys, args: l
     assert main(["locate", str(npy), *args, "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_outlines_option_finds_a_faint_plate_by_its_edges(tmp_path: Path, capsys) -> None:
+    view = make_grid_image(
+        (512, 512), 2, bars=False, n_crystals=1, crystal_size_px=(60.0, 90.0), crystal_contrast=0.08,
+        film_grain=0.02, noise_counts=20.0, n_ice=2, n_debris=2,
+    )  # fmt: skip
+    npy = tmp_path / "search.npy"
+    np.save(npy, view.image)
+    out = tmp_path / "out"
+    assert main(["locate", str(npy), "--window", "31", "--stride", "8", "--outlines", "41", "--out", str(out)]) == 0
+    clusters = json.loads((out / "clusters.json").read_text())
+    outlined = clusters["outline_cluster"]
+    assert outlined == len(clusters["clusters"]) - 1 and outlined in clusters["crystal_clusters"]
+    assert clusters["feature_names"][-1] == "straight_edge" and "outlined cluster" in clusters["chosen_by"]
+    assert len(view.crystals) == 1
+    plate = view.crystals[0]
+    candidates = json.loads((out / "candidates.json").read_text())["candidates"]
+    from_outline = [c for c in candidates if c["cluster_id"] == outlined]
+    assert from_outline
+    for c in from_outline:
+        assert (c["row_px"] - plate.row_px) ** 2 + (c["col_px"] - plate.col_px) ** 2 <= (plate.radius_px + 5) ** 2
 
 
 def test_unreadable_files_and_wrong_dtypes_are_refused(tmp_path: Path, capsys) -> None:

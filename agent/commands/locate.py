@@ -58,6 +58,14 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-candidates", type=int, default=200)
     parser.add_argument("--no-flatten", action="store_true", help="do not flatten uneven illumination")
+    parser.add_argument(
+        "--outlines",
+        metavar="PX",
+        type=int,
+        default=None,
+        help="also find faint crystals by their straight edges, with lines of PX pixels (about the shortest facet; "
+        "for high-magnification images where crystals are many windows wide, e.g. 41 at 0.04 um/px)",
+    )
     parser.add_argument("--out", metavar="DIR", default="locate-out", help="output folder (default ./locate-out)")
     parser.set_defaults(handler=run)
 
@@ -161,6 +169,7 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(f"{args.image}: unsupported pixel type {image.dtype}; use an integer or float image")
     values: dict[str, Any] = {"k": args.k, "suggest_k": args.suggest_k, "method": args.method, "seed": args.seed}
     values.update(bar_filter=args.bar_filter, flatten=not args.no_flatten, max_candidates=args.max_candidates)
+    values.update(outline_length_px=args.outlines)
     if args.window is not None:
         values.update(mode="window", window_px=args.window, stride_px=args.stride or 8)
     else:
@@ -210,6 +219,7 @@ def run(args: argparse.Namespace) -> int:
         "settings": settings.model_dump(mode="json"),
         "feature_names": list(analysis.feature_names),
         "background_cluster": analysis.background_cluster,
+        "outline_cluster": analysis.outline_cluster,
         "crystal_clusters": list(crystal),
         "chosen_by": chosen_by,
         "suggested_crystal_clusters": list(analysis.suggested_crystal_clusters),
