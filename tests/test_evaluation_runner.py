@@ -106,6 +106,28 @@ def test_unknown_locator_setting_is_a_clear_error() -> None:
         locator_method("grid", 3, no_such_setting=1)
     with pytest.raises(EvaluationError, match="invalid locator settings"):
         locator_method("grid", 3, grid_rows=0)
+    with pytest.raises(EvaluationError, match="invalid locator settings"):
+        locator_method("window", 3, preset_settings={"search": {"outline_length_px": 2}})
+
+
+def test_preset_settings_give_that_preset_its_own_run() -> None:
+    assert EvaluationConfig().preset_locator_settings == {"search": {"outline_length_px": 41}}
+    method = locator_method("window", 3, preset_settings={"search": {"outline_length_px": 41}}, window_px=31)
+    assert set(method.runs_by_preset) == {"search"}
+    view = make_grid_image(
+        (512, 512), 2, bars=False, n_crystals=1, crystal_size_px=(60.0, 90.0), crystal_contrast=0.08,
+        film_grain=0.02, noise_counts=20.0, n_ice=2, n_debris=2,
+    )  # fmt: skip
+    plate = view.crystals[0]
+
+    def on_plate(output) -> int:
+        return sum(
+            (d.row_px - plate.row_px) ** 2 + (d.col_px - plate.col_px) ** 2 <= (plate.radius_px + 5) ** 2
+            for d in output.detections
+        )
+
+    # the faint plate is found by its outline: only with the search preset's settings
+    assert on_plate(method.runs_by_preset["search"](view.image)) > on_plate(method.run(view.image))
 
 
 def test_quick_config_is_small() -> None:

@@ -46,6 +46,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     parser.add_argument("--grid", metavar="RxC", help="locator grid mode: patch grid (default: the locator's)")
     parser.add_argument("--window-px", type=int, help="locator window mode: window size, pixels")
     parser.add_argument("--stride-px", type=int, help="locator window mode: stride, pixels")
+    parser.add_argument(
+        "--search-outlines",
+        type=int,
+        metavar="PX",
+        help="search images: find faint crystals by straight edges with lines of PX pixels (default 41; 0: off)",
+    )
     parser.add_argument("--no-baselines", action="store_true", help="do not run the two baseline detectors")
     parser.add_argument("--no-locator", action="store_true", help="run only the baselines")
     parser.add_argument("--tolerance-um", type=float, help="matching tolerance, um (default 2)")
@@ -90,6 +96,9 @@ def _config_from_args(args: argparse.Namespace) -> Any:
         settings["stride_px"] = args.stride_px
     if settings:
         overrides["locator_settings"] = settings
+    if args.search_outlines is not None:
+        outlines = {"outline_length_px": args.search_outlines} if args.search_outlines > 0 else {}
+        overrides["preset_locator_settings"] = {"search": outlines}
     if args.no_baselines:
         overrides["baselines"] = False
     if args.no_locator:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +30,8 @@ from drivers.base import Microscope
 
 logger = logging.getLogger(__name__)
 
+#: Outline line length at the simulator's search preset: 41 px of 0.04 um, 1.6 um, about its shortest facet.
+SEARCH_OUTLINE_LENGTH_PX = 41
 #: Targets from issue 8 at the `atlas` preset: specimen -> (recall, precision) to reach.
 TARGETS: dict[str, tuple[float, float]] = {
     "protein-plates": (0.95, 0.9),
@@ -62,6 +64,11 @@ class EvaluationConfig(BaseModel):
     locator_settings: dict[str, Any] = Field(
         default_factory=dict, description="extra agent.locate LocateSettings (grid_rows, window_px, stride_px, ...)"
     )
+    preset_locator_settings: dict[str, dict[str, Any]] = Field(
+        default_factory=lambda: {"search": {"outline_length_px": SEARCH_OUTLINE_LENGTH_PX}},
+        description="more LocateSettings for one preset's images, on top of locator_settings (default: at search, "
+        "faint crystals found by their straight edges too)",
+    )
 
     @classmethod
     def quick(cls, **overrides: Any) -> EvaluationConfig:
@@ -91,6 +98,8 @@ class Method:
     mode: str
     run: Callable[[np.ndarray], DetectorOutput]
     k: int | None = None
+    #: preset name -> the run to use on that preset's images instead of `run`
+    runs_by_preset: Mapping[str, Callable[[np.ndarray], DetectorOutput]] = field(default_factory=dict)
 
 
 @dataclass
@@ -146,44 +155,57 @@ def baseline_methods() -> list[Method]:
     ]
 
 
-def locator_method(mode: str, k: int, seed: int = 0, **settings: Any) -> Method:
+def locator_method(
+    mode: str, k: int, seed: int = 0, preset_settings: Mapping[str, Mapping[str, Any]] | None = None, **settings: Any
+) -> Method:
     """The clustering locator in `mode` ("grid" or "window") with `k` clusters and its default rule.
 
-    Extra `settings` go to `agent.locate.analysis.LocateSettings` (unknown names raise `EvaluationError`).
-    Every candidate is kept (no cap on their number), so recall is not limited by a targeting budget.
+    Extra `settings` go to `agent.locate.analysis.LocateSettings` (unknown names raise `EvaluationError`);
+    `preset_settings` adds settings for images of one preset (`Method.runs_by_preset`). Every candidate is
+    kept (no cap on their number), so recall is not limited by a targeting budget.
     """
     try:
         from agent.locate.analysis import LocateSettings, analyse
         from agent.locate.targets import find_candidates
     except ImportError as exc:  # the locator is another package of this project
         raise EvaluationError(f"the locator (agent.locate.analysis / targets) is not available: {exc}") from exc
-    values: dict[str, Any] = {"mode": mode, "k": k, "seed": seed, **settings}
-    if "max_candidates" in LocateSettings.model_fields and "max_candidates" not in settings:
-        values["max_candidates"] = 100_000
-    unknown = [name for name in values if name not in LocateSettings.model_fields]
-    if unknown:
-        raise EvaluationError(f"unknown locator settings {unknown}; known: {sorted(LocateSettings.model_fields)}")
-    try:
-        locate_settings = LocateSettings(**values)
-    except ValueError as exc:
-        raise EvaluationError(f"invalid locator settings {values}: {exc}") from exc
 
-    def run(image: np.ndarray) -> DetectorOutput:
-        analysis = analyse(image, locate_settings)
-        candidates = find_candidates(analysis, analysis.suggested_crystal_clusters, locate_settings, image=image)
-        detections = tuple(
-            Detection(row_px=float(c.row_px), col_px=float(c.col_px), area_px=float(c.area_px), score=float(c.score))
-            for c in candidates
-        )
-        # film holes are masked too, but they are not bars
-        return DetectorOutput(detections=detections, bar_mask=np.asarray(analysis.bar_mask_without_holes, dtype=bool))
+    def settings_of(extra: Mapping[str, Any]) -> LocateSettings:
+        values: dict[str, Any] = {"mode": mode, "k": k, "seed": seed, **settings, **extra}
+        if "max_candidates" in LocateSettings.model_fields and "max_candidates" not in values:
+            values["max_candidates"] = 100_000
+        unknown = [name for name in values if name not in LocateSettings.model_fields]
+        if unknown:
+            raise EvaluationError(f"unknown locator settings {unknown}; known: {sorted(LocateSettings.model_fields)}")
+        try:
+            return LocateSettings(**values)
+        except ValueError as exc:
+            raise EvaluationError(f"invalid locator settings {values}: {exc}") from exc
 
-    return Method(name=f"kmeans-k{k}", mode=mode, run=run, k=k)
+    def runner(locate_settings: LocateSettings) -> Callable[[np.ndarray], DetectorOutput]:
+        def run(image: np.ndarray) -> DetectorOutput:
+            analysis = analyse(image, locate_settings)
+            candidates = find_candidates(analysis, analysis.suggested_crystal_clusters, locate_settings, image=image)
+            detections = tuple(
+                Detection(row_px=c.row_px, col_px=c.col_px, area_px=c.area_px, score=c.score) for c in candidates
+            )
+            # film holes are masked too, but they are not bars
+            bars = np.asarray(analysis.bar_mask_without_holes, dtype=bool)
+            return DetectorOutput(detections=detections, bar_mask=bars)
+
+        return run
+
+    by_preset = {preset: runner(settings_of(extra)) for preset, extra in (preset_settings or {}).items()}
+    return Method(name=f"kmeans-k{k}", mode=mode, run=runner(settings_of({})), k=k, runs_by_preset=by_preset)
 
 
 def methods_for(config: EvaluationConfig) -> list[Method]:
     """Locator methods (every mode x k of `config`) then, if asked, the baselines."""
-    methods = [locator_method(mode, k, **config.locator_settings) for mode in config.modes for k in config.ks]
+    methods = [
+        locator_method(mode, k, preset_settings=config.preset_locator_settings, **config.locator_settings)
+        for mode in config.modes
+        for k in config.ks
+    ]
     if config.baselines:
         methods += baseline_methods()
     return methods
@@ -318,7 +340,7 @@ def evaluate_images(
                 order.append(key)
             t0 = time.perf_counter()
             try:
-                output = method.run(labelled.image)
+                output = method.runs_by_preset.get(labelled.preset, method.run)(labelled.image)
             except Exception as exc:  # a method failing on one image must not end the whole evaluation
                 logger.warning("%s %s failed on %s: %s", method.name, method.mode, labelled.name, exc)
                 failures.append(f"{method.name}/{method.mode} on {labelled.name}: {type(exc).__name__}: {exc}")
