@@ -9,6 +9,9 @@ Measures (median of --repeats):
   sample, label all), vs the per-window loop timed on a sample of windows and extrapolated;
 - heat map PNG (cluster map blended over the image + legend + candidate marks, encoded; wall and CPU
   time), vs drawing every patch with Pillow and alpha compositing;
+- outlines (faint crystals by straight edges, `agent.locate.outlines`) on a 2048^2 frame with 41-px
+  lines, vs spatial convolution with each direction's line-and-derivative kernel (timed on a 512^2
+  crop and scaled by area);
 - peak resident memory of the process.
 """
 
@@ -29,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from agent.locate.analysis import LocateSettings, analyse
 from agent.locate.cluster import fit_clusters
 from agent.locate.features import FEATURE_NAMES, grid_edges_px, grid_features, window_features
+from agent.locate.outlines import EDGE_SIGMA_PX, N_ORIENTATIONS, find_outlines, straight_edge_response
 from agent.locate.render import heatmap_png, heatmap_rgb
 from agent.locate.targets import find_candidates
 from drivers.formats.images import encode_png
@@ -112,7 +116,7 @@ def make_image(size: int, seed: int = 0) -> np.ndarray:
     return np.clip(image, 0, 65535).astype(np.uint16)
 
 
-PARTS = ("grid", "window", "heatmap", "analyse")
+PARTS = ("grid", "window", "heatmap", "analyse", "outlines")
 
 
 def bench_grid(image: np.ndarray, repeats: int) -> None:
@@ -196,6 +200,40 @@ def bench_analyse(image: np.ndarray) -> None:
     )
 
 
+def naive_straight_edge(image: np.ndarray, length_px: int) -> np.ndarray:
+    """The straight-edge response by spatial convolution: per direction, a kernel that averages the
+    Gaussian derivative across the direction along a line of `length_px` (sampled every pixel)."""
+    from scipy import ndimage
+
+    half = length_px // 2 + int(4 * EDGE_SIGMA_PX) + 1
+    yy, xx = np.mgrid[-half : half + 1, -half : half + 1].astype(np.float64)
+    data = image.astype(np.float64)
+    best = np.zeros(data.shape)
+    for i in range(N_ORIENTATIONS):
+        theta = np.pi * i / N_ORIENTATIONS
+        across = xx * np.cos(theta) + yy * np.sin(theta)
+        along = -xx * np.sin(theta) + yy * np.cos(theta)
+        kernel = -across / EDGE_SIGMA_PX**2 * np.exp(-0.5 * (across / EDGE_SIGMA_PX) ** 2)
+        kernel *= np.abs(along) <= length_px / 2
+        kernel /= np.sqrt(2 * np.pi) * EDGE_SIGMA_PX * length_px
+        np.maximum(best, np.abs(ndimage.convolve(data, kernel, mode="reflect")), out=best)
+    return best
+
+
+def bench_outlines(image: np.ndarray, repeats: int) -> None:
+    frame = np.ascontiguousarray(image[:2048, :2048])
+    mask = np.zeros(frame.shape, dtype=bool)
+    response = timed(lambda: straight_edge_response(frame, 41), repeats)
+    whole = timed(lambda: find_outlines(frame, mask, 41), repeats)
+    crop = frame[:512, :512]
+    naive = timed(lambda: naive_straight_edge(crop, 41), 1) * frame.size / crop.size
+    print(
+        f"outlines, {frame.shape[0]}x{frame.shape[1]}, 41-px lines x {N_ORIENTATIONS} directions: response "
+        f"{response:.2f} s (spatial convolution ~{naive:.1f} s, extrapolated: {naive / response:.0f}x), "
+        f"find_outlines end to end {whole:.2f} s"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=4096)
@@ -213,6 +251,8 @@ def main() -> None:
         bench_heatmap(image, repeats)
     if "analyse" in args.only:
         bench_analyse(image)
+    if "outlines" in args.only:
+        bench_outlines(image, repeats)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak resident memory: {peak_mib:.0f} MiB")
 
