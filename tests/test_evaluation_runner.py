@@ -130,6 +130,17 @@ def test_preset_settings_give_that_preset_its_own_run() -> None:
     assert on_plate(method.runs_by_preset["search"](view.image)) > on_plate(method.run(view.image))
 
 
+def test_each_preset_is_run_with_its_own_run(simulated_frames: list) -> None:
+    probe = Method(
+        name="probe",
+        mode="image",
+        run=lambda image: DetectorOutput(detections=(), bar_mask=None),
+        runs_by_preset={"search": lambda image: DetectorOutput(detections=(Detection(1.0, 1.0),), bar_mask=None)},
+    )
+    rows = evaluate_images(simulated_frames, [probe]).rows
+    assert {r["preset"]: r["n_detections"] for r in rows} == {"atlas": 0, "search": 1}
+
+
 def test_quick_config_is_small() -> None:
     quick = EvaluationConfig.quick()
     assert quick.seeds == 2 and quick.presets == ("atlas",) and quick.frames_per_seed == 1
@@ -251,11 +262,12 @@ def test_cli_evaluate_simulated_small(tmp_path: Path) -> None:
     out_json = tmp_path / "sim.json"
     code = main(["evaluate", "--specimens", "graphite-flakes", "--seeds", "1", "--frames", "1", "--presets", "atlas",
                  "--camera-px", "384", "--modes", "window", "--k", "3", "--window-px", "21", "--stride-px", "6",
-                 "--json", str(out_json)])
+                 "--search-outlines", "0", "--json", str(out_json)])
     assert code == 0
     document = json.loads(out_json.read_text())
     assert {r["method"] for r in document["rows"]} == {"kmeans-k3", "threshold-cc", "log-blob"}
     assert document["config"]["camera_px"] == 384
     assert document["config"]["locator_settings"] == {"window_px": 21, "stride_px": 6}
+    assert document["config"]["preset_locator_settings"] == {"search": {}}
     assert document["matching"]["tolerance_um"] == 2.0
     assert any(t["specimen"] == "graphite-flakes" for t in document["targets"])

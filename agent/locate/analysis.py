@@ -18,16 +18,18 @@ Steps:
    cells whose centre lies inside such an outline form one more cluster, the *outlined* cluster (the
    last id, `outline_cluster`), and every cell gets one more feature, `straight_edge` (the mean
    straight-edge z-score over its window). k-means does not see that feature, so the other clusters are
-   the same as without outlines, less the cells that moved.
+   the same as without outlines, less the cells that moved (a k-means cluster lying wholly inside
+   outlines keeps its cells: `_add_outline_cluster`).
 6. Summaries per cluster, with `normalised_centroid` for label memory (below), and the default
    crystal-cluster suggestion.
 
 Normalised centroids (for comparing clusters ACROSS images, as label memory does): the background is the
-largest cluster (id 0). For each feature f, ``(cluster mean of f - background median of f) /
-background robust spread of f`` (1.4826 * MAD over the background cells, floored at 1e-6 of the
-feature's scale), i.e. "how many background sigmas away". Features whose sign flips with the contrast
-polarity (mean, mode, skewness) enter as absolute values, so a crystal cluster in bright field and one in
-dark field get the same vector. Units are background sigmas; the background cluster itself is ~0.
+largest k-means cluster. For each feature f,
+``(cluster mean of f - background median of f) / background robust spread of f`` (1.4826 * MAD over the
+background cells, floored at 1e-6 of the feature's scale), i.e. "how many background sigmas away".
+Features whose sign flips with the contrast polarity (mean, mode, skewness) enter as absolute values, so a
+crystal cluster in bright field and one in dark field get the same vector. Units are background sigmas;
+the background cluster itself is ~0.
 
 Default crystal rule (`SUGGESTION_RULE`): among clusters other than the background that cover at most
 half of the unmasked cells, those whose texture contrast (the Euclidean norm of the normalised std,
@@ -36,8 +38,11 @@ where k-means can only split the film, suggests nothing) -- crystals have sharp 
 contrast, film is smooth and uniform, and crystal cells often split into a core and an edge cluster.
 Polarity-invariant; bars are masked before clustering, so a bar cluster cannot win. Ice balls and debris
 may be chosen too: the operator or label memory decides between object clusters. The outlined cluster,
-when there is one, is always suggested (`OUTLINE_RULE`): straight edges are what tells a crystal from ice
-and debris, and the outlines already leave out round and irregular objects.
+when there is one and covers at most half of the unmasked cells, is suggested too (`OUTLINE_RULE`):
+straight edges are what tells a crystal from ice and debris, and the outlines already leave out round and
+irregular objects. The background and its statistics are those of the k-means clustering, before any
+cell moved to the outlined cluster (a plate filling most of the frame would otherwise leave the
+normalisation to a few film cells).
 """
 
 from __future__ import annotations
@@ -367,6 +372,11 @@ def analyse(image: np.ndarray, settings: LocateSettings | None = None) -> Cluste
     settings = settings or LocateSettings()
     check_image(image)
     shape = (int(image.shape[0]), int(image.shape[1]))
+    if settings.outline_length_px is not None and settings.outline_length_px > min(shape):
+        raise SettingsError(
+            f"outline lines of {settings.outline_length_px} px do not fit a {shape[0]}x{shape[1]} image; "
+            "use a shorter outline length"
+        )
     if settings.mode == "window":
         check_window(shape, settings.window_px, settings.stride_px)
     elif settings.grid_rows * 2 > shape[0] or settings.grid_cols * 2 > shape[1]:
@@ -438,10 +448,12 @@ def analyse(image: np.ndarray, settings: LocateSettings | None = None) -> Cluste
     labels = model.predict(features)
     labels[~valid] = -1
 
-    # 5. summaries
+    # 5. outlined cluster, 6. summaries
+    # the background and its statistics come from the k-means labels: outlines may take most of its cells
     background = int(np.argmax(np.bincount(labels + 1, minlength=k + 1)[1:]))
     scores = model.distance_to(features, background)
     scores[~valid] = 0.0
+    background_cells = np.flatnonzero(labels == background)
     outline_cluster = None
     n_model_features = features.shape[1]
     if outlines is not None:
@@ -451,7 +463,7 @@ def analyse(image: np.ndarray, settings: LocateSettings | None = None) -> Cluste
         k += outline_cluster is not None
     label_grid = labels.reshape(grid_shape)
     counts = np.bincount(labels + 1, minlength=k + 1)[1:]
-    bg_rows = features[sample_of(np.flatnonzero(labels == background), 200_000)]
+    bg_rows = features[sample_of(background_cells, 200_000)]
     bg_median = np.median(bg_rows, axis=0)
     bg_spread = 1.4826 * np.median(np.abs(bg_rows - bg_median), axis=0)
     scale = np.maximum(np.abs(bg_median), np.std(features[sample_of(valid_idx, 200_000)], axis=0))
@@ -496,7 +508,7 @@ def analyse(image: np.ndarray, settings: LocateSettings | None = None) -> Cluste
     suggestion = tuple(
         s.cluster_id for s in candidates if s.fraction <= 0.5 and s.texture_contrast >= MIN_TEXTURE_CONTRAST
     )
-    if outline_cluster is not None:
+    if outline_cluster is not None and summaries[outline_cluster].fraction <= 0.5:
         suggestion += (outline_cluster,)
     logger.info(
         "analysed %s image: %d cells (%d masked), k=%d, background cluster %d, suggested crystal clusters %s",
@@ -523,7 +535,7 @@ def analyse(image: np.ndarray, settings: LocateSettings | None = None) -> Cluste
         clusters=tuple(summaries),
         background_cluster=background,
         suggested_crystal_clusters=suggestion,
-        suggestion_rule=SUGGESTION_RULE + (OUTLINE_RULE if settings.outline_length_px else ""),
+        suggestion_rule=SUGGESTION_RULE + (OUTLINE_RULE if outline_cluster is not None else ""),
         model=model,
         suggested_k=suggested,
         k_scores=k_scores,
@@ -543,13 +555,18 @@ def _add_outline_cluster(
     k: int,
 ) -> tuple[np.ndarray, tuple[str, ...], int | None]:
     """Give cells whose centre lies inside an outline cluster id `k` (in place in `labels`; masked cells
-    stay masked) and append the feature `straight_edge`: the mean straight-edge z-score over `cell_px` x
-    `cell_px` pixels around the cell's centre (its window or grid cell), so that the outline cluster
-    stands out from the film in its normalised centroid (label memory). Returns the new features, names
-    and the cluster id (None: no cell inside)."""
+    stay masked, and so do the cells of a k-means cluster that lies wholly inside outlines: it is an
+    object cluster of its own, and moving it would leave an empty cluster) and append the feature
+    `straight_edge`: the mean straight-edge z-score over `cell_px` x `cell_px` pixels around the cell's
+    centre (its window, or a square of the grid cell's longer side), so that the outline cluster stands
+    out from the film in its normalised centroid (label memory). Returns the new features, names and
+    the cluster id (None: no cell moved)."""
     rows = np.clip(np.rint(centres[:, 1]).astype(np.intp), 0, outlines.labels.shape[0] - 1)
     cols = np.clip(np.rint(centres[:, 0]).astype(np.intp), 0, outlines.labels.shape[1] - 1)
     inside = (outlines.labels[rows, cols] > 0) & (labels >= 0)
+    cells = np.bincount(labels[labels >= 0], minlength=k)
+    moved = np.bincount(labels[inside], minlength=k)
+    inside &= ~np.isin(labels, np.flatnonzero((moved == cells) & (cells > 0)))
     local = ndimage.uniform_filter(outlines.edge_z_map, size=cell_px)
     features = np.concatenate([features, local[rows, cols].astype(np.float64)[:, None]], axis=1)
     if not inside.any():

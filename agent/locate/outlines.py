@@ -8,13 +8,13 @@ a crystal facet is a sharp step along a straight line. Averaging the step's deri
 
 Steps (`find_outlines`):
 
-1. Straight-edge response (`straight_edge_response`): for each of `N_ORIENTATIONS` directions, the
-   derivative of the image across the direction (Gaussian derivative of `EDGE_SIGMA_PX`), averaged
-   along the direction over `length_px`. Both filters are applied in Fourier space (one forward
+1. Straight-edge response (`straight_edge_response`): for each of `N_ORIENTATIONS` edge directions,
+   the derivative of the image across the edge (Gaussian derivative of `EDGE_SIGMA_PX`), averaged along
+   the edge over `length_px`. Both filters are applied in Fourier space (one forward
    transform, one inverse per direction, float32) on a reflect-padded copy. Per pixel: the largest
    absolute response over the directions.
-2. z-score: the response over its robust spread among pixels away from the mask (1.4826 MAD about the
-   median). Edges are a small share of the pixels, so this is the film's spread.
+2. z-score: the response over its robust spread among pixels more than `MASK_MARGIN_PX` from the mask
+   (1.4826 MAD about the median). Edges are a small share of the pixels, so this is the film's spread.
 3. Edge pixels: the response's ridges (`ridge_pixels`: not smaller than the neighbours across the
    edge), with hysteresis (ridges reaching z >= `z_high` keep their pixels of z >= `z_low`); pixels
    within `MASK_MARGIN_PX` of the mask are ignored (after flattening, the mask's boundary -- a grid bar,
@@ -22,13 +22,16 @@ Steps (`find_outlines`):
    - tails: a line that runs on past the end of a facet still half lies on it, so pixels answering less
      than `MIN_RELATIVE_RESPONSE` of the strongest ridge within half a line are cut (outlines end at the
      corners);
-   - seams: edges along an image axis that spread over at least `SEAM_SPAN_FRACTION` of the frame's
-     height or width on one column or row are tile seams, bad columns or readout stripes (`seam_mask`);
-     a seam piece that grid bars cut down to one square is one straight line there, like a facet along
-     an image axis, and stays;
-   - short ridges: under half a line long.
-4. Outlines: ridges closer than a line are linked (a polygon's corners answer weaker than its sides)
-   and each linked group is filled by its convex hull.
+   - seams: edges along an image axis whose pieces on one column or row spread over at least
+     `SEAM_SPAN_FRACTION` of its pixels off the mask (`seam_mask`) are tile seams, bad columns or readout
+     stripes. Faint seams that noise breaks into pieces over less of the frame, and a seam piece that
+     grid bars cut down to one square, look like a facet along an image axis and stay;
+   - short ridges: under three quarters of a line long. An edge of any length above the threshold makes
+     a ridge about a line long or longer (the line keeps its full answer while it covers the whole
+     edge), so these are fragments: noise, or irregular edges that NMS broke up.
+4. Outlines: ridges less than a line apart (Euclidean) are linked (a polygon's corners answer weaker
+   than its sides) and each linked group is filled by its convex hull. Where hulls overlap, the first
+   keeps the overlap.
 5. Straight only: a dense round or irregular object (an ice ball, debris) has edges strong enough to
    pass the long line where they curve. An outline is kept only when the ridges around it run in few
    directions (`direction_concentration`: the share of their strength in the three strongest of the
@@ -54,8 +57,8 @@ N_ORIENTATIONS = 12
 EDGE_SIGMA_PX = 1.5
 #: Pixels this close (px) to the mask are never edge pixels.
 MASK_MARGIN_PX = 6
-#: Axis-aligned edges spread over this share of a column or row of the frame are a seam or a stripe ...
-SEAM_SPAN_FRACTION = 0.5
+#: Axis-aligned edges spread over this share of a column or row (its pixels off the mask) are a seam ...
+SEAM_SPAN_FRACTION = 0.8
 #: ... if they cover at least this share of it.
 SEAM_MIN_COVER = 0.1
 #: Share of edge strength in the three strongest directions from which an outline counts as straight.
@@ -69,8 +72,9 @@ class OutlineTable:
     """Outlines found in one image.
 
     - `labels` (image shape) int32: outline id (1..n) on each outline's filled hull, 0 elsewhere.
-    - `rows_px`, `cols_px`, `area_px`: hull centroid and area per outline (index i is id i + 1).
-    - `edge_px`: edge pixels of each outline; `edge_z`: their mean straight-edge z-score.
+    - `rows_px`, `cols_px`, `area_px`: centroid and area (px) of each outline's pixels in `labels` (index
+      i is id i + 1).
+    - `edge_px` (int): how many edge pixels each outline has; `edge_z`: their mean straight-edge z-score.
     - `edge_z_map` (image shape) float32: the straight-edge z-score of every pixel (0 near the mask).
     """
 
@@ -90,12 +94,14 @@ def straight_edge_response(
     data: np.ndarray, length_px: int, sigma_px: float = EDGE_SIGMA_PX
 ) -> tuple[np.ndarray, np.ndarray]:
     """Largest absolute straight-edge response over `N_ORIENTATIONS` directions (float32, image shape)
-    and the index of the direction that gave it (int8; direction i is i * 180 / N_ORIENTATIONS deg).
+    and the index of the direction that gave it (int8). Direction i is the edge's *normal* at
+    theta = i * 180 / N_ORIENTATIONS deg from the +column axis towards +row: direction 0 is a vertical
+    edge (a step along the columns), `N_ORIENTATIONS` / 2 a horizontal one.
 
-    The response in direction theta is the image's derivative across theta (Gaussian derivative of
-    `sigma_px`) averaged along theta over `length_px` pixels: a straight step edge of height h along
-    theta gives about h / (sigma sqrt(2 pi)) over its length, and the average falls off where the
-    edge bends away from the line. Image units per pixel.
+    The response in direction theta is the image's derivative along the normal (Gaussian derivative of
+    `sigma_px`) averaged along the edge over `length_px` pixels: a straight step edge of height h gives
+    about h / (sigma sqrt(2 pi)) over its length, and the average falls off where the edge bends away
+    from the line. Image units per pixel.
     """
     if length_px < 3:
         raise ValueError(f"length_px must be at least 3, got {length_px}")
@@ -127,10 +133,16 @@ def straight_edge_response(
     return best, direction
 
 
-def edge_z_scores(response: np.ndarray, mask: np.ndarray, margin_px: int = MASK_MARGIN_PX) -> np.ndarray:
-    """`response` as robust z-scores against the pixels away from `mask` (float32); 0 within `margin_px`
-    of the mask, and everywhere when there are too few pixels to measure the spread on."""
-    near_mask = ndimage.binary_dilation(mask, iterations=margin_px) if mask.any() else np.zeros(mask.shape, bool)
+def near_mask_px(mask: np.ndarray, margin_px: float = MASK_MARGIN_PX) -> np.ndarray:
+    """True within `margin_px` (Euclidean distance, px) of `mask`, and on it."""
+    if not mask.any():
+        return np.zeros(mask.shape, dtype=bool)
+    return ndimage.distance_transform_edt(~mask) <= margin_px
+
+
+def edge_z_scores(response: np.ndarray, near_mask: np.ndarray) -> np.ndarray:
+    """`response` as robust z-scores against the pixels off `near_mask` (float32); 0 on `near_mask`, and
+    everywhere when there are too few pixels to measure the spread on."""
     values = response[~near_mask]
     z = np.zeros(response.shape, dtype=np.float32)
     if values.size < 1000:
@@ -212,16 +224,26 @@ def find_outlines(
     """
     data = np.asarray(data)
     mask = np.asarray(mask, dtype=bool)
+    length_px = int(length_px)
     shape = data.shape
+    if data.ndim != 2 or mask.shape != shape:
+        raise ValueError(f"need a 2-D image and a mask of its shape, got {data.shape} and {mask.shape}")
+    if min(shape) < length_px:
+        raise ValueError(f"lines of {length_px} px do not fit a {shape[0]}x{shape[1]} image")
+    if not np.isfinite(data).all():
+        raise ValueError("the image has NaN or infinite pixels")
     response, direction = straight_edge_response(data, length_px)
-    z = edge_z_scores(response, mask)
+    near_mask = near_mask_px(mask)
+    z = edge_z_scores(response, near_mask)
     ridge = ridge_pixels(response, direction)
     strong = ridge & (z >= z_high)
-    empty = OutlineTable(np.zeros(shape, np.int32), *(np.zeros(0) for _ in range(5)), z)
+    empty = OutlineTable(
+        np.zeros(shape, np.int32), np.zeros(0), np.zeros(0), np.zeros(0), np.zeros(0, np.int64), np.zeros(0), z
+    )
     if not strong.any():
         return empty
     weak = ridge & (z >= z_low)
-    weak &= ~seam_mask(weak, direction, max(1, length_px // 4), valid=z > 0)
+    weak &= ~seam_mask(weak, direction, max(1, length_px // 4), valid=~near_mask)
     # tails (module docstring); a faint ridge's tails are below z_low anyway
     nearby_peak = ndimage.maximum_filter(np.where(weak, z, 0.0), size=length_px)
     weak &= z >= MIN_RELATIVE_RESPONSE * nearby_peak
@@ -235,7 +257,7 @@ def find_outlines(
     if not edges.any():
         return empty
     link = max(1, length_px // 2)
-    groups, _count = ndimage.label(ndimage.binary_dilation(edges, iterations=link))
+    groups, _count = ndimage.label(ndimage.distance_transform_edt(~edges) <= link)
     groups = np.where(edges, groups, 0)
     from skimage.morphology import convex_hull_image
 
@@ -254,15 +276,17 @@ def find_outlines(
         around = np.zeros((near[0].stop - near[0].start, near[1].stop - near[1].start), dtype=bool)
         r0, c0 = box[0].start - near[0].start, box[1].start - near[1].start
         around[r0 : r0 + hull.shape[0], c0 : c0 + hull.shape[1]] = hull
-        ridges = ndimage.binary_dilation(around, iterations=link) & ridge[near] & (z[near] >= z_low)
+        ridges = (ndimage.distance_transform_edt(~around) <= link) & ridge[near] & (z[near] >= z_low)
         if direction_concentration(direction[near][ridges], z[near][ridges]) < MIN_DIRECTION_SHARE:
             continue
-        outline_id = len(rows_out) + 1
-        labels[box][hull & (labels[box] == 0)] = outline_id
-        hull_rows, hull_cols = np.nonzero(hull)
+        own = hull & (labels[box] == 0)  # a hull inside an earlier one keeps only what is left
+        if not own.any():
+            continue
+        labels[box][own] = len(rows_out) + 1
+        hull_rows, hull_cols = np.nonzero(own)
         rows_out.append(box[0].start + hull_rows.mean())
         cols_out.append(box[1].start + hull_cols.mean())
-        areas.append(float(hull.sum()))
+        areas.append(float(own.sum()))
         edge_counts.append(int(member.sum()))
         edge_means.append(float(z[box][member].mean()))
     return OutlineTable(

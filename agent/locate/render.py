@@ -204,11 +204,13 @@ def _legend_labels(
     analysis: ClusterAnalysis, crystal_clusters: Sequence[int], mixed_clusters: Sequence[int] = ()
 ) -> list[str]:
     """Legend lines: the mask, then one per cluster with its share of the image and a crystal (or mixed:
-    label memory's answered-both-ways clusters, whose targets come last) tag."""
+    label memory's answered-both-ways clusters, whose targets come last) tag; the outlined cluster
+    (`agent.locate.outlines`) says so."""
     labels = ["bar / black"]
     for summary in analysis.clusters:
         tag = " crystal" if summary.cluster_id in crystal_clusters else ""
         tag = " mixed" if summary.cluster_id in mixed_clusters else tag
+        tag += " (outlined)" if summary.cluster_id == analysis.outline_cluster else ""
         labels.append(f"{summary.cluster_id}: {100 * summary.fraction:.1f}%{tag}")
     return labels
 
