@@ -198,7 +198,8 @@ class ClusterAnalysis:
     - `row_index_px` / `col_index_px`: for every pixel row / column, the cell row / column that
       covers it (`to_pixels` maps any cell grid to a pixel image).
     - `outline_cluster`: with `settings.outline_length_px`, the id of the cluster of cells inside
-      straight-edged outlines (the last id), None when there is none.
+      straight-edged outlines (the last id), None when there is none. `model` (k-means) knows neither
+      that cluster nor the last feature column, `straight_edge`.
     """
 
     image_shape: tuple[int, int]
