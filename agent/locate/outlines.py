@@ -51,6 +51,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import fft, ndimage
 
+from agent.locate.objects import film_statistics
+
 #: Directions of the line filters (180 deg / 12 = 15 deg apart).
 N_ORIENTATIONS = 12
 #: Gaussian sigma (px) of the derivative across the line.
@@ -141,17 +143,14 @@ def near_mask_px(mask: np.ndarray, margin_px: float = MASK_MARGIN_PX) -> np.ndar
 
 
 def edge_z_scores(response: np.ndarray, near_mask: np.ndarray) -> np.ndarray:
-    """`response` as robust z-scores against the pixels off `near_mask` (float32); 0 on `near_mask`, and
-    everywhere when there are too few pixels to measure the spread on."""
-    values = response[~near_mask]
+    """`response` as robust z-scores (`objects.film_statistics`: median and 1.4826 MAD) against the pixels
+    off `near_mask` (float32); 0 on `near_mask`, and everywhere when there are fewer than 1000 pixels to
+    measure the spread on."""
     z = np.zeros(response.shape, dtype=np.float32)
-    if values.size < 1000:
+    off_mask = ~near_mask
+    if np.count_nonzero(off_mask) < 1000:
         return z
-    sample = values[:: max(1, values.size // 500_000)]
-    median = float(np.median(sample))
-    spread = 1.4826 * float(np.median(np.abs(sample - median)))
-    if spread <= 0:
-        return z
+    median, spread = film_statistics(response, off_mask, max_samples=500_000)
     np.subtract(response, np.float32(median), out=z)
     z /= np.float32(spread)
     z[near_mask] = 0.0
