@@ -96,7 +96,11 @@ def decide_crystal_clusters(
     suggestions: list[Any] = [None] * len(clusters)
     if memory is not None and clusters:
         centroids = np.array([np.asarray(c.normalised_centroid, dtype=np.float64) for c in clusters])
-        suggestions = list(memory.suggest(centroids, tuple(analysis.feature_names), specimen, preset))
+        suggestions = list(
+            memory.suggest(
+                centroids, tuple(analysis.feature_names), specimen, preset, confidence_threshold=plan.min_confidence
+            )
+        )
         for cluster_id, suggestion in zip(cluster_ids, suggestions, strict=True):
             confidences[cluster_id] = float(suggestion.confidence)
             if suggestion.confidence >= plan.min_confidence:

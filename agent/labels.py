@@ -34,18 +34,23 @@ No memory, memory far away (a different-looking specimen) and conflicting memory
 vote confidence; one earlier session gives at most 0.77 (1 / 1.3), agreeing close labels from two
 sessions more than `DEFAULT_CONFIDENCE_THRESHOLD` (0.8).
 
-Mixed clusters (`LabelSuggestion.mixed`): when sessions voted both ways and the minority holds at least
-`MIXED_MIN_SHARE` (one vote in five) of the vote weight, operators have answered clusters like this one
-differently before. These are clusters of which a part lies on crystals (a flake's or fibre's edge, 10-60 %
-of its cells on crystals): whether the operator calls one "crystal" depends on which cells the gallery
-happens to show, so a further answer is a coin toss and more answers never make the memory confident.
-The screening loop asks no prompt for them alone by default; their targets fill the places the crystal
-clusters' targets leave and are visited after them, and the search-preset check decides object by object
-(`agent.labelling`, `OperatorPlan.mixed`). The price: with few sessions one answer is already a fifth of
-the votes, so one careless answer (or one unlucky gallery) makes a clean cluster mixed. It still gets
-the places the sure clusters leave, and since mixed clusters join every prompt asked anyway, further
-answers accumulate until the odd one is outvoted (below one vote in five); a mature memory that never
-asks keeps it mixed. `OperatorPlan.mixed = "ask"` trades those prompts back for this.
+Mixed clusters (`LabelSuggestion.mixed`): sessions voted both ways, and one more answer agreeing with
+the majority (vote weight `ANSWER_VOTE_WEIGHT`, its own record) could still not lift the confidence to
+the caller's threshold: `(|w_c - w_n| + 1) / (w_c + w_n + prior + 1) < threshold`. Asking would not settle
+such a cluster. Operators have answered clusters like it differently before: typically a cluster of which
+a part lies on crystals (a flake's or fibre's edge, 10-60 % of its cells on crystals), where the answer
+depends on which cells the gallery happens to show. At the default threshold any minority above about a
+tenth of the votes can never be outvoted (confidence tends to 1 - 2 x minority share); with two to one
+nothing can settle it soon. A lopsided split that one answer settles (ten to one) is asked about, since
+that answer makes it sure. (Until stop 17 the rule was a fixed minority share of one in five; a cluster
+with a minority between one in ten and one in five was asked in every session and never became sure:
+in an eight-session replay, protein asked in 67-75 % of the seventh and eighth sessions for it.)
+The screening loop asks no prompt for mixed clusters alone by default; their targets fill the places the
+crystal clusters' targets leave and are visited after them, and the search-preset check decides object by
+object (`agent.labelling`, `OperatorPlan.mixed`). The price: one careless answer (or one unlucky gallery)
+among few makes a clean cluster mixed. It still gets the places the sure clusters leave, and since mixed
+clusters join every prompt asked anyway, further answers accumulate until the odd one is outvoted; a
+mature memory that never asks keeps it mixed. `OperatorPlan.mixed = "ask"` trades those prompts back.
 
 Held-out check (`held_out_verdicts`, `local_precision`): votes trust that clusters which look alike
 hold alike things. Whether they do depends on the specimen, the atlas and the locator's features, so the
@@ -137,7 +142,7 @@ DEFAULT_CONFIDENCE_THRESHOLD = 0.8
 #: Kernel width (trimmed RMS signed-log feature units) when the memory cannot say (see module doc).
 DEFAULT_BANDWIDTH = 0.35
 #: Adaptive kernel width: this fraction of the median closest crystal / non-crystal distance per session.
-AUTO_BANDWIDTH_FRACTION = 0.5
+AUTO_BANDWIDTH_FRACTION = 0.7
 #: Limits of the adaptive kernel width.
 BANDWIDTH_LIMITS = (0.05, 3.0)
 #: Fraction of the shared features left out of a distance (the largest differences).
@@ -146,9 +151,9 @@ TRIM_FRACTION = 0.2
 MIN_VOTE_WEIGHT = 0.3
 #: The held-out check counts the memory's predictions of its own past sessions at this vote confidence or more.
 CALIBRATION_CONFIDENCE = 0.5
-#: A cluster is "mixed" when earlier sessions voted both ways on it and the minority label holds at least
-#: this share of the vote weight (module docstring).
-MIXED_MIN_SHARE = 0.2
+#: Vote weight of one more answer about a cluster, for deciding whether asking could settle it (module
+#: docstring, mixed clusters): the answer's own record, at distance 0 from the cluster.
+ANSWER_VOTE_WEIGHT = 1.0
 #: Pseudo-count of "no idea" evidence added to every suggestion.
 DEFAULT_PRIOR_STRENGTH = 0.3
 #: Weight of each source's labels as evidence ("auto": the agent's own guesses, none by default).
@@ -220,8 +225,8 @@ class LabelSuggestion(BaseModel):
     `confidence` is 0..1 (0: no or conflicting memory); `n_support`: sessions whose labels back the
     suggestion; `p_crystal`: smoothed probability of "crystal"; `nearest_distance`: RMS signed-log
     distance to the closest comparable record (None without any); `mixed`: earlier sessions answered
-    clusters like this one both ways, the minority with at least `MIXED_MIN_SHARE` of the votes (asking
-    again would be a coin toss; see the module docstring).
+    clusters like this one both ways, and one more answer could not make the label confident (asking
+    would not settle it; see the module docstring).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -500,8 +505,13 @@ class LabelMemory:
         feature_names: Sequence[str],
         specimen: str,
         preset: str,
+        *,
+        confidence_threshold: float = DEFAULT_CONFIDENCE_THRESHOLD,
     ) -> list[LabelSuggestion]:
         """One suggestion per row of `centroids` (n, F), from records of the same specimen and preset.
+
+        `confidence_threshold` is the confidence at which the caller takes a label without asking; a
+        cluster is called mixed when one more answer could not lift a split vote to it (module docstring).
 
         The vote's confidence is capped at the memory's local held-out precision for the suggested label:
         how often the memory, predicting the sessions that vote here from the other sessions, was right
@@ -511,7 +521,7 @@ class LabelMemory:
         """
         query = _as_matrix(centroids, feature_names)
         records = [r for r in self._load() if r.specimen == specimen and r.preset == preset]
-        votes, voters = self._votes_and_voters(query, tuple(feature_names), records)
+        votes, voters = self._votes_and_voters(query, tuple(feature_names), records, confidence_threshold)
         verdicts = self.held_out_verdicts(specimen, preset)
         suggestions = []
         for vote, near in zip(votes, voters, strict=True):
@@ -571,12 +581,17 @@ class LabelMemory:
         return verdicts
 
     def _votes_and_voters(
-        self, query: np.ndarray, names: tuple[str, ...], records: Sequence[LabelRecord]
+        self,
+        query: np.ndarray,
+        names: tuple[str, ...],
+        records: Sequence[LabelRecord],
+        confidence_threshold: float = DEFAULT_CONFIDENCE_THRESHOLD,
     ) -> tuple[list[LabelSuggestion], list[list[tuple[str, float]]]]:
         """The sessions' votes (module docstring) for each row of `query`, before the held-out check, and
         per row the records that voted: (record id, vote weight)."""
         memory = _Comparable(list(records), self.source_weights)
-        return self._votes(self._nearest_per_session(query, names, memory), memory)
+        nearest = self._nearest_per_session(query, names, memory)
+        return self._votes(nearest, memory, confidence_threshold=confidence_threshold)
 
     def _nearest_per_session(self, query: np.ndarray, names: tuple[str, ...], memory: _Comparable) -> _Nearest:
         """For each row of `query` (features `names`) and each session of `memory`, the session's nearest
@@ -618,10 +633,16 @@ class LabelMemory:
         return nearest
 
     def _votes(
-        self, nearest: _Nearest, memory: _Comparable, held_out_session: int | None = None, voters: bool = True
+        self,
+        nearest: _Nearest,
+        memory: _Comparable,
+        held_out_session: int | None = None,
+        voters: bool = True,
+        confidence_threshold: float = DEFAULT_CONFIDENCE_THRESHOLD,
     ) -> tuple[list[LabelSuggestion], list[list[tuple[str, float]]]]:
         """Votes (module docstring) from each session's nearest record, and (if `voters`) per row the records
-        that voted; the kernel width of each feature set leaves out `held_out_session`'s gap when given."""
+        that voted; the kernel width of each feature set leaves out `held_out_session`'s gap when given;
+        `confidence_threshold` decides which split votes are mixed."""
         widths = np.array(
             [width.value(held_out_session) for width in nearest.groups] or [DEFAULT_BANDWIDTH], dtype=np.float64
         )
@@ -637,8 +658,9 @@ class LabelMemory:
         total = w_c + w_n + self.prior_strength
         is_crystal = w_c > w_n
         support = np.sum(counted & (crystal == is_crystal[:, None]), axis=1)
-        minority = np.minimum(w_c, w_n)
-        mixed = (minority > 0) & (minority >= MIXED_MIN_SHARE * (w_c + w_n))
+        # split votes that one more agreeing answer could not make confident: asking would not settle them
+        settled_by_answer = (np.abs(w_c - w_n) + ANSWER_VOTE_WEIGHT) / (total + ANSWER_VOTE_WEIGHT)
+        mixed = (np.minimum(w_c, w_n) > 0) & (settled_by_answer < confidence_threshold)
         closest = nearest.distance.min(axis=1, initial=np.inf)
         suggestions: list[LabelSuggestion] = []
         voted: list[list[tuple[str, float]]] = []

@@ -22,7 +22,6 @@ from agent.labels import (
     LABELS_FILE_NAME,
     MIN_SHARED_FEATURE_FRACTION,
     MIN_VOTE_WEIGHT,
-    MIXED_MIN_SHARE,
     LabelMemory,
     LabelMemoryError,
     LabelRecord,
@@ -205,6 +204,27 @@ def test_conflicting_memory_gives_low_confidence(tmp_path: Path) -> None:
     assert suggestion.mixed  # answered both ways: asking again would be a coin toss
 
 
+@pytest.mark.parametrize(("agreeing", "mixed"), [(6, True), (10, False)])
+def test_a_split_vote_is_mixed_only_when_one_more_answer_could_not_settle_it(
+    tmp_path: Path, agreeing: int, mixed: bool
+) -> None:
+    """Six sessions said crystal, one said not: below the threshold, and one more "crystal" answer would
+    leave it below (6 / 8.3), so asking is pointless (mixed). Ten to one is below the threshold too, but
+    one more answer settles it (10 / 12.3), so it is asked (not mixed). Under a lower threshold the
+    six-to-one split is confident without asking."""
+    memory = LabelMemory(tmp_path)
+    for session in range(agreeing + 1):
+        memory.record_clusters(
+            np.array([CRYSTAL]), NAMES, [session > 0], specimen="p", preset="atlas", session=f"s{session}"
+        )
+    suggestion = memory.suggest(np.array([CRYSTAL]), NAMES, "p", "atlas")[0]
+    assert suggestion.is_crystal and suggestion.n_support == agreeing
+    assert suggestion.confidence < DEFAULT_CONFIDENCE_THRESHOLD
+    assert suggestion.mixed is mixed
+    lenient = memory.suggest(np.array([CRYSTAL]), NAMES, "p", "atlas", confidence_threshold=0.6)[0]
+    assert lenient.confidence >= 0.6 and not lenient.mixed
+
+
 def test_features_are_matched_by_name_and_auto_labels_carry_no_weight(tmp_path: Path) -> None:
     memory = LabelMemory(tmp_path)
     rng = np.random.default_rng(8)
@@ -371,7 +391,8 @@ def _reference_votes(memory: LabelMemory, query: np.ndarray, names: tuple[str, .
         is_crystal = w_c > w_n
         confidence = min(1.0, abs(w_c - w_n) / (w_c + w_n + memory.prior_strength))
         support = sum(1 for _, crystal in counted if crystal == is_crystal)
-        mixed = min(w_c, w_n) > 0 and min(w_c, w_n) >= MIXED_MIN_SHARE * (w_c + w_n)
+        total = w_c + w_n + memory.prior_strength
+        mixed = min(w_c, w_n) > 0 and (abs(w_c - w_n) + 1.0) / (total + 1.0) < DEFAULT_CONFIDENCE_THRESHOLD
         result.append((is_crystal, confidence, support, mixed))
     return result
 
