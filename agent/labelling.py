@@ -2,8 +2,9 @@
 
 1. Label memory (`agent.labels.LabelMemory`) suggests a label for every cluster from clusters labelled in
    earlier sessions of the same specimen type and preset. Confident suggestions are taken as they are.
-   A cluster memory calls mixed (look-alike clusters answered both ways before: typically a flake or
-   fibre edge with some of its cells on crystals) is handled by `plan.mixed`: by default no prompt is
+   A cluster memory calls mixed (look-alike clusters answered both ways before, so often that one more
+   answer could not make memory sure at `plan.min_confidence`: typically a flake or fibre edge with some
+   of its cells on crystals) is handled by `plan.mixed`: by default no prompt is
    asked for it alone, since the answer would be a coin toss, and its targets fill the places the crystal
    clusters' targets leave (`targeting.max_targets`) and are visited after them
    (`LabellingDecision.mixed_clusters`, `TargetRecord.from_mixed_cluster`), so the search-preset check
