@@ -115,9 +115,10 @@ does not visit. Wider still asked less on these sets with no more mistakes (0.8:
 wrong; 1.0: 1.5, 90 and 55); it stays at 0.7 because a wider kernel lets less alike records vote, and
 how alike "alike" must be on real atlases these simulated sets cannot tell. Votes weighted by
 how much closer a session's nearest record is than its nearest record of the other label (tried at
-stop 17) made fewer mistakes only by asking far more (prompts of sessions 3 and later 8-22 at widths
-0.6-1.0): the wrong labels that remain are clusters that look like the other label in these features,
-which no vote rule can tell.
+stop 17) made fewer mistakes only by asking far more (on the three four-session sets at 1024 and 2048
+px, prompts of sessions 3 and later 5-22 at widths 0.3-1.0, against 1.25 for plain votes): the wrong
+labels that remain are clusters that look like the other label in these features, which no vote rule
+can tell.
 
 Speed (`benchmarks/bench_label_memory.py`): a session's first suggestion computes the held-out check from
 scratch; each record's nearest record per session is found once for the whole memory, with arrays. Five
