@@ -586,12 +586,11 @@ class ScreeningSession:
                     kept.append((candidate, float(x_um), float(y_um)))
             return kept
 
-        sure, mixed = fill_target_places(
-            reachable(self.decision.crystal_clusters),
-            reachable(self.decision.mixed_clusters) if self.decision.mixed_clusters else [],
-            targeting.max_targets,
-            targeting.min_spacing_um,
-        )
+        sure = reachable(self.decision.crystal_clusters)
+        places_left = len(sure) < targeting.max_targets
+        # the object search is the slow part: mixed clusters are searched only when places are left
+        mixed = reachable(self.decision.mixed_clusters) if self.decision.mixed_clusters and places_left else []
+        sure, mixed = fill_target_places(sure, mixed, targeting.max_targets, targeting.min_spacing_um)
         here = self.microscope.get_stage()
         tiers = (sure, mixed)  # every sure target before any mixed one, each tier on a short path
         order = plan_tiered_path((here.x_um, here.y_um), [np.array([[x, y] for _, x, y in t]) for t in tiers])
