@@ -570,11 +570,12 @@ class LabelMemory:
         record of another session does not depend on which session is held out); only the kernel width,
         which depends on the sessions left in, is worked out per held-out session.
         """
-        records = [r for r in self._load() if r.specimen == specimen and r.preset == preset]
+        loaded = self._load()  # first: it sets the cache key
         key = (self._cache_key, specimen, preset)
         cached = self._held_out_cache.get(key)
         if cached is not None:
             return cached
+        records = [r for r in loaded if r.specimen == specimen and r.preset == preset]
         verdicts: dict[str, tuple[bool, bool]] = {}
         memory = _Comparable(records, self.source_weights)
         answered = sorted({r.session for r in records if self.source_weights.get(r.source, 0.0) > 0})
@@ -676,8 +677,10 @@ class LabelMemory:
         total = w_c + w_n + self.prior_strength
         is_crystal = w_c > w_n
         support = np.sum(counted & (crystal == is_crystal[:, None]), axis=1)
+        margin = np.abs(w_c - w_n)
+        confidence = np.minimum(1.0, margin / total)
         # split votes that one more agreeing answer could not make confident: asking would not settle them
-        settled_by_answer = (np.abs(w_c - w_n) + ANSWER_VOTE_WEIGHT) / (total + ANSWER_VOTE_WEIGHT)
+        settled_by_answer = (margin + ANSWER_VOTE_WEIGHT) / (total + ANSWER_VOTE_WEIGHT)
         mixed = (np.minimum(w_c, w_n) > 0) & (settled_by_answer < confidence_threshold)
         closest = nearest.distance.min(axis=1, initial=np.inf)
         suggestions: list[LabelSuggestion] = []
@@ -686,7 +689,7 @@ class LabelMemory:
             suggestions.append(
                 LabelSuggestion(
                     is_crystal=bool(is_crystal[i]),
-                    confidence=float(min(1.0, abs(w_c[i] - w_n[i]) / total[i])),
+                    confidence=float(confidence[i]),
                     n_support=int(support[i]),
                     p_crystal=float(min(1.0, (w_c[i] + (total[i] - w_c[i] - w_n[i]) / 2) / total[i])),
                     nearest_distance=float(closest[i]) if np.isfinite(closest[i]) else None,
