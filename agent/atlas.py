@@ -2,7 +2,8 @@
 
 An `Atlas` is a mosaic (uint16) plus the affine map from its pixels to stage micrometres. The mosaic is
 laid out in the camera's own axes (tiles are placed where the calibrated matrix says they are, from the
-stage position recorded with each frame), so that one matrix A serves the whole mosaic:
+stage position recorded with each frame), so that one matrix A serves the whole mosaic (the convention of
+`drivers.geometry`):
 
     stage_um = reference_xy_um + A @ ((col, row) - reference_px)
 
@@ -22,7 +23,8 @@ import numpy as np
 from scipy import ndimage
 
 from agent.motion import approach_move
-from drivers.base import Frame, FrameMetadata, Microscope, StagePosition, image_centre_px
+from drivers.base import Frame, FrameMetadata, Microscope, StagePosition
+from drivers.geometry import image_centre_px, pixel_to_stage_about_um, stage_to_pixel_about
 
 logger = logging.getLogger(__name__)
 
@@ -45,13 +47,11 @@ class Atlas:
 
     def pixel_to_stage_um(self, col_row_px: np.ndarray) -> np.ndarray:
         """(…, 2) (col, row) mosaic pixels -> (…, 2) stage (x_um, y_um)."""
-        offsets = np.asarray(col_row_px, dtype=np.float64) - np.asarray(self.reference_px)
-        return np.asarray(self.reference_xy_um) + offsets @ self.matrix_um_per_px.T
+        return pixel_to_stage_about_um(col_row_px, self.reference_px, self.reference_xy_um, self.matrix_um_per_px)
 
     def stage_to_pixel(self, xy_um: np.ndarray) -> np.ndarray:
         """(…, 2) stage (x_um, y_um) -> (…, 2) (col, row) mosaic pixels."""
-        offsets = np.asarray(xy_um, dtype=np.float64) - np.asarray(self.reference_xy_um)
-        return np.asarray(self.reference_px) + offsets @ np.linalg.inv(self.matrix_um_per_px).T
+        return stage_to_pixel_about(xy_um, self.reference_px, self.reference_xy_um, self.matrix_um_per_px)
 
     def geometry(self) -> dict[str, object]:
         """JSON-serialisable description of the pixel -> stage map (for the journal and TIFF metadata)."""

@@ -32,7 +32,7 @@ import numpy as np
 from scipy import ndimage
 
 from agent.locate.objects import is_round
-from drivers.base import image_centre_px
+from drivers.geometry import image_centre_px
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from agent.evaluation.baselines import threshold_components  # noqa: E402
-from drivers.base import pixel_to_stage_um  # noqa: E402
+from drivers.geometry import pixel_to_stage_um  # noqa: E402
 from simulator import SPECIMEN_TYPES, create_simulated_microscope  # noqa: E402
 
 

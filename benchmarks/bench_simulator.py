@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from drivers.base import image_centre_px
+from drivers.geometry import image_centre_px
 from simulator.imaging import BAR_OD, CameraModel, OpticsErrors, SimPreset, edge_width_um, render, true_matrix
 from simulator.microscope import SimulatedMicroscope, default_presets
 from simulator.shapes import crystal_distance_um

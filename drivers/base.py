@@ -368,39 +368,34 @@ def check_exposure_s(exposure_s: float, max_exposure_s: float = 600.0) -> float:
     return float(exposure_s)
 
 
-# --------------------------------------------------------------------------------------------------
-# Image -> stage geometry
-# --------------------------------------------------------------------------------------------------
-#
-# A pixel is addressed as the vector p = (col_px, row_px) (x to the right, y down the rows), with the
-# centre of pixel (0, 0) at (0, 0). For a frame of shape (rows, cols) taken with the stage at S, the
-# specimen point under pixel p is
-#
-#     stage_um = S_xy_um + A @ (p - image_centre_px(shape))
-#
-# where A (2x2, um per pixel) depends on the optics preset: rotation, scale and possibly a flip
-# between camera and stage axes. Drivers do not promise any particular A; the agent measures it
-# (agent.calibration) by moving the stage a known offset and phase-correlating.
+def resolve_stage_target(
+    current: StagePosition,
+    limits: StageLimits,
+    x_um: float | None = None,
+    y_um: float | None = None,
+    z_um: float | None = None,
+    alpha_deg: float | None = None,
+) -> StagePosition:
+    """The absolute target of `Microscope.move_stage`: axes left None keep their `current` value (um, deg).
 
-
-def image_centre_px(shape: tuple[int, ...]) -> np.ndarray:
-    """The centre of an image of `shape` (rows, cols) as a (col_px, row_px) vector, float64."""
-    rows, cols = int(shape[0]), int(shape[1])
-    return np.array([(cols - 1) / 2.0, (rows - 1) / 2.0], dtype=np.float64)
-
-
-def pixel_to_stage_um(
-    col_row_px: np.ndarray, shape: tuple[int, ...], stage_xy_um: tuple[float, float], matrix_um_per_px: np.ndarray
-) -> np.ndarray:
-    """Map pixel vectors `(..., 2)` as (col_px, row_px) to stage (x_um, y_um) with matrix A (see above)."""
-    offsets = np.asarray(col_row_px, dtype=np.float64) - image_centre_px(shape)
-    return np.asarray(stage_xy_um, dtype=np.float64) + offsets @ np.asarray(matrix_um_per_px, dtype=np.float64).T
-
-
-def stage_to_pixel(
-    xy_um: np.ndarray, shape: tuple[int, ...], stage_xy_um: tuple[float, float], matrix_um_per_px: np.ndarray
-) -> np.ndarray:
-    """Inverse of `pixel_to_stage_um`: stage (x_um, y_um) vectors `(..., 2)` -> (col_px, row_px)."""
-    inverse = np.linalg.inv(np.asarray(matrix_um_per_px, dtype=np.float64))
-    offsets = np.asarray(xy_um, dtype=np.float64) - np.asarray(stage_xy_um, dtype=np.float64)
-    return image_centre_px(shape) + offsets @ inverse.T
+    Raises `InvalidParameterError` for a value that is not a finite number, and `StageLimitError` when the
+    target lies outside `limits`; both before anything moves.
+    """
+    values: dict[str, float] = {}
+    for axis, value, default in (
+        ("x_um", x_um, current.x_um),
+        ("y_um", y_um, current.y_um),
+        ("z_um", z_um, current.z_um),
+        ("alpha_deg", alpha_deg, current.alpha_deg),
+    ):
+        if value is None:
+            values[axis] = default
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise InvalidParameterError(f"{axis} must be a number, got {type(value).__name__}")
+        if not math.isfinite(float(value)):
+            raise InvalidParameterError(f"{axis} must be finite, got {value}")
+        values[axis] = float(value)
+    target = StagePosition(**values)
+    limits.check(target)
+    return target

@@ -49,6 +49,7 @@ from drivers.base import (
     StageMoveError,
     StagePosition,
     check_exposure_s,
+    resolve_stage_target,
 )
 
 logger = logging.getLogger(__name__)
@@ -262,14 +263,7 @@ class TemscriptMicroscope:
         wait: bool = True,
     ) -> None:
         """Absolute move; limits checked before anything moves. `wait=False` moves in a background thread."""
-        current = self.get_stage()
-        target = StagePosition(
-            x_um=current.x_um if x_um is None else x_um,
-            y_um=current.y_um if y_um is None else y_um,
-            z_um=current.z_um if z_um is None else z_um,
-            alpha_deg=current.alpha_deg if alpha_deg is None else alpha_deg,
-        )
-        self.stage_limits().check(target)
+        resolve_stage_target(self.get_stage(), self.stage_limits(), x_um, y_um, z_um, alpha_deg)
         pos: dict[str, float] = {}
         for key, value in (("x", x_um), ("y", y_um), ("z", z_um)):
             if value is not None:

@@ -1,7 +1,7 @@
 """Rendering what the camera sees: specimen -> bright-field transmission -> electrons -> uint16 counts.
 
 `render(scene, stage_xy_um, preset, camera, optics_errors, rng, exposure_s=...)` is a pure function of
-its arguments. The geometry follows `drivers.base` exactly: the specimen point under pixel
+its arguments. The geometry follows `drivers.geometry` exactly: the specimen point under pixel
 p = (col, row) is `stage_xy_um + A_true @ (p - image_centre_px(shape))` with
 `A_true = true_matrix(preset, optics_errors)` (pixel size x (1 + scale error) x rotation [x flip]).
 
@@ -30,7 +30,8 @@ from typing import Protocol
 
 import numpy as np
 
-from drivers.base import OpticsPreset, image_centre_px
+from drivers.base import OpticsPreset
+from drivers.geometry import image_centre_px
 from simulator.shapes import blob_distance_um, crystal_distance_um
 from simulator.specimen import FILM_OD_PER_NM, SQUARE_BROKEN, SQUARE_EMPTY, Specimen
 

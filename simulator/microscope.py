@@ -38,7 +38,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from pydantic import ValidationError
 
 import simulator
 from drivers.base import (
@@ -53,6 +52,7 @@ from drivers.base import (
     StageMoveError,
     StagePosition,
     check_exposure_s,
+    resolve_stage_target,
 )
 from simulator.diffraction import DETECTOR_PIXEL_UM, render_diffraction
 from simulator.faults import FaultInjector, FaultPlan
@@ -197,7 +197,7 @@ class SimulatedMicroscope:
         return self._scene
 
     def true_image_to_stage_matrix(self, preset: str) -> np.ndarray:
-        """The true 2x2 A (um/px) of `preset` in the drivers.base convention. For tests only."""
+        """The true 2x2 A (um/px) of `preset` in the drivers.geometry convention. For tests only."""
         return true_matrix(self._sim_preset(preset), self._errors[preset])
 
     def true_stage_xy_um(self) -> tuple[float, float]:
@@ -268,27 +268,7 @@ class SimulatedMicroscope:
         """
         with self._lock:
             fail_fraction = self._faults.next_move()
-            current = self._stage.position()
-            values: dict[str, float] = {}
-            for axis, value, default in (
-                ("x_um", x_um, current.x_um),
-                ("y_um", y_um, current.y_um),
-                ("z_um", z_um, current.z_um),
-                ("alpha_deg", alpha_deg, current.alpha_deg),
-            ):
-                if value is None:
-                    values[axis] = default
-                    continue
-                if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-                    raise InvalidParameterError(f"{axis} must be a number, got {type(value).__name__}")
-                if not math.isfinite(float(value)):
-                    raise InvalidParameterError(f"{axis} must be finite, got {value}")
-                values[axis] = float(value)
-            try:
-                target = StagePosition(**values)
-            except ValidationError as exc:  # pragma: no cover - guarded above
-                raise InvalidParameterError(f"invalid stage target: {exc}") from exc
-            self._stage.limits.check(target)
+            target = resolve_stage_target(self._stage.position(), self._stage.limits, x_um, y_um, z_um, alpha_deg)
             self._stage.start_move(target, fail_fraction=fail_fraction)
         if wait:
             self._wait(math.inf)

@@ -17,9 +17,8 @@ from drivers.base import (
     StageLimits,
     StagePosition,
     check_exposure_s,
-    pixel_to_stage_um,
-    stage_to_pixel,
 )
+from drivers.geometry import pixel_to_stage_um, stage_to_pixel
 
 
 def _metadata() -> FrameMetadata:

@@ -15,7 +15,7 @@ from agent.evaluation.scoring import (
     score_frame,
 )
 from agent.evaluation.truth import ImageTruth, PixelCrystal, frame_box_um, matrix_scale_um_per_px, truth_for_frame
-from drivers.base import pixel_to_stage_um
+from drivers.geometry import pixel_to_stage_um
 
 
 def _round(id_: int, row: float, col: float, radius: float, *, countable: bool = True,

@@ -321,8 +321,8 @@ def test_multi_section_stack_picks_a_section(tmp_path: Path) -> None:
 
 
 def test_stage_transform_fits_piece_positions(serialem_montage: tuple[Path, np.ndarray, list]) -> None:
-    from drivers.base import pixel_to_stage_um
     from drivers.formats.montage import fit_stage_transform
+    from drivers.geometry import pixel_to_stage_um
 
     with open_montage(serialem_montage[0]) as montage:
         fit = fit_stage_transform(montage)

@@ -228,8 +228,8 @@ def test_target_exports(tmp_path: Path) -> None:
 def test_map_from_transform_agrees_with_pyserialem_pixel_mapping(tmp_path: Path) -> None:
     """A target's mosaic pixel -> our stage um -> pyserialem's map pixel gives the same pixel back."""
     pyserialem_reader = pytest.importorskip("pyserialem.reader")
-    from drivers.base import pixel_to_stage_um
     from drivers.formats.nav import map_item_from_transform
+    from drivers.geometry import pixel_to_stage_um
 
     shape = (3000, 4000)
     angle = np.radians(12.0)

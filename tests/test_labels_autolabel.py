@@ -16,7 +16,7 @@ import pytest
 from agent.labels import DEFAULT_CONFIDENCE_THRESHOLD, LabelMemory
 from agent.locate.analysis import ClusterAnalysis, LocateSettings, analyse
 from agent.operator import OperatorChannel, Prompt, PromptOption
-from drivers.base import pixel_to_stage_um
+from drivers.geometry import pixel_to_stage_um
 from simulator import create_simulated_microscope
 from simulator.operator import SimulatedOperator
 

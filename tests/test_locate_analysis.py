@@ -5,13 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from agent.commands.locate import candidates_to_stage
 from agent.locate.analysis import ClusterAnalysis, LocateSettings, analyse
 from agent.locate.cluster import fit_clusters, mesh_mask, suggest_k, two_step_black_cells
 from agent.locate.errors import ImageInputError, SettingsError
 from agent.locate.features import FEATURE_NAMES, grid_features
 from agent.locate.similarity import cosine_similarity, similarity_map
-from agent.locate.targets import Candidate, candidates_to_stage, find_candidates
-from drivers.base import pixel_to_stage_um
+from agent.locate.targets import Candidate, find_candidates
+from drivers.geometry import pixel_to_stage_um
 from tests.synthetic_images import SyntheticImage, make_grid_image
 
 WINDOW = LocateSettings(mode="window", window_px=15, stride_px=4)

@@ -12,8 +12,9 @@ import tifffile
 from PIL import Image
 
 from agent.cli import main
-from drivers.base import Frame, FrameMetadata, StagePosition, pixel_to_stage_um
+from drivers.base import Frame, FrameMetadata, StagePosition
 from drivers.formats.images import write_frame_tiff
+from drivers.geometry import pixel_to_stage_um
 from tests.synthetic_images import make_grid_image
 
 

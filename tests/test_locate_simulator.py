@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from agent.commands.locate import candidates_to_stage
 from agent.locate.analysis import LocateSettings, analyse
-from agent.locate.targets import candidates_to_stage, find_candidates
-from drivers.base import pixel_to_stage_um
+from agent.locate.targets import find_candidates
+from drivers.geometry import pixel_to_stage_um
 
 simulator = pytest.importorskip("simulator")
 

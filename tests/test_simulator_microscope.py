@@ -20,9 +20,8 @@ from drivers.base import (
     StageLimits,
     StageMoveError,
     StagePosition,
-    image_centre_px,
-    pixel_to_stage_um,
 )
+from drivers.geometry import image_centre_px, pixel_to_stage_um
 from simulator import create_simulated_microscope
 from simulator.faults import FaultPlan
 from simulator.imaging import OpticsErrors

@@ -10,8 +10,9 @@ import tifffile
 from scipy import ndimage
 
 from agent.cli import main
-from drivers.base import AcquisitionError, pixel_to_stage_um
+from drivers.base import AcquisitionError
 from drivers.formats.images import read_frame_tiff
+from drivers.geometry import pixel_to_stage_um
 from simulator import create_simulated_microscope
 from simulator.imaging import OpticsErrors
 from simulator.microscope import make_preset

@@ -12,16 +12,22 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import io
 import json
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from agent.cli import CommandError
+from drivers.geometry import pixel_to_stage_um
+
+if TYPE_CHECKING:
+    from agent.locate.targets import Candidate
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +158,31 @@ def stage_matrix(info: dict[str, Any], calibration: str | None) -> tuple[np.ndar
     return None, "none"
 
 
+def candidates_to_stage(
+    candidates: Sequence[Candidate],
+    image_shape: tuple[int, ...],
+    stage_xy_um: tuple[float, float],
+    matrix_um_per_px: np.ndarray,
+) -> list[Candidate]:
+    """Copies of `candidates` with `x_um`, `y_um` from `drivers.geometry.pixel_to_stage_um` (frame of
+    `image_shape` taken at `stage_xy_um` with the image->stage matrix `matrix_um_per_px`, 2x2 um per pixel).
+
+    Raises `SettingsError` when the matrix is not an invertible finite 2x2 matrix.
+    """
+    from agent.locate.errors import SettingsError
+
+    if not candidates:
+        return []
+    matrix = np.asarray(matrix_um_per_px, dtype=np.float64)
+    if matrix.shape != (2, 2) or not np.all(np.isfinite(matrix)) or abs(np.linalg.det(matrix)) == 0:
+        raise SettingsError(f"matrix_um_per_px must be an invertible finite 2x2 matrix, got {matrix.tolist()}")
+    pixels = np.array([[c.col_px, c.row_px] for c in candidates], dtype=np.float64)
+    stage = pixel_to_stage_um(pixels, image_shape, stage_xy_um, matrix)
+    return [
+        dataclasses.replace(c, x_um=float(xy[0]), y_um=float(xy[1])) for c, xy in zip(candidates, stage, strict=True)
+    ]
+
+
 def run(args: argparse.Namespace) -> int:
     """Handler of `crystal-locator locate`."""
     from pydantic import ValidationError
@@ -160,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
     from agent.locate.errors import LocateError
     from agent.locate.render import cluster_gallery_rgb, heatmap_png, mask_uint8, similarity_rgb
     from agent.locate.similarity import similarity_map
-    from agent.locate.targets import candidates_to_stage, find_candidates
+    from agent.locate.targets import find_candidates
     from drivers.formats.images import encode_png, write_atomic
 
     started = time.perf_counter()

@@ -19,7 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from drivers.base import image_centre_px, pixel_to_stage_um, stage_to_pixel
+from drivers.geometry import image_centre_px, pixel_to_stage_um, stage_to_pixel
 
 
 @runtime_checkable

@@ -1,6 +1,6 @@
 """The locator: find crystal-bearing areas in low-magnification images by clustering patch statistics.
 
-Pure image work (arrays in, targets out); imports no driver except the pixel->stage helper.
+Pure image work (arrays in, pixel targets out); imports no driver.
 
 - `features`: `grid_features(image, rows, cols)`, `window_features(image, window_px, stride_px)`,
   `iter_window_features` (streaming), `FEATURE_NAMES`.
@@ -10,7 +10,7 @@ Pure image work (arrays in, targets out); imports no driver except the pixel->st
 - `analysis`: `LocateSettings`, `analyse(image, settings) -> ClusterAnalysis` (with `ClusterSummary`
   per cluster, normalised centroids for label memory, the default crystal-cluster rule).
 - `similarity`: cosine similarity maps to reference patches.
-- `targets`: `find_candidates`, `candidates_to_stage`, `Candidate`.
+- `targets`: `find_candidates`, `Candidate`.
 - `render`: `heatmap_rgb`, `heatmap_png`, `similarity_rgb`, `cluster_gallery_rgb`, `display_uint8`.
 - `tiled`: the same features over montages tile by tile (bounded memory).
 """

@@ -10,7 +10,8 @@ the background cluster, or similarity), every region's largest object before any
 greedy de-duplication: a candidate closer than
 `min_spacing_px` to a better one is dropped -> at most `max_candidates`.
 
-`candidates_to_stage` adds stage coordinates with `drivers.base.pixel_to_stage_um`.
+Stage coordinates (`Candidate.x_um`, `y_um`) are filled in by the caller, which knows the frame's stage
+position and calibration (`agent.commands.locate.candidates_to_stage`); the locator is pixel-only.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from scipy import ndimage
 
 from agent.locate.analysis import ClusterAnalysis, LocateSettings
 from agent.locate.errors import SettingsError
-from drivers.base import pixel_to_stage_um
 
 
 @dataclass(frozen=True)
@@ -184,26 +184,6 @@ def find_candidates(
         if len(chosen) >= settings.max_candidates:
             break
     return chosen
-
-
-def candidates_to_stage(
-    candidates: Sequence[Candidate],
-    image_shape: tuple[int, ...],
-    stage_xy_um: tuple[float, float],
-    matrix_um_per_px: np.ndarray,
-) -> list[Candidate]:
-    """Copies of `candidates` with `x_um`, `y_um` from `drivers.base.pixel_to_stage_um` (frame taken at
-    `stage_xy_um` with the image->stage matrix `matrix_um_per_px`, 2x2 um per pixel)."""
-    if not candidates:
-        return []
-    matrix = np.asarray(matrix_um_per_px, dtype=np.float64)
-    if matrix.shape != (2, 2) or not np.all(np.isfinite(matrix)) or abs(np.linalg.det(matrix)) == 0:
-        raise SettingsError(f"matrix_um_per_px must be an invertible finite 2x2 matrix, got {matrix.tolist()}")
-    pixels = np.array([[c.col_px, c.row_px] for c in candidates], dtype=np.float64)
-    stage = pixel_to_stage_um(pixels, image_shape, stage_xy_um, matrix)
-    return [
-        dataclasses.replace(c, x_um=float(xy[0]), y_um=float(xy[1])) for c, xy in zip(candidates, stage, strict=True)
-    ]
 
 
 def objects_in_regions(

@@ -419,8 +419,8 @@ def open_montage(
 class StageTransform:
     """Mosaic pixel -> stage mapping fitted to the pieces' recorded stage positions.
 
-    In the `drivers.base` convention: `stage_um = stage_xy_um + matrix_um_per_px @ (pixel -
-    image_centre_px(shape_px))` for a pixel vector (col, row), so `drivers.base.pixel_to_stage_um(
+    In the `drivers.geometry` convention: `stage_um = stage_xy_um + matrix_um_per_px @ (pixel -
+    image_centre_px(shape_px))` for a pixel vector (col, row), so `drivers.geometry.pixel_to_stage_um(
     col_row, shape_px, stage_xy_um, matrix_um_per_px)` maps mosaic pixels to stage um.
     `rms_residual_um` is the root-mean-square misfit of the piece centres (stage backlash, stitching).
     """
@@ -439,7 +439,7 @@ def fit_stage_transform(montage: TileMontage) -> StageTransform | None:
     larger montage); returns None otherwise. For SerialEM montages taken by stage moves the
     positions are the stage coordinates at each piece's centre.
     """
-    from drivers.base import image_centre_px
+    from drivers.geometry import image_centre_px
 
     known = [p for p in montage.pieces if p.stage_xy_um is not None]
     if len(known) < 3:

@@ -11,7 +11,7 @@ are stage coordinates (um), like `StageXYZ`.
 
 `MapScaleMat = a b c d` maps a stage offset from the map's centre stage position to a map-pixel
 offset from the map's centre: `px = a*dx + b*dy`, `py = c*dx + d*dy` (this is how SerialEM and
-`pyserialem` use it). For an image whose pixel -> stage matrix is `A` (drivers.base convention,
+`pyserialem` use it). For an image whose pixel -> stage matrix is `A` (drivers.geometry convention,
 um per pixel) that is `inv(A)`, see `scale_mat_from_matrix_um_per_px`.
 
 Writes are atomic (temporary file + rename): a reader never sees half a file.
@@ -246,7 +246,7 @@ def map_item_from_transform(
     **kwargs: Any,
 ) -> NavItem:
     """A map item for an image (or mosaic) of `shape_px` (rows, cols) whose pixel -> stage mapping is
-    `stage_um = stage_xy_um + A @ (pixel - centre)` (drivers.base convention, A = `matrix_um_per_px`).
+    `stage_um = stage_xy_um + A @ (pixel - centre)` (drivers.geometry convention, A = `matrix_um_per_px`).
 
     E.g. with `drivers.formats.montage.fit_stage_transform(montage)`: `map_item_from_transform(
     "atlas", "atlas.mrc", 1, fit.shape_px, fit.stage_xy_um, fit.matrix_um_per_px)`. Points drawn on it
