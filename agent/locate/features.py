@@ -41,6 +41,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -131,10 +132,33 @@ def _moments_to_features(
     shape = np.shape(s1)
     if scratch is None or scratch["m1"].shape != shape:
         scratch = _new_scratch(shape)
+    _spread_features(n, s1, s2, s3, s4, sg, vmin, vmax, ref, scratch)
+    _shape_features(vmin, vmax, scratch)
+    np.copyto(out, np.moveaxis(scratch["feat"], 0, -1))
+
+
+def _spread_features(
+    n: np.ndarray,
+    s1: np.ndarray,
+    s2: np.ndarray,
+    s3: np.ndarray,
+    s4: np.ndarray,
+    sg: np.ndarray,
+    vmin: np.ndarray,
+    vmax: np.ndarray,
+    ref: float,
+    scratch: dict[str, np.ndarray],
+) -> None:
+    """First stage of `_moments_to_features`: raw moments and the features of location and spread.
+
+    Fills the feature rows mean (image units), std, rel_std and grad_energy of `scratch["feat"]`, and
+    leaves in `scratch` what `_shape_features` needs: the raw moments m1, e2, e3, e4 of the centred values
+    (`m1`, `e2`, `e3`, `e4`), ``a = m1**2``, `ok` (higher moments reliable, see the module docstring) and
+    `v`, the variance made a safe denominator (1 added where unreliable).
+    """
     inv, m1, e2, e3, e4 = scratch["inv"], scratch["m1"], scratch["e2"], scratch["e3"], scratch["e4"]
     a, b, var, ok, flat = scratch["a"], scratch["b"], scratch["v"], scratch["ok"], scratch["flat"]
-    feat = scratch["feat"]
-    f_mean, f_std, f_rel, f_skew, f_kurt, f_mode, f_range, f_grad, f_lag = feat
+    f_mean, f_std, f_rel, _skew, _kurt, _mode, _range, f_grad, _lag = scratch["feat"]
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         np.divide(1.0, n, out=inv)
         np.multiply(s1, inv, out=m1)
@@ -164,6 +188,19 @@ def _moments_to_features(
         f_rel *= flat
         np.logical_not(ok, out=flat)  # flat = unreliable
         var += flat  # a safe denominator; unreliable results are zeroed below
+
+
+def _shape_features(vmin: np.ndarray, vmax: np.ndarray, scratch: dict[str, np.ndarray]) -> None:
+    """Second stage of `_moments_to_features`: the features of the distribution's shape.
+
+    From what `_spread_features` left in `scratch`, fills the feature rows skewness, kurtosis (excess) and
+    lag1_corr (all dimensionless, 0 where the higher moments are unreliable), mode (image units) and
+    range (image units, from `vmin` and `vmax`) of `scratch["feat"]`. Overwrites `a`, `b` and `inv`.
+    """
+    inv, m1, e2, e3, e4 = scratch["inv"], scratch["m1"], scratch["e2"], scratch["e3"], scratch["e4"]
+    a, b, var, ok = scratch["a"], scratch["b"], scratch["v"], scratch["ok"]
+    f_mean, f_std, _rel_std, f_skew, f_kurt, f_mode, f_range, f_grad, f_lag = scratch["feat"]
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         # mu3 = e3 - m1 * (3 e2 - 2 m1^2); skewness = mu3 / var^1.5
         np.multiply(e2, 3.0, out=b)
         np.multiply(a, 2.0, out=inv)
@@ -198,7 +235,6 @@ def _moments_to_features(
         a += f_mean
         np.clip(a, vmin, vmax, out=f_mode)
         np.subtract(vmax, vmin, out=f_range)
-    np.copyto(out, np.moveaxis(feat, 0, -1))
 
 
 def _gradient_energy(block: np.ndarray, next_row: np.ndarray | None, out: np.ndarray, tmp: np.ndarray) -> None:
@@ -444,97 +480,202 @@ def window_features(
     # from cumulative sums along the row; min and max use a sparse table of power-of-two windows.
     chunk_out = max(1, 64 // stride_px)
     chunks = [(i, min(i + chunk_out, n_out_r)) for i in range(0, n_out_r, chunk_out)]
-    max_in = (chunk_out - 1) * stride_px + window_px
-    n_q = 5  # d, d**2, d**3, d**4, gradient energy
-    sub_rows = max(1, 16384 // n_out_c)
-
-    def work(my_chunks: list[tuple[int, int]]) -> None:
-        block = np.empty((max_in + 1, width), dtype=np.float64)
-        q = np.empty((max_in, n_q, width), dtype=np.float64)
-        tmp = np.empty((max_in, width), dtype=np.float64)
-        vert = np.empty((chunk_out, n_q, width), dtype=np.float64)
-        csum = np.zeros((chunk_out, n_q, width + 1 + 2 * half), dtype=np.float64)
-        sums_buf = np.empty((n_q, chunk_out, n_out_c), dtype=np.float64)
-        vmin_buf = np.empty((chunk_out, n_out_c), dtype=np.float64)
-        vmax_buf = np.empty((chunk_out, n_out_c), dtype=np.float64)
-        scratches: dict[tuple[int, int], dict[str, np.ndarray]] = {}
-        for i0, i1 in my_chunks:
-            rows_c = centres_r[i0:i1]
-            n_rows = i1 - i0
-            in0 = max(0, int(rows_c[0]) - half)
-            in1 = min(height, int(rows_c[-1]) + half + 1)
-            n_in = in1 - in0
-            with_next = in1 < height
-            d_ext = block[: n_in + 1] if with_next else block[:n_in]
-            np.subtract(image[in0 : in1 + 1] if with_next else image[in0:in1], ref, out=d_ext, casting="unsafe")
-            d = block[:n_in]
-            qq = q[:n_in]
-            qq[:, 0] = d
-            np.multiply(d, d, out=qq[:, 1])
-            np.multiply(qq[:, 1], d, out=qq[:, 2])
-            np.multiply(qq[:, 1], qq[:, 1], out=qq[:, 3])
-            _gradient_energy(d, block[n_in] if with_next else None, qq[:, 4], tmp[:n_in])
-            # vertical running sums at the centre rows
-            v = vert[:n_rows]
-            local = rows_c - in0
-            lo_r = np.clip(rows_c - half, 0, height) - in0
-            hi_r = np.clip(rows_c + half + 1, 0, height) - in0
-            if stride_px >= window_px:
-                for k in range(n_rows):
-                    qq[lo_r[k] : hi_r[k]].sum(axis=0, out=v[k])
-            else:
-                qq[lo_r[0] : hi_r[0]].sum(axis=0, out=v[0])
-                for k in range(1, n_rows):
-                    np.copyto(v[k], v[k - 1])
-                    add0, add1 = hi_r[k - 1], hi_r[k]
-                    sub0, sub1 = lo_r[k - 1], lo_r[k]
-                    if add1 - add0 == 1:
-                        v[k] += qq[add0]
-                    elif add1 > add0:
-                        v[k] += qq[add0:add1].sum(axis=0)
-                    if sub1 - sub0 == 1:
-                        v[k] -= qq[sub0]
-                    elif sub1 > sub0:
-                        v[k] -= qq[sub0:sub1].sum(axis=0)
-            # horizontal sums from cumulative sums (left pad of zeros, right pad repeating the total)
-            cs = csum[:n_rows]
-            np.cumsum(v, axis=2, out=cs[:, :, half + 1 : half + 1 + width])
-            cs[:, :, half + 1 + width :] = cs[:, :, half + width : half + width + 1]
-            window_sums = sums_buf[:, :n_rows]
-            np.subtract(
-                cs[:, :, 2 * half + 1 : 2 * half + 1 + width : stride_px],
-                cs[:, :, 0:width:stride_px],
-                out=window_sums.transpose(1, 0, 2),
-            )
-            counts = (hi_r - lo_r).astype(np.float64)[:, None] * count_c[None, :]
-            raw = image[in0:in1]
-            vmin, vmax = vmin_buf[:n_rows], vmax_buf[:n_rows]
-            vmin[...] = _sliding_extreme(raw, window_px, np.minimum, centres_c, local)
-            vmax[...] = _sliding_extreme(raw, window_px, np.maximum, centres_c, local)
-            # assemble in sub-blocks small enough for the CPU cache
-            for j0 in range(0, n_rows, sub_rows):
-                j1 = min(j0 + sub_rows, n_rows)
-                shape = (j1 - j0, n_out_c)
-                if shape not in scratches:
-                    scratches[shape] = _new_scratch(shape)
-                _moments_to_features(
-                    counts[j0:j1],
-                    window_sums[0, j0:j1],
-                    window_sums[1, j0:j1],
-                    window_sums[2, j0:j1],
-                    window_sums[3, j0:j1],
-                    window_sums[4, j0:j1],
-                    vmin[j0:j1],
-                    vmax[j0:j1],
-                    ref,
-                    out[i0 + j0 : i0 + j1],
-                    scratches[shape],
-                )
-
+    plan = _WindowPlan(image, window_px, stride_px, centres_r, centres_c, count_c, ref, out, chunk_out)
     n_threads = _n_threads()
     parts = [chunks[k::n_threads] for k in range(n_threads)]
-    _run_parallel([(lambda part=part: work(part)) for part in parts if part])
+    _run_parallel([(lambda part=part: _window_chunks(plan, part)) for part in parts if part])
     return out, FEATURE_NAMES
+
+
+#: Quantities summed over each window: d, d**2, d**3, d**4 (d = pixel - reference) and gradient energy.
+_N_WINDOW_SUMS = 5
+
+
+@dataclass(frozen=True)
+class _WindowPlan:
+    """What every chunk of one `window_features` call shares (lengths in pixels).
+
+    `centres_r` / `centres_c`: the output's window centre rows / columns (px; rows already cut to
+    `row_range`); `count_c`: pixels inside the image per window along a row, per output column (float64);
+    `ref`: the centring reference (image units); `out`: the output array the chunks fill; `chunk_out`:
+    output rows per chunk.
+    """
+
+    image: np.ndarray
+    window_px: int
+    stride_px: int
+    centres_r: np.ndarray
+    centres_c: np.ndarray
+    count_c: np.ndarray
+    ref: float
+    out: np.ndarray
+    chunk_out: int
+
+    @property
+    def half(self) -> int:
+        """Pixels on each side of a window's centre."""
+        return self.window_px // 2
+
+    @property
+    def max_in(self) -> int:
+        """Most input rows a chunk needs."""
+        return (self.chunk_out - 1) * self.stride_px + self.window_px
+
+    @property
+    def sub_rows(self) -> int:
+        """Output rows per call of `_moments_to_features` (a block small enough for the CPU cache)."""
+        return max(1, 16384 // len(self.centres_c))
+
+
+@dataclass(frozen=True)
+class _WindowBuffers:
+    """One thread's re-used buffers for `_window_chunk` (float64 unless said; contents change per chunk).
+
+    `block` (max_in + 1, width): centred input rows plus the row below; `q` (max_in, 5, width): the summed
+    quantities per pixel; `tmp`: scratch for the gradient; `vert` (chunk_out, 5, width): vertical window
+    sums at the centre rows; `csum`: their cumulative sums along the row, padded by `half` on each side;
+    `sums` (5, chunk_out, n_out_c): the window sums; `vmin` / `vmax` (chunk_out, n_out_c): window extremes;
+    `scratches`: `_new_scratch` buffers per block shape.
+    """
+
+    block: np.ndarray
+    q: np.ndarray
+    tmp: np.ndarray
+    vert: np.ndarray
+    csum: np.ndarray
+    sums: np.ndarray
+    vmin: np.ndarray
+    vmax: np.ndarray
+    scratches: dict[tuple[int, int], dict[str, np.ndarray]]
+
+    @classmethod
+    def allocate(cls, plan: _WindowPlan) -> _WindowBuffers:
+        """Buffers sized for the largest chunk of `plan`."""
+        width, n_q, n_out_c = plan.image.shape[1], _N_WINDOW_SUMS, len(plan.centres_c)
+        return cls(
+            block=np.empty((plan.max_in + 1, width), dtype=np.float64),
+            q=np.empty((plan.max_in, n_q, width), dtype=np.float64),
+            tmp=np.empty((plan.max_in, width), dtype=np.float64),
+            vert=np.empty((plan.chunk_out, n_q, width), dtype=np.float64),
+            csum=np.zeros((plan.chunk_out, n_q, width + 1 + 2 * plan.half), dtype=np.float64),
+            sums=np.empty((n_q, plan.chunk_out, n_out_c), dtype=np.float64),
+            vmin=np.empty((plan.chunk_out, n_out_c), dtype=np.float64),
+            vmax=np.empty((plan.chunk_out, n_out_c), dtype=np.float64),
+            scratches={},
+        )
+
+
+def _window_chunks(plan: _WindowPlan, my_chunks: list[tuple[int, int]]) -> None:
+    """Compute the output rows of `my_chunks` ((i0, i1) output row ranges) in one thread."""
+    buffers = _WindowBuffers.allocate(plan)
+    for i0, i1 in my_chunks:
+        _window_chunk(plan, buffers, i0, i1)
+
+
+def _window_chunk(plan: _WindowPlan, buffers: _WindowBuffers, i0: int, i1: int) -> None:
+    """Fill output rows i0..i1-1 of `plan.out`: per-pixel quantities of the chunk's input rows, their
+    vertical then horizontal window sums, the window extremes, then the features."""
+    height = plan.image.shape[0]
+    half = plan.half
+    rows_c = plan.centres_r[i0:i1]
+    n_rows = i1 - i0
+    in0 = max(0, int(rows_c[0]) - half)
+    in1 = min(height, int(rows_c[-1]) + half + 1)
+    qq = _pixel_quantities(plan, buffers, in0, in1)
+    # vertical running sums at the centre rows
+    v = buffers.vert[:n_rows]
+    local = rows_c - in0
+    lo_r = np.clip(rows_c - half, 0, height) - in0
+    hi_r = np.clip(rows_c + half + 1, 0, height) - in0
+    _vertical_window_sums(qq, lo_r, hi_r, v, running=plan.stride_px < plan.window_px)
+    window_sums = _horizontal_window_sums(plan, buffers, v)
+    counts = (hi_r - lo_r).astype(np.float64)[:, None] * plan.count_c[None, :]
+    raw = plan.image[in0:in1]
+    vmin, vmax = buffers.vmin[:n_rows], buffers.vmax[:n_rows]
+    vmin[...] = _sliding_extreme(raw, plan.window_px, np.minimum, plan.centres_c, local)
+    vmax[...] = _sliding_extreme(raw, plan.window_px, np.maximum, plan.centres_c, local)
+    # assemble in sub-blocks small enough for the CPU cache
+    n_out_c = len(plan.centres_c)
+    for j0 in range(0, n_rows, plan.sub_rows):
+        j1 = min(j0 + plan.sub_rows, n_rows)
+        shape = (j1 - j0, n_out_c)
+        if shape not in buffers.scratches:
+            buffers.scratches[shape] = _new_scratch(shape)
+        _moments_to_features(
+            counts[j0:j1],
+            window_sums[0, j0:j1],
+            window_sums[1, j0:j1],
+            window_sums[2, j0:j1],
+            window_sums[3, j0:j1],
+            window_sums[4, j0:j1],
+            vmin[j0:j1],
+            vmax[j0:j1],
+            plan.ref,
+            plan.out[i0 + j0 : i0 + j1],
+            buffers.scratches[shape],
+        )
+
+
+def _pixel_quantities(plan: _WindowPlan, buffers: _WindowBuffers, in0: int, in1: int) -> np.ndarray:
+    """Per-pixel d, d**2, d**3, d**4 (d = pixel - `plan.ref`, image units) and gradient energy of input
+    rows in0..in1-1, as a view (in1 - in0, 5, width) of `buffers.q`."""
+    height = plan.image.shape[0]
+    block = buffers.block
+    n_in = in1 - in0
+    with_next = in1 < height
+    d_ext = block[: n_in + 1] if with_next else block[:n_in]
+    np.subtract(plan.image[in0 : in1 + 1] if with_next else plan.image[in0:in1], plan.ref, out=d_ext, casting="unsafe")
+    d = block[:n_in]
+    qq = buffers.q[:n_in]
+    qq[:, 0] = d
+    np.multiply(d, d, out=qq[:, 1])
+    np.multiply(qq[:, 1], d, out=qq[:, 2])
+    np.multiply(qq[:, 1], qq[:, 1], out=qq[:, 3])
+    _gradient_energy(d, block[n_in] if with_next else None, qq[:, 4], buffers.tmp[:n_in])
+    return qq
+
+
+def _vertical_window_sums(qq: np.ndarray, lo_r: np.ndarray, hi_r: np.ndarray, v: np.ndarray, *, running: bool) -> None:
+    """Sums of `qq` over the input rows lo_r[k]..hi_r[k]-1 of each centre row k, into `v[k]`.
+
+    `running` (windows overlap: stride < window): each sum is the previous one plus the rows entering and
+    minus the rows leaving the window; otherwise every window is summed on its own.
+    """
+    n_rows = len(v)
+    if not running:
+        for k in range(n_rows):
+            qq[lo_r[k] : hi_r[k]].sum(axis=0, out=v[k])
+        return
+    qq[lo_r[0] : hi_r[0]].sum(axis=0, out=v[0])
+    for k in range(1, n_rows):
+        np.copyto(v[k], v[k - 1])
+        add0, add1 = hi_r[k - 1], hi_r[k]
+        sub0, sub1 = lo_r[k - 1], lo_r[k]
+        if add1 - add0 == 1:
+            v[k] += qq[add0]
+        elif add1 > add0:
+            v[k] += qq[add0:add1].sum(axis=0)
+        if sub1 - sub0 == 1:
+            v[k] -= qq[sub0]
+        elif sub1 > sub0:
+            v[k] -= qq[sub0:sub1].sum(axis=0)
+
+
+def _horizontal_window_sums(plan: _WindowPlan, buffers: _WindowBuffers, v: np.ndarray) -> np.ndarray:
+    """Window sums (5, n_rows, n_out_c), a view of `buffers.sums`, from the vertical sums `v` (n_rows, 5,
+    width): differences of cumulative sums (left pad of zeros, right pad repeating the total)."""
+    half, width, stride_px = plan.half, plan.image.shape[1], plan.stride_px
+    n_rows = len(v)
+    cs = buffers.csum[:n_rows]
+    np.cumsum(v, axis=2, out=cs[:, :, half + 1 : half + 1 + width])
+    cs[:, :, half + 1 + width :] = cs[:, :, half + width : half + width + 1]
+    window_sums = buffers.sums[:, :n_rows]
+    np.subtract(
+        cs[:, :, 2 * half + 1 : 2 * half + 1 + width : stride_px],
+        cs[:, :, 0:width:stride_px],
+        out=window_sums.transpose(1, 0, 2),
+    )
+    return window_sums
 
 
 def iter_window_features(
