@@ -26,25 +26,13 @@ from typing import Any, Protocol
 
 import zmq
 
+from drivers.network import require_loopback
+
 logger = logging.getLogger(__name__)
 
 EventListener = Callable[[str, dict[str, Any]], None]
 
 TOPICS = ("state", "progress", "target", "journal", "atlas", "prompt", "summary")
-
-
-def check_loopback(endpoint: str) -> None:
-    """Raise ValueError unless `endpoint` is on the loopback interface (or ipc/inproc); the test is the
-    bridge's own (`drivers.zmq_bridge.is_loopback_endpoint`)."""
-    from drivers.base import BridgeError
-    from drivers.zmq_bridge import is_loopback_endpoint
-
-    try:
-        loopback = is_loopback_endpoint(endpoint)
-    except BridgeError as exc:
-        raise ValueError(str(exc)) from exc
-    if not loopback:
-        raise ValueError(f"refusing to bind {endpoint}: only loopback is allowed here; reach it through an SSH tunnel")
 
 
 class EventBus:
@@ -58,7 +46,7 @@ class EventBus:
         self.endpoint: str | None = None
         self.history: dict[str, dict[str, Any]] = {}
         if endpoint is not None:
-            check_loopback(endpoint)
+            require_loopback(endpoint, "the event publisher")
             context = zmq.Context.instance()
             self._socket = context.socket(zmq.PUB)
             self._socket.setsockopt(zmq.LINGER, 0)
@@ -126,7 +114,7 @@ class ControlServer:
     def __init__(
         self, target: Controllable, endpoint: str = "tcp://127.0.0.1:0", info: dict[str, Any] | None = None
     ) -> None:
-        check_loopback(endpoint)
+        require_loopback(endpoint, "the control server")
         self._target = target
         self.info: dict[str, Any] = dict(info or {})
         self._context = zmq.Context.instance()

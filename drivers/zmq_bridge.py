@@ -2,7 +2,10 @@
 
 `BridgeServer(microscope, endpoint)` serves any `drivers.base.Microscope` on a ROUTER socket;
 `BridgeClient(endpoint)` is itself a `Microscope`, so the agent cannot tell a local simulator from a
-remote instrument. The wire format is in `drivers.protocol`.
+remote instrument. The wire format is in `drivers.protocol`. The server's parts have modules of their
+own: `drivers.bridge_calls` (running one call, the handshake), `drivers.bridge_replies` (the memory behind
+at-most-once execution), `drivers.bridge_events` (state-change events, both sides) and
+`drivers.network` (the loopback rule).
 
 Concurrency model of the server
 -------------------------------
@@ -47,23 +50,18 @@ handshake and never reach the request handler.
 from __future__ import annotations
 
 import contextlib
-import itertools
-import json
 import logging
-import math
 import os
 import threading
 import time
 import uuid
-from collections import Counter, OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
 import zmq
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ValidationError
 from zmq.utils.monitor import recv_monitor_message
 
 from drivers.auth import (
@@ -87,6 +85,10 @@ from drivers.base import (
     StageLimits,
     StagePosition,
 )
+from drivers.bridge_calls import CallRunner, HelloResult, ServerStats, error_reply
+from drivers.bridge_events import TOPICS, BridgeEventSubscriber, StatePublisher
+from drivers.bridge_replies import ReplyMemory
+from drivers.network import is_loopback_endpoint
 from drivers.protocol import (
     DEFAULT_MAX_ARRAY_BYTES,
     HELLO_METHOD,
@@ -94,16 +96,12 @@ from drivers.protocol import (
     PROTOCOL_VERSION,
     MalformedMessageError,
     MethodSpec,
-    ReplyHeader,
     RequestHeader,
     decode_reply,
     decode_request,
     decode_value,
-    encode_arrays,
     encode_header,
-    encode_value,
     error_from_wire,
-    error_to_wire,
     new_request,
     peek_request_id,
     validate_params,
@@ -120,64 +118,7 @@ DEFAULT_MAX_REQUEST_BYTES = 1024 * 1024
 #: Default time limit of quick calls (status queries), seconds.
 DEFAULT_STATUS_TIMEOUT_S = 5.0
 
-#: How many request ids of non-idempotent calls the server remembers (ids only, after replies are evicted).
-_SEEN_IDS = 100_000
-
-_LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
-
 T = TypeVar("T")
-
-
-def is_loopback_endpoint(endpoint: str) -> bool:
-    """True if `endpoint` is reachable from this computer only (tcp on 127.x/::1/localhost, ipc, inproc).
-
-    Raises `BridgeError` for an endpoint that is not `tcp://HOST:PORT`, `ipc://...` or `inproc://...`.
-    """
-    scheme, sep, rest = endpoint.partition("://")
-    if not sep:
-        raise BridgeError(f"endpoint {endpoint!r} is not of the form tcp://HOST:PORT")
-    if scheme in ("ipc", "inproc"):
-        return True
-    if scheme != "tcp":
-        raise BridgeError(f"endpoint {endpoint!r}: only tcp://, ipc:// and inproc:// are supported")
-    host, colon, port = rest.rpartition(":")
-    if not colon or not host or not port:
-        raise BridgeError(f"endpoint {endpoint!r} is not of the form tcp://HOST:PORT")
-    return host in _LOOPBACK_HOSTS or host.startswith("127.")
-
-
-class HelloResult(BaseModel):
-    """The server's answer to the handshake."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    protocol_version: int
-    server_id: str
-    info: MicroscopeInfo
-    event_endpoint: str | None = None
-    methods: tuple[str, ...]
-    curve: bool = False
-
-
-@dataclass
-class _Job:
-    """One call being executed for one or more identical requests (same request id)."""
-
-    job_id: int
-    request_id: uuid.UUID
-    destinations: list[bytes]
-    cacheable: bool
-
-
-@dataclass
-class ServerStats:
-    """Counters of a running server (for tests, logs and `bridge ping`)."""
-
-    requests: int = 0
-    errors: int = 0
-    replayed: int = 0
-    dropped: int = 0
-    executed: Counter[str] = field(default_factory=Counter)
 
 
 class BridgeServer:
@@ -218,36 +159,13 @@ class BridgeServer:
         self._microscope = microscope
         self._requested_endpoint = endpoint
         self._requested_event_endpoint = event_endpoint
-        self._curve_keys: CurveKeyPair | None = None
-        self._allowed: frozenset[bytes] = frozenset()
-        if curve is not None:
-            self._curve_keys = curve if isinstance(curve, CurveKeyPair) else CurveKeyPair.load(curve, name=None)
-            if self._curve_keys.secret is None:
-                raise AuthenticationError("the server CURVE key pair has no secret key; pass the .key_secret file")
-            self._allowed = load_allow_list(allowed_client_keys or ())
-            if not self._allowed:
-                raise AuthenticationError(
-                    "CURVE needs an allow-list of client public keys (allowed_client_keys / --allow KEYFILE)"
-                )
-        elif allowed_client_keys:
-            raise AuthenticationError("an allow-list of client keys needs CURVE server keys (curve=...)")
-        for ep in (endpoint, event_endpoint):
-            if ep is not None and not is_loopback_endpoint(ep) and self._curve_keys is None:
-                raise BridgeError(
-                    f"refusing to bind {ep}: binding anything but loopback (127.0.0.1) requires CURVE keys and "
-                    "an allow-list of clients (create keys with `crystal-locator bridge keys --out DIR`)"
-                )
+        self._curve_keys, self._allowed = _server_security(curve, allowed_client_keys, (endpoint, event_endpoint))
         self._max_message_bytes = int(max_message_bytes)
         self._read_workers = int(read_workers)
         self._max_pending = int(max_pending)
-        self._reply_cache_size = int(reply_cache_size)
-        self._reply_cache_bytes = int(reply_cache_bytes)
         self._event_poll_s = float(event_poll_s)
-        self._event_snapshot_s = float(event_snapshot_s)
-        self._last_snapshot_s = -math.inf
         self.server_id = uuid.uuid4().hex
         self.stats = ServerStats()
-        self._stats_lock = threading.Lock()
         self._endpoint: str | None = None
         self._event_endpoint: str | None = None
         self._context: zmq.Context | None = None
@@ -256,16 +174,13 @@ class BridgeServer:
         self._stopping = threading.Event()
         self._push_lock = threading.Lock()
         self._push: zmq.Socket | None = None
-        self._state_lock = threading.Lock()
-        self._last_state: dict[str, Any] = {}
-        self._event_seq = itertools.count(1)
-        self._snapshot_running = threading.Event()
-        self._job_ids = itertools.count(1)
-        self._jobs: dict[int, _Job] = {}
-        self._inflight: dict[uuid.UUID, _Job] = {}
-        self._reply_cache: OrderedDict[uuid.UUID, tuple[list[Any], int]] = OrderedDict()
-        self._reply_cache_total = 0
-        self._seen_ids: OrderedDict[uuid.UUID, None] = OrderedDict()
+        self._events = (
+            StatePublisher(microscope, self.server_id, self._push_parts, event_snapshot_s)
+            if event_endpoint is not None
+            else None
+        )
+        self._memory = ReplyMemory(reply_cache_size, reply_cache_bytes)
+        self._calls: CallRunner | None = None
         self._pools: dict[str, ThreadPoolExecutor] = {}
 
     # lifecycle ------------------------------------------------------------------------------------
@@ -293,35 +208,17 @@ class BridgeServer:
         context = zmq.Context()
         self._context = context
         try:
-            if self._curve_keys is not None:
-                self._authenticator = AllowListAuthenticator(context, self._allowed)
-                self._authenticator.start()
-            router = context.socket(zmq.ROUTER)
-            router.linger = 0
-            router.setsockopt(zmq.MAXMSGSIZE, self._max_message_bytes)
-            if self._curve_keys is not None:
-                configure_curve_server(router, self._curve_keys)
-            self._endpoint = self._bind(router, self._requested_endpoint)
-            publisher = None
-            if self._requested_event_endpoint is not None:
-                publisher = context.socket(zmq.PUB)
-                publisher.linger = 0
-                if self._curve_keys is not None:
-                    configure_curve_server(publisher, self._curve_keys)
-                self._event_endpoint = self._bind(publisher, self._requested_event_endpoint)
-            pull = context.socket(zmq.PULL)
-            pull.linger = 0
-            pull.rcvhwm = 0
-            inproc = f"inproc://bridge-replies-{self.server_id}"
-            pull.bind(inproc)
-            push = context.socket(zmq.PUSH)
-            push.linger = 0
-            push.sndhwm = 0
-            push.connect(inproc)
-            self._push = push
+            router, pull, publisher = self._open_sockets(context)
         except BaseException:
             self._teardown_context()
             raise
+        self._calls = CallRunner(
+            self._microscope,
+            self.server_id,
+            self.stats,
+            event_endpoint=self._event_endpoint,
+            curve=self._curve_keys is not None,
+        )
         self._pools = {
             "read": ThreadPoolExecutor(self._read_workers, thread_name_prefix="bridge-read"),
             "control": ThreadPoolExecutor(1, thread_name_prefix="bridge-control"),
@@ -335,12 +232,36 @@ class BridgeServer:
                     self._endpoint, self._event_endpoint, self._curve_keys is not None)
         return self
 
-    def _bind(self, socket: zmq.Socket, endpoint: str) -> str:
-        try:
-            socket.bind(endpoint)
-        except zmq.ZMQError as exc:
-            raise BridgeError(f"cannot bind {endpoint}: {exc}. Is another server running there?") from exc
-        return socket.getsockopt(zmq.LAST_ENDPOINT).decode("ascii")
+    def _open_sockets(self, context: zmq.Context) -> tuple[zmq.Socket, zmq.Socket, zmq.Socket | None]:
+        """Bind the ROUTER (requests) and, with events, the PUB socket; connect the inproc PUSH -> PULL
+        pair that carries replies and events from the worker threads to the I/O thread."""
+        if self._curve_keys is not None:
+            self._authenticator = AllowListAuthenticator(context, self._allowed)
+            self._authenticator.start()
+        router = context.socket(zmq.ROUTER)
+        router.linger = 0
+        router.setsockopt(zmq.MAXMSGSIZE, self._max_message_bytes)
+        if self._curve_keys is not None:
+            configure_curve_server(router, self._curve_keys)
+        self._endpoint = _bind(router, self._requested_endpoint)
+        publisher = None
+        if self._requested_event_endpoint is not None:
+            publisher = context.socket(zmq.PUB)
+            publisher.linger = 0
+            if self._curve_keys is not None:
+                configure_curve_server(publisher, self._curve_keys)
+            self._event_endpoint = _bind(publisher, self._requested_event_endpoint)
+        pull = context.socket(zmq.PULL)
+        pull.linger = 0
+        pull.rcvhwm = 0
+        inproc = f"inproc://bridge-replies-{self.server_id}"
+        pull.bind(inproc)
+        push = context.socket(zmq.PUSH)
+        push.linger = 0
+        push.sndhwm = 0
+        push.connect(inproc)
+        self._push = push
+        return router, pull, publisher
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Stop serving: no new calls start, the sockets close. A running instrument call finishes on its own."""
@@ -383,40 +304,21 @@ class BridgeServer:
             while not self._stopping.is_set():
                 events = dict(poller.poll(50))
                 if pull in events:
-                    self._drain(pull, lambda parts: self._on_worker_message(router, publisher, parts))
+                    _drain(pull, lambda parts: self._on_worker_message(router, publisher, parts))
                 if router in events:
-                    self._drain(router, lambda parts: self._on_request(router, parts))
-                if publisher is not None and time.monotonic() >= next_poll_s:
+                    _drain(router, lambda parts: self._on_request(router, parts))
+                if self._events is not None and time.monotonic() >= next_poll_s:
                     next_poll_s = time.monotonic() + self._event_poll_s
-                    self._schedule_snapshot()
+                    self._events.schedule_poll(self._pools["read"].submit)
         finally:
             router.close(linger=0)
             pull.close(linger=0)
             if publisher is not None:
                 publisher.close(linger=0)
 
-    def _drain(self, socket: zmq.Socket, handle: Any, limit: int = 64) -> None:
-        for _ in range(limit):
-            try:
-                parts = socket.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            try:
-                handle(parts)
-            except Exception:  # the server must survive anything a message does
-                logger.exception("bridge: unexpected error while handling a message; continuing")
-
     def _send_error(self, router: zmq.Socket, identity: bytes, request_id: uuid.UUID | None, exc: Exception) -> None:
-        with self._stats_lock:
-            self.stats.errors += 1
-        header = ReplyHeader(
-            protocol_version=PROTOCOL_VERSION,
-            request_id=request_id,
-            server_id=self.server_id,
-            ok=False,
-            error=error_to_wire(exc),
-        )
-        router.send_multipart([identity, b"", encode_header(header)])
+        self.stats.count_error()
+        router.send_multipart([identity, b"", encode_header(error_reply(request_id, self.server_id, exc))])
 
     def _on_request(self, router: zmq.Socket, parts: list[zmq.Frame]) -> None:
         self.stats.requests += 1
@@ -436,45 +338,45 @@ class BridgeServer:
             self._send_error(router, identity, request_id, exc)
             return
         assert spec is not None
-        request_id = header.request_id
         cacheable = not (spec.idempotent and header.idempotent)
-        if cacheable:
-            cached = self._reply_cache.get(request_id)
-            if cached is not None:
-                self.stats.replayed += 1
-                logger.info("bridge: replaying the stored reply of %s %s", header.method, request_id)
-                router.send_multipart([identity, *cached[0]], copy=False)
-                return
-            running = self._inflight.get(request_id)
-            if running is not None:
-                self.stats.replayed += 1
-                running.destinations.append(identity)
-                return
-            if request_id in self._seen_ids:
-                self._send_error(router, identity, request_id, BridgeError(
-                    f"{header.method} was resent so late that its stored reply has been discarded; it was NOT run "
-                    "again. Check the instrument state (e.g. get_stage) and call again."
-                ))
-                return
-            if header.server_id is not None and header.server_id != self.server_id:
-                self._send_error(router, identity, request_id, BridgeError(
-                    f"{header.method} was resent after a timeout, but the server has restarted since it was first "
-                    "sent; it was NOT run again. Check the instrument state (e.g. get_stage) and call again."
-                ))
-                return
-        if len(self._jobs) >= self._max_pending:
-            self._send_error(router, identity, request_id, BridgeError(
-                f"the bridge server is busy ({len(self._jobs)} calls pending); try again later"
+        if cacheable and self._answer_resend(router, identity, header):
+            return
+        if len(self._memory.jobs) >= self._max_pending:
+            self._send_error(router, identity, header.request_id, BridgeError(
+                f"the bridge server is busy ({len(self._memory.jobs)} calls pending); try again later"
             ))
             return
-        job = _Job(next(self._job_ids), request_id, [identity], cacheable)
-        self._jobs[job.job_id] = job
-        if cacheable:
-            self._inflight[request_id] = job
-            self._seen_ids[request_id] = None
-            while len(self._seen_ids) > _SEEN_IDS:
-                self._seen_ids.popitem(last=False)
-        self._pools[spec.kind].submit(self._run_job, job.job_id, spec, params, request_id)
+        job = self._memory.start(header.request_id, identity, cacheable)
+        self._pools[spec.kind].submit(self._run_job, job.job_id, spec, params, header.request_id)
+
+    def _answer_resend(self, router: zmq.Socket, identity: bytes, header: RequestHeader) -> bool:
+        """Answer a resend of a non-idempotent call without running it again: replay its stored reply,
+        attach to the running call, or refuse it. False when the request is new (run it)."""
+        request_id = header.request_id
+        stored = self._memory.stored_reply(request_id)
+        if stored is not None:
+            self.stats.replayed += 1
+            logger.info("bridge: replaying the stored reply of %s %s", header.method, request_id)
+            router.send_multipart([identity, *stored], copy=False)
+            return True
+        running = self._memory.running(request_id)
+        if running is not None:
+            self.stats.replayed += 1
+            running.destinations.append(identity)
+            return True
+        if self._memory.was_seen(request_id):
+            self._send_error(router, identity, request_id, BridgeError(
+                f"{header.method} was resent so late that its stored reply has been discarded; it was NOT run "
+                "again. Check the instrument state (e.g. get_stage) and call again."
+            ))
+            return True
+        if header.server_id is not None and header.server_id != self.server_id:
+            self._send_error(router, identity, request_id, BridgeError(
+                f"{header.method} was resent after a timeout, but the server has restarted since it was first "
+                "sent; it was NOT run again. Check the instrument state (e.g. get_stage) and call again."
+            ))
+            return True
+        return False
 
     def _on_worker_message(self, router: zmq.Socket, publisher: zmq.Socket | None, parts: list[zmq.Frame]) -> None:
         kind = parts[0].bytes
@@ -482,22 +384,13 @@ class BridgeServer:
             if publisher is not None:
                 publisher.send_multipart([parts[1], parts[2]], copy=False)
             return
-        job = self._jobs.pop(int(parts[1].bytes.decode("ascii")), None)
+        job = self._memory.finish(int(parts[1].bytes.decode("ascii")))
         if job is None:  # pragma: no cover - cannot happen: every job id comes from _on_request
             return
         reply = [b"", *parts[2:]]
         for identity in job.destinations:
             router.send_multipart([identity, *reply], copy=False)
-        if job.cacheable:
-            self._inflight.pop(job.request_id, None)
-            size = sum(len(p) for p in reply)
-            self._reply_cache[job.request_id] = (reply, size)
-            self._reply_cache_total += size
-            while self._reply_cache and (
-                len(self._reply_cache) > self._reply_cache_size or self._reply_cache_total > self._reply_cache_bytes
-            ):
-                _, (_, old_size) = self._reply_cache.popitem(last=False)
-                self._reply_cache_total -= old_size
+        self._memory.remember(job, reply)
 
     def _push_parts(self, parts: list[Any]) -> None:
         with self._push_lock:
@@ -512,95 +405,65 @@ class BridgeServer:
 
     # worker threads -------------------------------------------------------------------------------
     def _run_job(self, job_id: int, spec: MethodSpec, params: BaseModel, request_id: uuid.UUID) -> None:
-        arrays: list[Any] = []
-        descriptors: tuple[Any, ...] = ()
+        assert self._calls is not None
+        reply = self._calls.reply(spec, params, request_id)
+        self._push_parts([b"reply", str(job_id).encode("ascii"), *reply])
+        if spec.events and self._events is not None:
+            self._events.publish_changes()
+
+
+def _server_security(
+    curve: CurveKeyPair | str | os.PathLike[str] | None,
+    allowed_client_keys: Iterable[bytes | str | os.PathLike[str]] | None,
+    endpoints: Iterable[str | None],
+) -> tuple[CurveKeyPair | None, frozenset[bytes]]:
+    """The server's CURVE key pair and the allow-list of client public keys (None, empty: no CURVE).
+
+    Raises `AuthenticationError` when one is given without the other or the key pair has no secret key,
+    and `BridgeError` when one of `endpoints` (None: not used) is not loopback and CURVE is off.
+    """
+    keys: CurveKeyPair | None = None
+    allowed: frozenset[bytes] = frozenset()
+    if curve is not None:
+        keys = curve if isinstance(curve, CurveKeyPair) else CurveKeyPair.load(curve, name=None)
+        if keys.secret is None:
+            raise AuthenticationError("the server CURVE key pair has no secret key; pass the .key_secret file")
+        allowed = load_allow_list(allowed_client_keys or ())
+        if not allowed:
+            raise AuthenticationError(
+                "CURVE needs an allow-list of client public keys (allowed_client_keys / --allow KEYFILE)"
+            )
+    elif allowed_client_keys:
+        raise AuthenticationError("an allow-list of client keys needs CURVE server keys (curve=...)")
+    for endpoint in endpoints:
+        if endpoint is not None and not is_loopback_endpoint(endpoint) and keys is None:
+            raise BridgeError(
+                f"refusing to bind {endpoint}: binding anything but loopback (127.0.0.1) requires CURVE keys and "
+                "an allow-list of clients (create keys with `crystal-locator bridge keys --out DIR`)"
+            )
+    return keys, allowed
+
+
+def _bind(socket: zmq.Socket, endpoint: str) -> str:
+    """Bind `socket` to `endpoint`; the bound address (the real port when bound to port 0)."""
+    try:
+        socket.bind(endpoint)
+    except zmq.ZMQError as exc:
+        raise BridgeError(f"cannot bind {endpoint}: {exc}. Is another server running there?") from exc
+    return socket.getsockopt(zmq.LAST_ENDPOINT).decode("ascii")
+
+
+def _drain(socket: zmq.Socket, handle: Callable[[list[zmq.Frame]], None], limit: int = 64) -> None:
+    """Hand up to `limit` waiting messages of `socket` to `handle`, logging (not raising) what it raises."""
+    for _ in range(limit):
         try:
-            if spec.name == HELLO_METHOD:
-                result: Any = self._hello(params).model_dump(mode="json")
-            else:
-                value = getattr(self._microscope, spec.name)(**params.model_dump())
-                with self._stats_lock:
-                    self.stats.executed[spec.name] += 1
-                result, raw_arrays = encode_value(value)
-                descriptors, arrays = encode_arrays(raw_arrays)
-            header = ReplyHeader(
-                protocol_version=PROTOCOL_VERSION,
-                request_id=request_id,
-                server_id=self.server_id,
-                ok=True,
-                result=result,
-                arrays=descriptors,
-            )
-        except Exception as exc:
-            with self._stats_lock:
-                self.stats.errors += 1
-            if not isinstance(exc, MicroscopeError):
-                logger.exception("bridge: %s raised a non-MicroscopeError", spec.name)
-            arrays = []
-            header = ReplyHeader(
-                protocol_version=PROTOCOL_VERSION,
-                request_id=request_id,
-                server_id=self.server_id,
-                ok=False,
-                error=error_to_wire(exc),
-            )
-        self._push_parts([b"reply", str(job_id).encode("ascii"), encode_header(header), *arrays])
-        if spec.events and self._requested_event_endpoint is not None:
-            self._publish_changes()
-
-    def _hello(self, params: BaseModel) -> HelloResult:
-        client_version = getattr(params, "client_protocol_version", None)
-        if client_version != PROTOCOL_VERSION:
-            raise ProtocolMismatchError(
-                f"client speaks bridge protocol {client_version}, server speaks {PROTOCOL_VERSION}; "
-                "install the same crystal-locator version on both sides"
-            )
-        logger.info("bridge: handshake from %r", getattr(params, "client_name", ""))
-        return HelloResult(
-            protocol_version=PROTOCOL_VERSION,
-            server_id=self.server_id,
-            info=self._microscope.info(),
-            event_endpoint=self._event_endpoint,
-            methods=tuple(METHOD_SPECS),
-            curve=self._curve_keys is not None,
-        )
-
-    def _schedule_snapshot(self) -> None:
-        if self._snapshot_running.is_set():
+            parts = socket.recv_multipart(zmq.NOBLOCK, copy=False)
+        except zmq.Again:
             return
-        self._snapshot_running.set()
-        self._pools["read"].submit(self._publish_changes, True)
-
-    def _publish_changes(self, from_poll: bool = False) -> None:
-        """Read the instrument state and publish the topics whose state changed since the last event."""
         try:
-            state = {
-                # only calls that cost nothing: the simulator charges clock time for is_stage_moving polls
-                "stage": {"position": self._microscope.get_stage().model_dump(mode="json")},
-                "optics": {"preset": self._microscope.get_preset()},
-                "beam": {"blanked": bool(self._microscope.is_beam_blanked())},
-            }
-        except Exception as exc:
-            logger.debug("bridge: state poll failed: %s", exc)
-            return
-        finally:
-            if from_poll:
-                self._snapshot_running.clear()
-        with self._state_lock:
-            now_s = time.monotonic()
-            if from_poll and now_s - self._last_snapshot_s >= self._event_snapshot_s:
-                self._last_snapshot_s = now_s
-                changed = list(state)  # a full snapshot now and then, for subscribers that joined late
-            else:
-                changed = [topic for topic, value in state.items() if self._last_state.get(topic) != value]
-            self._last_state.update(state)
-            messages = [
-                (topic, {"topic": topic, "seq": next(self._event_seq), "time_unix_s": time.time(),
-                         "server_id": self.server_id, "state": state[topic]})
-                for topic in changed
-            ]
-            for topic, payload in messages:
-                self._push_parts([b"event", topic.encode("ascii"), json.dumps(payload).encode("utf-8")])
+            handle(parts)
+        except Exception:  # the server must survive anything a message does
+            logger.exception("bridge: unexpected error while handling a message; continuing")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -836,7 +699,7 @@ class BridgeClient:
         return value
 
     # events ---------------------------------------------------------------------------------------
-    def subscribe_events(self, topics: Iterable[str] = ("stage", "optics", "beam")) -> BridgeEventSubscriber:
+    def subscribe_events(self, topics: Iterable[str] = TOPICS) -> BridgeEventSubscriber:
         """A subscriber to the server's state-change events; `BridgeError` if the server publishes none."""
         if self.event_endpoint is None:
             raise BridgeError(f"{self.endpoint} publishes no events; start the server with an event endpoint")
@@ -916,77 +779,3 @@ class BridgeClient:
         start = time.perf_counter()
         self.microscope_time_s()
         return time.perf_counter() - start
-
-
-# --------------------------------------------------------------------------------------------------
-# Events
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class BridgeEvent:
-    """One state change published by the server: `topic` is stage, optics or beam."""
-
-    topic: str
-    seq: int
-    time_unix_s: float
-    server_id: str
-    state: dict[str, Any]
-
-
-class BridgeEventSubscriber:
-    """Receives `BridgeEvent`s from a server's PUB socket (malformed messages are skipped)."""
-
-    def __init__(
-        self,
-        endpoint: str,
-        topics: Iterable[str] = ("stage", "optics", "beam"),
-        *,
-        curve_keys: CurveKeyPair | None = None,
-        server_public_key: bytes | None = None,
-    ) -> None:
-        self.endpoint = endpoint
-        self._context = zmq.Context()
-        self._socket = self._context.socket(zmq.SUB)
-        self._socket.linger = 0
-        self._socket.setsockopt(zmq.MAXMSGSIZE, 1024 * 1024)
-        if curve_keys is not None and server_public_key is not None:
-            configure_curve_client(self._socket, curve_keys, server_public_key)
-        for topic in topics:
-            self._socket.setsockopt(zmq.SUBSCRIBE, topic.encode("ascii"))
-        self._socket.connect(endpoint)
-
-    def receive(self, timeout_s: float) -> BridgeEvent | None:
-        """The next event, or None if none arrives within `timeout_s` seconds."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            remaining_ms = int(max(0.0, deadline - time.monotonic()) * 1000)
-            if not self._socket.poll(remaining_ms, zmq.POLLIN):
-                return None
-            parts = self._socket.recv_multipart()
-            try:
-                if len(parts) != 2:
-                    raise ValueError(f"{len(parts)} parts")
-                payload = json.loads(parts[1])
-                event = BridgeEvent(
-                    topic=str(payload["topic"]),
-                    seq=int(payload["seq"]),
-                    time_unix_s=float(payload["time_unix_s"]),
-                    server_id=str(payload["server_id"]),
-                    state=dict(payload["state"]),
-                )
-            except (ValueError, KeyError, TypeError) as exc:
-                logger.warning("%s: skipping a malformed event (%s)", self.endpoint, exc)
-                continue
-            return event
-
-    def close(self) -> None:
-        """Close the subscription."""
-        self._socket.close(linger=0)
-        self._context.term()
-
-    def __enter__(self) -> BridgeEventSubscriber:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()

@@ -30,8 +30,9 @@ from drivers.base import (
     ProtocolMismatchError,
     StageLimitError,
 )
+from drivers.network import is_loopback_endpoint
 from drivers.protocol import PROTOCOL_VERSION, encode_header, new_request
-from drivers.zmq_bridge import BridgeClient, BridgeServer, is_loopback_endpoint
+from drivers.zmq_bridge import BridgeClient, BridgeServer
 
 LOOPBACK = "tcp://127.0.0.1:0"
 

@@ -8,7 +8,8 @@ import time
 import pytest
 import zmq
 
-from agent.events import ControlServer, EventBus, check_loopback, send_control
+from agent.events import ControlServer, EventBus, send_control
+from drivers.network import require_loopback
 
 
 def test_events_reach_listeners_and_subscribers() -> None:
@@ -85,6 +86,8 @@ def test_control_server_obeys_and_survives_garbage() -> None:
 
 
 def test_only_loopback_endpoints_are_allowed() -> None:
-    check_loopback("tcp://127.0.0.1:5555")
+    require_loopback("tcp://127.0.0.1:5555", "the event publisher")
     with pytest.raises(ValueError, match="loopback"):
-        check_loopback("tcp://0.0.0.0:5555")
+        require_loopback("tcp://0.0.0.0:5555", "the event publisher")
+    with pytest.raises(ValueError, match="tcp://HOST:PORT"):
+        require_loopback("127.0.0.1:5555", "the event publisher")

@@ -159,8 +159,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _loopback(endpoint: str) -> bool:
+    """`drivers.network.is_loopback_endpoint`, with a malformed endpoint as a `CommandError`."""
     from drivers.base import MicroscopeError
-    from drivers.zmq_bridge import is_loopback_endpoint
+    from drivers.network import is_loopback_endpoint
 
     try:
         return is_loopback_endpoint(endpoint)
