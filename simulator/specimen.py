@@ -14,7 +14,7 @@ The specimen types mirror the 2018 data sets:
 - `polymer-faint`: plates and rods of 3-25 um with 2-6 % contrast, barely visible at low mag.
 
 Every crystal has a `CrystalTruth` record. Queries are vectorised over arrays of x/y (um); a cell
-index keeps `crystal_id_xy` fast with thousands of crystals. Ground truth is for tests, evaluation and
+index (`simulator.crystal_index`) keeps `crystal_id_xy` fast with thousands of crystals. Ground truth is for tests, evaluation and
 the simulated operator only, never for the agent's decisions.
 """
 
@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from scipy import ndimage
 
 from drivers.base import InvalidParameterError
+from simulator.crystal_index import CELL_UM, CrystalCellIndex
 from simulator.shapes import (
     CRYSTAL_SHAPES,
     SHAPE_BLOCK,
@@ -47,7 +48,6 @@ SQUARE_INTACT, SQUARE_BROKEN, SQUARE_EMPTY, SQUARE_PARTIAL = range(4)
 
 #: Largest tolerance (um) `crystal_id_xy` accepts; the cell index is padded by this much.
 MAX_TOLERANCE_UM = 10.0
-_CELL_UM = 16.0
 _THICKNESS_MAP_CELL_UM = 10.0
 #: Optical density (ln units, bright field with objective aperture) per nm of carbon support film.
 FILM_OD_PER_NM = 0.004
@@ -245,7 +245,12 @@ class Specimen:
         self.debris = {k: _frozen(v) for k, v in debris.items()}
         self._truth: tuple[CrystalTruth, ...] | None = None
         self._texture: np.ndarray | None = None
-        self._build_cell_index()
+        self._index = CrystalCellIndex(
+            self.crystals["x_um"],
+            self.crystals["y_um"],
+            self._crystal_radius_um() + MAX_TOLERANCE_UM,
+            extent_um=self.grid_radius_um + MAX_TOLERANCE_UM + CELL_UM,
+        )
 
     # ---------------------------------------------------------------------------------------------
     # geometry
@@ -379,38 +384,6 @@ class Specimen:
     def _crystal_radius_um(self) -> np.ndarray:
         return np.hypot(self.crystals["length_um"], self.crystals["width_um"]) / 2.0
 
-    def _build_cell_index(self) -> None:
-        """CSR index: for every 16-um cell, the crystals whose (padded) bounding circle touches it."""
-        extent = self.grid_radius_um + MAX_TOLERANCE_UM + _CELL_UM
-        self._cell_origin_um = -extent
-        self._cells_per_side = math.ceil(2 * extent / _CELL_UM)
-        n_side = self._cells_per_side
-        radius = self._crystal_radius_um() + MAX_TOLERANCE_UM
-        x = self.crystals["x_um"]
-        y = self.crystals["y_um"]
-        c0 = np.floor((x - radius - self._cell_origin_um) / _CELL_UM).astype(np.int64)
-        c1 = np.floor((x + radius - self._cell_origin_um) / _CELL_UM).astype(np.int64)
-        r0 = np.floor((y - radius - self._cell_origin_um) / _CELL_UM).astype(np.int64)
-        r1 = np.floor((y + radius - self._cell_origin_um) / _CELL_UM).astype(np.int64)
-        cells: list[np.ndarray] = []
-        ids: list[np.ndarray] = []
-        for idx in range(x.shape[0]):
-            rr, cc = np.meshgrid(
-                np.arange(max(r0[idx], 0), min(r1[idx], n_side - 1) + 1),
-                np.arange(max(c0[idx], 0), min(c1[idx], n_side - 1) + 1),
-                indexing="ij",
-            )
-            flat = (rr * n_side + cc).ravel()
-            cells.append(flat)
-            ids.append(np.full(flat.shape, idx, dtype=np.int64))
-        all_cells = np.concatenate(cells) if cells else np.zeros(0, dtype=np.int64)
-        all_ids = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
-        order = np.lexsort((all_ids, all_cells))
-        self._cell_ids = all_ids[order]
-        counts = np.bincount(all_cells, minlength=n_side * n_side)
-        self._cell_start = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-        self._cell_count = counts.astype(np.int64)
-
     def crystal_distance_um(self, ids: np.ndarray, x_um: np.ndarray, y_um: np.ndarray) -> np.ndarray:
         """Signed distance (um, positive inside) of points to the crystals `ids` (broadcast together)."""
         c = self.crystals
@@ -436,19 +409,12 @@ class Specimen:
         flat_x = x.ravel()
         flat_y = y.ravel()
         result = np.full(flat_x.shape, -1, dtype=np.int64)
-        n_side = self._cells_per_side
-        col = np.floor((flat_x - self._cell_origin_um) / _CELL_UM).astype(np.int64)
-        row = np.floor((flat_y - self._cell_origin_um) / _CELL_UM).astype(np.int64)
-        valid = (col >= 0) & (col < n_side) & (row >= 0) & (row < n_side) & np.isfinite(flat_x) & np.isfinite(flat_y)
-        points = np.nonzero(valid)[0]
-        cell = row[points] * n_side + col[points]
-        starts = self._cell_start[cell]
-        counts = self._cell_count[cell]
+        points, starts, counts = self._index.cells_of(flat_x, flat_y)
         max_count = int(counts.max()) if counts.size else 0
         for k in range(max_count):
             has = counts > k
             sel = points[has]
-            cand = self._cell_ids[starts[has] + k]
+            cand = self._index.ids[starts[has] + k]
             inside = self.crystal_distance_um(cand, flat_x[sel], flat_y[sel]) >= -tolerance_um
             hit = sel[inside]
             result[hit] = np.maximum(result[hit], cand[inside])
