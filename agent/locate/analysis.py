@@ -373,6 +373,64 @@ def analyse(image: np.ndarray, settings: LocateSettings | None = None) -> Cluste
     settings = settings or LocateSettings()
     check_image(image)
     shape = (int(image.shape[0]), int(image.shape[1]))
+    _check_settings_fit(shape, settings)
+    grid_shape, centres, area, row_index, col_index = _cell_layout(shape, settings)
+    # 1. bars, black areas and film holes
+    bar_mask, bar_angle, vacuum = _pixel_masks(image, settings, grid_shape, row_index, col_index)
+    # 2. clean-up and flattening, 3. features
+    features, names, outlines = _features_and_outlines(image, bar_mask, settings)
+    # 4. cluster the unmasked cells
+    valid = _valid_cells(bar_mask, settings, grid_shape)
+    n_valid = int(valid.sum())
+    # Large inputs (a 4k image at stride 1 has 16.8 M cells) are never copied whole: the model is fitted
+    # on a seeded sample of the unmasked cells, every cell is labelled in chunks, and the statistics below
+    # use bincounts or seeded samples.
+    sampler = _CellSampler(np.random.default_rng(settings.seed))
+    valid_idx = np.flatnonzero(valid)
+    fit = _fit_clusters(features, valid, valid_idx, settings, sampler)
+    # 5. outlined cluster, 6. summaries
+    cells = _background_and_outlines(fit, features, names, valid, outlines, centres, settings, shape)
+    bg_median, bg_spread = _background_statistics(cells, valid_idx, sampler)
+    summaries = _cluster_summaries(cells, fit.model, centres, n_valid, bg_median, bg_spread, sampler)
+    suggestion = _suggested_clusters(summaries, cells.background, cells.outline_cluster)
+    logger.info(
+        "analysed %s image: %d cells (%d masked), k=%d, background cluster %d, suggested crystal clusters %s",
+        shape,
+        cells.features.shape[0],
+        cells.features.shape[0] - n_valid,
+        cells.k,
+        cells.background,
+        suggestion,
+    )
+    return ClusterAnalysis(
+        image_shape=shape,
+        settings=settings,
+        feature_names=tuple(cells.names),
+        features=cells.features,
+        grid_shape=grid_shape,
+        label_grid=cells.labels.reshape(grid_shape),
+        bar_mask=bar_mask,
+        cell_centres_px=centres,
+        cell_area_px=area,
+        score_grid=cells.scores.reshape(grid_shape),
+        row_index_px=row_index,
+        col_index_px=col_index,
+        clusters=tuple(summaries),
+        background_cluster=cells.background,
+        suggested_crystal_clusters=suggestion,
+        suggestion_rule=SUGGESTION_RULE + (OUTLINE_RULE if cells.outline_cluster is not None else ""),
+        model=fit.model,
+        suggested_k=fit.suggested_k,
+        k_scores=fit.k_scores,
+        bar_angle_deg=bar_angle,
+        vacuum_mask=vacuum,
+        outline_cluster=cells.outline_cluster,
+    )
+
+
+def _check_settings_fit(shape: tuple[int, int], settings: LocateSettings) -> None:
+    """`SettingsError` when the outline lines, the window or the grid of `settings` do not fit an image of
+    `shape` (rows, cols px)."""
     if settings.outline_length_px is not None and settings.outline_length_px > min(shape):
         raise SettingsError(
             f"outline lines of {settings.outline_length_px} px do not fit a {shape[0]}x{shape[1]} image; "
@@ -385,41 +443,61 @@ def analyse(image: np.ndarray, settings: LocateSettings | None = None) -> Cluste
             f"a {settings.grid_rows}x{settings.grid_cols} grid is too fine for a {shape[0]}x{shape[1]} image; "
             "use fewer grid cells"
         )
-    grid_shape, centres, area, row_index, col_index = _cell_layout(shape, settings)
 
-    # 1. bars and black areas
+
+def _cell_features(data: np.ndarray, settings: LocateSettings) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Features (n_cells, F) float64 of the grid cells or windows of `settings`, and their names."""
+    if settings.mode == "grid":
+        return grid_features(data, settings.grid_rows, settings.grid_cols)
+    window, window_names = window_features(data, settings.window_px, settings.stride_px)
+    return window.reshape(-1, window.shape[-1]), window_names
+
+
+def _pixel_masks(
+    image: np.ndarray,
+    settings: LocateSettings,
+    grid_shape: tuple[int, int],
+    row_index: np.ndarray,
+    col_index: np.ndarray,
+) -> tuple[np.ndarray, float | None, np.ndarray | None]:
+    """Step 1: the pixel mask of bars, black areas, annotation bands and film holes (`bar_filter`,
+    `mask_vacuum`), the bar angle (degrees; None unless the mesh detector ran) and the film holes alone
+    (None when `mask_vacuum` is off). `row_index` / `col_index` map pixel rows / columns to cells."""
+    shape = image.shape
     bar_angle = None
     if settings.bar_filter in ("auto", "mesh"):
         bar_mask, bar_angle = bar_and_black_mask(image, settings)
     else:
         bar_mask = np.zeros(shape, dtype=bool)
-
-    def cell_features(data: np.ndarray) -> tuple[np.ndarray, tuple[str, ...]]:
-        if settings.mode == "grid":
-            return grid_features(data, settings.grid_rows, settings.grid_cols)
-        window, window_names = window_features(data, settings.window_px, settings.stride_px)
-        return window.reshape(-1, window.shape[-1]), window_names
-
     if settings.bar_filter == "two-step":
         # the study's first step works on the raw image's cells (flattening would erase the black areas)
         raw = prepare_image(image, bar_mask, flatten=False, clean=settings.clean)
-        raw_features, raw_names = cell_features(raw)
+        raw_features, raw_names = _cell_features(raw, settings)
         del raw
         black = two_step_black_cells(raw_features, raw_names, seed=settings.seed)
         bar_mask = black.reshape(grid_shape)[row_index][:, col_index]
-
     # film holes: no crystal lies on vacuum, and left in, a hole spoils the flattening around it
     vacuum = vacuum_mask(image, bar_mask) if settings.mask_vacuum else None
     if vacuum is not None:
         bar_mask = bar_mask | vacuum
+    return bar_mask, bar_angle, vacuum
 
-    # 2. clean-up and flattening, 3. features
+
+def _features_and_outlines(
+    image: np.ndarray, bar_mask: np.ndarray, settings: LocateSettings
+) -> tuple[np.ndarray, tuple[str, ...], OutlineTable | None]:
+    """Steps 2 and 3: the image cleaned and flattened (`prepare_image`), its cell features and names, and
+    with `outline_length_px` its straight-edged outlines (None without)."""
     data = prepare_image(image, bar_mask, flatten=settings.flatten, clean=settings.clean)
-    features, names = cell_features(data)
+    features, names = _cell_features(data, settings)
     outlines = find_outlines(data, bar_mask, settings.outline_length_px) if settings.outline_length_px else None
     del data
+    return features, names, outlines
 
-    # 4. cluster the unmasked cells
+
+def _valid_cells(bar_mask: np.ndarray, settings: LocateSettings, grid_shape: tuple[int, int]) -> np.ndarray:
+    """Flat bool (n_cells,): the cells less than `masked_fraction` on the mask. `SettingsError` when every
+    cell is masked or there are fewer unmasked cells than clusters."""
     masked_fraction = _cell_mask_fraction(bar_mask, settings, grid_shape)
     valid = masked_fraction < settings.masked_fraction
     n_valid = int(valid.sum())
@@ -430,26 +508,83 @@ def analyse(image: np.ndarray, settings: LocateSettings | None = None) -> Cluste
         raise SettingsError(
             f"k={k} is larger than the number of unmasked patches ({n_valid}); use a smaller k or a finer grid"
         )
-    # Large inputs (a 4k image at stride 1 has 16.8 M cells) are never copied whole: the model is fitted
-    # on a seeded sample of the unmasked cells, every cell is labelled in chunks, and the statistics below
-    # use bincounts or seeded samples.
-    rng = np.random.default_rng(settings.seed)
-    valid_idx = np.flatnonzero(valid)
+    return valid
 
-    def sample_of(indices: np.ndarray, size: int) -> np.ndarray:
-        return indices if len(indices) <= size else np.sort(rng.choice(indices, size=size, replace=False))
 
+@dataclass(frozen=True)
+class _CellSampler:
+    """Seeded samples of cell indices; one generator for the whole analysis, so the draws follow the order
+    of the calls."""
+
+    rng: np.random.Generator
+
+    def sample(self, indices: np.ndarray, size: int) -> np.ndarray:
+        """`indices` itself when it has at most `size` entries, else `size` of them drawn without
+        replacement, sorted."""
+        return indices if len(indices) <= size else np.sort(self.rng.choice(indices, size=size, replace=False))
+
+
+@dataclass(frozen=True)
+class _ClusterFit:
+    """Step 4: the fitted model, the k-means labels (flat int, -1 on masked cells), k, and the silhouette
+    suggestion for k with its scores (None and empty unless `settings.suggest_k`)."""
+
+    model: ClusterModel
+    labels: np.ndarray
+    k: int
+    suggested_k: int | None
+    k_scores: dict[int, float]
+
+
+def _fit_clusters(
+    features: np.ndarray, valid: np.ndarray, valid_idx: np.ndarray, settings: LocateSettings, sampler: _CellSampler
+) -> _ClusterFit:
+    """Step 4: fit the clustering on a seeded sample of the unmasked cells and label every cell."""
+    k = settings.effective_k
     suggested, k_scores = (None, {})
     if settings.suggest_k:
-        suggested, k_scores = suggest_k(features[sample_of(valid_idx, 3000)], seed=settings.seed)
-    fit_rows = features[sample_of(valid_idx, settings.sample_size)]
+        suggested, k_scores = suggest_k(features[sampler.sample(valid_idx, 3000)], seed=settings.seed)
+    fit_rows = features[sampler.sample(valid_idx, settings.sample_size)]
     model = fit_clusters(
         fit_rows, k, settings.method, settings.seed, settings.sample_size, outlier_cap_sigma=settings.outlier_cap_sigma
     )
     labels = model.predict(features)
     labels[~valid] = -1
+    return _ClusterFit(model, labels, k, suggested, k_scores)
 
-    # 5. outlined cluster, 6. summaries
+
+@dataclass(frozen=True)
+class _CellClusters:
+    """Cells after step 5: features (n_cells, F) with `straight_edge` appended when outlines are on, their
+    names, flat labels (the outlined cluster included), the number of clusters k, the background
+    (largest k-means) cluster with its cells as they were before any moved to the outlined cluster,
+    `scores` (flat, distance from the background centre in the model's space, 0 where masked), the
+    outlined cluster (None: none) and the number of feature columns the model knows."""
+
+    features: np.ndarray
+    names: tuple[str, ...]
+    labels: np.ndarray
+    k: int
+    background: int
+    background_cells: np.ndarray
+    scores: np.ndarray
+    outline_cluster: int | None
+    n_model_features: int
+
+
+def _background_and_outlines(
+    fit: _ClusterFit,
+    features: np.ndarray,
+    names: tuple[str, ...],
+    valid: np.ndarray,
+    outlines: OutlineTable | None,
+    centres: np.ndarray,
+    settings: LocateSettings,
+    shape: tuple[int, int],
+) -> _CellClusters:
+    """Step 5: the background cluster and the cells' scores from the k-means labels, then the outlined
+    cluster (`_add_outline_cluster`, which relabels `fit.labels` in place) when there are outlines."""
+    labels, k, model = fit.labels, fit.k, fit.model
     # the background and its statistics come from the k-means labels: outlines may take most of its cells
     background = int(np.argmax(np.bincount(labels + 1, minlength=k + 1)[1:]))
     scores = model.distance_to(features, background)
@@ -462,13 +597,38 @@ def analyse(image: np.ndarray, settings: LocateSettings | None = None) -> Cluste
         cell_px = settings.window_px if settings.mode == "window" else grid_cell_px
         features, names, outline_cluster = _add_outline_cluster(outlines, features, names, labels, centres, cell_px, k)
         k += outline_cluster is not None
-    label_grid = labels.reshape(grid_shape)
-    counts = np.bincount(labels + 1, minlength=k + 1)[1:]
-    bg_rows = features[sample_of(background_cells, 200_000)]
+    return _CellClusters(
+        features, names, labels, k, background, background_cells, scores, outline_cluster, n_model_features
+    )
+
+
+def _background_statistics(
+    cells: _CellClusters, valid_idx: np.ndarray, sampler: _CellSampler
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per feature, the background cells' median and robust spread (1.4826 * MAD, floored at 1e-6 of the
+    feature's scale), in feature units: the origin and unit of the normalised centroids."""
+    features = cells.features
+    bg_rows = features[sampler.sample(cells.background_cells, 200_000)]
     bg_median = np.median(bg_rows, axis=0)
     bg_spread = 1.4826 * np.median(np.abs(bg_rows - bg_median), axis=0)
-    scale = np.maximum(np.abs(bg_median), np.std(features[sample_of(valid_idx, 200_000)], axis=0))
+    scale = np.maximum(np.abs(bg_median), np.std(features[sampler.sample(valid_idx, 200_000)], axis=0))
     bg_spread = np.maximum(bg_spread, 1e-6 * np.where(scale > 0, scale, 1.0))
+    return bg_median, bg_spread
+
+
+def _cluster_summaries(
+    cells: _CellClusters,
+    model: ClusterModel,
+    centres: np.ndarray,
+    n_valid: int,
+    bg_median: np.ndarray,
+    bg_spread: np.ndarray,
+    sampler: _CellSampler,
+) -> list[ClusterSummary]:
+    """Step 6: one `ClusterSummary` per cluster id 0..k-1, with normalised centroids in background sigmas
+    (polarity features as absolute values) and texture contrast (see the module docstring)."""
+    features, names, labels, k = cells.features, cells.names, cells.labels, cells.k
+    counts = np.bincount(labels + 1, minlength=k + 1)[1:]
     polarity_cols = [names.index(n) for n in _POLARITY_FEATURES]
     texture_cols = [names.index(n) for n in _TEXTURE_FEATURES]
     sums = np.stack(
@@ -484,16 +644,6 @@ def analyse(image: np.ndarray, settings: LocateSettings | None = None) -> Cluste
             mean_features = np.full(len(names), np.nan)
             normalised = np.zeros(len(names))
         normalised[polarity_cols] = np.abs(normalised[polarity_cols])
-        members = sample_of(np.flatnonzero(labels == cid), 20_000)
-        if len(members):
-            if cid == outline_cluster:  # no model centroid: show the cells on the strongest edges
-                dist = -features[members, -1]
-            else:
-                dist = model.distance_to(features[members, :n_model_features], cid)
-            nearest = members[np.argsort(dist, kind="stable")[:8]]
-            examples = tuple((round(centres[i, 1]), round(centres[i, 0])) for i in nearest)
-        else:
-            examples = ()
         summaries.append(
             ClusterSummary(
                 cluster_id=cid,
@@ -501,49 +651,40 @@ def analyse(image: np.ndarray, settings: LocateSettings | None = None) -> Cluste
                 fraction=n_cells / n_valid,
                 mean_features=tuple(float(v) for v in mean_features),
                 normalised_centroid=tuple(float(v) for v in normalised),
-                example_cells_px=examples,
+                example_cells_px=_example_cells(cells, model, cid, centres, sampler),
                 texture_contrast=float(np.linalg.norm(normalised[texture_cols])),
             )
         )
+    return summaries
+
+
+def _example_cells(
+    cells: _CellClusters, model: ClusterModel, cid: int, centres: np.ndarray, sampler: _CellSampler
+) -> tuple[tuple[int, int], ...]:
+    """(row_px, col_px) centres of up to 8 cells of cluster `cid` nearest its model centre (the outlined
+    cluster, which has none: the cells on the strongest straight edges), from a sample of its cells."""
+    members = sampler.sample(np.flatnonzero(cells.labels == cid), 20_000)
+    if not len(members):
+        return ()
+    if cid == cells.outline_cluster:  # no model centroid: show the cells on the strongest edges
+        dist = -cells.features[members, -1]
+    else:
+        dist = model.distance_to(cells.features[members, : cells.n_model_features], cid)
+    nearest = members[np.argsort(dist, kind="stable")[:8]]
+    return tuple((round(centres[i, 1]), round(centres[i, 0])) for i in nearest)
+
+
+def _suggested_clusters(
+    summaries: list[ClusterSummary], background: int, outline_cluster: int | None
+) -> tuple[int, ...]:
+    """The default crystal clusters (`SUGGESTION_RULE`, plus `OUTLINE_RULE` for the outlined cluster)."""
     candidates = [s for s in summaries if s.cluster_id not in (background, outline_cluster) and s.n_cells]
     suggestion = tuple(
         s.cluster_id for s in candidates if s.fraction <= 0.5 and s.texture_contrast >= MIN_TEXTURE_CONTRAST
     )
     if outline_cluster is not None and summaries[outline_cluster].fraction <= 0.5:
         suggestion += (outline_cluster,)
-    logger.info(
-        "analysed %s image: %d cells (%d masked), k=%d, background cluster %d, suggested crystal clusters %s",
-        shape,
-        features.shape[0],
-        features.shape[0] - n_valid,
-        k,
-        background,
-        suggestion,
-    )
-    return ClusterAnalysis(
-        image_shape=shape,
-        settings=settings,
-        feature_names=tuple(names),
-        features=features,
-        grid_shape=grid_shape,
-        label_grid=label_grid,
-        bar_mask=bar_mask,
-        cell_centres_px=centres,
-        cell_area_px=area,
-        score_grid=scores.reshape(grid_shape),
-        row_index_px=row_index,
-        col_index_px=col_index,
-        clusters=tuple(summaries),
-        background_cluster=background,
-        suggested_crystal_clusters=suggestion,
-        suggestion_rule=SUGGESTION_RULE + (OUTLINE_RULE if outline_cluster is not None else ""),
-        model=model,
-        suggested_k=suggested,
-        k_scores=k_scores,
-        bar_angle_deg=bar_angle,
-        vacuum_mask=vacuum,
-        outline_cluster=outline_cluster,
-    )
+    return suggestion
 
 
 def _add_outline_cluster(
