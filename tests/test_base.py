@@ -17,8 +17,8 @@ from drivers.base import (
     StageLimits,
     StagePosition,
     check_exposure_s,
+    resolve_stage_target,
 )
-from drivers.geometry import pixel_to_stage_um, stage_to_pixel
 
 
 def _metadata() -> FrameMetadata:
@@ -74,17 +74,23 @@ def test_exposure_validation(bad: object) -> None:
         check_exposure_s(bad)  # type: ignore[arg-type]
 
 
-def test_pixel_stage_round_trip_with_rotation_and_flip() -> None:
-    angle = np.deg2rad(17.0)
-    matrix = 0.25 * np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]) @ np.diag([1, -1])
-    shape = (100, 200)
-    centre_stage = pixel_to_stage_um(np.array([99.5, 49.5]), shape, (10.0, -5.0), matrix)
-    np.testing.assert_allclose(centre_stage, [10.0, -5.0])
-    pixels = np.array([[0.0, 0.0], [199.0, 99.0], [13.0, 71.0]])
-    back = stage_to_pixel(pixel_to_stage_um(pixels, shape, (10.0, -5.0), matrix), shape, (10.0, -5.0), matrix)
-    np.testing.assert_allclose(back, pixels, atol=1e-9)
-
-
 def test_every_error_type_is_registered_by_name() -> None:
     for name, cls in ERROR_TYPES.items():
         assert cls.__name__ == name
+
+
+def test_resolve_stage_target_keeps_axes_left_none() -> None:
+    current = StagePosition(x_um=1.0, y_um=2.0, z_um=3.0, alpha_deg=4.0)
+    target = resolve_stage_target(current, StageLimits(), y_um=np.float64(-5.5), alpha_deg=10)
+    assert target == StagePosition(x_um=1.0, y_um=-5.5, z_um=3.0, alpha_deg=10.0)
+
+
+@pytest.mark.parametrize("bad", ["1", True, float("nan"), float("inf")])
+def test_resolve_stage_target_rejects_non_numbers(bad: object) -> None:
+    with pytest.raises(InvalidParameterError, match="x_um"):
+        resolve_stage_target(StagePosition(x_um=0.0, y_um=0.0), StageLimits(), x_um=bad)  # type: ignore[arg-type]
+
+
+def test_resolve_stage_target_checks_the_limits() -> None:
+    with pytest.raises(StageLimitError, match="z=400"):
+        resolve_stage_target(StagePosition(x_um=0.0, y_um=0.0), StageLimits(), z_um=400.0)
