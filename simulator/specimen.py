@@ -14,8 +14,8 @@ The specimen types mirror the 2018 data sets:
 - `polymer-faint`: plates and rods of 3-25 um with 2-6 % contrast, barely visible at low mag.
 
 Every crystal has a `CrystalTruth` record. Queries are vectorised over arrays of x/y (um); a cell
-index (`simulator.crystal_index`) keeps `crystal_id_xy` fast with thousands of crystals. Ground truth is for tests, evaluation and
-the simulated operator only, never for the agent's decisions.
+index (`simulator.crystal_index`) keeps `crystal_id_xy` fast with thousands of crystals. Ground truth is
+for tests, evaluation and the simulated operator only, never for the agent's decisions.
 """
 
 from __future__ import annotations
