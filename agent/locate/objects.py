@@ -272,7 +272,29 @@ def find_objects(
     if stats is None:
         return None
     level, sigma = stats
-    threshold = min_contrast_sigma * sigma
+    polarity, deviant = _deviant_pixels(data, level, min_contrast_sigma * sigma, bar_mask, region_px)
+    labels, _count = ndimage.label(deviant)
+    return _measure_objects(
+        data,
+        labels,
+        region_px,
+        level,
+        polarity,
+        min_distance_px=min_distance_px,
+        smallest_px=max(MIN_OBJECT_AREA_PX, min_area_px),
+        min_transmission=_min_transmission(polarity, dark_fraction, max_od),
+        drop_round=drop_round,
+    )
+
+
+def _deviant_pixels(
+    data: np.ndarray, level: float, threshold: float, bar_mask: np.ndarray, region_px: np.ndarray
+) -> tuple[Polarity, np.ndarray]:
+    """Steps 2 and 3: the objects' polarity and the bool mask of deviant pixels inside candidate regions.
+
+    `data` is the smoothed image, `level` the film level and `threshold` the least deviation from it
+    (image units) that counts; pixels deviate in the measured polarity only (both ways when undecided).
+    """
     # the polarity is a whole-image vote, measured on every second pixel (a quarter of the work); there
     # a component needs 2 pixels (about 8 at full resolution), so lone noisy pixels cast no vote and
     # MIN_POLARITY_OBJECTS keeps its meaning
@@ -287,12 +309,33 @@ def find_objects(
     else:
         deviant = np.abs(data - level) > threshold
     deviant = ndimage.binary_opening(deviant & ~bar_mask & (region_px > 0))  # single noisy pixels are not objects
-    labels, _count = ndimage.label(deviant)
-    smallest = max(MIN_OBJECT_AREA_PX, min_area_px)
-    min_transmission = None
+    return polarity, deviant
+
+
+def _min_transmission(polarity: Polarity, dark_fraction: float | None, max_od: float | None) -> float | None:
+    """The least flattened intensity, as a fraction of the film level, of an object thin enough for
+    diffraction (`max_od`, ln units); None when the thickness test does not apply (not bright field, or
+    the dark level or `max_od` unknown)."""
     if polarity == "dark" and dark_fraction is not None and max_od is not None and 0 <= dark_fraction < 1:
         # flattened intensity / film level = T (1 - d) + d for transmission T and dark fraction d
-        min_transmission = float(np.exp(-max_od)) * (1.0 - dark_fraction) + dark_fraction
+        return float(np.exp(-max_od)) * (1.0 - dark_fraction) + dark_fraction
+    return None
+
+
+def _measure_objects(
+    data: np.ndarray,
+    labels: np.ndarray,
+    region_px: np.ndarray,
+    level: float,
+    polarity: Polarity,
+    *,
+    min_distance_px: int,
+    smallest_px: float,
+    min_transmission: float | None,
+    drop_round: bool,
+) -> ObjectTable:
+    """Steps 4 and 5: for every labelled component, drop it (too thick, round) or split it into its parts
+    and keep the parts of at least `smallest_px` pixels, each at its centroid (px)."""
     region_of, rows, cols, areas = [], [], [], []
     dropped_regions: set[int] = set()
     dropped: dict[str, int] = {}
@@ -314,7 +357,7 @@ def find_objects(
         parts = split_compound(mask, min_distance_px, compound=compound)
         for part in range(1, int(parts.max()) + 1):
             part_rows, part_cols = np.nonzero(parts == part)
-            if len(part_rows) < smallest:
+            if len(part_rows) < smallest_px:
                 continue
             region_of.append(region)
             rows.append(box[0].start + part_rows.mean())
