@@ -1,36 +1,31 @@
-"""A simulated operator: a real ZeroMQ client that answers the agent's prompts from ground truth.
+"""A simulated operator's answers: which options of a prompt a person would choose, judged from ground truth.
 
-It lets the screening loop run end to end with prompts in CI and evaluation. It connects to an
-agent's `OperatorChannel` like any front-end (`agent.operator.OperatorClient` wire format; imported
-lazily so that `simulator` does not depend on `agent` at import time), and for each prompt looks at
-every option's `context["sample_xy_um"]` (stage positions, um, of typical cells of that cluster): an
-option is "crystal" when at least `min_hit_fraction` (default a third: a person shown a gallery in
-which every third patch shows a crystal says the cluster contains crystals) of those positions lie
-on a true crystal (`ground_truth.crystal_id_xy(x, y, tolerance_um=...) >= 0`).
+It lets the screening loop run end to end with prompts in CI and evaluation. `SimulatedAnswerPolicy`
+works on plain data, a prompt's id, options (id and context) and whether several may be chosen, either as
+a `PromptView` or as the prompt's JSON form as the wire delivers it; it knows nothing of sockets
+(`agent.prompts.simulated.PolicyOperator` connects it to an agent's prompt channel). For each prompt it
+looks at every option's `context["sample_xy_um"]` (stage positions, um, of typical cells of that
+cluster): an option is "crystal" when at least `min_hit_fraction` (default a third: a person shown a
+gallery in which every third patch shows a crystal says the cluster contains crystals) of those
+positions lie on a true crystal (`ground_truth.crystal_id_xy(x, y, tolerance_um=...) >= 0`).
 
 * `multiple` prompts: every "crystal" option is chosen; if none is, an option whose context says
   `{"none": true}` (or whose id is "none") is chosen, else the option with the most hits.
 * single-choice prompts: the option with the most hits.
 
 Mistakes: with probability `error_rate` (seeded) each option's verdict is flipped (single choice: a
-different option is picked). `delay_s` waits before answering; `never_answer=True` never answers
-(to test the agent's fallback). What it did is kept in `decisions` for tests and evaluation.
+different option is picked). What it decided is kept in `decisions` for tests and evaluation.
 """
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import numpy as np
-
-if TYPE_CHECKING:  # pragma: no cover
-    from agent.operator import PromptInfo
-
-logger = logging.getLogger(__name__)
 
 
 class GroundTruth(Protocol):
@@ -42,115 +37,92 @@ class GroundTruth(Protocol):
 
 
 @dataclass(frozen=True)
+class OptionView:
+    """One option of a prompt as the policy sees it: its id and its context (e.g. `sample_xy_um`)."""
+
+    id: str
+    context: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PromptView:
+    """A prompt as the policy sees it: its id, its options in order, and whether several may be chosen."""
+
+    id: str
+    options: tuple[OptionView, ...]
+    multiple: bool = False
+
+    @classmethod
+    def from_wire(cls, prompt: Mapping[str, Any]) -> PromptView:
+        """From a prompt's JSON form (a `PromptInfo` as the wire carries it: `id`, `options` with `id` and
+        `context`, `multiple`); other fields are ignored."""
+        options = tuple(OptionView(str(o["id"]), dict(o.get("context") or {})) for o in prompt["options"])
+        return cls(id=str(prompt["id"]), options=options, multiple=bool(prompt.get("multiple", False)))
+
+
+@dataclass(frozen=True)
 class Decision:
     """What the simulated operator decided about one prompt.
 
     `hit_fraction`: per option id, the fraction of its sample positions on a crystal (None: the
-    option had no positions); `chosen`: the option ids sent (empty if it did not answer);
-    `mistakes`: option ids whose verdict was deliberately flipped; `reply`: the agent's reply, or
-    the refusal message.
+    option had no positions); `chosen`: the option ids to send; `mistakes`: option ids whose verdict
+    was deliberately flipped; `time_s`: when it was decided (time.monotonic seconds).
     """
 
     prompt_id: str
     hit_fraction: dict[str, float | None]
     chosen: tuple[str, ...]
     mistakes: tuple[str, ...] = ()
-    accepted: bool = False
-    reply: str = ""
     time_s: float = field(default_factory=time.monotonic)
 
 
-class SimulatedOperator:
-    """Answers prompts on `endpoint` (an `OperatorChannel.prompt_endpoint`) from `ground_truth`.
+class SimulatedAnswerPolicy:
+    """Chooses the options of prompts from `ground_truth`, as a person looking at the cells would.
 
-    Use as a context manager or call `start()` / `stop()`. `error_rate` in [0, 1], `delay_s` >= 0
-    (seconds between seeing a prompt and answering), `tolerance_um`: a sample position within this
-    distance of a crystal's outline counts as on it.
+    `error_rate` in [0, 1] (seeded by `seed`); `tolerance_um`: a sample position within this distance of
+    a crystal's outline counts as on it; `min_hit_fraction` in (0, 1]: share of an option's positions
+    on crystals from which it counts as "crystal".
     """
 
     def __init__(
         self,
-        endpoint: str,
         ground_truth: GroundTruth,
         *,
         error_rate: float = 0.0,
-        delay_s: float = 0.0,
         seed: int = 0,
-        name: str = "simulated",
-        never_answer: bool = False,
         tolerance_um: float = 3.0,
         min_hit_fraction: float = 1.0 / 3.0,
-        event_endpoint: str | None = None,
     ) -> None:
         if not 0.0 <= error_rate <= 1.0:
             raise ValueError(f"error_rate must be in [0, 1], got {error_rate}")
-        if not (delay_s >= 0.0 and np.isfinite(delay_s)):
-            raise ValueError(f"delay_s must be a finite number of seconds >= 0, got {delay_s}")
         if not 0.0 < min_hit_fraction <= 1.0:
             raise ValueError(f"min_hit_fraction must be in (0, 1], got {min_hit_fraction}")
-        self.endpoint = endpoint
-        self.event_endpoint = event_endpoint
         self.ground_truth = ground_truth
         self.error_rate = float(error_rate)
-        self.delay_s = float(delay_s)
-        self.name = name
-        self.never_answer = never_answer
         self.tolerance_um = float(tolerance_um)
         self.min_hit_fraction = float(min_hit_fraction)
         self._rng = np.random.default_rng(seed)
         self._lock = threading.Lock()
         self._decisions: list[Decision] = []
-        self._stop = threading.Event()
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._thread: threading.Thread | None = None
-
-    # -- life cycle --------------------------------------------------------------------------------
-
-    def start(self, timeout_s: float = 10.0) -> SimulatedOperator:
-        """Connect and start answering in a background thread; raises if it cannot connect."""
-        if self._thread is not None:
-            return self
-        self._thread = threading.Thread(target=self._run, name=f"simulated-operator-{self.name}", daemon=True)
-        self._thread.start()
-        if not self._ready.wait(timeout_s):
-            self.stop()
-            raise TimeoutError(f"simulated operator could not connect to {self.endpoint} within {timeout_s} s")
-        if self._error is not None:
-            self.stop()
-            raise self._error
-        return self
-
-    def stop(self, timeout_s: float = 5.0) -> None:
-        """Stop answering and disconnect. Idempotent."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-            self._thread = None
-
-    def __enter__(self) -> SimulatedOperator:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
 
     @property
     def decisions(self) -> list[Decision]:
-        """Every prompt decided so far, in order."""
+        """Every decision `answer` made so far, in order."""
         with self._lock:
             return list(self._decisions)
 
-    @property
-    def answered(self) -> list[Decision]:
-        """The decisions whose answer the agent accepted."""
-        return [d for d in self.decisions if d.accepted]
+    def answer(self, prompt: PromptView | Mapping[str, Any]) -> list[str]:
+        """The option ids to send for `prompt` (`decide`), remembered in `decisions`."""
+        decision = self.decide(prompt)
+        with self._lock:
+            self._decisions.append(decision)
+        return list(decision.chosen)
 
-    # -- deciding ----------------------------------------------------------------------------------
-
-    def hit_fractions(self, prompt: PromptInfo) -> dict[str, float | None]:
+    def hit_fractions(self, prompt: PromptView | Mapping[str, Any]) -> dict[str, float | None]:
         """Per option, the fraction of `context["sample_xy_um"]` positions that lie on a true crystal."""
+        view = _as_view(prompt)
         fractions: dict[str, float | None] = {}
-        for option in prompt.options:
+        for option in view.options:
             points = _sample_points(option.context)
             if points is None:
                 fractions[option.id] = None
@@ -161,88 +133,53 @@ class SimulatedOperator:
             fractions[option.id] = float(np.mean(ids >= 0))
         return fractions
 
-    def decide(self, prompt: PromptInfo) -> Decision:
-        """The options this operator picks for `prompt` (with its seeded mistakes); sends nothing."""
-        fractions = self.hit_fractions(prompt)
+    def decide(self, prompt: PromptView | Mapping[str, Any]) -> Decision:
+        """The options this operator picks for `prompt`, with its seeded mistakes (remembers nothing)."""
+        view = _as_view(prompt)
+        fractions = self.hit_fractions(view)
         scored = {oid: f for oid, f in fractions.items() if f is not None}
-        mistakes: list[str] = []
-        if prompt.multiple:
-            verdicts = {oid: f >= self.min_hit_fraction for oid, f in scored.items()}
-            for oid in verdicts:
-                if self.error_rate > 0 and self._rng.random() < self.error_rate:
-                    verdicts[oid] = not verdicts[oid]
-                    mistakes.append(oid)
-            chosen = [oid for oid, yes in verdicts.items() if yes]
-            if not chosen:
-                none_ids = [o.id for o in prompt.options if o.context.get("none") is True or o.id == "none"]
-                if none_ids:
-                    chosen = none_ids[:1]
-                elif scored:
-                    chosen = [max(scored, key=lambda oid: scored[oid])]
-                else:
-                    chosen = [prompt.options[0].id]
+        if view.multiple:
+            chosen, mistakes = self._choose_several(view, scored)
         else:
-            ranked = sorted(scored, key=lambda oid: scored[oid], reverse=True) or [o.id for o in prompt.options]
-            pick = ranked[0]
-            if len(prompt.options) > 1 and self.error_rate > 0 and self._rng.random() < self.error_rate:
-                others = [o.id for o in prompt.options if o.id != pick]
-                pick = others[int(self._rng.integers(len(others)))]
-                mistakes.append(pick)
-            chosen = [pick]
-        return Decision(prompt_id=prompt.id, hit_fraction=fractions, chosen=tuple(chosen), mistakes=tuple(mistakes))
+            chosen, mistakes = self._choose_one(view, scored)
+        return Decision(prompt_id=view.id, hit_fraction=fractions, chosen=tuple(chosen), mistakes=tuple(mistakes))
 
-    # -- thread ------------------------------------------------------------------------------------
+    def _choose_several(self, view: PromptView, scored: dict[str, float]) -> tuple[list[str], list[str]]:
+        """(chosen, flipped) for a `multiple` prompt: every option judged crystal, else "none", else the best."""
+        mistakes: list[str] = []
+        verdicts = {oid: f >= self.min_hit_fraction for oid, f in scored.items()}
+        for oid in verdicts:
+            if self.error_rate > 0 and self._rng.random() < self.error_rate:
+                verdicts[oid] = not verdicts[oid]
+                mistakes.append(oid)
+        chosen = [oid for oid, yes in verdicts.items() if yes]
+        if not chosen:
+            none_ids = [o.id for o in view.options if o.context.get("none") is True or o.id == "none"]
+            if none_ids:
+                chosen = none_ids[:1]
+            elif scored:
+                chosen = [max(scored, key=lambda oid: scored[oid])]
+            else:
+                chosen = [view.options[0].id]
+        return chosen, mistakes
 
-    def _run(self) -> None:
-        from agent.operator import AnswerRefusedError, OperatorClient, OperatorError, PromptClosed, PromptInfo
-
-        try:
-            client = OperatorClient(self.endpoint, event_endpoint=self.event_endpoint)
-        except BaseException as exc:
-            self._error = exc
-            self._ready.set()
-            return
-        self._ready.set()
-        due: dict[str, tuple[float, Any]] = {}
-        try:
-            while not self._stop.is_set():
-                wait_s = 0.05
-                if due:
-                    wait_s = max(0.0, min(wait_s, min(t for t, _ in due.values()) - time.monotonic()))
-                event = client.next_event(wait_s)
-                if isinstance(event, PromptInfo) and not self.never_answer:
-                    due[event.id] = (time.monotonic() + self.delay_s, event)
-                elif isinstance(event, PromptClosed):
-                    due.pop(event.prompt_id, None)
-                for prompt_id, (when, prompt) in list(due.items()):
-                    if when > time.monotonic():
-                        continue
-                    del due[prompt_id]
-                    decision = self.decide(prompt)
-                    try:
-                        reply = client.answer(prompt_id, list(decision.chosen), operator=self.name)
-                        decision = _replace(decision, accepted=True, reply=f"accepted at {reply.answered_utc}")
-                    except AnswerRefusedError as exc:
-                        decision = _replace(decision, reply=f"{exc.code}: {exc}")
-                    except OperatorError as exc:
-                        decision = _replace(decision, reply=f"error: {exc}")
-                    logger.info("simulated operator %s: %s -> %s (%s)", self.name, prompt_id, decision.chosen,
-                                decision.reply)
-                    with self._lock:
-                        self._decisions.append(decision)
-        except Exception:
-            logger.exception("simulated operator %s stopped on an error", self.name)
-        finally:
-            client.close()
+    def _choose_one(self, view: PromptView, scored: dict[str, float]) -> tuple[list[str], list[str]]:
+        """(chosen, flipped) for a single-choice prompt: the option with the most hits, or by mistake another."""
+        mistakes: list[str] = []
+        ranked = sorted(scored, key=lambda oid: scored[oid], reverse=True) or [o.id for o in view.options]
+        pick = ranked[0]
+        if len(view.options) > 1 and self.error_rate > 0 and self._rng.random() < self.error_rate:
+            others = [o.id for o in view.options if o.id != pick]
+            pick = others[int(self._rng.integers(len(others)))]
+            mistakes.append(pick)
+        return [pick], mistakes
 
 
-def _replace(decision: Decision, **changes: Any) -> Decision:
-    from dataclasses import replace
-
-    return replace(decision, **changes)
+def _as_view(prompt: PromptView | Mapping[str, Any]) -> PromptView:
+    return prompt if isinstance(prompt, PromptView) else PromptView.from_wire(prompt)
 
 
-def _sample_points(context: dict[str, Any]) -> np.ndarray | None:
+def _sample_points(context: Mapping[str, Any]) -> np.ndarray | None:
     raw = context.get("sample_xy_um")
     if raw is None:
         return None

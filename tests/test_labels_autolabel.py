@@ -1,7 +1,7 @@
 """Label memory end to end: simulated atlas frames -> locator clusters -> simulated operator over ZeroMQ
 -> label memory -> a new seed of the same specimen type is labelled from memory; a new type is not.
 
-Four answered sessions: the memory's held-out check (agent.labels) lowers its confidence in a label after
+Four answered sessions: the memory's held-out check (agent.prompts.label_votes) lowers its confidence in a label after
 it has mispredicted that label on its own past answers, as it did here with two sessions (seed 2's mixed
 cluster), so with two sessions the third would still be asked about."""
 
@@ -13,12 +13,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.labels import DEFAULT_CONFIDENCE_THRESHOLD, LabelMemory
 from agent.locate.analysis import ClusterAnalysis, LocateSettings, analyse
-from agent.operator import OperatorChannel, Prompt, PromptOption
+from agent.prompts import (
+    DEFAULT_CONFIDENCE_THRESHOLD,
+    LabelMemory,
+    OperatorChannel,
+    PolicyOperator,
+    Prompt,
+    PromptOption,
+)
 from drivers.geometry import pixel_to_stage_um
 from simulator import create_simulated_microscope
-from simulator.operator import SimulatedOperator
+from simulator.operator import SimulatedAnswerPolicy
 
 #: The screening plan's default search-image analysis (agent.config): 32 x 32 grid, k = 3.
 SETTINGS = LocateSettings(mode="grid", grid_rows=32, grid_cols=32, k=3)
@@ -96,7 +102,8 @@ def _ask(session: Session, channel: OperatorChannel) -> tuple[str, ...]:
             timeout_s=20,
         )
     )
-    with SimulatedOperator(channel.prompt_endpoint, session.microscope.ground_truth, seed=session.seed):
+    policy = SimulatedAnswerPolicy(session.microscope.ground_truth, seed=session.seed)
+    with PolicyOperator(channel.prompt_endpoint, policy):
         answer = handle.wait(20)
     assert answer is not None, "the simulated operator did not answer"
     return answer.option_ids
