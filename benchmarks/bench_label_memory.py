@@ -27,7 +27,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent.labels import CALIBRATION_CONFIDENCE, LabelMemory
+from agent.prompts import LabelMemory
+from agent.prompts.label_votes import CALIBRATION_CONFIDENCE
 
 NAMES = tuple(f"feature_{i}" for i in range(9))
 

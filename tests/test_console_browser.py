@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from agent.events import EventBus
-from agent.operator import OperatorChannel, OperatorClient
+from agent.prompts import OperatorChannel, OperatorClient
 
 pytest.importorskip("starlette")
 sync_api = pytest.importorskip("playwright.sync_api")
@@ -159,7 +159,7 @@ def test_expiry_controls_and_a_terminal_answer(browser: Any, tmp_path: Path) -> 
         page.click('[data-control="pause"]')
         page.wait_for_selector('#state[data-state="paused"]')
         assert setup.session.state == "paused"
-        from agent.operator import Prompt, PromptOption
+        from agent.prompts import Prompt, PromptOption
 
         handle = setup.channel.ask(Prompt(question="Again?", options=(PromptOption(id="y", label="yes"),),
                                           timeout_s=30))

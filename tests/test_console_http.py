@@ -28,8 +28,7 @@ from agent.console.server import (
     wait_for,
 )
 from agent.events import ControlServer, EventBus
-from agent.labels import LabelMemory
-from agent.operator import OperatorChannel, OperatorClient
+from agent.prompts import LabelMemory, OperatorChannel, OperatorClient
 
 
 def request(
@@ -423,8 +422,8 @@ def test_explore_cluster_vectors_match_the_locators_for_label_memory() -> None:
     centroid is close (signed-log RMS < the label memory's kernel width) to `analyse`'s for the same cluster,
     and a bright-field / dark-field pair of the same image gives the same vector (polarity-invariant)."""
     from agent.console.explore import ExploreEngine, ExploreSettings
-    from agent.labels import DEFAULT_BANDWIDTH, signed_log
     from agent.locate.analysis import LocateSettings, analyse
+    from agent.prompts.label_votes import DEFAULT_BANDWIDTH, signed_log
 
     image, _ = blob_image()
     analysis = analyse(image, LocateSettings(grid_rows=32, grid_cols=32, k=3))

@@ -13,10 +13,8 @@ import numpy as np
 import pytest
 
 from agent.config import OperatorPlan
-from agent.labelling import decide_crystal_clusters
-from agent.labels import LabelMemory
 from agent.locate.analysis import ClusterAnalysis, LocateSettings, analyse
-from agent.operator import OperatorChannel, OperatorClient, PromptInfo
+from agent.prompts import LabelMemory, OperatorChannel, OperatorClient, PromptInfo, decide_crystal_clusters
 from tests.synthetic_images import make_grid_image
 
 

@@ -13,19 +13,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.labels import (
-    AUTO_BANDWIDTH_FRACTION,
-    BANDWIDTH_LIMITS,
-    CALIBRATION_CONFIDENCE,
-    DEFAULT_BANDWIDTH,
+from agent.prompts import (
     DEFAULT_CONFIDENCE_THRESHOLD,
     LABELS_FILE_NAME,
-    MIN_SHARED_FEATURE_FRACTION,
-    MIN_VOTE_WEIGHT,
     LabelMemory,
     LabelMemoryError,
     LabelRecord,
     default_labels_dir,
+)
+from agent.prompts.label_votes import (
+    AUTO_BANDWIDTH_FRACTION,
+    BANDWIDTH_LIMITS,
+    CALIBRATION_CONFIDENCE,
+    DEFAULT_BANDWIDTH,
+    MIN_SHARED_FEATURE_FRACTION,
+    MIN_VOTE_WEIGHT,
     signed_log,
     trimmed_rms_distance,
 )
@@ -61,7 +63,7 @@ def test_records_persist_and_reload_across_processes(tmp_path: Path) -> None:
     script = textwrap.dedent(
         f"""
         import json, numpy as np
-        from agent.labels import LabelMemory
+        from agent.prompts import LabelMemory
         memory = LabelMemory({str(tmp_path / "labels")!r})
         records = memory.list_records()
         memory.record_clusters(np.array([[1.0, 2, 3, 4, 5, 6]]), {list(NAMES)!r}, [True],
@@ -291,7 +293,7 @@ def test_a_session_whose_nearest_record_was_auto_labelled_casts_no_vote(tmp_path
 def test_a_memory_that_mispredicts_its_own_answers_is_not_confident(tmp_path: Path) -> None:
     """Look-alike clusters answered differently in different sessions (a film step that looks like a
     flake): held out, the memory got its own past answers wrong, so it gives no confident label; the
-    votes are split two to four, so it calls the cluster mixed (not asked by default; `agent.labelling`)."""
+    votes are split two to four, so it calls the cluster mixed (not asked by default; `agent.prompts.policy`)."""
     rng = np.random.default_rng(11)
     consistent = LabelMemory(tmp_path / "consistent")
     for session in ("s1", "s2", "s3", "s4"):

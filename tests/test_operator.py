@@ -12,7 +12,7 @@ import pytest
 import zmq
 from pydantic import ValidationError
 
-from agent.operator import (
+from agent.prompts import (
     AnswerReply,
     InvalidAnswerError,
     OperatorChannel,

@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 
 from agent.commands.operator import parse_choice, preview_text
-from agent.labels import LabelMemory
-from agent.operator import InvalidAnswerError, OperatorChannel, OperatorClient, Prompt, PromptOption
+from agent.prompts import InvalidAnswerError, LabelMemory, OperatorChannel, OperatorClient, Prompt, PromptOption
 from drivers.formats.images import encode_png
 
 #: The console script, run with this interpreter (`-m agent.cli` would make a second CommandError class).

@@ -51,7 +51,7 @@ def run_console(args: argparse.Namespace) -> int:
     except ImportError as exc:  # the optional extra is missing
         raise CommandError(f"the console needs its extra: pip install 'crystal-locator[console]' ({exc})") from exc
     from agent.console.links import LinkError
-    from agent.labels import LabelMemory, LabelMemoryError, default_labels_dir
+    from agent.prompts import LabelMemory, LabelMemoryError, default_labels_dir
 
     try:
         host, port = parse_listen(args.listen)

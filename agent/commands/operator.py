@@ -7,7 +7,7 @@ reply. Prompts that close while you are choosing (answered elsewhere, expired) a
 skipped. Works with piped stdin, so it can be scripted.
 
 `labels list|export|prune` inspect and edit the label memory (`--labels DIR`, default
-`agent.labels.default_labels_dir()`).
+`agent.prompts.default_labels_dir()`).
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def _connect(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
-    from agent.operator import OperatorClient, OperatorError
+    from agent.prompts import OperatorClient, OperatorError
 
     console = Console(highlight=False, soft_wrap=True)
     name = args.name or getpass.getuser() or "operator"
@@ -130,7 +130,7 @@ class _TerminalSession:
         self.lines.put(None)
 
     def run(self) -> int:
-        from agent.operator import PromptClosed, PromptInfo
+        from agent.prompts import PromptClosed, PromptInfo
 
         idle_since = time.monotonic()
         while True:
@@ -169,7 +169,7 @@ class _TerminalSession:
 
     def _take_input(self) -> bool:
         """Handle one line of input for the current prompt, if there is one; False to quit."""
-        from agent.operator import AnswerRefusedError, InvalidAnswerError, OperatorError
+        from agent.prompts import AnswerRefusedError, InvalidAnswerError, OperatorError
 
         try:
             line = self.lines.get_nowait()
@@ -214,7 +214,7 @@ class _TerminalSession:
         from rich.panel import Panel
         from rich.table import Table
 
-        from agent.operator import save_prompt_images
+        from agent.prompts import save_prompt_images
 
         table = Table(show_header=False, box=None, pad_edge=False)
         table.add_column(justify="right", style="bold")
@@ -242,7 +242,7 @@ class _TerminalSession:
 
 def parse_choice(line: str, option_ids: list[str]) -> list[str]:
     """Option ids from a typed answer: numbers (1-based) or ids, separated by commas or spaces."""
-    from agent.operator import InvalidAnswerError
+    from agent.prompts import InvalidAnswerError
 
     chosen = []
     for token in line.replace(",", " ").split():
@@ -283,7 +283,7 @@ def preview_text(png: bytes, width_chars: int = 64) -> Any:
 
 
 def _memory(args: argparse.Namespace) -> Any:
-    from agent.labels import LabelMemory, LabelMemoryError, default_labels_dir
+    from agent.prompts import LabelMemory, LabelMemoryError, default_labels_dir
 
     try:
         return LabelMemory(args.labels or default_labels_dir())
@@ -329,7 +329,7 @@ def _labels_export(args: argparse.Namespace) -> int:
 
 
 def _labels_prune(args: argparse.Namespace) -> int:
-    from agent.labels import LabelMemoryError
+    from agent.prompts import LabelMemoryError
 
     memory = _memory(args)
     if args.all:

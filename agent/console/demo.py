@@ -189,7 +189,7 @@ class ScriptedSession:
     def _ask_operator(self, atlas: np.ndarray) -> int:
         if self.channel is None:
             return 1
-        from agent.operator import Prompt, PromptOption
+        from agent.prompts import Prompt, PromptOption
 
         gallery = np.tile(atlas[:64, :64, None], (1, 2, 3))
         prompt = Prompt(

@@ -26,7 +26,7 @@ import zmq
 
 from agent.console.hub import ConsoleHub
 from agent.events import send_control
-from agent.operator import (
+from agent.prompts import (
     AnswerReply,
     OperatorClient,
     OperatorError,

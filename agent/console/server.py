@@ -61,7 +61,7 @@ from agent.console.security import (
     SecurityError,
     is_loopback_host,
 )
-from agent.operator import (
+from agent.prompts import (
     AnswerRefusedError,
     BadRequestError,
     InvalidAnswerError,
@@ -395,7 +395,7 @@ class ConsoleApp:
         image_id = request.path_params["image_id"]
 
         def work() -> Any:
-            from agent.labels import LabelRecord
+            from agent.prompts import LabelRecord
 
             vector, names = self.explore.cluster_vector(image_id, body.settings, body.cluster_id)
             record = LabelRecord(
