@@ -3,12 +3,13 @@
 Run by hand: `.venv/bin/python benchmarks/bench_labels.py [--sessions 4] [--specimens TYPE ...]
 [--camera-px 1024] [--squares 1] [--max-targets 2] [--json FILE]` (about 10 minutes at 1024 px under
 load; `--camera-px 512` takes 4, but a 512 px atlas frame shows about one grid square, often without
-crystals, and its clusters do not recur across seeds: see `agent.labels` for both figures).
+crystals, and its clusters do not recur across seeds: see `docs/label-memory.md` for both figures).
 
 For every specimen type: a fresh label-memory folder (temporary), then `--sessions` simulated screening
 sessions of that type with seeds 1, 2, ... sharing it, each with the simulated operator answering prompts
 over ZeroMQ (as `screen --simulated --operator simulated --labels DIR` runs them: `ScreeningSession` in
-process, with an `OperatorChannel` on 127.0.0.1 and a `simulator.operator.SimulatedOperator`), then one
+process, with an `OperatorChannel` on 127.0.0.1 and an `agent.prompts.PolicyOperator` answering with a
+`simulator.operator.SimulatedAnswerPolicy`), then one
 session of a different specimen type (the next one in the list) on the same memory, which must be asked
 about again.
 
@@ -56,11 +57,10 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from agent.config import AreaPlan, ScreeningPlan, TargetingPlan  # noqa: E402
-from agent.labels import LabelMemory  # noqa: E402
-from agent.operator import OperatorChannel  # noqa: E402
+from agent.prompts import LabelMemory, OperatorChannel, PolicyOperator  # noqa: E402
 from agent.screening import ScreeningSession  # noqa: E402
 from simulator import SPECIMEN_TYPES, create_simulated_microscope  # noqa: E402
-from simulator.operator import SimulatedOperator  # noqa: E402
+from simulator.operator import SimulatedAnswerPolicy  # noqa: E402
 from simulator.scoring import score_session  # noqa: E402
 
 
@@ -85,10 +85,11 @@ def run_session(
         targeting=TargetingPlan(max_targets=max_targets),
     )
     memory = LabelMemory(labels_dir)
+    policy = SimulatedAnswerPolicy(truth, seed=seed, error_rate=error_rate)
     start = time.perf_counter()
     with (
         OperatorChannel("tcp://127.0.0.1:0") as channel,
-        SimulatedOperator(channel.prompt_endpoint, truth, seed=seed, error_rate=error_rate) as operator,
+        PolicyOperator(channel.prompt_endpoint, policy),
     ):
         session = ScreeningSession(
             microscope,
@@ -108,27 +109,27 @@ def run_session(
         "prompts": summary.get("prompts"),
         "target_precision": summary.get("precision"),
         "targets_found": summary.get("targets_found"),
-        "clusters": _judge_clusters(session, truth, operator),
-        "operator_mistakes": sum(len(d.mistakes) for d in operator.decisions),
+        "clusters": _judge_clusters(session, truth, policy),
+        "operator_mistakes": sum(len(d.mistakes) for d in policy.decisions),
         "preset": plan.presets.atlas,
         "feature_names": list(session.analysis.feature_names) if session.analysis is not None else [],
         "centroids": session.analysis.normalised_centroids().tolist() if session.analysis is not None else [],
     }
 
 
-def _judge_clusters(session: ScreeningSession, truth: Any, operator: SimulatedOperator) -> list[dict[str, Any]]:
+def _judge_clusters(session: ScreeningSession, truth: Any, policy: SimulatedAnswerPolicy) -> list[dict[str, Any]]:
     """Per cluster: its label, where it came from, and ground truth as the simulated operator sees it."""
     analysis, atlas, decision = session.analysis, session.atlas, session.decision
     if analysis is None or atlas is None or decision is None:
         return []
     labels = np.asarray(analysis.label_grid).ravel()
     cell_xy = atlas.pixel_to_stage_um(np.asarray(analysis.cell_centres_px, dtype=np.float64))
-    on_crystal = truth.crystal_id_xy(cell_xy[:, 0], cell_xy[:, 1], tolerance_um=operator.tolerance_um) >= 0
+    on_crystal = truth.crystal_id_xy(cell_xy[:, 0], cell_xy[:, 1], tolerance_um=policy.tolerance_um) >= 0
     rows = []
     for cluster in analysis.clusters:
         cid = int(cluster.cluster_id)
         samples = np.asarray(session._sample_xy_um(cluster), dtype=np.float64).reshape(-1, 2)
-        hits = truth.crystal_id_xy(samples[:, 0], samples[:, 1], tolerance_um=operator.tolerance_um) >= 0
+        hits = truth.crystal_id_xy(samples[:, 0], samples[:, 1], tolerance_um=policy.tolerance_um) >= 0
         members = labels == cid
         sample_fraction = float(np.mean(hits)) if len(hits) else 0.0
         rows.append(
@@ -140,7 +141,7 @@ def _judge_clusters(session: ScreeningSession, truth: Any, operator: SimulatedOp
                 "source": decision.sources.get(cid, "?"),
                 "confidence": decision.confidences.get(cid),
                 "sample_fraction": sample_fraction,
-                "truly_crystal": sample_fraction >= operator.min_hit_fraction,
+                "truly_crystal": sample_fraction >= policy.min_hit_fraction,
                 "cells_on_crystal": int(on_crystal[members].sum()),
             }
         )
@@ -190,7 +191,7 @@ def replay_orders(sessions: list[dict[str, Any]], max_orders: int = 24) -> dict[
     asked under the default `mixed="last"`) are counted apart, with how many the operator would have
     called crystal (`mixed_crystal`).
     """
-    from agent.labels import DEFAULT_CONFIDENCE_THRESHOLD
+    from agent.prompts import DEFAULT_CONFIDENCE_THRESHOLD
 
     usable = [s for s in sessions if s["centroids"]]
     if math.factorial(len(usable)) <= max_orders:
