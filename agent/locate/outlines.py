@@ -235,12 +235,30 @@ def find_outlines(
     near_mask = near_mask_px(mask)
     z = edge_z_scores(response, near_mask)
     ridge = ridge_pixels(response, direction)
+    edges = _edge_pixels(ridge, z, direction, near_mask, length_px, z_high=z_high, z_low=z_low)
+    if not edges.any():
+        return OutlineTable(
+            np.zeros(shape, np.int32), np.zeros(0), np.zeros(0), np.zeros(0), np.zeros(0, np.int64), np.zeros(0), z
+        )
+    return _straight_outlines(edges, ridge, z, direction, mask, length_px, z_low=z_low)
+
+
+def _edge_pixels(
+    ridge: np.ndarray,
+    z: np.ndarray,
+    direction: np.ndarray,
+    near_mask: np.ndarray,
+    length_px: int,
+    *,
+    z_high: float,
+    z_low: float,
+) -> np.ndarray:
+    """Step 3 of the module docstring: the bool mask of edge pixels, the `ridge` pixels that pass the
+    hysteresis on the z-scores `z` (robust sigmas) less seams, tails and ridges shorter than three
+    quarters of a line (`length_px`). All False when no ridge reaches `z_high`."""
     strong = ridge & (z >= z_high)
-    empty = OutlineTable(
-        np.zeros(shape, np.int32), np.zeros(0), np.zeros(0), np.zeros(0), np.zeros(0, np.int64), np.zeros(0), z
-    )
     if not strong.any():
-        return empty
+        return strong
     weak = ridge & (z >= z_low)
     weak &= ~seam_mask(weak, direction, max(1, length_px // 4), valid=~near_mask)
     # tails (module docstring); a faint ridge's tails are below z_low anyway
@@ -252,9 +270,24 @@ def find_outlines(
     seeded[0] = False
     sizes = np.bincount(weak_labels.ravel(), minlength=n_weak + 1)
     keep = seeded & (sizes >= 0.75 * length_px)
-    edges = keep[weak_labels]
-    if not edges.any():
-        return empty
+    return keep[weak_labels]
+
+
+def _straight_outlines(
+    edges: np.ndarray,
+    ridge: np.ndarray,
+    z: np.ndarray,
+    direction: np.ndarray,
+    mask: np.ndarray,
+    length_px: int,
+    *,
+    z_low: float,
+) -> OutlineTable:
+    """Steps 4 and 5 of the module docstring: edge pixels up to about a line (`length_px`) apart are linked
+    (pixels within half a line of an edge join), each group is filled by its convex hull (off the mask),
+    and a hull is kept when the ridges of z >= `z_low` around it run in few directions. Centroids and
+    areas in pixels."""
+    shape = edges.shape
     link = max(1, length_px // 2)
     groups, _count = ndimage.label(ndimage.distance_transform_edt(~edges) <= link)
     groups = np.where(edges, groups, 0)
