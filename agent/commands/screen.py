@@ -164,9 +164,9 @@ def run_screen(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from agent.events import ControlServer, EventBus
-    from agent.journal import read_journal
+    from agent.session.journal import read_journal
     from agent.progress import TerminalProgress, summary_table
-    from agent.screening import ScreeningSession, SessionError
+    from agent.session.screening import ScreeningSession, SessionError
     from drivers.formats.images import write_atomic
 
     source = _source_from_args(args)

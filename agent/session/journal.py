@@ -5,9 +5,9 @@ Every line is one JSON object with at least `seq` (1, 2, ...), `type`, `time_utc
 fsynced before `append` returns, so after a crash the file holds every entry that was acknowledged plus
 at most one torn last line, which `read_journal` ignores (with a warning).
 
-Entry types used by the screening loop (`agent.screening`): `session` (start / resume), `plan`,
-`transition`, `calibration`, `artifact` (a file written), `mapping`, `locating`, `labelling`,
-`targets` (the planned target list), `target` (one target's outcome), `prompt`, `fault`, `summary`.
+Every line is a typed record of `agent.session.records` (one pydantic model per `type`): `Journal.append`
+takes a record (validated when it was made) and `read_records` validates every line it reads, naming the
+line that does not fit. `read_journal` gives the raw dictionaries (for display).
 """
 
 from __future__ import annotations
@@ -20,6 +20,10 @@ from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from pydantic import ValidationError
+
+from agent.session.records import AnyRecord, Record, parse_record
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +80,25 @@ def read_journal(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return entries
 
 
+def read_records(path: str | os.PathLike[str]) -> list[AnyRecord]:
+    """Every complete line of a journal as its typed record (see `read_journal` for torn lines).
+
+    Raises `JournalError` naming the line when a line is not a record this release can read.
+    """
+    records = []
+    for entry in read_journal(path):
+        try:
+            records.append(parse_record(entry))
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(part) for part in first.get("loc", ()))
+            raise JournalError(
+                f"{path}: entry seq {entry.get('seq')} (type {entry.get('type')!r}) is not a valid journal record: "
+                f"{where}: {first.get('msg')}"
+            ) from None
+    return records
+
+
 class Journal:
     """Appends entries to `session_dir/journal.jsonl`; thread-safe; resumes numbering after a restart.
 
@@ -114,15 +137,22 @@ class Journal:
         """Use `clock_s()` (seconds of microscope time) to stamp entries from now on."""
         self._clock_s = clock_s
 
-    def append(self, entry_type: str, **fields: Any) -> dict[str, Any]:
-        """Write one entry durably (flush + fsync) and return it."""
+    def append(self, record: Record) -> dict[str, Any]:
+        """Write one record durably (flush + fsync) and return the line written, envelope included.
+
+        The envelope (`seq`, `time_utc`, `microscope_time_s` from the clock) comes first; a record with a
+        `microscope_time_s` of its own (a target's outcome, the summary) keeps its own.
+        """
+        if not isinstance(record, Record):
+            raise TypeError(f"a journal takes agent.session.records models, not {type(record).__name__}")
+        fields = record.payload()
         with self._lock:
             if self._handle.closed:
                 raise JournalError(f"{self.path}: journal is closed")
             microscope_time_s = float(self._clock_s()) if self._clock_s is not None else None
             entry = {
                 "seq": self._seq + 1,
-                "type": entry_type,
+                "type": fields.pop("type"),
                 "time_utc": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
                 "microscope_time_s": microscope_time_s,
                 **fields,

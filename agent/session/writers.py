@@ -1,0 +1,145 @@
+"""Subscribers to a session's records, and the file writer behind the steps' output port.
+
+The session emits every record to its subscribers in order: the journal writer first (it stamps the record
+with `seq`, UTC time and microscope time, durably), then the others, which receive the stamped record:
+
+- `EventPublisher`: the `EventBus` topics a console or log follows (`state`, `journal`, `prompt`, `target`,
+  `summary`, plus `atlas` and `progress` notices);
+- `CalibrationWriter`: `calibration.json` after every measured preset;
+- `TableWriter`: `targets.csv`, `targets.json`, `targets.nav` after the target list and every outcome.
+
+`FileWriter` writes the frames, previews and atlas outputs steps hand to the output port. Every file is
+written atomically.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from agent import outputs
+from agent.calibration import CALIBRATION_NAME, CalibrationSet, PresetCalibration
+from agent.events import EventBus
+from agent.records import TargetRecord
+from agent.session.journal import Journal
+from agent.session.records import (
+    CalibrationMeasured,
+    PromptAsked,
+    Record,
+    SummaryWritten,
+    TargetFinished,
+    TargetsPlanned,
+    Transition,
+)
+from drivers.base import Frame
+from drivers.formats.images import write_frame_tiff
+
+#: A subscriber: called with every stamped record, in the order they are emitted.
+Subscriber = Callable[[Record], None]
+
+
+class JournalWriter:
+    """Appends every record to the journal (flushed and fsynced) and stamps it with its envelope."""
+
+    def __init__(self, journal: Journal) -> None:
+        self.journal = journal
+        self.last_entry: dict[str, Any] = {}
+
+    def __call__(self, record: Record) -> Record:
+        entry = self.journal.append(record)
+        self.last_entry = entry
+        envelope = {key: entry[key] for key in ("seq", "time_utc", "microscope_time_s")}
+        return record.model_copy(update=envelope)
+
+
+class EventPublisher:
+    """Publishes records on an `EventBus` under the topics consoles and logs follow."""
+
+    def __init__(self, bus: EventBus, journal_writer: JournalWriter) -> None:
+        self.bus = bus
+        self._journal_writer = journal_writer
+
+    def __call__(self, record: Record) -> None:
+        entry = self._journal_writer.last_entry
+        if isinstance(record, Transition):
+            self.bus.publish("state", state=record.state, microscope_time_s=record.microscope_time_s)
+        self.bus.publish("journal", entry=entry)
+        if isinstance(record, PromptAsked):
+            self.bus.publish("prompt", prompt_id=record.prompt_id, answered_by=record.answered_by)
+        elif isinstance(record, TargetFinished):
+            self.bus.publish("target", **record.result().model_dump(mode="json"))
+        elif isinstance(record, SummaryWritten):
+            self.bus.publish("summary", **_summary(record))
+
+    def atlas_ready(self, heatmap: str, n_targets: int) -> None:
+        """Announce the atlas heat map (relative path) and the number of planned targets."""
+        self.bus.publish("atlas", heatmap=heatmap, targets=n_targets)
+
+    def progress(self, summary: dict[str, Any]) -> None:
+        """Announce the session's numbers after a target."""
+        self.bus.publish("progress", **summary)
+
+
+def _summary(record: SummaryWritten) -> dict[str, Any]:
+    data = record.payload()
+    data.pop("type", None)
+    return data
+
+
+class CalibrationWriter:
+    """Keeps `calibration.json` in the session folder up to date with every measured preset."""
+
+    def __init__(self, session_dir: Path, calibration: CalibrationSet) -> None:
+        self.path = session_dir / CALIBRATION_NAME
+        self.calibration = calibration
+
+    def __call__(self, record: Record) -> None:
+        if isinstance(record, CalibrationMeasured):
+            preset = PresetCalibration.model_validate(record.model_dump(include=set(PresetCalibration.model_fields)))
+            self.calibration = self.calibration.with_preset(preset)
+            self.calibration.save(self.path)
+
+
+class TableWriter:
+    """Rewrites the target tables (CSV, JSON, SerialEM navigator) after the plan and after every outcome."""
+
+    def __init__(self, session_dir: Path, context: Any) -> None:
+        self.session_dir = session_dir
+        self.context = context
+
+    def __call__(self, record: Record) -> None:
+        if isinstance(record, TargetsPlanned | TargetFinished):
+            self.write()
+
+    def write(self) -> None:
+        """Write the tables from the session's targets and outcomes now."""
+        ctx = self.context
+        outputs.write_target_tables(self.session_dir, ctx.targets, ctx.results, ctx.calibration, ctx.atlas)
+
+
+class FileWriter:
+    """Writes what steps hand to the output port: frames (TIFF with metadata), previews, atlas outputs."""
+
+    def __init__(self, session_dir: Path) -> None:
+        self.session_dir = session_dir
+
+    def _path(self, relative_path: str) -> Path:
+        path = self.session_dir / relative_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def frame(self, relative_path: str, frame: Frame) -> str:
+        """Write `frame` at `relative_path`; returns the path relative to the session folder."""
+        path = write_frame_tiff(self._path(relative_path), frame)
+        return str(Path(path).relative_to(self.session_dir))
+
+    def previews(self, target_id: str, search: Frame, diffraction: Frame | None) -> dict[str, str]:
+        """A target's PNG previews; kind -> relative path."""
+        written = outputs.write_target_thumbnails(self.session_dir, target_id, search, diffraction)
+        return {kind: str(Path(path).relative_to(self.session_dir)) for kind, path in written.items()}
+
+    def atlas_outputs(self, atlas: Any, analysis: Any, decision: Any, targets: list[TargetRecord]) -> dict[str, str]:
+        """Heat map, masks, gallery and cluster table of the atlas; kind -> relative path."""
+        written = outputs.write_atlas_outputs(self.session_dir, atlas, analysis, decision, targets)
+        return {kind: str(Path(path).relative_to(self.session_dir)) for kind, path in written.items()}

@@ -1,0 +1,146 @@
+"""Step `calibrating`: measure the image -> stage matrix of every preset the session uses and lacks.
+
+Each preset is measured at a grid-square corner near the stage centre, where film meets bar along two
+directions (structure in both axes at every magnification), found on the overview (`square_corners`);
+without a visible mesh, near the centre (a spiral of points over retries). Each retry of the step
+(`ctx.calibration_attempt`) takes the next corner or spiral point.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from agent.atlas import Atlas, frame_atlas
+from agent.calibration import CalibrationSet, measure_preset
+from agent.motion import approach_move
+from agent.session.records import CalibrationMeasured
+from agent.steps.context import SessionContext
+
+
+@dataclass(frozen=True)
+class CalibrateResult:
+    """The calibration with every needed preset measured."""
+
+    calibration: CalibrationSet
+
+
+def presets_to_calibrate(ctx: SessionContext) -> list[str]:
+    """The presets this session uses: overview (when the plan maps from an overview), atlas, search."""
+    presets = ctx.plan.presets
+    needed = [presets.atlas, presets.search]
+    if ctx.plan.area.overview and ctx.plan.area.box_um is None:
+        needed.insert(0, presets.overview)
+    return needed
+
+
+def calibrate(ctx: SessionContext) -> CalibrateResult:
+    """Measure each needed preset not yet in `ctx.calibration`; each is recorded as soon as it is measured
+    (so a restarted session keeps it). Raises `MicroscopeError` subclasses from the stage or camera and
+    `CalibrationError` when the image shows too little structure."""
+    for preset in presets_to_calibrate(ctx):
+        if preset in ctx.calibration.presets:
+            continue
+        site = calibration_site(ctx, preset)
+        measured = measure_preset(
+            ctx.microscope,
+            preset,
+            exposure_s=ctx.plan.exposures.calibration_s,
+            stage_xy_um=site,
+            approach_um=ctx.plan.targeting.approach_um,
+        )
+        ctx.calibration = ctx.calibration.with_preset(measured)
+        ctx.output.record(CalibrationMeasured.model_validate(measured.model_dump(mode="json")))
+    return CalibrateResult(calibration=ctx.calibration)
+
+
+def calibration_site(ctx: SessionContext, preset: str) -> tuple[float, float]:
+    """Where to calibrate `preset` (stage um): the corner of a grid square near the centre when the overview
+    shows the mesh, else near the stage centre. For presets above the atlas the corner is refined on an atlas
+    frame (the overview locates it only to a few pixels of ~2-6 um)."""
+    attempt = ctx.calibration_attempt
+    spiral = (40.0 * attempt * math.cos(attempt * 2.4), 40.0 * attempt * math.sin(attempt * 2.4))
+    overview_preset, atlas_preset = ctx.plan.presets.overview, ctx.plan.presets.atlas
+    if preset == overview_preset or overview_preset not in ctx.calibration.presets:
+        return spiral
+    overview = overview_atlas(ctx)
+    corners = square_corners(overview, bar_mask(ctx, overview), near_xy_um=(0.0, 0.0))
+    if not corners:
+        return spiral
+    site = corners[attempt % len(corners)]
+    if preset != atlas_preset and atlas_preset in ctx.calibration.presets:
+        ctx.microscope.set_preset(atlas_preset)
+        approach_move(ctx.microscope, site[0], site[1], ctx.plan.targeting.approach_um)
+        frame = ctx.microscope.acquire(ctx.plan.exposures.calibration_s)
+        local = frame_atlas(frame, ctx.calibration.matrix(atlas_preset))
+        refined = square_corners(local, bar_mask(ctx, local), near_xy_um=site)
+        if refined:
+            site = refined[0]
+    return site
+
+
+def overview_atlas(ctx: SessionContext) -> Atlas:
+    """The whole-grid overview (acquired once per session at the stage centre, then kept in the context)."""
+    if ctx.overview is None:
+        preset = ctx.plan.presets.overview
+        ctx.microscope.set_preset(preset)
+        approach_move(ctx.microscope, 0.0, 0.0, ctx.plan.targeting.approach_um)
+        frame = ctx.microscope.acquire(ctx.plan.exposures.overview_s)
+        ctx.output.save_frame("overview", "overview.tif", frame)
+        ctx.overview = frame_atlas(frame, ctx.calibration.matrix(preset))
+    return ctx.overview
+
+
+def bar_mask(ctx: SessionContext, atlas: Atlas) -> np.ndarray:
+    """Grid bars and black areas of an overview or atlas image; the overview's is computed once.
+
+    Only the locator's mask step runs (`bar_and_black_mask`, the same as `analyse` with
+    `bar_filter="auto"`): no features or clustering are needed for it.
+    """
+    from agent.locate.analysis import LocateSettings, bar_and_black_mask
+
+    if atlas is ctx.overview and ctx.overview_bar_mask is not None:
+        return ctx.overview_bar_mask
+    mask, _angle_deg = bar_and_black_mask(np.asarray(atlas.image), LocateSettings(bar_filter="auto"))
+    mask = np.asarray(mask, dtype=bool)
+    if atlas is ctx.overview:
+        ctx.overview_bar_mask = mask
+    return mask
+
+
+def square_corners(
+    atlas: Atlas, bar_mask: np.ndarray, near_xy_um: tuple[float, float], max_corners: int = 8
+) -> list[tuple[float, float]]:
+    """Stage positions of grid-square corners, nearest `near_xy_um` first (empty if no mesh is seen).
+
+    Bar crossings are the bar pixels farthest from open film (local maxima of the distance transform
+    inside the bars); the film pixel nearest a crossing is a square's corner. Only the inner half of
+    the image around `near_xy_um` is searched, which keeps off the grid rim.
+    """
+    mask = np.asarray(bar_mask, dtype=bool)
+    rows, cols = mask.shape
+    origin = atlas.stage_to_pixel(np.asarray(near_xy_um, dtype=np.float64))
+    yy, xx = np.mgrid[:rows, :cols]
+    inside = np.hypot(xx - origin[0], yy - origin[1]) < min(rows, cols) / 2
+    if not inside.any() or not 0.02 < mask[inside].mean() < 0.95:
+        return []
+    distance, nearest = ndimage.distance_transform_edt(mask, return_indices=True)
+    ridge = (distance == ndimage.maximum_filter(distance, size=3)) & (distance > 1) & inside
+    if not np.any(ridge):
+        return []
+    # Mid-bar ridge points are w/2 from film, crossings w/2 * sqrt(2); the region outside the grid (also
+    # "bar") is much farther. The median ridge value is the mesh's w/2.
+    half_width = float(np.median(distance[ridge]))
+    band = (distance >= 1.2 * half_width) & (distance <= 1.7 * half_width) & inside
+    size = max(3, int(2 * half_width) | 1)
+    peaks = band & (distance == ndimage.maximum_filter(np.where(band, distance, 0.0), size=size))
+    if not np.any(peaks):
+        return []
+    peak_rows, peak_cols = np.nonzero(peaks)
+    order = np.argsort(np.hypot(peak_cols - origin[0], peak_rows - origin[1]))[:max_corners]
+    corner_rc = nearest[:, peak_rows[order], peak_cols[order]]
+    xy = atlas.pixel_to_stage_um(np.column_stack([corner_rc[1], corner_rc[0]]).astype(np.float64))
+    return [(float(x), float(y)) for x, y in xy]

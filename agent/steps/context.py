@@ -1,0 +1,95 @@
+"""The typed context the screening steps read, and the output port through which they report.
+
+`SessionContext` holds what one session knows, in the order the steps build it: plan and microscope,
+calibration, overview and atlas, the cluster analysis, the labelling decision, the targets and their
+outcomes, and `visit`, what the steps of the target being visited found so far. The session applies each
+step's typed result to it; no step keeps state of its own between calls.
+
+Steps know no files and no journal: they send records (`agent.session.records`) and frames to
+`StepOutput`, and the session's subscribers (journal, event publisher, file writers) do the rest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from agent.atlas import Atlas
+from agent.calibration import CalibrationSet
+from agent.config import ScreeningPlan
+from agent.records import TargetRecord, TargetResult
+from agent.session.records import Record
+from drivers.base import Frame, Microscope, MicroscopeInfo
+
+
+class StepOutput(Protocol):
+    """Where steps send what they produce; the session routes it to its subscribers, in order."""
+
+    def record(self, record: Record) -> None:
+        """Journal and publish one record before the step goes on."""
+
+    def save_frame(self, kind: str, relative_path: str, frame: Frame, target_id: str | None = None) -> str:
+        """Have `frame` written (TIFF with its metadata) at `relative_path`; returns that path once written
+        and journalled."""
+
+    def save_target_previews(self, target_id: str, search: Frame, diffraction: Frame | None) -> dict[str, str]:
+        """Have a target's PNG previews written; returns kind -> relative path."""
+
+    def save_atlas_outputs(self, atlas: Atlas, analysis: Any, decision: Any, targets: list[TargetRecord]) -> None:
+        """Have the atlas' heat map, masks, gallery and cluster table written (and announced)."""
+
+
+@dataclass
+class VisitState:
+    """What the steps of one target visit found so far (search frame, re-centred position, diffraction)."""
+
+    target: TargetRecord
+    search: Frame | None = None
+    diffraction: Frame | None = None
+    images: dict[str, str] = field(default_factory=dict)
+    x_um: float | None = None
+    y_um: float | None = None
+    confirm_score: float = 0.0
+    offset_um: float = 0.0
+    n_spots: int = 0
+    signal_to_background: float = 0.0
+
+
+@dataclass
+class SessionContext:
+    """Everything the steps of one session read (see the module docstring)."""
+
+    plan: ScreeningPlan
+    microscope: Microscope
+    info: MicroscopeInfo
+    session_id: str
+    output: StepOutput
+    clock_s: Callable[[], float]
+    calibration: CalibrationSet
+    labels: Any | None = None
+    operator: Any | None = None
+    calibration_attempt: int = 0
+    overview: Atlas | None = None
+    overview_bar_mask: np.ndarray | None = None
+    atlas: Atlas | None = None
+    map_box_um: tuple[float, float, float, float] | None = None
+    analysis: Any | None = None
+    decision: Any | None = None
+    targets: list[TargetRecord] = field(default_factory=list)
+    results: dict[str, TargetResult] = field(default_factory=dict)
+    prompts: int = 0
+    visit: VisitState | None = None
+
+    def frame_shape(self, preset: str) -> tuple[int, int]:
+        """(rows, cols) of a frame taken with `preset` (the camera binned by the preset)."""
+        binning = self.info.preset(preset).binning
+        return (self.info.camera_shape_px[0] // binning, self.info.camera_shape_px[1] // binning)
+
+    def require_visit(self) -> VisitState:
+        """The target being visited; a step of the visit called without one is a bug of the session."""
+        if self.visit is None:
+            raise RuntimeError("no target is being visited")
+        return self.visit

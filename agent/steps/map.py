@@ -1,0 +1,85 @@
+"""Step `mapping`: choose the stage box to map and acquire the atlas montage there.
+
+The box is the plan's own (`area.box_um`), else the best block of grid squares seen on the overview
+(typical squares near the centre; empty, broken and contaminated ones avoided), else one atlas field at
+the stage position. It is clipped to the stage limits.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from agent.atlas import Atlas, acquire_montage, assemble, block_box_um, choose_block, find_squares, plan_tiles
+from agent.session.records import MappingPlanned
+from agent.steps.calibrate import bar_mask, overview_atlas
+from agent.steps.context import SessionContext
+
+logger = logging.getLogger(__name__)
+
+BoxUm = tuple[float, float, float, float]
+
+
+@dataclass(frozen=True)
+class MapResult:
+    """The assembled atlas and the stage box it was asked to cover (x_min, x_max, y_min, y_max um)."""
+
+    atlas: Atlas
+    box_um: BoxUm
+
+
+def map_grid(ctx: SessionContext) -> MapResult:
+    """Plan the montage, acquire it at the atlas preset and assemble it; the atlas TIFF is saved.
+
+    Raises `MicroscopeError` subclasses from the stage or camera."""
+    limits = ctx.microscope.stage_limits()
+    atlas_preset = ctx.plan.presets.atlas
+    matrix = ctx.calibration.matrix(atlas_preset)
+    frame_shape = ctx.frame_shape(atlas_preset)
+    box, squares = _box_to_map(ctx, matrix, frame_shape)
+    box = (
+        max(box[0], limits.x_min_um),
+        min(box[1], limits.x_max_um),
+        max(box[2], limits.y_min_um),
+        min(box[3], limits.y_max_um),
+    )
+    positions = plan_tiles(box, matrix, frame_shape, ctx.plan.area.overlap_fraction)
+    ctx.output.record(MappingPlanned(event="plan", box_um=box, tiles=len(positions), squares=squares))
+    frames = acquire_montage(
+        ctx.microscope,
+        positions,
+        preset=atlas_preset,
+        exposure_s=ctx.plan.exposures.atlas_s,
+        approach_um=ctx.plan.targeting.approach_um,
+    )
+    atlas = assemble(frames, matrix)
+    path = ctx.output.save_frame("atlas", "atlas/atlas.tif", atlas.as_frame(ctx.clock_s()))
+    ctx.output.record(MappingPlanned(event="done", box_um=box, path=path, shape_px=atlas.image.shape))
+    return MapResult(atlas=atlas, box_um=box)
+
+
+def _box_to_map(
+    ctx: SessionContext, matrix: np.ndarray, frame_shape: tuple[int, int]
+) -> tuple[BoxUm, list[dict[str, float]]]:
+    """The stage box the plan asks for and the grid squares chosen in it (empty unless from the overview)."""
+    area = ctx.plan.area
+    if area.box_um is not None:
+        return area.box_um, []
+    if area.overview:
+        overview = overview_atlas(ctx)
+        block = choose_block(find_squares(overview, bar_mask(ctx, overview)), area.squares)
+        if block:
+            squares = [{"x_um": s.x_um, "y_um": s.y_um, "typicality": s.typicality} for s in block]
+            return block_box_um(block, area.margin_um), squares
+        logger.warning("no grid squares found in the overview; mapping one atlas field at the centre")
+        return field_box(matrix, frame_shape, (0.0, 0.0)), []
+    here = ctx.microscope.get_stage()
+    return field_box(matrix, frame_shape, (here.x_um, here.y_um)), []
+
+
+def field_box(matrix: np.ndarray, frame_shape: tuple[int, int], centre_xy_um: tuple[float, float]) -> BoxUm:
+    """The stage box of one field of view centred at `centre_xy_um` (slightly smaller than the frame)."""
+    half = 0.45 * np.abs(matrix) @ np.array([frame_shape[1], frame_shape[0]], dtype=np.float64)
+    return (centre_xy_um[0] - half[0], centre_xy_um[0] + half[0], centre_xy_um[1] - half[1], centre_xy_um[1] + half[1])

@@ -1,0 +1,164 @@
+"""Steps `moving`, `zooming` and `confirming`: go to a target, take a search image, find the object again.
+
+At `confirming` a target is rejected when nothing crystal-like lies near it at the search preset, when the
+object there is round (an ice ball), or when it re-centres onto an object an earlier target already
+confirmed (within `targeting.min_spacing_um`: pieces of one large flake or blob are measured once).
+Otherwise the stage is re-centred on the object (when the plan asks and the offset matters) and a new
+search image is taken there.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from agent.config import ScreeningPlan
+from agent.confirm import find_object_near_centre
+from agent.motion import approach_move
+from agent.records import CONFIRMED_OUTCOMES
+from agent.steps.context import SessionContext
+from drivers.base import Frame
+from drivers.geometry import pixel_to_stage_um
+
+#: What the atlas saw at a stage point (see `atlas_classes`).
+OFF_ATLAS, BAR, FILM, OTHER = -1, 0, 1, 2
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A target found not to be a new crystal at the search preset: where the stage was and why."""
+
+    x_um: float
+    y_um: float
+    reason: str
+
+
+def move(ctx: SessionContext) -> None:
+    """Move the stage to the visited target, approaching from the plan's side (backlash)."""
+    target = ctx.require_visit().target
+    approach_move(ctx.microscope, target.x_um, target.y_um, ctx.plan.targeting.approach_um)
+
+
+def zoom(ctx: SessionContext) -> None:
+    """Switch to the search preset and take the search image (saved, kept in the visit)."""
+    visit = ctx.require_visit()
+    ctx.microscope.set_preset(ctx.plan.presets.search)
+    frame = ctx.microscope.acquire(ctx.plan.exposures.search_s)
+    visit.search = frame
+    target_id = visit.target.target_id
+    visit.images["search"] = ctx.output.save_frame("search", f"targets/{target_id}_search.tif", frame, target_id)
+
+
+def confirm(ctx: SessionContext) -> Rejection | None:
+    """Find the target's object near the search image's centre; None when confirmed (the visit then holds
+    its stage position, contrast and re-centring offset), else why it was rejected."""
+    visit = ctx.require_visit()
+    assert visit.search is not None
+    frame = visit.search
+    stage = frame.metadata.stage
+    found = locate_near_centre(
+        frame, ctx.calibration.matrix(ctx.plan.presets.search), ctx.plan, lambda xy: atlas_classes(ctx, xy)
+    )
+    if found is None:
+        return Rejection(stage.x_um, stage.y_um, "nothing crystal-like near the expected position at the search preset")
+    x_um, y_um, confirm_score, round_outline = found
+    if round_outline and ctx.plan.confirm.reject_round:
+        return Rejection(x_um, y_um, "a round object at the search preset (an ice ball)")
+    offset_um = math.hypot(x_um - stage.x_um, y_um - stage.y_um)
+    visit.x_um, visit.y_um, visit.confirm_score, visit.offset_um = x_um, y_um, confirm_score, offset_um
+    earlier = measured_near(ctx, x_um, y_um)
+    if earlier is not None:
+        # several atlas targets on one large object (pieces of a blob, two ends of a flake) all re-centre
+        # onto it: measure it once
+        return Rejection(x_um, y_um, f"the same object as {earlier} (re-centred onto it at the search preset)")
+    if ctx.plan.confirm.recentre and offset_um > 0.05 * ctx.plan.confirm.radius_um:
+        approach_move(ctx.microscope, x_um, y_um, ctx.plan.targeting.approach_um)
+        centred = ctx.microscope.acquire(ctx.plan.exposures.search_s)
+        target_id = visit.target.target_id
+        visit.images["centred"] = ctx.output.save_frame(
+            "centred", f"targets/{target_id}_centred.tif", centred, target_id
+        )
+        visit.search = centred
+    return None
+
+
+def measured_near(ctx: SessionContext, x_um: float, y_um: float) -> str | None:
+    """The id of a target already confirmed within `targeting.min_spacing_um` of (x, y) um, if any."""
+    spacing_um = ctx.plan.targeting.min_spacing_um
+    for result in ctx.results.values():
+        if result.outcome in CONFIRMED_OUTCOMES and math.hypot(result.x_um - x_um, result.y_um - y_um) < spacing_um:
+            return result.target_id
+    return None
+
+
+def atlas_classes(ctx: SessionContext, xy_um: np.ndarray) -> np.ndarray:
+    """What the atlas says is at stage points (n, 2) um: OFF_ATLAS, BAR (bars, black areas), FILM (the
+    background cluster) or OTHER (any other cluster)."""
+    result = np.full(len(xy_um), OFF_ATLAS, dtype=np.int8)
+    if ctx.atlas is None or ctx.analysis is None:
+        return result
+    analysis = ctx.analysis
+    bar = np.asarray(analysis.bar_mask, dtype=bool)
+    col_row = np.rint(ctx.atlas.stage_to_pixel(np.asarray(xy_um, dtype=np.float64))).astype(np.int64)
+    inside = (col_row[:, 0] >= 0) & (col_row[:, 0] < bar.shape[1])
+    inside &= (col_row[:, 1] >= 0) & (col_row[:, 1] < bar.shape[0])
+    rows, cols = col_row[inside, 1], col_row[inside, 0]
+    labels = np.asarray(analysis.label_grid)[analysis.row_index_px[rows], analysis.col_index_px[cols]]
+    classes = np.where(labels == analysis.background_cluster, FILM, OTHER)
+    classes[(labels < 0) | bar[rows, cols]] = BAR
+    result[inside] = classes
+    return result
+
+
+def _atlas_masks(
+    image_shape: tuple[int, ...],
+    stage_xy: tuple[float, float],
+    matrix_um_per_px: np.ndarray,
+    classes_at: object,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Bar pixels (never the target) and film pixels well inside film (the film level) of a search frame, from
+    what the atlas saw at a coarse grid of its pixels."""
+    step = max(1, min(image_shape[:2]) // 128)
+    rows = np.arange(0, image_shape[0], step)
+    cols = np.arange(0, image_shape[1], step)
+    grid_cols, grid_rows = np.meshgrid(cols, rows)
+    points = np.column_stack([grid_cols.ravel(), grid_rows.ravel()]).astype(np.float64)
+    stage_points = pixel_to_stage_um(points, image_shape, stage_xy, matrix_um_per_px)
+    coarse = classes_at(stage_points).reshape(grid_rows.shape)  # type: ignore[operator]
+    full = np.repeat(np.repeat(coarse, step, axis=0), step, axis=1)[: image_shape[0], : image_shape[1]]
+    # Atlas cells are coarse: keep only film well inside film areas (away from any object).
+    return full == BAR, ndimage.binary_erosion(full == FILM, iterations=max(1, 4 * step))
+
+
+def locate_near_centre(
+    frame: Frame, matrix_um_per_px: np.ndarray, plan: ScreeningPlan, classes_at: object | None = None
+) -> tuple[float, float, float, bool] | None:
+    """Find the object nearest the centre of a search frame within `confirm.radius_um` (see
+    `agent.confirm`); returns its stage position (x_um, y_um), contrast in film-noise sigmas and whether its
+    outline is round (an ice ball), or None.
+
+    `classes_at(stage_xy_um (n, 2)) -> (n,)` says what the atlas saw at stage points (BAR, FILM, OTHER,
+    OFF_ATLAS): bar pixels can never be the target, and film pixels set the film level even when objects
+    cover most of the frame's border.
+    """
+    image = np.asarray(frame.image)
+    stage_xy = (frame.metadata.stage.x_um, frame.metadata.stage.y_um)
+    pixel_um = float(math.sqrt(abs(np.linalg.det(matrix_um_per_px))))
+    exclude = film = None
+    if classes_at is not None:
+        exclude, film = _atlas_masks(image.shape, stage_xy, matrix_um_per_px, classes_at)
+    found = find_object_near_centre(
+        image,
+        radius_px=plan.confirm.radius_um / pixel_um,
+        min_contrast_sigma=plan.confirm.min_contrast_sigma,
+        exclude_mask=exclude,
+        film_mask=film,
+        min_area_px=math.pi / 4 * (plan.confirm.min_size_um / pixel_um) ** 2,
+    )
+    if found is None:
+        return None
+    xy = pixel_to_stage_um(np.array([found.col_px, found.row_px]), image.shape, stage_xy, matrix_um_per_px)
+    return float(xy[0]), float(xy[1]), found.contrast_sigma, found.round_outline
