@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from agent.console.demo import ScriptedSession  # noqa: E402
 from agent.console.server import start_console_for_session, wait_for  # noqa: E402
-from agent.events import ControlServer, EventBus  # noqa: E402
+from agent.session.events import ControlServer, EventBus  # noqa: E402
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]

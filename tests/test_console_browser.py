@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agent.events import EventBus
 from agent.prompts import OperatorChannel, OperatorClient
+from agent.session.events import EventBus
 
 pytest.importorskip("starlette")
 sync_api = pytest.importorskip("playwright.sync_api")

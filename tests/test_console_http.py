@@ -27,8 +27,8 @@ from agent.console.server import (
     start_console_for_session,
     wait_for,
 )
-from agent.events import ControlServer, EventBus
 from agent.prompts import LabelMemory, OperatorChannel, OperatorClient
+from agent.session.events import ControlServer, EventBus
 
 
 def request(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from agent.diffraction import score_diffraction
+from agent.steps.diffraction_score import score_diffraction
 
 
 def _frame(spots: int, rings: bool, seed: int = 0, size: int = 512) -> np.ndarray:

@@ -8,7 +8,7 @@ import time
 import pytest
 import zmq
 
-from agent.events import ControlServer, EventBus, send_control
+from agent.session.events import ControlServer, EventBus, send_control
 from drivers.network import require_loopback
 
 

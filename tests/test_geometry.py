@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from agent.atlas import Atlas
+from agent.steps.atlas import Atlas
 from drivers.geometry import (
     image_centre_px,
     pixel_to_stage_about_um,

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from agent.records import TargetResult
 from agent.session.journal import Journal, JournalError, read_journal, read_records
+from agent.session.outcomes import TargetResult
 from agent.session.records import (
     ArtifactWritten,
     Labelled,

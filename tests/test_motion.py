@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from agent.motion import path_length_um, plan_path, plan_tiered_path
+from agent.steps.motion import path_length_um, plan_path, plan_tiered_path
 
 
 def _nearest_neighbour(start: np.ndarray, points: np.ndarray) -> list[int]:

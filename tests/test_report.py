@@ -95,7 +95,7 @@ def _rgb(rows: int, cols: int, seed: int) -> np.ndarray:
 
 
 def make_session(folder: Path, *, complete: bool = True) -> Path:
-    """A small screening-session folder in the layout agent.screening / agent.outputs write."""
+    """A small screening-session folder in the layout agent.screening / agent.session.outputs write."""
     folder.mkdir(parents=True, exist_ok=True)
     summary = {"session": folder.name, "state": "done" if complete else "moving", "specimen": "protein-plates",
                "targets_found": 3, "targets_visited": 3, "targets_confirmed": 2, "targets_recorded": 1, "prompts": 1,

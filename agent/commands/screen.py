@@ -163,9 +163,9 @@ def run_screen(args: argparse.Namespace) -> int:
     """Handler of `crystal-locator screen`."""
     from rich.console import Console
 
-    from agent.events import ControlServer, EventBus
+    from agent.session.events import ControlServer, EventBus
     from agent.session.journal import read_journal
-    from agent.progress import TerminalProgress, summary_table
+    from agent.session.progress import TerminalProgress, summary_table
     from agent.session.screening import ScreeningSession, SessionError
     from drivers.formats.images import write_atomic
 

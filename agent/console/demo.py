@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from agent.events import EventBus
 from agent.journal import Journal
+from agent.session.events import EventBus
 from drivers.formats.images import encode_png, write_atomic
 
 logger = logging.getLogger(__name__)

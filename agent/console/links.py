@@ -25,7 +25,6 @@ from typing import Any, Protocol
 import zmq
 
 from agent.console.hub import ConsoleHub
-from agent.events import send_control
 from agent.prompts import (
     AnswerReply,
     OperatorClient,
@@ -33,6 +32,7 @@ from agent.prompts import (
     PromptClosed,
     PromptInfo,
 )
+from agent.session.events import send_control
 
 logger = logging.getLogger(__name__)
 

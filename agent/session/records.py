@@ -34,7 +34,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-from agent.records import SessionSummary, TargetRecord, TargetResult
+from agent.session.outcomes import SessionSummary, TargetRecord, TargetResult
 
 _RECORD = ConfigDict(frozen=True, extra="ignore")
 
@@ -162,7 +162,7 @@ class TargetsPlanned(Record):
 
 
 class TargetFinished(TargetResult, Record):
-    """One target's outcome (the fields of `agent.records.TargetResult`)."""
+    """One target's outcome (the fields of `agent.session.outcomes.TargetResult`)."""
 
     type: Literal["target"] = "target"
 
@@ -211,7 +211,7 @@ class BudgetSpent(Record):
 
 
 class SummaryWritten(SessionSummary, Record):
-    """The final summary (the fields of `agent.records.SessionSummary`, which allows extra scores)."""
+    """The final summary (the fields of `agent.session.outcomes.SessionSummary`, which allows extra scores)."""
 
     model_config = ConfigDict(frozen=True, extra="allow")
 

@@ -18,12 +18,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agent import outputs
 from agent.calibration import CalibrationSet
 from agent.config import PLAN_NAME, ScreeningPlan
-from agent.events import EventBus
-from agent.records import Outcome, SessionSummary, TargetRecord, TargetResult
+from agent.session import outputs
+from agent.session.events import EventBus
 from agent.session.journal import Journal
+from agent.session.outcomes import Outcome, SessionSummary, TargetRecord, TargetResult
 from agent.session.records import (
     ArtifactWritten,
     BudgetSpent,

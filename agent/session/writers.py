@@ -18,11 +18,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agent import outputs
 from agent.calibration import CALIBRATION_NAME, CalibrationSet, PresetCalibration
-from agent.events import EventBus
-from agent.records import TargetRecord
+from agent.session import outputs
+from agent.session.events import EventBus
 from agent.session.journal import Journal
+from agent.session.outcomes import TargetRecord
 from agent.session.records import (
     CalibrationMeasured,
     PromptAsked,

@@ -17,11 +17,11 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from agent.atlas import Atlas
 from agent.calibration import CalibrationSet
 from agent.config import ScreeningPlan
-from agent.records import TargetRecord, TargetResult
+from agent.session.outcomes import TargetRecord, TargetResult
 from agent.session.records import Record
+from agent.steps.atlas import Atlas
 from drivers.base import Frame, Microscope, MicroscopeInfo
 
 

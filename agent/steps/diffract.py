@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from agent.diffraction import score_diffraction
 from agent.steps.context import SessionContext
+from agent.steps.diffraction_score import score_diffraction
 
 
 def diffract(ctx: SessionContext) -> None:

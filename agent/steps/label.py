@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from agent import outputs
 from agent.prompts.policy import decide_crystal_clusters
+from agent.session import outputs
 from agent.session.records import Labelled, PromptAsked
 from agent.steps.context import SessionContext
 

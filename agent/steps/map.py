@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from agent.atlas import Atlas, acquire_montage, assemble, block_box_um, choose_block, find_squares, plan_tiles
 from agent.session.records import MappingPlanned
+from agent.steps.atlas import Atlas, acquire_montage, assemble, block_box_um, choose_block, find_squares, plan_tiles
 from agent.steps.calibrate import bar_mask, overview_atlas
 from agent.steps.context import SessionContext
 

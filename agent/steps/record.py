@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from agent.records import Outcome, TargetResult
+from agent.session.outcomes import Outcome, TargetResult
 from agent.steps.context import SessionContext, VisitState
 
 

@@ -18,10 +18,10 @@ import numpy as np
 
 from agent.locate.preprocess import prepare_image
 from agent.locate.targets import find_candidates
-from agent.motion import plan_tiered_path
-from agent.records import TargetRecord
+from agent.session.outcomes import TargetRecord
 from agent.session.records import TargetsPlanned
 from agent.steps.context import SessionContext
+from agent.steps.motion import plan_tiered_path
 
 #: A candidate with its stage position: (candidate, x_um, y_um).
 Placed = tuple[Any, float, float]

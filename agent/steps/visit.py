@@ -17,9 +17,9 @@ from scipy import ndimage
 
 from agent.config import ScreeningPlan
 from agent.confirm import find_object_near_centre
-from agent.motion import approach_move
-from agent.records import CONFIRMED_OUTCOMES
+from agent.session.outcomes import CONFIRMED_OUTCOMES
 from agent.steps.context import SessionContext
+from agent.steps.motion import approach_move
 from drivers.base import Frame
 from drivers.geometry import pixel_to_stage_um
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from agent.motion import approach_move
+from agent.steps.motion import approach_move
 from drivers.base import Frame, FrameMetadata, Microscope, StagePosition
 from drivers.geometry import image_centre_px, pixel_to_stage_about_um, stage_to_pixel_about
 

@@ -5,7 +5,7 @@
 - `targets.csv`, `targets.json` (stage coordinates, scores, outcomes), `targets.nav` (SerialEM navigator:
   recorded targets as points, ready to acquire);
 - `targets/<id>_thumb.png`, `targets/<id>_diffraction.png` (8-bit previews);
-- `summary.json` (see `agent.records.SessionSummary`).
+- `summary.json` (see `agent.session.outcomes.SessionSummary`).
 
 Every file is written atomically, so a crash leaves the previous version, never half a file.
 """
@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.records import TargetRecord, TargetResult, rows_to_csv, target_rows
+from agent.session.outcomes import TargetRecord, TargetResult, rows_to_csv, target_rows
 from drivers.base import Frame
 from drivers.formats.images import encode_png, write_atomic
 

@@ -40,7 +40,7 @@ class TerminalProgress:
         self._progress.stop()
 
     def on_event(self, topic: str, event: dict[str, Any]) -> None:
-        """Event listener (see `agent.events.EventBus.subscribe`)."""
+        """Event listener (see `agent.session.events.EventBus.subscribe`)."""
         if topic == "state":
             time_s = event.get("microscope_time_s") or 0.0
             self._progress.update(self._task, state=event["state"], time=f"{time_s:.0f} s")
