@@ -58,7 +58,8 @@ if str(ROOT) not in sys.path:
 
 from agent.config import AreaPlan, ScreeningPlan, TargetingPlan  # noqa: E402
 from agent.prompts import LabelMemory, OperatorChannel, PolicyOperator  # noqa: E402
-from agent.screening import ScreeningSession  # noqa: E402
+from agent.session.screening import ScreeningSession  # noqa: E402
+from agent.steps.label import sample_xy_um  # noqa: E402
 from simulator import SPECIMEN_TYPES, create_simulated_microscope  # noqa: E402
 from simulator.operator import SimulatedAnswerPolicy  # noqa: E402
 from simulator.scoring import score_session  # noqa: E402
@@ -128,7 +129,7 @@ def _judge_clusters(session: ScreeningSession, truth: Any, policy: SimulatedAnsw
     rows = []
     for cluster in analysis.clusters:
         cid = int(cluster.cluster_id)
-        samples = np.asarray(session._sample_xy_um(cluster), dtype=np.float64).reshape(-1, 2)
+        samples = np.asarray(sample_xy_um(session.ctx, cluster), dtype=np.float64).reshape(-1, 2)
         hits = truth.crystal_id_xy(samples[:, 0], samples[:, 1], tolerance_um=policy.tolerance_um) >= 0
         members = labels == cid
         sample_fraction = float(np.mean(hits)) if len(hits) else 0.0

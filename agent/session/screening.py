@@ -22,10 +22,9 @@ from agent.calibration import CalibrationSet
 from agent.config import PLAN_NAME, ScreeningPlan
 from agent.session import outputs
 from agent.session.events import EventBus
-from agent.session.journal import Journal
 from agent.session.outcomes import Outcome, SessionSummary, TargetRecord, TargetResult
+from agent.session.recorder import SessionRecorder
 from agent.session.records import (
-    ArtifactWritten,
     BudgetSpent,
     Record,
     SessionStarted,
@@ -33,10 +32,9 @@ from agent.session.records import (
     TargetFinished,
 )
 from agent.session.runner import Runner
-from agent.session.writers import CalibrationWriter, EventPublisher, FileWriter, JournalWriter, TableWriter
 from agent.steps import calibrate, diffract, label, locate, map, record, target, visit
 from agent.steps.context import SessionContext, VisitState
-from drivers.base import Frame, Microscope, MicroscopeError
+from drivers.base import Microscope, MicroscopeError
 
 logger = logging.getLogger(__name__)
 
@@ -85,16 +83,17 @@ class ScreeningSession:
             microscope=microscope,
             info=self.info,
             session_id=self.session_id,
-            output=self,
+            output=None,  # type: ignore[arg-type]  # the recorder below, which needs the context
             clock_s=self.microscope_time_s,
             calibration=calibration or CalibrationSet(instrument=self.info.name),
             labels=labels,
             operator=operator,
         )
-        self.journal = Journal(self.session_dir, clock_s=self.microscope_time_s)
-        self.files = FileWriter(self.session_dir)
-        self._subscribers: list[Callable[[Record], None]] = []
-        self._setup_subscribers()
+        self.recorder = SessionRecorder(
+            self.session_dir, self.events, self.microscope_time_s, self.ctx.calibration, self.ctx
+        )
+        self.ctx.output = self.recorder
+        self.journal = self.recorder.journal
         self.runner = Runner(
             self, self._emit, max_retries=plan.recovery.max_retries, max_faults=plan.recovery.max_faults
         )
@@ -111,18 +110,9 @@ class ScreeningSession:
             "recording": self._recording,
         }
 
-    def _setup_subscribers(self) -> None:
-        self._journal_writer = JournalWriter(self.journal)
-        self.publisher = EventPublisher(self.events, self._journal_writer)
-        self._subscribers = [
-            self.publisher,
-            CalibrationWriter(self.session_dir, self.ctx.calibration),
-            TableWriter(self.session_dir, self.ctx),
-        ]
-
     def subscribe(self, subscriber: Callable[[Record], None]) -> None:
         """Call `subscriber(record)` with every journal record (stamped) from now on, after the journal."""
-        self._subscribers.append(subscriber)
+        self.recorder.subscribe(subscriber)
 
     # ----------------------------------------------------------------------------------------------
     # what the commands and the console use
@@ -207,7 +197,7 @@ class ScreeningSession:
         finally:
             summary = self.write_summary()
             self._emit(SummaryWritten.model_validate(summary.model_dump(mode="json")))
-            self.journal.close()
+            self.recorder.close()
         return summary
 
     def summary(self) -> SessionSummary:
@@ -241,37 +231,12 @@ class ScreeningSession:
         outputs.write_json(self.session_dir / "summary.json", summary.model_dump(mode="json"))
         return summary
 
-    # ----------------------------------------------------------------------------------------------
-    # records and the steps' output port
-    # ----------------------------------------------------------------------------------------------
     def _emit(self, record: Record) -> None:
-        stamped = self._journal_writer(record)
-        for subscriber in list(self._subscribers):
-            subscriber(stamped)
+        self.recorder.emit(record)
 
     def record(self, record: Record) -> None:
-        """StepOutput: journal and publish `record`."""
-        self._emit(record)
-
-    def save_frame(self, kind: str, relative_path: str, frame: Frame, target_id: str | None = None) -> str:
-        """StepOutput: write `frame` and record the artifact; returns its path relative to the session."""
-        path = self.files.frame(relative_path, frame)
-        self._emit(ArtifactWritten(kind=kind, path=path, target_id=target_id))
-        return path
-
-    def save_target_previews(self, target_id: str, search: Frame, diffraction: Frame | None) -> dict[str, str]:
-        """StepOutput: write a target's PNG previews and record them; kind -> relative path."""
-        written = self.files.previews(target_id, search, diffraction)
-        for kind, path in written.items():
-            self._emit(ArtifactWritten(kind=kind, path=path, target_id=target_id))
-        return written
-
-    def save_atlas_outputs(self, atlas: Any, analysis: Any, decision: Any, targets: list[TargetRecord]) -> None:
-        """StepOutput: write the atlas outputs, record them and announce the heat map."""
-        written = self.files.atlas_outputs(atlas, analysis, decision, targets)
-        for kind, path in written.items():
-            self._emit(ArtifactWritten(kind=kind, path=path))
-        self.publisher.atlas_ready(written.get("heatmap", ""), len(targets))
+        """Journal and publish `record` (as the steps' output port does)."""
+        self.recorder.emit(record)
 
     # ----------------------------------------------------------------------------------------------
     # StepEngine: one step per state, results applied to the context
@@ -335,7 +300,7 @@ class ScreeningSession:
         self.ctx.results[result.target_id] = result
         self._emit(TargetFinished.model_validate(result.model_dump(mode="json")))
         summary = self.write_summary()
-        self.publisher.progress(summary.model_dump(mode="json"))
+        self.recorder.publisher.progress(summary.model_dump(mode="json"))
 
     def advance(self) -> str:
         """Pick the next unfinished target (`next_target`), or `finish` (none left, or the budget is spent)."""
