@@ -90,29 +90,74 @@ def find_candidates(
     Raises `SettingsError` for unknown cluster ids or a score map of the wrong shape.
     """
     settings = settings or analysis.settings
+    selection = _select_cells(analysis, crystal_clusters, settings, score_map)
+    if selection is None or not selection[0].any():
+        return []
+    selected, scores, cluster_of_cell = selection
+    regions, n_regions = ndimage.label(selected, structure=np.ones((3, 3), dtype=bool))
+    index = np.arange(1, n_regions + 1)
+    best = ndimage.maximum(scores, regions, index)
+    best = np.atleast_1d(np.asarray(best, dtype=np.float64))
+    sites = _region_sites(analysis, regions, n_regions, settings.min_area_px)
+    if image is not None and score_map is None:
+        sites = _object_sites(sites, image, analysis, regions, settings, prepared)
+    keep = sites.keep
+    if settings.min_bar_distance_px > 0:
+        # from bars only: a crystal may lie right at the edge of a hole in the film
+        bars = analysis.bar_mask_without_holes
+        distance_px = bar_distance_px(bars, np.stack([sites.rows_px, sites.cols_px], 1))
+        keep = keep & (distance_px >= settings.min_bar_distance_px)
+    dominant = ndimage.median(cluster_of_cell, regions, index) if score_map is None else np.full(n_regions, -1)
+    dominant = np.atleast_1d(np.asarray(dominant))[sites.region_of]
+    best = best[sites.region_of]
+    order = _ranked_order(keep, sites.area_px, sites.region_of, best)
+    return _spaced_candidates(order, sites, best, dominant, settings)
+
+
+@dataclass(frozen=True)
+class _Sites:
+    """Candidate sites before ranking (one entry each): the 0-based index of the region the site lies in,
+    its centre (row_px, col_px) and area (px), and whether the region is large enough (`min_area_px`)."""
+
+    region_of: np.ndarray
+    rows_px: np.ndarray
+    cols_px: np.ndarray
+    area_px: np.ndarray
+    keep: np.ndarray
+
+
+def _select_cells(
+    analysis: ClusterAnalysis,
+    crystal_clusters: Sequence[int],
+    settings: LocateSettings,
+    score_map: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """The chosen cells (bool, cell grid), every cell's score and cluster id (-1 everywhere for a score
+    map); None when no cluster is chosen. `SettingsError` for unknown cluster ids or a score map of the
+    wrong shape."""
     known = {c.cluster_id for c in analysis.clusters}
     if score_map is None:
         unknown = [c for c in crystal_clusters if int(c) not in known]
         if unknown:
             raise SettingsError(f"unknown cluster ids {unknown}; this analysis has clusters {sorted(known)}")
         if not crystal_clusters:
-            return []
+            return None
         selected = np.isin(analysis.label_grid, np.asarray(list(crystal_clusters), dtype=np.int32))
-        scores = analysis.score_grid
-        cluster_of_cell = analysis.label_grid
-    else:
-        score_map = np.asarray(score_map, dtype=np.float64)
-        if score_map.shape != analysis.grid_shape:
-            raise SettingsError(f"score map has shape {score_map.shape}, expected the cell grid {analysis.grid_shape}")
-        finite = np.isfinite(score_map)
-        selected = finite & (np.where(finite, score_map, -np.inf) >= settings.similarity_threshold)
-        selected &= analysis.label_grid >= 0
-        scores = np.where(finite, score_map, 0.0)
-        cluster_of_cell = np.full(analysis.grid_shape, -1, dtype=np.int32)
-    if not selected.any():
-        return []
-    regions, n_regions = ndimage.label(selected, structure=np.ones((3, 3), dtype=bool))
-    index = np.arange(1, n_regions + 1)
+        return selected, analysis.score_grid, analysis.label_grid
+    score_map = np.asarray(score_map, dtype=np.float64)
+    if score_map.shape != analysis.grid_shape:
+        raise SettingsError(f"score map has shape {score_map.shape}, expected the cell grid {analysis.grid_shape}")
+    finite = np.isfinite(score_map)
+    selected = finite & (np.where(finite, score_map, -np.inf) >= settings.similarity_threshold)
+    selected &= analysis.label_grid >= 0
+    scores = np.where(finite, score_map, 0.0)
+    cluster_of_cell = np.full(analysis.grid_shape, -1, dtype=np.int32)
+    return selected, scores, cluster_of_cell
+
+
+def _region_sites(analysis: ClusterAnalysis, regions: np.ndarray, n_regions: int, min_area_px: float) -> _Sites:
+    """One site per region (`regions`: ids 1..n_regions on the cell grid) at its area-weighted centroid,
+    moved to the region's nearest cell when the centroid falls outside it (a curved fibre, say)."""
     flat_regions = regions.ravel()
     in_region = flat_regions > 0
     area_cells = analysis.cell_area_px
@@ -126,8 +171,6 @@ def find_candidates(
     )
     centroid_col = col_sum[1:] / weights
     centroid_row = row_sum[1:] / weights
-    best = ndimage.maximum(scores, regions, index)
-    best = np.atleast_1d(np.asarray(best, dtype=np.float64))
     # nearest member cell when the centroid falls outside its region
     rows_out, cols_out = [], []
     for label_id, (r, c) in enumerate(zip(centroid_row, centroid_col, strict=True), start=1):
@@ -139,44 +182,62 @@ def find_candidates(
             c, r = centres[nearest]
         rows_out.append(float(r))
         cols_out.append(float(c))
-    rows_arr, cols_arr = np.array(rows_out), np.array(cols_out)
-    keep = weights >= settings.min_area_px
-    region_of = np.arange(n_regions)
-    if image is not None and score_map is None:
-        objects = objects_in_regions(image, analysis, regions, settings, prepared=prepared)
-        if objects is not None:
-            object_region, object_rows, object_cols, object_area, dropped = objects
-            # regions where nothing stood out keep their centroid; regions of dropped objects (ice) are dropped
-            lone = np.setdiff1d(np.flatnonzero(keep), np.concatenate([object_region, dropped]))
-            region_of = np.concatenate([object_region, lone])
-            rows_arr = np.concatenate([object_rows, rows_arr[lone]])
-            cols_arr = np.concatenate([object_cols, cols_arr[lone]])
-            weights = np.concatenate([object_area, weights[lone]])
-            keep = keep[region_of]
-    if settings.min_bar_distance_px > 0:
-        # from bars only: a crystal may lie right at the edge of a hole in the film
-        bars = analysis.bar_mask_without_holes
-        keep &= bar_distance_px(bars, np.stack([rows_arr, cols_arr], 1)) >= settings.min_bar_distance_px
-    dominant = ndimage.median(cluster_of_cell, regions, index) if score_map is None else np.full(n_regions, -1)
-    dominant = np.atleast_1d(np.asarray(dominant))[region_of]
-    best = best[region_of]
+    return _Sites(np.arange(n_regions), np.array(rows_out), np.array(cols_out), weights, weights >= min_area_px)
+
+
+def _object_sites(
+    sites: _Sites,
+    image: np.ndarray,
+    analysis: ClusterAnalysis,
+    regions: np.ndarray,
+    settings: LocateSettings,
+    prepared: np.ndarray | None,
+) -> _Sites:
+    """The region sites replaced by the objects inside the regions (`objects_in_regions`): regions where
+    nothing stood out keep their centroid, regions of dropped objects (ice, too thick) give no site.
+    `sites` unchanged when there is no film to compare with."""
+    objects = objects_in_regions(image, analysis, regions, settings, prepared=prepared)
+    if objects is None:
+        return sites
+    object_region, object_rows, object_cols, object_area, dropped = objects
+    lone = np.setdiff1d(np.flatnonzero(sites.keep), np.concatenate([object_region, dropped]))
+    region_of = np.concatenate([object_region, lone])
+    return _Sites(
+        region_of,
+        np.concatenate([object_rows, sites.rows_px[lone]]),
+        np.concatenate([object_cols, sites.cols_px[lone]]),
+        np.concatenate([object_area, sites.area_px[lone]]),
+        sites.keep[region_of],
+    )
+
+
+def _ranked_order(keep: np.ndarray, area_px: np.ndarray, region_of: np.ndarray, best: np.ndarray) -> list[int]:
+    """Indices of the kept sites, best first: by their region's score `best`, every region's largest site
+    before any region's second one."""
     # the objects of one region share its score: take every region's largest kept object first, then the
     # second ones, ..., so that the pieces of one big blob do not crowd out the other regions' objects
     kept_index = np.flatnonzero(keep)
-    by_size = kept_index[np.lexsort((-weights[kept_index], region_of[kept_index]))]
+    by_size = kept_index[np.lexsort((-area_px[kept_index], region_of[kept_index]))]
     starts = np.flatnonzero(np.r_[True, np.diff(region_of[by_size]) != 0])
     rank_in_region = np.arange(len(by_size)) - np.repeat(starts, np.diff(np.r_[starts, len(by_size)]))
-    order = by_size[np.lexsort((-best[by_size], rank_in_region))].tolist()
+    return by_size[np.lexsort((-best[by_size], rank_in_region))].tolist()
+
+
+def _spaced_candidates(
+    order: list[int], sites: _Sites, best: np.ndarray, dominant: np.ndarray, settings: LocateSettings
+) -> list[Candidate]:
+    """Greedy de-duplication in `order`: a site closer than `min_spacing_px` to a chosen one is dropped;
+    at most `max_candidates`. `best` and `dominant` are each site's score and cluster id."""
     chosen: list[Candidate] = []
     min_d2 = settings.min_spacing_px**2
     for i in order:
-        if any((rows_arr[i] - c.row_px) ** 2 + (cols_arr[i] - c.col_px) ** 2 < min_d2 for c in chosen):
+        if any((sites.rows_px[i] - c.row_px) ** 2 + (sites.cols_px[i] - c.col_px) ** 2 < min_d2 for c in chosen):
             continue
         chosen.append(
             Candidate(
-                row_px=float(rows_arr[i]),
-                col_px=float(cols_arr[i]),
-                area_px=float(weights[i]),
+                row_px=float(sites.rows_px[i]),
+                col_px=float(sites.cols_px[i]),
+                area_px=float(sites.area_px[i]),
                 score=float(best[i]),
                 cluster_id=int(dominant[i]),
             )
