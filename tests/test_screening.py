@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 
 from agent.config import AreaPlan, ScreeningPlan, TargetingPlan
-from agent.journal import read_journal
-from agent.screening import ScreeningSession
+from agent.session.journal import read_journal
+from agent.session.screening import ScreeningSession
 from simulator import create_simulated_microscope
 from simulator.faults import FaultPlan
 from simulator.scoring import score_session
@@ -221,7 +221,7 @@ def test_pause_resume_and_abort_from_another_thread(tmp_path: Path) -> None:
 
 
 def test_a_folder_that_is_not_a_session_cannot_be_resumed(tmp_path: Path) -> None:
-    from agent.screening import SessionError
+    from agent.session.screening import SessionError
 
     microscope = create_simulated_microscope(specimen_type="protein-plates", seed=0, camera_shape_px=(64, 64))
     with pytest.raises(SessionError, match="not a screening session"):
@@ -336,9 +336,10 @@ def test_a_session_runs_on_real_style_dataset_tiles(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def asked(tmp_path_factory: pytest.TempPathFactory) -> tuple[ScreeningSession, Any, Any]:
     """A protein session (seed 7) whose prompt the simulated operator answered: (session, summary, memory)."""
-    from agent.labels import LabelMemory
-    from agent.operator import OperatorChannel
-    from simulator.operator import SimulatedOperator
+    from agent.prompts.channel import OperatorChannel
+    from agent.prompts.memory import LabelMemory
+    from agent.prompts.simulated import PolicyOperator
+    from simulator.operator import SimulatedAnswerPolicy
 
     folder = tmp_path_factory.mktemp("asked")
     memory = LabelMemory(folder / "labels")
@@ -346,7 +347,7 @@ def asked(tmp_path_factory: pytest.TempPathFactory) -> tuple[ScreeningSession, A
         microscope = create_simulated_microscope(
             specimen_type="protein-plates", seed=7, camera_shape_px=(CAMERA_PX, CAMERA_PX)
         )
-        with SimulatedOperator(channel.prompt_endpoint, microscope.ground_truth) as operator:
+        with PolicyOperator(channel.prompt_endpoint, SimulatedAnswerPolicy(microscope.ground_truth)) as operator:
             session = ScreeningSession(
                 microscope, _plan("protein-plates", seed=7), folder / "session", labels=memory, operator=channel
             )
@@ -358,8 +359,8 @@ def asked(tmp_path_factory: pytest.TempPathFactory) -> tuple[ScreeningSession, A
 def test_prompts_reach_the_simulated_operator_and_fall_back_when_nobody_answers(
     asked: tuple[ScreeningSession, Any, Any], tmp_path: Path
 ) -> None:
-    from agent.labels import LabelMemory
-    from agent.operator import OperatorChannel
+    from agent.prompts.channel import OperatorChannel
+    from agent.prompts.memory import LabelMemory
 
     session, summary, memory = asked
     assert summary.state == "done" and summary.prompts == 1
@@ -391,8 +392,8 @@ def test_clusters_answered_both_ways_are_not_asked_again_and_their_targets_are_s
     "not crystal" in the third: with nobody to answer now, the loop asks nothing and draws its targets from
     those mixed clusters, marked as such, and visits them (the order of sure before mixed targets is
     tested on `plan_tiered_path`)."""
-    from agent.labels import LabelMemory
-    from agent.operator import OperatorChannel
+    from agent.prompts.channel import OperatorChannel
+    from agent.prompts.memory import LabelMemory
 
     first, _, answered = asked
     assert first.decision is not None and first.decision.crystal_clusters, "the operator chose no crystal cluster"
@@ -435,7 +436,7 @@ def test_clusters_answered_both_ways_are_not_asked_again_and_their_targets_are_s
 
 
 def test_mixed_targets_fill_only_the_places_left_and_keep_away_from_sure_targets() -> None:
-    from agent.screening import fill_target_places
+    from agent.steps.target import fill_target_places
 
     sure = [("s1", 0.0, 0.0), ("s2", 50.0, 0.0), ("s3", 100.0, 0.0)]
     mixed = [("m-near-s1", 2.0, 1.0), ("m1", 0.0, 50.0), ("m2", 50.0, 50.0), ("m3", 100.0, 50.0)]

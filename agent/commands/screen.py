@@ -163,77 +163,27 @@ def run_screen(args: argparse.Namespace) -> int:
     """Handler of `crystal-locator screen`."""
     from rich.console import Console
 
-    from agent.session.events import ControlServer, EventBus
+    from agent.session.events import EventBus
     from agent.session.journal import read_journal
-    from agent.session.progress import TerminalProgress, summary_table
-    from agent.session.screening import ScreeningSession, SessionError
-    from drivers.formats.images import write_atomic
+    from agent.session.progress import summary_table
 
     source = _source_from_args(args)
     session_dir = args.resume or args.out or Path("sessions") / datetime.now().strftime("%Y%m%d-%H%M%S")
     if args.resume is None and (session_dir / "journal.jsonl").exists() and read_journal(session_dir / "journal.jsonl"):
         raise CommandError(f"{session_dir} already holds a session; use --resume {session_dir} or another --out")
     microscope, truth = make_microscope(source)
-
     labels = None
     if not args.no_labels:
-        from agent.labels import LabelMemory, default_labels_dir
+        from agent.prompts.label_log import default_labels_dir
+        from agent.prompts.memory import LabelMemory
 
         labels = LabelMemory(args.labels or default_labels_dir())
-
     events = EventBus(args.events)
     channel = simulated_operator = None
     try:
         channel, simulated_operator = _start_operator(args.operator, truth)
-        kwargs: dict[str, Any] = {"labels": labels, "operator": channel, "events": events}
-        if args.calibration is not None and args.resume is None:
-            kwargs["calibration"] = _load_calibration(args.calibration)
-        if truth is not None:
-            from simulator.scoring import score_session
-
-            kwargs["truth_scorer"] = lambda targets, results, box: score_session(truth, list(results.values()), box)
-        try:
-            if args.resume is not None:
-                session = ScreeningSession.resume(microscope, session_dir, **kwargs)
-            else:
-                plan = _plan_from_args(args, source)
-                session_dir.mkdir(parents=True, exist_ok=True)
-                write_atomic(session_dir / SOURCE_NAME, json.dumps(source, indent=2).encode())
-                session = ScreeningSession(microscope, plan, session_dir, **kwargs)
-        except SessionError as exc:
-            raise CommandError(str(exc)) from exc
-        control = None
-        if args.control:
-            control = ControlServer(
-                session,
-                args.control,
-                info={
-                    "session_dir": str(Path(session_dir).resolve()),
-                    "events_endpoint": events.endpoint,
-                    "prompt_endpoint": channel.prompt_endpoint if channel is not None else None,
-                },
-            )
-        _install_signal_handlers(session)
-        console = Console(stderr=True)
-        console.print(f"session folder: {session_dir}")
-        if channel is not None:
-            console.print(f"operator prompts: {channel.prompt_endpoint}")
-        if events.endpoint:
-            console.print(f"events: {events.endpoint}")
-        if control is not None:
-            console.print(f"control: {control.endpoint}")
-        progress = TerminalProgress(console)
-        events.subscribe(progress.on_event)
-        web = None
-        try:
-            web = _start_console(args, session, channel, console)  # --console (agent.console)
-            with progress:
-                summary = session.run()
-        finally:
-            if web is not None:
-                web.stop()
-            if control is not None:
-                control.close()
+        session = _make_session(args, source, session_dir, microscope, truth, labels, channel, events)
+        summary = _run_with_services(args, session, channel, events)
     finally:
         if simulated_operator is not None:
             simulated_operator.stop()
@@ -252,6 +202,77 @@ def run_screen(args: argparse.Namespace) -> int:
         if report is not None:
             Console().print(f"report: {report}")
     return 0 if summary.state == "done" else 1
+
+
+def _make_session(
+    args: argparse.Namespace,
+    source: dict[str, Any],
+    session_dir: Path,
+    microscope: Any,
+    truth: Any,
+    labels: Any,
+    channel: Any,
+    events: Any,
+) -> Any:
+    """A new session in `session_dir` (its source saved for `--resume`), or the one resumed from there."""
+    from agent.session.screening import ScreeningSession, SessionError
+    from drivers.formats.images import write_atomic
+
+    kwargs: dict[str, Any] = {"labels": labels, "operator": channel, "events": events}
+    if args.calibration is not None and args.resume is None:
+        kwargs["calibration"] = _load_calibration(args.calibration)
+    if truth is not None:
+        from simulator.scoring import score_session
+
+        kwargs["truth_scorer"] = lambda targets, results, box: score_session(truth, list(results.values()), box)
+    try:
+        if args.resume is not None:
+            return ScreeningSession.resume(microscope, session_dir, **kwargs)
+        plan = _plan_from_args(args, source)
+        session_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(session_dir / SOURCE_NAME, json.dumps(source, indent=2).encode())
+        return ScreeningSession(microscope, plan, session_dir, **kwargs)
+    except SessionError as exc:
+        raise CommandError(str(exc)) from exc
+
+
+def _run_with_services(args: argparse.Namespace, session: Any, channel: Any, events: Any) -> Any:
+    """Run `session` with what the flags ask for around it (control socket, web console, terminal progress,
+    signal handlers); returns its summary."""
+    from rich.console import Console
+
+    from agent.session.events import ControlServer
+    from agent.session.progress import TerminalProgress
+
+    control = None
+    if args.control:
+        info = {
+            "session_dir": str(Path(session.session_dir).resolve()),
+            "events_endpoint": events.endpoint,
+            "prompt_endpoint": channel.prompt_endpoint if channel is not None else None,
+        }
+        control = ControlServer(session, args.control, info=info)
+    _install_signal_handlers(session)
+    console = Console(stderr=True)
+    console.print(f"session folder: {session.session_dir}")
+    if channel is not None:
+        console.print(f"operator prompts: {channel.prompt_endpoint}")
+    if events.endpoint:
+        console.print(f"events: {events.endpoint}")
+    if control is not None:
+        console.print(f"control: {control.endpoint}")
+    progress = TerminalProgress(console)
+    events.subscribe(progress.on_event)
+    web = None
+    try:
+        web = _start_console(args, session, channel, console)  # --console (agent.console)
+        with progress:
+            return session.run()
+    finally:
+        if web is not None:
+            web.stop()
+        if control is not None:
+            control.close()
 
 
 def _write_report(session_dir: Path) -> Path | None:
@@ -279,15 +300,16 @@ def _start_operator(mode: str, truth: Any) -> tuple[Any, Any]:
     """The agent-side prompt channel and, for `simulated`, the simulated operator answering on it."""
     if mode == "none":
         return None, None
-    from agent.operator import OperatorChannel
+    from agent.prompts.channel import OperatorChannel
 
     if mode == "simulated":
         if truth is None:
             raise CommandError("--operator simulated needs a simulated specimen with ground truth (--simulated)")
-        from simulator.operator import SimulatedOperator
+        from agent.prompts.simulated import PolicyOperator
+        from simulator.operator import SimulatedAnswerPolicy
 
         channel = OperatorChannel("tcp://127.0.0.1:0")
-        operator = SimulatedOperator(channel.prompt_endpoint, truth)
+        operator = PolicyOperator(channel.prompt_endpoint, SimulatedAnswerPolicy(truth))
         operator.start()
         return channel, operator
     try:
