@@ -319,11 +319,8 @@ def evaluate_images(
     if not methods:
         raise EvaluationError("no method to evaluate")
     start = time.perf_counter()
-    scores: dict[tuple[str, str, str, str], list[FrameScore]] = {}
-    failed: dict[tuple[str, str, str, str], int] = {}
-    failures: list[str] = []
+    tally = _Tally()
     examples: dict[str, Example] = {}
-    order: list[tuple[str, str, str, str]] = []
     n_images = 0
     for labelled in images:
         n_images += 1
@@ -334,50 +331,10 @@ def evaluate_images(
         if example is None:
             example = examples[example_key] = Example(image=labelled.image, truth=labelled.truth, name=labelled.name)
         for method in methods:
-            key = (labelled.specimen, labelled.preset, method.name, method.mode)
-            if key not in scores:
-                scores[key] = []
-                order.append(key)
-            t0 = time.perf_counter()
-            try:
-                output = method.runs_by_preset.get(labelled.preset, method.run)(labelled.image)
-            except Exception as exc:  # a method failing on one image must not end the whole evaluation
-                logger.warning("%s %s failed on %s: %s", method.name, method.mode, labelled.name, exc)
-                failures.append(f"{method.name}/{method.mode} on {labelled.name}: {type(exc).__name__}: {exc}")
-                failed[key] = failed.get(key, 0) + 1
-                continue
-            seconds = time.perf_counter() - t0
-            bar_mask = output.bar_mask
-            if bar_mask is not None and bar_mask.shape != labelled.image.shape:
-                bar_mask = None
-            scores[key].append(
-                score_frame(
-                    output.detections, labelled.truth, tolerance_um=tolerance_um, bar_mask=bar_mask, seconds=seconds
-                )
-            )
-            if example.name == labelled.name:
-                label = f"{method.name} ({method.mode})"
-                example.detections[label] = output.detections
-                if bar_mask is not None:
-                    example.bar_masks[label] = bar_mask
+            tally.run(method, labelled, example, tolerance_um)
     if n_images == 0:
         raise EvaluationError("no image to evaluate")
-    k_of = {(m.name, m.mode): m.k for m in methods}
-    rows = []
-    for key in order:
-        specimen, preset, name, mode = key
-        summary = combine_scores(scores[key])
-        rows.append(
-            {
-                "specimen": specimen,
-                "preset": preset,
-                "method": name,
-                "mode": mode,
-                "k": k_of.get((name, mode)),
-                **summary.as_dict(),
-                "n_failed": failed.get(key, 0),
-            }
-        )
+    rows = tally.rows(methods)
     targets = check_targets(rows, default_k=default_k)
     return EvaluationResult(
         rows=rows,
@@ -386,8 +343,72 @@ def evaluate_images(
         config=dict(config or {}),
         elapsed_s=time.perf_counter() - start,
         n_images=n_images,
-        failures=failures,
+        failures=tally.failures,
     )
+
+
+_RowKey = tuple[str, str, str, str]  # specimen, preset, method name, mode
+
+
+@dataclass
+class _Tally:
+    """The frame scores of an evaluation so far, per row (specimen, preset, method, mode) in the order the
+    rows first appeared, with the failed runs: counts per row and one message each."""
+
+    scores: dict[_RowKey, list[FrameScore]] = field(default_factory=dict)
+    failed: dict[_RowKey, int] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+    order: list[_RowKey] = field(default_factory=list)
+
+    def run(self, method: Method, labelled: LabelledImage, example: Example, tolerance_um: float) -> None:
+        """Run `method` on one image (timed, seconds) and score it against the truth within `tolerance_um`;
+        a failure is recorded instead. When the image is its specimen and preset's `example`, the
+        detections (and bar mask) are kept there for the report."""
+        key = (labelled.specimen, labelled.preset, method.name, method.mode)
+        if key not in self.scores:
+            self.scores[key] = []
+            self.order.append(key)
+        t0 = time.perf_counter()
+        try:
+            output = method.runs_by_preset.get(labelled.preset, method.run)(labelled.image)
+        except Exception as exc:  # a method failing on one image must not end the whole evaluation
+            logger.warning("%s %s failed on %s: %s", method.name, method.mode, labelled.name, exc)
+            self.failures.append(f"{method.name}/{method.mode} on {labelled.name}: {type(exc).__name__}: {exc}")
+            self.failed[key] = self.failed.get(key, 0) + 1
+            return
+        seconds = time.perf_counter() - t0
+        bar_mask = output.bar_mask
+        if bar_mask is not None and bar_mask.shape != labelled.image.shape:
+            bar_mask = None
+        score = score_frame(
+            output.detections, labelled.truth, tolerance_um=tolerance_um, bar_mask=bar_mask, seconds=seconds
+        )
+        self.scores[key].append(score)
+        if example.name == labelled.name:
+            label = f"{method.name} ({method.mode})"
+            example.detections[label] = output.detections
+            if bar_mask is not None:
+                example.bar_masks[label] = bar_mask
+
+    def rows(self, methods: Sequence[Method]) -> list[dict[str, Any]]:
+        """One JSON-ready row per key: the combined scores (`combine_scores`), k and the failure count."""
+        k_of = {(m.name, m.mode): m.k for m in methods}
+        rows = []
+        for key in self.order:
+            specimen, preset, name, mode = key
+            summary = combine_scores(self.scores[key])
+            rows.append(
+                {
+                    "specimen": specimen,
+                    "preset": preset,
+                    "method": name,
+                    "mode": mode,
+                    "k": k_of.get((name, mode)),
+                    **summary.as_dict(),
+                    "n_failed": self.failed.get(key, 0),
+                }
+            )
+        return rows
 
 
 def check_targets(rows: Sequence[dict[str, Any]], default_k: int = 3) -> list[dict[str, Any]]:
