@@ -85,12 +85,19 @@ class Runner:
     state: str
 
     def __init__(
-        self, engine: StepEngine, emit: Callable[[Record], None], *, max_retries: int, max_faults: int
+        self,
+        engine: StepEngine,
+        emit: Callable[[Record], None],
+        *,
+        max_retries: int,
+        max_faults: int,
+        probe_interval_s: float = PROBE_INTERVAL_S,
     ) -> None:
         self.engine = engine
         self._emit = emit
         self.max_retries = max_retries
         self.max_faults = max_faults
+        self.probe_interval_s = probe_interval_s
         self.faults = 0
         self._retries: dict[str, int] = {}
         self._fault: _Fault | None = None
@@ -172,10 +179,10 @@ class Runner:
         reason, self._pause_reason, self._fault_resume_to = self._pause_reason, None, None
         self.trigger("pause")
         self._emit(ControlApplied(command="pause", resume_to=self._resume_to, reason=reason))
-        next_probe_s = time.monotonic() + PROBE_INTERVAL_S
+        next_probe_s = time.monotonic() + self.probe_interval_s
         while not self._resume_requested.wait(0.1):
             if reason is not None and time.monotonic() >= next_probe_s:
-                next_probe_s = time.monotonic() + PROBE_INTERVAL_S
+                next_probe_s = time.monotonic() + self.probe_interval_s
                 if self.engine.probe():
                     logger.warning("the microscope answers again; resuming")
                     self.request_resume()
