@@ -280,28 +280,50 @@ def session_report_html(session_dir: str | Path) -> str:
     calibration = _read_json(folder / "calibration.json")
     targets = _read_targets(folder)
     journal = _read_journal(folder)
+    sections = [
+        *_summary_sections(summary),
+        *_atlas_sections(folder),
+        *_target_sections(folder, targets),
+        *_timing_sections(journal),
+        *_calibration_and_plan_sections(calibration, plan),
+    ]
+    title = f"Screening session {summary.get('session') or folder.name}"
+    return _page(title, sections)
+
+
+def _summary_sections(summary: Mapping[str, Any]) -> list[str]:
+    """The summary table (`_SUMMARY_KEYS` first, then any other scalar figure), or a note that it is missing."""
+    if not summary:
+        return [
+            '<h2>Summary</h2><p class="note">summary.json is missing or unreadable '
+            "(the session may not have started or is damaged).</p>"
+        ]
+    keys = [k for k in _SUMMARY_KEYS if k in summary] + sorted(
+        k for k in summary if k not in _SUMMARY_KEYS and k != "session" and not isinstance(summary[k], (dict, list))
+    )
+    return ["<h2>Summary</h2>" + html_table(["quantity", "value"], [(k, summary[k]) for k in keys], table_id="summary")]
+
+
+def _atlas_sections(folder: Path) -> list[str]:
+    """The atlas figures (overview, heat map, bar mask, gallery) and the cluster table with its rule."""
     sections = []
-
-    # summary
-    if summary:
-        keys = [k for k in _SUMMARY_KEYS if k in summary] + sorted(
-            k for k in summary if k not in _SUMMARY_KEYS and k != "session" and not isinstance(summary[k], (dict, list))
-        )
-        sections.append("<h2>Summary</h2>" + html_table(["quantity", "value"], [(k, summary[k]) for k in keys],
-                                                         table_id="summary"))
-    else:
-        sections.append('<h2>Summary</h2><p class="note">summary.json is missing or unreadable '
-                        "(the session may not have started or is damaged).</p>")
-
-    # atlas
     atlas_dir = folder / "atlas"
     figures = [
-        _figure(image_file_png(atlas_dir / "heatmap.png"), "atlas: cluster heat map with targets",
-                missing="atlas/heatmap.png not written yet"),
-        _figure(image_file_png(atlas_dir / "bar_mask.png", 800), "grid-bar mask (white: bars)",
-                missing="atlas/bar_mask.png not written yet"),
-        _figure(image_file_png(atlas_dir / "gallery.png", 1000), "typical patches per cluster",
-                missing="atlas/gallery.png not written yet"),
+        _figure(
+            image_file_png(atlas_dir / "heatmap.png"),
+            "atlas: cluster heat map with targets",
+            missing="atlas/heatmap.png not written yet",
+        ),
+        _figure(
+            image_file_png(atlas_dir / "bar_mask.png", 800),
+            "grid-bar mask (white: bars)",
+            missing="atlas/bar_mask.png not written yet",
+        ),
+        _figure(
+            image_file_png(atlas_dir / "gallery.png", 1000),
+            "typical patches per cluster",
+            missing="atlas/gallery.png not written yet",
+        ),
     ]
     overview_png = image_file_png(folder / "overview.tif", 800)
     if overview_png is not None:
@@ -309,56 +331,97 @@ def session_report_html(session_dir: str | Path) -> str:
     sections.append("<h2>Atlas</h2>" + "".join(figures))
     clusters = _read_json(atlas_dir / "clusters.json")
     if isinstance(clusters, dict) and isinstance(clusters.get("clusters"), list):
-        rows = [(c.get("cluster_id"), c.get("n_cells"), c.get("fraction"),
-                 "mixed (targets last)" if c.get("mixed") else c.get("crystal"), c.get("label_source"))
-                for c in clusters["clusters"] if isinstance(c, dict)]
-        sections.append("<h3>Clusters</h3>" + html_table(
-            ["cluster", "cells", "fraction", "crystal", "label source"], rows, table_id="clusters"))
+        rows = [
+            (
+                c.get("cluster_id"),
+                c.get("n_cells"),
+                c.get("fraction"),
+                "mixed (targets last)" if c.get("mixed") else c.get("crystal"),
+                c.get("label_source"),
+            )
+            for c in clusters["clusters"]
+            if isinstance(c, dict)
+        ]
+        sections.append(
+            "<h3>Clusters</h3>"
+            + html_table(["cluster", "cells", "fraction", "crystal", "label source"], rows, table_id="clusters")
+        )
         if clusters.get("suggestion_rule"):
             sections.append(f'<p class="muted">default rule: {_e(clusters["suggestion_rule"])}</p>')
+    return sections
 
-    # targets
-    sections.append(f"<h2>Targets ({len(targets)})</h2>")
-    if targets:
-        classes = ["ok" if t.get("outcome") == "recorded" else "fail" if t.get("outcome") in ("rejected", "failed")
-                   else "" for t in targets]
-        sections.append(html_table(list(_TARGET_COLUMNS), [[t.get(c) for c in _TARGET_COLUMNS] for t in targets],
-                                   table_id="targets", row_classes=classes))
-        cards = []
-        for target in targets:
-            tid = str(target.get("target_id", ""))
-            safe = Path(tid).name  # a target id never names a file outside targets/
-            thumb = image_file_png(folder / "targets" / f"{safe}_thumb.png", THUMB_SIDE_PX)
-            pattern = image_file_png(folder / "targets" / f"{safe}_diffraction.png", THUMB_SIDE_PX)
-            if thumb is None and pattern is None:
-                continue
-            pictures = "".join(
-                f'<img src="{png_data_uri(png)}" alt="{_e(tid)} {kind}">'
-                for png, kind in ((thumb, "search image"), (pattern, "diffraction")) if png is not None
-            )
-            cards.append(f'<div class="card"><b>{_e(tid)}</b> {_e(target.get("outcome", ""))}<br>{pictures}<br>'
-                         f'<span class="muted">x {_e(_fmt(target.get("x_um")))} um, y {_e(_fmt(target.get("y_um")))}'
-                         f' um, spots {_e(_fmt(target.get("n_spots")))}</span></div>')
-        if cards:
-            sections.append('<h3>Per-target images</h3><div class="cards">' + "".join(cards) + "</div>")
-    else:
+
+def _target_sections(folder: Path, targets: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The target table (rows marked by outcome) and a card per target with its search image and
+    diffraction pattern, or a note that there are no targets yet."""
+    sections = [f"<h2>Targets ({len(targets)})</h2>"]
+    if not targets:
         sections.append('<p class="note">no targets yet.</p>')
+        return sections
+    classes = [
+        "ok" if t.get("outcome") == "recorded" else "fail" if t.get("outcome") in ("rejected", "failed") else ""
+        for t in targets
+    ]
+    sections.append(
+        html_table(
+            list(_TARGET_COLUMNS),
+            [[t.get(c) for c in _TARGET_COLUMNS] for t in targets],
+            table_id="targets",
+            row_classes=classes,
+        )
+    )
+    cards = []
+    for target in targets:
+        tid = str(target.get("target_id", ""))
+        safe = Path(tid).name  # a target id never names a file outside targets/
+        thumb = image_file_png(folder / "targets" / f"{safe}_thumb.png", THUMB_SIDE_PX)
+        pattern = image_file_png(folder / "targets" / f"{safe}_diffraction.png", THUMB_SIDE_PX)
+        if thumb is None and pattern is None:
+            continue
+        pictures = "".join(
+            f'<img src="{png_data_uri(png)}" alt="{_e(tid)} {kind}">'
+            for png, kind in ((thumb, "search image"), (pattern, "diffraction"))
+            if png is not None
+        )
+        cards.append(
+            f'<div class="card"><b>{_e(tid)}</b> {_e(target.get("outcome", ""))}<br>{pictures}<br>'
+            f'<span class="muted">x {_e(_fmt(target.get("x_um")))} um, y {_e(_fmt(target.get("y_um")))}'
+            f" um, spots {_e(_fmt(target.get('n_spots')))}</span></div>"
+        )
+    if cards:
+        sections.append('<h3>Per-target images</h3><div class="cards">' + "".join(cards) + "</div>")
+    return sections
 
-    # timings
+
+def _timing_sections(journal: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Time per state (microscope and wall seconds, `state_timings`) and the faults, from the journal."""
+    sections = []
     timings = state_timings(journal)
     if timings:
-        sections.append("<h2>Timings</h2>" + html_table(
-            ["state", "visits", "microscope s", "wall s"],
-            [(t["state"], t["visits"], round(t["microscope_s"], 2), round(t["wall_s"], 2)) for t in timings],
-            table_id="timings"))
+        sections.append(
+            "<h2>Timings</h2>"
+            + html_table(
+                ["state", "visits", "microscope s", "wall s"],
+                [(t["state"], t["visits"], round(t["microscope_s"], 2), round(t["wall_s"], 2)) for t in timings],
+                table_id="timings",
+            )
+        )
     faults = [e for e in journal if e.get("type") == "fault"]
     if faults:
-        sections.append("<h3>Faults</h3>" + html_table(
-            ["state", "error", "microscope s"],
-            [(f.get("state"), f.get("error") or f.get("message"), f.get("microscope_time_s")) for f in faults],
-            table_id="faults"))
+        sections.append(
+            "<h3>Faults</h3>"
+            + html_table(
+                ["state", "error", "microscope s"],
+                [(f.get("state"), f.get("error") or f.get("message"), f.get("microscope_time_s")) for f in faults],
+                table_id="faults",
+            )
+        )
+    return sections
 
-    # calibration and plan
+
+def _calibration_and_plan_sections(calibration: Any, plan: Any) -> list[str]:
+    """The image->stage matrix (um/px) per preset from calibration.json, and plan.json as it was saved."""
+    sections = []
     if isinstance(calibration, dict):
         presets = calibration.get("presets")
         if isinstance(presets, dict) and presets:
@@ -366,13 +429,17 @@ def session_report_html(session_dir: str | Path) -> str:
             for name, entry in presets.items():
                 matrix = entry.get("matrix_um_per_px") if isinstance(entry, dict) else None
                 rows.append((name, _matrix_text(matrix) if matrix is not None else _fmt(entry)))
-            sections.append("<h2>Calibration</h2>" + html_table(["preset", "image->stage matrix (um/px)"], rows,
-                                                                table_id="calibration"))
+            sections.append(
+                "<h2>Calibration</h2>"
+                + html_table(["preset", "image->stage matrix (um/px)"], rows, table_id="calibration")
+            )
     if plan is not None:
-        sections.append("<h2>Plan</h2><details><summary>plan.json</summary><pre>"
-                        + _e(json.dumps(plan, indent=2, default=str)) + "</pre></details>")
-    title = f"Screening session {summary.get('session') or folder.name}"
-    return _page(title, sections)
+        sections.append(
+            "<h2>Plan</h2><details><summary>plan.json</summary><pre>"
+            + _e(json.dumps(plan, indent=2, default=str))
+            + "</pre></details>"
+        )
+    return sections
 
 
 def _matrix_text(matrix: Any) -> str:
