@@ -27,6 +27,7 @@ from agent.cli import CommandError
 from drivers.geometry import pixel_to_stage_um
 
 if TYPE_CHECKING:
+    from agent.locate.analysis import ClusterAnalysis, LocateSettings
     from agent.locate.targets import Candidate
 
 logger = logging.getLogger(__name__)
@@ -185,19 +186,34 @@ def candidates_to_stage(
 
 def run(args: argparse.Namespace) -> int:
     """Handler of `crystal-locator locate`."""
-    from pydantic import ValidationError
-
-    from agent.locate.analysis import LocateSettings, analyse
-    from agent.locate.errors import LocateError
-    from agent.locate.render import cluster_gallery_rgb, heatmap_png, mask_uint8, similarity_rgb
-    from agent.locate.similarity import similarity_map
-    from agent.locate.targets import find_candidates
-    from drivers.formats.images import encode_png, write_atomic
-
     started = time.perf_counter()
     image, info = load_input(args.image, args.pixel_size_um)
     if image.dtype == np.bool_ or image.dtype.kind not in "uif":
         raise CommandError(f"{args.image}: unsupported pixel type {image.dtype}; use an integer or float image")
+    settings = _settings_from_args(args)
+    located = _locate(image, settings, args)
+    candidates = located.candidates
+    matrix, matrix_source = stage_matrix(info, args.calibration)
+    if "stage_xy_um" in info and matrix is not None:
+        if matrix_source == "uncalibrated":
+            print(
+                "warning: no calibration for this preset; stage positions assume pixel_size_um * identity "
+                "(uncalibrated). Pass --calibration FILE for accurate x_um, y_um."
+            )
+        candidates = candidates_to_stage(candidates, located.analysis.image_shape, info["stage_xy_um"], matrix)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_outputs(out, image, args, settings, located, candidates, matrix_source)
+    _print_table(located.analysis, located.crystal, candidates, time.perf_counter() - started, out)
+    return 0
+
+
+def _settings_from_args(args: argparse.Namespace) -> LocateSettings:
+    """The `LocateSettings` the command line asks for (`CommandError` when they are invalid)."""
+    from pydantic import ValidationError
+
+    from agent.locate.analysis import LocateSettings
+
     values: dict[str, Any] = {"k": args.k, "suggest_k": args.suggest_k, "method": args.method, "seed": args.seed}
     values.update(bar_filter=args.bar_filter, flatten=not args.no_flatten, max_candidates=args.max_candidates)
     values.update(outline_length_px=args.outlines)
@@ -207,10 +223,32 @@ def run(args: argparse.Namespace) -> int:
         rows, cols = _parse_grid(args.grid or "20x20")
         values.update(mode="grid", grid_rows=rows, grid_cols=cols)
     try:
-        settings = LocateSettings(**values)
+        return LocateSettings(**values)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise CommandError(f"invalid settings: {problems}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Located:
+    """What `_locate` found: the analysis, the similarity map (cell grid; None without `--reference`), the
+    crystal clusters and what chose them, and the candidates in pixels."""
+
+    analysis: ClusterAnalysis
+    similarity: np.ndarray | None
+    crystal: tuple[int, ...]
+    chosen_by: str
+    candidates: list[Candidate]
+
+
+def _locate(image: np.ndarray, settings: LocateSettings, args: argparse.Namespace) -> _Located:
+    """Analyse `image` and find candidates: by similarity to `--reference` patches, or in the
+    `--crystal-cluster` clusters, or in the default rule's. `CommandError` for a `LocateError`."""
+    from agent.locate.analysis import analyse
+    from agent.locate.errors import LocateError
+    from agent.locate.similarity import similarity_map
+    from agent.locate.targets import find_candidates
+
     try:
         analysis = analyse(image, settings)
         similarity = None
@@ -227,42 +265,30 @@ def run(args: argparse.Namespace) -> int:
             candidates = find_candidates(analysis, crystal, settings, image=image)
     except LocateError as exc:
         raise CommandError(str(exc)) from exc
+    return _Located(analysis, similarity, crystal, chosen_by, candidates)
 
-    matrix, matrix_source = stage_matrix(info, args.calibration)
-    if "stage_xy_um" in info and matrix is not None:
-        if matrix_source == "uncalibrated":
-            print(
-                "warning: no calibration for this preset; stage positions assume pixel_size_um * identity "
-                "(uncalibrated). Pass --calibration FILE for accurate x_um, y_um."
-            )
-        candidates = candidates_to_stage(candidates, analysis.image_shape, info["stage_xy_um"], matrix)
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "heatmap.png", heatmap_png(image, analysis, candidates, crystal))
+def _write_outputs(
+    out: Path,
+    image: np.ndarray,
+    args: argparse.Namespace,
+    settings: LocateSettings,
+    located: _Located,
+    candidates: list[Candidate],
+    matrix_source: str,
+) -> None:
+    """Write the files of the module docstring into `out` (each atomically)."""
+    from agent.locate.render import cluster_gallery_rgb, heatmap_png, mask_uint8, similarity_rgb
+    from drivers.formats.images import encode_png, write_atomic
+
+    analysis = located.analysis
+    write_atomic(out / "heatmap.png", heatmap_png(image, analysis, candidates, located.crystal))
     write_atomic(out / "gallery.png", encode_png(cluster_gallery_rgb(image, analysis)))
     write_atomic(out / "bar_mask.png", encode_png(mask_uint8(analysis.bar_mask)))
+    similarity = located.similarity
     if similarity is not None:
         write_atomic(out / "similarity.png", encode_png(similarity_rgb(image, analysis, similarity, candidates)))
-    clusters = {
-        "image": str(args.image),
-        "image_shape": list(analysis.image_shape),
-        "settings": settings.model_dump(mode="json"),
-        "feature_names": list(analysis.feature_names),
-        "background_cluster": analysis.background_cluster,
-        "outline_cluster": analysis.outline_cluster,
-        "crystal_clusters": list(crystal),
-        "chosen_by": chosen_by,
-        "suggested_crystal_clusters": list(analysis.suggested_crystal_clusters),
-        "suggestion_rule": analysis.suggestion_rule,
-        "suggested_k": analysis.suggested_k,
-        "k_scores": {str(k): v for k, v in analysis.k_scores.items()},
-        "bar_angle_deg": analysis.bar_angle_deg,
-        "bar_fraction": float(analysis.bar_mask.mean()),
-        "vacuum_fraction": float(analysis.vacuum_mask.mean()) if analysis.vacuum_mask is not None else 0.0,
-        "gallery": "gallery.png",
-        "clusters": [c.to_dict(analysis.feature_names) for c in analysis.clusters],
-    }
+    clusters = _clusters_document(args, settings, located)
     write_atomic(out / "clusters.json", json.dumps(clusters, indent=2, allow_nan=False, default=_json_default).encode())
     rows_out = [c.to_dict() for c in candidates]
     payload = {"matrix_source": matrix_source, "candidates": rows_out}
@@ -274,8 +300,31 @@ def run(args: argparse.Namespace) -> int:
     for rank, row in enumerate(rows_out, start=1):
         writer.writerow({"rank": rank, **{k: ("" if row[k] is None else row[k]) for k in fields[1:]}})
     write_atomic(out / "candidates.csv", buffer.getvalue().encode())
-    _print_table(analysis, crystal, candidates, time.perf_counter() - started, out)
-    return 0
+
+
+def _clusters_document(args: argparse.Namespace, settings: LocateSettings, located: _Located) -> dict[str, Any]:
+    """The content of clusters.json: the image, settings, features, clusters and what chose the crystal
+    clusters (fractions of the image's pixels, angles in degrees)."""
+    analysis = located.analysis
+    return {
+        "image": str(args.image),
+        "image_shape": list(analysis.image_shape),
+        "settings": settings.model_dump(mode="json"),
+        "feature_names": list(analysis.feature_names),
+        "background_cluster": analysis.background_cluster,
+        "outline_cluster": analysis.outline_cluster,
+        "crystal_clusters": list(located.crystal),
+        "chosen_by": located.chosen_by,
+        "suggested_crystal_clusters": list(analysis.suggested_crystal_clusters),
+        "suggestion_rule": analysis.suggestion_rule,
+        "suggested_k": analysis.suggested_k,
+        "k_scores": {str(k): v for k, v in analysis.k_scores.items()},
+        "bar_angle_deg": analysis.bar_angle_deg,
+        "bar_fraction": float(analysis.bar_mask.mean()),
+        "vacuum_fraction": float(analysis.vacuum_mask.mean()) if analysis.vacuum_mask is not None else 0.0,
+        "gallery": "gallery.png",
+        "clusters": [c.to_dict(analysis.feature_names) for c in analysis.clusters],
+    }
 
 
 def _json_default(value: Any) -> Any:
