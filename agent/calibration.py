@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -235,26 +236,19 @@ def measure_preset(
         here = microscope.get_stage()
         stage_xy_um = (here.x_um, here.y_um)
     x0, y0 = stage_xy_um
+    where = f"calibration of {preset!r} at ({x0:.1f}, {y0:.1f}) um"
     frame_rows = info.camera_shape_px[0] // nominal.binning
     frame_cols = info.camera_shape_px[1] // nominal.binning
-    final_shift_px = shift_fraction * min(frame_rows, frame_cols)
-    limits = microscope.stage_limits()
-    room_um = min(
-        x0 - limits.x_min_um - approach_um,
-        limits.x_max_um - x0,
-        y0 - limits.y_min_um - approach_um,
-        limits.y_max_um - y0,
+    shifts_px = _test_shifts_px(
+        microscope,
+        (x0, y0),
+        shift_fraction * min(frame_rows, frame_cols),
+        nominal.pixel_size_um,
+        first_shift_px=first_shift_px,
+        min_first_shift_um=min_first_shift_um,
+        approach_um=approach_um,
+        where=where,
     )
-    final_shift_px = min(final_shift_px, room_um / nominal.pixel_size_um)  # small stages (tile mosaics)
-    if final_shift_px < 3.0:
-        raise CalibrationError(
-            f"calibration of {preset!r} at ({x0:.1f}, {y0:.1f}) um: too close to the stage limits for test moves"
-        )
-    shifts_px = [min(final_shift_px, max(first_shift_px, min_first_shift_um / nominal.pixel_size_um))]
-    while shifts_px[-1] * 4 < final_shift_px:
-        shifts_px.append(shifts_px[-1] * 4)
-    if shifts_px[-1] < final_shift_px:
-        shifts_px.append(final_shift_px)
     sigma_px = max(4.0, min(frame_rows, frame_cols) / 40.0)
 
     def frame_at(dx_um: float, dy_um: float) -> np.ndarray:
@@ -265,58 +259,50 @@ def measure_preset(
     isotropy = structure_isotropy(reference, sigma_px)
     if isotropy < min_isotropy:
         raise CalibrationError(
-            f"calibration of {preset!r} at ({x0:.1f}, {y0:.1f}) um: the image has structure in one direction "
+            f"{where}: the image has structure in one direction "
             f"only (isotropy {isotropy:.3f} < {min_isotropy}: an edge, not a corner); move to a corner or texture"
         )
-    matrix: np.ndarray | None = None
-    residual_px = 0.0
-    shift_um = 0.0
-    for round_index, step_px in enumerate(shifts_px):
-        shift_um = step_px * nominal.pixel_size_um
-        last = round_index == len(shifts_px) - 1
-        unit_moves = (
-            [(1, 0), (0, 1), (-1, 0), (0, -1), (1, 1), (-1, 1), (1, -1), (-1, -1)] if last else [(1, 0), (0, 1)]
-        )
-        stage_moves = shift_um * np.array(unit_moves, dtype=np.float64).T  # (2, n) columns d_i
-        pixel_moves = np.zeros_like(stage_moves)
-        for column in range(stage_moves.shape[1]):
-            predicted = np.zeros(2) if matrix is None else -np.linalg.inv(matrix) @ stage_moves[:, column]
-            displacement, quality = _displacement_px(reference, frame_at(*stage_moves[:, column]), predicted, sigma_px)
-            if quality < min_quality:
-                raise CalibrationError(
-                    f"calibration of {preset!r} at ({x0:.1f}, {y0:.1f}) um: correlation too weak "
-                    f"(peak {quality:.3f} < {min_quality}); move to an area with more structure"
-                )
-            pixel_moves[:, column] = displacement
-        if last:
-            # displacement = M d + t: the intercept t absorbs the reference frame's own stage error,
-            # which every displacement shares; A = -M^-1.
-            m_matrix, offset = _fit_with_offset(stage_moves, pixel_moves)
-        else:
-            m_matrix, offset = pixel_moves @ np.linalg.inv(stage_moves), np.zeros(2)
-        if abs(np.linalg.det(m_matrix)) < 1e-12:
-            raise CalibrationError(f"calibration of {preset!r}: the test moves gave parallel image shifts")
-        matrix = -np.linalg.inv(m_matrix)
-        misfit = np.linalg.norm(m_matrix @ stage_moves + offset[:, None] - pixel_moves, axis=0)
-        residual_px = float(np.sqrt(np.mean(np.sort(misfit**2)[: max(2, len(misfit) - 1)])))
+    matrix, residual_px, shift_um = _fit_matrix(
+        reference, frame_at, shifts_px, nominal.pixel_size_um, sigma_px, min_quality, preset=preset, where=where
+    )
     approach_move(microscope, x0, y0, approach_um)
-    assert matrix is not None
+    return _checked_calibration(
+        preset,
+        matrix,
+        residual_px,
+        shift_um,
+        nominal.pixel_size_um,
+        (x0, y0),
+        max_residual_fraction=max_residual_fraction,
+        stage_repeat_um=stage_repeat_um,
+    )
+
+
+def _checked_calibration(
+    preset: str,
+    matrix: np.ndarray,
+    residual_px: float,
+    shift_um: float,
+    pixel_size_um: float,
+    stage_xy_um: tuple[float, float],
+    *,
+    max_residual_fraction: float,
+    stage_repeat_um: float,
+) -> PresetCalibration:
+    """The `PresetCalibration` of a fitted matrix A (um/px), measured around `stage_xy_um` (um) with a last
+    move of `shift_um`, once `_check_fit` accepts its misfit (px) and scale against the nominal
+    `pixel_size_um`."""
+    x0, y0 = stage_xy_um
     rotation_deg, scales, flipped = describe_matrix(matrix)
-    expected_shift_px = shift_um / nominal.pixel_size_um
-    # The misfit may reach the stage's repeat error (a few tenths of a um: many pixels at high
-    # magnification) or a small fraction of the move, whichever is larger.
-    allowed_px = max(max_residual_fraction * expected_shift_px, stage_repeat_um / nominal.pixel_size_um)
-    if residual_px > allowed_px:
-        raise CalibrationError(
-            f"calibration of {preset!r}: test moves disagree by {residual_px:.1f} px RMS "
-            f"(expected shift {expected_shift_px:.0f} px); the stage may have slipped or the area lacks texture"
-        )
-    for scale in scales:
-        if not nominal.pixel_size_um / 1.5 <= scale <= nominal.pixel_size_um * 1.5:
-            raise CalibrationError(
-                f"calibration of {preset!r}: measured {scale:.4g} um/px, nominal {nominal.pixel_size_um:.4g}; "
-                "check the preset's pixel size"
-            )
+    _check_fit(
+        preset,
+        residual_px,
+        shift_um / pixel_size_um,
+        scales,
+        pixel_size_um,
+        max_residual_fraction=max_residual_fraction,
+        stage_repeat_um=stage_repeat_um,
+    )
     logger.info(
         "calibrated %s: rotation %.2f deg, scale %.4g/%.4g um/px, flipped=%s, residual %.2f px",
         preset,
@@ -329,7 +315,7 @@ def measure_preset(
     return PresetCalibration(
         preset=preset,
         matrix_um_per_px=((float(matrix[0, 0]), float(matrix[0, 1])), (float(matrix[1, 0]), float(matrix[1, 1]))),
-        nominal_pixel_size_um=nominal.pixel_size_um,
+        nominal_pixel_size_um=pixel_size_um,
         rotation_deg=rotation_deg,
         scale_um_per_px=scales,
         flipped=flipped,
@@ -338,3 +324,130 @@ def measure_preset(
         stage_xy_um=(float(x0), float(y0)),
         measured_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
+
+
+def _test_shifts_px(
+    microscope: Microscope,
+    stage_xy_um: tuple[float, float],
+    final_shift_px: float,
+    pixel_size_um: float,
+    *,
+    first_shift_px: float,
+    min_first_shift_um: float,
+    approach_um: float,
+    where: str,
+) -> list[float]:
+    """The test move of each round (px, growing fourfold up to `final_shift_px`), the last one cut to the
+    room the stage limits leave around `stage_xy_um` (um). `CalibrationError` when there is no room."""
+    x0, y0 = stage_xy_um
+    limits = microscope.stage_limits()
+    room_um = min(
+        x0 - limits.x_min_um - approach_um,
+        limits.x_max_um - x0,
+        y0 - limits.y_min_um - approach_um,
+        limits.y_max_um - y0,
+    )
+    final_shift_px = min(final_shift_px, room_um / pixel_size_um)  # small stages (tile mosaics)
+    if final_shift_px < 3.0:
+        raise CalibrationError(f"{where}: too close to the stage limits for test moves")
+    shifts_px = [min(final_shift_px, max(first_shift_px, min_first_shift_um / pixel_size_um))]
+    while shifts_px[-1] * 4 < final_shift_px:
+        shifts_px.append(shifts_px[-1] * 4)
+    if shifts_px[-1] < final_shift_px:
+        shifts_px.append(final_shift_px)
+    return shifts_px
+
+
+def _fit_matrix(
+    reference: np.ndarray,
+    frame_at: Callable[[float, float], np.ndarray],
+    shifts_px: list[float],
+    pixel_size_um: float,
+    sigma_px: float,
+    min_quality: float,
+    *,
+    preset: str,
+    where: str,
+) -> tuple[np.ndarray, float, float]:
+    """The rounds of test moves: x and y moves of each size in `shifts_px`, the last round also -x, -y and
+    both diagonals both ways with a least-squares fit (`_fit_with_offset`). `frame_at(dx_um, dy_um)`
+    acquires a frame moved by that much from the reference position. Returns the matrix A (um/px), the
+    last round's RMS misfit (px, the worst move left out) and its move (um)."""
+    matrix: np.ndarray | None = None
+    residual_px = 0.0
+    shift_um = 0.0
+    for round_index, step_px in enumerate(shifts_px):
+        shift_um = step_px * pixel_size_um
+        last = round_index == len(shifts_px) - 1
+        unit_moves = (
+            [(1, 0), (0, 1), (-1, 0), (0, -1), (1, 1), (-1, 1), (1, -1), (-1, -1)] if last else [(1, 0), (0, 1)]
+        )
+        stage_moves = shift_um * np.array(unit_moves, dtype=np.float64).T  # (2, n) columns d_i
+        pixel_moves = _pixel_moves(reference, frame_at, stage_moves, matrix, sigma_px, min_quality, where=where)
+        if last:
+            # displacement = M d + t: the intercept t absorbs the reference frame's own stage error,
+            # which every displacement shares; A = -M^-1.
+            m_matrix, offset = _fit_with_offset(stage_moves, pixel_moves)
+        else:
+            m_matrix, offset = pixel_moves @ np.linalg.inv(stage_moves), np.zeros(2)
+        if abs(np.linalg.det(m_matrix)) < 1e-12:
+            raise CalibrationError(f"calibration of {preset!r}: the test moves gave parallel image shifts")
+        matrix = -np.linalg.inv(m_matrix)
+        misfit = np.linalg.norm(m_matrix @ stage_moves + offset[:, None] - pixel_moves, axis=0)
+        residual_px = float(np.sqrt(np.mean(np.sort(misfit**2)[: max(2, len(misfit) - 1)])))
+    assert matrix is not None
+    return matrix, residual_px, shift_um
+
+
+def _pixel_moves(
+    reference: np.ndarray,
+    frame_at: Callable[[float, float], np.ndarray],
+    stage_moves: np.ndarray,
+    matrix: np.ndarray | None,
+    sigma_px: float,
+    min_quality: float,
+    *,
+    where: str,
+) -> np.ndarray:
+    """Image displacement (d_col, d_row px) for each stage move (columns of `stage_moves`, um), searched
+    near the prediction of `matrix` (the previous round's; None: near zero). `CalibrationError` when a
+    correlation peak is below `min_quality`."""
+    pixel_moves = np.zeros_like(stage_moves)
+    for column in range(stage_moves.shape[1]):
+        predicted = np.zeros(2) if matrix is None else -np.linalg.inv(matrix) @ stage_moves[:, column]
+        displacement, quality = _displacement_px(reference, frame_at(*stage_moves[:, column]), predicted, sigma_px)
+        if quality < min_quality:
+            raise CalibrationError(
+                f"{where}: correlation too weak "
+                f"(peak {quality:.3f} < {min_quality}); move to an area with more structure"
+            )
+        pixel_moves[:, column] = displacement
+    return pixel_moves
+
+
+def _check_fit(
+    preset: str,
+    residual_px: float,
+    expected_shift_px: float,
+    scales: tuple[float, float],
+    pixel_size_um: float,
+    *,
+    max_residual_fraction: float,
+    stage_repeat_um: float,
+) -> None:
+    """`CalibrationError` when the misfit (px) of the last round, whose move was `expected_shift_px`, is
+    too large or a measured scale (um/px) is not within a factor 1.5 of the nominal `pixel_size_um`."""
+    # The misfit may reach the stage's repeat error (a few tenths of a um: many pixels at high
+    # magnification) or a small fraction of the move, whichever is larger.
+    allowed_px = max(max_residual_fraction * expected_shift_px, stage_repeat_um / pixel_size_um)
+    if residual_px > allowed_px:
+        raise CalibrationError(
+            f"calibration of {preset!r}: test moves disagree by {residual_px:.1f} px RMS "
+            f"(expected shift {expected_shift_px:.0f} px); the stage may have slipped or the area lacks texture"
+        )
+    for scale in scales:
+        if not pixel_size_um / 1.5 <= scale <= pixel_size_um * 1.5:
+            raise CalibrationError(
+                f"calibration of {preset!r}: measured {scale:.4g} um/px, nominal {pixel_size_um:.4g}; "
+                "check the preset's pixel size"
+            )
