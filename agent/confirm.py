@@ -71,8 +71,30 @@ def find_object_near_centre(
     smooth = smooth_px if smooth_px is not None else max(1.0, min(rows, cols) / 256)
     smoothed = ndimage.gaussian_filter(data, smooth)
     excluded = np.zeros(data.shape, dtype=bool) if exclude_mask is None else np.asarray(exclude_mask, dtype=bool)
+    ring = _film_sample(excluded, film_mask)
+    if ring is None:
+        return None
+    film, contrast = _film_and_contrast(smoothed, ring, smooth)
+    objects = (contrast > min_contrast_sigma) & ~excluded
+    objects = ndimage.binary_opening(objects, iterations=1)
+    objects = ndimage.binary_fill_holes(objects)
+    labels, count = ndimage.label(objects)
+    if count == 0:
+        return None
+    minimum_area = min_area_px if min_area_px is not None else max(4.0, (smooth * 2) ** 2)
+    best, best_label = _nearest_object(objects, labels, count, contrast, radius_px, minimum_area)
+    if best is not None and not best.touches_border:
+        best = _judge_outline(best, best_label, labels, data, film)
+    return best
+
+
+def _film_sample(excluded: np.ndarray, film_mask: np.ndarray | None) -> np.ndarray | None:
+    """Bool mask (image shape) of the pixels the film is measured on: the atlas's film pixels when there
+    are at least 64 off the bars (`excluded`), else a ring along the frame border off the bars, else
+    everything off the bars; None when fewer than 16 pixels remain."""
+    rows, cols = excluded.shape
     border = max(2, min(rows, cols) // 32)
-    ring = np.zeros(data.shape, dtype=bool)
+    ring = np.zeros(excluded.shape, dtype=bool)
     ring[:border, :] = ring[-border:, :] = ring[:, :border] = ring[:, -border:] = True
     ring &= ~excluded
     if film_mask is not None and np.count_nonzero(np.asarray(film_mask, dtype=bool) & ~excluded) >= 64:
@@ -81,6 +103,13 @@ def find_object_near_centre(
         ring = ~excluded
         if ring.sum() < 16:
             return None
+    return ring
+
+
+def _film_and_contrast(smoothed: np.ndarray, ring: np.ndarray, smooth: float) -> tuple[np.ndarray, np.ndarray]:
+    """The film surface (`_film_surface`, image units, float32) and every pixel's contrast: its relative
+    transmission's distance from 1 in film noise sigmas (robust sigma on `ring`, floored by shot noise
+    after smoothing with a Gaussian of `smooth` px)."""
     film = _film_surface(smoothed, ring)
     relative = smoothed / np.maximum(film, 1e-6)
     residual = relative[ring] - 1.0
@@ -88,16 +117,23 @@ def find_object_near_centre(
     # Shot noise after smoothing still sets a floor when the ring is perfectly flat.
     noise = max(noise, 1e-6, 0.25 / math.sqrt(max(float(np.median(film[ring])), 1.0)) / max(smooth, 1.0))
     contrast = np.abs(relative - 1.0) / noise
-    objects = (contrast > min_contrast_sigma) & ~excluded
-    objects = ndimage.binary_opening(objects, iterations=1)
-    objects = ndimage.binary_fill_holes(objects)
-    labels, count = ndimage.label(objects)
-    if count == 0:
-        return None
+    return film, contrast
+
+
+def _nearest_object(
+    objects: np.ndarray,
+    labels: np.ndarray,
+    count: int,
+    contrast: np.ndarray,
+    radius_px: float,
+    minimum_area: float,
+) -> tuple[FoundObject | None, int]:
+    """Of the labelled objects (ids 1..count) of at least `minimum_area` px, the one nearest the frame
+    centre within `radius_px` (distance to the object itself, 0 when the centre lies on it), and its
+    label (0: none)."""
     index = np.arange(1, count + 1)
     areas = ndimage.sum_labels(np.ones_like(labels), labels, index)
-    minimum_area = min_area_px if min_area_px is not None else max(4.0, (smooth * 2) ** 2)
-    centre = image_centre_px(data.shape)
+    centre = image_centre_px(objects.shape)
     best: FoundObject | None = None
     best_label = 0
     best_distance = math.inf
@@ -124,20 +160,27 @@ def find_object_near_centre(
                 contrast_sigma=float(np.median(contrast[member])),
                 touches_border=int(label_id) in touching,
             )
-    if best is not None and not best.touches_border:
-        # the outline test needs fine detail: a light smoothing, not the object-scale one used to find it
-        box = ndimage.find_objects((labels == best_label).astype(np.int32))[0]
-        pad = 8
-        rows_box = slice(max(box[0].start - pad, 0), min(box[0].stop + pad, rows))
-        cols_box = slice(max(box[1].start - pad, 0), min(box[1].stop + pad, cols))
-        fine = ndimage.gaussian_filter(data[rows_box, cols_box], 1.0) / np.maximum(film[rows_box, cols_box], 1e-6)
-        inner = (
-            slice(box[0].start - rows_box.start, box[0].stop - rows_box.start),
-            slice(box[1].start - cols_box.start, box[1].stop - cols_box.start),
-        )
-        round_outline = is_round(fine, inner, labels[box] == best_label, 1.0)
-        best = dataclasses.replace(best, round_outline=round_outline)
-    return best
+    return best, best_label
+
+
+def _judge_outline(
+    best: FoundObject, best_label: int, labels: np.ndarray, data: np.ndarray, film: np.ndarray
+) -> FoundObject:
+    """`best` with `round_outline` set by `is_round` on its box of the frame `data`, smoothed by 1 px and
+    divided by the `film` surface."""
+    rows, cols = data.shape
+    # the outline test needs fine detail: a light smoothing, not the object-scale one used to find it
+    box = ndimage.find_objects((labels == best_label).astype(np.int32))[0]
+    pad = 8
+    rows_box = slice(max(box[0].start - pad, 0), min(box[0].stop + pad, rows))
+    cols_box = slice(max(box[1].start - pad, 0), min(box[1].stop + pad, cols))
+    fine = ndimage.gaussian_filter(data[rows_box, cols_box], 1.0) / np.maximum(film[rows_box, cols_box], 1e-6)
+    inner = (
+        slice(box[0].start - rows_box.start, box[0].stop - rows_box.start),
+        slice(box[1].start - cols_box.start, box[1].stop - cols_box.start),
+    )
+    round_outline = is_round(fine, inner, labels[box] == best_label, 1.0)
+    return dataclasses.replace(best, round_outline=round_outline)
 
 
 def _film_surface(smoothed: np.ndarray, ring: np.ndarray) -> np.ndarray:
