@@ -1,6 +1,7 @@
 """Behaviour check of issue 19: do simulated screening sessions give the same results on two code trees?
 
-Run by hand (each session takes ~40 s of wall time; 24 sessions take ~10 min with `--jobs 2`):
+Run by hand (each session takes ~40 s of wall time; the 24 sessions ~10 min with `--jobs 2` on an idle
+2-core machine, ~20 min under load):
 
     # record the figures of a tree (default: the repo this script lives in)
     .venv/bin/python benchmarks/compare_behaviour.py --save benchmarks/behaviour_baseline.json
@@ -97,14 +98,25 @@ def run_session(tree: Path, spec: RunSpec, work_dir: Path) -> dict[str, Any]:
 def run_all(trees: list[Path], specs: list[RunSpec], jobs: int) -> list[dict[str, dict[str, Any]]]:
     """Run every spec on every tree (`jobs` subprocesses at a time); per tree, results keyed by run name."""
     with tempfile.TemporaryDirectory(prefix="compare-behaviour-") as tmp:
-        work_dirs = [Path(tmp) / f"tree{i}" for i in range(len(trees))]
-        tasks = [(tree, spec, work) for tree, work in zip(trees, work_dirs, strict=True) for spec in specs]
+        tasks = [(index, tree, spec) for index, tree in enumerate(trees) for spec in specs]
         with ThreadPoolExecutor(max_workers=jobs) as pool:
-            results = list(pool.map(lambda task: run_session(*task), tasks))
+            results = list(pool.map(lambda t: run_session(t[1], t[2], Path(tmp) / f"tree{t[0]}"), tasks))
     per_tree: list[dict[str, dict[str, Any]]] = [{} for _ in trees]
-    for (tree, spec, _), result in zip(tasks, results, strict=True):
-        per_tree[trees.index(tree)][spec.name] = result
+    for (index, _, spec), result in zip(tasks, results, strict=True):
+        per_tree[index][spec.name] = result
     return per_tree
+
+
+def check_tree(tree: Path) -> None:
+    """Exit with a message unless `python -m agent.cli` with `PYTHONPATH=tree` imports `agent` from `tree`."""
+    code = "import agent, pathlib; print(pathlib.Path(agent.__file__).resolve().parents[1])"
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=tempfile.gettempdir(), capture_output=True, text=True, check=False
+    )
+    imported_from = proc.stdout.strip()
+    if proc.returncode != 0 or Path(imported_from) != tree:
+        sys.exit(f"{tree}: not a code tree (agent imported from {imported_from or 'nowhere'}: {proc.stderr[-300:]})")
 
 
 def git_commit(tree: Path) -> dict[str, Any]:
@@ -221,8 +233,9 @@ def main(argv: list[str] | None = None) -> int:
         saved = json.loads(args.against.read_text())
         references = saved["runs"]
         print(f"reference: {args.against} (commit {saved.get('commit')}, dirty {saved.get('dirty')})")
-    for tree in trees:
-        print(f"tree: {tree} {git_commit(tree)}")
+    for label, tree in zip(("tree", "baseline tree"), trees, strict=False):
+        check_tree(tree)
+        print(f"{label}: {tree} {git_commit(tree)}")
     start = time.perf_counter()
     per_tree = run_all(trees, specs, args.jobs)
     print(f"{len(specs) * len(trees)} sessions in {time.perf_counter() - start:.0f} s wall ({args.jobs} jobs)")
