@@ -9,7 +9,7 @@ pixel p to
 where A (2x2, micrometres per pixel) depends on the optics preset: rotation, scale and possibly a flip
 between camera and stage axes. For a single frame c is the image centre (`image_centre_px`) and S the
 stage position recorded with the frame; a mosaic (`agent.steps.atlas.Atlas`) keeps its own reference pixel.
-Drivers do not promise any particular A; the agent measures it (agent.calibration) by moving the
+Drivers do not promise any particular A; the agent measures it (agent.steps.stage_calibration) by moving the
 stage a known offset and phase-correlating.
 """
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from agent.confirm import find_object_near_centre
+from agent.steps.object_near_centre import find_object_near_centre
 
 
 def _film(seed: int, size: int = 256, level: float = 3000.0) -> np.ndarray:

@@ -13,10 +13,10 @@ from collections import defaultdict
 
 import pytest
 
-from agent.calibration import CalibrationError
 from agent.session.policy import Action, decide
 from agent.session.records import ControlApplied, FaultRaised, Record, RecoveryTaken, Transition
 from agent.session.runner import Runner
+from agent.steps.stage_calibration import CalibrationError
 from drivers.base import AcquisitionTimeout, BridgeTimeout, MicroscopeError, ProtocolMismatchError, StageLimitError
 
 FORWARD = {

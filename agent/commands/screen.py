@@ -288,7 +288,7 @@ def _write_report(session_dir: Path) -> Path | None:
 
 def _load_calibration(path: Path) -> Any:
     """A saved `CalibrationSet`; a calibration of another instrument is ignored by the session."""
-    from agent.calibration import CalibrationSet
+    from agent.steps.stage_calibration import CalibrationSet
 
     try:
         return CalibrationSet.load(path)

@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from agent.calibration import CalibrationError
+from agent.steps.stage_calibration import CalibrationError
 from drivers.base import AuthenticationError, BridgeTimeout, MicroscopeError, ProtocolMismatchError, StageLimitError
 
 

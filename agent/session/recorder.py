@@ -13,12 +13,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agent.calibration import CalibrationSet
 from agent.session.events import EventBus
 from agent.session.journal import Journal
 from agent.session.outcomes import TargetRecord
 from agent.session.records import ArtifactWritten, Record
 from agent.session.writers import CalibrationWriter, EventPublisher, FileWriter, JournalWriter, TableWriter
+from agent.steps.stage_calibration import CalibrationSet
 from drivers.base import Frame
 
 

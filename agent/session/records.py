@@ -77,7 +77,7 @@ class Transition(Record):
 
 
 class CalibrationMeasured(Record):
-    """One preset's measured image -> stage matrix (the fields of `agent.calibration.PresetCalibration`)."""
+    """One preset's measured image -> stage matrix (the fields of `agent.steps.stage_calibration.PresetCalibration`)."""
 
     type: Literal["calibration"] = "calibration"
     preset: str

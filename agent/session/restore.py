@@ -13,7 +13,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from agent.calibration import CALIBRATION_NAME, CalibrationSet, PresetCalibration
 from agent.config import PLAN_NAME, PlanError, load_plan
 from agent.locate.analysis import analyse
 from agent.prompts.policy import LabellingDecision
@@ -30,6 +29,7 @@ from agent.session.records import (
     TargetsPlanned,
 )
 from agent.steps.atlas import Atlas, frame_atlas
+from agent.steps.stage_calibration import CALIBRATION_NAME, CalibrationSet, PresetCalibration
 from drivers.base import Microscope
 from drivers.formats.images import ImageFormatError, read_frame_tiff
 

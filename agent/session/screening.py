@@ -18,7 +18,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agent.calibration import CalibrationSet
 from agent.config import PLAN_NAME, ScreeningPlan
 from agent.session import outputs
 from agent.session.events import EventBus
@@ -34,6 +33,7 @@ from agent.session.records import (
 from agent.session.runner import Runner
 from agent.steps import calibrate, diffract, label, locate, map, record, target, visit
 from agent.steps.context import SessionContext, VisitState
+from agent.steps.stage_calibration import CalibrationSet
 from drivers.base import Microscope, MicroscopeError
 
 logger = logging.getLogger(__name__)

@@ -18,7 +18,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agent.calibration import CALIBRATION_NAME, CalibrationSet, PresetCalibration
 from agent.session import outputs
 from agent.session.events import EventBus
 from agent.session.journal import Journal
@@ -32,6 +31,7 @@ from agent.session.records import (
     TargetsPlanned,
     Transition,
 )
+from agent.steps.stage_calibration import CALIBRATION_NAME, CalibrationSet, PresetCalibration
 from drivers.base import Frame
 from drivers.formats.images import write_frame_tiff
 

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from agent.calibration import CalibrationSet, measure_preset
 from agent.session.records import CalibrationMeasured
 from agent.steps.atlas import Atlas, frame_atlas
 from agent.steps.context import SessionContext
 from agent.steps.motion import approach_move
+from agent.steps.stage_calibration import CalibrationSet, measure_preset
 
 
 @dataclass(frozen=True)

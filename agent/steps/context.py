@@ -17,11 +17,11 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from agent.calibration import CalibrationSet
 from agent.config import ScreeningPlan
 from agent.session.outcomes import TargetRecord, TargetResult
 from agent.session.records import Record
 from agent.steps.atlas import Atlas
+from agent.steps.stage_calibration import CalibrationSet
 from drivers.base import Frame, Microscope, MicroscopeInfo
 
 

@@ -16,10 +16,10 @@ import numpy as np
 from scipy import ndimage
 
 from agent.config import ScreeningPlan
-from agent.confirm import find_object_near_centre
 from agent.session.outcomes import CONFIRMED_OUTCOMES
 from agent.steps.context import SessionContext
 from agent.steps.motion import approach_move
+from agent.steps.object_near_centre import find_object_near_centre
 from drivers.base import Frame
 from drivers.geometry import pixel_to_stage_um
 
@@ -137,8 +137,8 @@ def locate_near_centre(
     frame: Frame, matrix_um_per_px: np.ndarray, plan: ScreeningPlan, classes_at: object | None = None
 ) -> tuple[float, float, float, bool] | None:
     """Find the object nearest the centre of a search frame within `confirm.radius_um` (see
-    `agent.confirm`); returns its stage position (x_um, y_um), contrast in film-noise sigmas and whether its
-    outline is round (an ice ball), or None.
+    `agent.steps.object_near_centre`); returns its stage position (x_um, y_um), contrast in film-noise sigmas
+    and whether its outline is round (an ice ball), or None.
 
     `classes_at(stage_xy_um (n, 2)) -> (n,)` says what the atlas saw at stage points (BAR, FILM, OTHER,
     OFF_ATLAS): bar pixels can never be the target, and film pixels set the film level even when objects

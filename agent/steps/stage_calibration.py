@@ -1,6 +1,6 @@
 """Image -> stage calibration: measure the matrix A of each optics preset on the instrument.
 
-Convention (drivers.base): the specimen point under pixel p = (col_px, row_px) of a frame taken with the
+Convention (drivers.geometry): the specimen point under pixel p = (col_px, row_px) of a frame taken with the
 stage at S is `S + A @ (p - image_centre_px(shape))`. Cameras are rotated, scaled and sometimes flipped
 relative to the stage, differently at each magnification, so A is measured, never assumed:
 
@@ -35,7 +35,7 @@ from scipy import ndimage
 from scipy.signal import windows
 
 from agent.locate.preprocess import block_sum
-from agent.motion import approach_move
+from agent.steps.motion import approach_move
 from drivers.base import Microscope, MicroscopeError
 from drivers.formats.images import write_atomic
 
