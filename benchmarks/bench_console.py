@@ -32,6 +32,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from agent.commands.console import DEMO_SPECIMEN, demo_microscope  # noqa: E402
 from agent.console.demo import ScriptedSession  # noqa: E402
 from agent.console.server import start_console_for_session, wait_for  # noqa: E402
 from agent.session.events import ControlServer, EventBus  # noqa: E402
@@ -194,7 +195,8 @@ def main() -> int:
     tifffile.imwrite(explore_dir / "big.tif", image)
 
     bus = EventBus("tcp://127.0.0.1:0")
-    session = ScriptedSession(work / "session", bus, None)
+    microscope, calibration = demo_microscope(seed=0)  # a demo session, not run: the consoles follow `bus`
+    session = ScriptedSession(microscope, work / "session", bus, None, specimen=DEMO_SPECIMEN, calibration=calibration)
     control_endpoint = f"tcp://127.0.0.1:{free_port()}"
     control = ControlServer(session, control_endpoint, info={
         "session_dir": str(work / "session"), "events_endpoint": bus.endpoint, "prompt_endpoint": None})
@@ -252,7 +254,7 @@ def main() -> int:
         remote.wait(10)
         local.stop()
         control.close()
-        session.journal.close()
+        session.stop()
         bus.close()
         shutil.rmtree(work, ignore_errors=True)
     report(results, args)

@@ -19,6 +19,7 @@ from agent.session.events import EventBus
 pytest.importorskip("starlette")
 sync_api = pytest.importorskip("playwright.sync_api")
 
+from agent.commands.console import DEMO_SPECIMEN, demo_microscope  # noqa: E402
 from agent.console.demo import ScriptedSession  # noqa: E402
 from agent.console.server import ConsoleHandle, start_console_for_session, wait_for  # noqa: E402
 
@@ -48,18 +49,29 @@ def browser() -> Iterator[Any]:
             instance.close()
 
 
+def demo_session(folder: Path, bus: EventBus, channel: OperatorChannel | None, **kwargs: Any) -> ScriptedSession:
+    """A demo session: the real screening loop on a small simulated microscope (two targets)."""
+    microscope, calibration = demo_microscope(seed=0)
+    return ScriptedSession(microscope, folder, bus, channel, specimen=DEMO_SPECIMEN, n_targets=2,
+                           calibration=calibration, **kwargs)
+
+
 class Live:
-    """A scripted session with a prompt channel and a console on loopback."""
+    """A demo session with a prompt channel and a console on loopback."""
 
     def __init__(self, folder: Path, **session_kwargs: Any) -> None:
         self.bus = EventBus()
         self.channel = OperatorChannel("tcp://127.0.0.1:0")
-        self.session = ScriptedSession(folder, self.bus, self.channel, **session_kwargs)
+        self.session = demo_session(folder, self.bus, self.channel, **session_kwargs)
         self.console: ConsoleHandle = start_console_for_session(self.session, self.channel, "127.0.0.1", 0)
 
+    def cluster_options(self) -> list[str]:
+        """The labelling prompt's options that name clusters."""
+        assert self.session.prompt_handle is not None
+        return [o.id for o in self.session.prompt_handle.prompt.options if o.id.startswith("cluster-")]
+
     def stop(self) -> None:
-        self.session.request_abort()
-        self.session.join(10)
+        self.session.stop()
         self.console.stop()
         self.channel.close()
         self.bus.close()
@@ -67,7 +79,7 @@ class Live:
 
 @pytest.fixture
 def live(tmp_path: Path) -> Iterator[Live]:
-    setup = Live(tmp_path / "session", step_s=0.02)
+    setup = Live(tmp_path / "session")
     try:
         yield setup
     finally:
@@ -110,41 +122,55 @@ def test_prompt_answered_in_the_browser_and_seen_by_a_second_page(browser: Any, 
     phone.wait_for_selector(f'.card[data-prompt-id="{prompt_id}"][data-state="open"]')
     shot(phone, "console-phone-prompt.png")
 
-    desktop.click(f'.card[data-prompt-id="{prompt_id}"] [data-option="1"]')
+    chosen = live.cluster_options()  # a multiple-choice prompt: choose, then send
+    for option_id in chosen:
+        desktop.click(f'.card[data-prompt-id="{prompt_id}"] [data-option="{option_id}"]')
+    desktop.click(f'.card[data-prompt-id="{prompt_id}"] .send')
     desktop.wait_for_selector(f'.card[data-prompt-id="{prompt_id}"][data-state="answered"]')
     phone.wait_for_selector(f'.card[data-prompt-id="{prompt_id}"][data-state="answered"]')
     assert "answered" in phone.locator(f'.card[data-prompt-id="{prompt_id}"] .status').inner_text()
-    assert phone.locator(f'.card[data-prompt-id="{prompt_id}"] [data-option="0"]').is_disabled()
+    assert phone.locator(f'.card[data-prompt-id="{prompt_id}"] [data-option="none"]').is_disabled()
 
     # the session goes on with the answer: targets, chart, atlas with targets drawn, journal
-    live.session.join(15)
-    assert live.session.answer is not None and live.session.answer.option_ids == ("1",)
+    live.session.join(60)
+    assert live.session.answer is not None and live.session.answer.option_ids == tuple(chosen)
+    results = live.session.results
+    confirmed = sum(result.confirmed for result in results.values())
+    recorded = [target_id for target_id, result in results.items() if result.outcome == "recorded"]
+    assert recorded, results  # the demo's seed records some
     desktop.wait_for_selector('#state[data-state="done"]')
-    desktop.wait_for_function("() => document.querySelector('#stat-confirmed').textContent === '3'")
+    desktop.wait_for_function("n => document.querySelector('#stat-confirmed').textContent === String(n)",
+                              arg=confirmed)
     desktop.wait_for_selector("#atlas-overlay circle.recorded")
-    assert desktop.locator("#atlas-overlay circle").count() == 4
+    assert desktop.locator("#atlas-overlay circle").count() == len(live.session.targets)
     assert desktop.locator("#chart polyline").count() == 1
     assert "transition state=done" in desktop.locator("#journal").inner_text()
-    desktop.locator('#atlas-overlay circle[data-target-id="T001"]').click()
+    desktop.locator(f'#atlas-overlay circle[data-target-id="{recorded[0]}"]').click()
     desktop.wait_for_function("() => ['target-thumb', 'target-diff'].every(id => {"
                               " const i = document.getElementById(id); return i.complete && i.naturalWidth > 0; })")
-    assert desktop.locator("#target-title").inner_text().startswith("T001: recorded")
+    assert desktop.locator("#target-title").inner_text().startswith(f"{recorded[0]}: recorded")
     phone.wait_for_selector('#state[data-state="done"]')
     shot(desktop, "console-desktop-done.png")
     assert not desktop.errors and not phone.errors, desktop.errors + phone.errors
 
 
-def test_expiry_controls_and_a_terminal_answer(browser: Any, tmp_path: Path) -> None:
-    """A prompt nobody answers expires (the fallback goes on); pause / abort ask first; a terminal
-    client's answer turns the card over and names who answered."""
-    setup = Live(tmp_path / "session", step_s=0.25, prompt_timeout_s=1.5)  # slow: pause lands mid-session
+def test_expiry_controls_and_a_terminal_answer(browser: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pause / abort ask first; a prompt nobody answers expires (the fallback goes on, into the pause asked
+    for meanwhile); a terminal client's answer turns the card over and names who answered."""
+    setup = Live(tmp_path / "session", prompt_timeout_s=3.0)
+    pauses: list[bool] = []
+    request_pause = setup.session.request_pause
+
+    def counted_pause() -> None:
+        pauses.append(True)
+        request_pause()
+
+    monkeypatch.setattr(setup.session, "request_pause", counted_pause)
     try:
         page = new_page(browser, PHONE, setup.console.url)
         page.wait_for_selector('#link[data-connected="true"]')
         setup.session.start()
         page.locator(".card[data-prompt-id]").wait_for()
-        page.wait_for_selector('.card[data-state="expired"]', timeout=10000)  # nobody answered in 1.5 s
-        assert wait_for(lambda: setup.session.prompt_handle.state == "expired", 5)
         dialogs: list[str] = []
 
         def dismiss(dialog: Any) -> None:
@@ -154,9 +180,12 @@ def test_expiry_controls_and_a_terminal_answer(browser: Any, tmp_path: Path) -> 
         page.once("dialog", dismiss)
         page.click('[data-control="pause"]')
         assert wait_for(lambda: bool(dialogs), 5) and "Pause" in dialogs[0]
-        assert not setup.session._pause.is_set()  # dismissed: nothing sent
+        assert not pauses  # dismissed: nothing sent
         page.once("dialog", lambda dialog: dialog.accept())
-        page.click('[data-control="pause"]')
+        page.click('[data-control="pause"]')  # while the prompt is open: the session pauses once it is over
+        assert wait_for(lambda: bool(pauses), 5)
+        page.wait_for_selector('.card[data-state="expired"]', timeout=10000)  # nobody answered in 3 s
+        assert wait_for(lambda: setup.session.prompt_handle.state == "expired", 5)
         page.wait_for_selector('#state[data-state="paused"]')
         assert setup.session.state == "paused"
         from agent.prompts import Prompt, PromptOption
@@ -181,7 +210,7 @@ def test_expiry_controls_and_a_terminal_answer(browser: Any, tmp_path: Path) -> 
 def test_page_reconnects_after_the_console_restarts(browser: Any, tmp_path: Path) -> None:
     """The page's WebSocket comes back by itself (here: the console process restarts on the same port)."""
     bus = EventBus()
-    session = ScriptedSession(tmp_path / "s", bus, None, step_s=0.02)
+    session = demo_session(tmp_path / "s", bus, None)
     console = start_console_for_session(session, None, "127.0.0.1", 0)
     port = console.port
     page = new_page(browser, DESKTOP, console.url)
@@ -195,7 +224,7 @@ def test_page_reconnects_after_the_console_restarts(browser: Any, tmp_path: Path
         page.wait_for_selector('#state[data-state="mapping"]')
     finally:
         console.stop()
-        session.journal.close()
+        session.stop()
         bus.close()
 
 
@@ -228,7 +257,7 @@ def test_explore_view_reclusters_when_k_changes(browser: Any, live: Live, tmp_pa
     page.click("#ex-mark-yes")
     page.wait_for_function("() => document.querySelector('#ex-msg').textContent.length > 0 && "
                            "!document.querySelector('#ex-msg').textContent.includes('clustering')")
-    # ScriptedSession has no label memory: the page says so instead of failing silently
+    # the demo session has no label memory: the page says so instead of failing silently
     assert "not stored" in page.locator("#ex-msg").inner_text()
     assert not page.errors, page.errors
 
@@ -240,7 +269,7 @@ def test_token_mode_in_the_browser(browser: Any, tmp_path: Path) -> None:
     from agent.console.security import AccessPolicy
     from agent.console.server import ConsoleApp
 
-    setup = Live(tmp_path / "session", step_s=0.02)
+    setup = Live(tmp_path / "session")
     policy = AccessPolicy("192.0.2.10")  # the policy of a non-loopback interface, served on loopback here
     handle = ConsoleHandle(ConsoleApp(LocalLink(setup.session, setup.channel), policy), "127.0.0.1", 0).start()
     try:
@@ -252,10 +281,11 @@ def test_token_mode_in_the_browser(browser: Any, tmp_path: Path) -> None:
         assert page.url == f"http://127.0.0.1:{handle.port}/"
         page.wait_for_selector('#link[data-connected="true"]')
         setup.session.start()
-        page.locator('.card[data-prompt-id] [data-option="1"]').click()
+        page.locator('.card[data-prompt-id] [data-option="none"]').click()
+        page.locator(".card[data-prompt-id] .send").click()
         page.wait_for_selector('.card[data-prompt-id][data-state="answered"]')
-        setup.session.join(15)
-        assert setup.session.answer is not None and setup.session.answer.operator == "console"
+        assert wait_for(lambda: setup.session.answer is not None, 10)
+        assert setup.session.answer.operator == "console" and setup.session.answer.option_ids == ("none",)
     finally:
         handle.stop()
         setup.stop()

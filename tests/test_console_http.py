@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ pytest.importorskip("uvicorn")
 
 from websockets.sync.client import connect as ws_connect
 
+from agent.commands.console import DEMO_SPECIMEN, demo_microscope
 from agent.console.demo import ScriptedSession
 from agent.console.links import RemoteLink
 from agent.console.security import AccessPolicy, SecurityError, read_token_file
@@ -27,7 +29,7 @@ from agent.console.server import (
     start_console_for_session,
     wait_for,
 )
-from agent.prompts import LabelMemory, OperatorChannel, OperatorClient
+from agent.prompts import LabelMemory, OperatorChannel, OperatorClient, Prompt, PromptOption
 from agent.session.events import ControlServer, EventBus
 
 
@@ -49,19 +51,24 @@ def request(
         connection.close()
 
 
+#: States a session reaches once its labelling step is over.
+AFTER_LABELLING = ("targeting", "moving", "zooming", "confirming", "diffraction", "recording", "done")
+
+
 def api_headers(handle: ConsoleHandle) -> dict[str, str]:
     return {"X-Console-Token": handle.app.policy.api_token}
 
 
 class Agent:
-    """A scripted session with its event bus, prompt channel and (optionally) control socket."""
+    """A demo session (the real screening loop on a small simulated microscope) with its event bus, prompt
+    channel and (optionally) control socket."""
 
-    def __init__(self, folder: Path, *, control_endpoint: str | None = None, wait_for_answer: bool = True,
-                 step_s: float = 0.01, prompt_timeout_s: float = 60.0) -> None:
+    def __init__(self, folder: Path, *, control_endpoint: str | None = None, prompt_timeout_s: float = 60.0) -> None:
         self.bus = EventBus("tcp://127.0.0.1:0")
         self.channel = OperatorChannel("tcp://127.0.0.1:0")
-        self.session = ScriptedSession(folder, self.bus, self.channel, step_s=step_s, wait_for_answer=wait_for_answer,
-                                       prompt_timeout_s=prompt_timeout_s)
+        microscope, calibration = demo_microscope(seed=0)
+        self.session = ScriptedSession(microscope, folder, self.bus, self.channel, specimen=DEMO_SPECIMEN,
+                                       n_targets=2, prompt_timeout_s=prompt_timeout_s, calibration=calibration)
         self.control = None
         if control_endpoint is not None:
             self.control = ControlServer(self.session, control_endpoint, info={
@@ -70,8 +77,7 @@ class Agent:
             })
 
     def stop(self) -> None:
-        self.session.request_abort()
-        self.session.join(10)
+        self.session.stop()
         if self.control is not None:
             self.control.close()
         self.channel.close()
@@ -91,8 +97,24 @@ def local(tmp_path: Path) -> Iterator[tuple[Agent, ConsoleHandle]]:
 
 def open_prompt(agent: Agent, handle: ConsoleHandle) -> str:
     agent.session.start()
-    assert wait_for(lambda: bool(handle.hub.open_prompt_ids()), 10), "the prompt never reached the console"
+    assert wait_for(lambda: bool(handle.hub.open_prompt_ids()), 30), "the prompt never reached the console"
     return handle.hub.open_prompt_ids()[0]
+
+
+def ask_by_hand(agent: Agent, handle: ConsoleHandle) -> str:
+    """A prompt like the labelling step's, asked on the agent's channel with no session running (for tests of
+    how the console handles prompts, not of the session); returns its id once the console shows it."""
+    options = (PromptOption(id="cluster-0", label="cluster 0"), PromptOption(id="none", label="none of these"))
+    prompt = agent.channel.ask(Prompt(question="Which of these clusters contain crystals?", options=options,
+                                      multiple=True, timeout_s=60))
+    assert wait_for(lambda: prompt.id in handle.hub.open_prompt_ids(), 10), "the prompt never reached the console"
+    return prompt.id
+
+
+def cluster_options(agent: Agent) -> list[str]:
+    """The option ids of the labelling prompt that name clusters (all of them: every cluster holds crystals)."""
+    assert agent.session.prompt_handle is not None
+    return [option.id for option in agent.session.prompt_handle.prompt.options if option.id.startswith("cluster-")]
 
 
 def test_page_static_files_and_snapshot(local: tuple[Agent, ConsoleHandle]) -> None:
@@ -141,43 +163,44 @@ def test_malformed_and_late_answers_are_refused_and_change_nothing(local: tuple[
         (b"{not json", 400),
         (json.dumps({"option_ids": "1"}).encode(), 400),  # not a list
         (json.dumps({"option_ids": [1]}).encode(), 400),  # not strings
-        (json.dumps({"option_ids": ["1"], "extra": 1}).encode(), 400),
+        (json.dumps({"option_ids": ["none"], "extra": 1}).encode(), 400),
         (json.dumps({"option_ids": []}).encode(), 400),
-        (json.dumps({"option_ids": ["7"]}).encode(), 422),  # no such option
-        (json.dumps({"option_ids": ["0", "1"]}).encode(), 422),  # single-choice prompt
+        (json.dumps({"option_ids": ["cluster-77"]}).encode(), 422),  # no such option
+        (json.dumps({"option_ids": ["none", "none"]}).encode(), 422),  # repeated
     ]
     for raw, expected in cases:
         status, _, body = request(handle, "POST", url, raw=raw, headers=api_headers(handle))
         assert status == expected, (raw, status, body)
-    status, _, _ = request(handle, "POST", "/api/prompts/nope/answer", {"option_ids": ["1"]}, api_headers(handle))
+    status, _, _ = request(handle, "POST", "/api/prompts/nope/answer", {"option_ids": ["none"]}, api_headers(handle))
     assert status == 404
     assert agent.session.prompt_handle.state == "open" and handle.hub.prompt_state(prompt_id) == "open"
-    status, _, body = request(handle, "POST", url, {"option_ids": ["1"], "operator": "ana"}, api_headers(handle))
+    chosen = cluster_options(agent)
+    status, _, body = request(handle, "POST", url, {"option_ids": chosen, "operator": "ana"}, api_headers(handle))
     assert status == 200 and json.loads(body)["answer"]["operator"] == "ana"
-    status, _, body = request(handle, "POST", url, {"option_ids": ["0"]}, api_headers(handle))
+    status, _, body = request(handle, "POST", url, {"option_ids": ["none"]}, api_headers(handle))
     assert status == 409 and json.loads(body)["code"] == "already_answered"
-    assert agent.session.prompt_handle.answer.option_ids == ("1",)
+    assert agent.session.prompt_handle.answer.option_ids == tuple(chosen)
     assert wait_for(lambda: handle.hub.prompt_state(prompt_id) == "answered", 5)
-    agent.session.join(10)
-    assert agent.session.state == "done"
+    assert wait_for(lambda: agent.session.decision is not None, 30)  # the session went on with ana's answer
+    assert agent.session.decision.answered_by == "ana"
 
 
 def test_state_changing_requests_need_the_header_token(local: tuple[Agent, ConsoleHandle]) -> None:
     agent, handle = local
-    prompt_id = open_prompt(agent, handle)
+    prompt_id = ask_by_hand(agent, handle)
     url = f"/api/prompts/{prompt_id}/answer"
     token = handle.app.policy.api_token
-    assert request(handle, "POST", url, {"option_ids": ["1"]})[0] == 401
-    assert request(handle, "POST", url, {"option_ids": ["1"]}, {"X-Console-Token": "x" * 32})[0] == 401
-    assert request(handle, "POST", url, {"option_ids": ["1"]}, {"Cookie": f"console_token={token}"})[0] == 401
+    assert request(handle, "POST", url, {"option_ids": ["none"]})[0] == 401
+    assert request(handle, "POST", url, {"option_ids": ["none"]}, {"X-Console-Token": "x" * 32})[0] == 401
+    assert request(handle, "POST", url, {"option_ids": ["none"]}, {"Cookie": f"console_token={token}"})[0] == 401
     assert request(handle, "POST", "/api/control/abort", {}, {"Cookie": f"console_token={token}"})[0] == 401
     cross = {**api_headers(handle), "Origin": "http://evil.example"}
-    assert request(handle, "POST", url, {"option_ids": ["1"]}, cross)[0] == 403
+    assert request(handle, "POST", url, {"option_ids": ["none"]}, cross)[0] == 403
     assert request(handle, "GET", "/", headers={"Host": "evil.example:80"})[0] == 403  # DNS rebinding
     big = {**api_headers(handle), "Content-Length": str(10**9)}
     assert request(handle, "POST", url, raw=b"{}", headers=big)[0] == 413
     assert request(handle, "POST", url, raw=b" " * (70 * 1024), headers=api_headers(handle))[0] == 413
-    assert agent.session.prompt_handle.state == "open" and agent.session.state not in ("aborted", "paused")
+    assert agent.channel.handle(prompt_id).state == "open" and agent.session.state == "idle"
 
 
 def test_token_is_required_off_loopback(tmp_path: Path) -> None:
@@ -232,7 +255,7 @@ def test_pause_resume_abort_reach_the_session(local: tuple[Agent, ConsoleHandle]
     open_prompt(agent, handle)
     assert request(handle, "POST", "/api/control/pause", {}, api_headers(handle))[0] == 200
     answer_url = f"/api/prompts/{handle.hub.open_prompt_ids()[0]}/answer"
-    assert request(handle, "POST", answer_url, {"option_ids": ["1"]}, api_headers(handle))[0] == 200
+    assert request(handle, "POST", answer_url, {"option_ids": cluster_options(agent)}, api_headers(handle))[0] == 200
     assert wait_for(lambda: agent.session.state == "paused", 5)
     assert wait_for(lambda: handle.hub.state == "paused", 5)
     assert request(handle, "POST", "/api/control/resume", {}, api_headers(handle))[0] == 200
@@ -249,16 +272,22 @@ def test_prompt_images_and_session_images_are_served(local: tuple[Agent, Console
     status, headers, body = request(handle, "GET", f"/api/prompts/{prompt_id}/images/heatmap.png")
     assert status == 200 and body.startswith(b"\x89PNG") and headers["content-type"] == "image/png"
     assert request(handle, "GET", f"/api/prompts/{prompt_id}/images/other.png")[0] == 404
-    request(handle, "POST", f"/api/prompts/{prompt_id}/answer", {"option_ids": ["1"]}, api_headers(handle))
-    agent.session.join(10)
+    request(handle, "POST", f"/api/prompts/{prompt_id}/answer", {"option_ids": cluster_options(agent)},
+            api_headers(handle))
+    agent.session.join(60)
+    results = agent.session.results
+    recorded = [target_id for target_id, result in results.items() if result.outcome == "recorded"]
+    assert recorded, results  # the demo's seed records some
     assert request(handle, "GET", "/session/atlas/heatmap.png")[2].startswith(b"\x89PNG")
     assert request(handle, "GET", "/session/targets/T001/thumb")[2].startswith(b"\x89PNG")
-    assert request(handle, "GET", "/session/targets/T001/diffraction")[2].startswith(b"\x89PNG")
+    assert request(handle, "GET", f"/session/targets/{recorded[0]}/diffraction")[2].startswith(b"\x89PNG")
+    # the page shows what the session did: every target's outcome, the confirmed count and its chart
     snapshot = json.loads(request(handle, "GET", "/api/state")[2])
-    assert snapshot["state"] == "done" and snapshot["progress"]["targets_confirmed"] == 3
-    assert [n for _, n in snapshot["chart"]] == [1, 2, 3]
     outcomes = {t["target_id"]: t["outcome"] for t in snapshot["targets"]}
-    assert outcomes == {"T001": "recorded", "T002": "recorded", "T003": "recorded", "T004": "rejected"}
+    assert outcomes == {target_id: result.outcome for target_id, result in results.items()}
+    confirmed = sum(result.confirmed for result in results.values())
+    assert snapshot["state"] == "done" and snapshot["progress"]["targets_confirmed"] == confirmed
+    assert [n for _, n in snapshot["chart"]] == list(range(1, confirmed + 1))
 
 
 def test_remote_console_survives_the_agent_restarting(tmp_path: Path) -> None:
@@ -273,7 +302,7 @@ def test_remote_console_survives_the_agent_restarting(tmp_path: Path) -> None:
     try:
         link = handle.app.link
         assert isinstance(link, RemoteLink)
-        first_prompt = open_prompt(first, handle)
+        first_prompt = ask_by_hand(first, handle)
         assert handle.hub.agent_connected and handle.hub.session_dir == tmp_path / "first"
         first.stop()  # the agent goes away: prompts cancelled, page told
         assert wait_for(lambda: not handle.hub.agent_connected, 10)
@@ -282,12 +311,13 @@ def test_remote_console_survives_the_agent_restarting(tmp_path: Path) -> None:
         second = Agent(tmp_path / "second", control_endpoint=control)
         assert wait_for(lambda: handle.hub.agent_connected and handle.hub.session_dir == tmp_path / "second", 10)
         prompt_id = open_prompt(second, handle)
-        status, _, _ = request(handle, "POST", f"/api/prompts/{prompt_id}/answer", {"option_ids": ["0"]},
+        chosen = cluster_options(second)[:1]
+        status, _, _ = request(handle, "POST", f"/api/prompts/{prompt_id}/answer", {"option_ids": chosen},
                                api_headers(handle))
         assert status == 200
-        second.session.join(10)
-        assert second.session.answer is not None and second.session.answer.option_ids == ("0",)
-        assert wait_for(lambda: handle.hub.state == "done", 10)
+        assert wait_for(lambda: second.session.decision is not None, 30)
+        assert second.session.answer is not None and second.session.answer.option_ids == tuple(chosen)
+        assert wait_for(lambda: handle.hub.state in AFTER_LABELLING, 10)  # the second agent's events arrive
         assert link.attach_count >= 2
         assert request(handle, "POST", "/api/control/pause", {}, api_headers(handle))[0] == 200
     finally:
@@ -298,15 +328,15 @@ def test_remote_console_survives_the_agent_restarting(tmp_path: Path) -> None:
 
 def test_a_terminal_client_answering_first_closes_the_card(local: tuple[Agent, ConsoleHandle]) -> None:
     agent, handle = local
-    prompt_id = open_prompt(agent, handle)
+    prompt_id = ask_by_hand(agent, handle)
     with OperatorClient(agent.channel.prompt_endpoint, timeout_s=5) as client:
-        client.answer(prompt_id, "0", operator="terminal")
+        client.answer(prompt_id, "none", operator="terminal")
     assert wait_for(lambda: handle.hub.prompt_state(prompt_id) == "answered", 5)
-    status, _, _body = request(handle, "POST", f"/api/prompts/{prompt_id}/answer", {"option_ids": ["1"]},
-                              api_headers(handle))
+    status, _, _body = request(handle, "POST", f"/api/prompts/{prompt_id}/answer", {"option_ids": ["cluster-0"]},
+                               api_headers(handle))
     assert status == 409
     card = next(p for p in json.loads(request(handle, "GET", "/api/state")[2])["prompts"] if p["id"] == prompt_id)
-    assert card["answered_by"] == "terminal" and card["option_ids"] == ["0"]
+    assert card["answered_by"] == "terminal" and card["option_ids"] == ["none"]
 
 
 def test_listen_and_token_file_parsing(tmp_path: Path) -> None:
@@ -456,10 +486,39 @@ def test_console_command_rejects_bad_options_with_a_clear_error(
         (["console", "--agent", "tcp://127.0.0.1:1", "--listen", "0", "--token-file", str(short)], "16 printable"),
         (["console", "--agent", "localhost:5562", "--listen", "0", "--labels", str(tmp_path / "l")], "tcp://HOST:PORT"),
         (["console", "--agent", "tcp://127.0.0.1:1", "--explore-dir", str(tmp_path / "missing")], "not a folder"),
+        (["console", "--demo", "--step-s", "-1"], "--step-s must be >= 0"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv
         assert message in capsys.readouterr().err, argv
+    for argv in (["console"], ["console", "--agent", "tcp://127.0.0.1:1", "--demo"]):  # one of the two
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert "--agent" in capsys.readouterr().err
+
+
+def test_the_demo_pace_costs_wall_time_only() -> None:
+    """`PacedMicroscope` is a `Microscope` that delegates every call: moves, preset changes and exposures take
+    `step_s` more wall time, reads none, and clock, stage and images are those of the microscope it wraps."""
+    from agent.console.demo import PacedMicroscope
+    from drivers.base import Microscope
+
+    def act_then_read(scope: Any) -> tuple[np.ndarray, tuple[Any, ...], float, float]:
+        """Preset, move, exposure; then twenty reads: the image, the last read and both wall times (s)."""
+        start_s = time.perf_counter()
+        scope.set_preset("search")
+        scope.move_stage(x_um=10.0, y_um=-5.0)
+        image = scope.acquire(0.5).image
+        acting_s, start_s = time.perf_counter() - start_s, time.perf_counter()
+        reads = [(scope.get_stage(), scope.get_preset(), scope.microscope_time_s()) for _ in range(20)]
+        return image, reads[-1], acting_s, time.perf_counter() - start_s
+
+    paced = PacedMicroscope(demo_microscope(seed=3)[0], step_s=0.1)
+    assert isinstance(paced, Microscope)
+    plain_image, plain_read, _, _ = act_then_read(demo_microscope(seed=3)[0])
+    paced_image, paced_read, acting_s, reading_s = act_then_read(paced)
+    assert np.array_equal(plain_image, paced_image) and plain_read == paced_read
+    assert acting_s >= 0.3 and reading_s < 1.0  # three paced calls; twenty reads would take 2 s if paced
 
 
 def test_an_answer_after_the_deadline_is_refused_as_expired(tmp_path: Path) -> None:
@@ -468,11 +527,12 @@ def test_an_answer_after_the_deadline_is_refused_as_expired(tmp_path: Path) -> N
     try:
         prompt_id = open_prompt(agent, handle)
         assert wait_for(lambda: handle.hub.prompt_state(prompt_id) == "expired", 10)
-        status, _, body = request(handle, "POST", f"/api/prompts/{prompt_id}/answer", {"option_ids": ["1"]},
+        status, _, body = request(handle, "POST", f"/api/prompts/{prompt_id}/answer", {"option_ids": ["none"]},
                                   api_headers(handle))
         assert status == 409 and json.loads(body)["code"] == "expired"
-        agent.session.join(10)
-        assert agent.session.answer is None and agent.session.state == "done"  # the fallback went on
+        assert wait_for(lambda: agent.session.decision is not None, 30)  # the fallback went on
+        assert agent.session.answer is None and agent.session.decision.answered_by is None
+        assert all(source.startswith("fallback") for source in agent.session.decision.sources.values())
     finally:
         handle.stop()
         agent.stop()

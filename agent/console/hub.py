@@ -156,7 +156,7 @@ class ConsoleHub:
 
     def load_session_dir(self, session_dir: str | Path) -> None:
         """Fill the view from a session folder (journal, summary), e.g. when attaching to a running agent."""
-        from agent.journal import JournalError, read_journal
+        from agent.session.journal import JournalError, read_journal
 
         folder = Path(session_dir)
         try:
