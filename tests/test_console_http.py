@@ -63,12 +63,20 @@ class Agent:
     """A demo session (the real screening loop on a small simulated microscope) with its event bus, prompt
     channel and (optionally) control socket."""
 
-    def __init__(self, folder: Path, *, control_endpoint: str | None = None, prompt_timeout_s: float = 60.0) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        *,
+        control_endpoint: str | None = None,
+        prompt_timeout_s: float = 60.0,
+        step_s: float = 0.0,
+    ) -> None:
         self.bus = EventBus("tcp://127.0.0.1:0")
         self.channel = OperatorChannel("tcp://127.0.0.1:0")
         microscope, calibration = demo_microscope(seed=0)
         self.session = ScriptedSession(microscope, folder, self.bus, self.channel, specimen=DEMO_SPECIMEN,
-                                       n_targets=2, prompt_timeout_s=prompt_timeout_s, calibration=calibration)
+                                       n_targets=2, prompt_timeout_s=prompt_timeout_s, calibration=calibration,
+                                       step_s=step_s)
         self.control = None
         if control_endpoint is not None:
             self.control = ControlServer(self.session, control_endpoint, info={
@@ -87,6 +95,18 @@ class Agent:
 @pytest.fixture
 def local(tmp_path: Path) -> Iterator[tuple[Agent, ConsoleHandle]]:
     agent = Agent(tmp_path / "session")
+    handle = start_console_for_session(agent.session, agent.channel, "127.0.0.1", 0)
+    try:
+        yield agent, handle
+    finally:
+        handle.stop()
+        agent.stop()
+
+
+@pytest.fixture
+def paced(tmp_path: Path) -> Iterator[tuple[Agent, ConsoleHandle]]:
+    """Like `local`, with every microscope action taking 0.25 s of wall time: an abort lands before the end."""
+    agent = Agent(tmp_path / "session", step_s=0.25)
     handle = start_console_for_session(agent.session, agent.channel, "127.0.0.1", 0)
     try:
         yield agent, handle
@@ -250,8 +270,8 @@ def test_websocket_pushes_snapshot_then_live_events(local: tuple[Agent, ConsoleH
         ws_connect(f"ws://127.0.0.1:{handle.port}/ws", additional_headers=cross, open_timeout=5).close()
 
 
-def test_pause_resume_abort_reach_the_session(local: tuple[Agent, ConsoleHandle]) -> None:
-    agent, handle = local
+def test_pause_resume_abort_reach_the_session(paced: tuple[Agent, ConsoleHandle]) -> None:
+    agent, handle = paced
     open_prompt(agent, handle)
     assert request(handle, "POST", "/api/control/pause", {}, api_headers(handle))[0] == 200
     answer_url = f"/api/prompts/{handle.hub.open_prompt_ids()[0]}/answer"

@@ -180,7 +180,6 @@ class ScriptedSession(ScreeningSession):
         labels: Any | None = None,
     ) -> None:
         self.channel = channel
-        self.labels = labels
         self.prompts = _SessionPrompts(channel) if channel is not None else None
         self._thread: threading.Thread | None = None
         super().__init__(

@@ -119,7 +119,7 @@ def _restore(session: ScreeningSession, records: list[AnyRecord]) -> str:
     if ctx.atlas is not None and (ctx.decision is not None or planned is not None):
         ctx.analysis = analyse(ctx.atlas.image, session.plan.locate)
     if planned is not None:
-        return "moving" if session.advance() == "next_target" else "done"
+        return "moving" if session.engine.advance() == "next_target" else "done"
     if ctx.decision is not None:
         return "targeting"
     if ctx.atlas is not None:

@@ -3,10 +3,10 @@
 `ScreeningSession` is what the commands, the console and the tests hold: construct it with a microscope,
 a plan and a session folder, then `run()` (blocking); `request_pause()`, `request_resume()` and
 `request_abort()` may be called from any thread; `ScreeningSession.resume(microscope, folder)` continues a
-session from its journal. It is the runner's `StepEngine`: one step per state, each step taking the typed
-`SessionContext` and returning a typed result, which the session applies to the context before choosing
-the next trigger. It emits every record to its subscribers (journal first, then the event publisher and
-the table and calibration writers) and implements the steps' output port with a `FileWriter`.
+session from its journal. It builds the typed `SessionContext`, the runner (`agent.session.runner`) driving
+the steps (`agent.session.engine`), and the recorder (`agent.session.recorder`) that journals every record
+before its subscribers (event publisher, table and calibration writers) see it and writes the steps'
+files; it keeps `summary.json` current after every target.
 """
 
 from __future__ import annotations
@@ -20,21 +20,19 @@ from typing import Any
 
 from agent.config import PLAN_NAME, ScreeningPlan
 from agent.session import outputs
+from agent.session.engine import ScreeningEngine
 from agent.session.events import EventBus
-from agent.session.outcomes import Outcome, SessionSummary, TargetRecord, TargetResult
+from agent.session.outcomes import SessionSummary, TargetRecord, TargetResult
 from agent.session.recorder import SessionRecorder
 from agent.session.records import (
-    BudgetSpent,
     Record,
     SessionStarted,
     SummaryWritten,
-    TargetFinished,
 )
 from agent.session.runner import Runner
-from agent.steps import calibrate, diffract, label, locate, map, record, target, visit
-from agent.steps.context import SessionContext, VisitState
+from agent.steps.context import SessionContext
 from agent.steps.stage_calibration import CalibrationSet
-from drivers.base import Microscope, MicroscopeError
+from drivers.base import Microscope
 
 logger = logging.getLogger(__name__)
 
@@ -94,21 +92,10 @@ class ScreeningSession:
         )
         self.ctx.output = self.recorder
         self.journal = self.recorder.journal
+        self.engine = ScreeningEngine(self.ctx, self._emit, self._target_finished)
         self.runner = Runner(
-            self, self._emit, max_retries=plan.recovery.max_retries, max_faults=plan.recovery.max_faults
+            self.engine, self._emit, max_retries=plan.recovery.max_retries, max_faults=plan.recovery.max_faults
         )
-        self._steps: dict[str, Callable[[], str]] = {
-            "calibrating": self._calibrating,
-            "mapping": self._mapping,
-            "locating": self._locating,
-            "labelling": self._labelling,
-            "targeting": self._targeting,
-            "moving": self._moving,
-            "zooming": self._zooming,
-            "confirming": self._confirming,
-            "diffraction": self._diffraction,
-            "recording": self._recording,
-        }
 
     def subscribe(self, subscriber: Callable[[Record], None]) -> None:
         """Call `subscriber(record)` with every journal record (stamped) from now on, after the journal."""
@@ -153,6 +140,20 @@ class ScreeningSession:
     def atlas(self) -> Any:
         """The atlas (None before `mapping`)."""
         return self.ctx.atlas
+
+    @property
+    def labels(self) -> Any:
+        """The label memory the labelling step reads and teaches (None: not used)."""
+        return self.ctx.labels
+
+    @labels.setter
+    def labels(self, memory: Any) -> None:
+        self.ctx.labels = memory
+
+    @property
+    def operator(self) -> Any:
+        """The operator prompt channel (None: nobody is asked)."""
+        return self.ctx.operator
 
     @property
     def calibration(self) -> CalibrationSet:
@@ -238,110 +239,7 @@ class ScreeningSession:
         """Journal and publish `record` (as the steps' output port does)."""
         self.recorder.emit(record)
 
-    # ----------------------------------------------------------------------------------------------
-    # StepEngine: one step per state, results applied to the context
-    # ----------------------------------------------------------------------------------------------
-    def run_step(self, state: str) -> str:
-        """Run the step of `state`; returns the trigger to fire."""
-        return self._steps[state]()
-
-    def _calibrating(self) -> str:
-        self.ctx.calibration = calibrate.calibrate(self.ctx).calibration
-        return "calibrated"
-
-    def _mapping(self) -> str:
-        result = map.map_grid(self.ctx)
-        self.ctx.atlas, self.ctx.map_box_um = result.atlas, result.box_um
-        return "mapped"
-
-    def _locating(self) -> str:
-        self.ctx.analysis = locate.locate(self.ctx).analysis
-        return "located"
-
-    def _labelling(self) -> str:
-        result = label.label(self.ctx)
-        if result.asked:
-            self.ctx.prompts += 1
-        self.ctx.decision = result.decision
-        return "labelled"
-
-    def _targeting(self) -> str:
-        self.ctx.targets = target.plan_targets(self.ctx).targets
-        return self.advance()
-
-    def _moving(self) -> str:
-        visit.move(self.ctx)
-        return "arrived"
-
-    def _zooming(self) -> str:
-        visit.zoom(self.ctx)
-        return "zoomed"
-
-    def _confirming(self) -> str:
-        rejection = visit.confirm(self.ctx)
-        if rejection is None:
-            return "confirmed"
-        self._finish("rejected", rejection.x_um, rejection.y_um, rejection.reason)
-        return self.advance()
-
-    def _diffraction(self) -> str:
-        diffract.diffract(self.ctx)
-        return "diffracted"
-
-    def _recording(self) -> str:
-        self._finished(record.record_target(self.ctx))
-        return self.advance()
-
-    def _finish(self, outcome: Outcome, x_um: float, y_um: float, reason: str = "") -> None:
-        self._finished(record.outcome_of(self.ctx, self.ctx.require_visit(), outcome, x_um, y_um, reason))
-
-    def _finished(self, result: TargetResult) -> None:
-        """Keep a target's outcome, record it (journal, events, tables), then the summary and progress."""
-        self.ctx.results[result.target_id] = result
-        self._emit(TargetFinished.model_validate(result.model_dump(mode="json")))
+    def _target_finished(self, result: TargetResult) -> None:
+        """After a target's outcome is recorded: the summary file, and progress for consoles."""
         summary = self.write_summary()
         self.recorder.publisher.progress(summary.model_dump(mode="json"))
-
-    def advance(self) -> str:
-        """Pick the next unfinished target (`next_target`), or `finish` (none left, or the budget is spent)."""
-        self.ctx.visit = None
-        budget = self.plan.time_budget_s
-        for planned in self.ctx.targets:
-            if planned.target_id in self.ctx.results:
-                continue
-            if budget is not None and self.microscope_time_s() >= budget:
-                self._emit(BudgetSpent(message=f"time budget {budget:.0f} s spent; remaining targets skipped"))
-                return "finish"
-            self.ctx.visit = VisitState(target=planned)
-            return "next_target"
-        return "finish"
-
-    def current_target_id(self) -> str | None:
-        """The id of the target being visited, if any."""
-        return self.ctx.visit.target.target_id if self.ctx.visit is not None else None
-
-    def before_retry(self, state: str) -> None:
-        """A retried calibration takes the next site."""
-        if state == "calibrating":
-            self.ctx.calibration_attempt += 1
-
-    def skip_target(self, state: str, reason: str) -> None:
-        """Finish the visited target as `failed` where the stage is now (its planned place when the move
-        itself failed, or the stage cannot be read)."""
-        planned = self.ctx.require_visit().target
-        x_um, y_um = planned.x_um, planned.y_um
-        if state != "moving":
-            try:
-                here = self.microscope.get_stage()
-                x_um, y_um = here.x_um, here.y_um
-            except MicroscopeError:
-                logger.warning("cannot read the stage after a fault; %s recorded at its plan", planned.target_id)
-        self._finish("failed", x_um, y_um, reason)
-
-    def probe(self) -> bool:
-        """True if the microscope answers a stage read."""
-        try:
-            self.microscope.get_stage()
-        except MicroscopeError:
-            return False
-        return True
