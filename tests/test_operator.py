@@ -27,10 +27,10 @@ from agent.prompts import (
     PromptInfo,
     PromptNotFoundError,
     PromptOption,
-    is_loopback_endpoint,
     save_prompt_images,
 )
 from drivers.formats.images import encode_png
+from drivers.network import is_loopback_endpoint
 
 
 def _png(seed: int) -> bytes:

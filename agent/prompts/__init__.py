@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from agent.prompts.channel import OperatorChannel, PromptHandle
 from agent.prompts.client import OperatorClient, OperatorEvent
-from agent.prompts.endpoints import is_loopback_endpoint
 from agent.prompts.errors import (
     AnswerRefusedError,
     BadRequestError,
@@ -92,6 +91,5 @@ __all__ = [
     "PromptOption",
     "decide_crystal_clusters",
     "default_labels_dir",
-    "is_loopback_endpoint",
     "save_prompt_images",
 ]

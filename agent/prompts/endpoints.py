@@ -1,5 +1,5 @@
-"""Addresses and CURVE keys of the prompt sockets: which endpoints count as loopback, where the event
-socket listens, and the keys a channel or client needs off loopback.
+"""Addresses and CURVE keys of the prompt sockets: where the event socket listens, and the keys a channel
+or client needs off loopback (which endpoints are loopback is `drivers.network`'s one check).
 
 Security: binding anything but a loopback address (or ipc://) requires CURVE: a server secret key
 file and a folder of allowed client public keys (`zmq.auth.create_certificates` writes both kinds).
@@ -9,27 +9,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from urllib.parse import urlsplit
 
 from agent.prompts.errors import OperatorError, OperatorSecurityError
 from drivers.auth import CurveKeyPair, load_allow_list
-from drivers.base import AuthenticationError
-
-_LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1", "[::1]"}
+from drivers.base import AuthenticationError, BridgeError
+from drivers.network import is_loopback_endpoint
 
 #: What a channel may be given as its allowed client keys: keys, `.key` files or folders of them.
 AllowedKeys = Iterable[bytes | str | os.PathLike[str]] | str | os.PathLike[str]
-
-
-def is_loopback_endpoint(endpoint: str) -> bool:
-    """True for tcp:// endpoints on a loopback address and for ipc:// / inproc:// endpoints."""
-    parts = urlsplit(endpoint)
-    if parts.scheme in ("ipc", "inproc"):
-        return True
-    if parts.scheme != "tcp":
-        return False
-    host = endpoint[len("tcp://") :].rsplit(":", 1)[0]
-    return host in _LOOPBACK_HOSTS or host.startswith("127.")
 
 
 def endpoint_with_port(endpoint: str, port: int) -> str:
@@ -72,7 +59,11 @@ def server_curve(
     """
     use_curve = curve is not None or allowed_client_keys is not None or require_curve
     for address in endpoints:
-        if not is_loopback_endpoint(address) and not use_curve:
+        try:
+            loopback = is_loopback_endpoint(address)
+        except BridgeError as exc:
+            raise OperatorSecurityError(f"cannot listen on {address}: {exc}") from exc
+        if not loopback and not use_curve:
             raise OperatorSecurityError(
                 f"refusing to listen on {address} without CURVE: bind 127.0.0.1 (and use an SSH tunnel), "
                 "or pass curve (server key pair) and allowed_client_keys"
