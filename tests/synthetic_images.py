@@ -9,8 +9,7 @@ gains), either contrast polarity (bright field: crystals dark; dark field: cryst
 8-bit export or 16-bit camera counts.
 
 Everything is seeded; `SyntheticImage` carries the truth: crystal centres and radii (pixels), the
-bar mask and the data-bar rows. Others may import it: `from tests.synthetic_images import make_grid_image`
-(or `from synthetic_images import ...` inside tests).
+bar mask and the data-bar rows. Tests in every room import it as `from tests.synthetic_images import make_grid_image`.
 """
 
 from __future__ import annotations

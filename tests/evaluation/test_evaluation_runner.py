@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-from synthetic_images import make_grid_image
 
 from agent.cli import main
 from agent.evaluation.baselines import DetectorOutput
@@ -25,6 +24,7 @@ from agent.evaluation.runner import (
     simulated_images,
 )
 from agent.evaluation.scoring import Detection
+from tests.synthetic_images import make_grid_image
 
 ROW_KEYS = {"specimen", "method", "mode", "precision", "recall", "recall_diffracting", "loc_error_um"}
 

@@ -301,13 +301,14 @@ def test_prompt_images_and_session_images_are_served(local: tuple[Agent, Console
     assert request(handle, "GET", "/session/atlas/heatmap.png")[2].startswith(b"\x89PNG")
     assert request(handle, "GET", "/session/targets/T001/thumb")[2].startswith(b"\x89PNG")
     assert request(handle, "GET", f"/session/targets/{recorded[0]}/diffraction")[2].startswith(b"\x89PNG")
-    # the page shows what the session did: every target's outcome, the confirmed count and its chart
+    # the page shows what the session did: every target's outcome, the counts and the diffracting chart
     snapshot = json.loads(request(handle, "GET", "/api/state")[2])
     outcomes = {t["target_id"]: t["outcome"] for t in snapshot["targets"]}
     assert outcomes == {target_id: result.outcome for target_id, result in results.items()}
     confirmed = sum(result.confirmed for result in results.values())
     assert snapshot["state"] == "done" and snapshot["progress"]["targets_confirmed"] == confirmed
-    assert [n for _, n in snapshot["chart"]] == list(range(1, confirmed + 1))
+    assert snapshot["progress"]["diffracting_crystals"] == len(recorded)
+    assert [n for _, n in snapshot["chart"]] == list(range(1, len(recorded) + 1))
 
 
 def test_remote_console_survives_the_agent_restarting(tmp_path: Path) -> None:

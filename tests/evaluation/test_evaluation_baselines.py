@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from scipy import ndimage
-from synthetic_images import SyntheticImage, make_grid_image
 
 from agent.evaluation.baselines import DetectorInputError, find_bars, log_blobs, threshold_components
 from agent.evaluation.scoring import Detection, bar_iou, score_frame
 from agent.evaluation.truth import ImageTruth, PixelCrystal
+from tests.synthetic_images import SyntheticImage, make_grid_image
 
 
 def _truth(synthetic: SyntheticImage) -> ImageTruth:

@@ -121,7 +121,7 @@ def test_the_policy_answers_plain_data_as_the_wire_delivers_it(specimen) -> None
 
 
 def test_the_simulated_operator_does_not_import_agent() -> None:
-    source = Path(__file__).resolve().parents[1] / "simulator" / "operator.py"
+    source = Path(__file__).resolve().parents[2] / "simulator" / "operator.py"
     imported: list[str] = []
     for node in ast.walk(ast.parse(source.read_text())):
         if isinstance(node, ast.Import):

@@ -1,7 +1,7 @@
 """A session folder written by release 0.1.0 (before the runner/steps redesign) still resumes.
 
-`tests/fixtures/session_v0_1_0/` is what a `kill -9` left of a 0.1.0 session right after its second target
-(see `tests/fixtures/README.md`). Resumed by today's code through the command line, it must read every old
+`tests/session/fixtures/session_v0_1_0/` is what a `kill -9` left of a 0.1.0 session right after its second target
+(see `tests/session/fixtures/README.md`). Resumed by today's code through the command line, it must read every old
 journal line as a typed record, continue at the third target, never visit the first two again, keep
 every file written before the kill, and end with the uninterrupted run's targets and counts.
 """
