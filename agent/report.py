@@ -258,9 +258,9 @@ def _parse_time(value: Any) -> datetime | None:
 
 
 _SUMMARY_KEYS = (
-    "state", "specimen", "targets_found", "targets_visited", "targets_confirmed", "targets_recorded", "prompts",
-    "microscope_time_s", "time_per_confirmed_s", "confirmed_per_hour", "precision", "recall", "recall_diffracting",
-    "faults", "wall_time_s",
+    "state", "specimen", "targets_found", "targets_visited", "targets_confirmed", "diffracting_crystals",
+    "diffracting_per_hour", "time_per_diffracting_s", "microscope_time_s", "per_target_time_s", "prompts",
+    "time_per_confirmed_s", "confirmed_per_hour", "precision", "recall", "recall_diffracting", "faults", "wall_time_s",
 )
 
 _TARGET_COLUMNS = (
@@ -301,7 +301,11 @@ def _summary_sections(summary: Mapping[str, Any]) -> list[str]:
     keys = [k for k in _SUMMARY_KEYS if k in summary] + sorted(
         k for k in summary if k not in _SUMMARY_KEYS and k != "session" and not isinstance(summary[k], (dict, list))
     )
-    return ["<h2>Summary</h2>" + html_table(["quantity", "value"], [(k, summary[k]) for k in keys], table_id="summary")]
+    rows = [(k, summary[k]) for k in keys]
+    fixed = summary.get("fixed_time_s")
+    if isinstance(fixed, dict):
+        rows += [(f"fixed_time_s: {state}", seconds) for state, seconds in fixed.items()]
+    return ["<h2>Summary</h2>" + html_table(["quantity", "value"], rows, table_id="summary")]
 
 
 def _atlas_sections(folder: Path) -> list[str]:

@@ -29,7 +29,8 @@ CLOSED_PROMPTS_KEPT = 20
 PAGE_QUEUE_SIZE = 2000
 #: Journal entry fields too bulky for a one-line summary.
 _BULKY_FIELDS = frozenset({"plan", "targets", "clusters", "images", "entry", "sources", "confidences", "notes"})
-_CONFIRMED = frozenset({"recorded", "no-diffraction"})
+#: The outcome of a target whose diffraction snapshot passed: what the chart counts.
+_DIFFRACTING = "recorded"
 
 
 def journal_line(entry: dict[str, Any], max_chars: int = 180) -> str:
@@ -243,7 +244,7 @@ class ConsoleHub:
             target_id = str(entry["target_id"])
             known = self.targets.setdefault(target_id, {"target_id": target_id})
             known.update({k: entry.get(k) for k in ("outcome", "x_um", "y_um", "n_spots", "reason", "images")})
-            if entry.get("outcome") in _CONFIRMED:
+            if entry.get("outcome") == _DIFFRACTING:
                 count = (self.chart[-1][1] if self.chart else 0) + 1
                 self.chart.append((float(entry.get("microscope_time_s") or 0.0), count))
         elif kind == "mapping" and entry.get("event") == "done" and isinstance(entry.get("shape_px"), list):

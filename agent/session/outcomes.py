@@ -73,10 +73,25 @@ class SessionSummary(BaseModel):
     targets_visited: int = 0
     targets_confirmed: int = 0
     targets_recorded: int = Field(default=0, description="confirmed and diffracting: ready for collection")
+    diffracting_crystals: int | None = Field(
+        default=None,
+        description="targets whose diffraction snapshot passed confirm.min_spots (None when the plan takes no "
+        "snapshots): what a session is for",
+    )
     prompts: int = 0
     microscope_time_s: float = 0.0
+    diffracting_per_hour: float | None = Field(default=None, description="diffracting crystals per microscope hour")
+    time_per_diffracting_s: float | None = Field(default=None, description="microscope seconds per diffracting crystal")
     time_per_confirmed_s: float | None = None
     confirmed_per_hour: float | None = None
+    fixed_time_s: dict[str, float] = Field(
+        default_factory=dict,
+        description="microscope seconds paid once per session, by state (calibrating, mapping, locating, labelling, "
+        "targeting)",
+    )
+    per_target_time_s: float | None = Field(
+        default=None, description="mean microscope seconds per visited target (moving ... recording, with retries)"
+    )
     faults: int = 0
     precision: float | None = None
     recall: float | None = None

@@ -73,11 +73,14 @@ def summary_table(summary: dict[str, Any]) -> Table:
         ("targets found", summary.get("targets_found")),
         ("targets visited", summary.get("targets_visited")),
         ("targets confirmed", summary.get("targets_confirmed")),
-        ("ready for collection (diffracting)", summary.get("targets_recorded")),
+        ("diffracting (ready for collection)", summary.get("targets_recorded")),
         ("operator prompts", summary.get("prompts")),
         ("microscope time (s)", summary.get("microscope_time_s")),
-        ("microscope time per confirmed crystal (s)", summary.get("time_per_confirmed_s")),
-        ("confirmed crystals per hour", summary.get("confirmed_per_hour")),
+        ("  of it fixed: calibration, mapping, analysis (s)", _fixed_total(summary)),
+        ("  per visited target (s)", summary.get("per_target_time_s")),
+        ("diffracting crystals per microscope hour", summary.get("diffracting_per_hour")),
+        ("microscope time per diffracting crystal (s)", summary.get("time_per_diffracting_s")),
+        ("confirmed crystals per hour (found again, any diffraction)", summary.get("confirmed_per_hour")),
         ("precision (ground truth)", summary.get("precision")),
         ("recall of crystals in mapped area", summary.get("recall")),
         ("recall of diffracting crystals", summary.get("recall_diffracting")),
@@ -88,3 +91,9 @@ def summary_table(summary: dict[str, Any]) -> Table:
         if value is not None:
             table.add_row(name, str(value))
     return table
+
+
+def _fixed_total(summary: dict[str, Any]) -> float | None:
+    """Seconds of the summary's fixed costs, summed over states (None if the summary has none)."""
+    fixed = summary.get("fixed_time_s")
+    return round(sum(fixed.values()), 1) if isinstance(fixed, dict) and fixed else None

@@ -95,6 +95,7 @@ def _restore(session: ScreeningSession, records: list[AnyRecord]) -> str:
     mapped: MappingPlanned | None = None
     planned: TargetsPlanned | None = None
     for record in records:
+        session.state_times(record)
         if isinstance(record, MappingPlanned) and record.event == "done":
             mapped = record
         elif isinstance(record, PromptAsked):

@@ -30,6 +30,8 @@ from agent.session.records import (
     SummaryWritten,
 )
 from agent.session.runner import Runner
+from agent.session.summary import summarise
+from agent.session.timing import StateTimes
 from agent.steps.context import SessionContext
 from agent.steps.stage_calibration import CalibrationSet
 from drivers.base import Microscope
@@ -91,6 +93,8 @@ class ScreeningSession:
             self.session_dir, self.events, self.microscope_time_s, self.ctx.calibration, self.ctx
         )
         self.ctx.output = self.recorder
+        self.state_times = StateTimes()
+        self.recorder.subscribe(self.state_times)
         self.journal = self.recorder.journal
         self.engine = ScreeningEngine(self.ctx, self._emit, self._target_finished)
         self.runner = Runner(
@@ -202,28 +206,22 @@ class ScreeningSession:
         return summary
 
     def summary(self) -> SessionSummary:
-        """The session's numbers now."""
-        results = self.ctx.results
-        confirmed = sum(1 for r in results.values() if r.confirmed)
-        time_s = self.microscope_time_s()
+        """The session's numbers now (`agent.session.summary`)."""
         truth: dict[str, Any] = {}
         if self.truth_scorer is not None and self.ctx.map_box_um is not None:
-            truth = self.truth_scorer(self.ctx.targets, results, self.ctx.map_box_um)
-        return SessionSummary(
-            session=self.session_id,
+            truth = self.truth_scorer(self.ctx.targets, self.ctx.results, self.ctx.map_box_um)
+        return summarise(
+            session_id=self.session_id,
             state=self.state,
-            specimen=self.plan.specimen,
-            targets_found=len(self.ctx.targets),
-            targets_visited=len(results),
-            targets_confirmed=confirmed,
-            targets_recorded=sum(1 for r in results.values() if r.outcome == "recorded"),
+            plan=self.plan,
+            targets=self.ctx.targets,
+            results=self.ctx.results,
             prompts=self.ctx.prompts,
-            microscope_time_s=round(time_s, 2),
-            time_per_confirmed_s=round(time_s / confirmed, 2) if confirmed else None,
-            confirmed_per_hour=round(3600.0 * confirmed / time_s, 2) if confirmed and time_s > 0 else None,
             faults=self.faults,
-            wall_time_s=round(time.monotonic() - self._wall_start, 2),
-            **truth,
+            microscope_time_s=self.microscope_time_s(),
+            wall_time_s=time.monotonic() - self._wall_start,
+            state_times=self.state_times,
+            truth=truth,
         )
 
     def write_summary(self) -> SessionSummary:

@@ -62,7 +62,8 @@ function renderProgress() {
   $("stat-confirmed").textContent = p.targets_confirmed ?? "–";
   $("stat-visited").textContent = p.targets_visited ?? "–";
   $("stat-time").textContent = fmtSeconds(Math.max(p.microscope_time_s ?? 0, view.microscopeTime ?? 0));
-  $("stat-per").textContent = fmtSeconds(p.time_per_confirmed_s);
+  $("stat-diffracting").textContent = p.diffracting_crystals ?? p.targets_recorded ?? "–";
+  $("stat-per").textContent = fmtSeconds(p.time_per_diffracting_s);
   $("stat-prompts").textContent = p.prompts ?? "–";
 }
 
@@ -71,7 +72,7 @@ function renderChart() {
   svg.replaceChildren();
   const points = view.chart;
   if (!points.length) {
-    $("chart-label").textContent = "confirmed crystals over microscope time: none yet";
+    $("chart-label").textContent = "diffracting crystals over microscope time: none yet";
     return;
   }
   const tMax = Math.max(points[points.length - 1][0], view.microscopeTime || 0, 1);
@@ -87,7 +88,7 @@ function renderChart() {
   const line = document.createElementNS("http://www.w3.org/2000/svg", "polyline");
   line.setAttribute("points", coords.map((c) => c.join(",")).join(" "));
   svg.append(line);
-  $("chart-label").textContent = `confirmed crystals over microscope time: ${last} in ${fmtSeconds(tMax)}`;
+  $("chart-label").textContent = `diffracting crystals over microscope time: ${last} in ${fmtSeconds(tMax)}`;
 }
 
 function renderJournal() {
