@@ -28,16 +28,20 @@ def create_simulated_microscope(
     pixel_size_um: float | None = None,
     specimen_options: dict[str, Any] | None = None,
     overlap_fraction: float | None = None,
+    instrument_seed: int = 0,
     **kwargs: Any,
 ) -> SimulatedMicroscope:
     """A `SimulatedMicroscope` over a generated specimen, or over dataset tiles when `tiles` is given.
 
-    `specimen_type` is one of `SPECIMEN_TYPES`; `seed` seeds the specimen, the optics errors, the stage
-    and the noise. `tiles` is a folder of tiles / a layout file / a SerialEM `.mdoc` (see
-    `drivers.formats.montage.open_montage`) with `pixel_size_um` (um per mosaic pixel) if the files do
-    not say, and `overlap_fraction` for tiles placed by their row/column names. `specimen_options` go
-    to `simulator.specimen.generate_specimen`; other keyword arguments (camera_shape_px, presets,
-    faults, realtime, stage_limits, stage_model, optics_errors, camera_noise) go to `SimulatedMicroscope`.
+    `specimen_type` is one of `SPECIMEN_TYPES`; `seed` seeds the specimen, the stage and the noise;
+    `instrument_seed` the instrument: its camera rotation and scale errors, and its name
+    (`simulated-tem`, or `simulated-tem-<n>`), so that one stored calibration serves many grids.
+    `tiles` is a folder of tiles / a layout file / a SerialEM `.mdoc` (see `drivers.formats.montage.open_montage`)
+    with `pixel_size_um` (um per mosaic pixel) if the files do not say, and `overlap_fraction` for tiles
+    placed by their row/column names. `specimen_options` go to `simulator.specimen.generate_specimen`; other
+    keyword arguments (camera_shape_px, presets, faults, realtime, stage_limits, stage_model, optics_errors,
+    camera_noise, and where a restarted simulator starts: initial_preset, start_time_s, start_stage) go to
+    `SimulatedMicroscope`.
     """
     from simulator.microscope import SimulatedMicroscope
 
@@ -51,4 +55,4 @@ def create_simulated_microscope(
         from simulator.specimen import generate_specimen
 
         scene = generate_specimen(specimen_type, seed, **(specimen_options or {}))
-    return SimulatedMicroscope(scene, seed=seed, **kwargs)
+    return SimulatedMicroscope(scene, seed=seed, instrument_seed=instrument_seed, **kwargs)

@@ -14,9 +14,10 @@ pixel size, i.e. at the camera):
 other presets keep their pixel size whatever the camera shape (their field of view scales with it).
 Diffraction uses camera length 1000 mm (200 kV).
 
-Every preset has a hidden, seeded rotation between camera and stage axes (a few degrees, differing a
-little between presets) and a 1-3 % pixel-size error; `true_image_to_stage_matrix(preset)` exposes the
-true A for tests only. The agent must calibrate A itself.
+Every preset has a hidden rotation between camera and stage axes (a few degrees, differing a little
+between presets) and a 1-3 % pixel-size error, seeded by the instrument (`instrument_seed`, default 0; the
+instrument is named `simulated-tem`, or `simulated-tem-<n>` for seed n), not by the specimen seed;
+`true_image_to_stage_matrix(preset)` exposes the true A for tests only. The agent must calibrate A itself.
 
 Time on the virtual clock (`microscope_time_s()`): stage moves (trapezoidal profile at 150 um/s,
 300 um/s^2, then 0.8 s settling), preset change 2.0 s (lens normalisation), beam blank 0.1 s, status
@@ -27,6 +28,11 @@ Stage z (height off the eucentric plane) adds to the preset's defocus: images bl
 1 mrad. Limits of the model: alpha (tilt) is tracked, limited and timed but does not change the image
 (no foreshortening); a frame taken while the stage moves shows the position at the start of the
 exposure (no motion blur).
+
+Randomness after the specimen is made (frame noise, the stage's repeat error) is keyed by what was
+acquired or moved and when, not drawn in call order (`simulator.keyed` says why): a simulator created
+with `start_time_s`, `start_stage` and `initial_preset` of a killed session's last checkpoint redoes the
+cut step exactly as the first simulator did.
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ from drivers.base import (
 from simulator.diffraction import DETECTOR_PIXEL_UM, render_diffraction
 from simulator.faults import FaultInjector, FaultPlan
 from simulator.imaging import CameraModel, OpticsErrors, Scene, SimPreset, render, true_matrix
+from simulator.keyed import ANGLE_QUANTUM_DEG, POSITION_QUANTUM_UM, TIME_QUANTUM_S, keyed_rng, quantise
 from simulator.specimen import Specimen
 from simulator.stage import SimulatedStage, StageModel, VirtualClock
 
@@ -68,6 +75,12 @@ BEAM_BLANK_S = 0.1
 DIFFRACTION_SWITCH_S = 1.0
 DEFAULT_STAGE_LIMITS = StageLimits(x_min_um=-1200.0, x_max_um=1200.0, y_min_um=-1200.0, y_max_um=1200.0)
 INSTRUMENT_NAME = "simulated-tem"
+
+
+def instrument_name(instrument_seed: int) -> str:
+    """The name `info()` reports for the simulated instrument `instrument_seed`: `simulated-tem` for seed 0,
+    `simulated-tem-<n>` otherwise (its optics errors are `seeded_optics_errors(names, instrument_seed)`)."""
+    return INSTRUMENT_NAME if int(instrument_seed) == 0 else f"{INSTRUMENT_NAME}-{int(instrument_seed)}"
 
 
 def make_preset(
@@ -111,8 +124,12 @@ def default_presets(camera_shape_px: tuple[int, int] = (2048, 2048)) -> tuple[Si
 
 def seeded_optics_errors(names: Sequence[str], seed: int) -> dict[str, OpticsErrors]:
     """Per-preset hidden errors: a shared rotation (-5..5 deg) plus a per-preset +-1.5 deg, 1-3 % scale
-    error of random sign, an off-centre beam and 10-30 % illumination fall-off at the corners."""
-    rng = np.random.default_rng([seed, 5])
+    error of random sign, an off-centre beam and 10-30 % illumination fall-off at the corners.
+
+    They belong to the instrument: `SimulatedMicroscope` seeds them with its `instrument_seed`, not with the
+    specimen seed, so one calibration serves every grid put into the same simulated instrument. (Stream 7 of
+    the seed: instrument 0, the default, then has clear errors of 3-5 deg and 1-2.5 %.)"""
+    rng = np.random.default_rng([seed, 7])
     base_rotation = float(rng.uniform(-5.0, 5.0))
     errors = {}
     for name in names:
@@ -129,9 +146,11 @@ class SimulatedMicroscope:
     """A simulated TEM implementing `drivers.base.Microscope` (see the module doc for presets and timing).
 
     `specimen` is a `Specimen` (procedural, with ground truth) or any `imaging.Scene` (e.g. dataset tiles,
-    no ground truth). The same seed and the same sequence of calls give identical frames. Methods are
-    thread-safe; rendering happens outside the state lock so status calls stay fast during an
-    acquisition.
+    no ground truth). The same seed and the same sequence of calls give identical frames: a frame's noise
+    is keyed by what was acquired and when (`simulator.keyed`), so a simulator started with
+    `start_time_s`, `start_stage` and `initial_preset` where another stopped continues as that one would
+    have (a resumed session's simulator). Methods are thread-safe; rendering happens outside the state lock
+    so status calls stay fast during an acquisition.
     """
 
     def __init__(
@@ -148,6 +167,9 @@ class SimulatedMicroscope:
         optics_errors: Mapping[str, OpticsErrors] | None = None,
         camera_noise: bool = True,
         initial_preset: str | None = None,
+        instrument_seed: int = 0,
+        start_time_s: float = 0.0,
+        start_stage: StagePosition | None = None,
     ) -> None:
         if len(camera_shape_px) != 2 or min(int(camera_shape_px[0]), int(camera_shape_px[1])) < 16:
             raise InvalidParameterError(
@@ -169,13 +191,20 @@ class SimulatedMicroscope:
         if not preset_list:
             raise InvalidParameterError("a simulated microscope needs at least one optics preset")
         self._presets = {p.name: p for p in preset_list}
-        errors = seeded_optics_errors(list(self._presets), self._seed)
+        integral = isinstance(instrument_seed, (int, np.integer)) and not isinstance(instrument_seed, bool)
+        if not integral or instrument_seed < 0:
+            raise InvalidParameterError(f"instrument_seed must be a non-negative integer, got {instrument_seed!r}")
+        self._instrument_seed = int(instrument_seed)
+        self._name = instrument_name(self._instrument_seed)
+        errors = seeded_optics_errors(list(self._presets), self._instrument_seed)
         if optics_errors is not None:
             errors.update(optics_errors)
         self._errors = errors
-        self._clock = VirtualClock(realtime=realtime)
+        if isinstance(start_time_s, bool) or not isinstance(start_time_s, (int, float)) or not start_time_s >= 0:
+            raise InvalidParameterError(f"start_time_s must be a non-negative number of seconds, got {start_time_s!r}")
+        self._clock = VirtualClock(realtime=realtime, start_s=float(start_time_s))
         self._stage = SimulatedStage(self._clock, stage_limits or DEFAULT_STAGE_LIMITS, stage_model or StageModel(),
-                                     seed=self._seed)
+                                     seed=self._seed, start=start_stage)
         self._faults = FaultInjector(faults)
         self._lock = threading.RLock()
         default_name = "atlas" if "atlas" in self._presets else preset_list[0].name
@@ -232,7 +261,7 @@ class SimulatedMicroscope:
     def info(self) -> MicroscopeInfo:
         """Instrument name, camera shape, presets, stage limits and software version."""
         return MicroscopeInfo(
-            name=INSTRUMENT_NAME,
+            name=self._name,
             camera_shape_px=self._camera.shape_px,
             presets=tuple(p.optics for p in self._presets.values()),
             stage_limits=self._stage.limits,
@@ -355,6 +384,7 @@ class SimulatedMicroscope:
                     log.warning("acquiring while the stage moves; the frame shows the start of the exposure")
                 reported = self._stage.position()
                 true_xy = self._stage.true_xy_um()
+                rng = self._noise_rng(kind, preset.name, exposure_s, reported)
                 self._frames += 1
                 frame_number = self._frames
                 blanked = self._blanked
@@ -369,12 +399,10 @@ class SimulatedMicroscope:
         time_s = self._clock.advance(switch_s + exposure_s)
         self._clock.advance(self._camera.readout_s(frame_shape) + switch_s)
         if kind == "diffraction":
-            rng = np.random.default_rng([self._seed, 2, frame_number])
             image = render_diffraction(
                 self.ground_truth, true_xy, preset, self._camera, rng, exposure_s=exposure_s, beam_blanked=blanked
             )
         else:
-            rng = np.random.default_rng([self._seed, 1, frame_number])
             image = render(
                 self._scene, true_xy, preset, self._camera, self._errors[preset.name], rng,
                 exposure_s=exposure_s, beam_blanked=blanked, z_um=reported.z_um,
@@ -383,6 +411,16 @@ class SimulatedMicroscope:
         return Frame(image=image, metadata=metadata)
 
     # helpers -----------------------------------------------------------------------------------------
+    def _noise_rng(self, kind: str, preset: str, exposure_s: float, stage: StagePosition) -> np.random.Generator:
+        """The noise generator of a frame starting now: keyed by the seed, kind, preset, exposure (us), stage
+        position (1 nm, 1e-4 deg) and microscope time (1 us), not by how many frames came before."""
+        return keyed_rng(
+            self._seed, f"frame-{kind}", preset, quantise(exposure_s, TIME_QUANTUM_S),
+            quantise(stage.x_um, POSITION_QUANTUM_UM), quantise(stage.y_um, POSITION_QUANTUM_UM),
+            quantise(stage.z_um, POSITION_QUANTUM_UM), quantise(stage.alpha_deg, ANGLE_QUANTUM_DEG),
+            quantise(self._clock.now_s(), TIME_QUANTUM_S),
+        )
+
     def _metadata(
         self, kind: str, preset: SimPreset, stage: StagePosition, exposure_s: float, time_s: float, blanked: bool,
         frame_number: int,
@@ -406,6 +444,6 @@ class SimulatedMicroscope:
             stage=stage,
             exposure_s=exposure_s,
             time_s=time_s,
-            instrument=INSTRUMENT_NAME,
+            instrument=self._name,
             extra=extra,
         )
