@@ -311,12 +311,8 @@ def test_prompt_images_and_session_images_are_served(local: tuple[Agent, Console
     assert [n for _, n in snapshot["chart"]] == list(range(1, len(recorded) + 1))
 
 
-def test_remote_console_survives_the_agent_restarting(tmp_path: Path) -> None:
-    import socket as socketlib
-
-    with socketlib.socket() as probe:  # a fixed control port, free now, re-used by the restarted agent
-        probe.bind(("127.0.0.1", 0))
-        control = f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+def test_remote_console_survives_the_agent_restarting(free_port: int, tmp_path: Path) -> None:
+    control = f"tcp://127.0.0.1:{free_port}"  # a fixed control port, free now, re-used by the restarted agent
     first = Agent(tmp_path / "first", control_endpoint=control)
     handle = start_console_for_agent(control, "127.0.0.1", 0, status_interval_s=0.1)
     second = None
@@ -397,14 +393,13 @@ def blob_image(seed: int = 3, size: int = 384) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(image, 0, 65535).astype(np.uint16), centres
 
 
-def test_explore_upload_analyse_recluster_and_label(tmp_path: Path) -> None:
+def test_explore_upload_analyse_recluster_and_label(label_memory: LabelMemory, tmp_path: Path) -> None:
     import tifffile
 
     agent = Agent(tmp_path / "session")
-    labels = LabelMemory(tmp_path / "labels")
     from agent.console.links import LocalLink
 
-    app = ConsoleApp(LocalLink(agent.session, agent.channel), AccessPolicy("127.0.0.1"), labels=labels)
+    app = ConsoleApp(LocalLink(agent.session, agent.channel), AccessPolicy("127.0.0.1"), labels=label_memory)
     handle = ConsoleHandle(app, "127.0.0.1", 0).start()
     try:
         image, centres = blob_image()
@@ -445,7 +440,7 @@ def test_explore_upload_analyse_recluster_and_label(tmp_path: Path) -> None:
         mark = {"settings": settings, "cluster_id": crystal, "is_crystal": True, "specimen": "blobs"}
         status, _, body = request(handle, "POST", f"/api/explore/{image_id}/label", mark, api_headers(handle))
         assert status == 200, body
-        records = LabelMemory(tmp_path / "labels").list_records()
+        records = LabelMemory(label_memory.folder).list_records()
         assert len(records) == 1 and records[0].source == "console" and records[0].is_crystal
         assert records[0].specimen == "blobs" and records[0].cluster_id == crystal
         # the session's atlas can be opened; other names cannot (no explore folder given)
@@ -462,7 +457,7 @@ def test_explore_upload_analyse_recluster_and_label(tmp_path: Path) -> None:
         assert request(handle, "POST", "/api/explore/upload", raw=b"x", headers={**headers, "X-Filename": "a.exe"})[0] \
             == 415
         assert request(handle, "POST", "/api/explore/upload", raw=b"not a tiff", headers=headers)[0] == 422
-        assert len(LabelMemory(tmp_path / "labels").list_records()) == 1
+        assert len(LabelMemory(label_memory.folder).list_records()) == 1
     finally:
         handle.stop()
         agent.stop()

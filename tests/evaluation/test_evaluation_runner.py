@@ -4,7 +4,9 @@ labelled images (a real-world-like image written to disk with a CSV of crystal p
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -26,6 +28,9 @@ from agent.evaluation.runner import (
 from agent.evaluation.scoring import Detection
 from tests.synthetic_images import make_grid_image
 
+if TYPE_CHECKING:
+    from simulator.microscope import SimulatedMicroscope
+
 ROW_KEYS = {"specimen", "method", "mode", "precision", "recall", "recall_diffracting", "loc_error_um"}
 
 
@@ -34,12 +39,10 @@ def _fraction_or_none(value: object) -> bool:
 
 
 @pytest.fixture(scope="module")
-def simulated_frames() -> list:
-    from simulator import create_simulated_microscope
-
+def simulated_frames(simulated_microscope: Callable[..., SimulatedMicroscope]) -> list:
     config = EvaluationConfig(specimens=("protein-plates",), seeds=1, presets=("atlas", "search"), frames_per_seed=1,
                               camera_px=384, ks=(3,))
-    microscope = create_simulated_microscope("protein-plates", seed=0, camera_shape_px=(384, 384))
+    microscope = simulated_microscope("protein-plates", seed=0, camera_px=384)
     truth = microscope.ground_truth
     return list(simulated_images(
         microscope, truth, specimen="protein-plates", seed=0, config=config,

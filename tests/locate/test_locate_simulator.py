@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pytest
 
@@ -10,7 +13,8 @@ from agent.locate.analysis import LocateSettings, analyse
 from agent.locate.targets import find_candidates
 from drivers.geometry import pixel_to_stage_um
 
-simulator = pytest.importorskip("simulator")
+if TYPE_CHECKING:
+    from simulator.microscope import SimulatedMicroscope
 
 ALL_TYPES = ("graphite-flakes", "asbestos-fibres", "protein-plates", "polymer-faint")
 ATLAS = LocateSettings(mode="window", window_px=15, stride_px=4)
@@ -19,8 +23,7 @@ ATLAS = LocateSettings(mode="window", window_px=15, stride_px=4)
 SEARCH = LocateSettings(mode="window", window_px=31, stride_px=8, outline_length_px=41)
 
 
-def _frame(specimen: str, preset: str, seed: int, camera_px: int, centre_on_crystal: bool):
-    scope = simulator.create_simulated_microscope(specimen, seed=seed, camera_shape_px=(camera_px, camera_px))
+def _frame(scope: SimulatedMicroscope, preset: str, centre_on_crystal: bool):
     scope.set_preset(preset)
     squares = scope.ground_truth.square_centres_um()
     x_um, y_um = squares[len(squares) // 2]
@@ -51,8 +54,10 @@ def _truth_in_view(scope, frame, matrix, margin_um: float):
     return inside, bars
 
 
-def _evaluate(specimen: str, preset: str, settings: LocateSettings, seed: int, camera_px: int, tolerance_um: float):
-    scope, frame, matrix = _frame(specimen, preset, seed, camera_px, centre_on_crystal=preset == "search")
+def _evaluate(scope: SimulatedMicroscope, preset: str, settings: LocateSettings, tolerance_um: float):
+    """Locate on one frame of `scope` at `preset`: (found, in view, candidates, crystal id per candidate, bar IoU,
+    bar fraction)."""
+    scope, frame, matrix = _frame(scope, preset, centre_on_crystal=preset == "search")
     analysis = analyse(np.asarray(frame.image), settings)
     candidates = find_candidates(analysis, analysis.suggested_crystal_clusters, image=np.asarray(frame.image))
     # scored where the specimen really is: at search magnification the stage's repeat error (about 1 um)
@@ -70,8 +75,11 @@ def _evaluate(specimen: str, preset: str, settings: LocateSettings, seed: int, c
 
 @pytest.mark.slow
 @pytest.mark.parametrize("specimen", ALL_TYPES)
-def test_atlas_candidates_overlap_most_crystals_and_bars_are_masked(specimen: str) -> None:
-    found, total, _candidates, hit_ids, iou, bar_fraction = _evaluate(specimen, "atlas", ATLAS, 1, 768, 2.0)
+def test_atlas_candidates_overlap_most_crystals_and_bars_are_masked(
+    simulated_microscope: Callable[..., SimulatedMicroscope], specimen: str
+) -> None:
+    scope = simulated_microscope(specimen, seed=1, camera_px=768)
+    found, total, _candidates, hit_ids, iou, bar_fraction = _evaluate(scope, "atlas", ATLAS, 2.0)
     assert total > 0
     assert found / total >= 0.5, f"{specimen}: found {found} of {total} crystals"
     assert np.mean(hit_ids >= 0) >= 0.4, f"{specimen}: precision {np.mean(hit_ids >= 0):.2f}"
@@ -79,10 +87,13 @@ def test_atlas_candidates_overlap_most_crystals_and_bars_are_masked(specimen: st
 
 
 @pytest.mark.slow
-def test_search_frames_find_the_crystal_under_the_beam() -> None:
+def test_search_frames_find_the_crystal_under_the_beam(
+    simulated_microscope: Callable[..., SimulatedMicroscope],
+) -> None:
     hits = {}
     for specimen in ALL_TYPES:
-        found, _total, _candidates, _, _, _ = _evaluate(specimen, "search", SEARCH, 1, 512, 0.5)
+        scope = simulated_microscope(specimen, seed=1, camera_px=512)
+        found, _total, _candidates, _, _, _ = _evaluate(scope, "search", SEARCH, 0.5)
         hits[specimen] = found
     # faint polymer crystals are as dark as the film's mottle in every window statistic: the outlined
     # cluster (agent.locate.outlines) finds them by their straight edges

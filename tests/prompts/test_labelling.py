@@ -7,7 +7,6 @@ and an `OperatorChannel` on loopback with nobody connected (so any prompt goes u
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,10 +23,9 @@ def analysis() -> ClusterAnalysis:
     return analyse(image, LocateSettings(mode="window", window_px=15, stride_px=4, k=4))
 
 
-def _memory(folder: Path, analysis: ClusterAnalysis, flipped_in_one_session: int) -> LabelMemory:
-    """Three earlier sessions saw exactly these clusters; cluster `flipped_in_one_session` was answered
-    "crystal" in two of them and "not crystal" in the third, every other cluster the same way each time."""
-    memory = LabelMemory(folder)
+def _remember(memory: LabelMemory, analysis: ClusterAnalysis, flipped_in_one_session: int) -> LabelMemory:
+    """`memory` after three earlier sessions saw exactly these clusters; cluster `flipped_in_one_session` was
+    answered "crystal" in two of them and "not crystal" in the third, every other cluster the same way each time."""
     centroids = np.array([c.normalised_centroid for c in analysis.clusters])
     ids = [int(c.cluster_id) for c in analysis.clusters]
     for session in ("s1", "s2", "s3"):
@@ -53,53 +51,53 @@ def _decide(analysis: ClusterAnalysis, memory: LabelMemory, plan: OperatorPlan, 
 
 
 def test_a_cluster_answered_both_ways_is_not_asked_about_and_is_handed_to_targeting_as_mixed(
-    analysis: ClusterAnalysis, tmp_path: Path
+    analysis: ClusterAnalysis, label_memory: LabelMemory, operator_channel: OperatorChannel
 ) -> None:
     mixed_id = int(analysis.clusters[-1].cluster_id)
-    memory = _memory(tmp_path / "labels", analysis, mixed_id)
+    memory = _remember(label_memory, analysis, mixed_id)
     suggestions = memory.suggest(
         np.array([c.normalised_centroid for c in analysis.clusters]), analysis.feature_names, "p", "atlas"
     )
     assert [s.mixed for s in suggestions] == [int(c.cluster_id) == mixed_id for c in analysis.clusters]
 
-    with OperatorChannel("tcp://127.0.0.1:0") as channel:
-        plan = OperatorPlan(wait_s=0.2)
-        last = _decide(analysis, memory, plan, channel)
-        assert not last.asked and last.prompt_id is None
-        assert last.mixed_clusters == (mixed_id,) and mixed_id not in last.crystal_clusters
-        assert last.sources[mixed_id] == "label-memory:mixed-last"
-        assert all(last.sources[int(c.cluster_id)] == "label-memory" for c in analysis.clusters[:-1])
-        assert last.as_dict()["mixed_clusters"] == [mixed_id]
+    plan = OperatorPlan(wait_s=0.2)
+    last = _decide(analysis, memory, plan, operator_channel)
+    assert not last.asked and last.prompt_id is None
+    assert last.mixed_clusters == (mixed_id,) and mixed_id not in last.crystal_clusters
+    assert last.sources[mixed_id] == "label-memory:mixed-last"
+    assert all(last.sources[int(c.cluster_id)] == "label-memory" for c in analysis.clusters[:-1])
+    assert last.as_dict()["mixed_clusters"] == [mixed_id]
 
-        skip = _decide(analysis, memory, plan.model_copy(update={"mixed": "skip"}), channel)
-        assert not skip.asked and skip.mixed_clusters == () and mixed_id not in skip.crystal_clusters
-        assert skip.sources[mixed_id] == "label-memory:mixed-skip"
+    skip = _decide(analysis, memory, plan.model_copy(update={"mixed": "skip"}), operator_channel)
+    assert not skip.asked and skip.mixed_clusters == () and mixed_id not in skip.crystal_clusters
+    assert skip.sources[mixed_id] == "label-memory:mixed-skip"
 
-        ask = _decide(analysis, memory, plan.model_copy(update={"mixed": "ask"}), channel)
-        assert ask.asked and ask.answered_by is None and ask.prompt_id is not None  # nobody is connected
-        assert ask.mixed_clusters == () and ask.sources[mixed_id].startswith("fallback:")
-        options = channel.handle(ask.prompt_id).prompt.options
-        flagged = [o for o in options if o.context.get("answered_both_ways")]
-        assert [o.id for o in flagged] == [f"cluster-{mixed_id}"] and "both ways" in flagged[0].description
+    ask = _decide(analysis, memory, plan.model_copy(update={"mixed": "ask"}), operator_channel)
+    assert ask.asked and ask.answered_by is None and ask.prompt_id is not None  # nobody is connected
+    assert ask.mixed_clusters == () and ask.sources[mixed_id].startswith("fallback:")
+    options = operator_channel.handle(ask.prompt_id).prompt.options
+    flagged = [o for o in options if o.context.get("answered_both_ways")]
+    assert [o.id for o in flagged] == [f"cluster-{mixed_id}"] and "both ways" in flagged[0].description
 
 
-def test_a_cluster_answered_the_same_way_every_time_is_not_mixed(analysis: ClusterAnalysis, tmp_path: Path) -> None:
-    memory = _memory(tmp_path / "labels", analysis, flipped_in_one_session=-1)  # no cluster flipped
-    with OperatorChannel("tcp://127.0.0.1:0") as channel:
-        decision = _decide(analysis, memory, OperatorPlan(wait_s=0.2), channel)
+def test_a_cluster_answered_the_same_way_every_time_is_not_mixed(
+    analysis: ClusterAnalysis, label_memory: LabelMemory, operator_channel: OperatorChannel
+) -> None:
+    memory = _remember(label_memory, analysis, flipped_in_one_session=-1)  # no cluster flipped
+    decision = _decide(analysis, memory, OperatorPlan(wait_s=0.2), operator_channel)
     assert not decision.asked and decision.mixed_clusters == () and decision.crystal_clusters == ()
     assert set(decision.sources.values()) == {"label-memory"}
 
 
 def test_mixed_clusters_ride_along_on_a_prompt_asked_anyway_and_the_answer_settles_them(
-    analysis: ClusterAnalysis, tmp_path: Path
+    analysis: ClusterAnalysis, label_memory: LabelMemory, operator_channel: OperatorChannel
 ) -> None:
     """A stricter confidence threshold leaves the other clusters unsure, so a prompt goes out: the mixed
     cluster is in it too, and the operator's answer labels it (and is stored) instead of "mixed"."""
     mixed_id = int(analysis.clusters[-1].cluster_id)
-    memory = _memory(tmp_path / "labels", analysis, mixed_id)
+    memory = _remember(label_memory, analysis, mixed_id)
     seen: list[dict[str, bool]] = []
-    with OperatorChannel("tcp://127.0.0.1:0") as channel, OperatorClient(channel.prompt_endpoint) as client:
+    with OperatorClient(operator_channel.prompt_endpoint) as client:
 
         def operator() -> None:
             for _ in range(50):  # bounded: about 10 s
@@ -111,7 +109,7 @@ def test_mixed_clusters_ride_along_on_a_prompt_asked_anyway_and_the_answer_settl
 
         answering = threading.Thread(target=operator, daemon=True)
         answering.start()
-        decision = _decide(analysis, memory, OperatorPlan(wait_s=10.0, min_confidence=0.95), channel)
+        decision = _decide(analysis, memory, OperatorPlan(wait_s=10.0, min_confidence=0.95), operator_channel)
         answering.join(timeout=10.0)
     assert decision.asked and decision.answered_by == "alice"
     # every cluster is in the prompt (and "none"), the mixed one marked as such for the operator

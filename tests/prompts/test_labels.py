@@ -57,14 +57,13 @@ def _session(memory: LabelMemory, rng: np.random.Generator, session: str, specim
     )
 
 
-def test_records_persist_and_reload_across_processes(tmp_path: Path) -> None:
-    memory = LabelMemory(tmp_path / "labels")
-    _session(memory, np.random.default_rng(0), "s1")
+def test_records_persist_and_reload_across_processes(label_memory: LabelMemory) -> None:
+    _session(label_memory, np.random.default_rng(0), "s1")
     script = textwrap.dedent(
         f"""
         import json, numpy as np
         from agent.prompts import LabelMemory
-        memory = LabelMemory({str(tmp_path / "labels")!r})
+        memory = LabelMemory({str(label_memory.folder)!r})
         records = memory.list_records()
         memory.record_clusters(np.array([[1.0, 2, 3, 4, 5, 6]]), {list(NAMES)!r}, [True],
                                specimen="asbestos-fibres", preset="atlas", session="s2", source="console")
@@ -73,33 +72,31 @@ def test_records_persist_and_reload_across_processes(tmp_path: Path) -> None:
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
     assert json.loads(result.stdout) == [[False, "s1", 0], [True, "s1", 1], [False, "s1", 2]]
-    records = memory.list_records()  # sees what the other process appended
+    records = label_memory.list_records()  # sees what the other process appended
     assert len(records) == 4 and records[-1].specimen == "asbestos-fibres" and records[-1].source == "console"
-    assert memory.list_records(specimen="protein-plates", session="s1")[1].feature_names == NAMES
+    assert label_memory.list_records(specimen="protein-plates", session="s1")[1].feature_names == NAMES
 
 
-def test_torn_last_line_is_tolerated_and_stepped_over(tmp_path: Path) -> None:
-    memory = LabelMemory(tmp_path)
-    _session(memory, np.random.default_rng(1), "s1")
-    path = tmp_path / LABELS_FILE_NAME
+def test_torn_last_line_is_tolerated_and_stepped_over(label_memory: LabelMemory) -> None:
+    _session(label_memory, np.random.default_rng(1), "s1")
+    path = label_memory.folder / LABELS_FILE_NAME
     whole = path.read_bytes()
     path.write_bytes(whole + whole.splitlines(keepends=True)[0][:37])  # a crash mid-write
-    fresh = LabelMemory(tmp_path)
+    fresh = LabelMemory(label_memory.folder)
     assert len(fresh.list_records()) == 3 and fresh.skipped_lines == 1
     _session(fresh, np.random.default_rng(2), "s2")
-    again = LabelMemory(tmp_path)
+    again = LabelMemory(label_memory.folder)
     assert [r.session for r in again.list_records()] == ["s1"] * 3 + ["s2"] * 3
     assert again.skipped_lines == 1  # the torn fragment stays on its own line, nothing else is lost
 
 
-def test_corrupt_middle_line_is_skipped_and_kept_by_prune(tmp_path: Path) -> None:
-    memory = LabelMemory(tmp_path)
-    _session(memory, np.random.default_rng(3), "s1")
-    path = tmp_path / LABELS_FILE_NAME
+def test_corrupt_middle_line_is_skipped_and_kept_by_prune(label_memory: LabelMemory) -> None:
+    _session(label_memory, np.random.default_rng(3), "s1")
+    path = label_memory.folder / LABELS_FILE_NAME
     lines = path.read_bytes().splitlines(keepends=True)
     path.write_bytes(lines[0] + b"{this is not json}\n" + b"".join(lines[1:]))
-    assert len(memory.list_records()) == 3 and memory.skipped_lines == 1
-    assert memory.prune(session="nope") == 0
+    assert len(label_memory.list_records()) == 3 and label_memory.skipped_lines == 1
+    assert label_memory.prune(session="nope") == 0
     assert b"{this is not json}" in path.read_bytes()
 
 
@@ -138,17 +135,18 @@ def test_prune_export_import_and_clear(tmp_path: Path) -> None:
         other.import_file(tmp_path / "b" / "missing.json")
 
 
-def test_new_memory_and_bad_input(tmp_path: Path) -> None:
-    memory = LabelMemory(tmp_path / "new")
-    assert memory.list_records() == [] and len(memory) == 0
-    suggestion = memory.suggest(np.array([CRYSTAL]), NAMES, "protein-plates", "atlas")[0]
+def test_new_memory_and_bad_input(label_memory: LabelMemory, tmp_path: Path) -> None:
+    assert label_memory.list_records() == [] and len(label_memory) == 0
+    suggestion = label_memory.suggest(np.array([CRYSTAL]), NAMES, "protein-plates", "atlas")[0]
     assert suggestion.confidence == 0.0 and suggestion.n_support == 0 and suggestion.nearest_distance is None
     with pytest.raises(LabelMemoryError):
-        memory.suggest(np.array([[1.0, 2.0]]), NAMES, "protein-plates", "atlas")
+        label_memory.suggest(np.array([[1.0, 2.0]]), NAMES, "protein-plates", "atlas")
     with pytest.raises(LabelMemoryError):
-        memory.suggest(np.array([[np.nan] * 6]), NAMES, "protein-plates", "atlas")
+        label_memory.suggest(np.array([[np.nan] * 6]), NAMES, "protein-plates", "atlas")
     with pytest.raises(LabelMemoryError):
-        memory.record_clusters(np.array([CRYSTAL]), NAMES, [True, False], specimen="x", preset="atlas", session="s")
+        label_memory.record_clusters(
+            np.array([CRYSTAL]), NAMES, [True, False], specimen="x", preset="atlas", session="s"
+        )
     with pytest.raises(ValueError):
         LabelRecord(feature_vector=(1.0, 2.0), feature_names=("a",), is_crystal=True, specimen="x", preset="p")
     (tmp_path / "file").write_text("x")
@@ -166,16 +164,15 @@ def test_default_labels_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
     assert default_labels_dir() == tmp_path / "mine"
 
 
-def test_suggestions_grow_confident_with_sessions_and_pick_the_crystal_cluster(tmp_path: Path) -> None:
-    memory = LabelMemory(tmp_path)
+def test_suggestions_grow_confident_with_sessions_and_pick_the_crystal_cluster(label_memory: LabelMemory) -> None:
     rng = np.random.default_rng(5)
     query = np.array([_jitter(BAR, rng), _jitter(CRYSTAL, rng), _jitter(FILM, rng)])
     confidences = []
     for session in ("s1", "s2", "s3"):
-        suggestions = memory.suggest(query, NAMES, "protein-plates", "atlas")
+        suggestions = label_memory.suggest(query, NAMES, "protein-plates", "atlas")
         confidences.append(min(s.confidence for s in suggestions))
-        _session(memory, rng, session)
-    suggestions = memory.suggest(query, NAMES, "protein-plates", "atlas")
+        _session(label_memory, rng, session)
+    suggestions = label_memory.suggest(query, NAMES, "protein-plates", "atlas")
     assert [s.is_crystal for s in suggestions] == [False, True, False]
     assert confidences[0] == 0.0
     assert confidences[0] < confidences[1] < confidences[2] < min(s.confidence for s in suggestions)
@@ -183,61 +180,59 @@ def test_suggestions_grow_confident_with_sessions_and_pick_the_crystal_cluster(t
     assert suggestions[1].p_crystal > 0.8 and suggestions[0].p_crystal < 0.2
 
 
-def test_unknown_specimen_preset_or_far_away_cluster_is_not_confident(tmp_path: Path) -> None:
-    memory = LabelMemory(tmp_path)
+def test_unknown_specimen_preset_or_far_away_cluster_is_not_confident(label_memory: LabelMemory) -> None:
     rng = np.random.default_rng(6)
     for session in ("s1", "s2", "s3"):
-        _session(memory, rng, session)
+        _session(label_memory, rng, session)
     query = np.array([_jitter(CRYSTAL, rng)])
-    assert memory.suggest(query, NAMES, "protein-plates", "atlas")[0].confidence > 0.6
-    assert memory.suggest(query, NAMES, "asbestos-fibres", "atlas")[0].confidence == 0.0
-    assert memory.suggest(query, NAMES, "protein-plates", "search")[0].confidence == 0.0
+    assert label_memory.suggest(query, NAMES, "protein-plates", "atlas")[0].confidence > 0.6
+    assert label_memory.suggest(query, NAMES, "asbestos-fibres", "atlas")[0].confidence == 0.0
+    assert label_memory.suggest(query, NAMES, "protein-plates", "search")[0].confidence == 0.0
     alien = np.array([[30.0, 0.5, -4.0, -6.0, 40.0, 0.2]])  # looks like nothing labelled before
-    far = memory.suggest(alien, NAMES, "protein-plates", "atlas")[0]
+    far = label_memory.suggest(alien, NAMES, "protein-plates", "atlas")[0]
     assert far.confidence < 0.2 and far.nearest_distance is not None and far.nearest_distance > 1.0
 
 
-def test_conflicting_memory_gives_low_confidence(tmp_path: Path) -> None:
-    memory = LabelMemory(tmp_path)
+def test_conflicting_memory_gives_low_confidence(label_memory: LabelMemory) -> None:
     for session, label in (("s1", True), ("s2", False), ("s3", True), ("s4", False)):
-        memory.record_clusters(np.array([CRYSTAL]), NAMES, [label], specimen="p", preset="atlas", session=session)
-    suggestion = memory.suggest(np.array([CRYSTAL]), NAMES, "p", "atlas")[0]
+        label_memory.record_clusters(np.array([CRYSTAL]), NAMES, [label], specimen="p", preset="atlas", session=session)
+    suggestion = label_memory.suggest(np.array([CRYSTAL]), NAMES, "p", "atlas")[0]
     assert suggestion.confidence < 0.1 and 0.4 < suggestion.p_crystal < 0.6
     assert suggestion.mixed  # answered both ways: asking again would be a coin toss
 
 
 @pytest.mark.parametrize(("agreeing", "mixed"), [(6, True), (10, False)])
 def test_a_split_vote_is_mixed_only_when_one_more_answer_could_not_settle_it(
-    tmp_path: Path, agreeing: int, mixed: bool
+    label_memory: LabelMemory, agreeing: int, mixed: bool
 ) -> None:
     """Six sessions said crystal, one said not: below the threshold, and one more "crystal" answer would
     leave it below (6 / 8.3), so asking is pointless (mixed). Ten to one is below the threshold too, but
     one more answer settles it (10 / 12.3), so it is asked (not mixed). Under a lower threshold the
     six-to-one split is confident without asking."""
-    memory = LabelMemory(tmp_path)
     for session in range(agreeing + 1):
-        memory.record_clusters(
+        label_memory.record_clusters(
             np.array([CRYSTAL]), NAMES, [session > 0], specimen="p", preset="atlas", session=f"s{session}"
         )
-    suggestion = memory.suggest(np.array([CRYSTAL]), NAMES, "p", "atlas")[0]
+    suggestion = label_memory.suggest(np.array([CRYSTAL]), NAMES, "p", "atlas")[0]
     assert suggestion.is_crystal and suggestion.n_support == agreeing
     assert suggestion.confidence < DEFAULT_CONFIDENCE_THRESHOLD
     assert suggestion.mixed is mixed
-    lenient = memory.suggest(np.array([CRYSTAL]), NAMES, "p", "atlas", confidence_threshold=0.6)[0]
+    lenient = label_memory.suggest(np.array([CRYSTAL]), NAMES, "p", "atlas", confidence_threshold=0.6)[0]
     assert lenient.confidence >= 0.6 and not lenient.mixed
 
 
-def test_features_are_matched_by_name_and_auto_labels_carry_no_weight(tmp_path: Path) -> None:
-    memory = LabelMemory(tmp_path)
+def test_features_are_matched_by_name_and_auto_labels_carry_no_weight(
+    label_memory: LabelMemory, tmp_path: Path
+) -> None:
     rng = np.random.default_rng(8)
     for session in ("s1", "s2", "s3"):
-        _session(memory, rng, session)
+        _session(label_memory, rng, session)
     order = [5, 3, 0, 1, 4, 2]  # same features, another order, plus one new feature
     names = (*(NAMES[i] for i in order), "glcm_contrast")
     query = np.concatenate([_jitter(CRYSTAL, rng)[order], [3.0]])[None, :]
-    by_name = memory.suggest(query, names, "protein-plates", "atlas")[0]
+    by_name = label_memory.suggest(query, names, "protein-plates", "atlas")[0]
     assert by_name.is_crystal and by_name.confidence > 0.6
-    too_different = memory.suggest(np.array([[1.0, 2.0, 3.0]]), ("mean", "a", "b"), "protein-plates", "atlas")[0]
+    too_different = label_memory.suggest(np.array([[1.0, 2.0, 3.0]]), ("mean", "a", "b"), "protein-plates", "atlas")[0]
     assert too_different.confidence == 0.0
 
     auto_only = LabelMemory(tmp_path / "auto")
@@ -249,44 +244,41 @@ def test_features_are_matched_by_name_and_auto_labels_carry_no_weight(tmp_path: 
     assert auto_only.suggest(np.array([CRYSTAL]), NAMES, "p", "atlas")[0].confidence == 0.0
 
 
-def test_one_image_many_clusters_count_once_per_session(tmp_path: Path) -> None:
-    memory = LabelMemory(tmp_path)
+def test_one_image_many_clusters_count_once_per_session(label_memory: LabelMemory) -> None:
     rng = np.random.default_rng(9)
     same_image = np.array([_jitter(CRYSTAL, rng, 0.02) for _ in range(6)])
-    memory.record_clusters(same_image, NAMES, [True] * 6, specimen="p", preset="atlas", session="s1")
-    one = memory.suggest(np.array([CRYSTAL]), NAMES, "p", "atlas")[0]
+    label_memory.record_clusters(same_image, NAMES, [True] * 6, specimen="p", preset="atlas", session="s1")
+    one = label_memory.suggest(np.array([CRYSTAL]), NAMES, "p", "atlas")[0]
     assert one.n_support == 1
-    memory.record_clusters(same_image[:1], NAMES, [True], specimen="p", preset="atlas", session="s2")
-    two = memory.suggest(np.array([CRYSTAL]), NAMES, "p", "atlas")[0]
+    label_memory.record_clusters(same_image[:1], NAMES, [True], specimen="p", preset="atlas", session="s2")
+    two = label_memory.suggest(np.array([CRYSTAL]), NAMES, "p", "atlas")[0]
     assert two.n_support == 2 and two.confidence > one.confidence
 
 
-def test_one_wild_feature_does_not_hide_a_close_match(tmp_path: Path) -> None:
-    memory = LabelMemory(tmp_path)
+def test_one_wild_feature_does_not_hide_a_close_match(label_memory: LabelMemory) -> None:
     rng = np.random.default_rng(10)
     for session in ("s1", "s2"):
-        _session(memory, rng, session)
+        _session(label_memory, rng, session)
     odd = _jitter(CRYSTAL, rng)
     odd[4] = -500.0  # kurtosis gone wild in this image (e.g. a hot pixel in every crystal patch)
-    suggestion = memory.suggest(odd[None, :], NAMES, "protein-plates", "atlas")[0]
+    suggestion = label_memory.suggest(odd[None, :], NAMES, "protein-plates", "atlas")[0]
     assert suggestion.is_crystal and suggestion.confidence > 0.6
     two_wild = odd.copy()
     two_wild[[0, 2]] = [40.0, -40.0]  # more than one feature off: no longer the same kind of cluster
-    assert memory.suggest(two_wild[None, :], NAMES, "protein-plates", "atlas")[0].confidence < 0.3
+    assert label_memory.suggest(two_wild[None, :], NAMES, "protein-plates", "atlas")[0].confidence < 0.3
 
 
-def test_a_session_whose_nearest_record_was_auto_labelled_casts_no_vote(tmp_path: Path) -> None:
-    memory = LabelMemory(tmp_path)
+def test_a_session_whose_nearest_record_was_auto_labelled_casts_no_vote(label_memory: LabelMemory) -> None:
     for session in ("s1", "s2", "s3"):
-        memory.record_clusters(
+        label_memory.record_clusters(
             np.array([CRYSTAL]), NAMES, [True], specimen="p", preset="atlas", session=session, source="auto"
         )  # the agent labelled the crystal cluster itself ...
-        memory.record_clusters(
+        label_memory.record_clusters(
             np.array([CRYSTAL * 0.6]), NAMES, [False], specimen="p", preset="atlas", session=session
         )  # ... and asked only about a similar, mixed cluster
-    suggestion = memory.suggest(np.array([CRYSTAL]), NAMES, "p", "atlas")[0]
+    suggestion = label_memory.suggest(np.array([CRYSTAL]), NAMES, "p", "atlas")[0]
     assert suggestion.confidence == 0.0  # no human vote: the mixed cluster's "no" does not speak for it
-    mixed = memory.suggest(np.array([CRYSTAL * 0.6]), NAMES, "p", "atlas")[0]
+    mixed = label_memory.suggest(np.array([CRYSTAL * 0.6]), NAMES, "p", "atlas")[0]
     assert not mixed.is_crystal and mixed.confidence >= DEFAULT_CONFIDENCE_THRESHOLD
 
 
@@ -325,7 +317,7 @@ def test_a_memory_that_mispredicts_its_own_answers_is_not_confident(tmp_path: Pa
     assert crystal.held_out_precision is not None and crystal.held_out_precision <= 5 / 7  # 4 of 6 right, + 1
 
 
-def test_mistakes_about_one_kind_of_cluster_do_not_hold_back_another(tmp_path: Path) -> None:
+def test_mistakes_about_one_kind_of_cluster_do_not_hold_back_another(label_memory: LabelMemory) -> None:
     """Two mixed kinds (crystal edges, film steps) were called crystal in three sessions and not in the
     fourth: held out, the memory got those wrong. It must keep asking about them, but the clean crystal
     cluster, predicted right every time, is labelled without asking although the memory's overall
@@ -333,10 +325,9 @@ def test_mistakes_about_one_kind_of_cluster_do_not_hold_back_another(tmp_path: P
     rng = np.random.default_rng(5)
     edge = np.array([-1.0, 1.5, 1.0, 0.5, 3.0, 2.0])
     step = np.array([1.5, 2.0, 1.5, -1.0, 2.0, 3.0])
-    memory = LabelMemory(tmp_path)
     for session in ("s1", "s2", "s3", "s4"):
         mixed_answer = session != "s4"
-        memory.record_clusters(
+        label_memory.record_clusters(
             np.array([_jitter(FILM, rng), _jitter(CRYSTAL, rng), _jitter(edge, rng), _jitter(step, rng)]),
             NAMES,
             [False, True, mixed_answer, mixed_answer],
@@ -344,9 +335,9 @@ def test_mistakes_about_one_kind_of_cluster_do_not_hold_back_another(tmp_path: P
             preset="atlas",
             session=session,
         )
-    overall = memory.held_out_precision("protein-plates", "atlas")
+    overall = label_memory.held_out_precision("protein-plates", "atlas")
     assert overall[True] < DEFAULT_CONFIDENCE_THRESHOLD  # two wrong "crystal" predictions of six
-    crystal, mixed, film = memory.suggest(
+    crystal, mixed, film = label_memory.suggest(
         np.array([_jitter(CRYSTAL, rng), _jitter(edge, rng), _jitter(FILM, rng)]), NAMES, "protein-plates", "atlas"
     )
     assert crystal.is_crystal and crystal.confidence >= DEFAULT_CONFIDENCE_THRESHOLD

@@ -7,8 +7,9 @@ cluster), so with two sessions the third would still be asked about."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -23,8 +24,10 @@ from agent.prompts import (
     PromptOption,
 )
 from drivers.geometry import pixel_to_stage_um
-from simulator import create_simulated_microscope
 from simulator.operator import SimulatedAnswerPolicy
+
+if TYPE_CHECKING:
+    from simulator.microscope import SimulatedMicroscope
 
 #: The screening plan's default search-image analysis (agent.config): 32 x 32 grid, k = 3.
 SETTINGS = LocateSettings(mode="grid", grid_rows=32, grid_cols=32, k=3)
@@ -59,8 +62,8 @@ class Session:
         return float(np.mean(self.microscope.ground_truth.crystal_id_xy(xy[:, 0], xy[:, 1], tolerance_um=3.0) >= 0))
 
 
-def _session(specimen: str, seed: int) -> Session:
-    microscope = create_simulated_microscope(specimen, seed, camera_shape_px=(1024, 1024))
+def _session(microscope: SimulatedMicroscope, specimen: str, seed: int) -> Session:
+    """The atlas frame of the most crowded of the first 200 grid squares of `microscope` (of specimen, seed)."""
     microscope.set_preset(PRESET)
     truth = microscope.ground_truth
     centres = truth.square_centres_um()[:200]
@@ -76,9 +79,9 @@ def _session(specimen: str, seed: int) -> Session:
 
 
 @pytest.fixture(scope="module")
-def sessions() -> dict[tuple[str, int], Session]:
+def sessions(simulated_microscope: Callable[..., SimulatedMicroscope]) -> dict[tuple[str, int], Session]:
     wanted = [(SPECIMEN, seed) for seed in (1, 2, 3, 4, 5)]
-    return {key: _session(*key) for key in wanted}
+    return {key: _session(simulated_microscope(*key, camera_px=1024), *key) for key in wanted}
 
 
 def _ask(session: Session, channel: OperatorChannel) -> tuple[str, ...]:
@@ -110,31 +113,29 @@ def _ask(session: Session, channel: OperatorChannel) -> tuple[str, ...]:
 
 
 def test_known_specimen_type_is_labelled_from_memory_and_a_new_type_is_asked(
-    sessions: dict[tuple[str, int], Session], tmp_path: Path
+    sessions: dict[tuple[str, int], Session], label_memory: LabelMemory, operator_channel: OperatorChannel
 ) -> None:
-    memory = LabelMemory(tmp_path / "labels")
-    with OperatorChannel() as channel:
-        for seed in (1, 2, 3, 4):  # sessions in which the operator labelled every cluster
-            session = sessions[(SPECIMEN, seed)]
-            chosen = _ask(session, channel)
-            assert chosen != ("none",), f"the operator saw no crystal cluster in seed {seed}"
-            clusters = session.analysis.clusters
-            memory.record_clusters(
-                session.analysis.normalised_centroids(),
-                session.analysis.feature_names,
-                [f"cluster-{c.cluster_id}" in chosen for c in clusters],
-                specimen=SPECIMEN,
-                preset=PRESET,
-                session=f"s{seed}",
-                operator="simulated",
-                cluster_ids=[c.cluster_id for c in clusters],
-            )
-        new_seed = sessions[(SPECIMEN, 5)]
-        operator_says = _ask(new_seed, channel)  # what a person would answer, for comparison only
-    assert len(memory) == 12
+    for seed in (1, 2, 3, 4):  # sessions in which the operator labelled every cluster
+        session = sessions[(SPECIMEN, seed)]
+        chosen = _ask(session, operator_channel)
+        assert chosen != ("none",), f"the operator saw no crystal cluster in seed {seed}"
+        clusters = session.analysis.clusters
+        label_memory.record_clusters(
+            session.analysis.normalised_centroids(),
+            session.analysis.feature_names,
+            [f"cluster-{c.cluster_id}" in chosen for c in clusters],
+            specimen=SPECIMEN,
+            preset=PRESET,
+            session=f"s{seed}",
+            operator="simulated",
+            cluster_ids=[c.cluster_id for c in clusters],
+        )
+    new_seed = sessions[(SPECIMEN, 5)]
+    operator_says = _ask(new_seed, operator_channel)  # what a person would answer, for comparison only
+    assert len(label_memory) == 12
 
     analysis = new_seed.analysis
-    suggestions = memory.suggest(analysis.normalised_centroids(), analysis.feature_names, SPECIMEN, PRESET)
+    suggestions = label_memory.suggest(analysis.normalised_centroids(), analysis.feature_names, SPECIMEN, PRESET)
     by_id = {c.cluster_id: s for c, s in zip(analysis.clusters, suggestions, strict=True)}
     fractions = {c.cluster_id: new_seed.cells_on_crystals((c.cluster_id,)) for c in analysis.clusters}
     richest = max(fractions, key=lambda cid: fractions[cid])
@@ -144,7 +145,7 @@ def test_known_specimen_type_is_labelled_from_memory_and_a_new_type_is_asked(
     assert not background.is_crystal and background.confidence >= DEFAULT_CONFIDENCE_THRESHOLD
     # held out, the memory mispredicted one answer (seed 2's mixed cluster, 29 % of its cells on crystals, which
     # the operator called crystal), yet stays confident enough where it was right
-    held_out = memory.held_out_precision(SPECIMEN, PRESET)
+    held_out = label_memory.held_out_precision(SPECIMEN, PRESET)
     assert DEFAULT_CONFIDENCE_THRESHOLD <= held_out[False] < 1.0 and held_out[True] == 1.0
     # precision at least as high as with a person: no cluster the person rejected is auto-labelled crystal,
     # and the cells of the auto-labelled crystal clusters are at least as often on crystals. (A mixed
@@ -156,5 +157,5 @@ def test_known_specimen_type_is_labelled_from_memory_and_a_new_type_is_asked(
 
     # a new specimen type (or preset) gets no confident suggestion from this memory: it is asked about
     for specimen, preset in (("asbestos-fibres", PRESET), ("protein-plates", PRESET), (SPECIMEN, "search")):
-        unknown = memory.suggest(analysis.normalised_centroids(), analysis.feature_names, specimen, preset)
+        unknown = label_memory.suggest(analysis.normalised_centroids(), analysis.feature_names, specimen, preset)
         assert all(s.confidence == 0.0 and s.n_support == 0 for s in unknown)

@@ -65,21 +65,15 @@ def _next_of(client: OperatorClient, kind: type, prompt_id: str, limit_s: float 
     raise AssertionError(f"no {kind.__name__} for {prompt_id} within {limit_s} s")
 
 
-@pytest.fixture()
-def channel() -> OperatorChannel:
-    with OperatorChannel() as chan:
-        yield chan
-
-
-def test_prompt_answered_by_a_client(channel: OperatorChannel) -> None:
+def test_prompt_answered_by_a_client(operator_channel: OperatorChannel) -> None:
     images = {"heatmap": _png(1), "gallery": _png(2)}
     seen: list[tuple[str, dict]] = []
-    channel.add_listener(lambda kind, payload: seen.append((kind, payload)))
-    channel.add_listener(lambda kind, payload: 1 / 0)  # a broken listener changes nothing
-    handle = channel.ask(_prompt(images=images))
+    operator_channel.add_listener(lambda kind, payload: seen.append((kind, payload)))
+    operator_channel.add_listener(lambda kind, payload: 1 / 0)  # a broken listener changes nothing
+    handle = operator_channel.ask(_prompt(images=images))
     assert handle.state == "open" and handle.answer is None
-    assert channel.prompt_endpoint.startswith("tcp://127.0.0.1:")
-    with OperatorClient(channel.prompt_endpoint) as client:
+    assert operator_channel.prompt_endpoint.startswith("tcp://127.0.0.1:")
+    with OperatorClient(operator_channel.prompt_endpoint) as client:
         info = _next_of(client, PromptInfo, handle.id)
         assert isinstance(info, PromptInfo)
         assert info.images == images and info.image_names == ("heatmap", "gallery")
@@ -95,18 +89,18 @@ def test_prompt_answered_by_a_client(channel: OperatorChannel) -> None:
         assert isinstance(closed, PromptClosed)
         assert closed.state == "answered" and closed.answered_by == "alice"
         assert client.open_prompts() == []
-    assert channel.stats["answered"] == 1
+    assert operator_channel.stats["answered"] == 1
     assert [kind for kind, _ in seen] == ["asked", "closed"]
     assert seen[0][1]["image_names"] == ["heatmap", "gallery"] and seen[1][1]["answered_by"] == "alice"
 
 
-def test_two_clients_race_exactly_one_wins(channel: OperatorChannel) -> None:
-    handle = channel.ask(_prompt())
+def test_two_clients_race_exactly_one_wins(operator_channel: OperatorChannel) -> None:
+    handle = operator_channel.ask(_prompt())
     results: dict[str, object] = {}
     barrier = threading.Barrier(2)
 
     def answer(name: str, option: str) -> None:
-        with OperatorClient(channel.prompt_endpoint) as client:
+        with OperatorClient(operator_channel.prompt_endpoint) as client:
             barrier.wait(timeout=5)
             try:
                 results[name] = client.answer(handle.id, [option], operator=name)
@@ -127,33 +121,34 @@ def test_two_clients_race_exactly_one_wins(channel: OperatorChannel) -> None:
     assert answer.option_ids == (("cluster-0",) if winners[0] == "ann" else ("cluster-1",))
 
 
-def test_other_clients_are_told_when_a_prompt_is_answered(channel: OperatorChannel) -> None:
-    with OperatorClient(channel.prompt_endpoint) as watcher, OperatorClient(channel.prompt_endpoint) as answerer:
+def test_other_clients_are_told_when_a_prompt_is_answered(operator_channel: OperatorChannel) -> None:
+    endpoint = operator_channel.prompt_endpoint
+    with OperatorClient(endpoint) as watcher, OperatorClient(endpoint) as answerer:
         watcher.next_event(0.2)  # joined and listening
-        handle = channel.ask(_prompt())
+        handle = operator_channel.ask(_prompt())
         _next_of(watcher, PromptInfo, handle.id)
         answerer.answer(handle.id, "none", operator="carol")
         closed = _next_of(watcher, PromptClosed, handle.id)
         assert isinstance(closed, PromptClosed) and closed.answered_by == "carol" and closed.option_ids == ("none",)
 
 
-def test_deadline_expires_prompt_and_late_answer_is_refused(channel: OperatorChannel) -> None:
-    with OperatorClient(channel.prompt_endpoint) as client:
-        handle = channel.ask(_prompt(timeout_s=0.4))
+def test_deadline_expires_prompt_and_late_answer_is_refused(operator_channel: OperatorChannel) -> None:
+    with OperatorClient(operator_channel.prompt_endpoint) as client:
+        handle = operator_channel.ask(_prompt(timeout_s=0.4))
         assert handle.wait(None) is None  # waits at most until the deadline
         assert handle.state == "expired" and handle.answer is None
         closed = _next_of(client, PromptClosed, handle.id)
         assert isinstance(closed, PromptClosed) and closed.state == "expired"
         with pytest.raises(PromptExpiredError):
             client.answer(handle.id, ["cluster-0"], operator="late")
-    assert handle.answer is None and channel.stats["expired"] == 1
+    assert handle.answer is None and operator_channel.stats["expired"] == 1
 
 
-def test_wait_with_short_timeout_leaves_prompt_open(channel: OperatorChannel) -> None:
-    handle = channel.ask(_prompt(timeout_s=30))
+def test_wait_with_short_timeout_leaves_prompt_open(operator_channel: OperatorChannel) -> None:
+    handle = operator_channel.ask(_prompt(timeout_s=30))
     assert handle.wait(0.05) is None
     assert handle.state == "open"  # the loop can go on working and look again later
-    with OperatorClient(channel.prompt_endpoint) as client:
+    with OperatorClient(operator_channel.prompt_endpoint) as client:
         client.answer(handle.id, "cluster-0")
     assert handle.wait(5) is not None and handle.answer.operator == "anonymous"
 
@@ -168,10 +163,10 @@ def test_wait_with_short_timeout_leaves_prompt_open(channel: OperatorChannel) ->
     ],
 )
 def test_invalid_answers_are_refused_and_change_nothing(
-    channel: OperatorChannel, option_ids: list[str], multiple: bool
+    operator_channel: OperatorChannel, option_ids: list[str], multiple: bool
 ) -> None:
-    handle = channel.ask(_prompt(multiple=multiple))
-    with OperatorClient(channel.prompt_endpoint) as client:
+    handle = operator_channel.ask(_prompt(multiple=multiple))
+    with OperatorClient(operator_channel.prompt_endpoint) as client:
         with pytest.raises(InvalidAnswerError):
             client.answer(handle.id, option_ids, operator="eve")
         assert handle.state == "open" and handle.answer is None
@@ -209,36 +204,38 @@ def _raw_request(endpoint: str, frames: list[bytes]) -> dict:
                     "operator": "x", "admin": True}).encode(),
     ],
 )
-def test_malformed_requests_get_an_error_reply_and_change_nothing(channel: OperatorChannel, payload: bytes) -> None:
-    handle = channel.ask(_prompt())
-    reply = _raw_request(channel.prompt_endpoint, [b"", payload.replace(b"PID", handle.id.encode())])
+def test_malformed_requests_get_an_error_reply_and_change_nothing(
+    operator_channel: OperatorChannel, payload: bytes
+) -> None:
+    handle = operator_channel.ask(_prompt())
+    reply = _raw_request(operator_channel.prompt_endpoint, [b"", payload.replace(b"PID", handle.id.encode())])
     assert reply["ok"] is False and reply["error"]["code"] == "bad_request" and reply["error"]["message"]
     assert handle.state == "open" and handle.answer is None
 
 
-def test_garbage_on_the_sockets_leaves_the_channel_alive(channel: OperatorChannel) -> None:
+def test_garbage_on_the_sockets_leaves_the_channel_alive(operator_channel: OperatorChannel) -> None:
     rng = np.random.default_rng(7)
-    for endpoint in (channel.prompt_endpoint, channel.event_endpoint):  # raw TCP garbage, not ZMTP
+    for endpoint in (operator_channel.prompt_endpoint, operator_channel.event_endpoint):  # raw TCP garbage, not ZMTP
         port = int(endpoint.rsplit(":", 1)[1])
         with socket.create_connection(("127.0.0.1", port), timeout=2) as raw:
             raw.sendall(rng.integers(0, 256, size=4096, dtype=np.uint8).tobytes())
     with zmq.Context() as ctx, ctx.socket(zmq.DEALER) as sock:  # ZMTP but nonsense frames, one oversize
         sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(channel.prompt_endpoint)
+        sock.connect(operator_channel.prompt_endpoint)
         for _ in range(20):
             count = int(rng.integers(1, 5))
             sock.send_multipart([rng.bytes(int(rng.integers(0, 64))) for _ in range(count)])
         sock.send_multipart([b"", b"x" * (2 * 1024 * 1024)])
-    handle = channel.ask(_prompt())
-    with OperatorClient(channel.prompt_endpoint) as client:
+    handle = operator_channel.ask(_prompt())
+    with OperatorClient(operator_channel.prompt_endpoint) as client:
         assert client.answer(handle.id, ["cluster-0"], operator="after-garbage").accepted
     assert handle.answer is not None and handle.answer.operator == "after-garbage"
 
 
-def test_late_joiner_sees_open_prompts_with_images(channel: OperatorChannel, tmp_path: Path) -> None:
-    first = channel.ask(_prompt(images={"heatmap": _png(3)}))
-    second = channel.ask(_prompt(images={"gallery": _png(4), "heatmap": _png(5)}))
-    with OperatorClient(channel.prompt_endpoint) as client:
+def test_late_joiner_sees_open_prompts_with_images(operator_channel: OperatorChannel, tmp_path: Path) -> None:
+    first = operator_channel.ask(_prompt(images={"heatmap": _png(3)}))
+    second = operator_channel.ask(_prompt(images={"gallery": _png(4), "heatmap": _png(5)}))
+    with OperatorClient(operator_channel.prompt_endpoint) as client:
         listed = {p.id: p for p in client.open_prompts()}
         assert set(listed) == {first.id, second.id}
         assert listed[second.id].images == {"gallery": _png(4), "heatmap": _png(5)}
@@ -249,11 +246,11 @@ def test_late_joiner_sees_open_prompts_with_images(channel: OperatorChannel, tmp
         assert [p.read_bytes() for p in paths] == [_png(3)]
 
 
-def test_cancelled_prompt_refuses_answers(channel: OperatorChannel) -> None:
-    handle = channel.ask(_prompt())
+def test_cancelled_prompt_refuses_answers(operator_channel: OperatorChannel) -> None:
+    handle = operator_channel.ask(_prompt())
     assert handle.cancel() is True and handle.cancel() is False
     assert handle.state == "cancelled"
-    with OperatorClient(channel.prompt_endpoint) as client, pytest.raises(PromptClosedError):
+    with OperatorClient(operator_channel.prompt_endpoint) as client, pytest.raises(PromptClosedError):
         client.answer(handle.id, ["cluster-0"])
     assert handle.answer is None
 
@@ -311,12 +308,9 @@ def test_curve_allows_known_clients_only(tmp_path: Path) -> None:
         assert handle.wait(5) is not None and handle.answer.operator == "alice"
 
 
-def test_client_times_out_without_an_agent_and_channel_rejects_reuse() -> None:
-    with socket.socket() as probe:  # a free port nobody listens on
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+def test_client_times_out_without_an_agent_and_channel_rejects_reuse(free_port: int) -> None:
     with pytest.raises(OperatorTimeoutError):
-        OperatorClient(f"tcp://127.0.0.1:{port}", timeout_s=0.3)
+        OperatorClient(f"tcp://127.0.0.1:{free_port}", timeout_s=0.3)
     channel = OperatorChannel()
     prompt = _prompt()
     channel.ask(prompt)
@@ -328,15 +322,15 @@ def test_client_times_out_without_an_agent_and_channel_rejects_reuse() -> None:
         channel.ask(_prompt())
 
 
-def test_many_prompts_stay_responsive(channel: OperatorChannel) -> None:
-    handles = [channel.ask(_prompt(timeout_s=30)) for _ in range(50)]
-    with OperatorClient(channel.prompt_endpoint) as client:
+def test_many_prompts_stay_responsive(operator_channel: OperatorChannel) -> None:
+    handles = [operator_channel.ask(_prompt(timeout_s=30)) for _ in range(50)]
+    with OperatorClient(operator_channel.prompt_endpoint) as client:
         assert len(client.open_prompts()) == 50
         for i, handle in enumerate(handles):
             client.answer(handle.id, ["cluster-0" if i % 2 else "cluster-1"], operator=f"op{i}")
     assert all(h.state == "answered" for h in handles)
     assert [h.answer.operator for h in handles] == [f"op{i}" for i in range(50)]
-    assert channel.open_prompts() == []
+    assert operator_channel.open_prompts() == []
 
 
 def test_client_survives_an_agent_restart_on_the_same_endpoints() -> None:

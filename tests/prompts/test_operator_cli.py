@@ -47,14 +47,13 @@ def _run_connect(endpoint: str, stdin: str, tmp_path: Path, *extra: str) -> subp
     )
 
 
-def test_connect_answers_a_prompt_from_stdin(tmp_path: Path) -> None:
-    with OperatorChannel() as channel:
-        handle = channel.ask(_prompt(multiple=True))
-        # a wrong number first (refused locally, asked again), then a valid answer
-        result = _run_connect(channel.prompt_endpoint, "7\n2,3\n", tmp_path, "--max-prompts", "1")
-        assert result.returncode == 0, result.stderr
-        answer = handle.wait(5)
-        assert answer is not None and answer.option_ids == ("cluster-1", "none") and answer.operator == "tester"
+def test_connect_answers_a_prompt_from_stdin(operator_channel: OperatorChannel, tmp_path: Path) -> None:
+    handle = operator_channel.ask(_prompt(multiple=True))
+    # a wrong number first (refused locally, asked again), then a valid answer
+    result = _run_connect(operator_channel.prompt_endpoint, "7\n2,3\n", tmp_path, "--max-prompts", "1")
+    assert result.returncode == 0, result.stderr
+    answer = handle.wait(5)
+    assert answer is not None and answer.option_ids == ("cluster-1", "none") and answer.operator == "tester"
     out = result.stdout
     assert "Which clusters contain crystals?" in out and "cluster 0 [film]" in out and "small bright blobs" in out
     assert "there is no option 7" in out and "accepted" in out
@@ -63,11 +62,12 @@ def test_connect_answers_a_prompt_from_stdin(tmp_path: Path) -> None:
     assert str(saved) in out
 
 
-def test_connect_reports_prompts_closed_while_choosing(tmp_path: Path) -> None:
-    with OperatorChannel() as channel, OperatorClient(channel.prompt_endpoint) as other:
-        first = channel.ask(_prompt())
+def test_connect_reports_prompts_closed_while_choosing(operator_channel: OperatorChannel, tmp_path: Path) -> None:
+    with OperatorClient(operator_channel.prompt_endpoint) as other:
+        first = operator_channel.ask(_prompt())
         process = subprocess.Popen(
-            [*CLI, "operator", "connect", channel.prompt_endpoint, "--save-dir", str(tmp_path), "--max-prompts", "2"],
+            [*CLI, "operator", "connect", operator_channel.prompt_endpoint, "--save-dir", str(tmp_path),
+             "--max-prompts", "2"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
@@ -81,7 +81,7 @@ def test_connect_reports_prompts_closed_while_choosing(tmp_path: Path) -> None:
                 if "answer with the option number" in seen[-1]:
                     break
             other.answer(first.id, "cluster-0", operator="someone-else")  # answered from elsewhere
-            second = channel.ask(_prompt(timeout_s=0.5))  # and this one expires unanswered
+            second = operator_channel.ask(_prompt(timeout_s=0.5))  # and this one expires unanswered
             assert process.wait(timeout=30) == 0
         finally:
             process.kill()
@@ -114,12 +114,11 @@ def test_parse_choice_and_preview() -> None:
     assert text.plain.count("▀") == 8 * 4 and "rgb(255,0,0)" in str(text.spans[0].style)
 
 
-def test_labels_commands(tmp_path: Path) -> None:
-    memory = LabelMemory(tmp_path / "mem")
+def test_labels_commands(label_memory: LabelMemory, tmp_path: Path) -> None:
     for session in ("s1", "s2"):
-        memory.record_clusters(np.array([[1.0, 2.0], [0.0, 0.1]]), ("mean", "std"), [True, False],
+        label_memory.record_clusters(np.array([[1.0, 2.0], [0.0, 0.1]]), ("mean", "std"), [True, False],
                                specimen="protein-plates", preset="atlas", session=session, operator="ann")
-    base = ["--labels", str(tmp_path / "mem")]
+    base = ["--labels", str(label_memory.folder)]
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([*CLI, "labels", *args], capture_output=True, text=True, timeout=60)
@@ -132,6 +131,6 @@ def test_labels_commands(tmp_path: Path) -> None:
     exported = run("export", str(tmp_path / "out.json"), *base)
     assert exported.returncode == 0 and len(json.loads((tmp_path / "out.json").read_text())["records"]) == 4
     refused = run("prune", *base)
-    assert refused.returncode == 2 and "--all" in refused.stderr and len(memory) == 4
-    assert run("prune", *base, "--session", "s1").returncode == 0 and len(memory) == 2
-    assert run("prune", *base, "--all").returncode == 0 and len(memory) == 0
+    assert refused.returncode == 2 and "--all" in refused.stderr and len(label_memory) == 4
+    assert run("prune", *base, "--session", "s1").returncode == 0 and len(label_memory) == 2
+    assert run("prune", *base, "--all").returncode == 0 and len(label_memory) == 0

@@ -13,8 +13,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
@@ -26,6 +27,10 @@ from simulator import create_simulated_microscope
 from simulator.faults import FaultPlan
 from simulator.scoring import score_session
 
+if TYPE_CHECKING:
+    from agent.prompts import LabelMemory, OperatorChannel
+    from simulator.microscope import SimulatedMicroscope
+
 CAMERA_PX = 512
 SPECIMENS = ("protein-plates", "graphite-flakes", "asbestos-fibres", "polymer-faint")
 
@@ -36,28 +41,36 @@ def _plan(specimen: str, seed: int = 0, max_targets: int = 3) -> ScreeningPlan:
     )
 
 
-def _session(
-    folder: Path, specimen: str, seed: int = 0, faults: FaultPlan | None = None, **kwargs: Any
-) -> ScreeningSession:
-    microscope = create_simulated_microscope(
-        specimen_type=specimen, seed=seed, camera_shape_px=(CAMERA_PX, CAMERA_PX), faults=faults
-    )
-    truth = microscope.ground_truth
-    return ScreeningSession(
-        microscope,
-        _plan(specimen, seed),
-        folder,
-        truth_scorer=lambda targets, results, box: score_session(truth, list(results.values()), box),
-        **kwargs,
-    )
+NewSession = Callable[..., ScreeningSession]
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ScreeningSession]:
+def new_session(simulated_microscope: Callable[..., SimulatedMicroscope]) -> NewSession:
+    """Factory of sessions of `_plan(specimen, seed)` on a fresh simulated microscope (CAMERA_PX camera) scored
+    against its ground truth: `new_session(folder, specimen, seed=0, faults=None, **session_options)`."""
+
+    def make(
+        folder: Path, specimen: str, seed: int = 0, faults: FaultPlan | None = None, **kwargs: Any
+    ) -> ScreeningSession:
+        microscope = simulated_microscope(specimen, seed, CAMERA_PX, faults=faults)
+        truth = microscope.ground_truth
+        return ScreeningSession(
+            microscope,
+            _plan(specimen, seed),
+            folder,
+            truth_scorer=lambda targets, results, box: score_session(truth, list(results.values()), box),
+            **kwargs,
+        )
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory, new_session: NewSession) -> dict[str, ScreeningSession]:
     """One finished session per specimen type, with the microscope's fault counters at the first target."""
     sessions = {}
     for specimen in SPECIMENS:
-        session = _session(tmp_path_factory.mktemp(specimen) / "session", specimen)
+        session = new_session(tmp_path_factory.mktemp(specimen) / "session", specimen)
         counts: dict[str, int] = {}
 
         def remember(topic: str, event: dict, session: ScreeningSession = session, counts: dict = counts) -> None:
@@ -103,6 +116,14 @@ def test_a_full_session_runs_for_each_specimen_type(finished: dict[str, Screenin
     for result in session.results.values():
         for path in result.images.values():
             assert (folder / path).exists()
+    # what a user counts: diffracting = snapshot passed min_spots; where the microscope time went
+    diffracting = [r for r in session.results.values() if r.n_spots >= session.plan.confirm.min_spots and r.confirmed]
+    assert summary.diffracting_crystals == len(diffracting) == summary.targets_recorded
+    if diffracting:
+        assert summary.diffracting_per_hour == round(3600 * len(diffracting) / summary.microscope_time_s, 2)
+    assert summary.fixed_time_s["calibrating"] > 0 and summary.fixed_time_s["mapping"] > 0
+    accounted_s = sum(summary.fixed_time_s.values()) + summary.per_target_time_s * summary.targets_visited
+    assert abs(accounted_s - summary.microscope_time_s) < 0.05 * summary.microscope_time_s
 
 
 def _nearest_object_um(truth: Any, x_um: float, y_um: float) -> float:
@@ -150,9 +171,11 @@ def test_calibrated_matrices_match_the_simulators_true_ones(finished: dict[str, 
             assert error < limit, (preset, measured, truth)
 
 
-def test_the_same_seed_reproduces_the_targets(finished: dict[str, ScreeningSession], tmp_path: Path) -> None:
+def test_the_same_seed_reproduces_the_targets(
+    finished: dict[str, ScreeningSession], new_session: NewSession, tmp_path: Path
+) -> None:
     first = finished["asbestos-fibres"]
-    second = _session(tmp_path / "again", "asbestos-fibres")
+    second = new_session(tmp_path / "again", "asbestos-fibres")
     second.run()
     assert [(t.target_id, round(t.x_um, 3), round(t.y_um, 3)) for t in first.targets] == [
         (t.target_id, round(t.x_um, 3), round(t.y_um, 3)) for t in second.targets
@@ -161,7 +184,7 @@ def test_the_same_seed_reproduces_the_targets(finished: dict[str, ScreeningSessi
 
 
 def test_injected_faults_are_recovered_without_losing_results(
-    finished: dict[str, ScreeningSession], tmp_path: Path
+    finished: dict[str, ScreeningSession], new_session: NewSession, tmp_path: Path
 ) -> None:
     counts = finished["protein-plates"].counts_at_first_target  # type: ignore[attr-defined]
     faults = FaultPlan(
@@ -169,7 +192,7 @@ def test_injected_faults_are_recovered_without_losing_results(
         timeout_acquire_numbers=frozenset({counts["acquire"] + 2}),
         timeout_diffraction_numbers=frozenset({counts["diffraction"] + 1}),
     )
-    session = _session(tmp_path / "faulty", "protein-plates", faults=faults)
+    session = new_session(tmp_path / "faulty", "protein-plates", faults=faults)
     summary = session.run()
     assert summary.state == "done"
     assert summary.faults == 4
@@ -180,15 +203,15 @@ def test_injected_faults_are_recovered_without_losing_results(
     assert [t.target_id for t in session.targets] == [t.target_id for t in finished["protein-plates"].targets]
 
 
-def test_too_many_faults_end_in_failed_with_the_summary_written(tmp_path: Path) -> None:
-    session = _session(tmp_path / "broken", "protein-plates", faults=FaultPlan(move_failure_rate=1.0))
+def test_too_many_faults_end_in_failed_with_the_summary_written(new_session: NewSession, tmp_path: Path) -> None:
+    session = new_session(tmp_path / "broken", "protein-plates", faults=FaultPlan(move_failure_rate=1.0))
     summary = session.run()
     assert summary.state == "failed"
     assert json.loads((session.session_dir / "summary.json").read_text())["state"] == "failed"
 
 
-def test_pause_resume_and_abort_from_another_thread(tmp_path: Path) -> None:
-    session = _session(tmp_path / "controlled", "graphite-flakes", seed=4)
+def test_pause_resume_and_abort_from_another_thread(new_session: NewSession, tmp_path: Path) -> None:
+    session = new_session(tmp_path / "controlled", "graphite-flakes", seed=4)
     seen: list[str] = []
     paused = threading.Event()
 
@@ -220,10 +243,12 @@ def test_pause_resume_and_abort_from_another_thread(tmp_path: Path) -> None:
     assert json.loads((session.session_dir / "summary.json").read_text())["state"] == session.state
 
 
-def test_a_folder_that_is_not_a_session_cannot_be_resumed(tmp_path: Path) -> None:
+def test_a_folder_that_is_not_a_session_cannot_be_resumed(
+    simulated_microscope: Callable[..., SimulatedMicroscope], tmp_path: Path
+) -> None:
     from agent.session.screening import SessionError
 
-    microscope = create_simulated_microscope(specimen_type="protein-plates", seed=0, camera_shape_px=(64, 64))
+    microscope = simulated_microscope("protein-plates", seed=0, camera_px=64)
     with pytest.raises(SessionError, match="not a screening session"):
         ScreeningSession.resume(microscope, tmp_path)
 
@@ -305,11 +330,13 @@ def test_screen_cli_and_kill_and_resume_give_the_same_targets(tmp_path: Path) ->
             assert (out / path).exists(), f"lost {path}"
 
 
-def test_a_session_runs_on_real_style_dataset_tiles(tmp_path: Path) -> None:
+def test_a_session_runs_on_real_style_dataset_tiles(
+    simulated_microscope: Callable[..., SimulatedMicroscope], tmp_path: Path
+) -> None:
     """8-bit tiles with a burned-in data bar, hot pixels and a seam that does not stitch cleanly."""
     import tifffile
 
-    source = create_simulated_microscope(specimen_type="graphite-flakes", seed=5, camera_shape_px=(768, 768))
+    source = simulated_microscope("graphite-flakes", seed=5, camera_px=768)
     source.set_preset("atlas")
     image = np.asarray(source.acquire(0.5).image, dtype=np.float64)
     image8 = (np.clip(image / np.percentile(image, 99.9), 0, 1) * 255).astype(np.uint8)
@@ -334,7 +361,9 @@ def test_a_session_runs_on_real_style_dataset_tiles(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def asked(tmp_path_factory: pytest.TempPathFactory) -> tuple[ScreeningSession, Any, Any]:
+def asked(
+    tmp_path_factory: pytest.TempPathFactory, simulated_microscope: Callable[..., SimulatedMicroscope]
+) -> tuple[ScreeningSession, Any, Any]:
     """A protein session (seed 7) whose prompt the simulated operator answered: (session, summary, memory)."""
     from agent.prompts.channel import OperatorChannel
     from agent.prompts.memory import LabelMemory
@@ -344,9 +373,7 @@ def asked(tmp_path_factory: pytest.TempPathFactory) -> tuple[ScreeningSession, A
     folder = tmp_path_factory.mktemp("asked")
     memory = LabelMemory(folder / "labels")
     with OperatorChannel("tcp://127.0.0.1:0") as channel:
-        microscope = create_simulated_microscope(
-            specimen_type="protein-plates", seed=7, camera_shape_px=(CAMERA_PX, CAMERA_PX)
-        )
+        microscope = simulated_microscope("protein-plates", seed=7, camera_px=CAMERA_PX)
         with PolicyOperator(channel.prompt_endpoint, SimulatedAnswerPolicy(microscope.ground_truth)) as operator:
             session = ScreeningSession(
                 microscope, _plan("protein-plates", seed=7), folder / "session", labels=memory, operator=channel
@@ -357,28 +384,27 @@ def asked(tmp_path_factory: pytest.TempPathFactory) -> tuple[ScreeningSession, A
 
 
 def test_prompts_reach_the_simulated_operator_and_fall_back_when_nobody_answers(
-    asked: tuple[ScreeningSession, Any, Any], tmp_path: Path
+    asked: tuple[ScreeningSession, Any, Any],
+    simulated_microscope: Callable[..., SimulatedMicroscope],
+    label_memory: LabelMemory,
+    operator_channel: OperatorChannel,
+    tmp_path: Path,
 ) -> None:
-    from agent.prompts.channel import OperatorChannel
-    from agent.prompts.memory import LabelMemory
-
     session, summary, memory = asked
     assert summary.state == "done" and summary.prompts == 1
     assert session.decision is not None and session.decision.answered_by == "simulated"
     assert set(session.decision.sources.values()) <= {"operator", "label-memory"}
     assert any(r.source == "operator" for r in memory.list_records())
 
-    memory = LabelMemory(tmp_path / "labels")
-
     plan = _plan("polymer-faint", seed=8).model_copy(
         update={"operator": ScreeningPlan().operator.model_copy(update={"wait_s": 0.5, "fallback": "default-rule"})}
     )
-    with OperatorChannel("tcp://127.0.0.1:0") as silent:  # nobody is connected: the loop must go on
-        microscope = create_simulated_microscope(
-            specimen_type="polymer-faint", seed=8, camera_shape_px=(CAMERA_PX, CAMERA_PX)
-        )
-        session = ScreeningSession(microscope, plan, tmp_path / "unanswered", labels=memory, operator=silent)
-        summary = session.run()
+    microscope = simulated_microscope("polymer-faint", seed=8, camera_px=CAMERA_PX)
+    # nobody is connected to the operator channel: the loop must go on
+    session = ScreeningSession(
+        microscope, plan, tmp_path / "unanswered", labels=label_memory, operator=operator_channel
+    )
+    summary = session.run()
     assert summary.state == "done" and summary.prompts == 1
     assert session.decision is not None and session.decision.answered_by is None
     assert any("not answered" in note for note in session.decision.notes)
@@ -386,21 +412,21 @@ def test_prompts_reach_the_simulated_operator_and_fall_back_when_nobody_answers(
 
 
 def test_clusters_answered_both_ways_are_not_asked_again_and_their_targets_are_still_visited(
-    asked: tuple[ScreeningSession, Any, Any], tmp_path: Path
+    asked: tuple[ScreeningSession, Any, Any],
+    simulated_microscope: Callable[..., SimulatedMicroscope],
+    label_memory: LabelMemory,
+    operator_channel: OperatorChannel,
+    tmp_path: Path,
 ) -> None:
     """The same atlas seen in three earlier sessions, its crystal clusters answered "crystal" in two and
     "not crystal" in the third: with nobody to answer now, the loop asks nothing and draws its targets from
     those mixed clusters, marked as such, and visits them (the order of sure before mixed targets is
     tested on `plan_tiered_path`)."""
-    from agent.prompts.channel import OperatorChannel
-    from agent.prompts.memory import LabelMemory
-
     first, _, answered = asked
     assert first.decision is not None and first.decision.crystal_clusters, "the operator chose no crystal cluster"
     records = [r for r in answered.list_records() if r.source == "operator"]
-    memory = LabelMemory(tmp_path / "labels")
     for session_id in ("s1", "s2", "s3"):
-        memory.record_clusters(
+        label_memory.record_clusters(
             np.array([r.feature_vector for r in records]),
             records[0].feature_names,
             [r.is_crystal and session_id != "s3" for r in records],
@@ -412,12 +438,10 @@ def test_clusters_answered_both_ways_are_not_asked_again_and_their_targets_are_s
     plan = _plan("protein-plates", seed=7).model_copy(
         update={"operator": ScreeningPlan().operator.model_copy(update={"wait_s": 0.5})}
     )
-    with OperatorChannel("tcp://127.0.0.1:0") as silent:
-        microscope = create_simulated_microscope(
-            specimen_type="protein-plates", seed=7, camera_shape_px=(CAMERA_PX, CAMERA_PX)
-        )
-        session = ScreeningSession(microscope, plan, tmp_path / "mixed", labels=memory, operator=silent)
-        summary = session.run()
+    microscope = simulated_microscope("protein-plates", seed=7, camera_px=CAMERA_PX)
+    # nobody is connected to the operator channel
+    session = ScreeningSession(microscope, plan, tmp_path / "mixed", labels=label_memory, operator=operator_channel)
+    summary = session.run()
     assert summary.state == "done" and summary.prompts == 0
     decision = session.decision
     assert decision is not None and not decision.asked and decision.crystal_clusters == ()
@@ -447,30 +471,32 @@ def test_mixed_targets_fill_only_the_places_left_and_keep_away_from_sure_targets
     assert fill_target_places([], mixed, max_targets=2, min_spacing_um=4.0) == ([], mixed[:2])
 
 
-def test_a_session_runs_through_the_zeromq_bridge(tmp_path: Path) -> None:
+def test_a_session_runs_through_the_zeromq_bridge(
+    simulated_microscope: Callable[..., SimulatedMicroscope], new_session: NewSession, tmp_path: Path
+) -> None:
     """The agent cannot tell a remote microscope from a local one: the same loop, over real sockets."""
     from drivers.zmq_bridge import BridgeClient, BridgeServer
 
-    simulated = create_simulated_microscope(
-        specimen_type="asbestos-fibres", seed=0, camera_shape_px=(CAMERA_PX, CAMERA_PX)
-    )
+    simulated = simulated_microscope("asbestos-fibres", seed=0, camera_px=CAMERA_PX)
     with BridgeServer(simulated, "tcp://127.0.0.1:0") as server, BridgeClient(server.endpoint) as client:
         session = ScreeningSession(client, _plan("asbestos-fibres"), tmp_path / "bridged")
         summary = session.run()
     assert summary.state == "done" and summary.faults == 0
     assert summary.targets_found >= 1 and summary.targets_visited == summary.targets_found
     # the remote session planned what a local one plans on the same specimen and seed
-    local = _session(tmp_path / "local", "asbestos-fibres")
+    local = new_session(tmp_path / "local", "asbestos-fibres")
     local.run()
     assert [(t.target_id, round(t.x_um, 3)) for t in session.targets] == [
         (t.target_id, round(t.x_um, 3)) for t in local.targets
     ]
 
 
-def test_targets_that_recentre_onto_an_object_already_measured_are_not_measured_again(tmp_path: Path) -> None:
+def test_targets_that_recentre_onto_an_object_already_measured_are_not_measured_again(
+    simulated_microscope: Callable[..., SimulatedMicroscope], tmp_path: Path
+) -> None:
     """Large flakes and blobs give several atlas targets (pieces of one object) that all re-centre onto the
     same object at the search preset; it is confirmed and diffracted once, the others are rejected."""
-    microscope = create_simulated_microscope(specimen_type="graphite-flakes", seed=0, camera_shape_px=(CAMERA_PX,) * 2)
+    microscope = simulated_microscope("graphite-flakes", seed=0, camera_px=CAMERA_PX)
     plan = ScreeningPlan(
         specimen="graphite-flakes", seed=0, area=AreaPlan(squares=1), targeting=TargetingPlan(max_targets=12)
     )

@@ -65,16 +65,16 @@ def _info(prompt: Prompt) -> PromptInfo:
     )
 
 
-def test_answers_from_ground_truth_over_sockets(specimen) -> None:
+def test_answers_from_ground_truth_over_sockets(specimen, operator_channel: OperatorChannel) -> None:
     on, off = _on_and_off_crystal(specimen)
     policy = SimulatedAnswerPolicy(specimen)
-    with OperatorChannel() as channel, PolicyOperator(channel.prompt_endpoint, policy, delay_s=0.05) as op:
-        crystal = channel.ask(_prompt(on, off))
+    with PolicyOperator(operator_channel.prompt_endpoint, policy, delay_s=0.05) as op:
+        crystal = operator_channel.ask(_prompt(on, off))
         assert crystal.wait(10) is not None
         assert crystal.answer.option_ids == ("cluster-1",) and crystal.answer.operator == "simulated"
-        nothing = channel.ask(_prompt(off, off))
+        nothing = operator_channel.ask(_prompt(off, off))
         assert nothing.wait(10) is not None and nothing.answer.option_ids == ("none",)
-        single = channel.ask(_prompt(off, on, multiple=False))
+        single = operator_channel.ask(_prompt(off, on, multiple=False))
         assert single.wait(10) is not None and single.answer.option_ids == ("cluster-0",)
         _wait_attempts(op, 3)
         assert op.attempts[0].accepted and op.attempts[0].chosen == ("cluster-1",)
@@ -82,11 +82,11 @@ def test_answers_from_ground_truth_over_sockets(specimen) -> None:
         assert len(op.answered) == 3 and len(policy.decisions) == 3
 
 
-def test_never_answering_operator_lets_the_prompt_expire(specimen) -> None:
+def test_never_answering_operator_lets_the_prompt_expire(specimen, operator_channel: OperatorChannel) -> None:
     on, off = _on_and_off_crystal(specimen)
     policy = SimulatedAnswerPolicy(specimen)
-    with OperatorChannel() as channel, PolicyOperator(channel.prompt_endpoint, policy, never_answer=True) as op:
-        handle = channel.ask(_prompt(on, off, timeout_s=0.4))
+    with PolicyOperator(operator_channel.prompt_endpoint, policy, never_answer=True) as op:
+        handle = operator_channel.ask(_prompt(on, off, timeout_s=0.4))
         assert handle.wait() is None and handle.state == "expired"
         assert op.attempts == [] and policy.decisions == []
 
