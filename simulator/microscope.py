@@ -19,10 +19,12 @@ between presets) and a 1-3 % pixel-size error, seeded by the instrument (`instru
 instrument is named `simulated-tem`, or `simulated-tem-<n>` for seed n), not by the specimen seed;
 `true_image_to_stage_matrix(preset)` exposes the true A for tests only. The agent must calibrate A itself.
 
-Time on the virtual clock (`microscope_time_s()`): stage moves (trapezoidal profile at 150 um/s,
-300 um/s^2, then 0.8 s settling), preset change 2.0 s (lens normalisation), beam blank 0.1 s, status
-poll (`is_stage_moving`) 0.02 s, exposure + readout (0.05 s + 0.06 s per megapixel), diffraction
-+1.0 s each way for the mode switch.
+Time on the virtual clock (`microscope_time_s()`) follows a timing profile (`clock_profile`, default
+`thermo-serialem`; `simulator.timing` has the figures and their sources): stage moves (command overhead +
+trapezoidal motion); settling once before the next exposure, not after every move; lens normalisation
+before the next exposure after a preset change that changes the magnification; the diffraction switch
+before the snapshot and again before the next image; camera start + exposure + return per frame; beam
+blank; status polls. Delays before an exposure overlap with whatever happens meanwhile.
 
 Stage z (height off the eucentric plane) adds to the preset's defocus: images blur by |defocus + z| x
 1 mrad. Limits of the model: alpha (tilt) is tracked, limited and timed but does not change the image
@@ -55,7 +57,6 @@ from drivers.base import (
     OpticsPreset,
     PresetError,
     StageLimits,
-    StageMoveError,
     StagePosition,
     check_exposure_s,
     resolve_stage_target,
@@ -66,13 +67,10 @@ from simulator.imaging import CameraModel, OpticsErrors, Scene, SimPreset, rende
 from simulator.keyed import ANGLE_QUANTUM_DEG, POSITION_QUANTUM_UM, TIME_QUANTUM_S, keyed_rng, quantise
 from simulator.specimen import Specimen
 from simulator.stage import SimulatedStage, StageModel, VirtualClock
+from simulator.timing import ExposureTimer, TimingProfile, resolve_profile
 
 log = logging.getLogger(__name__)
 
-PRESET_CHANGE_S = 2.0
-SAME_PRESET_S = 0.05
-BEAM_BLANK_S = 0.1
-DIFFRACTION_SWITCH_S = 1.0
 DEFAULT_STAGE_LIMITS = StageLimits(x_min_um=-1200.0, x_max_um=1200.0, y_min_um=-1200.0, y_max_um=1200.0)
 INSTRUMENT_NAME = "simulated-tem"
 
@@ -170,6 +168,7 @@ class SimulatedMicroscope:
         instrument_seed: int = 0,
         start_time_s: float = 0.0,
         start_stage: StagePosition | None = None,
+        clock_profile: TimingProfile | str | None = None,
     ) -> None:
         if len(camera_shape_px) != 2 or min(int(camera_shape_px[0]), int(camera_shape_px[1])) < 16:
             raise InvalidParameterError(
@@ -181,8 +180,10 @@ class SimulatedMicroscope:
             )
         self._scene = specimen
         self._seed = int(seed)
+        self._timing = resolve_profile(clock_profile)
         self._camera = CameraModel(
-            shape_px=(int(camera_shape_px[0]), int(camera_shape_px[1])), hot_pixel_seed=self._seed, noise=camera_noise
+            shape_px=(int(camera_shape_px[0]), int(camera_shape_px[1])), hot_pixel_seed=self._seed, noise=camera_noise,
+            readout_base_s=self._timing.camera_return_s, readout_s_per_mpx=self._timing.camera_transfer_s_per_mpx,
         )
         if presets is not None:
             preset_list = tuple(p if isinstance(p, SimPreset) else sim_preset_from_optics(p) for p in presets)
@@ -203,8 +204,9 @@ class SimulatedMicroscope:
         if isinstance(start_time_s, bool) or not isinstance(start_time_s, (int, float)) or not start_time_s >= 0:
             raise InvalidParameterError(f"start_time_s must be a non-negative number of seconds, got {start_time_s!r}")
         self._clock = VirtualClock(realtime=realtime, start_s=float(start_time_s))
-        self._stage = SimulatedStage(self._clock, stage_limits or DEFAULT_STAGE_LIMITS, stage_model or StageModel(),
-                                     seed=self._seed, start=start_stage)
+        self._stage = SimulatedStage(self._clock, stage_limits or DEFAULT_STAGE_LIMITS,
+                                     stage_model or self._timing.stage_model(), seed=self._seed, start=start_stage)
+        self._timer = ExposureTimer(self._clock, self._timing)
         self._faults = FaultInjector(faults)
         self._lock = threading.RLock()
         default_name = "atlas" if "atlas" in self._presets else preset_list[0].name
@@ -247,6 +249,11 @@ class SimulatedMicroscope:
     def clock(self) -> VirtualClock:
         """The virtual clock (advance it to model idle time)."""
         return self._clock
+
+    @property
+    def timing(self) -> TimingProfile:
+        """The timing profile the clock is charged by (`simulator.timing`; e.g. for `floor_per_target_s`)."""
+        return self._timing
 
     def sim_preset(self, name: str) -> SimPreset:
         """The simulator's full preset record (dose, blur, beam diameter)."""
@@ -300,25 +307,8 @@ class SimulatedMicroscope:
             target = resolve_stage_target(self._stage.position(), self._stage.limits, x_um, y_um, z_um, alpha_deg)
             self._stage.start_move(target, fail_fraction=fail_fraction)
         if wait:
-            self._wait(math.inf)
+            self._stage.wait(math.inf, self._lock)
 
-    def _wait(self, timeout_s: float) -> None:
-        """Advance the clock to the end of the current move(s), without holding the state lock while
-        time passes (so that in realtime mode other threads see the stage move)."""
-        deadline = self._clock.now_s() + timeout_s
-        while True:
-            with self._lock:
-                end = self._stage.move_end_s()
-                if end is None:
-                    return
-                now = self._clock.now_s()
-            if end > deadline:
-                self._clock.advance_to(deadline)
-                raise StageMoveError(
-                    f"stage still moving after {timeout_s:.2f} s (the move ends in {end - now:.2f} s); "
-                    "wait longer or stop the stage"
-                )
-            self._clock.advance_to(end)
 
     def is_stage_moving(self) -> bool:
         """True until the clock passes the end of the move; each poll costs 0.02 s of clock time."""
@@ -330,7 +320,7 @@ class SimulatedMicroscope:
         """Advance the clock to the end of the current move; `StageMoveError` if it ends after `timeout_s`."""
         if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s >= 0:
             raise InvalidParameterError(f"timeout_s must be a non-negative number of seconds, got {timeout_s!r}")
-        self._wait(float(timeout_s))
+        self._stage.wait(float(timeout_s), self._lock)
 
     def stop_stage(self) -> None:
         """Stop any motion at once; the stage reports where it stopped."""
@@ -342,17 +332,17 @@ class SimulatedMicroscope:
         return self._preset_name
 
     def set_preset(self, name: str) -> None:
-        """Apply preset `name` (2.0 s on the clock; 0.05 s if already active). `PresetError` if unknown."""
-        self._sim_preset(name)
-        self._clock.advance(SAME_PRESET_S if name == self._preset_name else PRESET_CHANGE_S)
+        """Apply preset `name` (command overhead; lens normalisation if the magnification changes)."""
+        new = self._sim_preset(name).optics.magnification
+        self._timer.preset_changed(self._sim_preset(self._preset_name).optics.magnification, new)
         with self._lock:
             self._preset_name = name
 
     def set_beam_blanked(self, blanked: bool) -> None:
-        """Blank or unblank the beam (0.1 s on the clock). A blanked beam gives dark frames."""
+        """Blank or unblank the beam (the profile's `beam_blank_s`). A blanked beam gives dark frames."""
         if not isinstance(blanked, (bool, np.bool_)):
             raise InvalidParameterError(f"blanked must be True or False, got {blanked!r}")
-        self._clock.advance(BEAM_BLANK_S)
+        self._clock.advance(self._timing.beam_blank_s)
         with self._lock:
             self._blanked = bool(blanked)
 
@@ -361,7 +351,7 @@ class SimulatedMicroscope:
         return self._blanked
 
     def acquire(self, exposure_s: float) -> Frame:
-        """Expose for `exposure_s` s in the active preset; costs exposure + readout on the clock.
+        """Expose for `exposure_s` s in the active preset (after any pending settling or normalisation).
 
         The frame shows the specimen where the stage is at the start of the exposure. Raises
         `InvalidParameterError` for a bad exposure and `AcquisitionTimeout` when a fault is planned.
@@ -370,17 +360,17 @@ class SimulatedMicroscope:
 
     def acquire_diffraction(self, exposure_s: float) -> Frame:
         """A diffraction pattern of the area under the beam (beam diameter per preset); optics return to
-        imaging afterwards. Costs 1.0 s to switch each way plus exposure and readout."""
+        imaging afterwards (the profile's diffraction switch before it and before the next image)."""
         return self._acquire("diffraction", exposure_s)
 
     def _acquire(self, kind: str, exposure_s: float) -> Frame:
         exposure_s = check_exposure_s(exposure_s)
-        switch_s = DIFFRACTION_SWITCH_S if kind == "diffraction" else 0.0
         with self._lock:
             preset = self._sim_preset(self._preset_name)
             timed_out = self._faults.next_diffraction() if kind == "diffraction" else self._faults.next_acquire()
             if not timed_out:
-                if self._stage.is_moving():
+                moving = self._stage.is_moving()
+                if moving:
                     log.warning("acquiring while the stage moves; the frame shows the start of the exposure")
                 reported = self._stage.position()
                 true_xy = self._stage.true_xy_um()
@@ -390,14 +380,14 @@ class SimulatedMicroscope:
                 blanked = self._blanked
         if timed_out:
             lost = exposure_s + self._faults.plan.acquire_timeout_s
-            self._clock.advance(switch_s + lost)
+            self._clock.advance(lost)
             raise AcquisitionTimeout(
                 f"{'acquire_diffraction' if kind == 'diffraction' else 'acquire'}: the camera delivered no frame "
                 f"within {lost:.1f} s (injected fault); retry the acquisition"
             )
         frame_shape = self._camera.frame_shape(preset.optics.binning)
-        time_s = self._clock.advance(switch_s + exposure_s)
-        self._clock.advance(self._camera.readout_s(frame_shape) + switch_s)
+        time_s = self._timer.frame(exposure_s, None if moving else self._stage.settled_at_s,
+                                   self._camera.readout_s(frame_shape), diffraction=kind == "diffraction")
         if kind == "diffraction":
             image = render_diffraction(
                 self.ground_truth, true_xy, preset, self._camera, rng, exposure_s=exposure_s, beam_blanked=blanked

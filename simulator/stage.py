@@ -6,8 +6,10 @@ beam blank, status poll and exposure advances it by what it would cost on a real
 
 `SimulatedStage` models a goniometer stage:
 - limits (checked before anything moves: `StageLimitError`);
-- motion time per axis: trapezoidal profile (max speed, acceleration), axes in parallel, then a
-  settling time (drift decay) for x/y moves;
+- motion time per axis: trapezoidal profile (max speed, acceleration), axes in parallel; settling
+  (drift decay) is not part of the move: `settled_at_s` says when the stage is settled (end of the last
+  motion + `settle_s`), and the microscope's next exposure waits for it, once (as SerialEM's
+  `StageMoveDelay`); the figures come from a `simulator.timing.TimingProfile`;
 - backlash: the last approach direction along x and y leaves the specimen `backlash_um` short of the
   target when approached from the negative side (moving towards -x or -y); approaching from the
   positive direction (moving towards +x/+y) is exact, so a fixed approach direction removes it;
@@ -23,6 +25,7 @@ import logging
 import math
 import threading
 import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import numpy as np
@@ -82,8 +85,9 @@ class VirtualClock:
 
 @dataclass(frozen=True)
 class StageModel:
-    """Stage mechanics: speeds (um/s, deg/s), accelerations (um/s^2, deg/s^2), settling (s), backlash
-    and repeat error (um), status poll cost (s)."""
+    """Stage mechanics: speeds (um/s, deg/s), accelerations (um/s^2, deg/s^2), settling before the next
+    exposure (s), backlash and repeat error (um), status poll cost (s). The defaults are those of the
+    `thermo-serialem` timing profile (`simulator.timing`, where their sources are)."""
 
     xy_speed_um_s: float = 150.0
     xy_accel_um_s2: float = 300.0
@@ -91,7 +95,7 @@ class StageModel:
     z_accel_um_s2: float = 40.0
     alpha_speed_deg_s: float = 10.0
     alpha_accel_deg_s2: float = 20.0
-    settle_s: float = 0.8
+    settle_s: float = 2.0
     command_overhead_s: float = 0.05
     backlash_um: float = 0.6
     repeat_error_um: float = 0.15
@@ -141,6 +145,7 @@ class SimulatedStage:
         self._error_xy_um = np.zeros(2)  # true - reported, after the last move
         self._last_direction = np.ones(2)  # +1: last approach from the negative side (moving +)
         self._move: _Move | None = None
+        self.settled_at_s = clock.now_s()  # end of the last motion + settle_s: the next exposure waits for it
 
     # state ----------------------------------------------------------------------------------------
     def _update(self) -> None:
@@ -150,7 +155,7 @@ class SimulatedStage:
             self._move = None
 
     def is_moving(self) -> bool:
-        """True until the clock passes the end of the current move (motion + settling)."""
+        """True until the clock passes the end of the current move (motion only; settling is `settled_at_s`)."""
         self._update()
         return self._move is not None
 
@@ -199,6 +204,7 @@ class SimulatedStage:
                 alpha_deg=start.alpha_deg + fail_fraction * (target.alpha_deg - start.alpha_deg),
             )
             self.clock.advance(m.command_overhead_s + fail_fraction * duration)
+            self.settled_at_s = self.clock.now_s() + m.settle_s
             self._reported = stop
             self._error_xy_um = self._error_xy_um + self._rng.normal(0.0, m.repeat_error_um, size=2)
             raise StageMoveError(
@@ -211,9 +217,29 @@ class SimulatedStage:
             return m.command_overhead_s
         if moves_xy:
             self._apply_mechanical_errors(dx, dy)
-        end = self.clock.now_s() + m.command_overhead_s + duration + (m.settle_s if moves_xy else 0.0)
+        end = self.clock.now_s() + m.command_overhead_s + duration
         self._move = _Move(start, target, self.clock.now_s() + m.command_overhead_s, duration, end, m)
+        self.settled_at_s = end + m.settle_s
         return end - self.clock.now_s()
+
+    def wait(self, timeout_s: float, lock: AbstractContextManager[object]) -> None:
+        """Advance the clock to the end of the current move(s), holding `lock` (the owner's state lock) only
+        to look, not while time passes (so that in realtime mode other threads see the stage move).
+        `StageMoveError` if the move ends more than `timeout_s` from now (the clock then stands at the limit)."""
+        deadline = self.clock.now_s() + timeout_s
+        while True:
+            with lock:
+                end = self.move_end_s()
+                if end is None:
+                    return
+                now = self.clock.now_s()
+            if end > deadline:
+                self.clock.advance_to(deadline)
+                raise StageMoveError(
+                    f"stage still moving after {timeout_s:.2f} s (the move ends in {end - now:.2f} s); "
+                    "wait longer or stop the stage"
+                )
+            self.clock.advance_to(end)
 
     def _apply_mechanical_errors(self, dx: float, dy: float) -> None:
         m = self.model
@@ -229,6 +255,7 @@ class SimulatedStage:
         if self._move is not None:
             self._reported = self._move.position_at(self.clock.now_s())
             self._move = None
+            self.settled_at_s = self.clock.now_s() + self.model.settle_s
             log.info("stage stopped at (%.2f, %.2f) um", self._reported.x_um, self._reported.y_um)
         self.clock.advance(self.model.command_overhead_s)
 

@@ -90,32 +90,31 @@ class TimingProfile(BaseModel):
         return {k: v for k, v in self.model_dump().items() if isinstance(v, float)}
 
 
-_SERIALEM = "SerialEM help, Property File Entries"
-_INSTAMATIC = "instamatic serialED (experiments/serialed/experiment.py), the software of Smeets et al. 2018"
+_SERIALEM = "SerialEM properties:"  # SerialEM help, 'Property File Entries' (hlp/html/about_properties.htm)
+_INSTAMATIC = "instamatic serialED:"  # experiments/serialed/experiment.py, the software of Smeets et al. 2018
+_UNSOURCED = {
+    "stage_xy_speed_um_s": f"{NO_FIGURE} (none found for Thermo Fisher or JEOL goniometers)",
+    "camera_return_s": f"{NO_FIGURE} (Leginon's wiki: 1-2 s for a K2/K3 counted-mode return)",
+}
 _THERMO_SOURCES = {
-    "stage_settle_s": f"{_SERIALEM}: StageMoveDelay, default 2000 ms from moving the stage to any picture "
-    "(plus the built-in 800 ms, here camera_start_s)",
-    "lens_normalisation_s": f"{_SERIALEM}: LensNormalizationDelay, default 2000 ms after projector lens "
-    "normalisation (plus the built-in 800 ms)",
-    "diffraction_switch_s": f"assumed equal to LensNormalizationDelay ({_SERIALEM}): the switch to and from "
-    "diffraction changes the projector mode; SerialEM gives no separate figure",
-    "image_shift_s": f"{_SERIALEM}: ImageShiftDelays, recommended table for newer Thermo Fisher scopes "
-    "(0.4 s at 0.3 um, 0.5 s at 0.5-1 um, flat beyond)",
-    "camera_start_s": f"{_SERIALEM}: the built-in 800 ms delay before an exposure starts (StageMoveDelay, "
-    "LensNormalizationDelay); StartupForISDelays default 0.8 s = StartupDelay + BuiltInSettling",
+    **_UNSOURCED,
+    "stage_settle_s": f"{_SERIALEM} StageMoveDelay, default 2000 ms (+ the built-in 800 ms, camera_start_s)",
+    "lens_normalisation_s": f"{_SERIALEM} LensNormalizationDelay, default 2000 ms (+ the built-in 800 ms)",
+    "diffraction_switch_s": f"assumed = LensNormalizationDelay ({_SERIALEM[:-1]}); no separate figure",
+    "image_shift_s": f"{_SERIALEM} ImageShiftDelays, recommended table (0.5 s for 0.5-1 um, flat beyond)",
+    "camera_start_s": f"{_SERIALEM} the built-in 800 ms before an exposure starts; StartupForISDelays 0.8 s",
 }
 _KRIOS_SOURCES = {
     **_THERMO_SOURCES,
-    "lens_normalisation_s": f"{_SERIALEM}: LensNormalizationDelay, 'for Krios the recommended value is "
-    "5000-6000' ms (midpoint)",
-    "diffraction_switch_s": "assumed equal to the Krios LensNormalizationDelay (SerialEM gives no separate figure)",
+    "lens_normalisation_s": f"{_SERIALEM} LensNormalizationDelay, 'for Krios ... 5000-6000' ms (midpoint)",
+    "diffraction_switch_s": f"assumed = the Krios LensNormalizationDelay ({_SERIALEM[:-1]}); no separate figure",
 }
 _JEOL_SOURCES = {
-    "stage_settle_s": f"{_INSTAMATIC}: 0.05 s sleep after each stage move (loop_positions)",
-    "diffraction_switch_s": f"{_INSTAMATIC}: 0.2 s delay before each switch to diffraction or back to mag1",
-    "lens_normalisation_s": f"{_SERIALEM}: MagChangeIntensityDelay, 200 ms on JEOL (SerialEM does not "
-    "normalise JEOL lenses)",
-    "image_shift_s": f"{_INSTAMATIC}: beam shift from crystal to crystal with no delay (loop_crystals)",
+    **_UNSOURCED,
+    "stage_settle_s": f"{_INSTAMATIC} 0.05 s sleep after each stage move",
+    "diffraction_switch_s": f"{_INSTAMATIC} 0.2 s delay before each switch to diffraction or back",
+    "lens_normalisation_s": f"{_SERIALEM} MagChangeIntensityDelay, 200 ms on JEOL (no JEOL normalisation)",
+    "image_shift_s": f"{_INSTAMATIC} beam shift from crystal to crystal with no delay",
 }
 
 PROFILES: dict[str, TimingProfile] = {
@@ -184,6 +183,15 @@ def _from_fields(fields: dict[str, Any]) -> TimingProfile:
         error = exc.errors()[0]
         where = ".".join(map(str, error["loc"]))
         raise InvalidParameterError(f"invalid clock profile: {where} {error['msg']}") from exc
+
+
+def sources_table() -> str:
+    """A Markdown table, one row per figure per profile: figure, profile, value, source (for the README)."""
+    rows = ["| figure | profile | value | source |", "| --- | --- | --- | --- |"]
+    for field in PROFILES[DEFAULT_PROFILE].figures():
+        for profile in PROFILES.values():
+            rows.append(f"| `{field}` | {profile.name} | {profile.figures()[field]:g} | {profile.source(field)} |")
+    return "\n".join(rows)
 
 
 def floor_per_target_s(

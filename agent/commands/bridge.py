@@ -40,6 +40,8 @@ def register(subparsers: Any) -> None:
     serve.add_argument("--tiles", type=Path, default=None, help="serve this folder of real tiles (simulated)")
     serve.add_argument("--pixel-size-um", type=float, default=None, help="um per pixel of --tiles if files do not say")
     serve.add_argument("--camera-px", type=int, default=None, help="simulated camera size (square), pixels")
+    serve.add_argument("--clock", metavar="PROFILE", default=None,
+                       help="simulated timing: thermo-serialem (default), krios, jeol-fast, or a .json of figures")
     serve.add_argument("--endpoint", default="tcp://127.0.0.1:5555", help="where to bind (default loopback 5555)")
     serve.add_argument("--event-endpoint", default=None, help="where to publish state events (PUB), optional")
     serve.add_argument("--curve-dir", type=Path, default=None, help="folder with the server's server.key_secret")
@@ -71,7 +73,10 @@ def _make_simulated(args: argparse.Namespace) -> Any:
     factory = getattr(simulator, "create_simulated_microscope", None)
     if factory is None:  # pragma: no cover
         raise CommandError("this installation has no simulator.create_simulated_microscope")
-    kwargs: dict[str, Any] = {"specimen_type": args.specimen, "seed": args.seed}
+    from agent.commands.screen import clock_profile_arg
+
+    kwargs: dict[str, Any] = {"specimen_type": args.specimen, "seed": args.seed,
+                              "clock_profile": clock_profile_arg(args.clock)}
     if args.camera_px is not None:
         kwargs["camera_shape_px"] = (args.camera_px, args.camera_px)
     if args.tiles is not None:
@@ -117,6 +122,8 @@ def _serve(args: argparse.Namespace) -> int:
                     f"refusing to bind {endpoint}: anything but loopback requires CURVE (--curve-dir DIR with "
                     "server.key_secret, and --allow KEYFILE for each client; make keys with `bridge keys`)"
                 )
+    if args.clock is not None and not args.simulated:
+        raise CommandError("--clock sets the simulator's timing; it needs --simulated")
     microscope = _make_simulated(args) if args.simulated else _make_adapter(args)
     curve = None
     if args.curve_dir is not None:

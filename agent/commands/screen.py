@@ -45,6 +45,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     parser.add_argument("--seed", type=int, default=None, help="random seed (specimen and session)")
     parser.add_argument("--pixel-size-um", type=float, default=None, help="pixel size of the tiles, um")
     parser.add_argument("--camera-px", type=int, default=None, help="simulated camera size, pixels (square)")
+    parser.add_argument("--clock", metavar="PROFILE", default=None,
+                        help="simulated timing: thermo-serialem (default), krios, jeol-fast, or a .json of figures")
     parser.add_argument("--plan", type=Path, help="screening plan (.toml, .yaml or .json)")
     parser.add_argument("--out", type=Path, help="session folder (default: sessions/<date-time>)")
     parser.add_argument("--max-targets", type=int, help="override the plan's targeting.max_targets")
@@ -81,25 +83,44 @@ def _source_from_args(args: argparse.Namespace) -> dict[str, Any]:
     if args.resume is not None:
         path = args.resume / SOURCE_NAME
         try:
-            return dict(json.loads(path.read_text()))
+            source = dict(json.loads(path.read_text()))
         except (OSError, ValueError) as exc:
             raise CommandError(f"{args.resume}: cannot resume, {SOURCE_NAME} missing or unreadable ({exc})") from exc
+        if args.clock is not None and args.clock != source.get("clock"):
+            raise CommandError(f"--resume keeps the session's clock ({source.get('clock')}); drop --clock")
+        return source
+    if args.bridge is not None:
+        if args.clock is not None:
+            raise CommandError("--clock sets the simulator's timing; a microscope behind a bridge keeps its own")
+        return {"kind": "bridge", "endpoint": args.bridge}
     if args.simulated:
         return {
             "kind": "simulated",
             "specimen": args.specimen or DEFAULT_SPECIMEN,
             "seed": args.seed or 0,
             "camera_px": args.camera_px,
+            "clock": clock_profile_arg(args.clock),
         }
-    if args.tiles is not None:
-        return {
-            "kind": "tiles",
-            "tiles": str(args.tiles.resolve()),
-            "pixel_size_um": args.pixel_size_um,
-            "seed": args.seed or 0,
-            "camera_px": args.camera_px,
-        }
-    return {"kind": "bridge", "endpoint": args.bridge}
+    return {
+        "kind": "tiles",
+        "tiles": str(args.tiles.resolve()),
+        "pixel_size_um": args.pixel_size_um,
+        "seed": args.seed or 0,
+        "camera_px": args.camera_px,
+        "clock": clock_profile_arg(args.clock),
+    }
+
+
+def clock_profile_arg(value: str | None) -> Any:
+    """`--clock PROFILE` checked: a profile name (default `thermo-serialem`) as it is, a `.json` file read into
+    its figures (so that the session keeps them); `CommandError` with the names otherwise."""
+    from simulator.timing import DEFAULT_PROFILE, PROFILES, resolve_profile
+
+    try:
+        profile = resolve_profile(value or DEFAULT_PROFILE)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from exc
+    return profile.name if profile.name in PROFILES and PROFILES[profile.name] == profile else profile.model_dump()
 
 
 def make_microscope(source: dict[str, Any]) -> tuple[Any, Any]:
@@ -109,6 +130,7 @@ def make_microscope(source: dict[str, Any]) -> tuple[Any, Any]:
         from simulator import create_simulated_microscope
 
         kwargs: dict[str, Any] = {"seed": int(source.get("seed") or 0)}
+        kwargs["clock_profile"] = source.get("clock")  # None (sessions before --clock): the default profile
         if source.get("camera_px"):
             kwargs["camera_shape_px"] = (int(source["camera_px"]), int(source["camera_px"]))
         try:

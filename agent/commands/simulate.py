@@ -4,7 +4,9 @@
   writes one frame as a TIFF with its metadata (and an 8-bit PNG preview with `--png`);
   `--diffraction` takes a diffraction pattern instead;
 - `simulate specimen --specimen T --seed N --out truth.json` writes the ground truth as JSON;
-- `--tiles DIR [--pixel-size-um X]` serves dataset tiles instead of a procedural specimen.
+- `--tiles DIR [--pixel-size-um X]` serves dataset tiles instead of a procedural specimen;
+- `--clock PROFILE` picks the timing profile (`simulator.timing`: thermo-serialem, krios, jeol-fast, or a
+  `.json` file of figures); the snapshot reports the microscope time it took.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from agent.cli import CommandError
+from agent.commands.screen import clock_profile_arg
 
 
 def register(subparsers: Any) -> None:
@@ -57,6 +60,8 @@ def _source_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pixel-size-um", type=float, default=None, help="um per pixel of the tiles")
     parser.add_argument("--overlap", type=float, default=None,
                         help="overlap fraction of neighbouring Tile_RRR-CCC tiles (default: the layout's, else 0)")
+    parser.add_argument("--clock", metavar="PROFILE", default=None,
+                        help="timing profile: thermo-serialem (default), krios, jeol-fast, or a .json of figures")
 
 
 def _check_specimen(name: str) -> None:
@@ -87,6 +92,7 @@ def _snapshot(args: argparse.Namespace) -> int:
             pixel_size_um=args.pixel_size_um,
             overlap_fraction=args.overlap,
             camera_shape_px=(args.camera_px, args.camera_px),
+            clock_profile=clock_profile_arg(args.clock),
         )
         info = microscope.info()
         if args.preset not in [p.name for p in info.presets]:
@@ -114,7 +120,8 @@ def _snapshot(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise CommandError(f"cannot write {args.out}: {exc}") from exc
     print(f"wrote {path} ({frame.shape_px[1]}x{frame.shape_px[0]} px, {frame.metadata.pixel_size_um} um/px, "
-          f"preset {frame.metadata.preset}, stage ({args.x_um}, {args.y_um}) um)")
+          f"preset {frame.metadata.preset}, stage ({args.x_um}, {args.y_um}) um; "
+          f"{microscope.microscope_time_s():.2f} s of microscope time on clock {microscope.timing.name})")
     if args.png:
         png_path = args.out.with_suffix(".png")
         try:

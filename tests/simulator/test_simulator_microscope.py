@@ -309,7 +309,7 @@ def test_plain_film_has_grain_that_registers_a_known_stage_shift(specimen: Speci
                 and not len(specimen.crystals_near(x, y, 15.0)))
     scope.move_stage(x_um=spot[0], y_um=spot[1])
     first, true_first = scope.acquire(0.5).image.astype(np.float64), np.array(scope.true_stage_xy_um())
-    scope.move_stage(x_um=spot[0] + 1.0, y_um=spot[1] + 0.5)
+    scope.move_stage(x_um=spot[0] + 2.0, y_um=spot[1] + 1.0)
     second, true_second = scope.acquire(0.5).image.astype(np.float64), np.array(scope.true_stage_xy_um())
 
     def detail(image: np.ndarray) -> np.ndarray:  # band-pass: no hot pixels, shot noise or illumination fall-off

@@ -10,8 +10,11 @@ import pytest
 
 from drivers.base import InvalidParameterError, StageLimitError, StageMoveError
 from simulator import create_simulated_microscope
-from simulator.microscope import BEAM_BLANK_S, DIFFRACTION_SWITCH_S, PRESET_CHANGE_S, SimulatedMicroscope
+from simulator.microscope import SimulatedMicroscope
 from simulator.stage import StageModel, VirtualClock, profile_time_s
+from simulator.timing import PROFILES
+
+CLOCK = PROFILES["thermo-serialem"]
 
 
 @pytest.fixture()
@@ -28,13 +31,13 @@ def test_profile_time_trapezoid_and_triangle() -> None:
     assert profile_time_s(0.0, 150.0, 300.0) == 0.0
 
 
-def test_move_costs_distance_over_speed_plus_settling(scope: SimulatedMicroscope) -> None:
+def test_move_costs_distance_over_speed_and_settles_before_the_next_exposure(scope: SimulatedMicroscope) -> None:
     model = StageModel()
     t0 = scope.microscope_time_s()
     scope.move_stage(x_um=300.0, y_um=-100.0)
     motion_s = profile_time_s(300.0, model.xy_speed_um_s, model.xy_accel_um_s2)
-    expected = model.command_overhead_s + motion_s + model.settle_s
-    assert scope.microscope_time_s() - t0 == pytest.approx(expected)
+    expected = model.command_overhead_s + motion_s
+    assert scope.microscope_time_s() - t0 == pytest.approx(expected)  # settling is not part of the move
     pos = scope.get_stage()
     assert (pos.x_um, pos.y_um) == (300.0, -100.0)
     assert not scope.is_stage_moving()
@@ -47,22 +50,26 @@ def test_move_costs_distance_over_speed_plus_settling(scope: SimulatedMicroscope
 def test_exposure_preset_and_blank_costs(scope: SimulatedMicroscope) -> None:
     t0 = scope.microscope_time_s()
     frame = scope.acquire(0.7)
-    readout = 0.05 + 0.06 * 128 * 128 / 1e6
-    assert scope.microscope_time_s() - t0 == pytest.approx(0.7 + readout)
-    assert frame.metadata.time_s == pytest.approx(t0 + 0.7)  # end of the exposure
+    readout = CLOCK.frame_return_s(128 * 128 / 1e6)
+    assert scope.microscope_time_s() - t0 == pytest.approx(CLOCK.camera_start_s + 0.7 + readout)
+    assert frame.metadata.time_s == pytest.approx(t0 + CLOCK.camera_start_s + 0.7)  # end of the exposure
     t1 = scope.microscope_time_s()
     scope.set_preset("search")
-    assert scope.microscope_time_s() - t1 == pytest.approx(PRESET_CHANGE_S)
-    t2 = scope.microscope_time_s()
-    scope.set_preset("search")
-    assert 0 < scope.microscope_time_s() - t2 < PRESET_CHANGE_S
+    scope.acquire(0.7)  # waits for the lens normalisation
+    assert scope.microscope_time_s() - t1 == pytest.approx(
+        CLOCK.command_overhead_s + CLOCK.lens_normalisation_s + CLOCK.camera_start_s + 0.7 + readout)
     t3 = scope.microscope_time_s()
     scope.set_beam_blanked(True)
-    assert scope.microscope_time_s() - t3 == pytest.approx(BEAM_BLANK_S)
+    assert scope.microscope_time_s() - t3 == pytest.approx(CLOCK.beam_blank_s)
     scope.set_beam_blanked(False)
     t4 = scope.microscope_time_s()
-    scope.acquire_diffraction(1.0)
-    assert scope.microscope_time_s() - t4 == pytest.approx(2 * DIFFRACTION_SWITCH_S + 1.0 + readout)
+    scope.acquire_diffraction(1.0)  # switch in before it; the switch back waits before the next image
+    assert scope.microscope_time_s() - t4 == pytest.approx(CLOCK.diffraction_switch_s + CLOCK.camera_start_s + 1.0
+                                                           + readout)
+    t5 = scope.microscope_time_s()
+    scope.acquire(0.7)
+    assert scope.microscope_time_s() - t5 == pytest.approx(CLOCK.diffraction_switch_s + CLOCK.camera_start_s + 0.7
+                                                           + readout)
 
 
 def test_move_without_wait_completes_in_clock_time(scope: SimulatedMicroscope) -> None:
