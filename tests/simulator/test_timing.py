@@ -189,3 +189,10 @@ def test_screen_keeps_the_clock_in_the_session_source(tmp_path: Path) -> None:
     with pytest.raises(CommandError, match="bridge"):
         screen._source_from_args(build_parser().parse_args(["screen", "--bridge", "tcp://127.0.0.1:1", "--clock",
                                                              "krios"]))
+
+
+def test_the_readme_table_is_the_profiles_table() -> None:
+    from simulator.timing import sources_table
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert sources_table() in readme
