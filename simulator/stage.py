@@ -13,7 +13,9 @@ beam blank, status poll and exposure advances it by what it would cost on a real
 - backlash: the last approach direction along x and y leaves the specimen `backlash_um` short of the
   target when approached from the negative side (moving towards -x or -y); approaching from the
   positive direction (moving towards +x/+y) is exact, so a fixed approach direction removes it;
-- a small random repeat error (Gaussian, seeded) on every x/y move.
+- a small random repeat error (Gaussian) on every x/y move, drawn from a generator keyed by the seed, the
+  move's target and its start time (`simulator.keyed`), not by how many moves came before, so that a
+  simulator restarted where another stopped (`start`, and the clock's `start_s`) moves as it would have.
 
 The stage *reports* the encoder position (the commanded target, or where it stopped); the specimen
 sits at the *true* position = reported + backlash + repeat error, which is what the camera sees.
@@ -31,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from drivers.base import StageLimits, StageMoveError, StagePosition
+from simulator.keyed import POSITION_QUANTUM_UM, TIME_QUANTUM_S, keyed_rng, quantise
 
 log = logging.getLogger(__name__)
 
@@ -136,12 +139,18 @@ def profile_fraction(t: float, duration: float, distance: float, speed: float, a
 class SimulatedStage:
     """A stage with limits, motion time, settling, backlash and repeat error on a `VirtualClock`."""
 
-    def __init__(self, clock: VirtualClock, limits: StageLimits, model: StageModel, seed: int = 0) -> None:
+    def __init__(
+        self, clock: VirtualClock, limits: StageLimits, model: StageModel, seed: int = 0,
+        start: StagePosition | None = None,
+    ) -> None:
+        """A stage at `start` (default the origin; checked against `limits`), approached last from -x/-y."""
         self.clock = clock
         self.limits = limits
         self.model = model
-        self._rng = np.random.default_rng([seed, 7])
-        self._reported = StagePosition(x_um=0.0, y_um=0.0)
+        self._seed = int(seed)
+        if start is not None:
+            limits.check(start)
+        self._reported = start if start is not None else StagePosition(x_um=0.0, y_um=0.0)
         self._error_xy_um = np.zeros(2)  # true - reported, after the last move
         self._last_direction = np.ones(2)  # +1: last approach from the negative side (moving +)
         self._move: _Move | None = None
@@ -206,7 +215,7 @@ class SimulatedStage:
             self.clock.advance(m.command_overhead_s + fail_fraction * duration)
             self.settled_at_s = self.clock.now_s() + m.settle_s
             self._reported = stop
-            self._error_xy_um = self._error_xy_um + self._rng.normal(0.0, m.repeat_error_um, size=2)
+            self._error_xy_um = self._error_xy_um + self._repeat_error_um(target)
             raise StageMoveError(
                 f"stage move to ({target.x_um:.2f}, {target.y_um:.2f}) um failed after "
                 f"{fail_fraction:.0%} of the way; the stage stopped at ({stop.x_um:.2f}, {stop.y_um:.2f}) um. "
@@ -216,7 +225,7 @@ class SimulatedStage:
             self.clock.advance(m.command_overhead_s)
             return m.command_overhead_s
         if moves_xy:
-            self._apply_mechanical_errors(dx, dy)
+            self._apply_mechanical_errors(dx, dy, target)
         end = self.clock.now_s() + m.command_overhead_s + duration
         self._move = _Move(start, target, self.clock.now_s() + m.command_overhead_s, duration, end, m)
         self.settled_at_s = end + m.settle_s
@@ -241,13 +250,23 @@ class SimulatedStage:
                 )
             self.clock.advance_to(end)
 
-    def _apply_mechanical_errors(self, dx: float, dy: float) -> None:
+    def _apply_mechanical_errors(self, dx: float, dy: float, target: StagePosition) -> None:
         m = self.model
         for axis, delta in ((0, dx), (1, dy)):
             if delta != 0:
                 self._last_direction[axis] = 1.0 if delta > 0 else -1.0
         backlash = np.where(self._last_direction < 0, m.backlash_um, 0.0)
-        self._error_xy_um = backlash + self._rng.normal(0.0, m.repeat_error_um, size=2)
+        self._error_xy_um = backlash + self._repeat_error_um(target)
+
+    def _repeat_error_um(self, target: StagePosition) -> np.ndarray:
+        """The x/y repeat error (um) of a move to `target` starting now: keyed by the seed, the target
+        (1 nm) and the start time (1 us), so it does not depend on the moves before (`simulator.keyed`)."""
+        rng = keyed_rng(
+            self._seed, "stage-repeat",
+            quantise(target.x_um, POSITION_QUANTUM_UM), quantise(target.y_um, POSITION_QUANTUM_UM),
+            quantise(self.clock.now_s(), TIME_QUANTUM_S),
+        )
+        return rng.normal(0.0, self.model.repeat_error_um, size=2)
 
     def stop(self) -> None:
         """Stop at once: the stage stays where it is now (a short deceleration is ignored)."""
