@@ -123,13 +123,16 @@ def clock_profile_arg(value: str | None) -> Any:
     return profile.name if profile.name in PROFILES and PROFILES[profile.name] == profile else profile.model_dump()
 
 
-def make_microscope(source: dict[str, Any]) -> tuple[Any, Any]:
-    """The microscope described by `source` and its ground truth (None unless simulated)."""
+def make_microscope(source: dict[str, Any], start: Any | None = None) -> tuple[Any, Any]:
+    """The microscope described by `source` and its ground truth (None unless simulated).
+
+    `start` (an `agent.session.restore.ResumePoint`) is where a resumed session continues: a simulator is
+    started at its microscope time, stage position and preset, as a real stage simply stays where it was."""
     kind = source["kind"]
     if kind in ("simulated", "tiles"):
         from simulator import create_simulated_microscope
 
-        kwargs: dict[str, Any] = {"seed": int(source.get("seed") or 0)}
+        kwargs: dict[str, Any] = {"seed": int(source.get("seed") or 0), **_simulator_start(start)}
         kwargs["clock_profile"] = source.get("clock")  # None (sessions before --clock): the default profile
         if source.get("camera_px"):
             kwargs["camera_shape_px"] = (int(source["camera_px"]), int(source["camera_px"]))
@@ -151,6 +154,18 @@ def make_microscope(source: dict[str, Any]) -> tuple[Any, Any]:
         except Exception as exc:
             raise CommandError(f"cannot connect to the bridge at {source['endpoint']}: {exc}") from exc
     raise CommandError(f"unknown microscope source {kind!r}")
+
+
+def _simulator_start(start: Any | None) -> dict[str, Any]:
+    """`create_simulated_microscope` arguments that start a simulator at a resume point (none without one)."""
+    if start is None:
+        return {}
+    kwargs: dict[str, Any] = {"start_time_s": start.microscope_time_s}
+    if start.stage is not None:
+        kwargs["start_stage"] = start.stage
+    if start.optics_preset is not None:
+        kwargs["initial_preset"] = start.optics_preset
+    return kwargs
 
 
 def _plan_from_args(args: argparse.Namespace, source: dict[str, Any]) -> Any:
@@ -193,7 +208,12 @@ def run_screen(args: argparse.Namespace) -> int:
     session_dir = args.resume or args.out or Path("sessions") / datetime.now().strftime("%Y%m%d-%H%M%S")
     if args.resume is None and (session_dir / "journal.jsonl").exists() and read_journal(session_dir / "journal.jsonl"):
         raise CommandError(f"{session_dir} already holds a session; use --resume {session_dir} or another --out")
-    microscope, truth = make_microscope(source)
+    start = None
+    if args.resume is not None:
+        from agent.session.restore import resume_point
+
+        start = resume_point(args.resume)
+    microscope, truth = make_microscope(source, start)
     labels = None
     if not args.no_labels:
         from agent.prompts.label_log import default_labels_dir

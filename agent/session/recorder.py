@@ -9,6 +9,7 @@ each as an `artifact`.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,10 +17,12 @@ from typing import Any
 from agent.session.events import EventBus
 from agent.session.journal import Journal
 from agent.session.outcomes import TargetRecord
-from agent.session.records import ArtifactWritten, Record
+from agent.session.records import ArtifactWritten, Record, is_checkpoint
 from agent.session.writers import CalibrationWriter, EventPublisher, FileWriter, JournalWriter, TableWriter
 from agent.steps.stage_calibration import CalibrationSet
-from drivers.base import Frame
+from drivers.base import Frame, MicroscopeError
+
+logger = logging.getLogger(__name__)
 
 
 class SessionRecorder:
@@ -37,6 +40,7 @@ class SessionRecorder:
         self.files = FileWriter(session_dir)
         self._journal_writer = JournalWriter(self.journal)
         self.publisher = EventPublisher(events, self._journal_writer)
+        self._context = context
         self._subscribers: list[Callable[[Record], None]] = [
             self.publisher,
             CalibrationWriter(session_dir, calibration),
@@ -48,10 +52,24 @@ class SessionRecorder:
         self._subscribers.append(subscriber)
 
     def emit(self, record: Record) -> None:
-        """Journal `record` durably, then hand the stamped record to every subscriber."""
+        """Journal `record` durably, then hand the stamped record to every subscriber. A checkpoint carries the
+        stage position and the active preset (`agent.session.records.is_checkpoint`)."""
+        if is_checkpoint(record):
+            record = self._with_instrument_state(record)
         stamped = self._journal_writer(record)
         for subscriber in list(self._subscribers):
             subscriber(stamped)
+
+    def _with_instrument_state(self, record: Record) -> Record:
+        """`record` stamped with where the stage is and which preset is active (unstamped when the microscope
+        does not answer: resume then leaves the stage where it is)."""
+        microscope = self._context.microscope
+        try:
+            stage, preset = microscope.get_stage(), microscope.get_preset()
+        except MicroscopeError as exc:
+            logger.warning("checkpoint %s without the stage position: %s", type(record).__name__, exc)
+            return record
+        return record.model_copy(update={"stage": stage, "optics_preset": preset})
 
     def close(self) -> None:
         """Close the journal (later records raise `JournalError`)."""

@@ -1,7 +1,8 @@
 """Journal records: one pydantic model per record type, told apart by `type`, validated on write and read.
 
 A journal line is a record plus its envelope (`seq`, `time_utc`, `microscope_time_s`, stamped by
-`agent.session.journal.Journal`). The runner and the steps emit records; the journal writer, the event
+`agent.session.journal.Journal`; a checkpoint (`is_checkpoint`) also carries `stage` and `optics_preset`,
+stamped by the session's recorder). The runner and the steps emit records; the journal writer, the event
 publisher and the file writers subscribe to them (`agent.session.writers`). Resume rebuilds a session's
 context from these records alone (`agent.session.restore`).
 
@@ -35,6 +36,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from agent.session.outcomes import SessionSummary, TargetRecord, TargetResult
+from drivers.base import StagePosition
 
 _RECORD = ConfigDict(frozen=True, extra="ignore")
 
@@ -47,13 +49,17 @@ class Record(BaseModel):
     seq: int | None = None
     time_utc: str | None = None
     microscope_time_s: float | None = None
+    stage: StagePosition | None = Field(default=None, description="checkpoints: the stage position when written")
+    optics_preset: str | None = Field(default=None, description="checkpoints: the active preset when written")
 
     def payload(self) -> dict[str, Any]:
         """The record's own fields as JSON-ready data, without the envelope (a record whose model has a
-        `microscope_time_s` of its own, a target's outcome or the summary, keeps it)."""
+        `microscope_time_s` of its own, a target's outcome or the summary, keeps it); the checkpoint stamps
+        only when set."""
         data = self.model_dump(mode="json", exclude={"seq", "time_utc"})
-        if data.get("microscope_time_s") is None:
-            data.pop("microscope_time_s", None)
+        for key in ("microscope_time_s", "stage", "optics_preset"):
+            if data.get(key) is None:
+                data.pop(key, None)
         return data
 
 
@@ -67,6 +73,16 @@ class SessionStarted(Record):
     instrument: str | None = None
     state: str | None = Field(default=None, description="resume: the state the session continues from")
     finished_targets: list[str] = Field(default_factory=list)
+    checkpoint_seq: int | None = Field(
+        default=None,
+        description="resume: the journal line the session continues from; the lines after it, up to this one, "
+        "are superseded (their work is done again)",
+    )
+    discarded_time_s: float | None = Field(
+        default=None,
+        description="resume: microscope seconds the interrupted run spent after the checkpoint (at least up to its "
+        "last journal line): done again, counted once in the session's time",
+    )
 
 
 class Transition(Record):
@@ -238,6 +254,22 @@ AnyRecord = Annotated[
 ]
 
 RECORD_ADAPTER: TypeAdapter[AnyRecord] = TypeAdapter(AnyRecord)
+
+
+def is_checkpoint(record: Record) -> bool:
+    """True for a record whose result a resumed session keeps: the session's start, a measured calibration,
+    the overview image, the assembled atlas, the labelling decision, the planned targets, a target's outcome.
+
+    `agent.session.restore` continues from the last one; the session stamps them with the stage position and
+    the active preset (`stage`, `optics_preset`) so that a simulator can be restarted where the session was.
+    A new record type whose result resume keeps must be listed here."""
+    if isinstance(record, ArtifactWritten):
+        return record.kind == "overview"
+    if isinstance(record, MappingPlanned):
+        return record.event == "done"
+    if isinstance(record, SessionStarted):
+        return record.event == "start"
+    return isinstance(record, CalibrationMeasured | Labelled | TargetsPlanned | TargetFinished)
 
 
 def parse_record(entry: dict[str, Any]) -> AnyRecord:

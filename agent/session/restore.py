@@ -1,15 +1,35 @@
 """Resume: rebuild a session's context from its journal records and the files they name.
 
-The records say how far the session got: measured calibrations, the atlas (`mapping` done, its TIFF), the
-labelling decision, the planned targets and every finished target's outcome. The atlas analysis is
-recomputed from the atlas TIFF (deterministic for the plan's settings). The session continues at the first
-step whose result is missing: `calibrating`, `locating`, `targeting`, or `moving` to the first unfinished
-target (`done` when none is left). Finished targets are never visited again. Journals written by release
-0.1.0 resume the same way (their lines are the same records).
+The records say how far the session got: measured calibrations, the overview image, the atlas (`mapping`
+done, its TIFF), the labelling decision, the planned targets and every finished target's outcome. The atlas
+analysis is recomputed from the atlas TIFF (deterministic for the plan's settings). The session continues at
+the first step whose result is missing: `calibrating`, `locating`, `targeting`, or `moving` to the first
+unfinished target (`done` when none is left). Finished targets are never visited again. Journals written by
+release 0.1.0 resume the same way (their lines are the same records).
+
+**The checkpoint.** Those records are the checkpoints (`agent.session.records.is_checkpoint`); the session
+resumes from the last one. Everything journalled after it belongs to a step that was cut and is done again
+from its start, so those lines are superseded: restore replays the journal only up to the checkpoint (the
+prompts, faults and state times counted after it are not counted twice), and the `session`/`resume` record
+names the checkpoint (`checkpoint_seq`) so that a later resume skips the superseded lines too. Between a
+checkpoint and the start of the next step nothing touches the microscope, so the checkpoint's stamps are
+the state that step started from: its microscope time, and (written since issue 20) the stage position and
+the active preset. `resume_point(folder)` returns them so that whoever makes the microscope can start a
+simulator there (`crystal-locator screen --resume` does); a real stage simply stays where it is.
+
+**Microscope time.** The resumed session's clock restarts at the checkpoint's microscope time, not at the
+last time the interrupted run journalled. Redoing the cut step costs microscope time again, and on a
+simulator started at the checkpoint it costs exactly what it cost the first time, so a session killed at
+any moment and resumed reports the same `microscope_time_s` (and time per state, and every other number)
+as an uninterrupted run: the summary counts each step of the session once. The time the interrupted run
+spent after its checkpoint, work that was lost and redone, is not hidden: the resume record carries it as
+`discarded_time_s`. (On a real microscope that time was really spent; it is reported there, not added to
+the session's figures, which describe the session as it would have run without the crash.)
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +39,7 @@ from agent.prompts.policy import LabellingDecision
 from agent.session.journal import JOURNAL_NAME, JournalError, read_records
 from agent.session.records import (
     AnyRecord,
+    ArtifactWritten,
     CalibrationMeasured,
     FaultRaised,
     Labelled,
@@ -27,14 +48,70 @@ from agent.session.records import (
     SessionStarted,
     TargetFinished,
     TargetsPlanned,
+    is_checkpoint,
 )
 from agent.steps.atlas import Atlas, frame_atlas
 from agent.steps.stage_calibration import CALIBRATION_NAME, CalibrationSet, PresetCalibration
-from drivers.base import Microscope
+from drivers.base import Microscope, StagePosition
 from drivers.formats.images import ImageFormatError, read_frame_tiff
 
 if TYPE_CHECKING:
     from agent.session.screening import ScreeningSession
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a session resumes: its checkpoint record's `seq`, its microscope time (s), the stage position and
+    active preset stamped on it (None in journals older than issue 20), and the last microscope time the
+    interrupted run journalled (s)."""
+
+    checkpoint_seq: int
+    microscope_time_s: float
+    stage: StagePosition | None
+    optics_preset: str | None
+    last_time_s: float
+
+    @property
+    def discarded_time_s(self) -> float:
+        """Microscope seconds journalled after the checkpoint: work that is done again."""
+        return max(0.0, self.last_time_s - self.microscope_time_s)
+
+
+def live_records(records: list[AnyRecord]) -> list[AnyRecord]:
+    """`records` without the lines an earlier resume superseded (those between its checkpoint and itself)."""
+    superseded: set[int] = set()
+    for record in records:
+        if isinstance(record, SessionStarted) and record.event == "resume" and record.checkpoint_seq is not None:
+            superseded.update(range(record.checkpoint_seq + 1, record.seq or 0))
+    return [r for r in records if r.seq is None or r.seq not in superseded]
+
+
+def checkpoint_index(records: list[AnyRecord]) -> int:
+    """Index in `records` (live records) of the last checkpoint; 0 when there is none (resume from the start)."""
+    return max((i for i, r in enumerate(records) if is_checkpoint(r)), default=0)
+
+
+def find_resume_point(records: list[AnyRecord]) -> ResumePoint:
+    """The checkpoint a session with these journal records (non-empty) resumes from."""
+    live = live_records(records)
+    checkpoint = live[checkpoint_index(live)]
+    return ResumePoint(
+        checkpoint_seq=int(checkpoint.seq or 0),
+        microscope_time_s=float(checkpoint.microscope_time_s or 0.0),
+        stage=checkpoint.stage,
+        optics_preset=checkpoint.optics_preset,
+        last_time_s=float(max((r.microscope_time_s or 0.0) for r in live)),
+    )
+
+
+def resume_point(folder: Path) -> ResumePoint | None:
+    """Where the session in `folder` would resume (None when its journal is missing, empty or unreadable;
+    `resume_session` then says what is wrong)."""
+    try:
+        records = read_records(Path(folder) / JOURNAL_NAME)
+    except JournalError:
+        return None
+    return find_resume_point(records) if records else None
 
 
 def resume_session(
@@ -52,20 +129,29 @@ def resume_session(
         raise SessionError(f"{folder}: cannot resume: {exc}") from exc
     if not (folder / PLAN_NAME).exists() or not records:
         raise SessionError(f"{folder}: not a screening session folder (no {PLAN_NAME} or empty journal)")
+    point = find_resume_point(records)
+    live = live_records(records)
+    replay = live[: checkpoint_index(live) + 1]
     try:
         plan = load_plan(folder / PLAN_NAME)
-        calibration = _calibration(folder, records)
+        calibration = _calibration(folder, replay)
     except (PlanError, ValueError) as exc:
         raise SessionError(f"{folder}: cannot resume: {exc}") from exc
     session = cls(microscope, plan, folder, calibration=calibration, **kwargs)
+    _continue_clock(session, point)
     try:
-        state = _restore(session, records)
+        state = _restore(session, replay)
     except (OSError, ImageFormatError) as exc:
         raise SessionError(
             f"{folder}: cannot resume: a file the journal names is missing or damaged ({exc})"
         ) from exc
     resumed = SessionStarted(
-        event="resume", session=session.session_id, state=state, finished_targets=sorted(session.results)
+        event="resume",
+        session=session.session_id,
+        state=state,
+        finished_targets=sorted(session.results),
+        checkpoint_seq=point.checkpoint_seq,
+        discarded_time_s=round(point.discarded_time_s, 6),
     )
     session.record(resumed)
     session.runner.set_state(state)
@@ -73,31 +159,44 @@ def resume_session(
 
 
 def _calibration(folder: Path, records: list[AnyRecord]) -> CalibrationSet | None:
-    """`calibration.json` if the session wrote one, else the presets its journal recorded (None if none)."""
-    if (folder / CALIBRATION_NAME).exists():
-        return CalibrationSet.load(folder / CALIBRATION_NAME)
-    measured = [r for r in records if isinstance(r, CalibrationMeasured)]
+    """`calibration.json` if the session wrote one, with the presets its journal recorded over it (None if
+    neither has any). The journal line of a preset is written before `calibration.json`, so a kill between
+    the two leaves the preset in the journal only; it is kept all the same (it was a checkpoint)."""
+    saved = CalibrationSet.load(folder / CALIBRATION_NAME) if (folder / CALIBRATION_NAME).exists() else None
+    settled = [r for r in records if isinstance(r, CalibrationMeasured)]
     instrument = next((r.instrument for r in records if isinstance(r, SessionStarted) and r.instrument), None)
-    if not measured or instrument is None:
-        return None
-    calibration = CalibrationSet(instrument=instrument)
-    for record in measured:
+    if not settled or (instrument is None and saved is None):
+        return saved
+    calibration = saved if saved is not None else CalibrationSet(instrument=str(instrument))
+    for record in settled:
         fields = record.model_dump(include=set(PresetCalibration.model_fields))
         calibration = calibration.with_preset(PresetCalibration.model_validate(fields))
     return calibration
 
 
+def _continue_clock(session: ScreeningSession, point: ResumePoint) -> None:
+    """The session's clock continues at the checkpoint's microscope time (see the module docstring). A
+    microscope whose own clock already reads that time (a simulator started there) is used as it is."""
+    now_s = float(session.microscope.microscope_time_s())
+    if now_s == point.microscope_time_s:
+        session._clock_offset_s, session._clock_base_s = 0.0, 0.0
+    else:
+        session._clock_offset_s, session._clock_base_s = point.microscope_time_s, now_s
+
+
 def _restore(session: ScreeningSession, records: list[AnyRecord]) -> str:
-    """Fill `session`'s context from `records`; returns the state to continue from."""
+    """Fill `session`'s context from `records` (the live records up to the checkpoint); returns the state
+    to continue from."""
     ctx = session.ctx
-    session._clock_offset_s = float(max((r.microscope_time_s or 0.0) for r in records))
-    session._clock_base_s = float(session.microscope.microscope_time_s())
     mapped: MappingPlanned | None = None
     planned: TargetsPlanned | None = None
+    overview_kept = False
     for record in records:
         session.state_times(record)
         if isinstance(record, MappingPlanned) and record.event == "done":
             mapped = record
+        elif isinstance(record, ArtifactWritten) and record.kind == "overview":
+            overview_kept = True
         elif isinstance(record, PromptAsked):
             ctx.prompts += 1
         elif isinstance(record, FaultRaised):
@@ -114,7 +213,7 @@ def _restore(session: ScreeningSession, records: list[AnyRecord]) -> str:
         ctx.atlas = Atlas.from_frame(read_frame_tiff(session.session_dir / mapped.path))
         ctx.map_box_um = mapped.box_um
     overview_path = session.session_dir / "overview.tif"
-    if overview_path.exists() and session.plan.presets.overview in ctx.calibration.presets:
+    if overview_kept and overview_path.exists() and session.plan.presets.overview in ctx.calibration.presets:
         matrix = ctx.calibration.matrix(session.plan.presets.overview)
         ctx.overview = frame_atlas(read_frame_tiff(overview_path), matrix)
     if ctx.atlas is not None and (ctx.decision is not None or planned is not None):
