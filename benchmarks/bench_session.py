@@ -104,36 +104,54 @@ def floor_per_target_s(
 
 # -- calibration, measured once ------------------------------------------------------------------------------
 class Calibrations:
-    """Stored calibrations for the benchmark's sessions, measured once per instrument in a temporary folder.
+    """The calibration every session of the run starts from, measured once (the simulated instrument is the
+    same for every grid: its optics errors belong to the instrument, not to the specimen seed).
 
-    The simulator of this tree may tie its optics errors (what a calibration measures) to the specimen seed
-    rather than to an instrument; `instrument_key` finds out by comparing the true matrices of two seeds, so a
-    calibration is measured once per run when they agree and once per seed (one instrument each) when not.
-    A calibration is taken from a short first session (`screen --max-targets 1`) that is not counted.
+    With `crystal-locator calibrate` in the tree: calibrated once into a temporary store, and every session
+    gets `--calibrations STORE` (it checks the stored calibration, as a user's session would). Without it:
+    a short first session (`screen --max-targets 1`, not counted) measures it, and every session gets
+    `--calibration FILE`. Never the user's own store.
     """
 
-    def __init__(self, folder: Path, camera_px: int, extra: Sequence[str], clock: str | None) -> None:
-        self.folder, self.camera_px = folder, camera_px
-        self.extra = [*extra, *(["--clock", clock] if clock else [])]
-        self.paths: dict[int | None, Path] = {}
-        self.per_seed = self._errors_follow_the_seed()
+    def __init__(self, folder: Path, camera_px: int, extra: Sequence[str]) -> None:
+        self.folder, self.camera_px, self.extra = folder, camera_px, list(extra)
+        self.screen_args: list[str] = []
+        self.file: Path | None = None
+        self.how = ""
         self.wall_s = 0.0
 
-    def _errors_follow_the_seed(self) -> bool:
-        shape = (self.camera_px, self.camera_px)
-        a, b = (create_simulated_microscope(seed=s, camera_shape_px=shape) for s in (0, 1))
-        return not np.allclose(a.true_image_to_stage_matrix("search"), b.true_image_to_stage_matrix("search"))
+    def prepare(self) -> None:
+        """Measure the calibration (once)."""
+        if self.file is not None:
+            return
+        start = time.perf_counter()
+        try:
+            from agent.commands import calibrate
+        except ImportError:
+            out = self.folder / "calibration-session"
+            run_agent_session("protein-plates", 0, self.camera_px, out, [*self.extra, "--max-targets", "1"])
+            self.file, self.screen_args = out / "calibration.json", ["--calibration", str(out / "calibration.json")]
+            self.how = "by a first session, passed as --calibration FILE"
+        else:
+            store = self.folder / "calibrations"
+            parser = argparse.ArgumentParser(prog="bench")
+            calibrate.register(parser.add_subparsers(dest="command"))
+            args = parser.parse_args(["calibrate", "--simulated", "--camera-px", str(self.camera_px),
+                                      "--calibrations", str(store), "--json"])
+            output = io.StringIO()
+            with contextlib.redirect_stdout(output):
+                calibrate.run_calibrate(args)
+            data = json.loads(output.getvalue())
+            self.file, self.screen_args = Path(data["path"]), ["--calibrations", str(store)]
+            self.how = f"by `crystal-locator calibrate` ({sum(data.get('time_s', {}).values()):.0f} s of microscope "
+            self.how += "time, in no session) into a temporary store, passed as --calibrations DIR"
+        self.wall_s = time.perf_counter() - start
 
-    def path(self, seed: int) -> Path:
-        """calibration.json for the instrument of `seed` (measured on first use)."""
-        key = seed if self.per_seed else None
-        if key not in self.paths:
-            out = self.folder / f"calibration-session-{'all' if key is None else key}"
-            start = time.perf_counter()
-            run_agent_session("protein-plates", seed, self.camera_px, out, [*self.extra, "--max-targets", "1"])
-            self.wall_s += time.perf_counter() - start
-            self.paths[key] = out / "calibration.json"
-        return self.paths[key]
+    def search_matrix(self, preset: str) -> np.ndarray:
+        """The stored image -> stage matrix of `preset` (for the naive raster)."""
+        self.prepare()
+        assert self.file is not None
+        return CalibrationSet.load(self.file).matrix(preset)
 
 
 # -- the agent ------------------------------------------------------------------------------------------------
@@ -282,8 +300,8 @@ def run_one(
     specimen: str, seed: int, args: argparse.Namespace, folder: Path, calibrations: Calibrations, extra: list[str]
 ) -> dict[str, Any]:
     """Agent, naive and oracle on one grid; the JSON row."""
-    calibration = calibrations.path(seed)
-    screen_extra = [*extra, "--time-budget-s", str(args.time_budget_s), "--calibration", str(calibration)]
+    calibrations.prepare()
+    screen_extra = [*extra, "--time-budget-s", str(args.time_budget_s), *calibrations.screen_args]
     if args.clock:
         screen_extra += ["--clock", args.clock]
     session = run_agent_session(specimen, seed, args.camera_px, folder / f"{specimen}-{seed}", screen_extra)
@@ -301,7 +319,7 @@ def run_one(
     if args.no_baselines or not boxes:
         return row
     settings = raster_settings(session["plan"], args.time_budget_s)
-    search_matrix = CalibrationSet.load(calibration).matrix(settings.preset)
+    search_matrix = calibrations.search_matrix(settings.preset)
     start = time.perf_counter()
     naive = naive_raster(fresh_microscope(specimen, seed, args.camera_px, args.clock), boxes, search_matrix,
                          args.camera_px, settings)
@@ -422,9 +440,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench-session-") as tmp:
         folder = args.out or Path(tmp)
-        calibrations = Calibrations(folder, args.camera_px, extra, args.clock)
-        per = "per seed (the simulator ties its optics errors to the seed)" if calibrations.per_seed else "per run"
-        print(f"calibration: measured once {per}")
+        calibrations = Calibrations(folder, args.camera_px, [*extra, *(["--clock", args.clock] if args.clock else [])])
+        calibrations.prepare()
+        print(f"calibration: measured once {calibrations.how}")
         print(HEADER)
         for specimen in args.specimens:
             for seed in args.seed_list:
@@ -434,7 +452,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 print_row(row)
     means = specimen_means(rows, args.specimens)
     print_means(means)
-    print(f"\nwall time {time.perf_counter() - started:.0f} s (calibration sessions {calibrations.wall_s:.0f} s)")
+    print(f"\nwall time {time.perf_counter() - started:.0f} s (calibration {calibrations.wall_s:.0f} s)")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2, default=str))
 

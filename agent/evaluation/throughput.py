@@ -121,6 +121,23 @@ def split_session_time(seconds: Mapping[str, float], visited: int) -> tuple[dict
     return fixed, per_item(target_s, visited)
 
 
+def visit_seconds(records: Iterable[Mapping[str, Any]]) -> list[tuple[str, float]]:
+    """(outcome, microscope seconds) of each target visit in a journal: from the `moving` transition that
+    starts the visit to the visit's `target` record (retries and recoveries included)."""
+    visits: list[tuple[str, float]] = []
+    start_s: float | None = None
+    for record in records:
+        now_s = record.get("microscope_time_s")
+        if now_s is None:
+            continue
+        if record.get("type") == "transition" and record.get("state") == "moving" and start_s is None:
+            start_s = float(now_s)
+        elif record.get("type") == "target" and start_s is not None:
+            visits.append((str(record.get("outcome")), float(now_s) - start_s))
+            start_s = None
+    return visits
+
+
 def mean_step_um(points_xy_um: Sequence[tuple[float, float]]) -> float | None:
     """Mean distance (um) between consecutive points of a path (None for fewer than two points)."""
     if len(points_xy_um) < 2:

@@ -18,6 +18,7 @@ from agent.evaluation.throughput import (
     score_diffracting_calls,
     split_session_time,
     state_seconds,
+    visit_seconds,
 )
 from simulator import create_simulated_microscope
 
@@ -64,6 +65,8 @@ def test_state_seconds_split_fixed_from_per_target_time() -> None:
     fixed, per_target_s = split_session_time(seconds, visited=2)
     assert sum(fixed.values()) == pytest.approx(50.0) and fixed["mapping"] == pytest.approx(45.0)
     assert per_target_s == pytest.approx(10.0)
+    journal[-2]["outcome"] = "recorded"
+    assert visit_seconds(journal) == [("recorded", pytest.approx(10.0))]  # the second visit has no record yet
 
 
 def test_raster_order_is_serpentine_and_tiles_cover_the_box() -> None:
