@@ -19,6 +19,7 @@ from collections.abc import Sequence
 #: Command modules, in the order their commands appear in `--help`.
 COMMAND_MODULES: tuple[str, ...] = (
     "agent.commands.screen",
+    "agent.commands.calibrate",
     "agent.commands.simulate",
     "agent.commands.locate",
     "agent.commands.operator",

@@ -6,6 +6,7 @@ only save each test from repeating the same set-up.
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 import pytest
 
 from agent.prompts import LabelMemory, OperatorChannel
+from agent.steps.calibration_store import CALIBRATIONS_ENV_VAR
 from simulator import create_simulated_microscope
 from simulator.microscope import SimulatedMicroscope
 
@@ -39,6 +41,29 @@ def simulated_microscope() -> MakeMicroscope:
         )
 
     return make
+
+
+@pytest.fixture(scope="session", autouse=True)
+def calibration_store_of_the_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Commands run by the tests (`screen`, `calibrate`, also in subprocesses and module-scoped fixtures) store
+    instrument calibrations in a folder of this test run, never in the user's data folder."""
+    folder = tmp_path_factory.mktemp("calibrations")
+    before = os.environ.get(CALIBRATIONS_ENV_VAR)
+    os.environ[CALIBRATIONS_ENV_VAR] = str(folder)
+    yield folder
+    if before is None:
+        os.environ.pop(CALIBRATIONS_ENV_VAR, None)
+    else:
+        os.environ[CALIBRATIONS_ENV_VAR] = before
+
+
+@pytest.fixture(autouse=True)
+def calibration_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test starts with an empty calibration store of its own (`$CRYSTAL_LOCATOR_CALIBRATIONS`), so that
+    a session's first calibration is measured whatever ran before."""
+    folder = tmp_path / "calibrations"
+    monkeypatch.setenv(CALIBRATIONS_ENV_VAR, str(folder))
+    return folder
 
 
 @pytest.fixture

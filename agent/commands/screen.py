@@ -59,10 +59,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="who answers prompts: none (fallback only), simulated (ground truth), or bind ENDPOINT for operators",
     )
     parser.add_argument(
+        "--instrument-seed",
+        type=int,
+        default=None,
+        metavar="N",
+        help="which simulated instrument (its camera rotation and scale errors; name simulated-tem[-N]; default 0)",
+    )
+    parser.add_argument(
+        "--calibrations",
+        type=Path,
+        metavar="DIR",
+        help="the instruments' calibration store (default: $CRYSTAL_LOCATOR_CALIBRATIONS, else beside the labels)",
+    )
+    parser.add_argument(
+        "--recalibrate",
+        action="store_true",
+        help="measure every preset's calibration again (and store it) instead of checking the stored one",
+    )
+    parser.add_argument(
         "--calibration",
         type=Path,
         metavar="FILE",
-        help="re-use a calibration.json from an earlier session on the same instrument (skips calibrating)",
+        help="check this calibration.json (same instrument) instead of the store's; the store is not touched",
     )
     parser.add_argument("--labels", type=Path, help="label-memory folder (default: per-user data folder)")
     parser.add_argument("--no-labels", action="store_true", help="do not use or update label memory")
@@ -99,6 +117,7 @@ def _source_from_args(args: argparse.Namespace) -> dict[str, Any]:
             "specimen": args.specimen or DEFAULT_SPECIMEN,
             "seed": args.seed or 0,
             "camera_px": args.camera_px,
+            "instrument_seed": args.instrument_seed or 0,
             "clock": clock_profile_arg(args.clock),
         }
     return {
@@ -107,6 +126,7 @@ def _source_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "pixel_size_um": args.pixel_size_um,
         "seed": args.seed or 0,
         "camera_px": args.camera_px,
+        "instrument_seed": args.instrument_seed or 0,
         "clock": clock_profile_arg(args.clock),
     }
 
@@ -136,6 +156,7 @@ def make_microscope(source: dict[str, Any], start: Any | None = None) -> tuple[A
         kwargs["clock_profile"] = source.get("clock")  # None (sessions before --clock): the default profile
         if source.get("camera_px"):
             kwargs["camera_shape_px"] = (int(source["camera_px"]), int(source["camera_px"]))
+        kwargs["instrument_seed"] = int(source.get("instrument_seed") or 0)
         try:
             if kind == "simulated":
                 microscope = create_simulated_microscope(specimen_type=source["specimen"], **kwargs)
@@ -261,8 +282,7 @@ def _make_session(
     from drivers.formats.images import write_atomic
 
     kwargs: dict[str, Any] = {"labels": labels, "operator": channel, "events": events}
-    if args.calibration is not None and args.resume is None:
-        kwargs["calibration"] = _load_calibration(args.calibration)
+    kwargs.update(_calibration_kwargs(args, microscope))
     if truth is not None:
         from simulator.scoring import score_session
 
@@ -328,8 +348,33 @@ def _write_report(session_dir: Path) -> Path | None:
         return None
 
 
+def _calibration_kwargs(args: argparse.Namespace, microscope: Any) -> dict[str, Any]:
+    """The session's calibration source: `--calibration FILE` (checked like a stored one; refused when it is of
+    another instrument), else the instrument's store (`--calibrations DIR` or the default folder); and
+    `--recalibrate`."""
+    if args.calibration is not None and args.recalibrate:
+        raise CommandError("--recalibrate measures every preset: leave out --calibration FILE")
+    if args.calibration is not None:
+        calibration = _load_calibration(args.calibration)
+        name = microscope.info().name
+        if calibration.instrument != name:
+            raise CommandError(
+                f"{args.calibration}: a calibration of instrument {calibration.instrument!r}, not of this microscope "
+                f"{name!r}; refused (leave out --calibration to use this instrument's stored calibration, or "
+                "measure again with --recalibrate)"
+            )
+        return {"stored_calibration": calibration}
+    from agent.steps.calibration_store import CalibrationStore, default_calibrations_dir
+
+    return {
+        "calibration_store": CalibrationStore(args.calibrations or default_calibrations_dir()),
+        "recalibrate": bool(args.recalibrate),
+    }
+
+
 def _load_calibration(path: Path) -> Any:
-    """A saved `CalibrationSet`; a calibration of another instrument is ignored by the session."""
+    """A saved `CalibrationSet` (`CommandError` naming the file when it cannot be read or has an unknown
+    format version)."""
     from agent.steps.stage_calibration import CalibrationSet
 
     try:

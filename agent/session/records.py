@@ -15,6 +15,7 @@ is an error that names the line (`JournalError`).
 | `session` | a session starts (`event="start"`, with the plan) or resumes (`event="resume"`) |
 | `transition` | the state machine enters a state |
 | `calibration` | a preset's image -> stage matrix was measured |
+| `calibration_check` | what became of a preset's calibration: stored one checked ok, check failed, or measured |
 | `artifact` | a file was written (path relative to the session folder) |
 | `mapping` | the atlas montage was planned (`event="plan"`) or assembled (`event="done"`) |
 | `locating` | the atlas was clustered |
@@ -106,6 +107,25 @@ class CalibrationMeasured(Record):
     shift_um: float
     stage_xy_um: tuple[float, float]
     measured_utc: str
+
+
+class CalibrationChecked(Record):
+    """What the calibrating step did with one preset (one record per preset, after any `calibration`):
+    `ok`: the stored matrix passed its check move and is used (`calibration` holds it, for resume);
+    `failed`: the check missed (`error_px` over `tolerance_px`, or `reason`) and the preset was measured
+    again; `measured`: measured without a check (`reason`: nothing stored, the preset changed, or
+    `--recalibrate`). `time_s` is the microscope time spent on the preset (check and measurement)."""
+
+    type: Literal["calibration_check"] = "calibration_check"
+    preset: str
+    result: Literal["ok", "failed", "measured"]
+    reason: str = ""
+    error_px: float | None = None
+    tolerance_px: float | None = None
+    shift_px: float | None = None
+    time_s: float = 0.0
+    stored_utc: str | None = Field(default=None, description="when the stored matrix was measured")
+    calibration: dict[str, Any] | None = Field(default=None, description="ok: the stored preset calibration used")
 
 
 class ArtifactWritten(Record):
@@ -238,6 +258,7 @@ AnyRecord = Annotated[
     SessionStarted
     | Transition
     | CalibrationMeasured
+    | CalibrationChecked
     | ArtifactWritten
     | MappingPlanned
     | Located
@@ -257,8 +278,9 @@ RECORD_ADAPTER: TypeAdapter[AnyRecord] = TypeAdapter(AnyRecord)
 
 
 def is_checkpoint(record: Record) -> bool:
-    """True for a record whose result a resumed session keeps: the session's start, a measured calibration,
-    the overview image, the assembled atlas, the labelling decision, the planned targets, a target's outcome.
+    """True for a record whose result a resumed session keeps: the session's start, a measured or checked
+    calibration, the overview image, the assembled atlas, the labelling decision, the planned targets, a
+    target's outcome.
 
     `agent.session.restore` continues from the last one; the session stamps them with the stage position and
     the active preset (`stage`, `optics_preset`) so that a simulator can be restarted where the session was.
@@ -269,7 +291,7 @@ def is_checkpoint(record: Record) -> bool:
         return record.event == "done"
     if isinstance(record, SessionStarted):
         return record.event == "start"
-    return isinstance(record, CalibrationMeasured | Labelled | TargetsPlanned | TargetFinished)
+    return isinstance(record, CalibrationMeasured | CalibrationChecked | Labelled | TargetsPlanned | TargetFinished)
 
 
 def parse_record(entry: dict[str, Any]) -> AnyRecord:

@@ -30,8 +30,10 @@ from agent.session.records import (
     SummaryWritten,
 )
 from agent.session.runner import Runner
+from agent.session.stored_calibration import StoredCalibrationError, StoreWriter, starting_calibration
 from agent.session.summary import summarise
 from agent.session.timing import StateTimes
+from agent.steps.calibration_store import CalibrationStore
 from agent.steps.context import SessionContext
 from agent.steps.stage_calibration import CalibrationSet
 from drivers.base import Microscope
@@ -61,7 +63,15 @@ class ScreeningSession:
         events: EventBus | None = None,
         truth_scorer: TruthScorer | None = None,
         calibration: CalibrationSet | None = None,
+        calibration_store: CalibrationStore | None = None,
+        stored_calibration: CalibrationSet | None = None,
+        recalibrate: bool = False,
     ) -> None:
+        """`calibration`: presets already settled for this session (resume). `stored_calibration` (else the
+        instrument's file in `calibration_store`) is checked preset by preset and measured again only where
+        the check fails; `recalibrate` measures every preset; with neither, every preset is measured (as
+        before a store existed). Presets measured go into `calibration_store` when one is given.
+        `SessionError` for a calibration of another instrument or an unusable store file."""
         self.microscope = microscope
         self.plan = plan
         self.session_dir = Path(session_dir)
@@ -71,10 +81,14 @@ class ScreeningSession:
         self.truth_scorer = truth_scorer
         self.info = microscope.info()
         if calibration is not None and calibration.instrument != self.info.name:
-            logger.warning(
-                "ignoring a calibration of %r: this microscope is %r", calibration.instrument, self.info.name
+            raise SessionError(
+                f"the session's calibration is of instrument {calibration.instrument!r}; this microscope is "
+                f"{self.info.name!r}"
             )
-            calibration = None
+        try:
+            stored = starting_calibration(self.info.name, calibration_store, stored_calibration, recalibrate)
+        except StoredCalibrationError as exc:
+            raise SessionError(str(exc)) from exc
         self._clock_offset_s = 0.0
         self._clock_base_s = float(microscope.microscope_time_s())
         self._wall_start = time.monotonic()
@@ -88,11 +102,15 @@ class ScreeningSession:
             calibration=calibration or CalibrationSet(instrument=self.info.name),
             labels=labels,
             operator=operator,
+            stored_calibration=stored,
+            recalibrate=recalibrate,
         )
         self.recorder = SessionRecorder(
             self.session_dir, self.events, self.microscope_time_s, self.ctx.calibration, self.ctx
         )
         self.ctx.output = self.recorder
+        if calibration_store is not None:
+            self.recorder.subscribe(StoreWriter(calibration_store, self.info.name))
         self.state_times = StateTimes()
         self.recorder.subscribe(self.state_times)
         self.journal = self.recorder.journal

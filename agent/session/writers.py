@@ -23,6 +23,7 @@ from agent.session.events import EventBus
 from agent.session.journal import Journal
 from agent.session.outcomes import TargetRecord
 from agent.session.records import (
+    CalibrationChecked,
     CalibrationMeasured,
     PromptAsked,
     Record,
@@ -88,7 +89,8 @@ def _summary(record: SummaryWritten) -> dict[str, Any]:
 
 
 class CalibrationWriter:
-    """Keeps `calibration.json` in the session folder up to date with every measured preset."""
+    """Keeps `calibration.json` in the session folder up to date with every measured preset and every stored
+    preset whose check passed (`calibration_check` ok)."""
 
     def __init__(self, session_dir: Path, calibration: CalibrationSet) -> None:
         self.path = session_dir / CALIBRATION_NAME
@@ -97,8 +99,12 @@ class CalibrationWriter:
     def __call__(self, record: Record) -> None:
         if isinstance(record, CalibrationMeasured):
             preset = PresetCalibration.model_validate(record.model_dump(include=set(PresetCalibration.model_fields)))
-            self.calibration = self.calibration.with_preset(preset)
-            self.calibration.save(self.path)
+        elif isinstance(record, CalibrationChecked) and record.result == "ok" and record.calibration is not None:
+            preset = PresetCalibration.model_validate(record.calibration)
+        else:
+            return
+        self.calibration = self.calibration.with_preset(preset)
+        self.calibration.save(self.path)
 
 
 class TableWriter:

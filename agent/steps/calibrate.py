@@ -1,4 +1,12 @@
-"""Step `calibrating`: measure the image -> stage matrix of every preset the session uses and lacks.
+"""Step `calibrating`: the image -> stage matrix of every preset the session uses and lacks.
+
+With the instrument's stored calibration (`ctx.stored_calibration`, from `agent.steps.calibration_store`),
+each stored preset is checked with one test move (`agent.steps.calibration_check`, seconds) and measured
+again only when the check fails; a preset not stored, stored for other optics (its nominal pixel size or
+binning changed), or any preset under `ctx.recalibrate`, is measured (`measure_preset`, about a minute).
+Each preset ends with a `calibration_check` record (ok / failed / measured, the check's error in pixels
+and the microscope time spent); a measured preset's `calibration` record comes first (the session's
+subscribers store it, in the session folder and in the instrument's store).
 
 Each preset is measured at a grid-square corner near the stage centre, where film meets bar along two
 directions (structure in both axes at every magnification), found on the overview (`square_corners`);
@@ -10,15 +18,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 from scipy import ndimage
 
-from agent.session.records import CalibrationMeasured
+from agent.session.records import CalibrationChecked, CalibrationMeasured
 from agent.steps.atlas import Atlas, frame_atlas
+from agent.steps.calibration_check import CheckResult, check_preset
 from agent.steps.context import SessionContext
 from agent.steps.motion import approach_move
-from agent.steps.stage_calibration import CalibrationSet, measure_preset
+from agent.steps.stage_calibration import CalibrationSet, PresetCalibration, measure_preset
 
 
 @dataclass(frozen=True)
@@ -38,23 +48,85 @@ def presets_to_calibrate(ctx: SessionContext) -> list[str]:
 
 
 def calibrate(ctx: SessionContext) -> CalibrateResult:
-    """Measure each needed preset not yet in `ctx.calibration`; each is recorded as soon as it is measured
-    (so a restarted session keeps it). Raises `MicroscopeError` subclasses from the stage or camera and
-    `CalibrationError` when the image shows too little structure."""
+    """Check or measure each needed preset not yet in `ctx.calibration` (see the module docstring); each is
+    recorded as soon as it is settled (so a restarted session keeps it). Raises `MicroscopeError` subclasses
+    from the stage or camera and `CalibrationError` when the image shows too little structure."""
     for preset in presets_to_calibrate(ctx):
-        if preset in ctx.calibration.presets:
-            continue
-        site = calibration_site(ctx, preset)
-        measured = measure_preset(
+        if preset not in ctx.calibration.presets:
+            settle_preset(ctx, preset)
+    return CalibrateResult(calibration=ctx.calibration)
+
+
+def settle_preset(ctx: SessionContext, preset: str) -> None:
+    """Check the stored matrix of `preset` and keep it, or measure it; record what happened."""
+    started_s = ctx.clock_s()
+    site = calibration_site(ctx, preset)
+    stored, reason = stored_preset(ctx, preset)
+    check = None
+    if stored is not None:
+        check = check_preset(
             ctx.microscope,
-            preset,
+            stored,
             exposure_s=ctx.plan.exposures.calibration_s,
             stage_xy_um=site,
             approach_um=ctx.plan.targeting.approach_um,
         )
-        ctx.calibration = ctx.calibration.with_preset(measured)
-        ctx.output.record(CalibrationMeasured.model_validate(measured.model_dump(mode="json")))
-    return CalibrateResult(calibration=ctx.calibration)
+        if check.passed:
+            ctx.calibration = ctx.calibration.with_preset(stored)
+            ctx.output.record(_check_record(ctx, preset, "ok", check, stored, started_s, check.reason))
+            return
+        reason = f"check failed: {check.reason}"
+    measured = measure_preset(
+        ctx.microscope,
+        preset,
+        exposure_s=ctx.plan.exposures.calibration_s,
+        stage_xy_um=site,
+        approach_um=ctx.plan.targeting.approach_um,
+    )
+    ctx.calibration = ctx.calibration.with_preset(measured)
+    ctx.output.record(CalibrationMeasured.model_validate(measured.model_dump(mode="json")))
+    result = "measured" if check is None else "failed"
+    ctx.output.record(_check_record(ctx, preset, result, check, stored, started_s, reason))
+
+
+def _check_record(
+    ctx: SessionContext,
+    preset: str,
+    result: Literal["ok", "failed", "measured"],
+    check: CheckResult | None,
+    stored: PresetCalibration | None,
+    started_s: float,
+    reason: str,
+) -> CalibrationChecked:
+    """The `calibration_check` record of one preset; `started_s` is the clock when its calibration began."""
+    return CalibrationChecked(
+        preset=preset,
+        result=result,
+        reason=reason,
+        error_px=None if check is None else check.error_px,
+        tolerance_px=None if check is None else check.tolerance_px,
+        shift_px=None if check is None else check.shift_px,
+        time_s=round(ctx.clock_s() - started_s, 3),
+        stored_utc=None if stored is None else stored.measured_utc,
+        calibration=stored.model_dump(mode="json") if result == "ok" and stored is not None else None,
+    )
+
+
+def stored_preset(ctx: SessionContext, preset: str) -> tuple[PresetCalibration | None, str]:
+    """The stored calibration of `preset` to check, or None with the reason it must be measured."""
+    stored = ctx.stored_calibration
+    if ctx.recalibrate:
+        return None, "--recalibrate: measuring every preset"
+    if stored is None or preset not in stored.presets:
+        return None, f"no stored calibration of {preset!r} for {ctx.info.name!r}"
+    entry = stored.presets[preset]
+    nominal_um = ctx.info.preset(preset).pixel_size_um
+    if not math.isclose(entry.nominal_pixel_size_um, nominal_um, rel_tol=1e-3):
+        return None, (
+            f"the stored {preset!r} was measured at a nominal {entry.nominal_pixel_size_um:.4g} um/px; "
+            f"the preset now has {nominal_um:.4g} um/px"
+        )
+    return entry, ""
 
 
 def calibration_site(ctx: SessionContext, preset: str) -> tuple[float, float]:

@@ -70,6 +70,11 @@ class SessionContext:
     clock_s: Callable[[], float]
     calibration: CalibrationSet
     labels: Any | None = None
+    #: The instrument's stored calibration (`agent.steps.calibration_store`): each preset in it is checked with
+    #: one test move instead of measured. None: every preset is measured.
+    stored_calibration: CalibrationSet | None = None
+    #: True: measure every preset even if stored (`--recalibrate`).
+    recalibrate: bool = False
     operator: Any | None = None
     calibration_attempt: int = 0
     overview: Atlas | None = None

@@ -30,7 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from scipy import ndimage
 from scipy.signal import windows
 
@@ -42,10 +42,18 @@ from drivers.formats.images import write_atomic
 logger = logging.getLogger(__name__)
 
 CALIBRATION_NAME = "calibration.json"
+#: Version of the calibration file format (`CalibrationSet.format_version`). Files without the field were
+#: written by release 0.1.0 and are version 1; a file of any other version is refused.
+CALIBRATION_FORMAT_VERSION = 1
 
 
 class CalibrationError(MicroscopeError):
     """A calibration measurement failed or gave an implausible matrix (too little texture, a jump)."""
+
+
+class CalibrationFileError(ValueError):
+    """A calibration file cannot be used: unreadable, not a calibration, or of an unknown format version.
+    The message names the file."""
 
 
 class PresetCalibration(BaseModel):
@@ -71,11 +79,14 @@ class PresetCalibration(BaseModel):
 
 
 class CalibrationSet(BaseModel):
-    """Calibrations of several presets of one instrument; saved as `calibration.json`."""
+    """Calibrations of several presets of one instrument; saved as `calibration.json` in a session folder and
+    as `<instrument>.json` in the instrument's calibration store (`agent.steps.calibration_store`)."""
 
     model_config = ConfigDict(frozen=True)
 
+    format_version: int = CALIBRATION_FORMAT_VERSION
     instrument: str
+    saved_utc: str | None = Field(default=None, description="when the file was last written (ISO 8601, UTC)")
     presets: dict[str, PresetCalibration] = Field(default_factory=dict)
 
     def matrix(self, preset: str) -> np.ndarray:
@@ -87,19 +98,35 @@ class CalibrationSet(BaseModel):
 
     def with_preset(self, calibration: PresetCalibration) -> CalibrationSet:
         """A copy with `calibration` added or replaced."""
-        return CalibrationSet(instrument=self.instrument, presets={**self.presets, calibration.preset: calibration})
+        return self.model_copy(update={"presets": {**self.presets, calibration.preset: calibration}})
 
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write atomically as JSON."""
-        return write_atomic(path, self.model_dump_json(indent=2).encode())
+    def save(self, path: str | os.PathLike[str], *, follow_umask: bool = False) -> Path:
+        """Write atomically as JSON, dated (`saved_utc`); `follow_umask`: readable by colleagues as the umask
+        allows (else private to the user)."""
+        dated = self.model_copy(update={"saved_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+        return write_atomic(path, dated.model_dump_json(indent=2).encode(), follow_umask=follow_umask)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> CalibrationSet:
-        """Read a file written by `save`; raises ValueError with the file name if it is not one."""
+        """Read a file written by `save` (or by release 0.1.0). Raises `CalibrationFileError` (a ValueError)
+        naming the file when it cannot be read, is not a calibration, or has an unknown format version."""
         try:
-            return cls.model_validate(json.loads(Path(path).read_text()))
+            data = json.loads(Path(path).read_text())
         except (OSError, ValueError) as exc:
-            raise ValueError(f"{path}: not a crystal-locator calibration file ({exc})") from exc
+            raise CalibrationFileError(f"{path}: not a readable crystal-locator calibration file ({exc})") from exc
+        if not isinstance(data, dict):
+            raise CalibrationFileError(f"{path}: not a crystal-locator calibration file (not a JSON object)")
+        version = data.get("format_version", 1)
+        if version != CALIBRATION_FORMAT_VERSION:
+            raise CalibrationFileError(
+                f"{path}: calibration format version {version!r} is unknown to this release (it reads version "
+                f"{CALIBRATION_FORMAT_VERSION}); use the release that wrote it, or measure again"
+            )
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:3])
+            raise CalibrationFileError(f"{path}: not a crystal-locator calibration file ({problems})") from exc
 
 
 def highpass(image: np.ndarray, sigma_px: float) -> np.ndarray:
@@ -184,7 +211,7 @@ def describe_matrix(matrix: np.ndarray) -> tuple[float, tuple[float, float], boo
     return rotation_deg, scales, bool(np.linalg.det(matrix) < 0)
 
 
-def _displacement_px(
+def displacement_near_px(
     reference: np.ndarray, moved: np.ndarray, predicted_px: np.ndarray, sigma_px: float
 ) -> tuple[np.ndarray, float]:
     """Displacement (d_col, d_row) of `moved` relative to `reference`, searched near `predicted_px`.
@@ -415,7 +442,7 @@ def _pixel_moves(
     pixel_moves = np.zeros_like(stage_moves)
     for column in range(stage_moves.shape[1]):
         predicted = np.zeros(2) if matrix is None else -np.linalg.inv(matrix) @ stage_moves[:, column]
-        displacement, quality = _displacement_px(reference, frame_at(*stage_moves[:, column]), predicted, sigma_px)
+        displacement, quality = displacement_near_px(reference, frame_at(*stage_moves[:, column]), predicted, sigma_px)
         if quality < min_quality:
             raise CalibrationError(
                 f"{where}: correlation too weak "

@@ -155,11 +155,19 @@ def _read_png(file_path: Path) -> ImageData:
     return ImageData(array=array, path=file_path)
 
 
-def write_atomic(path: str | os.PathLike[str], payload: bytes) -> Path:
-    """Write `payload` to `path` atomically (temporary file in the same folder, fsync, rename)."""
+def write_atomic(path: str | os.PathLike[str], payload: bytes, *, follow_umask: bool = False) -> Path:
+    """Write `payload` to `path` atomically (temporary file in the same folder, fsync, rename).
+
+    The file is private to the user (mode 0600, as `tempfile.mkstemp` makes it) unless `follow_umask`:
+    then it gets the mode any new file gets (0666 less the process umask, e.g. 0644), for files that
+    colleagues read (an instrument's stored calibration).
+    """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    if follow_umask:
+        fd, tmp_name = _create_following_umask(target)
+    else:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(payload)
@@ -170,6 +178,18 @@ def write_atomic(path: str | os.PathLike[str], payload: bytes) -> Path:
         Path(tmp_name).unlink(missing_ok=True)
         raise
     return target
+
+
+def _create_following_umask(target: Path) -> tuple[int, str]:
+    """A new, exclusive temporary file next to `target`, created with mode 0666 so the kernel applies the
+    umask (reading the umask with `os.umask` would briefly change it for every thread)."""
+    for _ in range(100):
+        tmp_name = str(target.parent / f".{target.name}.{os.urandom(6).hex()}")
+        try:
+            return os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp_name
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"cannot create a temporary file next to {target}")
 
 
 def write_frame_tiff(path: str | os.PathLike[str], frame: Frame) -> Path:
