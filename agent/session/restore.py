@@ -40,6 +40,7 @@ from agent.session.journal import JOURNAL_NAME, JournalError, read_records
 from agent.session.records import (
     AnyRecord,
     ArtifactWritten,
+    CalibrationChecked,
     CalibrationMeasured,
     FaultRaised,
     Labelled,
@@ -163,13 +164,20 @@ def _calibration(folder: Path, records: list[AnyRecord]) -> CalibrationSet | Non
     neither has any). The journal line of a preset is written before `calibration.json`, so a kill between
     the two leaves the preset in the journal only; it is kept all the same (it was a checkpoint)."""
     saved = CalibrationSet.load(folder / CALIBRATION_NAME) if (folder / CALIBRATION_NAME).exists() else None
-    settled = [r for r in records if isinstance(r, CalibrationMeasured)]
+    settled = [
+        r
+        for r in records
+        if isinstance(r, CalibrationMeasured) or (isinstance(r, CalibrationChecked) and r.calibration is not None)
+    ]
     instrument = next((r.instrument for r in records if isinstance(r, SessionStarted) and r.instrument), None)
     if not settled or (instrument is None and saved is None):
         return saved
     calibration = saved if saved is not None else CalibrationSet(instrument=str(instrument))
     for record in settled:
-        fields = record.model_dump(include=set(PresetCalibration.model_fields))
+        if isinstance(record, CalibrationChecked):  # a stored preset whose check passed
+            fields = dict(record.calibration or {})
+        else:
+            fields = record.model_dump(include=set(PresetCalibration.model_fields))
         calibration = calibration.with_preset(PresetCalibration.model_validate(fields))
     return calibration
 
