@@ -40,6 +40,8 @@ def register(subparsers: Any) -> None:
     serve.add_argument("--tiles", type=Path, default=None, help="serve this folder of real tiles (simulated)")
     serve.add_argument("--pixel-size-um", type=float, default=None, help="um per pixel of --tiles if files do not say")
     serve.add_argument("--camera-px", type=int, default=None, help="simulated camera size (square), pixels")
+    serve.add_argument("--instrument-seed", type=int, default=0, metavar="N",
+                       help="which simulated instrument (camera rotation and scale errors; name simulated-tem[-N])")
     serve.add_argument("--clock", metavar="PROFILE", default=None,
                        help="simulated timing: thermo-serialem (default), krios, jeol-fast, or a .json of figures")
     serve.add_argument("--endpoint", default="tcp://127.0.0.1:5555", help="where to bind (default loopback 5555)")
@@ -79,6 +81,7 @@ def _make_simulated(args: argparse.Namespace) -> Any:
                               "clock_profile": clock_profile_arg(args.clock)}
     if args.camera_px is not None:
         kwargs["camera_shape_px"] = (args.camera_px, args.camera_px)
+    kwargs["instrument_seed"] = args.instrument_seed
     if args.tiles is not None:
         accepted = inspect.signature(factory).parameters
         name = next((n for n in ("tiles_dir", "tiles", "tile_dir") if n in accepted), None)

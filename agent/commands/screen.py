@@ -106,6 +106,11 @@ def _source_from_args(args: argparse.Namespace) -> dict[str, Any]:
             raise CommandError(f"{args.resume}: cannot resume, {SOURCE_NAME} missing or unreadable ({exc})") from exc
         if args.clock is not None and args.clock != source.get("clock"):
             raise CommandError(f"--resume keeps the session's clock ({source.get('clock')}); drop --clock")
+        if args.instrument_seed is not None and args.instrument_seed != int(source.get("instrument_seed") or 0):
+            raise CommandError(
+                f"--resume keeps the session's instrument (seed {int(source.get('instrument_seed') or 0)}); "
+                "drop --instrument-seed"
+            )
         return source
     if args.bridge is not None:
         if args.clock is not None:
