@@ -297,6 +297,9 @@ def test_screen_cli_and_kill_and_resume_give_the_same_targets(tmp_path: Path) ->
     }
     for name, reached in kill_points.items():
         out = tmp_path / f"killed-{name}"
+        # Each killed run and its resume start from an empty calibration store, as the reference did (a stored
+        # calibration is checked instead of measured: other stage moves, other frames, other targets).
+        env = {**env, "CRYSTAL_LOCATOR_CALIBRATIONS": str(tmp_path / f"calibrations-{name}")}
         process = subprocess.Popen(_screen_command(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline and process.poll() is None:
