@@ -143,10 +143,11 @@ def test_known_specimen_type_is_labelled_from_memory_and_a_new_type_is_asked(
     assert by_id[richest].is_crystal and by_id[richest].confidence >= DEFAULT_CONFIDENCE_THRESHOLD
     background = by_id[analysis.background_cluster]
     assert not background.is_crystal and background.confidence >= DEFAULT_CONFIDENCE_THRESHOLD
-    # held out, the memory mispredicted one answer (seed 2's mixed cluster, 29 % of its cells on crystals, which
-    # the operator called crystal), yet stays confident enough where it was right
+    # held out (each session's answers predicted from the others'), the memory's confident labels are right at
+    # least as often as it claims. (Which answer it gets wrong, if any, depends on the images: with the camera
+    # errors of instrument 0 before issue 20 it missed seed 2's mixed cluster; now it misses none.)
     held_out = label_memory.held_out_precision(SPECIMEN, PRESET)
-    assert DEFAULT_CONFIDENCE_THRESHOLD <= held_out[False] < 1.0 and held_out[True] == 1.0
+    assert held_out[False] >= DEFAULT_CONFIDENCE_THRESHOLD and held_out[True] >= DEFAULT_CONFIDENCE_THRESHOLD
     # precision at least as high as with a person: no cluster the person rejected is auto-labelled crystal,
     # and the cells of the auto-labelled crystal clusters are at least as often on crystals. (A mixed
     # cluster, about half on crystals, that the person rejected in earlier sessions may be left out.)
