@@ -228,9 +228,12 @@ def _read_journal(session_dir: Path) -> list[dict[str, Any]]:
 def state_timings(entries: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Per state: visits, microscope seconds and wall seconds spent in it, from `transition` entries.
 
-    The time in a state runs from its transition entry to the next transition entry.
+    The time in a state runs from its transition entry to the next transition entry. Lines a resume superseded
+    (a step cut by a crash and done again) are left out, as in the session's own figures.
     """
-    transitions = [e for e in entries if e.get("type") == "transition" and "state" in e]
+    from agent.session.journal import live_entries
+
+    transitions = [e for e in live_entries(list(entries)) if e.get("type") == "transition" and "state" in e]
     totals: dict[str, dict[str, Any]] = {}
     for current, following in itertools.pairwise(transitions):
         state = str(current["state"])

@@ -80,6 +80,24 @@ def read_journal(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return entries
 
 
+def superseded_seqs(entries: list[dict[str, Any]]) -> set[int]:
+    """The `seq` of every line a resume superseded. A `session` line with event `resume` names the checkpoint it
+    continued from (`checkpoint_seq`, see `agent.session.restore`); the lines between that checkpoint and the
+    resume belong to a step that was cut and done again, so their times and counts are not the session's."""
+    superseded: set[int] = set()
+    for entry in entries:
+        checkpoint = entry.get("checkpoint_seq")
+        if entry.get("type") == "session" and entry.get("event") == "resume" and isinstance(checkpoint, int):
+            superseded.update(range(checkpoint + 1, int(entry.get("seq") or 0)))
+    return superseded
+
+
+def live_entries(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`entries` without the lines a resume superseded (`superseded_seqs`)."""
+    superseded = superseded_seqs(entries)
+    return [e for e in entries if e.get("seq") not in superseded]
+
+
 def read_records(path: str | os.PathLike[str]) -> list[AnyRecord]:
     """Every complete line of a journal as its typed record (see `read_journal` for torn lines).
 

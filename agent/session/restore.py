@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 from agent.config import PLAN_NAME, PlanError, load_plan
 from agent.locate.analysis import analyse
 from agent.prompts.policy import LabellingDecision
-from agent.session.journal import JOURNAL_NAME, JournalError, read_records
+from agent.session.journal import JOURNAL_NAME, JournalError, read_records, superseded_seqs
 from agent.session.records import (
     AnyRecord,
     ArtifactWritten,
@@ -80,10 +80,8 @@ class ResumePoint:
 
 def live_records(records: list[AnyRecord]) -> list[AnyRecord]:
     """`records` without the lines an earlier resume superseded (those between its checkpoint and itself)."""
-    superseded: set[int] = set()
-    for record in records:
-        if isinstance(record, SessionStarted) and record.event == "resume" and record.checkpoint_seq is not None:
-            superseded.update(range(record.checkpoint_seq + 1, record.seq or 0))
+    resumes = [r.model_dump(include={"type", "event", "seq", "checkpoint_seq"}) for r in records if r.type == "session"]
+    superseded = superseded_seqs(resumes)
     return [r for r in records if r.seq is None or r.seq not in superseded]
 
 
