@@ -16,8 +16,8 @@ For every specimen type (`simulator.specimen.SPECIMEN_TYPES`) x seeds 1, 2, 3 x 
     python -m agent.cli screen --simulated --specimen S --seed N --operator OP --labels <empty dir> --out <dir> --json
 
 as a subprocess with `PYTHONPATH` set to the code tree (so the tree's `agent`, `drivers` and `simulator`
-are imported, not the installed ones), in a temporary working folder, with the default plan and a fresh
-empty label memory per run. It collects from each session folder:
+are imported, not the installed ones), in a temporary working folder, with the default plan, a fresh
+empty label memory and an empty calibration store per run. It collects from each session folder:
 
 - `summary.json`: every key except `wall_time_s` and `session` must be equal (floats compared exactly;
   the summary rounds them already);
@@ -80,7 +80,9 @@ def run_session(tree: Path, spec: RunSpec, work_dir: Path) -> dict[str, Any]:
     options = {"--specimen": spec.specimen, "--seed": str(spec.seed), "--operator": spec.operator}
     options |= {"--labels": str(labels_dir), "--out": str(out_dir)}
     command = [sys.executable, "-m", "agent.cli", "screen", "--simulated", "--json", *itertools.chain(*options.items())]
-    env = {**os.environ, "PYTHONPATH": str(tree)}
+    # an empty data folder per run: a calibration stored by one session must not change the next one
+    data = {"XDG_DATA_HOME": str(run_dir / "data"), "CRYSTAL_LOCATOR_CALIBRATIONS": str(run_dir / "calibrations")}
+    env = {**os.environ, "PYTHONPATH": str(tree), **data}
     start = time.perf_counter()
     proc = subprocess.run(command, cwd=run_dir, env=env, capture_output=True, text=True, check=False)
     result: dict[str, Any] = {"wall_s": round(time.perf_counter() - start, 1)}
