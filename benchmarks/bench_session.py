@@ -33,6 +33,7 @@ import contextlib
 import io
 import json
 import logging
+import math
 import signal
 import statistics
 import subprocess
@@ -366,8 +367,9 @@ def specimen_means(rows: list[dict[str, Any]], specimens: Sequence[str]) -> dict
     for specimen in specimens:
         mine = [r for r in rows if r["specimen"] == specimen]
         m = {key: _mean([r.get(key) for r in mine]) for key in keys}
-        m["ratio_naive"] = ratio(m["agent_diffracting_per_hour"], m["naive_diffracting_per_hour"])
-        m["ratio_oracle"] = ratio(m["agent_diffracting_per_hour"], m["oracle_diffracting_per_hour"])
+        for name in ("naive", "oracle"):  # inf when only the baseline found nothing (the target is met)
+            agent, baseline = m["agent_diffracting_per_hour"], m[f"{name}_diffracting_per_hour"]
+            m[f"ratio_{name}"] = math.inf if agent and baseline == 0 else ratio(agent, baseline)
         means[specimen] = m
     return means
 
