@@ -1,13 +1,13 @@
 """Benchmark: diffracting crystals per microscope hour, agent sessions against two raster searches.
 
 Run by hand: `.venv/bin/python benchmarks/bench_session.py [--seeds 5 | --seeds 3 7 11] [--specimens TYPE ...]
-[--time-budget-s 3600] [--camera-px 1024] [--quick] [--json FILE] [-- extra screen options]`.
+[--time-budget-s 3600] [--camera-px 1024] [--clock PROFILE] [--quick] [--json FILE] [-- extra screen options]`.
 
 For every specimen type and seed, on the same simulated grid (specimen type + seed) and the same clock:
 
 - **agent**: a `crystal-locator screen --simulated` session (in-process, through the command's handler; no
   operator, no label memory, the default plan, `--time-budget-s`) with a stored calibration: measured once per
-  benchmark run (see `Calibrations`) and passed to every session, so no session pays for calibrating;
+  benchmark run (see `Calibrations`) and passed to every session, which only checks it (a test move per preset);
 - **naive**: on a fresh simulated microscope with the same seed, a raster of the area the agent mapped at the
   search preset, the threshold detector on every field and a diffraction snapshot of every detection; a
   snapshot that passes the plan's `min_spots` is a diffracting call (`agent.evaluation.raster.naive_raster`,
