@@ -32,6 +32,17 @@ PLAN_NAME = "plan.json"
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
 
 
+def user_data_dir(kind: str, env_var: str) -> Path:
+    """The per-user folder of one kind of data (`labels`, `calibrations`): `$<env_var>` if set, else
+    `$XDG_DATA_HOME/crystal-locator/<kind>`, else `~/.local/share/crystal-locator/<kind>`. Not created here."""
+    override = os.environ.get(env_var)
+    if override:
+        return Path(override).expanduser()
+    data_home = os.environ.get("XDG_DATA_HOME")
+    base = Path(data_home).expanduser() if data_home else Path.home() / ".local" / "share"
+    return base / "crystal-locator" / kind
+
+
 class PlanError(ValueError):
     """A plan file could not be read or does not validate; the message names the file and the field."""
 

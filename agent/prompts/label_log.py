@@ -17,6 +17,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from agent.config import user_data_dir
 from agent.prompts.label_records import LabelMemoryError, LabelRecord, utc_now
 from drivers.formats.images import write_atomic
 
@@ -33,12 +34,7 @@ EXPORT_VERSION = 1
 def default_labels_dir() -> Path:
     """The per-user memory folder: `$CRYSTAL_LOCATOR_LABELS`, else `$XDG_DATA_HOME/crystal-locator/labels`,
     else `~/.local/share/crystal-locator/labels`. Not created here."""
-    override = os.environ.get(LABELS_ENV_VAR)
-    if override:
-        return Path(override).expanduser()
-    data_home = os.environ.get("XDG_DATA_HOME")
-    base = Path(data_home).expanduser() if data_home else Path.home() / ".local" / "share"
-    return base / "crystal-locator" / "labels"
+    return user_data_dir("labels", LABELS_ENV_VAR)
 
 
 class LabelLog:

@@ -26,6 +26,7 @@ import re
 from datetime import datetime, timezone
 from pathlib import Path
 
+from agent.config import user_data_dir
 from agent.steps.stage_calibration import CalibrationFileError, CalibrationSet
 
 logger = logging.getLogger(__name__)
@@ -41,12 +42,7 @@ class CalibrationStoreError(ValueError):
 
 def default_calibrations_dir() -> Path:
     """The per-user store folder (see the module docstring). Not created here."""
-    override = os.environ.get(CALIBRATIONS_ENV_VAR)
-    if override:
-        return Path(override).expanduser()
-    data_home = os.environ.get("XDG_DATA_HOME")
-    base = Path(data_home).expanduser() if data_home else Path.home() / ".local" / "share"
-    return base / "crystal-locator" / "calibrations"
+    return user_data_dir("calibrations", CALIBRATIONS_ENV_VAR)
 
 
 def instrument_file_name(instrument: str) -> str:
