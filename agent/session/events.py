@@ -139,7 +139,7 @@ class ControlServer:
             "abort": self._target.request_abort,
             "status": lambda: None,
         }
-        if command not in actions:
+        if not isinstance(command, str) or command not in actions:
             return {"ok": False, "error": f"unknown command {command!r}; use one of {sorted(actions)}"}
         actions[command]()
         return {"ok": True, "command": command, "state": self._target.state, **self.info}
@@ -157,7 +157,11 @@ class ControlServer:
             if len(frames) < 2:
                 continue
             identity, payload = frames[0], frames[-1]
-            reply = self._handle(payload)
+            try:
+                reply = self._handle(payload)
+            except Exception as exc:  # the control socket keeps serving whatever a request does
+                logger.exception("control request failed")
+                reply = {"ok": False, "error": f"the request failed: {type(exc).__name__}: {exc}"}
             try:
                 self._socket.send_multipart([identity, b"", json.dumps(reply).encode()], zmq.NOBLOCK)
             except zmq.ZMQError:

@@ -23,7 +23,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from agent.session.records import AnyRecord, Record, parse_record
+from agent.session.records import KNOWN_TYPES, AnyRecord, Record, parse_record
 
 logger = logging.getLogger(__name__)
 
@@ -101,10 +101,14 @@ def live_entries(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def read_records(path: str | os.PathLike[str]) -> list[AnyRecord]:
     """Every complete line of a journal as its typed record (see `read_journal` for torn lines).
 
-    Raises `JournalError` naming the line when a line is not a record this release can read.
+    A line of a type this release does not know (written by a newer release) is skipped with a warning;
+    a line of a known type that does not validate raises `JournalError` naming the line.
     """
     records = []
     for entry in read_journal(path):
+        if entry.get("type") not in KNOWN_TYPES:
+            logger.warning("%s: skipping entry seq %s of unknown type %r", path, entry.get("seq"), entry.get("type"))
+            continue
         try:
             records.append(parse_record(entry))
         except ValidationError as exc:

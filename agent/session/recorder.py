@@ -41,6 +41,7 @@ class SessionRecorder:
         self._journal_writer = JournalWriter(self.journal)
         self.publisher = EventPublisher(events, self._journal_writer)
         self._context = context
+        self._guests: list[Callable[[Record], None]] = []
         self._subscribers: list[Callable[[Record], None]] = [
             self.publisher,
             CalibrationWriter(session_dir, calibration),
@@ -48,8 +49,10 @@ class SessionRecorder:
         ]
 
     def subscribe(self, subscriber: Callable[[Record], None]) -> None:
-        """Call `subscriber(record)` with every record (stamped) from now on, after the journal."""
-        self._subscribers.append(subscriber)
+        """Call `subscriber(record)` with every record (stamped) from now on, after the journal and the
+        session's own writers. An exception it raises is logged and does not stop the session (a console or
+        a log must not take a run down); the session's own writers' errors do."""
+        self._guests.append(subscriber)
 
     def emit(self, record: Record) -> None:
         """Journal `record` durably, then hand the stamped record to every subscriber. A checkpoint carries the
@@ -59,6 +62,11 @@ class SessionRecorder:
         stamped = self._journal_writer(record)
         for subscriber in list(self._subscribers):
             subscriber(stamped)
+        for guest in list(self._guests):
+            try:
+                guest(stamped)
+            except Exception:
+                logger.exception("a record subscriber failed on %s; the session goes on", type(stamped).__name__)
 
     def _with_instrument_state(self, record: Record) -> Record:
         """`record` stamped with where the stage is and which preset is active (unstamped when the microscope

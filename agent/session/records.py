@@ -276,6 +276,11 @@ AnyRecord = Annotated[
 
 RECORD_ADAPTER: TypeAdapter[AnyRecord] = TypeAdapter(AnyRecord)
 
+#: The `type` of every record this release reads.
+KNOWN_TYPES: frozenset[str] = frozenset(
+    model.model_fields["type"].default for model in AnyRecord.__origin__.__args__  # type: ignore[attr-defined]
+)
+
 
 def is_checkpoint(record: Record) -> bool:
     """True for a record whose result a resumed session keeps: the session's start, a measured or checked

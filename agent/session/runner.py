@@ -33,7 +33,7 @@ from typing import Protocol
 
 from transitions import Machine
 
-from agent.session.policy import Action, decide, is_expected
+from agent.session.policy import Action, decide, is_expected, rule_for
 from agent.session.records import ControlApplied, FaultRaised, Record, RecoveryTaken, Transition
 from agent.session.states import FORWARD_TRANSITIONS, STATES, TARGET_STATES, TERMINAL_STATES, WORKING_STATES
 
@@ -102,8 +102,6 @@ class Runner:
         self._retries: dict[str, int] = {}
         self._fault: _Fault | None = None
         self._resume_to: str | None = None
-        self._pause_reason: str | None = None
-        self._fault_resume_to: str | None = None
         self._pause_requested = threading.Event()
         self._resume_requested = threading.Event()
         self._abort_requested = threading.Event()
@@ -151,32 +149,63 @@ class Runner:
         if self.state == "idle":
             self.trigger("start")
         while self.state not in TERMINAL_STATES:
-            if self._abort_requested.is_set():
-                self.trigger("abort")
-                break
-            if self._pause_requested.is_set():
-                self._wait_paused()
-                continue
-            state = self.state
-            if state == "recovering":
-                trigger = self._recover()
-                if trigger is not None:
-                    self.trigger(trigger)
-                continue
             try:
-                trigger = self.engine.run_step(state)
-            except Exception as exc:  # the error table decides; nothing is retried blindly
-                self._on_fault(state, exc)
-                continue
-            self.trigger(trigger)
+                self._one_iteration()
+            except Exception as exc:  # outside a step (a transition's record, a recovery, a probe): fail cleanly
+                self._fail_outside_step(exc)
+
+    def _one_iteration(self) -> None:
+        """Honour abort and pause, then run the current state's step (or recovery) and fire its trigger."""
+        if self._abort_requested.is_set():
+            self.trigger("abort")
+            return
+        if self._pause_requested.is_set():
+            self._wait_paused()
+            return
+        state = self.state
+        if state == "recovering":
+            trigger = self._recover()
+            if trigger is not None:
+                self.trigger(trigger)
+            return
+        try:
+            trigger = self.engine.run_step(state)
+        except Exception as exc:  # the error table decides; nothing is retried blindly
+            self._on_fault(state, exc)
+            return
+        self.trigger(trigger)
+
+    def _fail_outside_step(self, exc: Exception) -> None:
+        """An error outside any step (writing a record, a transition, a recovery): the session fails, with the
+        traceback journalled if the journal still takes it."""
+        state = self.state
+        logger.error("unexpected error in the runner in state %s; the session fails", state, exc_info=exc)
+        self.faults += 1
+        try:
+            fault = FaultRaised(
+                state=state,
+                error=type(exc).__name__,
+                message=str(exc),
+                action=Action.FAIL.value,
+                traceback="".join(traceback.format_exception(exc)),
+            )
+            self._emit(fault)
+        except Exception:
+            logger.exception("the fault could not be journalled either")
+        self.machine.set_state("failed")
+        try:
+            self._after_state_change()
+        except Exception:
+            logger.exception("the transition to failed could not be journalled")
 
     def _after_state_change(self) -> None:
         self._emit(Transition(state=self.state))
 
-    def _wait_paused(self) -> None:
-        """Stay paused until resumed or aborted; while paused for a lost connection, probe the microscope."""
-        self._resume_to = self._fault_resume_to or self.state
-        reason, self._pause_reason, self._fault_resume_to = self._pause_reason, None, None
+    def _wait_paused(self, resume_to: str | None = None, reason: str | None = None) -> None:
+        """Stay paused until resumed or aborted, then continue in `resume_to` (default: the paused state).
+        With a `reason` (a lost connection) the microscope is probed and the session resumes by itself when it
+        answers."""
+        self._resume_to = resume_to or self.state
         self.trigger("pause")
         self._emit(ControlApplied(command="pause", resume_to=self._resume_to, reason=reason))
         next_probe_s = time.monotonic() + self.probe_interval_s
@@ -199,8 +228,10 @@ class Runner:
         self.faults += 1
         target_id = self.engine.current_target_id() if state in TARGET_STATES else None
         key = f"{state}:{target_id}" if target_id else state
-        self._retries[key] = self._retries.get(key, 0) + 1
-        attempt = self._retries[key]
+        rule = rule_for(exc)
+        if rule is None or rule.bounded:  # a pause for a lost connection does not use up the retries
+            self._retries[key] = self._retries.get(key, 0) + 1
+        attempt = max(1, self._retries.get(key, 0))
         action = decide(exc, in_target=state in TARGET_STATES, attempts=attempt, max_retries=self.max_retries)
         expected = is_expected(exc)
         if expected:
@@ -223,8 +254,9 @@ class Runner:
     def _recover(self) -> str | None:
         """Carry out the fault's action; returns the trigger that leaves `recovering` (None: pause first)."""
         fault = self._fault
-        if fault is None:  # a session resumed in `recovering` has no fault to recover from
-            return self.engine.advance()
+        if fault is None:  # nothing to recover from: a bug of the runner, not of the microscope
+            self._emit(RecoveryTaken(action="give_up", reason="recovering without a fault"))
+            return "give_up"
         self._fault = None
         if self.faults > self.max_faults:
             self._emit(RecoveryTaken(action="give_up", reason=f"{self.faults} faults > {self.max_faults}"))
@@ -236,8 +268,8 @@ class Runner:
             restart = "moving" if in_target else state  # a target's images belong together
             if fault.action is Action.PAUSE:
                 self._emit(RecoveryTaken(action="pause", state=restart, reason=fault.reason))
-                self._pause_reason, self._fault_resume_to = fault.reason, restart
-                self.request_pause()
+                self._resume_requested.clear()
+                self._wait_paused(resume_to=restart, reason=fault.reason)
                 return None
             self._resume_to = restart
             self._emit(RecoveryTaken(action="retry", state=restart, attempt=fault.attempt))
@@ -247,10 +279,11 @@ class Runner:
             self.engine.skip_target(state, fault.reason)
             self._emit(RecoveryTaken(action="skip_target", target_id=target_id, reason=fault.reason))
             return self.engine.advance()
-        reason = (
-            f"{state} failed {fault.attempt} times"
-            if is_expected(fault.error)
-            else f"unexpected error in {state}: {fault.reason}"
-        )
+        if not is_expected(fault.error):
+            reason = f"unexpected error in {state}: {fault.reason}"
+        elif fault.attempt > self.max_retries:
+            reason = f"{state} failed {fault.attempt} times"
+        else:
+            reason = f"{fault.reason} (retrying cannot help)"
         self._emit(RecoveryTaken(action="give_up", state=state, reason=reason))
         return "give_up"

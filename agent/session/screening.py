@@ -36,7 +36,7 @@ from agent.session.timing import StateTimes
 from agent.steps.calibration_store import CalibrationStore
 from agent.steps.context import SessionContext
 from agent.steps.stage_calibration import CalibrationSet
-from drivers.base import Microscope
+from drivers.base import Microscope, MicroscopeError
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +90,8 @@ class ScreeningSession:
         except StoredCalibrationError as exc:
             raise SessionError(str(exc)) from exc
         self._clock_offset_s = 0.0
+        self._last_time_s = 0.0
+        self._clock_lost = False
         self._clock_base_s = float(microscope.microscope_time_s())
         self._wall_start = time.monotonic()
         self.ctx = SessionContext(
@@ -188,8 +190,20 @@ class ScreeningSession:
         return self.runner.faults
 
     def microscope_time_s(self) -> float:
-        """Microscope time of this session, seconds, summed over every resumed run."""
-        return self._clock_offset_s + float(self.microscope.microscope_time_s()) - self._clock_base_s
+        """Microscope time of this session, seconds, summed over every resumed run.
+
+        When the microscope does not answer (a lost bridge), the last time it reported is returned, so
+        that the journal, the fault record and the summary can still be written."""
+        try:
+            now_s = float(self.microscope.microscope_time_s())
+        except MicroscopeError as exc:
+            if not self._clock_lost:
+                logger.warning("the microscope's clock does not answer (%s); using its last reading", exc)
+            self._clock_lost = True
+            return self._last_time_s
+        self._clock_lost = False
+        self._last_time_s = self._clock_offset_s + now_s - self._clock_base_s
+        return self._last_time_s
 
     def request_pause(self) -> None:
         """Pause at the next step boundary (the current stage move or exposure completes first)."""
@@ -218,9 +232,11 @@ class ScreeningSession:
         try:
             self.runner.run()
         finally:
-            summary = self.write_summary()
-            self._emit(SummaryWritten.model_validate(summary.model_dump(mode="json")))
-            self.recorder.close()
+            try:
+                summary = self.write_summary()
+                self._emit(SummaryWritten.model_validate(summary.model_dump(mode="json")))
+            finally:
+                self.recorder.close()
         return summary
 
     def summary(self) -> SessionSummary:

@@ -75,6 +75,10 @@ def test_control_server_obeys_and_survives_garbage() -> None:
         raw.send_multipart([b"", b"\xff\x00garbage"])
         assert raw.poll(3000)
         assert json.loads(raw.recv_multipart()[-1])["ok"] is False
+        for not_a_name in (b'{"command": ["pause"]}', b'{"command": {}}', b"[1, 2]"):
+            raw.send_multipart([b"", not_a_name])
+            assert raw.poll(3000)
+            assert json.loads(raw.recv_multipart()[-1])["ok"] is False
         raw.close()
         reply = send_control(server.endpoint, "explode")
         assert reply["ok"] is False and "unknown command" in reply["error"]

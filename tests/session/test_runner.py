@@ -224,3 +224,36 @@ def test_too_many_faults_fail_the_session_whatever_the_table_says() -> None:
 )
 def test_the_error_table(error: BaseException, in_target: bool, attempts: int, action: Action) -> None:
     assert decide(error, in_target=in_target, attempts=attempts, max_retries=2) is action
+
+
+def test_an_operator_resume_while_paused_for_a_lost_bridge_runs_the_failed_step_again() -> None:
+    engine = ScriptedEngine(n_targets=1)
+    engine.errors[("mapping", None)].append(BridgeTimeout("gone"))
+    engine.microscope_answers = False
+    runner, records = _runner(engine)
+    thread = threading.Thread(target=runner.run)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while runner.state != "paused" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    runner.request_resume()  # the operator knows better than the probe
+    thread.join(timeout=10)
+    assert runner.state == "done" and engine.calls.count(("mapping", None)) == 2
+    assert [r.command for r in _of(records, ControlApplied)] == ["pause", "resume"]
+
+
+def test_an_error_outside_any_step_fails_the_session_and_is_journalled() -> None:
+    engine = ScriptedEngine()
+    records: list[Record] = []
+
+    def emit(record: Record) -> None:
+        if isinstance(record, Transition) and record.state == "zooming":
+            raise OSError("No space left on device")
+        records.append(record)
+
+    runner = Runner(engine, emit, max_retries=2, max_faults=10)
+    runner.run()
+    assert runner.state == "failed"
+    (fault,) = _of(records, FaultRaised)
+    assert fault.error == "OSError" and fault.action == "fail" and "No space left" in (fault.traceback or "")
+    assert _of(records, Transition)[-1].state == "failed"
