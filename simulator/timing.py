@@ -45,7 +45,7 @@ DIFFRACTION_FRAME_MPX = 1024 * 1024 / 1e6  # the default exposure preset: bin 2
 class TimingProfile(BaseModel):
     """What each action costs on a simulated instrument (see the module doc for how the figures are used)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     name: str = Field(description="profile name")
     description: str = Field(default="", description="what instrument and software the profile stands for")
@@ -157,7 +157,9 @@ def resolve_profile(value: TimingProfile | Mapping[str, Any] | str | Path | None
     text = str(value)
     if text in PROFILES:
         return PROFILES[text]
-    if text.endswith(".json") and Path(text).is_file():
+    if text.endswith(".json") and not Path(text).is_file():
+        raise InvalidParameterError(f"clock profile file {text}: no such file")
+    if text.endswith(".json"):
         try:
             fields = json.loads(Path(text).read_text())
         except (OSError, ValueError) as exc:
@@ -175,10 +177,13 @@ def _from_fields(fields: dict[str, Any]) -> TimingProfile:
     if base_name not in PROFILES:
         raise InvalidParameterError(f"unknown base clock profile {base_name!r}; choose one of: {', '.join(PROFILES)}")
     base = PROFILES[base_name].model_dump()
+    given_sources = fields.get("sources", {})
+    if not isinstance(given_sources, Mapping) or not all(isinstance(v, str) for v in given_sources.values()):
+        raise InvalidParameterError("invalid clock profile: sources must map figure names to texts")
     overridden = {k for k in fields if k not in ("name", "description", "sources")}
     sources = {**base["sources"], **{k: NO_FIGURE + " (given by the user)" for k in overridden}}
     try:
-        return TimingProfile.model_validate({**base, **fields, "sources": {**sources, **fields.get("sources", {})}})
+        return TimingProfile.model_validate({**base, **fields, "sources": {**sources, **given_sources}})
     except ValidationError as exc:
         error = exc.errors()[0]
         where = ".".join(map(str, error["loc"]))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     except PlanError as exc:
         raise CommandError(str(exc)) from exc
     store = CalibrationStore(args.calibrations or default_calibrations_dir())
+    _check_writable(store.folder)  # before minutes of microscope time, not after
     microscope, _truth = make_microscope(_source(args))
     try:
         result = calibrate_instrument(microscope, plan)
@@ -95,6 +97,16 @@ def run_calibrate(args: argparse.Namespace) -> int:
     else:
         _print_table(result, path)
     return 0
+
+
+def _check_writable(folder: Path) -> None:
+    """`CommandError` unless `folder` is (or can be made) a folder this process can write into."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise CommandError(f"cannot write the calibration store {folder}: {exc}") from exc
 
 
 def _print_table(result: Any, path: Path) -> None:

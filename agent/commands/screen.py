@@ -111,13 +111,19 @@ def _source_from_args(args: argparse.Namespace) -> dict[str, Any]:
                 f"--resume keeps the session's instrument (seed {int(source.get('instrument_seed') or 0)}); "
                 "drop --instrument-seed"
             )
+        if "calibration" in source and (args.calibrations or args.calibration or args.recalibrate):
+            raise CommandError(
+                f"--resume keeps the session's calibration source ({source['calibration']}); drop --calibrations, "
+                "--calibration and --recalibrate"
+            )
         return source
     if args.bridge is not None:
         if args.clock is not None:
             raise CommandError("--clock sets the simulator's timing; a microscope behind a bridge keeps its own")
-        return {"kind": "bridge", "endpoint": args.bridge}
+        return {"kind": "bridge", "endpoint": args.bridge, "calibration": calibration_source(args)}
     if args.simulated:
         return {
+            "calibration": calibration_source(args),
             "kind": "simulated",
             "specimen": args.specimen or DEFAULT_SPECIMEN,
             "seed": args.seed or 0,
@@ -126,6 +132,7 @@ def _source_from_args(args: argparse.Namespace) -> dict[str, Any]:
             "clock": clock_profile_arg(args.clock),
         }
     return {
+        "calibration": calibration_source(args),
         "kind": "tiles",
         "tiles": str(args.tiles.resolve()),
         "pixel_size_um": args.pixel_size_um,
@@ -134,6 +141,17 @@ def _source_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "instrument_seed": args.instrument_seed or 0,
         "clock": clock_profile_arg(args.clock),
     }
+
+
+def calibration_source(args: argparse.Namespace) -> dict[str, Any]:
+    """Where a new session's calibration comes from, as saved in `source.json` so that `--resume` uses the same:
+    `{"file": PATH | None, "store": DIR | None, "recalibrate": bool}` (absolute paths)."""
+    from agent.steps.calibration_store import default_calibrations_dir
+
+    if args.calibration is not None:
+        return {"file": str(Path(args.calibration).resolve()), "store": None, "recalibrate": False}
+    store = Path(args.calibrations) if args.calibrations else default_calibrations_dir()
+    return {"file": None, "store": str(store.expanduser().resolve()), "recalibrate": bool(args.recalibrate)}
 
 
 def clock_profile_arg(value: str | None) -> Any:
@@ -287,7 +305,7 @@ def _make_session(
     from drivers.formats.images import write_atomic
 
     kwargs: dict[str, Any] = {"labels": labels, "operator": channel, "events": events}
-    kwargs.update(_calibration_kwargs(args, microscope))
+    kwargs.update(_calibration_kwargs(args, microscope, source.get("calibration")))
     if truth is not None:
         from simulator.scoring import score_session
 
@@ -353,12 +371,21 @@ def _write_report(session_dir: Path) -> Path | None:
         return None
 
 
-def _calibration_kwargs(args: argparse.Namespace, microscope: Any) -> dict[str, Any]:
+def _calibration_kwargs(args: argparse.Namespace, microscope: Any, saved: dict[str, Any] | None) -> dict[str, Any]:
     """The session's calibration source: `--calibration FILE` (checked like a stored one; refused when it is of
     another instrument), else the instrument's store (`--calibrations DIR` or the default folder); and
-    `--recalibrate`."""
+    `--recalibrate`. A resumed session uses what its `source.json` saved (`saved`), whatever the flags."""
     if args.calibration is not None and args.recalibrate:
         raise CommandError("--recalibrate measures every preset: leave out --calibration FILE")
+    if saved is not None:
+        args = argparse.Namespace(
+            **{
+                **vars(args),
+                "calibration": Path(saved["file"]) if saved.get("file") else None,
+                "calibrations": Path(saved["store"]) if saved.get("store") else None,
+                "recalibrate": bool(saved.get("recalibrate")),
+            }
+        )
     if args.calibration is not None:
         calibration = _load_calibration(args.calibration)
         name = microscope.info().name

@@ -11,8 +11,11 @@ Why this tolerance:
   `max_residual_fraction`), about a 3 deg rotation or a 5 % scale error of A. A 5 % error of A puts a
   target seen at the edge of an atlas frame 2.5 % of that frame off, well inside the search frame that
   looks for it. An uncalibrated (nominal) matrix is off by the camera rotation, several degrees in the
-  simulator (3-5 deg plus up to 1.5 per preset, 1-3 % scale), and fails; so does a matrix whose camera
-  has been rotated or whose magnification has changed since it was stored.
+  simulator (3-5 deg plus up to 1.5 per preset, 1-3 % scale), and fails where the move is long enough
+  (on a 2048 px camera at every preset); so does a matrix whose camera has been rotated or whose
+  magnification has changed since it was stored. Known limit: on a small search frame (below ~640 px,
+  e.g. a 512 px or binned camera) the 1 um bound is more than 5 % of the longest move the field allows,
+  and a rotation up to ~6 deg passes there (a 512 px session passes a nominal search matrix).
 - 1 um bounds the stage's repeat error between the two positions: both frames carry one, so their
   difference has sqrt(2) times the stage's; the simulator's is 0.15 um per axis (`StageModel`), 0.21 um
   for the difference, and 1 um is 4.7 times that. At search magnification (0.04 um/px) that is 25 px;

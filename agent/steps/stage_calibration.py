@@ -30,7 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from scipy import ndimage
 from scipy.signal import windows
 
@@ -76,6 +76,21 @@ class PresetCalibration(BaseModel):
     def matrix(self) -> np.ndarray:
         """A as a (2, 2) float64 array, um per pixel."""
         return np.asarray(self.matrix_um_per_px, dtype=np.float64)
+
+    @field_validator("matrix_um_per_px")
+    @classmethod
+    def _invertible(
+        cls, matrix: tuple[tuple[float, float], tuple[float, float]]
+    ) -> tuple[tuple[float, float], tuple[float, float]]:
+        """A must be finite and invertible (its columns neither zero nor parallel): pixels map to the stage and
+        back."""
+        values = np.asarray(matrix, dtype=np.float64)
+        if not np.all(np.isfinite(values)):
+            raise ValueError("the matrix has entries that are not finite numbers")
+        scale = float(np.max(np.abs(values)))
+        if scale == 0.0 or abs(float(np.linalg.det(values))) < 1e-6 * scale * scale:
+            raise ValueError("the matrix is singular (it cannot map stage moves back to pixels)")
+        return matrix
 
 
 class CalibrationSet(BaseModel):

@@ -311,14 +311,16 @@ def test_screen_cli_and_kill_and_resume_give_the_same_targets(tmp_path: Path) ->
         before = read_journal(out / "journal.jsonl")
         written_before = {e["path"] for e in before if e["type"] == "artifact"}
         finished_before = {e["target_id"] for e in before if e["type"] == "target"}
-        resumed = subprocess.run(
-            [sys.executable, "-m", "agent.cli", "screen", "--resume", str(out), "--no-labels"],
-            capture_output=True,
-            text=True,
-            timeout=600,
-            env=env,
-        )
+        resume_command = [sys.executable, "-m", "agent.cli", "screen", "--resume", str(out), "--no-labels"]
+        # the session's calibration source is its own (source.json), whatever the environment or flags say now
+        refused = subprocess.run([*resume_command, "--calibrations", str(tmp_path / "other")], capture_output=True,
+                                 text=True, timeout=120, env=env)
+        assert refused.returncode == 2 and "keeps the session's calibration source" in refused.stderr
+        elsewhere = tmp_path / f"elsewhere-{name}"
+        resume_env = {**env, "CRYSTAL_LOCATOR_CALIBRATIONS": str(elsewhere)}
+        resumed = subprocess.run(resume_command, capture_output=True, text=True, timeout=600, env=resume_env)
         assert resumed.returncode == 0, resumed.stderr
+        assert not elsewhere.exists(), "the resumed session used another calibration store than its own"
         got = json.loads((out / "targets.json").read_text())["targets"]
         if name != "calibrating":
             assert [(r["target_id"], r["planned_x_um"], r["planned_y_um"]) for r in got] == [

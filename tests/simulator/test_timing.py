@@ -139,6 +139,12 @@ def test_unknown_profiles_are_refused_with_the_names() -> None:
         resolve_profile({"base": "nope"})
     with pytest.raises(InvalidParameterError, match="stage_settle_s"):
         resolve_profile({"stage_settle_s": -1.0})
+    with pytest.raises(InvalidParameterError, match=r"stage_settle_s .*finite"):
+        resolve_profile({"stage_settle_s": float("inf")})
+    with pytest.raises(InvalidParameterError, match="sources must map"):
+        resolve_profile({"sources": 5})
+    with pytest.raises(InvalidParameterError, match="no such file"):
+        resolve_profile("/nonexistent/figures.json")
 
 
 def test_a_json_file_overrides_figures_of_a_base_profile(tmp_path: Path) -> None:

@@ -152,6 +152,23 @@ def test_a_corrupt_store_file_is_reported_kept_and_set_aside_only_by_a_new_calib
     assert store.load("simulated-tem") is not None
 
 
+@pytest.mark.parametrize(
+    "matrix", [[[0.0, 0.0], [0.0, 0.0]], [[0.3, 0.3], [0.3, 0.3]], [[float("nan"), 0.0], [0.0, 0.3]]]
+)
+def test_a_stored_matrix_that_cannot_map_pixels_to_the_stage_is_refused_as_corrupt(
+    tmp_path: Path, matrix: list[list[float]]
+) -> None:
+    store = CalibrationStore(tmp_path)
+    path = store.path("simulated-tem")
+    stored = CalibrationSet(instrument="simulated-tem", presets={"atlas": _preset("atlas", np.eye(2) * 0.3, 0.3)})
+    data = json.loads(stored.model_dump_json())
+    data["presets"]["atlas"]["matrix_um_per_px"] = matrix
+    path.write_text(json.dumps(data))
+    with pytest.raises(CalibrationStoreError, match=r"singular|not finite"):
+        store.load("simulated-tem")
+    assert json.loads(path.read_text())["presets"]["atlas"]["matrix_um_per_px"] is not None  # kept as it was
+
+
 def test_a_file_of_an_unknown_format_version_is_refused_naming_file_and_version(tmp_path: Path) -> None:
     store = CalibrationStore(tmp_path)
     path = store.path("simulated-tem")
@@ -252,3 +269,12 @@ def test_screen_reports_a_corrupt_store_and_keeps_it(tmp_path: Path, capsys: pyt
     assert "simulated-tem.json" in message and "kept" in message
     assert (folder / "simulated-tem.json").read_text() == "not json"
     assert not (tmp_path / "session" / "journal.jsonl").exists()
+
+
+def test_calibrate_refuses_a_store_it_cannot_write_before_it_measures(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocked = tmp_path / "a-file-not-a-folder"
+    blocked.write_text("")
+    assert main(["calibrate", "--simulated", "--camera-px", "64", "--calibrations", str(blocked)]) == 2
+    assert "cannot write the calibration store" in capsys.readouterr().err
