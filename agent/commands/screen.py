@@ -315,8 +315,10 @@ def _make_session(
             return ScreeningSession.resume(microscope, session_dir, **kwargs)
         plan = _plan_from_args(args, source)
         session_dir.mkdir(parents=True, exist_ok=True)
+        session = ScreeningSession(microscope, plan, session_dir, **kwargs)
+        # only a session that could start gets its source (a refused one leaves nothing to --resume)
         write_atomic(session_dir / SOURCE_NAME, json.dumps(source, indent=2).encode())
-        return ScreeningSession(microscope, plan, session_dir, **kwargs)
+        return session
     except SessionError as exc:
         raise CommandError(str(exc)) from exc
 
