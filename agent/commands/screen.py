@@ -20,6 +20,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from agent.cli import CommandError
 
 logger = logging.getLogger(__name__)
@@ -231,13 +233,32 @@ def _plan_from_args(args: argparse.Namespace, source: dict[str, Any]) -> Any:
     if args.squares is not None:
         updates["area"] = plan.area.model_copy(update={"squares": args.squares})
     if updates:
-        plan = ScreeningPlan.model_validate(
-            {
-                **plan.model_dump(),
-                **{k: (v.model_dump() if hasattr(v, "model_dump") else v) for k, v in updates.items()},
-            }
-        )
+        try:
+            plan = ScreeningPlan.model_validate(
+                {
+                    **plan.model_dump(),
+                    **{k: (v.model_dump() if hasattr(v, "model_dump") else v) for k, v in updates.items()},
+                }
+            )
+        except ValidationError as exc:
+            raise CommandError(_option_error(exc)) from None
     return plan
+
+
+#: The command-line option of each plan field the `screen` flags override.
+_OPTION_OF_FIELD = {
+    "targeting.max_targets": "--max-targets",
+    "area.squares": "--squares",
+    "time_budget_s": "--time-budget-s",
+    "seed": "--seed",
+}
+
+
+def _option_error(exc: Any) -> str:
+    """One line naming the option and what is wrong with its value, from a plan's `ValidationError`."""
+    error = exc.errors()[0]
+    field = ".".join(str(part) for part in error["loc"])
+    return f"{_OPTION_OF_FIELD.get(field, field)} {error['input']!r}: {error['msg']}"
 
 
 def run_screen(args: argparse.Namespace) -> int:
