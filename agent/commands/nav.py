@@ -2,10 +2,11 @@
 
 - `nav show FILE.nav [--json]` lists the items (label, type, colour, stage x/y/z in um, acquire flag,
   the map a point was drawn on, note).
-- `nav from-targets TARGETS.csv|.json --out FILE.nav [--map-id N] [--label-prefix P] [--no-acquire]`
+- `nav from-targets TARGETS.csv|.json --out FILE.nav [--force] [--map-id N] [--label-prefix P] [--no-acquire]`
   turns targets with stage coordinates (`x_um`, `y_um` columns/keys, as `crystal-locator locate`
   writes them) into navigator points marked for acquisition, so they go straight into a SerialEM
-  collection workflow (optionally drawn on the map with MapID N).
+  collection workflow (optionally drawn on the map with MapID N). An existing FILE.nav is replaced
+  only with `--force`.
 Malformed files fail with one clear line.
 """
 
@@ -35,6 +36,9 @@ def register(subparsers: Any) -> None:
     convert = sub.add_parser("from-targets", help="write targets (CSV/JSON with x_um, y_um) as a .nav file")
     convert.add_argument("targets", type=Path, help="targets file: .csv or .json (a list, or {'targets': [...]})")
     convert.add_argument("--out", type=Path, required=True, help="the .nav file to write")
+    convert.add_argument(
+        "--force", action="store_true", help="replace --out if it exists (default: refuse, so a navigator is kept)"
+    )
     convert.add_argument("--map-id", type=int, default=None, help="MapID of the map the points belong to")
     convert.add_argument("--label-prefix", default="", help="prefix of the item labels (default: numbers only)")
     convert.add_argument("--regis", type=int, default=1, help="registration number (default 1)")
@@ -127,7 +131,15 @@ def _read_targets(path: Path) -> list[dict[str, Any]]:
     return data
 
 
+def _check_out(out: Path, force: bool) -> None:
+    if out.is_dir():
+        raise CommandError(f"--out {out}: is a folder, not a .nav file")
+    if out.exists() and not force:
+        raise CommandError(f"--out {out}: already exists; pass --force to replace it")
+
+
 def _from_targets(args: argparse.Namespace) -> int:
+    _check_out(args.out, args.force)
     rows = _read_targets(args.targets)
     if not rows:
         raise CommandError(f"{args.targets}: holds no targets")

@@ -103,7 +103,7 @@ def test_nav_from_targets_csv_and_json(tmp_path: Path, capsys: pytest.CaptureFix
     ]
     json_path = tmp_path / "candidates.json"
     json_path.write_text(json.dumps({"candidates": [{"x_um": 1.0, "y_um": 2.0, "score": 0.5}]}))
-    assert main(["nav", "from-targets", str(json_path), "--out", str(out), "--no-acquire"]) == 0
+    assert main(["nav", "from-targets", str(json_path), "--out", str(out), "--no-acquire", "--force"]) == 0
     assert read_nav(out)[0].acquire is False
     json_path.write_text(json.dumps([{"row_px": 1, "col_px": 2}]))
     assert main(["nav", "from-targets", str(json_path), "--out", str(tmp_path / "x.nav")]) == 2
