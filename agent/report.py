@@ -277,6 +277,11 @@ def session_report_html(session_dir: str | Path) -> str:
     folder = Path(session_dir)
     if not folder.is_dir():
         raise ReportError(f"{folder}: no such session folder; pass the folder `crystal-locator screen --out` wrote")
+    if not (folder / "summary.json").exists() and not (folder / "journal.jsonl").exists():
+        raise ReportError(
+            f"{folder}: not a session folder (no journal.jsonl, no summary.json); "
+            "pass the folder `crystal-locator screen --out` wrote"
+        )
     summary = _read_json(folder / "summary.json")
     summary = summary if isinstance(summary, dict) else {}
     plan = _read_json(folder / "plan.json")
