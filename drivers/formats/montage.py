@@ -65,6 +65,11 @@ LAYOUT_EXAMPLE = """{
 }"""
 
 _TILE_NAME = re.compile(r"^(?P<prefix>.*\D)?(?P<row>\d+)[-_xX](?P<col>\d+)(?P<suffix>\.[A-Za-z]+)$")
+#: Row and column as the first two numbers, whatever follows (e.g. `Tile_001-002-000000_0-000.tif`, the
+#: 2018 study's naming: row, column, then an acquisition index).
+_TILE_NAME_LEADING = re.compile(
+    r"^(?P<prefix>\D*)(?P<row>\d+)[-_xX](?P<col>\d+)(?:\D[^/]*?)?(?P<suffix>\.[A-Za-z]+)$"
+)
 
 
 class MontageFormatError(ValueError):
@@ -777,17 +782,31 @@ def _grid_corners(
     return [(int(row_starts[r - rows0]), int(col_starts[c - cols0])) for r, c in grid]
 
 
-def _open_named_tiles(
-    folder: Path, pixel_size_um: float | None, overlap_fraction: float | None, cache_bytes: int
-) -> TileMontage:
+def _group_tile_names(files: Sequence[Path], pattern: re.Pattern[str]) -> dict[str, list[tuple[int, int, Path]]]:
+    """Tile files by name prefix: prefix -> [(row, col, path)], the row and column read with `pattern`."""
     by_prefix: dict[str, list[tuple[int, int, Path]]] = {}
-    for entry in sorted(folder.iterdir()):
-        if not entry.is_file() or entry.name.startswith("."):
-            continue
-        match = _TILE_NAME.match(entry.name)
+    for entry in files:
+        match = pattern.match(entry.name)
         if match is None or match["suffix"].lower() not in TILE_SUFFIXES:
             continue
         by_prefix.setdefault(match["prefix"] or "", []).append((int(match["row"]), int(match["col"]), entry))
+    return by_prefix
+
+
+def _has_duplicate_positions(by_prefix: dict[str, list[tuple[int, int, Path]]]) -> bool:
+    return any(len({(row, col) for row, col, _ in v}) < len(v) for v in by_prefix.values())
+
+
+def _open_named_tiles(
+    folder: Path, pixel_size_um: float | None, overlap_fraction: float | None, cache_bytes: int
+) -> TileMontage:
+    files = [entry for entry in sorted(folder.iterdir()) if entry.is_file() and not entry.name.startswith(".")]
+    by_prefix = _group_tile_names(files, _TILE_NAME)
+    if len(by_prefix) > 1 or _has_duplicate_positions(by_prefix):
+        # not one montage when the numbers are read at the end of the name: read them at the start
+        leading = _group_tile_names(files, _TILE_NAME_LEADING)
+        if len(leading) == 1:
+            by_prefix = leading  # one montage; two tiles at one position are refused below
     if not by_prefix:
         raise MontageFormatError(
             f"{folder}: no tiles found; name them like Tile_001-002.tif (row-col) or add a layout.json "

@@ -189,6 +189,25 @@ def test_named_tile_folder(tmp_path: Path, dtype: type, one_based: bool) -> None
     np.testing.assert_array_equal(montage.read_region(40, 60, 20, 20), mosaic[40:60, 60:80])
 
 
+@pytest.mark.parametrize(
+    "name", ["Tile_{r:03d}-{c:03d}-{i:06d}_0-000.tif", "Tile_{r:03d}-{c:03d}-{i:03d}_0-000.tif"]
+)
+def test_tile_folder_named_with_an_index_suffix_and_a_late_first_row(tmp_path: Path, name: str) -> None:
+    """The 2018 study's naming (row, column, then an index) read by the first two numbers; rows start at 3."""
+    mosaic = _mosaic(2 * 30, 3 * 40, np.uint16)
+    tiles, _ = _cut(mosaic, (30, 40), (30, 40), (2, 3))
+    for i, tile in enumerate(tiles):
+        tifffile.imwrite(tmp_path / name.format(r=i // 3 + 3, c=i % 3 + 2, i=i), tile)
+    montage = open_montage(tmp_path)
+    assert montage.shape_px == mosaic.shape
+    assert (montage.pieces[0].row_px, montage.pieces[0].col_px) == (0, 0)
+    np.testing.assert_array_equal(montage.to_array(), mosaic)
+    # two tiles claiming one row and column are still refused
+    tifffile.imwrite(tmp_path / name.format(r=3, c=2, i=99), tiles[0])
+    with pytest.raises(MontageFormatError, match="both claim row 3, col 2"):
+        open_montage(tmp_path)
+
+
 def test_tile_folder_with_smaller_edge_tiles_and_gap(tmp_path: Path) -> None:
     mosaic = _mosaic(70, 90, np.uint16)
     # 2x2 grid of 40x50 steps, the last row/col cut short; tile (1, 1) missing

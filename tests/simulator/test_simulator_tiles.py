@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -169,3 +171,26 @@ def test_overlapping_tiles_are_placed_with_the_overlap(tmp_path: Path) -> None:
     out = tmp_path / "snap.tif"
     assert main(["simulate", "snapshot", "--tiles", str(folder), "--pixel-size-um", "0.3", "--overlap", "0.2",
                  "--camera-px", "32", "--out", str(out)]) == 0
+
+
+@pytest.mark.parametrize("index_digits", [6, 3])
+def test_screen_accepts_the_2018_study_tile_naming(tmp_path: Path, index_digits: int) -> None:
+    """`screen --tiles` on `Tile_RRR-CCC-<index>_0-000.tif` tiles whose rows start at 3: one clean session."""
+    source = create_simulated_microscope(specimen_type="graphite-flakes", seed=5, camera_shape_px=(768, 768))
+    source.set_preset("atlas")
+    image = np.asarray(source.acquire(0.5).image, dtype=np.float64)
+    image8 = (np.clip(image / np.percentile(image, 99.9), 0, 1) * 255).astype(np.uint8)
+    folder = tmp_path / "tiles"
+    folder.mkdir()
+    for i in range(4):
+        r, c = divmod(i, 2)
+        name = f"Tile_{r + 3:03d}-{c + 1:03d}-{i:0{index_digits}d}_0-000.tif"
+        tifffile.imwrite(folder / name, image8[r * 384 : (r + 1) * 384, c * 384 : (c + 1) * 384])
+    done = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "screen", "--tiles", str(folder), "--pixel-size-um", "0.3",
+         "--camera-px", "384", "--max-targets", "1", "--no-labels", "--out", str(tmp_path / "session")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "prefixes" not in done.stderr and "Traceback" not in done.stderr
+    assert (tmp_path / "session" / "summary.json").is_file()
