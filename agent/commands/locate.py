@@ -95,6 +95,28 @@ def _parse_reference(text: str) -> tuple[float, float]:
     return row, col
 
 
+def _check_references(texts: Sequence[str] | None, image_shape: tuple[int, ...]) -> None:
+    """`CommandError` for a `--reference` pixel outside the image (rows 0..H-1, columns 0..W-1)."""
+    rows, cols = image_shape[0], image_shape[1]
+    for text in texts or ():
+        row, col = _parse_reference(text)
+        if not (0 <= row < rows and 0 <= col < cols):
+            raise CommandError(
+                f"--reference {text}: outside the image ({rows} rows x {cols} columns; "
+                f"ROW must be 0..{rows - 1}, COL 0..{cols - 1})"
+            )
+
+
+def _check_out_dir(out: Path) -> None:
+    """`CommandError` unless `out` is a folder or can be made one (the nearest existing path is a folder)."""
+    for path in (out, *out.parents):
+        if path.exists():
+            if path.is_dir():
+                return
+            where = "" if path == out else f" {path}"
+            raise CommandError(f"--out {out}:{where} is a file, not a folder")
+
+
 def load_input(path_text: str, pixel_size_um: float | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """The image (2-D array, stored dtype) and what is known about its place: `stage_xy_um`, `preset`,
     `pixel_size_um`, `matrix_um_per_px` (montages with stage positions). Raises `CommandError`."""
@@ -187,9 +209,13 @@ def candidates_to_stage(
 def run(args: argparse.Namespace) -> int:
     """Handler of `crystal-locator locate`."""
     started = time.perf_counter()
+    _check_out_dir(Path(args.out))
+    for text in args.reference or ():
+        _parse_reference(text)
     image, info = load_input(args.image, args.pixel_size_um)
     if image.dtype == np.bool_ or image.dtype.kind not in "uif":
         raise CommandError(f"{args.image}: unsupported pixel type {image.dtype}; use an integer or float image")
+    _check_references(args.reference, image.shape)
     settings = _settings_from_args(args)
     located = _locate(image, settings, args)
     candidates = located.candidates
