@@ -261,6 +261,16 @@ def _option_error(exc: Any) -> str:
     return f"{_OPTION_OF_FIELD.get(field, field)} {error['input']!r}: {error['msg']}"
 
 
+def _check_out_folder(out: Path) -> None:
+    """`CommandError` unless `out` is a folder or can be made one (the nearest existing path is a folder)."""
+    for path in (out, *out.parents):
+        if path.exists():
+            if path.is_dir():
+                return
+            where = "" if path == out else f" {path}"
+            raise CommandError(f"--out {out}:{where} is a file, not a session folder")
+
+
 def run_screen(args: argparse.Namespace) -> int:
     """Handler of `crystal-locator screen`."""
     from rich.console import Console
@@ -269,6 +279,8 @@ def run_screen(args: argparse.Namespace) -> int:
     from agent.session.journal import read_journal
     from agent.session.progress import summary_table
 
+    if args.resume is None and args.out is not None:
+        _check_out_folder(args.out)
     source = _source_from_args(args)
     session_dir = args.resume or args.out or Path("sessions") / datetime.now().strftime("%Y%m%d-%H%M%S")
     if args.resume is None and (session_dir / "journal.jsonl").exists() and read_journal(session_dir / "journal.jsonl"):
