@@ -484,6 +484,21 @@ _AUTH_FAILURE_EVENTS = (
 )
 
 
+def _call_name(method: str) -> str:
+    """`method` as a user reads it: the connection handshake is not one of the microscope's calls."""
+    return "the connection handshake" if method == HELLO_METHOD else method
+
+
+def _timeout_message(endpoint: str, method: str, timeout_s: float, attempts: int) -> str:
+    """'no answer from ENDPOINT [to METHOD] within N s (k attempts)', and what to check."""
+    call = "" if method == HELLO_METHOD else f" to {method}"
+    plural = "" if attempts == 1 else "s"
+    return (
+        f"no answer from {endpoint}{call} within {timeout_s:g} s ({attempts} attempt{plural}). "
+        "Check that `crystal-locator bridge serve` runs there and the network is up."
+    )
+
+
 class BridgeClient:
     """A `Microscope` on the far side of a `BridgeServer`.
 
@@ -628,8 +643,8 @@ class BridgeClient:
                         header = new_request(method, params, idempotent=True)
                     else:
                         header = header.model_copy(update={"server_id": first_server_id or self.server_id})
-                    logger.warning("%s: no answer to %s in %.1f s; resending (attempt %d of %d)",
-                                   self.endpoint, method, timeout_s, attempt + 1, self._retries + 1)
+                    logger.warning("%s: no answer to %s in %.1f s; resending (attempt %d of %d)", self.endpoint,
+                                   _call_name(method), timeout_s, attempt + 1, self._retries + 1)
                 self._socket.send_multipart([b"", encode_header(header)])
                 reply = self._await_reply(header, timeout_s)
                 if reply is not _NO_REPLY:
@@ -640,10 +655,7 @@ class BridgeClient:
                     return reply
                 self._check_auth_failure()
                 self._reconnect()
-            raise BridgeTimeout(
-                f"{self.endpoint} did not answer {method} within {timeout_s:.1f} s ({self._retries + 1} attempts). "
-                "Check that `crystal-locator bridge serve` runs there and the network is up."
-            )
+            raise BridgeTimeout(_timeout_message(self.endpoint, method, timeout_s, self._retries + 1))
 
     def _await_reply(self, header: RequestHeader, timeout_s: float) -> Any:
         """The decoded result for `header`, `_NO_REPLY` on timeout; raises the remote error if there was one."""

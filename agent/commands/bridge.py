@@ -209,7 +209,8 @@ def _ping(args: argparse.Namespace) -> int:
                 "rtt_ms": {"min": min(times_ms), "median": statistics.median(times_ms), "max": max(times_ms)},
             }
     except MicroscopeError as exc:
-        raise CommandError(f"{args.endpoint}: {exc}") from exc
+        message = str(exc)
+        raise CommandError(message if args.endpoint in message else f"{args.endpoint}: {message}") from exc
     if args.json:
         print(json.dumps(report))
     else:

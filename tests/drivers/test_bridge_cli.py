@@ -33,9 +33,18 @@ def test_serve_refuses_a_public_endpoint_without_curve(capsys: pytest.CaptureFix
     assert "requires CURVE" in capsys.readouterr().err
 
 
-def test_ping_without_a_server_fails_clearly(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["bridge", "ping", "tcp://127.0.0.1:9", "--timeout-s", "0.2", "--count", "1"]) == 2
-    assert "did not answer" in capsys.readouterr().err
+def test_ping_without_a_server_fails_clearly() -> None:
+    """One line in user terms: what did not answer, how long was waited, how many attempts (no internal names)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "bridge", "ping", "tcp://127.0.0.1:9", "--timeout-s", "0.2"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("crystal-locator: error: no answer from tcp://127.0.0.1:9 within 0.2 s (1 attempt).")
+    assert "_hello" not in done.stderr and "attempts" not in done.stderr
+    assert lines[0].count("tcp://127.0.0.1:9") == 1
 
 
 def _read_lines(stream: object, lines: queue.Queue[str]) -> None:
