@@ -52,11 +52,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import stat
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -168,6 +170,7 @@ class BridgeServer:
         self.stats = ServerStats()
         self._endpoint: str | None = None
         self._event_endpoint: str | None = None
+        self._ipc_files: list[tuple[Path, int, int]] = []  # socket files this server bound: removed on stop
         self._context: zmq.Context | None = None
         self._authenticator: AllowListAuthenticator | None = None
         self._thread: threading.Thread | None = None
@@ -243,14 +246,14 @@ class BridgeServer:
         router.setsockopt(zmq.MAXMSGSIZE, self._max_message_bytes)
         if self._curve_keys is not None:
             configure_curve_server(router, self._curve_keys)
-        self._endpoint = _bind(router, self._requested_endpoint)
+        self._endpoint = _bind(router, self._requested_endpoint, self._ipc_files)
         publisher = None
         if self._requested_event_endpoint is not None:
             publisher = context.socket(zmq.PUB)
             publisher.linger = 0
             if self._curve_keys is not None:
                 configure_curve_server(publisher, self._curve_keys)
-            self._event_endpoint = _bind(publisher, self._requested_event_endpoint)
+            self._event_endpoint = _bind(publisher, self._requested_event_endpoint, self._ipc_files)
         pull = context.socket(zmq.PULL)
         pull.linger = 0
         pull.rcvhwm = 0
@@ -287,6 +290,7 @@ class BridgeServer:
         if self._context is not None:
             self._context.destroy(linger=0)
             self._context = None
+        _remove_ipc_files(self._ipc_files)
 
     def __enter__(self) -> BridgeServer:
         return self.start() if self._thread is None else self
@@ -444,13 +448,38 @@ def _server_security(
     return keys, allowed
 
 
-def _bind(socket: zmq.Socket, endpoint: str) -> str:
-    """Bind `socket` to `endpoint`; the bound address (the real port when bound to port 0)."""
+def _bind(socket: zmq.Socket, endpoint: str, ipc_files: list[tuple[Path, int, int]]) -> str:
+    """Bind `socket` to `endpoint`; the bound address (the real port when bound to port 0).
+
+    An `ipc://` socket file it creates is added to `ipc_files` as (path, device, inode), for
+    `_remove_ipc_files` to delete after the socket is closed.
+    """
     try:
         socket.bind(endpoint)
     except zmq.ZMQError as exc:
         raise BridgeError(f"cannot bind {endpoint}: {exc}. Is another server running there?") from exc
-    return socket.getsockopt(zmq.LAST_ENDPOINT).decode("ascii")
+    bound = socket.getsockopt(zmq.LAST_ENDPOINT).decode("ascii")
+    if bound.startswith("ipc://") and not bound.startswith("ipc://@"):  # '@': Linux abstract, no file
+        path = Path(bound[len("ipc://"):])
+        with contextlib.suppress(OSError):
+            st = path.stat()
+            if stat.S_ISSOCK(st.st_mode):
+                ipc_files.append((path, st.st_dev, st.st_ino))
+    return bound
+
+
+def _remove_ipc_files(ipc_files: list[tuple[Path, int, int]]) -> None:
+    """Delete the socket files in `ipc_files` (and empty the list): only the very files bound, not a file
+    another process has put at the same path since."""
+    while ipc_files:
+        path, device, inode = ipc_files.pop()
+        try:
+            st = path.lstat()
+            if stat.S_ISSOCK(st.st_mode) and (st.st_dev, st.st_ino) == (device, inode):
+                path.unlink()
+        except OSError as exc:
+            if not isinstance(exc, FileNotFoundError):
+                logger.warning("could not remove the socket file %s: %s", path, exc)
 
 
 def _drain(socket: zmq.Socket, handle: Callable[[list[zmq.Frame]], None], limit: int = 64) -> None:

@@ -109,3 +109,36 @@ def test_serve_stops_cleanly_on_ctrl_c() -> None:
         if process.poll() is None:
             process.kill()
             process.wait(timeout=10.0)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="ipc:// endpoints are Unix sockets")
+def test_serve_on_ipc_removes_its_socket_files_on_stop(tmp_path: Path) -> None:
+    sockets = tmp_path / "sockets"
+    sockets.mkdir()
+    (sockets / "keep.txt").write_text("not the server's")
+    stderr_path = tmp_path / "stderr.txt"
+    with stderr_path.open("w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "agent.cli", "bridge", "serve", "--simulated", "--camera-px", "64",
+             "--endpoint", f"ipc://{sockets}/bridge.sock", "--event-endpoint", f"ipc://{sockets}/events.sock"],
+            stdout=subprocess.PIPE, stderr=stderr, text=True,
+        )
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=_read_lines, args=(process.stdout, lines), daemon=True).start()
+    try:
+        first = lines.get(timeout=60.0)
+        assert "serving" in first, first
+        assert {p.name for p in sockets.iterdir()} == {"bridge.sock", "events.sock", "keep.txt"}
+        ping = subprocess.run(
+            [sys.executable, "-m", "agent.cli", "bridge", "ping", f"ipc://{sockets}/bridge.sock", "--count", "1"],
+            capture_output=True, text=True, timeout=60,
+        )
+        assert ping.returncode == 0, ping.stderr
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=20.0) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10.0)
+    assert "Traceback" not in stderr_path.read_text()
+    assert [p.name for p in sockets.iterdir()] == ["keep.txt"]

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import random
 import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -521,3 +523,17 @@ def test_curve_allowed_key_works_and_unknown_keys_get_nothing(microscope: Micros
         with pytest.raises(AuthenticationError):
             BridgeClient(server.endpoint, timeout_s=0.5, retries=0)  # no CURVE at all
         assert server.stats.requests == served  # nothing from the refused clients reached the handler
+
+
+@pytest.mark.skipif(os.name != "posix", reason="ipc:// endpoints are Unix sockets")
+def test_stop_removes_only_the_socket_file_it_bound(microscope: Microscope, tmp_path: Path) -> None:
+    path = tmp_path / "bridge.sock"
+    with BridgeServer(microscope, f"ipc://{path}") as server:
+        assert server.endpoint == f"ipc://{path}" and path.is_socket()
+    assert not path.exists()
+    # a file put at the path after binding is someone else's: it stays
+    server = BridgeServer(microscope, f"ipc://{path}").start()
+    path.unlink()
+    path.write_text("another program's file")
+    server.stop()
+    assert path.read_text() == "another program's file"
