@@ -148,22 +148,17 @@ def demo_microscope(seed: int = 0, camera_px: int = DEMO_CAMERA_PX, specimen: st
     """The demo's microscope (a simulated `specimen`, `camera_px` square camera, seeded) and a calibration
     of it (its true image -> stage matrices, as a calibration store would hold for an instrument)."""
     from agent.config import PresetNames
-    from agent.steps.stage_calibration import CalibrationSet, PresetCalibration, describe_matrix
+    from agent.steps.stage_calibration import CalibrationSet, PresetCalibration
     from simulator import create_simulated_microscope
 
     microscope = create_simulated_microscope(specimen, seed=seed, camera_shape_px=(camera_px, camera_px))
     info = microscope.info()
     calibration = CalibrationSet(instrument=info.name)
     for preset in PresetNames().model_dump().values():
-        matrix = microscope.true_image_to_stage_matrix(preset)
-        rotation_deg, scale_um_per_px, flipped = describe_matrix(matrix)
-        measured = PresetCalibration(
-            preset=preset,
-            matrix_um_per_px=(tuple(matrix[0]), tuple(matrix[1])),
-            nominal_pixel_size_um=info.preset(preset).pixel_size_um,
-            rotation_deg=rotation_deg,
-            scale_um_per_px=scale_um_per_px,
-            flipped=flipped,
+        measured = PresetCalibration.from_matrix(
+            preset,
+            microscope.true_image_to_stage_matrix(preset),
+            info.preset(preset).pixel_size_um,
             residual_px=0.0,
             shift_um=0.0,
             stage_xy_um=(0.0, 0.0),

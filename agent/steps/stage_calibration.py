@@ -77,6 +77,35 @@ class PresetCalibration(BaseModel):
         """A as a (2, 2) float64 array, um per pixel."""
         return np.asarray(self.matrix_um_per_px, dtype=np.float64)
 
+    @classmethod
+    def from_matrix(
+        cls,
+        preset: str,
+        matrix_um_per_px: np.ndarray,
+        nominal_pixel_size_um: float,
+        *,
+        residual_px: float,
+        shift_um: float,
+        stage_xy_um: tuple[float, float],
+        measured_utc: str,
+    ) -> PresetCalibration:
+        """The calibration of `preset` whose matrix A (2, 2; um per px) is given; its rotation, column scales
+        and handedness are read off A (`describe_matrix`)."""
+        matrix = np.asarray(matrix_um_per_px, dtype=np.float64)
+        rotation_deg, scales, flipped = describe_matrix(matrix)
+        return cls(
+            preset=preset,
+            matrix_um_per_px=((float(matrix[0, 0]), float(matrix[0, 1])), (float(matrix[1, 0]), float(matrix[1, 1]))),
+            nominal_pixel_size_um=nominal_pixel_size_um,
+            rotation_deg=rotation_deg,
+            scale_um_per_px=scales,
+            flipped=flipped,
+            residual_px=residual_px,
+            shift_um=shift_um,
+            stage_xy_um=stage_xy_um,
+            measured_utc=measured_utc,
+        )
+
     @field_validator("matrix_um_per_px")
     @classmethod
     def _invertible(
@@ -354,13 +383,10 @@ def _checked_calibration(
         flipped,
         residual_px,
     )
-    return PresetCalibration(
-        preset=preset,
-        matrix_um_per_px=((float(matrix[0, 0]), float(matrix[0, 1])), (float(matrix[1, 0]), float(matrix[1, 1]))),
-        nominal_pixel_size_um=pixel_size_um,
-        rotation_deg=rotation_deg,
-        scale_um_per_px=scales,
-        flipped=flipped,
+    return PresetCalibration.from_matrix(
+        preset,
+        matrix,
+        pixel_size_um,
         residual_px=residual_px,
         shift_um=shift_um,
         stage_xy_um=(float(x0), float(y0)),

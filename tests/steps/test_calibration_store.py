@@ -22,7 +22,7 @@ from agent.config import AreaPlan, ScreeningPlan, TargetingPlan
 from agent.session.journal import read_journal
 from agent.session.screening import ScreeningSession, SessionError
 from agent.steps.calibration_store import CalibrationStore, CalibrationStoreError
-from agent.steps.stage_calibration import CALIBRATION_NAME, CalibrationSet, PresetCalibration, describe_matrix
+from agent.steps.stage_calibration import CALIBRATION_NAME, CalibrationSet, PresetCalibration
 from simulator import create_simulated_microscope
 from simulator.microscope import SimulatedMicroscope
 
@@ -38,14 +38,10 @@ def _microscope(seed: int = 2, **options: Any) -> SimulatedMicroscope:
 def _preset(
     name: str, matrix: np.ndarray, pixel_size_um: float, measured_utc: str = "2026-01-01T00:00:00+00:00"
 ) -> PresetCalibration:
-    rotation_deg, scales, flipped = describe_matrix(matrix)
-    return PresetCalibration(
-        preset=name,
-        matrix_um_per_px=((matrix[0, 0], matrix[0, 1]), (matrix[1, 0], matrix[1, 1])),
-        nominal_pixel_size_um=pixel_size_um,
-        rotation_deg=rotation_deg,
-        scale_um_per_px=scales,
-        flipped=flipped,
+    return PresetCalibration.from_matrix(
+        name,
+        matrix,
+        pixel_size_um,
         residual_px=0.5,
         shift_um=10.0,
         stage_xy_um=(0.0, 0.0),
