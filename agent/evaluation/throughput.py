@@ -24,10 +24,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-#: Session states paid once per session, before the first target (as `agent.session.timing` counts them).
-FIXED_STATES: tuple[str, ...] = ("calibrating", "mapping", "locating", "labelling", "targeting")
-#: States of a target visit.
-TARGET_STATES: tuple[str, ...] = ("moving", "zooming", "confirming", "diffraction", "recording")
+from agent.session.records import Transition
+from agent.session.states import TARGET_STATES
+from agent.session.timing import FIXED_STATES, StateTimes
 
 CrystalAt = Callable[[float, float], int]
 
@@ -90,28 +89,14 @@ def fixed_share(fixed_time_s: Mapping[str, float], total_s: float) -> float | No
 
 def state_seconds(records: Iterable[Mapping[str, Any]], end_s: float | None = None) -> dict[str, float]:
     """Microscope seconds per state from a journal's `transition` records (dicts with `type`, `state`,
-    `microscope_time_s`); a state runs until the next transition, the last one until `end_s` if given.
-    Faults recovered during a visit count as the visit's (`moving`), as the session's own summary does."""
-    seconds: dict[str, float] = {}
-    state: str | None = None
-    since_s = 0.0
-    in_target = False
+    `microscope_time_s`), counted as the session's own summary counts them (`agent.session.timing.StateTimes`:
+    a state runs until the next transition, faults recovered during a visit count as the visit's `moving`);
+    the last state runs until `end_s` if given."""
+    times = StateTimes()
     for record in records:
-        if record.get("type") != "transition" or record.get("microscope_time_s") is None:
-            continue
-        now_s = float(record["microscope_time_s"])
-        if state is not None:
-            key = "moving" if state == "recovering" and in_target else state
-            seconds[key] = seconds.get(key, 0.0) + max(0.0, now_s - since_s)
-        new_state = str(record.get("state"))
-        if new_state in TARGET_STATES:
-            in_target = True
-        elif new_state in FIXED_STATES:
-            in_target = False
-        state, since_s = new_state, now_s
-    if state is not None and end_s is not None:
-        seconds[state] = seconds.get(state, 0.0) + max(0.0, end_s - since_s)
-    return seconds
+        if record.get("type") == "transition" and record.get("microscope_time_s") is not None:
+            times(Transition(state=str(record.get("state")), microscope_time_s=float(record["microscope_time_s"])))
+    return times.seconds_now(end_s) if end_s is not None else dict(times.seconds)
 
 
 def split_session_time(seconds: Mapping[str, float], visited: int) -> tuple[dict[str, float], float | None]:
