@@ -82,6 +82,17 @@ def _runner(engine: ScriptedEngine, max_retries: int = 2, max_faults: int = 10) 
     return runner, records
 
 
+def _run_until_paused(runner: Runner, timeout_s: float = 10.0) -> threading.Thread:
+    """Start `runner.run()` in a thread and return it once the runner is paused (asserted)."""
+    thread = threading.Thread(target=runner.run)
+    thread.start()
+    deadline = time.monotonic() + timeout_s
+    while runner.state != "paused" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert runner.state == "paused"
+    return thread
+
+
 def _of(records: list[Record], kind: type[Record]) -> list[Record]:
     return [r for r in records if isinstance(r, kind)]
 
@@ -153,12 +164,8 @@ def test_a_lost_bridge_pauses_until_the_microscope_answers_and_then_carries_on()
     engine.errors[("zooming", "T002")].append(BridgeTimeout("tcp://127.0.0.1:5555 did not answer acquire"))
     engine.microscope_answers = False
     runner, records = _runner(engine)
-    thread = threading.Thread(target=runner.run)
-    thread.start()
+    thread = _run_until_paused(runner)
     deadline = time.monotonic() + 10
-    while runner.state != "paused" and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert runner.state == "paused"
     while engine.probes < 3 and time.monotonic() < deadline:
         time.sleep(0.01)
     assert runner.state == "paused"  # still gone: stays paused, probing
@@ -176,11 +183,7 @@ def test_an_operator_can_resume_or_abort_a_session_paused_for_a_lost_bridge() ->
     engine.errors[("mapping", None)].append(BridgeTimeout("gone"))
     engine.microscope_answers = False
     runner, _records = _runner(engine)
-    thread = threading.Thread(target=runner.run)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while runner.state != "paused" and time.monotonic() < deadline:
-        time.sleep(0.01)
+    thread = _run_until_paused(runner)
     runner.request_abort()
     thread.join(timeout=10)
     assert runner.state == "aborted" and engine.finished == {}
@@ -231,11 +234,7 @@ def test_an_operator_resume_while_paused_for_a_lost_bridge_runs_the_failed_step_
     engine.errors[("mapping", None)].append(BridgeTimeout("gone"))
     engine.microscope_answers = False
     runner, records = _runner(engine)
-    thread = threading.Thread(target=runner.run)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while runner.state != "paused" and time.monotonic() < deadline:
-        time.sleep(0.01)
+    thread = _run_until_paused(runner)
     runner.request_resume()  # the operator knows better than the probe
     thread.join(timeout=10)
     assert runner.state == "done" and engine.calls.count(("mapping", None)) == 2
