@@ -32,7 +32,7 @@ is an error that names the line (`JournalError`).
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
@@ -278,7 +278,7 @@ RECORD_ADAPTER: TypeAdapter[AnyRecord] = TypeAdapter(AnyRecord)
 
 #: The `type` of every record this release reads.
 KNOWN_TYPES: frozenset[str] = frozenset(
-    model.model_fields["type"].default for model in AnyRecord.__origin__.__args__  # type: ignore[attr-defined]
+    model.model_fields["type"].default for model in get_args(get_args(AnyRecord)[0])
 )
 
 
