@@ -188,6 +188,14 @@ class MicroscopeInfo(BaseModel):
     stage_limits: StageLimits
     software_version: str
     simulated: bool = False
+    image_shift_limit_um: float = Field(
+        default=0.0,
+        ge=0.0,
+        description=(
+            "largest image shift (specimen um from the stage position, each axis) the driver applies with "
+            "`set_image_shift`; 0: the driver has no image shift (the optional `ImageShiftMicroscope` capability)"
+        ),
+    )
 
     def preset(self, name: str) -> OpticsPreset:
         """The preset called `name`; raises `PresetError` if there is none."""
@@ -212,7 +220,15 @@ class FrameMetadata(BaseModel):
     exposure_s: float = Field(ge=0)
     time_s: float = Field(description="microscope clock (Microscope.microscope_time_s) at the end of exposure")
     instrument: str = ""
+    image_shift_xy_um: tuple[float, float] = Field(
+        default=(0.0, 0.0), description="image shift at the exposure, specimen um along the stage axes"
+    )
     extra: dict[str, Any] = Field(default_factory=dict, description="driver-specific, JSON-serialisable")
+
+    @property
+    def view_xy_um(self) -> tuple[float, float]:
+        """Stage (x_um, y_um) at the centre of the frame: the stage position plus the image shift."""
+        return (self.stage.x_um + self.image_shift_xy_um[0], self.stage.y_um + self.image_shift_xy_um[1])
 
 
 @dataclass(frozen=True)
@@ -357,6 +373,57 @@ MICROSCOPE_METHODS: tuple[str, ...] = (
     "acquire",
     "acquire_diffraction",
 )
+
+
+@runtime_checkable
+class ImageShiftMicroscope(Microscope, Protocol):
+    """A `Microscope` that can also shift the imaged and illuminated area off the stage position (image shift
+    with its compensating beam shift), an optional capability: `info().image_shift_limit_um > 0` says a driver
+    has it. Shifts are specimen micrometres along the stage axes, so that the area seen by `acquire` and
+    `acquire_diffraction` is centred at the stage position plus the shift (`FrameMetadata.view_xy_um`).
+
+    A shift is much faster than a stage move and has no backlash; it holds until set again (a stage move
+    leaves it as it is).
+    """
+
+    def get_image_shift(self) -> tuple[float, float]:
+        """The current image shift (x_um, y_um)."""
+        ...
+
+    def set_image_shift(self, x_um: float, y_um: float) -> None:
+        """Set the image shift (absolute, um). `InvalidParameterError` beyond `image_shift_limit_um` on an axis
+        or for a value that is not a finite number; nothing changes then."""
+        ...
+
+
+#: Method names of the image-shift capability (bridge and conformance tests).
+IMAGE_SHIFT_METHODS: tuple[str, ...] = ("get_image_shift", "set_image_shift")
+
+
+def image_shift_limit_um(microscope: Microscope, info: MicroscopeInfo | None = None) -> float:
+    """How far (um per axis) `microscope` can shift the image: its `image_shift_limit_um` when it has the
+    image-shift methods, else 0 (move the stage instead)."""
+    limit = (info or microscope.info()).image_shift_limit_um
+    if limit <= 0 or not all(callable(getattr(microscope, name, None)) for name in IMAGE_SHIFT_METHODS):
+        return 0.0
+    return float(limit)
+
+
+def check_image_shift_um(x_um: float, y_um: float, limit_um: float) -> tuple[float, float]:
+    """Validate an image shift (um); `InvalidParameterError` for a non-number or beyond `limit_um` per axis."""
+    values = []
+    for axis, value in (("x_um", x_um), ("y_um", y_um)):
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise InvalidParameterError(f"image shift {axis} must be a number (um), got {type(value).__name__}")
+        if not math.isfinite(float(value)):
+            raise InvalidParameterError(f"image shift {axis} must be finite, got {value}")
+        if abs(float(value)) > limit_um + 1e-9:
+            raise InvalidParameterError(
+                f"image shift {axis}={float(value):.2f} um is beyond this microscope's limit of +-{limit_um:g} um; "
+                "move the stage instead"
+            )
+        values.append(float(value))
+    return values[0], values[1]
 
 
 def check_exposure_s(exposure_s: float, max_exposure_s: float = 600.0) -> float:

@@ -102,7 +102,10 @@ class CallRunner:
             if spec.name == HELLO_METHOD:
                 result: Any = self._hello(params).model_dump(mode="json")
             else:
-                value = getattr(self._microscope, spec.name)(**params.model_dump())
+                method = getattr(self._microscope, spec.name, None)
+                if not callable(method):
+                    raise MicroscopeError(f"this microscope has no {spec.name} (an optional capability it lacks)")
+                value = method(**params.model_dump())
                 self._stats.count_executed(spec.name)
                 result, raw_arrays = encode_value(value)
                 descriptors, arrays = encode_arrays(raw_arrays)

@@ -42,6 +42,7 @@ from pydantic import (
 
 from drivers.base import (
     ERROR_TYPES,
+    IMAGE_SHIFT_METHODS,
     MICROSCOPE_METHODS,
     BridgeError,
     Frame,
@@ -56,7 +57,7 @@ from drivers.base import (
 )
 
 #: Version of this wire protocol. Client and server must agree exactly.
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: the image-shift capability (methods and MicroscopeInfo/FrameMetadata fields)
 
 #: Name of the handshake method (not a microscope method).
 HELLO_METHOD = "_hello"
@@ -232,6 +233,22 @@ class AcquireParams(BaseModel):
         return value
 
 
+class SetImageShiftParams(BaseModel):
+    """`set_image_shift`: the shift in specimen micrometres along the stage axes (range checked by the microscope)."""
+
+    model_config = _PARAMS
+
+    x_um: float
+    y_um: float
+
+    @field_validator("x_um", "y_um")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("an image shift must be finite")
+        return value
+
+
 class HelloParams(BaseModel):
     """The handshake: the client's protocol version and a name for the server's log."""
 
@@ -305,10 +322,13 @@ METHOD_SPECS: dict[str, MethodSpec] = {
         MethodSpec("is_beam_blanked", NoParams, "read", True, _quick),
         MethodSpec("acquire", AcquireParams, "control", False, _acquire_timeout, ("stage",)),
         MethodSpec("acquire_diffraction", AcquireParams, "control", False, _acquire_timeout, ("stage",)),
+        # the optional image-shift capability (drivers.base.ImageShiftMicroscope)
+        MethodSpec("get_image_shift", NoParams, "read", True, _quick),
+        MethodSpec("set_image_shift", SetImageShiftParams, "control", True, _quick, ("optics",)),
     )
 }
 
-assert set(MICROSCOPE_METHODS) <= set(METHOD_SPECS), "every Microscope method needs a MethodSpec"
+assert set(MICROSCOPE_METHODS) | set(IMAGE_SHIFT_METHODS) <= set(METHOD_SPECS), "every method needs a MethodSpec"
 
 
 def validate_params(method: str, params: dict[str, Any]) -> BaseModel:
@@ -338,7 +358,8 @@ VALUE_TYPES: dict[str, type[BaseModel]] = {
 def encode_value(value: Any) -> tuple[JsonValue, list[np.ndarray]]:
     """Encode a method result as JSON plus the arrays that travel as binary frames.
 
-    Accepts None, bool, int, float (finite), str, the `drivers.base` models and `Frame`.
+    Accepts None, bool, int, float (finite), str, a pair of finite numbers (e.g. an image shift in um, as
+    `{"$type": "Pair", "value": [x, y]}`), the `drivers.base` models and `Frame`.
     """
     if value is None or isinstance(value, (bool, int, str)):
         return value, []
@@ -346,12 +367,20 @@ def encode_value(value: Any) -> tuple[JsonValue, list[np.ndarray]]:
         if not math.isfinite(value):
             raise MalformedMessageError(f"cannot send the non-finite number {value}")
         return value, []
+    if isinstance(value, tuple) and len(value) == 2 and all(_finite_number(v) for v in value):
+        return {"$type": "Pair", "value": [float(value[0]), float(value[1])]}, []
     if isinstance(value, Frame):
         return {"$type": "Frame", "metadata": value.metadata.model_dump(mode="json"), "image": 0}, [value.image]
     name = type(value).__name__
     if isinstance(value, BaseModel) and VALUE_TYPES.get(name) is type(value):
         return {"$type": name, "value": value.model_dump(mode="json")}, []
     raise MalformedMessageError(f"cannot send a value of type {name} over the bridge")
+
+
+def _finite_number(value: object) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) and math.isfinite(
+        float(value)  # type: ignore[arg-type]
+    )
 
 
 def decode_value(obj: JsonValue, arrays: Sequence[np.ndarray]) -> Any:
@@ -368,6 +397,11 @@ def decode_value(obj: JsonValue, arrays: Sequence[np.ndarray]) -> Any:
                 raise MalformedMessageError(f"Frame refers to array {index!r}, but the message has {len(arrays)}")
             metadata = FrameMetadata.model_validate(obj.get("metadata"))
             return Frame(image=arrays[index], metadata=metadata)
+        if tag == "Pair":
+            pair = obj.get("value")
+            if not isinstance(pair, list) or len(pair) != 2 or not all(_finite_number(v) for v in pair):
+                raise MalformedMessageError(f"a Pair must hold two finite numbers, got {pair!r}")
+            return (float(pair[0]), float(pair[1]))  # type: ignore[arg-type]
         cls = VALUE_TYPES.get(tag) if isinstance(tag, str) else None
         if cls is None:
             raise MalformedMessageError(f"unknown value type {tag!r}")

@@ -49,6 +49,7 @@ from drivers.base import (
     StageMoveError,
     StagePosition,
     check_exposure_s,
+    check_image_shift_um,
     resolve_stage_target,
 )
 
@@ -101,6 +102,22 @@ class TemscriptConfig(BaseModel):
     int16_images: Literal["clip", "reinterpret"] = Field(
         default="clip",
         description="signed 16-bit camera data: clip negatives to 0, or reinterpret the bits as uint16",
+    )
+    image_shift_limit_um: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=100.0,
+        description=(
+            "largest image shift per axis (specimen um) the agent may use instead of a stage move; 0 (default) "
+            "turns the capability off. Set it only after checking `image_shift_matrix` on the instrument"
+        ),
+    )
+    image_shift_matrix: tuple[tuple[float, float], tuple[float, float]] = Field(
+        default=((1.0, 0.0), (0.0, 1.0)),
+        description=(
+            "TEM Scripting's Projection.ImageShift (um, i.e. its metres x 1e6) per specimen um along the stage "
+            "axes; identity trusts the microscope's own image-shift calibration"
+        ),
     )
 
     @model_validator(mode="after")
@@ -192,6 +209,7 @@ class TemscriptMicroscope:
         self._preset_name: str | None = None
         self._move_thread: threading.Thread | None = None
         self._move_error: BaseException | None = None
+        self._image_shift_xy_um = (0.0, 0.0)
 
     @property
     def instrument(self) -> Any:
@@ -223,6 +241,7 @@ class TemscriptMicroscope:
             stage_limits=self.stage_limits(),
             software_version=f"temscript {temscript.version}",
             simulated=family == "NULL",
+            image_shift_limit_um=self.config.image_shift_limit_um,
         )
 
     def microscope_time_s(self) -> float:
@@ -354,6 +373,26 @@ class TemscriptMicroscope:
         """True if the beam is blanked."""
         return bool(self.instrument.get_beam_blanked())
 
+    def get_image_shift(self) -> tuple[float, float]:
+        """The image shift (x_um, y_um, specimen um along the stage axes) read back from Projection.ImageShift."""
+        raw = self.instrument.get_image_shift()  # temscript: (x, y) in metres
+        instrument_um = np.array([float(raw[0]), float(raw[1])]) * _UM_PER_M
+        x_um, y_um = np.linalg.solve(np.array(self.config.image_shift_matrix), instrument_um)
+        return (float(x_um), float(y_um))
+
+    def set_image_shift(self, x_um: float, y_um: float) -> None:
+        """Set Projection.ImageShift so that the view moves by (x_um, y_um) on the specimen; beyond
+        `image_shift_limit_um` (or with the capability off) `InvalidParameterError`."""
+        if self.config.image_shift_limit_um <= 0:
+            raise InvalidParameterError("image shift is off for this instrument (config image_shift_limit_um=0)")
+        shift = check_image_shift_um(x_um, y_um, self.config.image_shift_limit_um)
+        instrument_um = np.array(self.config.image_shift_matrix) @ np.array(shift)
+        try:
+            self.instrument.set_image_shift((float(instrument_um[0]) / _UM_PER_M, float(instrument_um[1]) / _UM_PER_M))
+        except Exception as exc:
+            raise MicroscopeError(f"setting the image shift to {shift} um failed: {exc}") from exc
+        self._image_shift_xy_um = shift
+
     # camera ---------------------------------------------------------------------------------------
     def _current_preset(self) -> TemscriptPreset:
         name = self.get_preset()
@@ -392,6 +431,7 @@ class TemscriptMicroscope:
             exposure_s=exposure_s,
             time_s=self.microscope_time_s(),
             instrument=self.config.instrument_name,
+            image_shift_xy_um=self._image_shift_xy_um,
             extra=extra,
         )
         return Frame(image=image, metadata=metadata)

@@ -815,6 +815,14 @@ class BridgeClient:
         """A diffraction pattern at the current position, `exposure_s` seconds."""
         return self._typed("acquire_diffraction", Frame, {"exposure_s": exposure_s})
 
+    def get_image_shift(self) -> tuple[float, float]:
+        """The image shift (x_um, y_um); `MicroscopeError` when the served microscope has none."""
+        return self._typed("get_image_shift", tuple)  # a Pair: the protocol checked its two finite numbers
+
+    def set_image_shift(self, x_um: float, y_um: float) -> None:
+        """Set the image shift (um, absolute); `InvalidParameterError` beyond the microscope's limit."""
+        self._call("set_image_shift", {"x_um": x_um, "y_um": y_um})
+
     def ping(self) -> float:
         """Round-trip time of one status call (`microscope_time_s`), seconds."""
         start = time.perf_counter()

@@ -26,6 +26,11 @@ before the next exposure after a preset change that changes the magnification; t
 before the snapshot and again before the next image; camera start + exposure + return per frame; beam
 blank; status polls. Delays before an exposure overlap with whatever happens meanwhile.
 
+Image shift (`set_image_shift`, the optional capability of `drivers.base.ImageShiftMicroscope`) moves the
+imaged and illuminated area off the stage position by up to `image_shift_limit_um` per axis (default 15 um,
+no published figure), with a 1 % gain error of the instrument's image-shift calibration; it costs the
+command overhead and `image_shift_s` before the next exposure.
+
 Stage z (height off the eucentric plane) adds to the preset's defocus: images blur by |defocus + z| x
 1 mrad. Limits of the model: alpha (tilt) is tracked, limited and timed but does not change the image
 (no foreshortening); a frame taken while the stage moves shows the position at the start of the
@@ -63,6 +68,7 @@ from drivers.base import (
 )
 from simulator.diffraction import DETECTOR_PIXEL_UM, render_diffraction
 from simulator.faults import FaultInjector, FaultPlan
+from simulator.image_shift import DEFAULT_IMAGE_SHIFT_LIMIT_UM, ImageShiftModel
 from simulator.imaging import CameraModel, OpticsErrors, Scene, SimPreset, render, true_matrix
 from simulator.keyed import ANGLE_QUANTUM_DEG, POSITION_QUANTUM_UM, TIME_QUANTUM_S, keyed_rng, quantise
 from simulator.specimen import Specimen
@@ -140,6 +146,47 @@ def seeded_optics_errors(names: Sequence[str], seed: int) -> dict[str, OpticsErr
     return errors
 
 
+def frame_metadata(
+    kind: str, preset: SimPreset, stage: StagePosition, exposure_s: float, time_s: float, blanked: bool,
+    instrument: str, extra: dict[str, Any],
+) -> FrameMetadata:
+    """The metadata of a simulated frame (`extra` gets the beam state and, for diffraction, the camera length
+    and beam diameter)."""
+    if blanked:
+        extra["beam_blanked"] = True
+    if kind == "diffraction":
+        extra["camera_length_mm"] = preset.optics.camera_length_mm
+        extra["beam_diameter_um"] = preset.beam_diameter_um
+    return FrameMetadata(
+        kind=kind,  # type: ignore[arg-type]
+        preset=preset.name,
+        magnification=preset.optics.magnification,
+        pixel_size_um=preset.pixel_size_um,
+        binning=preset.optics.binning,
+        stage=stage,
+        exposure_s=exposure_s,
+        time_s=time_s,
+        instrument=instrument,
+        extra=extra,
+    )
+
+
+def _check_arguments(specimen: object, camera_shape_px: tuple[int, int], instrument_seed: object, start_time_s: object
+                     ) -> None:
+    """`InvalidParameterError` for a `SimulatedMicroscope` argument it cannot work with."""
+    if len(camera_shape_px) != 2 or min(int(camera_shape_px[0]), int(camera_shape_px[1])) < 16:
+        raise InvalidParameterError(f"camera_shape_px must be (rows, cols) of >= 16 px each, got {camera_shape_px}")
+    if not isinstance(specimen, Specimen) and not callable(getattr(specimen, "transmission", None)):
+        raise InvalidParameterError(
+            f"specimen must be a simulator Specimen or a Scene with transmission(), got {type(specimen).__name__}"
+        )
+    integral = isinstance(instrument_seed, (int, np.integer)) and not isinstance(instrument_seed, bool)
+    if not integral or instrument_seed < 0:  # type: ignore[operator]
+        raise InvalidParameterError(f"instrument_seed must be a non-negative integer, got {instrument_seed!r}")
+    if isinstance(start_time_s, bool) or not isinstance(start_time_s, (int, float)) or not start_time_s >= 0:
+        raise InvalidParameterError(f"start_time_s must be a non-negative number of seconds, got {start_time_s!r}")
+
+
 class SimulatedMicroscope:
     """A simulated TEM implementing `drivers.base.Microscope` (see the module doc for presets and timing).
 
@@ -169,15 +216,9 @@ class SimulatedMicroscope:
         start_time_s: float = 0.0,
         start_stage: StagePosition | None = None,
         clock_profile: TimingProfile | str | None = None,
+        image_shift_limit_um: float = DEFAULT_IMAGE_SHIFT_LIMIT_UM,
     ) -> None:
-        if len(camera_shape_px) != 2 or min(int(camera_shape_px[0]), int(camera_shape_px[1])) < 16:
-            raise InvalidParameterError(
-                f"camera_shape_px must be (rows, cols) of at least 16 px each, got {camera_shape_px}"
-            )
-        if not isinstance(specimen, Specimen) and not callable(getattr(specimen, "transmission", None)):
-            raise InvalidParameterError(
-                f"specimen must be a simulator Specimen or a Scene with transmission(), got {type(specimen).__name__}"
-            )
+        _check_arguments(specimen, camera_shape_px, instrument_seed, start_time_s)
         self._scene = specimen
         self._seed = int(seed)
         self._timing = resolve_profile(clock_profile)
@@ -192,17 +233,12 @@ class SimulatedMicroscope:
         if not preset_list:
             raise InvalidParameterError("a simulated microscope needs at least one optics preset")
         self._presets = {p.name: p for p in preset_list}
-        integral = isinstance(instrument_seed, (int, np.integer)) and not isinstance(instrument_seed, bool)
-        if not integral or instrument_seed < 0:
-            raise InvalidParameterError(f"instrument_seed must be a non-negative integer, got {instrument_seed!r}")
         self._instrument_seed = int(instrument_seed)
         self._name = instrument_name(self._instrument_seed)
         errors = seeded_optics_errors(list(self._presets), self._instrument_seed)
         if optics_errors is not None:
             errors.update(optics_errors)
         self._errors = errors
-        if isinstance(start_time_s, bool) or not isinstance(start_time_s, (int, float)) or not start_time_s >= 0:
-            raise InvalidParameterError(f"start_time_s must be a non-negative number of seconds, got {start_time_s!r}")
         self._clock = VirtualClock(realtime=realtime, start_s=float(start_time_s))
         self._stage = SimulatedStage(self._clock, stage_limits or DEFAULT_STAGE_LIMITS,
                                      stage_model or self._timing.stage_model(), seed=self._seed, start=start_stage)
@@ -215,6 +251,7 @@ class SimulatedMicroscope:
             raise PresetError(f"unknown initial preset {self._preset_name!r}; known: {', '.join(self._presets)}")
         self._blanked = False
         self._frames = 0
+        self._image_shift = ImageShiftModel(image_shift_limit_um, self._instrument_seed)
 
     # ground truth (tests, evaluation, the simulated operator only) ---------------------------------
     @property
@@ -274,6 +311,7 @@ class SimulatedMicroscope:
             stage_limits=self._stage.limits,
             software_version=f"crystal-locator simulator {simulator.__version__}",
             simulated=True,
+            image_shift_limit_um=self._image_shift.limit_um,
         )
 
     def microscope_time_s(self) -> float:
@@ -338,6 +376,21 @@ class SimulatedMicroscope:
         with self._lock:
             self._preset_name = name
 
+    def get_image_shift(self) -> tuple[float, float]:
+        """The image shift (x_um, y_um) set last (specimen um along the stage axes)."""
+        return self._image_shift.shift_xy_um
+
+    def set_image_shift(self, x_um: float, y_um: float) -> None:
+        """Shift the imaged and illuminated area by (x_um, y_um) from the stage position (absolute). Costs the
+        command overhead now and `image_shift_s` before the next exposure; `InvalidParameterError` beyond
+        `image_shift_limit_um` (0: this simulator has no image shift)."""
+        shift = self._image_shift.validate(x_um, y_um)
+        self._clock.advance(self._timing.command_overhead_s)
+        with self._lock:
+            self._image_shift.shift_xy_um = shift
+        # charged even when the shift does not change, so that a call costs the same whatever came before
+        self._timer.hold(self._timing.image_shift_s)
+
     def set_beam_blanked(self, blanked: bool) -> None:
         """Blank or unblank the beam (the profile's `beam_blank_s`). A blanked beam gives dark frames."""
         if not isinstance(blanked, (bool, np.bool_)):
@@ -373,7 +426,8 @@ class SimulatedMicroscope:
                 if moving:
                     log.warning("acquiring while the stage moves; the frame shows the start of the exposure")
                 reported = self._stage.position()
-                true_xy = self._stage.true_xy_um()
+                shift_xy = self._image_shift.shift_xy_um
+                true_xy = self._image_shift.view_xy_um(self._stage.true_xy_um())
                 rng = self._noise_rng(kind, preset.name, exposure_s, reported)
                 self._frames += 1
                 frame_number = self._frames
@@ -397,8 +451,10 @@ class SimulatedMicroscope:
                 self._scene, true_xy, preset, self._camera, self._errors[preset.name], rng,
                 exposure_s=exposure_s, beam_blanked=blanked, z_um=reported.z_um,
             )
-        metadata = self._metadata(kind, preset, reported, exposure_s, time_s, blanked, frame_number)
-        return Frame(image=image, metadata=metadata)
+        specimen = self._scene.specimen_type if isinstance(self._scene, Specimen) else "tiles"
+        extra: dict[str, Any] = {"simulated": True, "frame_number": frame_number, "specimen": specimen}
+        metadata = frame_metadata(kind, preset, reported, exposure_s, time_s, blanked, self._name, extra)
+        return Frame(image=image, metadata=metadata.model_copy(update={"image_shift_xy_um": shift_xy}))
 
     # helpers -----------------------------------------------------------------------------------------
     def _noise_rng(self, kind: str, preset: str, exposure_s: float, stage: StagePosition) -> np.random.Generator:
@@ -409,31 +465,4 @@ class SimulatedMicroscope:
             quantise(stage.x_um, POSITION_QUANTUM_UM), quantise(stage.y_um, POSITION_QUANTUM_UM),
             quantise(stage.z_um, POSITION_QUANTUM_UM), quantise(stage.alpha_deg, ANGLE_QUANTUM_DEG),
             quantise(self._clock.now_s(), TIME_QUANTUM_S),
-        )
-
-    def _metadata(
-        self, kind: str, preset: SimPreset, stage: StagePosition, exposure_s: float, time_s: float, blanked: bool,
-        frame_number: int,
-    ) -> FrameMetadata:
-        extra: dict[str, Any] = {"simulated": True, "frame_number": frame_number}
-        if isinstance(self._scene, Specimen):
-            extra["specimen"] = self._scene.specimen_type
-        else:
-            extra["specimen"] = "tiles"
-        if blanked:
-            extra["beam_blanked"] = True
-        if kind == "diffraction":
-            extra["camera_length_mm"] = preset.optics.camera_length_mm
-            extra["beam_diameter_um"] = preset.beam_diameter_um
-        return FrameMetadata(
-            kind=kind,  # type: ignore[arg-type]
-            preset=preset.name,
-            magnification=preset.optics.magnification,
-            pixel_size_um=preset.pixel_size_um,
-            binning=preset.optics.binning,
-            stage=stage,
-            exposure_s=exposure_s,
-            time_s=time_s,
-            instrument=self._name,
-            extra=extra,
         )

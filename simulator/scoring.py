@@ -23,12 +23,13 @@ CONFIRMED_OUTCOMES = frozenset({"recorded", "no-diffraction"})
 def score_session(
     specimen: Specimen,
     results: Sequence[Any],
-    box_um: tuple[float, float, float, float],
+    box_um: tuple[float, float, float, float] | Sequence[tuple[float, float, float, float]],
     tolerance_um: float = 1.0,
 ) -> dict[str, Any]:
     """`precision`, `recall`, `recall_diffracting` (None where undefined) and the counts behind them.
 
-    `results` are the visited targets: objects with `x_um`, `y_um` (final stage position) and `outcome`.
+    `results` are the visited targets: objects with `x_um`, `y_um` (final stage position) and `outcome`;
+    `box_um` is the mapped box (x_min, x_max, y_min, y_max um), or a list of them (a session mapped in rounds).
     """
     confirmed = [r for r in results if r.outcome in CONFIRMED_OUTCOMES]
     hit_ids: set[int] = set()
@@ -41,7 +42,8 @@ def score_session(
             hit_ids.add(crystal_id)
             if result.outcome == "recorded":
                 recorded_hit_ids.add(crystal_id)
-    in_box = specimen.crystals_in_box(*box_um)
+    boxes = [box_um] if box_um and not isinstance(box_um[0], (tuple, list)) else list(box_um)
+    in_box = list({c.id: c for box in boxes for c in specimen.crystals_in_box(*box)}.values())  # type: ignore[misc]
     diffracting = [c for c in in_box if c.diffracts]
     return {
         "precision": round(true_positive / len(confirmed), 4) if confirmed else None,
