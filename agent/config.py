@@ -5,12 +5,16 @@ Every field has a default that works on the simulator and is a sensible start on
 file only needs the fields it changes, e.g. (TOML):
 
     specimen = "protein-plates"
+    time_budget_s = 1800
     [area]
-    squares = 2
-    [targeting]
-    max_targets = 20
+    squares_per_round = 4
     [operator]
     fallback = "label-memory"
+
+By default a session is sized by its microscope-time budget (one hour): it maps grid squares a block at a
+time (`area.squares_per_round`), visits that block's targets, and maps the next block while budget is left.
+`area.squares` (map exactly that many squares, once) and `targeting.max_targets` (a cap on the targets of
+the whole session) are optional.
 
 Lengths in micrometres, times in seconds (exposures and budgets are microscope time).
 """
@@ -72,13 +76,20 @@ class ExposurePlan(BaseModel):
 class AreaPlan(BaseModel):
     """What to map at the atlas preset.
 
-    Either `box_um = (x_min, x_max, y_min, y_max)`, or `squares` grid squares chosen automatically from
-    the overview (a contiguous block of typical squares nearest the stage centre).
+    Either `box_um = (x_min, x_max, y_min, y_max)` (mapped once), or grid squares chosen from the overview:
+    `squares` typical squares in one block nearest the stage centre (mapped once), or, with `squares` unset
+    (the default), blocks of `squares_per_round` typical squares, one round after the other, each next to the
+    last, for as long as the time budget lasts (one block when the plan has no budget).
     """
 
     model_config = _FROZEN
 
-    squares: int = Field(default=1, ge=1, le=64)
+    squares: int | None = Field(
+        default=None, ge=1, le=64, description="map exactly this many squares, once (default: sized by the budget)"
+    )
+    squares_per_round: int = Field(
+        default=4, ge=1, le=64, description="squares mapped per round when the budget sizes the session"
+    )
     box_um: tuple[float, float, float, float] | None = None
     overlap_fraction: float = Field(default=0.1, ge=0.0, lt=0.5)
     margin_um: float = Field(default=5.0, ge=0.0)
@@ -98,7 +109,9 @@ class TargetingPlan(BaseModel):
 
     model_config = _FROZEN
 
-    max_targets: int = Field(default=12, ge=1, le=10000)
+    max_targets: int | None = Field(
+        default=None, ge=1, le=10000, description="cap on the targets of a whole session (default: the budget decides)"
+    )
     min_spacing_um: float = Field(default=4.0, ge=0.0)
     min_bar_distance_um: float = Field(default=4.0, ge=0.0)
     approach_um: float = Field(default=5.0, ge=0.0, description="backlash take-up: always arrive from -x/-y")
@@ -111,6 +124,13 @@ class ConfirmPlan(BaseModel):
 
     radius_um: float = Field(default=5.0, gt=0, description="how far from the expected position it may be")
     recentre: bool = True
+    image_shift: bool = Field(
+        default=True,
+        description=(
+            "where the microscope has image shift: re-centre on the object by image shift instead of the stage, "
+            "and reach later targets inside the same search image by image shift (no move, no new image)"
+        ),
+    )
     diffraction: bool = True
     min_spots: int = Field(default=4, ge=1, description="Bragg spots needed to call a target diffracting")
     min_size_um: float = Field(
@@ -181,7 +201,36 @@ class ScreeningPlan(BaseModel):
     confirm: ConfirmPlan = Field(default_factory=ConfirmPlan)
     operator: OperatorPlan = OperatorPlan()
     recovery: RecoveryPlan = RecoveryPlan()
-    time_budget_s: float | None = Field(default=None, gt=0, description="stop visiting targets after this")
+    time_budget_s: float | None = Field(
+        default=3600.0,
+        gt=0,
+        description=(
+            "microscope seconds the session may use: it sizes the session (rounds of squares, targets ranked by "
+            "score when not all fit) and no target is started after it; None: no budget (one round)"
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _budget_covers_one_target(self) -> ScreeningPlan:
+        if self.time_budget_s is not None:
+            exposures = self.exposures
+            least_s = exposures.atlas_s + exposures.search_s + exposures.diffraction_s
+            least_s += exposures.overview_s if self.area.overview and self.area.box_um is None else 0.0
+            if self.time_budget_s < least_s:
+                raise ValueError(
+                    f"time_budget_s {self.time_budget_s:g} s is less than the exposures alone of one atlas frame, one "
+                    f"search image and one diffraction snapshot ({least_s:g} s): no target could be reached"
+                )
+        return self
+
+    @property
+    def sized_by_budget(self) -> bool:
+        """True when the session maps squares in rounds while its budget lasts (see `AreaPlan`)."""
+        return self.time_budget_s is not None and self.area.squares is None and self.area.box_um is None
+
+    def squares_per_block(self) -> int:
+        """Squares in one mapped block: `area.squares` if set, else `area.squares_per_round`."""
+        return self.area.squares if self.area.squares is not None else self.area.squares_per_round
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the plan as JSON, atomically."""

@@ -15,7 +15,6 @@ that crashed shows what is there and says what is missing.
 from __future__ import annotations
 
 import base64
-import contextlib
 import csv
 import html
 import io
@@ -466,11 +465,8 @@ def _matrix_text(matrix: Any) -> str:
 
 
 def _write_report(path: Path, text: str) -> Path:
-    """Write atomically and make the file readable by others (it is meant to be shared)."""
-    written = write_atomic(path, text.encode("utf-8"))
-    with contextlib.suppress(OSError):  # e.g. a file system without permissions
-        written.chmod(0o644)
-    return written
+    """Write atomically; the file follows the umask like every output (it is meant to be shared)."""
+    return write_atomic(path, text.encode("utf-8"))
 
 
 def write_session_report(session_dir: str | Path) -> Path:

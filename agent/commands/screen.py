@@ -51,9 +51,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                         help="simulated timing: thermo-serialem (default), krios, jeol-fast, or a .json of figures")
     parser.add_argument("--plan", type=Path, help="screening plan (.toml, .yaml or .json)")
     parser.add_argument("--out", type=Path, help="session folder (default: sessions/<date-time>)")
-    parser.add_argument("--max-targets", type=int, help="override the plan's targeting.max_targets")
-    parser.add_argument("--squares", type=int, help="override the plan's area.squares")
-    parser.add_argument("--time-budget-s", type=float, help="override the plan's time budget (microscope s)")
+    parser.add_argument("--max-targets", type=int,
+                        help="cap on the targets (plan: targeting.max_targets; default none: the budget decides)")
+    parser.add_argument("--squares", type=int,
+                        help="map exactly this many grid squares, once (plan: area.squares; default: blocks of "
+                             "area.squares_per_round=4 squares, one after the other, while the budget lasts)")
+    parser.add_argument("--squares-per-round", type=int,
+                        help="grid squares mapped per round when the budget sizes the session (plan: "
+                             "area.squares_per_round; default 4)")
+    parser.add_argument("--time-budget-s", type=float,
+                        help="microscope seconds the session may use (plan: time_budget_s; default 3600)")
     parser.add_argument(
         "--operator",
         default="none",
@@ -84,7 +91,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         metavar="FILE",
         help="check this calibration.json (same instrument) instead of the store's; the store is not touched",
     )
-    parser.add_argument("--labels", type=Path, help="label-memory folder (default: per-user data folder)")
+    parser.add_argument("--labels", type=Path,
+                        help="label-memory folder (default: the per-user data folder; its simulated/ sub-folder "
+                             "for a simulated microscope)")
     parser.add_argument("--no-labels", action="store_true", help="do not use or update label memory")
     parser.add_argument("--events", metavar="ENDPOINT", help="publish session events on this PUB endpoint")
     parser.add_argument("--control", metavar="ENDPOINT", help="serve pause/resume/abort on this endpoint")
@@ -214,6 +223,20 @@ def _simulator_start(start: Any | None) -> dict[str, Any]:
     return kwargs
 
 
+def _label_memory(folder: Path | None, *, simulated: bool) -> Any:
+    """The session's label memory. By default a simulated microscope's sessions keep theirs apart from real
+    ones (`<labels>/simulated`); on a real microscope answers stored as `simulated` (from a simulated operator,
+    or a memory shared on purpose with `--labels`) carry no weight as votes."""
+    from agent.prompts.label_log import default_labels_dir
+    from agent.prompts.label_votes import DEFAULT_SOURCE_WEIGHTS
+    from agent.prompts.memory import LabelMemory
+
+    if folder is None:
+        folder = default_labels_dir() / "simulated" if simulated else default_labels_dir()
+    weights = None if simulated else {**DEFAULT_SOURCE_WEIGHTS, "simulated": 0.0}
+    return LabelMemory(folder, source_weights=weights)
+
+
 def _plan_from_args(args: argparse.Namespace, source: dict[str, Any]) -> Any:
     from agent.config import PlanError, ScreeningPlan, load_plan
 
@@ -230,8 +253,13 @@ def _plan_from_args(args: argparse.Namespace, source: dict[str, Any]) -> Any:
         updates["time_budget_s"] = args.time_budget_s
     if args.max_targets is not None:
         updates["targeting"] = plan.targeting.model_copy(update={"max_targets": args.max_targets})
-    if args.squares is not None:
-        updates["area"] = plan.area.model_copy(update={"squares": args.squares})
+    area_updates = {
+        key: value
+        for key, value in (("squares", args.squares), ("squares_per_round", args.squares_per_round))
+        if value is not None
+    }
+    if area_updates:
+        updates["area"] = plan.area.model_copy(update=area_updates)
     if updates:
         try:
             plan = ScreeningPlan.model_validate(
@@ -249,6 +277,7 @@ def _plan_from_args(args: argparse.Namespace, source: dict[str, Any]) -> Any:
 _OPTION_OF_FIELD = {
     "targeting.max_targets": "--max-targets",
     "area.squares": "--squares",
+    "area.squares_per_round": "--squares-per-round",
     "time_budget_s": "--time-budget-s",
     "seed": "--seed",
 }
@@ -293,10 +322,7 @@ def run_screen(args: argparse.Namespace) -> int:
     microscope, truth = make_microscope(source, start)
     labels = None
     if not args.no_labels:
-        from agent.prompts.label_log import default_labels_dir
-        from agent.prompts.memory import LabelMemory
-
-        labels = LabelMemory(args.labels or default_labels_dir())
+        labels = _label_memory(args.labels, simulated=microscope.info().simulated)
     events = EventBus(args.events)
     channel = simulated_operator = None
     try:
@@ -381,7 +407,7 @@ def _run_with_services(args: argparse.Namespace, session: Any, channel: Any, eve
         console.print(f"events: {events.endpoint}")
     if control is not None:
         console.print(f"control: {control.endpoint}")
-    progress = TerminalProgress(console)
+    progress = TerminalProgress(console, budget_s=session.plan.time_budget_s)
     events.subscribe(progress.on_event)
     web = None
     try:

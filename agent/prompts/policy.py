@@ -74,6 +74,7 @@ class _Where:
     specimen: str
     preset: str
     session_id: str
+    answer_source: str = "operator"
 
 
 @dataclass
@@ -103,8 +104,12 @@ def decide_crystal_clusters(
     sample_xy_um: Callable[[Any], list[list[float]]],
     prompt_images: Callable[[], dict[str, bytes]],
     reference_clusters: Callable[[], Sequence[int]] = lambda: (),
+    answer_source: str = "operator",
 ) -> LabellingDecision:
     """Decide which of `analysis.clusters` hold crystals (see module docstring).
+
+    `answer_source` is how answers are stored in label memory: `operator`, or `simulated` in a session on a
+    simulated microscope (its answers must never count as a person's on a real one).
 
     `sample_xy_um(cluster)` gives stage positions of typical cells of a cluster (sent with the prompt so
     tools and simulated operators can look there); `prompt_images()` renders the PNGs for a prompt only
@@ -112,7 +117,7 @@ def decide_crystal_clusters(
     """
     clusters = list(analysis.clusters)
     cluster_ids = [int(c.cluster_id) for c in clusters]
-    where = _Where(specimen, preset, session_id)
+    where = _Where(specimen, preset, session_id, answer_source)
     state = _Labels()
     suggestions: list[Any] = [None] * len(clusters)
     if memory is not None and clusters:
@@ -243,7 +248,7 @@ def _ask_operator(
         state.sources[int(c.cluster_id)] = "operator"
         state.mixed.discard(int(c.cluster_id))
     if memory is not None:
-        _remember(memory, analysis, unsure, state.labels, where, "operator")
+        _remember(memory, analysis, unsure, state.labels, where, where.answer_source)
 
 
 def _fallback_labels(

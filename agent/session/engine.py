@@ -1,9 +1,11 @@
 """The screening steps as the runner's `StepEngine`: one step per state, each step's typed result applied to
 the session's `SessionContext`, then the trigger that leaves the state.
 
-`advance()` chooses the next unfinished target in the planned order (or ends the target list when the
-plan's time budget is spent); `skip_target` records a target whose step failed for good; `probe` tells a
-session paused for a lost connection whether the microscope answers again.
+`advance()` chooses the next unfinished target in the planned order (a target in the search image the stage
+sits on first), maps the next block of squares when a session sized by its budget has visited a round's
+targets (`map_more`), or ends the session when the budget is spent or nothing is left; `skip_target`
+records a target whose step failed for good; `probe` tells a session paused for a lost connection whether
+the microscope answers again.
 """
 
 from __future__ import annotations
@@ -56,7 +58,13 @@ class ScreeningEngine:
 
     def _mapping(self) -> str:
         result = map.map_grid(self.ctx)
-        self.ctx.atlas, self.ctx.map_box_um = result.atlas, result.box_um
+        ctx = self.ctx
+        ctx.atlas, ctx.map_box_um = result.atlas, result.box_um
+        ctx.rounds += 1
+        ctx.map_boxes_um.append(result.box_um)
+        ctx.last_mapping_s = result.mapping_s
+        ctx.analysis = ctx.decision = None
+        ctx.field = None
         return "mapped"
 
     def _locating(self) -> str:
@@ -71,7 +79,7 @@ class ScreeningEngine:
         return "labelled"
 
     def _targeting(self) -> str:
-        self.ctx.targets = target.plan_targets(self.ctx).targets
+        self.ctx.targets.extend(target.plan_targets(self.ctx).targets)
         return self.advance()
 
     def _moving(self) -> str:
@@ -107,18 +115,45 @@ class ScreeningEngine:
         self._on_finished(result)
 
     def advance(self) -> str:
-        """Pick the next unfinished target (`next_target`), or `finish` (none left, or the budget is spent)."""
-        self.ctx.visit = None
-        budget = self.ctx.plan.time_budget_s
-        for planned in self.ctx.targets:
-            if planned.target_id in self.ctx.results:
-                continue
-            if budget is not None and self.ctx.clock_s() >= budget:
+        """Pick the next unfinished target (`next_target`), or `finish` (none left, or the budget is spent).
+
+        The next target is the first unfinished one in the planned order, unless an unfinished target of the
+        same tier (sure or mixed clusters) lies in the search image the stage sits on: that one goes first,
+        as it costs no stage move and no new search image (`agent.steps.visit.in_search_field`)."""
+        ctx = self.ctx
+        ctx.visit = None
+        pending = [planned for planned in ctx.targets if planned.target_id not in ctx.results]
+        budget = ctx.plan.time_budget_s
+        if budget is not None and ctx.clock_s() >= budget:
+            if pending:
                 self._emit(BudgetSpent(message=f"time budget {budget:.0f} s spent; remaining targets skipped"))
-                return "finish"
-            self.ctx.visit = VisitState(target=planned)
-            return "next_target"
-        return "finish"
+            return "finish"
+        if not pending:
+            return "map_more" if self._another_round() else "finish"
+        chosen = pending[0]
+        limit_um = ctx.image_shift_limit_um()
+        if ctx.field is not None and limit_um > 0:
+            same_tier = (p for p in pending if p.from_mixed_cluster == chosen.from_mixed_cluster)
+            chosen = next(
+                (p for p in same_tier if visit.in_search_field(ctx, ctx.field, p.x_um, p.y_um, limit_um)), chosen
+            )
+        ctx.visit = VisitState(target=chosen)
+        return "next_target"
+
+    def _another_round(self) -> bool:
+        """True when a session sized by its budget should map the next block of squares: the target cap (if
+        any) not reached, budget left for a montage like the last one and a target visit after it, and a block
+        of typical squares not mapped yet."""
+        ctx = self.ctx
+        plan = ctx.plan
+        cap = plan.targeting.max_targets
+        if not plan.sized_by_budget or ctx.rounds == 0 or (cap is not None and len(ctx.targets) >= cap):
+            return False
+        assert plan.time_budget_s is not None
+        visit_s = plan.exposures.search_s + plan.exposures.diffraction_s + target.VISIT_OVERHEAD_GUESS_S
+        if plan.time_budget_s - ctx.clock_s() < ctx.last_mapping_s + visit_s:
+            return False
+        return bool(map.next_block(ctx))
 
     def current_target_id(self) -> str | None:
         """The id of the target being visited, if any."""

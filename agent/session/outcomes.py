@@ -96,7 +96,13 @@ class SessionSummary(BaseModel):
     precision: float | None = None
     recall: float | None = None
     recall_diffracting: float | None = None
-    wall_time_s: float = 0.0
+    wall_time_s: float = Field(default=0.0, description="real seconds the session ran, over all its parts (resumes)")
+    rounds: int = Field(default=0, description="rounds of mapping (blocks of grid squares mapped)")
+    time_budget_s: float | None = Field(default=None, description="the plan's microscope-time budget")
+    limited_by: str | None = Field(
+        default=None,
+        description="what ended the session before every target was visited: the time budget or max_targets",
+    )
 
 
 TARGET_COLUMNS = (

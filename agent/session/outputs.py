@@ -55,13 +55,19 @@ def prompt_images(image: np.ndarray, analysis: Any) -> dict[str, bytes]:
 
 
 def write_atlas_outputs(
-    session_dir: Path, atlas: Any, analysis: Any, decision: Any, targets: Sequence[TargetRecord]
+    session_dir: Path,
+    atlas: Any,
+    analysis: Any,
+    decision: Any,
+    targets: Sequence[TargetRecord],
+    relative_folder: str = "atlas",
 ) -> dict[str, Path]:
-    """Heat map with targets, bar mask, gallery and cluster table of the atlas; returns kind -> path."""
+    """Heat map with targets, bar mask, gallery and cluster table of the atlas in `relative_folder` of the
+    session folder; returns kind -> path."""
     from agent.locate.render import cluster_gallery_rgb, heatmap_rgb
     from agent.locate.targets import Candidate
 
-    folder = session_dir / "atlas"
+    folder = session_dir / relative_folder
     folder.mkdir(parents=True, exist_ok=True)
     marks = [
         Candidate(

@@ -11,26 +11,32 @@ from rich.table import Table
 
 
 class TerminalProgress:
-    """Shows state, targets visited / found, confirmed and microscope time while a session runs.
+    """Shows state, targets visited / found, confirmed and microscope time (the instrument's clock, not the
+    wall clock: a simulator's is virtual) against the budget while a session runs.
 
     Subscribe `on_event` to the session's `EventBus`; use as a context manager around `run()`.
-    On a non-interactive output (CI, a pipe) it prints one line per state change instead.
+    On a non-interactive output (CI, a pipe) it prints one line per state change and one per target instead
+    (target n of the N planned so far, microscope time, budget left).
     """
 
-    def __init__(self, console: Console | None = None) -> None:
+    def __init__(self, console: Console | None = None, budget_s: float | None = None) -> None:
         self.console = console or Console(stderr=True)
+        self.budget_s = budget_s
+        self._found = 0
+        self._visited = 0
+        self._pending_line: str | None = None
         self._interactive = self.console.is_terminal
         self._progress = Progress(
             TextColumn("[bold]{task.fields[state]:<11}"),
             BarColumn(),
             MofNCompleteColumn(),
-            TextColumn("confirmed {task.fields[confirmed]}  microscope {task.fields[time]}"),
+            TextColumn("confirmed {task.fields[confirmed]}  microscope time {task.fields[time]}"),
             TimeElapsedColumn(),
             console=self.console,
             transient=False,
             disable=not self._interactive,
         )
-        self._task = self._progress.add_task("targets", total=None, state="idle", confirmed=0, time="0 s")
+        self._task = self._progress.add_task("targets", total=None, state="idle", confirmed=0, time=self._clock(0.0))
 
     def __enter__(self) -> TerminalProgress:
         self._progress.start()
@@ -39,28 +45,39 @@ class TerminalProgress:
     def __exit__(self, *exc: object) -> None:
         self._progress.stop()
 
+    def _clock(self, time_s: float) -> str:
+        """Microscope time, with the budget left when there is one."""
+        if self.budget_s is None:
+            return f"{time_s:.0f} s"
+        return f"{time_s:.0f} s, {max(0.0, self.budget_s - time_s):.0f} s of the budget left"
+
     def on_event(self, topic: str, event: dict[str, Any]) -> None:
         """Event listener (see `agent.session.events.EventBus.subscribe`)."""
         if topic == "state":
             time_s = event.get("microscope_time_s") or 0.0
-            self._progress.update(self._task, state=event["state"], time=f"{time_s:.0f} s")
+            self._progress.update(self._task, state=event["state"], time=self._clock(time_s))
             if not self._interactive:
-                print(f"[{time_s:8.1f} s] {event['state']}", file=sys.stderr, flush=True)
+                print(f"[microscope {time_s:8.1f} s] {event['state']}", file=sys.stderr, flush=True)
         elif topic == "atlas":
-            self._progress.update(self._task, total=max(1, int(event.get("targets", 0))))
+            self._found += int(event.get("targets", 0))
+            self._progress.update(self._task, total=max(1, self._found))
+        elif topic == "target":
+            self._visited += 1
+            line = f"  {event['target_id']} ({self._visited} of {max(self._found, self._visited)} planned): "
+            self._pending_line = line + f"{event['outcome']} {event.get('reason', '')}".rstrip()
         elif topic == "progress":
+            time_s = float(event.get("microscope_time_s", 0) or 0.0)
+            self._found = max(self._found, int(event.get("targets_found", 0)))
             self._progress.update(
                 self._task,
+                total=max(1, self._found),
                 completed=int(event.get("targets_visited", 0)),
                 confirmed=int(event.get("targets_confirmed", 0)),
-                time=f"{event.get('microscope_time_s', 0):.0f} s",
+                time=self._clock(time_s),
             )
-        elif topic == "target" and not self._interactive:
-            print(
-                f"  {event['target_id']}: {event['outcome']} {event.get('reason', '')}".rstrip(),
-                file=sys.stderr,
-                flush=True,
-            )
+            if self._pending_line is not None and not self._interactive:
+                print(f"{self._pending_line}  [microscope {self._clock(time_s)}]", file=sys.stderr, flush=True)
+            self._pending_line = None
 
 
 def summary_table(summary: dict[str, Any]) -> Table:
@@ -75,7 +92,9 @@ def summary_table(summary: dict[str, Any]) -> Table:
         ("targets confirmed", summary.get("targets_confirmed")),
         ("diffracting (ready for collection)", summary.get("targets_recorded")),
         ("operator prompts", summary.get("prompts")),
-        ("microscope time (s)", summary.get("microscope_time_s")),
+        ("microscope time (s; the instrument's clock)", summary.get("microscope_time_s")),
+        ("  time budget (s)", summary.get("time_budget_s")),
+        ("  rounds of mapping", summary.get("rounds")),
         ("  of it fixed: calibration, mapping, analysis (s)", _fixed_total(summary)),
         ("  per visited target (s)", summary.get("per_target_time_s")),
         ("diffracting crystals per microscope hour", summary.get("diffracting_per_hour")),
@@ -85,7 +104,8 @@ def summary_table(summary: dict[str, Any]) -> Table:
         ("recall of crystals in mapped area", summary.get("recall")),
         ("recall of diffracting crystals", summary.get("recall_diffracting")),
         ("faults", summary.get("faults")),
-        ("wall time (s)", summary.get("wall_time_s")),
+        ("wall time (s; all parts of a resumed session)", summary.get("wall_time_s")),
+        ("ended by", summary.get("limited_by")),
     ]
     for name, value in rows:
         if value is not None:

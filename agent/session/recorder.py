@@ -101,9 +101,11 @@ class SessionRecorder:
             self.emit(ArtifactWritten(kind=kind, path=path, target_id=target_id))
         return written
 
-    def save_atlas_outputs(self, atlas: Any, analysis: Any, decision: Any, targets: list[TargetRecord]) -> None:
-        """Write the atlas outputs, record them and announce the heat map."""
-        written = self.files.atlas_outputs(atlas, analysis, decision, targets)
+    def save_atlas_outputs(
+        self, atlas: Any, analysis: Any, decision: Any, targets: list[TargetRecord], folder: str = "atlas"
+    ) -> None:
+        """Write the atlas outputs in `folder`, record them and announce the heat map."""
+        written = self.files.atlas_outputs(atlas, analysis, decision, targets, folder)
         for kind, path in written.items():
             self.emit(ArtifactWritten(kind=kind, path=path))
         self.publisher.atlas_ready(written.get("heatmap", ""), len(targets))

@@ -142,6 +142,7 @@ class MappingPlanned(Record):
 
     type: Literal["mapping"] = "mapping"
     event: Literal["plan", "done"]
+    round: int = Field(default=1, ge=1, description="which round of mapping (sessions sized by a budget map several)")
     box_um: tuple[float, float, float, float]
     tiles: int | None = None
     squares: list[dict[str, float]] = Field(default_factory=list)
@@ -191,10 +192,12 @@ class Labelled(Record):
 
 
 class TargetsPlanned(Record):
-    """The planned targets, in visiting order."""
+    """The targets planned in one round of mapping, in visiting order (a session's targets are those of all
+    its rounds)."""
 
     type: Literal["targets"] = "targets"
     targets: list[TargetRecord]
+    round: int = Field(default=1, ge=1)
 
 
 class TargetFinished(TargetResult, Record):

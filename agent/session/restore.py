@@ -1,7 +1,8 @@
 """Resume: rebuild a session's context from its journal records and the files they name.
 
-The records say how far the session got: measured calibrations, the overview image, the atlas (`mapping`
-done, its TIFF), the labelling decision, the planned targets and every finished target's outcome. The atlas
+The records say how far the session got: measured calibrations, the overview image, each round's atlas
+(`mapping` done, its TIFF), the labelling decision, the planned targets of every round and every finished
+target's outcome. The atlas
 analysis is recomputed from the atlas TIFF (deterministic for the plan's settings). The session continues at
 the first step whose result is missing: `calibrating`, `locating`, `targeting`, or `moving` to the first
 unfinished target (`done` when none is left). Finished targets are never visited again. Journals written by
@@ -30,6 +31,7 @@ the session's figures, which describe the session as it would have run without t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +54,7 @@ from agent.session.records import (
     is_checkpoint,
 )
 from agent.steps.atlas import Atlas, frame_atlas
+from agent.steps.context import SearchField
 from agent.steps.stage_calibration import CALIBRATION_NAME, CalibrationSet, PresetCalibration
 from drivers.base import Microscope, StagePosition
 from drivers.formats.images import ImageFormatError, read_frame_tiff
@@ -138,6 +141,7 @@ def resume_session(
         raise SessionError(f"{folder}: cannot resume: {exc}") from exc
     session = cls(microscope, plan, folder, calibration=calibration, **kwargs)
     _continue_clock(session, point)
+    session._wall_before_s = earlier_wall_s(records)
     try:
         state = _restore(session, replay)
     except (OSError, ImageFormatError) as exc:
@@ -180,6 +184,26 @@ def _calibration(folder: Path, records: list[AnyRecord]) -> CalibrationSet | Non
     return calibration
 
 
+def earlier_wall_s(records: list[AnyRecord]) -> float:
+    """Real seconds the session ran before this resume: each part (from its start or resume record to its last
+    line, by `time_utc`) summed; the time between parts, when nothing ran, is not counted."""
+    total_s = 0.0
+    first: datetime | None = None
+    last: datetime | None = None
+    for record in records:
+        if record.time_utc is None:
+            continue
+        now = datetime.fromisoformat(record.time_utc)
+        if isinstance(record, SessionStarted) and record.event == "resume" and first is not None and last is not None:
+            total_s += (last - first).total_seconds()
+            first = None
+        first = first or now
+        last = now
+    if first is not None and last is not None:
+        total_s += (last - first).total_seconds()
+    return max(0.0, total_s)
+
+
 def _continue_clock(session: ScreeningSession, point: ResumePoint) -> None:
     """The session's clock continues at the checkpoint's microscope time (see the module docstring). A
     microscope whose own clock already reads that time (a simulator started there) is used as it is."""
@@ -195,14 +219,22 @@ def _restore(session: ScreeningSession, records: list[AnyRecord]) -> str:
     to continue from."""
     ctx = session.ctx
     mapped: MappingPlanned | None = None
-    planned: TargetsPlanned | None = None
+    mapping_started_s = 0.0
+    planned_this_round = False
     overview_kept = False
+    search_image: ArtifactWritten | None = None
     for record in records:
         session.state_times(record)
-        if isinstance(record, MappingPlanned) and record.event == "done":
-            mapped = record
+        if isinstance(record, MappingPlanned) and record.event == "plan":
+            mapping_started_s = float(record.microscope_time_s or 0.0)
+        elif isinstance(record, MappingPlanned) and record.event == "done":
+            mapped, planned_this_round, ctx.decision = record, False, None
+            ctx.map_boxes_um.append(record.box_um)
+            ctx.last_mapping_s = float(record.microscope_time_s or 0.0) - mapping_started_s
         elif isinstance(record, ArtifactWritten) and record.kind == "overview":
             overview_kept = True
+        elif isinstance(record, ArtifactWritten) and record.kind in ("search", "centred"):
+            search_image = record
         elif isinstance(record, PromptAsked):
             ctx.prompts += 1
         elif isinstance(record, FaultRaised):
@@ -210,11 +242,11 @@ def _restore(session: ScreeningSession, records: list[AnyRecord]) -> str:
         elif isinstance(record, Labelled):
             ctx.decision = _decision(record)
         elif isinstance(record, TargetsPlanned):
-            planned = record
+            ctx.targets.extend(record.targets)
+            planned_this_round = True
         elif isinstance(record, TargetFinished):
             ctx.results[record.target_id] = record.result()
-    if planned is not None:
-        ctx.targets = list(planned.targets)
+    ctx.rounds = len(ctx.map_boxes_um)
     if mapped is not None and mapped.path is not None:
         ctx.atlas = Atlas.from_frame(read_frame_tiff(session.session_dir / mapped.path))
         ctx.map_box_um = mapped.box_um
@@ -222,15 +254,31 @@ def _restore(session: ScreeningSession, records: list[AnyRecord]) -> str:
     if overview_kept and overview_path.exists() and session.plan.presets.overview in ctx.calibration.presets:
         matrix = ctx.calibration.matrix(session.plan.presets.overview)
         ctx.overview = frame_atlas(read_frame_tiff(overview_path), matrix)
-    if ctx.atlas is not None and (ctx.decision is not None or planned is not None):
+    if ctx.atlas is not None and (ctx.decision is not None or planned_this_round):
         ctx.analysis = analyse(ctx.atlas.image, session.plan.locate)
-    if planned is not None:
-        return "moving" if session.engine.advance() == "next_target" else "done"
+    if planned_this_round:
+        ctx.field = _search_field(session, search_image, records[-1].stage if records else None)
+        return {"next_target": "moving", "map_more": "mapping"}.get(session.engine.advance(), "done")
     if ctx.decision is not None:
         return "targeting"
     if ctx.atlas is not None:
         return "locating"
     return "calibrating"
+
+
+def _search_field(
+    session: ScreeningSession, image: ArtifactWritten | None, stage: StagePosition | None
+) -> SearchField | None:
+    """The search image the stage sat on at the checkpoint (`ctx.field`), when the session reaches targets by
+    image shift and the checkpoint's stage is where that image was taken: the resumed run then visits the
+    targets in that field as the interrupted one would have."""
+    if image is None or stage is None or session.ctx.image_shift_limit_um() <= 0:
+        return None
+    frame = read_frame_tiff(session.session_dir / image.path)
+    taken_at = frame.metadata.stage
+    if abs(taken_at.x_um - stage.x_um) > 1e-6 or abs(taken_at.y_um - stage.y_um) > 1e-6:
+        return None
+    return SearchField(frame=frame, path=image.path)
 
 
 def _decision(record: Labelled) -> LabellingDecision:

@@ -42,7 +42,10 @@ logger = logging.getLogger(__name__)
 
 #: Scores the session against ground truth (simulated sessions only): (targets, results, box_um) -> dict
 #: with precision / recall / recall_diffracting. Supplied by whoever wires a simulator in (the CLI).
-TruthScorer = Callable[[list[TargetRecord], dict[str, TargetResult], tuple[float, float, float, float]], dict[str, Any]]
+#: (targets, results, mapped boxes (x_min, x_max, y_min, y_max um), one per round) -> ground-truth figures.
+TruthScorer = Callable[
+    [list[TargetRecord], dict[str, TargetResult], list[tuple[float, float, float, float]]], dict[str, Any]
+]
 
 
 class SessionError(Exception):
@@ -94,6 +97,8 @@ class ScreeningSession:
         self._clock_lost = False
         self._clock_base_s = float(microscope.microscope_time_s())
         self._wall_start = time.monotonic()
+        #: real seconds of the session's earlier parts (set on resume)
+        self._wall_before_s = 0.0
         self.ctx = SessionContext(
             plan=plan,
             microscope=microscope,
@@ -242,8 +247,8 @@ class ScreeningSession:
     def summary(self) -> SessionSummary:
         """The session's numbers now (`agent.session.summary`)."""
         truth: dict[str, Any] = {}
-        if self.truth_scorer is not None and self.ctx.map_box_um is not None:
-            truth = self.truth_scorer(self.ctx.targets, self.ctx.results, self.ctx.map_box_um)
+        if self.truth_scorer is not None and self.ctx.map_boxes_um:
+            truth = self.truth_scorer(self.ctx.targets, self.ctx.results, list(self.ctx.map_boxes_um))
         return summarise(
             session_id=self.session_id,
             state=self.state,
@@ -253,7 +258,8 @@ class ScreeningSession:
             prompts=self.ctx.prompts,
             faults=self.faults,
             microscope_time_s=self.microscope_time_s(),
-            wall_time_s=time.monotonic() - self._wall_start,
+            wall_time_s=self._wall_before_s + time.monotonic() - self._wall_start,
+            rounds=self.ctx.rounds,
             state_times=self.state_times,
             truth=truth,
         )

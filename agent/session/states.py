@@ -4,6 +4,7 @@ r"""The screening loop's states and transitions, as data (`transitions.Machine` 
 idle -> calibrating -> mapping -> locating -> labelling -> targeting
       -> [ moving -> zooming -> confirming -> diffraction -> recording ]* -> done
                                      \-> (rejected: next target)
+      (a round's targets done, budget left: map_more -> mapping -> locating -> ... the next block of squares)
 any working state --fault--> recovering --retry--> (the failed state; a target step from `moving`)
                                         --next_target / finish--> (target skipped)
                                         --give_up--> failed
@@ -53,6 +54,7 @@ FORWARD_TRANSITIONS: tuple[tuple[str, str | list[str], str], ...] = (
     ("zoomed", "zooming", "confirming"),
     ("confirmed", "confirming", "diffraction"),
     ("diffracted", "diffraction", "recording"),
+    ("map_more", CHOOSING_STATES, "mapping"),
     ("finish", CHOOSING_STATES, "done"),
     ("fault", list(WORKING_STATES), "recovering"),
     ("give_up", "recovering", "failed"),

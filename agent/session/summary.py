@@ -35,6 +35,7 @@ def summarise(
     wall_time_s: float,
     state_times: StateTimes,
     truth: dict[str, Any],
+    rounds: int = 0,
 ) -> SessionSummary:
     """The summary of a session now (times in seconds of microscope time, but `wall_time_s`)."""
     confirmed = sum(1 for r in results.values() if r.confirmed)
@@ -59,5 +60,27 @@ def summarise(
         per_target_time_s=_per_item(state_times.target_time_s(microscope_time_s), len(results)),
         faults=faults,
         wall_time_s=round(wall_time_s, 2),
+        rounds=rounds,
+        time_budget_s=plan.time_budget_s,
+        limited_by=_limited_by(state, plan, targets, results, microscope_time_s),
         **truth,
     )
+
+
+def _limited_by(
+    state: str, plan: ScreeningPlan, targets: list[TargetRecord], results: dict[str, TargetResult], time_s: float
+) -> str | None:
+    """Why a finished session did not screen more: planned targets left when the budget ran out, the budget
+    spent by a session sized by it, or the target cap reached; None otherwise (or while it runs)."""
+    if state != "done":
+        return None
+    budget_s = plan.time_budget_s
+    left = len(targets) - len(results)
+    if budget_s is not None and left > 0:
+        return f"time budget: {left} planned targets not visited"
+    if budget_s is not None and plan.sized_by_budget and time_s >= 0.9 * budget_s:
+        return "time budget: no budget left for another round of squares"
+    cap = plan.targeting.max_targets
+    if cap is not None and len(targets) >= cap:
+        return f"max_targets: the cap of {cap} targets was reached"
+    return None

@@ -145,7 +145,9 @@ class FileWriter:
         written = outputs.write_target_thumbnails(self.session_dir, target_id, search, diffraction)
         return {kind: str(Path(path).relative_to(self.session_dir)) for kind, path in written.items()}
 
-    def atlas_outputs(self, atlas: Any, analysis: Any, decision: Any, targets: list[TargetRecord]) -> dict[str, str]:
-        """Heat map, masks, gallery and cluster table of the atlas; kind -> relative path."""
-        written = outputs.write_atlas_outputs(self.session_dir, atlas, analysis, decision, targets)
+    def atlas_outputs(
+        self, atlas: Any, analysis: Any, decision: Any, targets: list[TargetRecord], folder: str = "atlas"
+    ) -> dict[str, str]:
+        """Heat map, masks, gallery and cluster table of the atlas in `folder`; kind -> relative path."""
+        written = outputs.write_atlas_outputs(self.session_dir, atlas, analysis, decision, targets, folder)
         return {kind: str(Path(path).relative_to(self.session_dir)) for kind, path in written.items()}

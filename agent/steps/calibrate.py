@@ -145,7 +145,7 @@ def calibration_site(ctx: SessionContext, preset: str) -> tuple[float, float]:
     site = corners[attempt % len(corners)]
     if preset != atlas_preset and atlas_preset in ctx.calibration.presets:
         ctx.microscope.set_preset(atlas_preset)
-        approach_move(ctx.microscope, site[0], site[1], ctx.plan.targeting.approach_um)
+        approach_move(ctx.microscope, site[0], site[1], ctx.plan.targeting.approach_um, always=True)
         frame = ctx.microscope.acquire(ctx.plan.exposures.calibration_s)
         local = frame_atlas(frame, ctx.calibration.matrix(atlas_preset))
         refined = square_corners(local, bar_mask(ctx, local), near_xy_um=site)
@@ -159,7 +159,7 @@ def overview_atlas(ctx: SessionContext) -> Atlas:
     if ctx.overview is None:
         preset = ctx.plan.presets.overview
         ctx.microscope.set_preset(preset)
-        approach_move(ctx.microscope, 0.0, 0.0, ctx.plan.targeting.approach_um)
+        approach_move(ctx.microscope, 0.0, 0.0, ctx.plan.targeting.approach_um, always=True)
         frame = ctx.microscope.acquire(ctx.plan.exposures.overview_s)
         ctx.output.save_frame("overview", "overview.tif", frame)
         ctx.overview = frame_atlas(frame, ctx.calibration.matrix(preset))

@@ -98,7 +98,7 @@ def check_preset(
     move_um = min(check_move_px(nominal.pixel_size_um, min(rows, cols)) * nominal.pixel_size_um, room_um)
     if move_um < 3.0 * nominal.pixel_size_um:
         return CheckResult(stored.preset, passed=False, reason="too close to the stage limits for the check move")
-    approach_move(microscope, x0, y0, approach_um)
+    approach_move(microscope, x0, y0, approach_um, always=True)
     reference = np.asarray(microscope.acquire(exposure_s).image)
     sigma_px = max(4.0, min(rows, cols) / 40.0)
     isotropy = structure_isotropy(reference, sigma_px)

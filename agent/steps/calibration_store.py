@@ -94,7 +94,7 @@ class CalibrationStore:
         if current is not None:
             merged = current.model_copy(update={"presets": {**current.presets, **calibration.presets}})
         self.folder.mkdir(parents=True, exist_ok=True)
-        written = merged.save(path, follow_umask=True)
+        written = merged.save(path)
         logger.info("stored the calibration of %s (%s) in %s", merged.instrument, ", ".join(merged.presets), path)
         return written
 

@@ -22,7 +22,7 @@ from agent.session.outcomes import TargetRecord, TargetResult
 from agent.session.records import Record
 from agent.steps.atlas import Atlas
 from agent.steps.stage_calibration import CalibrationSet
-from drivers.base import Frame, Microscope, MicroscopeInfo
+from drivers.base import Frame, Microscope, MicroscopeInfo, image_shift_limit_um
 
 
 class StepOutput(Protocol):
@@ -38,8 +38,20 @@ class StepOutput(Protocol):
     def save_target_previews(self, target_id: str, search: Frame, diffraction: Frame | None) -> dict[str, str]:
         """Have a target's PNG previews written; returns kind -> relative path."""
 
-    def save_atlas_outputs(self, atlas: Atlas, analysis: Any, decision: Any, targets: list[TargetRecord]) -> None:
-        """Have the atlas' heat map, masks, gallery and cluster table written (and announced)."""
+    def save_atlas_outputs(
+        self, atlas: Atlas, analysis: Any, decision: Any, targets: list[TargetRecord], folder: str = "atlas"
+    ) -> None:
+        """Have the atlas' heat map, masks, gallery and cluster table written in `folder` (relative to the
+        session folder) and announced."""
+
+
+@dataclass(frozen=True)
+class SearchField:
+    """The search image the stage still sits on (`frame`, saved at `path`): a later target inside it is
+    confirmed on this image and reached by image shift, with no stage move and no new search image."""
+
+    frame: Frame
+    path: str
 
 
 @dataclass
@@ -50,6 +62,8 @@ class VisitState:
     search: Frame | None = None
     diffraction: Frame | None = None
     images: dict[str, str] = field(default_factory=dict)
+    #: True when the target lies in the search field of an earlier target (no move, no new search image).
+    in_field: bool = False
     x_um: float | None = None
     y_um: float | None = None
     confirm_score: float = 0.0
@@ -81,12 +95,27 @@ class SessionContext:
     overview_bar_mask: np.ndarray | None = None
     atlas: Atlas | None = None
     map_box_um: tuple[float, float, float, float] | None = None
+    #: Rounds of mapping so far (the current atlas is round `rounds`) and the stage box of each, in order (the
+    #: last is `map_box_um`).
+    rounds: int = 0
+    map_boxes_um: list[tuple[float, float, float, float]] = field(default_factory=list)
+    #: Microscope seconds the last round's montage took (from its `mapping` records): what another round costs.
+    last_mapping_s: float = 0.0
     analysis: Any | None = None
     decision: Any | None = None
     targets: list[TargetRecord] = field(default_factory=list)
     results: dict[str, TargetResult] = field(default_factory=dict)
     prompts: int = 0
     visit: VisitState | None = None
+    #: The search image the stage sits on now, while targets can be reached in it by image shift.
+    field: SearchField | None = None
+
+    def image_shift_limit_um(self) -> float:
+        """How far (um per axis) the steps may use image shift: the microscope's limit, 0 when it has none
+        or the plan turns it off (`confirm.image_shift`)."""
+        if not self.plan.confirm.image_shift:
+            return 0.0
+        return image_shift_limit_um(self.microscope, self.info)
 
     def frame_shape(self, preset: str) -> tuple[int, int]:
         """(rows, cols) of a frame taken with `preset` (the camera binned by the preset)."""

@@ -46,7 +46,9 @@ class _Records:
     def save_target_previews(self, target_id: str, search: Frame, diffraction: Frame | None) -> dict[str, str]:
         return {}
 
-    def save_atlas_outputs(self, atlas: Atlas, analysis: Any, decision: Any, targets: list[TargetRecord]) -> None:
+    def save_atlas_outputs(
+        self, atlas: Atlas, analysis: Any, decision: Any, targets: list[TargetRecord], folder: str = "atlas"
+    ) -> None:
         return None
 
 

@@ -33,6 +33,7 @@ def label(ctx: SessionContext) -> LabelResult:
         specimen=ctx.plan.specimen or "unknown",
         preset=ctx.plan.presets.atlas,
         session_id=ctx.session_id,
+        answer_source="simulated" if ctx.info.simulated else "operator",
         memory=ctx.labels,
         channel=ctx.operator,
         sample_xy_um=lambda cluster: sample_xy_um(ctx, cluster),

@@ -1,8 +1,12 @@
 """Step `mapping`: choose the stage box to map and acquire the atlas montage there.
 
-The box is the plan's own (`area.box_um`), else the best block of grid squares seen on the overview
-(typical squares near the centre; empty, broken and contaminated ones avoided), else one atlas field at
-the stage position. It is clipped to the stage limits.
+The box is the plan's own (`area.box_um`), else the next block of grid squares seen on the overview
+(typical squares: empty, broken and contaminated ones avoided; the first block nearest the stage centre,
+each later one next to the block before, never a square mapped already), else one atlas field at the stage
+position. It is clipped to the stage limits.
+
+A session sized by its budget maps in rounds: `next_block` says whether another block is left, and every
+round's atlas is written as `atlas/atlas.tif` (round 1) or `atlas/round-<n>/atlas.tif`.
 """
 
 from __future__ import annotations
@@ -13,7 +17,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from agent.session.records import MappingPlanned
-from agent.steps.atlas import Atlas, acquire_montage, assemble, block_box_um, choose_block, find_squares, plan_tiles
+from agent.steps.atlas import (
+    Atlas,
+    GridSquare,
+    acquire_montage,
+    assemble,
+    block_box_um,
+    choose_block,
+    find_squares,
+    plan_tiles,
+)
 from agent.steps.calibrate import bar_mask, overview_atlas
 from agent.steps.context import SessionContext
 
@@ -24,10 +37,12 @@ BoxUm = tuple[float, float, float, float]
 
 @dataclass(frozen=True)
 class MapResult:
-    """The assembled atlas and the stage box it was asked to cover (x_min, x_max, y_min, y_max um)."""
+    """The assembled atlas, the stage box it was asked to cover (x_min, x_max, y_min, y_max um) and the
+    microscope seconds from the plan to the assembled atlas (as the `mapping` records' times say)."""
 
     atlas: Atlas
     box_um: BoxUm
+    mapping_s: float = 0.0
 
 
 def map_grid(ctx: SessionContext) -> MapResult:
@@ -38,6 +53,7 @@ def map_grid(ctx: SessionContext) -> MapResult:
     atlas_preset = ctx.plan.presets.atlas
     matrix = ctx.calibration.matrix(atlas_preset)
     frame_shape = ctx.frame_shape(atlas_preset)
+    round_number = ctx.rounds + 1
     box, squares = _box_to_map(ctx, matrix, frame_shape)
     box = (
         max(box[0], limits.x_min_um),
@@ -46,7 +62,10 @@ def map_grid(ctx: SessionContext) -> MapResult:
         min(box[3], limits.y_max_um),
     )
     positions = plan_tiles(box, matrix, frame_shape, ctx.plan.area.overlap_fraction)
-    ctx.output.record(MappingPlanned(event="plan", box_um=box, tiles=len(positions), squares=squares))
+    planned_s = ctx.clock_s()
+    ctx.output.record(
+        MappingPlanned(event="plan", round=round_number, box_um=box, tiles=len(positions), squares=squares)
+    )
     frames = acquire_montage(
         ctx.microscope,
         positions,
@@ -55,9 +74,41 @@ def map_grid(ctx: SessionContext) -> MapResult:
         approach_um=ctx.plan.targeting.approach_um,
     )
     atlas = assemble(frames, matrix)
-    path = ctx.output.save_frame("atlas", "atlas/atlas.tif", atlas.as_frame(ctx.clock_s()))
-    ctx.output.record(MappingPlanned(event="done", box_um=box, path=path, shape_px=atlas.image.shape))
-    return MapResult(atlas=atlas, box_um=box)
+    path = ctx.output.save_frame("atlas", f"{atlas_folder(round_number)}/atlas.tif", atlas.as_frame(ctx.clock_s()))
+    done_s = ctx.clock_s()
+    ctx.output.record(
+        MappingPlanned(
+            event="done", round=round_number, box_um=box, path=path, shape_px=atlas.image.shape, squares=squares
+        )
+    )
+    return MapResult(atlas=atlas, box_um=box, mapping_s=done_s - planned_s)
+
+
+def atlas_folder(round_number: int) -> str:
+    """The session sub-folder of one round's atlas and its outputs: `atlas`, then `atlas/round-<n>`."""
+    return "atlas" if round_number <= 1 else f"atlas/round-{round_number}"
+
+
+def next_block(ctx: SessionContext) -> list[GridSquare]:
+    """The grid squares the next round would map: `squares_per_block` typical squares of the overview not
+    mapped yet, the first nearest the last mapped square (the stage centre at first). Empty when none is left
+    or there is no overview."""
+    overview = overview_atlas(ctx) if ctx.rounds == 0 else ctx.overview
+    if overview is None:
+        return []
+    squares = [
+        s for s in find_squares(overview, bar_mask(ctx, overview)) if not in_any_box(s.x_um, s.y_um, ctx.map_boxes_um)
+    ]
+    near = (0.0, 0.0)
+    if ctx.map_boxes_um:
+        x_min, x_max, y_min, y_max = ctx.map_boxes_um[-1]
+        near = ((x_min + x_max) / 2, (y_min + y_max) / 2)
+    return choose_block(squares, ctx.plan.squares_per_block(), near_xy_um=near)
+
+
+def in_any_box(x_um: float, y_um: float, boxes_um: list[BoxUm]) -> bool:
+    """True when stage point (x_um, y_um) lies in one of `boxes_um` (x_min, x_max, y_min, y_max)."""
+    return any(b[0] <= x_um <= b[1] and b[2] <= y_um <= b[3] for b in boxes_um)
 
 
 def _box_to_map(
@@ -68,8 +119,7 @@ def _box_to_map(
     if area.box_um is not None:
         return area.box_um, []
     if area.overview:
-        overview = overview_atlas(ctx)
-        block = choose_block(find_squares(overview, bar_mask(ctx, overview)), area.squares)
+        block = next_block(ctx)
         if block:
             squares = [{"x_um": s.x_um, "y_um": s.y_um, "typicality": s.typicality} for s in block]
             return block_box_um(block, area.margin_um), squares

@@ -10,16 +10,28 @@ import numpy as np
 from drivers.base import Microscope
 
 
-def approach_move(microscope: Microscope, x_um: float, y_um: float, approach_um: float) -> None:
-    """Move to (x_um, y_um), arriving always from the -x/-y side by `approach_um` to take up backlash.
+def approach_move(
+    microscope: Microscope, x_um: float, y_um: float, approach_um: float, *, always: bool = False
+) -> None:
+    """Move to (x_um, y_um) so that the stage arrives from the -x/-y side on both axes (backlash taken up).
 
-    With `approach_um <= 0` this is a plain move. The intermediate point is clipped to the stage limits.
+    A move that already goes +x and +y (or keeps an axis where it is) arrives that way by itself and is one
+    move; otherwise the stage first goes to `approach_um` short of the target on each axis it would reach
+    going backwards (clipped to the stage limits), then to the target. An axis left where it is keeps the
+    side it arrived from last, which this helper always made -x/-y. With `approach_um <= 0` this is a
+    plain move. `always=True` approaches from `approach_um` short on both axes whatever the direction (the
+    calibration steps: their moves are then alike whatever came before, and a stage that has just arrived is
+    always settled again before the next exposure).
     """
     if approach_um > 0:
-        limits = microscope.stage_limits()
-        pre_x = max(limits.x_min_um, x_um - approach_um)
-        pre_y = max(limits.y_min_um, y_um - approach_um)
-        microscope.move_stage(x_um=pre_x, y_um=pre_y, wait=True)
+        here = microscope.get_stage()
+        backwards_x = always or x_um < here.x_um
+        backwards_y = always or y_um < here.y_um
+        if backwards_x or backwards_y:
+            limits = microscope.stage_limits()
+            pre_x = max(limits.x_min_um, x_um - approach_um) if backwards_x else here.x_um
+            pre_y = max(limits.y_min_um, y_um - approach_um) if backwards_y else here.y_um
+            microscope.move_stage(x_um=pre_x, y_um=pre_y, wait=True)
     microscope.move_stage(x_um=x_um, y_um=y_um, wait=True)
 
 

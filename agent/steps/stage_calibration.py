@@ -144,11 +144,10 @@ class CalibrationSet(BaseModel):
         """A copy with `calibration` added or replaced."""
         return self.model_copy(update={"presets": {**self.presets, calibration.preset: calibration}})
 
-    def save(self, path: str | os.PathLike[str], *, follow_umask: bool = False) -> Path:
-        """Write atomically as JSON, dated (`saved_utc`); `follow_umask`: readable by colleagues as the umask
-        allows (else private to the user)."""
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write atomically as JSON, dated (`saved_utc`); readable by colleagues as the umask allows."""
         dated = self.model_copy(update={"saved_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")})
-        return write_atomic(path, dated.model_dump_json(indent=2).encode(), follow_umask=follow_umask)
+        return write_atomic(path, dated.model_dump_json(indent=2).encode())
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> CalibrationSet:
@@ -323,7 +322,7 @@ def measure_preset(
     sigma_px = max(4.0, min(frame_rows, frame_cols) / 40.0)
 
     def frame_at(dx_um: float, dy_um: float) -> np.ndarray:
-        approach_move(microscope, x0 + dx_um, y0 + dy_um, approach_um)
+        approach_move(microscope, x0 + dx_um, y0 + dy_um, approach_um, always=True)
         return np.asarray(microscope.acquire(exposure_s).image)
 
     reference = frame_at(0.0, 0.0)
@@ -336,7 +335,7 @@ def measure_preset(
     matrix, residual_px, shift_um = _fit_matrix(
         reference, frame_at, shifts_px, nominal.pixel_size_um, sigma_px, min_quality, preset=preset, where=where
     )
-    approach_move(microscope, x0, y0, approach_um)
+    approach_move(microscope, x0, y0, approach_um, always=True)
     return _checked_calibration(
         preset,
         matrix,

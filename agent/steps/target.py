@@ -3,9 +3,11 @@ targets, on a short path.
 
 The locator gives pixel candidates (`agent.locate.targets.find_candidates`, best first, one object per
 region first); this step converts them to stage micrometres with the atlas' calibrated transform, keeps
-those inside the stage limits and the mapped box, fills `targeting.max_targets` places (crystal clusters
-first, mixed clusters' candidates in the places left and away from the sure ones) and orders every sure
-target before any mixed one, each tier on a short path (nearest neighbour + 2-opt).
+those inside the stage limits and this round's mapped box (not in an earlier round's), fills the places the
+optional `targeting.max_targets` cap leaves (crystal clusters first, mixed clusters' candidates in the
+places left and away from the sure ones), keeps the best-scoring ones when the budget left cannot visit
+them all (`fit_to_budget`), and orders every sure target before any mixed one, each tier on a short path
+(nearest neighbour + 2-opt).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from agent.locate.targets import find_candidates
 from agent.session.outcomes import TargetRecord
 from agent.session.records import TargetsPlanned
 from agent.steps.context import SessionContext
+from agent.steps.map import atlas_folder, in_any_box
 from agent.steps.motion import plan_tiered_path
 
 #: A candidate with its stage position: (candidate, x_um, y_um).
@@ -35,41 +38,75 @@ class TargetPlan:
 
 
 def fill_target_places(
-    sure: list[Placed], mixed: list[Placed], max_targets: int, min_spacing_um: float
+    sure: list[Placed], mixed: list[Placed], max_targets: int | None, min_spacing_um: float
 ) -> tuple[list[Placed], list[Placed]]:
     """Targets from the sure (crystal) clusters' candidates, then from the mixed clusters' ones.
 
     Both lists hold (candidate, x_um, y_um) in the locator's order (best first, one object per region
-    first). The sure ones take up to `max_targets` places; mixed ones fill the places left, skipping any
-    within `min_spacing_um` of a sure target (the same object seen by two clusters).
+    first). The sure ones take up to `max_targets` places (None: no cap); mixed ones fill the places left,
+    skipping any within `min_spacing_um` of a sure target (the same object seen by two clusters).
     """
-    sure = sure[:max_targets]
+    if max_targets is not None:
+        sure = sure[: max(0, max_targets)]
     kept = [
         entry for entry in mixed if all(math.hypot(entry[1] - x, entry[2] - y) >= min_spacing_um for _, x, y in sure)
     ]
-    return sure, kept[: max_targets - len(sure)]
+    if max_targets is not None:
+        kept = kept[: max(0, max_targets - len(sure))]
+    return sure, kept
+
+
+#: Microscope seconds one target visit is assumed to take beyond its two exposures when the targets of a round
+#: are fitted to the budget left. A guess, not a published figure: a stage move with settling, two camera starts
+#: and a diffraction switch each way are 7-8 s on SerialEM's defaults (`simulator.timing`); what stops a session
+#: at its budget is the check before every target, this only decides which targets come first.
+VISIT_OVERHEAD_GUESS_S = 8.0
+
+
+def fit_to_budget(ctx: SessionContext, sure: list[Placed], mixed: list[Placed]) -> tuple[list[Placed], list[Placed]]:
+    """When the budget left cannot visit every target of the round, the best-scoring ones that fit (sure
+    clusters' first); else all of them. Without a budget: all."""
+    budget_s = ctx.plan.time_budget_s
+    if budget_s is None:
+        return sure, mixed
+    per_visit_s = ctx.plan.exposures.search_s + ctx.plan.exposures.diffraction_s + VISIT_OVERHEAD_GUESS_S
+    fit = max(1, int((budget_s - ctx.clock_s()) // per_visit_s))
+    if len(sure) + len(mixed) <= fit:
+        return sure, mixed
+
+    def best(entries: list[Placed], count: int) -> list[Placed]:
+        return sorted(entries, key=lambda entry: -float(entry[0].score))[: max(0, count)]
+
+    kept_sure = best(sure, fit)
+    return kept_sure, best(mixed, fit - len(kept_sure))
 
 
 def plan_targets(ctx: SessionContext) -> TargetPlan:
-    """Find, place and order the targets; records them and has the atlas outputs written."""
+    """Find, place and order this round's targets; records them and has the round's atlas outputs written.
+
+    Target ids continue those of earlier rounds; a candidate in a box mapped by an earlier round, or near a
+    target planned before, is left out (it was found then)."""
     if ctx.analysis is None or ctx.atlas is None or ctx.decision is None:
         raise RuntimeError("targeting needs the atlas, its analysis and the labelling decision")
     targeting = ctx.plan.targeting
     decision = ctx.decision
-    finder = _CandidateFinder(ctx)
+    places = None if targeting.max_targets is None else max(0, targeting.max_targets - len(ctx.targets))
+    finder = _CandidateFinder(ctx, places)
     sure = finder.reachable(decision.crystal_clusters)
-    places_left = len(sure) < targeting.max_targets
+    places_left = places is None or len(sure) < places
     # the object search is the slow part: mixed clusters are searched only when places are left
     mixed = finder.reachable(decision.mixed_clusters) if decision.mixed_clusters and places_left else []
-    sure, mixed = fill_target_places(sure, mixed, targeting.max_targets, targeting.min_spacing_um)
+    sure, mixed = fill_target_places(sure, mixed, places, targeting.min_spacing_um)
+    sure, mixed = fit_to_budget(ctx, sure, mixed)
     here = ctx.microscope.get_stage()
     tiers = (sure, mixed)
     order = plan_tiered_path((here.x_um, here.y_um), [np.array([[x, y] for _, x, y in t]) for t in tiers])
     visits = [(tiers[tier][index], tier == 1) for tier, index in order]
+    first = len(ctx.targets)
     targets = [
         TargetRecord(
-            target_id=f"T{rank + 1:03d}",
-            order=rank,
+            target_id=f"T{first + rank + 1:03d}",
+            order=first + rank,
             x_um=x_um,
             y_um=y_um,
             atlas_col_px=float(c.col_px),
@@ -81,15 +118,16 @@ def plan_targets(ctx: SessionContext) -> TargetPlan:
         )
         for rank, ((c, x_um, y_um), from_mixed) in enumerate(visits)
     ]
-    ctx.output.record(TargetsPlanned(targets=targets))
-    ctx.output.save_atlas_outputs(ctx.atlas, ctx.analysis, decision, targets)
+    round_number = max(1, ctx.rounds)
+    ctx.output.record(TargetsPlanned(targets=targets, round=round_number))
+    ctx.output.save_atlas_outputs(ctx.atlas, ctx.analysis, decision, targets, atlas_folder(round_number))
     return TargetPlan(targets=targets)
 
 
 class _CandidateFinder:
     """The locator's candidates of some clusters, placed on the stage (see `reachable`)."""
 
-    def __init__(self, ctx: SessionContext) -> None:
+    def __init__(self, ctx: SessionContext, places: int | None) -> None:
         assert ctx.atlas is not None and ctx.analysis is not None and ctx.decision is not None
         self.atlas, self.analysis = ctx.atlas, ctx.analysis
         pixel_um = self.atlas.pixel_size_um
@@ -98,9 +136,15 @@ class _CandidateFinder:
             update={
                 "min_spacing_px": max(1.0, targeting.min_spacing_um / pixel_um),
                 "min_bar_distance_px": targeting.min_bar_distance_um / pixel_um,
-                "max_candidates": max(targeting.max_targets * 4, 50),
+                "max_candidates": (
+                    ctx.plan.locate.max_candidates if places is None else max(places * 4, 50)
+                ),
             }
         )
+        self.min_spacing_um = targeting.min_spacing_um
+        # what earlier rounds mapped and planned: their candidates were found then
+        self.earlier_boxes_um = list(ctx.map_boxes_um[:-1])
+        self.earlier_xy_um = np.array([[t.x_um, t.y_um] for t in ctx.targets], dtype=np.float64).reshape(-1, 2)
         self.limits = ctx.microscope.stage_limits()
         self.map_box_um = ctx.map_box_um
         # with candidates of two cluster sets to find, the image is prepared for them once
@@ -126,6 +170,9 @@ class _CandidateFinder:
             if self.map_box_um is not None:  # the atlas frame may show more than the squares asked for
                 x_min, x_max, y_min, y_max = self.map_box_um
                 inside = inside and x_min <= x_um <= x_max and y_min <= y_um <= y_max
+            inside = inside and not in_any_box(float(x_um), float(y_um), self.earlier_boxes_um)
+            if inside and len(self.earlier_xy_um):
+                inside = float(np.min(np.hypot(*(self.earlier_xy_um - [x_um, y_um]).T))) >= self.min_spacing_um
             if inside:
                 kept.append((candidate, float(x_um), float(y_um)))
         return kept

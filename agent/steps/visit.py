@@ -3,8 +3,12 @@
 At `confirming` a target is rejected when nothing crystal-like lies near it at the search preset, when the
 object there is round (an ice ball), or when it re-centres onto an object an earlier target already
 confirmed (within `targeting.min_spacing_um`: pieces of one large flake or blob are measured once).
-Otherwise the stage is re-centred on the object (when the plan asks and the offset matters) and a new
-search image is taken there.
+Otherwise the object is put under the beam: by image shift where the microscope has it (no new image), else
+by a stage move and a new search image there (when the plan asks and the offset matters).
+
+A target that lies in the search image the stage still sits on (the previous target's, within the image-shift
+range) is not moved to: it is confirmed on that image and reached by image shift, so neighbouring crystals
+cost an image shift and a diffraction snapshot each (`in_search_field`).
 """
 
 from __future__ import annotations
@@ -17,11 +21,11 @@ from scipy import ndimage
 
 from agent.config import ScreeningPlan
 from agent.session.outcomes import CONFIRMED_OUTCOMES
-from agent.steps.context import SessionContext
+from agent.steps.context import SearchField, SessionContext
 from agent.steps.motion import approach_move
-from agent.steps.object_near_centre import find_object_near_centre
+from agent.steps.object_near_centre import find_objects_near
 from drivers.base import Frame
-from drivers.geometry import pixel_to_stage_um
+from drivers.geometry import image_centre_px, pixel_to_stage_um, stage_to_pixel
 
 #: What the atlas saw at a stage point (see `atlas_classes`).
 OFF_ATLAS, BAR, FILM, OTHER = -1, 0, 1, 2
@@ -37,52 +41,105 @@ class Rejection:
 
 
 def move(ctx: SessionContext) -> None:
-    """Move the stage to the visited target, approaching from the plan's side (backlash)."""
-    target = ctx.require_visit().target
+    """Go to the visited target: nothing to do when it lies in the search image the stage sits on (it is then
+    reached by image shift, see `in_search_field`); else reset any image shift and move the stage there,
+    taking up backlash only when the move needs it."""
+    visit = ctx.require_visit()
+    target = visit.target
+    limit_um = ctx.image_shift_limit_um()
+    if ctx.field is not None and in_search_field(ctx, ctx.field, target.x_um, target.y_um, limit_um):
+        visit.in_field = True
+        return
+    visit.in_field = False
+    ctx.field = None
+    if limit_um > 0:
+        ctx.microscope.set_image_shift(0.0, 0.0)  # type: ignore[attr-defined]
     approach_move(ctx.microscope, target.x_um, target.y_um, ctx.plan.targeting.approach_um)
 
 
 def zoom(ctx: SessionContext) -> None:
-    """Switch to the search preset and take the search image (saved, kept in the visit)."""
+    """Switch to the search preset and take the search image (saved, kept in the visit); a target in the
+    current search field uses that image instead."""
     visit = ctx.require_visit()
+    if visit.in_field and ctx.field is not None:
+        visit.search = ctx.field.frame
+        visit.images["search"] = ctx.field.path
+        return
     ctx.microscope.set_preset(ctx.plan.presets.search)
     frame = ctx.microscope.acquire(ctx.plan.exposures.search_s)
     visit.search = frame
     target_id = visit.target.target_id
     visit.images["search"] = ctx.output.save_frame("search", f"targets/{target_id}_search.tif", frame, target_id)
+    if ctx.image_shift_limit_um() > 0:
+        ctx.field = SearchField(frame=frame, path=visit.images["search"])
+
+
+def in_search_field(ctx: SessionContext, field: SearchField, x_um: float, y_um: float, limit_um: float) -> bool:
+    """True when stage point (x_um, y_um) can be confirmed on `field`'s image and reached by image shift: within
+    `limit_um` of the stage on each axis, and at least the confirmation radius inside the frame."""
+    if limit_um <= 0:
+        return False
+    metadata = field.frame.metadata
+    if abs(x_um - metadata.stage.x_um) > limit_um or abs(y_um - metadata.stage.y_um) > limit_um:
+        return False
+    matrix = ctx.calibration.matrix(ctx.plan.presets.search)
+    col, row = stage_to_pixel(np.array([x_um, y_um]), field.frame.shape_px, metadata.view_xy_um, matrix)
+    margin_px = ctx.plan.confirm.radius_um / math.sqrt(abs(float(np.linalg.det(matrix))))
+    rows, cols = field.frame.shape_px
+    return bool(margin_px <= col <= cols - 1 - margin_px and margin_px <= row <= rows - 1 - margin_px)
 
 
 def confirm(ctx: SessionContext) -> Rejection | None:
-    """Find the target's object near the search image's centre; None when confirmed (the visit then holds
-    its stage position, contrast and re-centring offset), else why it was rejected."""
+    """Find the target's object near its expected place in the search image; None when confirmed (the visit
+    then holds its stage position, contrast and re-centring offset), else why it was rejected."""
     visit = ctx.require_visit()
     assert visit.search is not None
     frame = visit.search
-    stage = frame.metadata.stage
+    target = visit.target
+    expected_xy = (target.x_um, target.y_um) if visit.in_field else None
     found = locate_near_centre(
-        frame, ctx.calibration.matrix(ctx.plan.presets.search), ctx.plan, lambda xy: atlas_classes(ctx, xy)
+        frame, ctx.calibration.matrix(ctx.plan.presets.search), ctx.plan, lambda xy: atlas_classes(ctx, xy),
+        expected_xy_um=expected_xy,
     )
+    view_x, view_y = expected_xy or frame.metadata.view_xy_um
     if found is None:
-        return Rejection(stage.x_um, stage.y_um, "nothing crystal-like near the expected position at the search preset")
+        return Rejection(view_x, view_y, "nothing crystal-like near the expected position at the search preset")
     x_um, y_um, confirm_score, round_outline = found
     if round_outline and ctx.plan.confirm.reject_round:
         return Rejection(x_um, y_um, "a round object at the search preset (an ice ball)")
-    offset_um = math.hypot(x_um - stage.x_um, y_um - stage.y_um)
+    offset_um = math.hypot(x_um - view_x, y_um - view_y)
     visit.x_um, visit.y_um, visit.confirm_score, visit.offset_um = x_um, y_um, confirm_score, offset_um
     earlier = measured_near(ctx, x_um, y_um)
     if earlier is not None:
         # several atlas targets on one large object (pieces of a blob, two ends of a flake) all re-centre
         # onto it: measure it once
         return Rejection(x_um, y_um, f"the same object as {earlier} (re-centred onto it at the search preset)")
-    if ctx.plan.confirm.recentre and offset_um > 0.05 * ctx.plan.confirm.radius_um:
-        approach_move(ctx.microscope, x_um, y_um, ctx.plan.targeting.approach_um)
-        centred = ctx.microscope.acquire(ctx.plan.exposures.search_s)
-        target_id = visit.target.target_id
-        visit.images["centred"] = ctx.output.save_frame(
-            "centred", f"targets/{target_id}_centred.tif", centred, target_id
-        )
-        visit.search = centred
+    if visit.in_field or (ctx.plan.confirm.recentre and offset_um > 0.05 * ctx.plan.confirm.radius_um):
+        _recentre(ctx, x_um, y_um)
     return None
+
+
+def _recentre(ctx: SessionContext, x_um: float, y_um: float) -> None:
+    """Put the object at (x_um, y_um) under the beam: by image shift when the microscope can reach it that way
+    (no new image: the shift is exact to its calibration), else by a stage move and a new search image there."""
+    visit = ctx.require_visit()
+    assert visit.search is not None
+    stage = visit.search.metadata.stage
+    shift = (x_um - stage.x_um, y_um - stage.y_um)
+    limit_um = ctx.image_shift_limit_um()
+    if limit_um > 0 and abs(shift[0]) <= limit_um and abs(shift[1]) <= limit_um:
+        ctx.microscope.set_image_shift(*shift)  # type: ignore[attr-defined]
+        return
+    ctx.field = None
+    if limit_um > 0:
+        ctx.microscope.set_image_shift(0.0, 0.0)  # type: ignore[attr-defined]
+    approach_move(ctx.microscope, x_um, y_um, ctx.plan.targeting.approach_um)
+    centred = ctx.microscope.acquire(ctx.plan.exposures.search_s)
+    target_id = visit.target.target_id
+    visit.images["centred"] = ctx.output.save_frame("centred", f"targets/{target_id}_centred.tif", centred, target_id)
+    visit.search = centred
+    if limit_um > 0:
+        ctx.field = SearchField(frame=centred, path=visit.images["centred"])
 
 
 def measured_near(ctx: SessionContext, x_um: float, y_um: float) -> str | None:
@@ -134,30 +191,39 @@ def _atlas_masks(
 
 
 def locate_near_centre(
-    frame: Frame, matrix_um_per_px: np.ndarray, plan: ScreeningPlan, classes_at: object | None = None
+    frame: Frame,
+    matrix_um_per_px: np.ndarray,
+    plan: ScreeningPlan,
+    classes_at: object | None = None,
+    expected_xy_um: tuple[float, float] | None = None,
 ) -> tuple[float, float, float, bool] | None:
-    """Find the object nearest the centre of a search frame within `confirm.radius_um` (see
-    `agent.steps.object_near_centre`); returns its stage position (x_um, y_um), contrast in film-noise sigmas
-    and whether its outline is round (an ice ball), or None.
+    """Find the object nearest the centre of a search frame (or its stage point `expected_xy_um`) within
+    `confirm.radius_um` (see `agent.steps.object_near_centre`); returns its stage position (x_um, y_um),
+    contrast in film-noise sigmas and whether its outline is round (an ice ball), or None.
 
     `classes_at(stage_xy_um (n, 2)) -> (n,)` says what the atlas saw at stage points (BAR, FILM, OTHER,
     OFF_ATLAS): bar pixels can never be the target, and film pixels set the film level even when objects
     cover most of the frame's border.
     """
     image = np.asarray(frame.image)
-    stage_xy = (frame.metadata.stage.x_um, frame.metadata.stage.y_um)
+    stage_xy = frame.metadata.view_xy_um
     pixel_um = float(math.sqrt(abs(np.linalg.det(matrix_um_per_px))))
     exclude = film = None
     if classes_at is not None:
         exclude, film = _atlas_masks(image.shape, stage_xy, matrix_um_per_px, classes_at)
-    found = find_object_near_centre(
+    if expected_xy_um is None:
+        point_px = image_centre_px(image.shape)
+    else:
+        point_px = stage_to_pixel(np.asarray(expected_xy_um, dtype=np.float64), image.shape, stage_xy, matrix_um_per_px)
+    found = find_objects_near(
         image,
+        [(float(point_px[0]), float(point_px[1]))],
         radius_px=plan.confirm.radius_um / pixel_um,
         min_contrast_sigma=plan.confirm.min_contrast_sigma,
         exclude_mask=exclude,
         film_mask=film,
         min_area_px=math.pi / 4 * (plan.confirm.min_size_um / pixel_um) ** 2,
-    )
+    )[0]
     if found is None:
         return None
     xy = pixel_to_stage_um(np.array([found.col_px, found.row_px]), image.shape, stage_xy, matrix_um_per_px)

@@ -155,19 +155,19 @@ def _read_png(file_path: Path) -> ImageData:
     return ImageData(array=array, path=file_path)
 
 
-def write_atomic(path: str | os.PathLike[str], payload: bytes, *, follow_umask: bool = False) -> Path:
+def write_atomic(path: str | os.PathLike[str], payload: bytes, *, private: bool = False) -> Path:
     """Write `payload` to `path` atomically (temporary file in the same folder, fsync, rename).
 
-    The file is private to the user (mode 0600, as `tempfile.mkstemp` makes it) unless `follow_umask`:
-    then it gets the mode any new file gets (0666 less the process umask, e.g. 0644), for files that
-    colleagues read (an instrument's stored calibration).
+    The file gets the mode any new file gets (0666 less the process umask, e.g. 0644 under umask 022), so
+    that colleagues, and SerialEM on a shared drive, can read session outputs; `private=True` makes it
+    readable by its owner only (0600), for secrets.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    if follow_umask:
-        fd, tmp_name = _create_following_umask(target)
-    else:
+    if private:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    else:
+        fd, tmp_name = _create_following_umask(target)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(payload)

@@ -425,3 +425,30 @@ def test_votes_and_held_out_verdicts_equal_a_straightforward_reference(tmp_path:
             if support and confidence >= CALIBRATION_CONFIDENCE:
                 expected_verdicts[record.id] = (is_crystal, is_crystal == record.is_crystal)
     assert memory.held_out_verdicts("p", "a") == expected_verdicts
+
+
+_WRITER = """
+import sys
+import numpy as np
+from agent.prompts import LabelMemory
+memory = LabelMemory(sys.argv[1])
+name = sys.argv[2]
+features = [f"f{i}" for i in range(40)]
+for n in range(60):
+    centroids = np.full((8, 40), float(n)) + np.arange(40)  # long lines: 8 records of 40 features per write
+    memory.record_clusters(centroids, features, [n % 2 == 0] * 8, specimen="s", preset="atlas",
+                           session=f"{name}-{n}", source="operator")
+"""
+
+
+def test_two_processes_writing_one_memory_at_once_lose_and_tear_nothing(tmp_path: Path) -> None:
+    writers = [
+        subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path / "labels"), name]) for name in ("a", "b")
+    ]
+    for writer in writers:
+        assert writer.wait(timeout=120) == 0
+    memory = LabelMemory(tmp_path / "labels")
+    records = memory.list_records()
+    assert memory.skipped_lines == 0  # no torn or interleaved line
+    assert len(records) == 2 * 60 * 8
+    assert {r.session for r in records} == {f"{w}-{n}" for w in "ab" for n in range(60)}

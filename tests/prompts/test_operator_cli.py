@@ -134,3 +134,18 @@ def test_labels_commands(label_memory: LabelMemory, tmp_path: Path) -> None:
     assert refused.returncode == 2 and "--all" in refused.stderr and len(label_memory) == 4
     assert run("prune", *base, "--session", "s1").returncode == 0 and len(label_memory) == 2
     assert run("prune", *base, "--all").returncode == 0 and len(label_memory) == 0
+
+
+def test_simulated_sessions_keep_their_label_memory_apart_and_it_carries_no_vote_on_a_real_microscope(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from agent.commands.screen import _label_memory
+
+    monkeypatch.setenv("CRYSTAL_LOCATOR_LABELS", str(tmp_path / "labels"))
+    simulated = _label_memory(None, simulated=True)
+    real = _label_memory(None, simulated=False)
+    assert simulated.folder == tmp_path / "labels" / "simulated" and real.folder == tmp_path / "labels"
+    assert simulated.source_weights["simulated"] == 1.0
+    assert real.source_weights["simulated"] == 0.0 and real.source_weights["operator"] == 1.0
+    shared = _label_memory(tmp_path / "shared", simulated=False)  # --labels: the folder given, the same weights
+    assert shared.folder == tmp_path / "shared" and shared.source_weights["simulated"] == 0.0

@@ -268,6 +268,8 @@ def _screen_command(out: Path, *extra: str) -> list[str]:
         str(CAMERA_PX),
         "--max-targets",
         "3",
+        "--squares",
+        "1",
         "--no-labels",
         "--out",
         str(out),
@@ -399,7 +401,9 @@ def test_prompts_reach_the_simulated_operator_and_fall_back_when_nobody_answers(
     assert summary.state == "done" and summary.prompts == 1
     assert session.decision is not None and session.decision.answered_by == "simulated"
     assert set(session.decision.sources.values()) <= {"operator", "label-memory"}
-    assert any(r.source == "operator" for r in memory.list_records())
+    # answers given in a session on a simulated microscope are stored as simulated, never as a person's
+    assert any(r.source == "simulated" for r in memory.list_records())
+    assert not any(r.source == "operator" for r in memory.list_records())
 
     plan = _plan("polymer-faint", seed=8).model_copy(
         update={"operator": ScreeningPlan().operator.model_copy(update={"wait_s": 0.5, "fallback": "default-rule"})}

@@ -274,3 +274,19 @@ def test_calibrate_refuses_a_store_it_cannot_write_before_it_measures(
     blocked.write_text("")
     assert main(["calibrate", "--simulated", "--camera-px", "64", "--calibrations", str(blocked)]) == 2
     assert "cannot write the calibration store" in capsys.readouterr().err
+
+
+def test_session_outputs_follow_the_umask_and_a_private_write_stays_private(tmp_path: Path) -> None:
+    from drivers.formats.images import write_atomic
+
+    old_umask = os.umask(0o022)
+    try:
+        shared = write_atomic(tmp_path / "summary.json", b"{}")
+        secret = write_atomic(tmp_path / "token", b"x", private=True)
+        os.umask(0o027)
+        group_only = write_atomic(tmp_path / "targets.csv", b"a\n")
+    finally:
+        os.umask(old_umask)
+    assert shared.stat().st_mode & 0o777 == 0o644
+    assert group_only.stat().st_mode & 0o777 == 0o640
+    assert secret.stat().st_mode & 0o777 == 0o600

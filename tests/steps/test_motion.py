@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from agent.steps.motion import path_length_um, plan_path, plan_tiered_path
+from tests.conftest import MakeMicroscope
 
 
 def _nearest_neighbour(start: np.ndarray, points: np.ndarray) -> list[int]:
@@ -49,3 +51,23 @@ def test_tiered_path_visits_every_point_of_a_tier_before_the_next_tier() -> None
     assert order[3] == (1, 1)  # the mixed tier starts from where the sure one ended (x = 200), not from the start
     assert plan_tiered_path((0.0, 0.0), [np.zeros((0, 2)), mixed])[0] == (1, 0)
     assert plan_tiered_path((0.0, 0.0), [np.zeros((0, 2)), np.zeros((0, 2))]) == []
+
+
+def test_backlash_approach_only_when_the_move_goes_backwards(simulated_microscope: MakeMicroscope) -> None:
+    from agent.steps.motion import approach_move
+    from simulator.stage import StageModel
+
+    scope = simulated_microscope(camera_px=64, stage_model=StageModel(backlash_um=0.6, repeat_error_um=0.0))
+
+    def moves_for(x_um: float, y_um: float, **options: bool) -> int:
+        before = scope.fault_counts["move"]
+        approach_move(scope, x_um, y_um, 5.0, **options)
+        true_x, true_y = scope.true_stage_xy_um()
+        assert (true_x, true_y) == pytest.approx((x_um, y_um), abs=1e-9)  # arrived from -x/-y: no backlash left
+        return scope.fault_counts["move"] - before
+
+    assert moves_for(10.0, 10.0) == 1  # +x +y: arrives from the right side by itself
+    assert moves_for(10.0, 20.0) == 1  # x kept, +y
+    assert moves_for(5.0, 25.0) == 2  # -x: overshoot and come back
+    assert moves_for(8.0, 12.0) == 2  # +x -y
+    assert moves_for(9.0, 13.0, always=True) == 2  # the calibration steps always approach

@@ -1,0 +1,205 @@
+"""Sessions sized by their budget (rounds of mapping) and targets reached by image shift, on the real simulator.
+
+The sessions start from a stored calibration made of the simulator's true matrices (what `crystal-locator
+calibrate` would have stored for this instrument), so they only check it; the 1024 px camera gives search
+images of 41 um, in which neighbouring crystals are reached by image shift. The session sized by its budget is
+also the reference of a kill -9 and resume of the same session through the command line.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from agent.config import AreaPlan, ConfirmPlan, ScreeningPlan, TargetingPlan
+from agent.session.journal import read_journal
+from agent.session.screening import ScreeningSession
+from agent.steps.calibration_store import CalibrationStore
+from agent.steps.stage_calibration import CalibrationSet, PresetCalibration
+from simulator.scoring import score_session
+from tests.session.test_resume_determinism import _run_and_kill, _summary
+
+if TYPE_CHECKING:
+    from simulator.microscope import SimulatedMicroscope
+    from tests.conftest import MakeMicroscope
+
+CAMERA_PX = 1024
+
+
+def true_calibration(microscope: SimulatedMicroscope) -> CalibrationSet:
+    """The calibration a store would hold for this simulated instrument: its true image -> stage matrices."""
+    info = microscope.info()
+    calibration = CalibrationSet(instrument=info.name)
+    for preset in info.presets:
+        calibration = calibration.with_preset(
+            PresetCalibration.from_matrix(
+                preset.name, microscope.true_image_to_stage_matrix(preset.name), preset.pixel_size_um,
+                residual_px=0.0, shift_um=0.0, stage_xy_um=(0.0, 0.0), measured_utc="2026-12-07T00:00:00Z",
+            )
+        )
+    return calibration
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory, simulated_microscope: MakeMicroscope) -> Path:
+    """A calibration store holding the simulated instrument's calibration."""
+    folder = tmp_path_factory.mktemp("store") / "calibrations"
+    CalibrationStore(folder).save(true_calibration(simulated_microscope(camera_px=CAMERA_PX)))
+    return folder
+
+
+def run(folder: Path, microscope: SimulatedMicroscope, plan: ScreeningPlan, store: Path) -> ScreeningSession:
+    truth = microscope.ground_truth
+    session = ScreeningSession(
+        microscope, plan, folder, calibration_store=CalibrationStore(store),
+        truth_scorer=lambda targets, results, boxes: score_session(truth, list(results.values()), boxes),
+    )
+    session.run()
+    return session
+
+
+#: The plan of `by_budget` as the command line gives it.
+SCREEN = ["--simulated", "--specimen", "protein-plates", "--seed", "3", "--camera-px", str(CAMERA_PX),
+          "--squares-per-round", "1", "--time-budget-s", "200", "--no-labels"]
+
+
+def _plan(**changes: Any) -> ScreeningPlan:
+    base: dict[str, Any] = {"specimen": "protein-plates", "seed": 3, "time_budget_s": 200.0,
+                            "area": AreaPlan(squares_per_round=1)}
+    return ScreeningPlan(**{**base, **changes})
+
+
+@pytest.fixture(scope="module")
+def by_budget(
+    tmp_path_factory: pytest.TempPathFactory, simulated_microscope: MakeMicroscope, store: Path
+) -> ScreeningSession:
+    folder = tmp_path_factory.mktemp("budget") / "s"
+    return run(folder, simulated_microscope("protein-plates", 3, CAMERA_PX), _plan(), store)
+
+
+def _entries(session: ScreeningSession) -> list[dict[str, Any]]:
+    return read_journal(session.session_dir / "journal.jsonl")
+
+
+def test_a_session_sized_by_its_budget_maps_rounds_until_the_budget_is_spent(by_budget: ScreeningSession) -> None:
+    entries = _entries(by_budget)
+    done = [e for e in entries if e["type"] == "mapping" and e["event"] == "done"]
+    assert [e["round"] for e in done] == list(range(1, len(done) + 1)) and len(done) >= 2
+    assert done[0]["path"] == "atlas/atlas.tif" and done[1]["path"] == "atlas/round-2/atlas.tif"
+    assert (by_budget.session_dir / "atlas" / "round-2" / "heatmap.png").exists()
+    summary = by_budget.summary()
+    assert summary.state == "done"
+    assert summary.microscope_time_s <= 200.0 + 30.0  # no target is started after the budget (one may overrun it)
+    # another round is mapped only with budget left for a montage like the last one and a visit after it
+    last_done = done[-1]["microscope_time_s"]
+    assert last_done <= 200.0
+    # targets of all rounds, numbered on, each visited once, none planned twice on one spot
+    targets = [t for e in entries if e["type"] == "targets" for t in e["targets"]]
+    ids = [t["target_id"] for t in targets]
+    assert ids == [f"T{n:03d}" for n in range(1, len(ids) + 1)]
+    for i, a in enumerate(targets):
+        for b in targets[i + 1 :]:
+            assert math.hypot(a["x_um"] - b["x_um"], a["y_um"] - b["y_um"]) >= by_budget.plan.targeting.min_spacing_um
+    # the boxes of different rounds do not cover the same grid square twice (their centres are apart)
+    boxes = [e["box_um"] for e in done]
+    centres = [((b[0] + b[1]) / 2, (b[2] + b[3]) / 2) for b in boxes]
+    assert all(math.dist(p, q) > 50.0 for i, p in enumerate(centres) for q in centres[i + 1 :])
+    # recall is counted over every round's box
+    assert summary.crystals_in_area is not None
+    one_box = score_session(by_budget.microscope.ground_truth, [], boxes[0])  # type: ignore[attr-defined]
+    assert summary.crystals_in_area > one_box["crystals_in_area"]
+
+
+def test_targets_in_one_search_image_are_reached_by_image_shift(by_budget: ScreeningSession) -> None:
+    entries = _entries(by_budget)
+    searched = {e["target_id"] for e in entries if e["type"] == "artifact" and e["kind"] == "search"}
+    finished = [e for e in entries if e["type"] == "target"]
+    in_field = [e for e in finished if e["target_id"] not in searched]
+    assert in_field, "seed 3 has clusters of crystals closer than the search field"
+    # an in-field visit moves no stage and takes no search image: it is much shorter than a visit with both
+    starts = {}
+    for e in entries:
+        if e["type"] == "transition" and e["state"] == "moving":
+            starts[len(starts)] = e["microscope_time_s"]
+    durations = [e["microscope_time_s"] - starts[i] for i, e in enumerate(finished)]
+    inside = [d for d, e in zip(durations, finished, strict=True) if e["target_id"] not in searched]
+    outside = [d for d, e in zip(durations, finished, strict=True) if e["target_id"] in searched]
+    assert max(inside) < min(outside)
+    # in-field targets confirmed on the image of another target still land on the object they were planned on
+    for e in in_field:
+        if e["outcome"] in ("recorded", "no-diffraction"):
+            assert e["images"]["search"].startswith("targets/") and e["target_id"] not in e["images"]["search"]
+
+
+def test_without_image_shift_every_target_gets_its_own_search_image(
+    tmp_path: Path, simulated_microscope: MakeMicroscope, store: Path
+) -> None:
+    plan = _plan(confirm=ConfirmPlan(image_shift=False), targeting=TargetingPlan(max_targets=6))
+    session = run(tmp_path / "s", simulated_microscope("protein-plates", 3, CAMERA_PX), plan, store)
+    entries = _entries(session)
+    searched = {e["target_id"] for e in entries if e["type"] == "artifact" and e["kind"] == "search"}
+    assert all(e["target_id"] in searched for e in entries if e["type"] == "target" and e["outcome"] != "failed")
+
+
+def test_a_target_cap_holds_across_rounds(tmp_path: Path, simulated_microscope: MakeMicroscope, store: Path) -> None:
+    plan = _plan(targeting=TargetingPlan(max_targets=5))
+    session = run(tmp_path / "s", simulated_microscope("protein-plates", 3, CAMERA_PX), plan, store)
+    assert session.summary().targets_found == 5
+
+
+def test_a_budget_too_small_for_one_target_is_refused_before_anything_moves() -> None:
+    with pytest.raises(ValueError, match="no target could be reached"):
+        ScreeningPlan(time_budget_s=1.0)
+
+
+def test_squares_given_means_one_round(tmp_path: Path, simulated_microscope: MakeMicroscope, store: Path) -> None:
+    plan = _plan(area=AreaPlan(squares=1), targeting=TargetingPlan(max_targets=2))
+    session = run(tmp_path / "s", simulated_microscope("protein-plates", 3, CAMERA_PX), plan, store)
+    assert len([e for e in _entries(session) if e["type"] == "mapping" and e["event"] == "done"]) == 1
+
+
+def _in_field_targets(entries: list[dict[str, Any]]) -> list[str]:
+    """Targets visited without a search image of their own (reached in an earlier target's search image)."""
+    searched = {e.get("target_id") for e in entries if e["type"] == "artifact" and e["kind"] == "search"}
+    return [e["target_id"] for e in entries if e["type"] == "target" and e["target_id"] not in searched]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_killed_in_a_later_round_and_resumed_it_ends_as_the_uninterrupted_session(
+    by_budget: ScreeningSession, store: Path, tmp_path: Path
+) -> None:
+    """Killed with SIGKILL just after the target the reference followed with a target in the same search image
+    (in a later round): the resumed run must restore that search image (`agent.session.restore._search_field`)
+    to visit the rest as the reference did, and ends with the reference's summary and targets."""
+    entries = _entries(by_budget)
+    in_field = _in_field_targets(entries)
+    later = next(i for i, e in enumerate(entries) if e["type"] == "mapping" and e["round"] >= 2)
+    target_lines = [i for i, e in enumerate(entries) if e["type"] == "target"]
+    follow = next((i for i in target_lines if entries[i]["target_id"] in in_field and i > later),
+                  next(i for i in target_lines if entries[i]["target_id"] in in_field))
+    kill_after = max(i for i in target_lines if i < follow)
+
+    shutil.copytree(store, tmp_path / "data" / "calibrations")  # `_run_and_kill`'s data folder is out.parent/data
+    out = tmp_path / "session"
+    command = [sys.executable, "-m", "agent.cli", "screen", *SCREEN, "--out", str(out)]
+    cut = _run_and_kill(command, out, lambda journal: len(journal) > kill_after)
+    assert cut[-1]["type"] != "summary"
+    env = {**os.environ, "CRYSTAL_LOCATOR_CALIBRATIONS": str(tmp_path / "data" / "calibrations"),
+           "XDG_DATA_HOME": str(tmp_path / "data")}
+    result = subprocess.run([sys.executable, "-m", "agent.cli", "screen", "--resume", str(out), "--no-labels"],
+                            capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr
+    expected = _summary(by_budget.session_dir)
+    for key in ("precision", "recall", "recall_diffracting", "crystals_in_area", "true_positives"):
+        expected.pop(key, None)  # the command scores against ground truth the same way; compared without it
+    got = {k: v for k, v in _summary(out).items() if k in expected}
+    assert got == expected
+    assert (out / "targets.csv").read_bytes() == (by_budget.session_dir / "targets.csv").read_bytes()
