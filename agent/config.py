@@ -241,7 +241,9 @@ def load_plan(path: str | os.PathLike[str]) -> ScreeningPlan:
     """Read a plan from `.toml`, `.yaml`/`.yml` or `.json`; raises `PlanError` naming the problem."""
     plan_path = Path(path)
     try:
-        text = plan_path.read_text()
+        text = plan_path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise PlanError(f"{plan_path}: not a text file; a plan is .toml, .yaml or .json text") from None
     except OSError as exc:
         raise PlanError(f"{plan_path}: cannot read plan ({exc.strerror or exc})") from exc
     suffix = plan_path.suffix.lower()

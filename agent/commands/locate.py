@@ -61,6 +61,9 @@ def register(subparsers: Any) -> None:
         help="pixel (row,col) of a reference patch: rank by similarity to it instead (repeatable)",
     )
     parser.add_argument("--calibration", metavar="FILE", help='JSON {"presets": {NAME: {"matrix_um_per_px": ...}}}')
+    parser.add_argument("--allow-uncalibrated", action="store_true",
+                        help="use the nominal pixel size when --calibration has no entry for the image's preset "
+                             "(default: refuse)")
     parser.add_argument("--pixel-size-um", type=float, default=None, help="override the file's pixel size (um)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-candidates", type=int, default=200)
@@ -155,15 +158,21 @@ def load_input(path_text: str, pixel_size_um: float | None = None) -> tuple[np.n
     return data.array, info
 
 
-def stage_matrix(info: dict[str, Any], calibration: str | None) -> tuple[np.ndarray | None, str]:
-    """The image->stage matrix and where it came from ("calibration", "montage", "uncalibrated", "none")."""
+def stage_matrix(
+    info: dict[str, Any], calibration: str | None, allow_uncalibrated: bool = False
+) -> tuple[np.ndarray | None, str]:
+    """The image->stage matrix and where it came from ("calibration", "montage", "uncalibrated", "none").
+
+    A calibration file without the image's preset is a `CommandError` (the stage positions would be off by
+    the camera rotation) unless `allow_uncalibrated`: then the nominal pixel size is used."""
     if "matrix_um_per_px" in info:
         return np.asarray(info["matrix_um_per_px"], dtype=np.float64), "montage"
     if calibration:
         try:
-            payload = json.loads(Path(calibration).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise CommandError(f"{calibration}: cannot read calibration JSON ({exc})") from exc
+            payload = json.loads(Path(calibration).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:  # ValueError: not UTF-8 text or not JSON (e.g. a binary file)
+            reason = getattr(exc, "strerror", None) or str(exc)[:120]
+            raise CommandError(f"{calibration}: cannot read calibration JSON ({reason})") from None
         presets = payload.get("presets", {}) if isinstance(payload, dict) else {}
         preset = info.get("preset")
         entry = presets.get(preset) if preset else None
@@ -175,7 +184,14 @@ def stage_matrix(info: dict[str, Any], calibration: str | None) -> tuple[np.ndar
             if matrix.shape != (2, 2) or not np.all(np.isfinite(matrix)):
                 raise CommandError(f"{calibration}: matrix_um_per_px of {preset!r} must be 2x2 numbers")
             return matrix, "calibration"
-        logger.warning("calibration %s has no preset %r", calibration, preset)
+        if not allow_uncalibrated:
+            known = ", ".join(sorted(presets)) or "none"
+            what = f"no preset {preset!r}" if preset else "no preset for this image (its metadata names none)"
+            raise CommandError(
+                f"{calibration} has {what} (it has: {known}); stage positions would be uncalibrated. "
+                "Pass --allow-uncalibrated to use the nominal pixel size anyway"
+            )
+        logger.warning("calibration %s has no preset %r; using the nominal pixel size", calibration, preset)
     if info.get("pixel_size_um"):
         return float(info["pixel_size_um"]) * np.eye(2), "uncalibrated"
     return None, "none"
@@ -216,11 +232,13 @@ def run(args: argparse.Namespace) -> int:
     if image.dtype == np.bool_ or image.dtype.kind not in "uif":
         raise CommandError(f"{args.image}: unsupported pixel type {image.dtype}; use an integer or float image")
     _check_references(args.reference, image.shape)
+    matrix, matrix_source = None, "none"
+    if "stage_xy_um" in info:  # checked before the work
+        matrix, matrix_source = stage_matrix(info, args.calibration, args.allow_uncalibrated)
     settings = _settings_from_args(args)
     located = _locate(image, settings, args)
     candidates = located.candidates
-    matrix, matrix_source = stage_matrix(info, args.calibration)
-    if "stage_xy_um" in info and matrix is not None:
+    if matrix is not None:
         if matrix_source == "uncalibrated":
             print(
                 "warning: no calibration for this preset; stage positions assume pixel_size_um * identity "

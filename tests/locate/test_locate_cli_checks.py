@@ -62,3 +62,35 @@ def test_out_below_an_existing_file_is_refused(image: Path, tmp_path: Path) -> N
     blocker.write_text("")
     line = _one_error_line(_locate(str(image), "--grid", "8x8", "--out", str(blocker / "sub")))
     assert f"{blocker} is a file, not a folder" in line
+
+
+@pytest.fixture
+def atlas_frame(tmp_path: Path) -> Path:
+    """A simulated atlas frame whose TIFF metadata names its preset and stage position."""
+    from drivers.formats.images import write_frame_tiff
+    from simulator import create_simulated_microscope
+
+    scope = create_simulated_microscope("protein-plates", 0, camera_shape_px=(128, 128))
+    scope.set_preset("atlas")
+    return write_frame_tiff(tmp_path / "atlas.tif", scope.acquire(0.5))
+
+
+def test_a_calibration_without_the_images_preset_is_refused_unless_allowed(atlas_frame: Path, tmp_path: Path) -> None:
+    calibration = tmp_path / "calibration.json"
+    calibration.write_text('{"presets": {"search": {"matrix_um_per_px": [[0.04, 0], [0, 0.04]]}}}')
+    out = tmp_path / "out"
+    line = _one_error_line(_locate(str(atlas_frame), "--grid", "8x8", "--calibration", str(calibration),
+                                   "--out", str(out)))
+    assert "no preset 'atlas'" in line and "it has: search" in line and "--allow-uncalibrated" in line
+    assert not out.exists()
+    allowed = _locate(str(atlas_frame), "--grid", "8x8", "--calibration", str(calibration), "--allow-uncalibrated",
+                      "--out", str(out))
+    assert allowed.returncode == 0, allowed.stderr
+
+
+def test_a_binary_file_as_calibration_gets_one_line(atlas_frame: Path, tmp_path: Path) -> None:
+    binary = tmp_path / "calibration.json"
+    binary.write_bytes(bytes(range(256)) * 8)
+    line = _one_error_line(_locate(str(atlas_frame), "--grid", "8x8", "--calibration", str(binary),
+                                   "--out", str(tmp_path / "out")))
+    assert "cannot read calibration JSON" in line
