@@ -176,7 +176,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
         raise CommandError("--images and --truth go together: your images and a CSV of crystal positions")
     if args.pixel_size_um is not None and args.pixel_size_um <= 0:
         raise CommandError(f"--pixel-size-um must be positive, got {args.pixel_size_um}")
-    for path in (args.json, args.html):
+    for path in (args.json, args.html):  # checked before the work: finished work is never lost to a bad path
+        if path is not None and path.is_dir():
+            raise CommandError(f"{path} is a folder; give a file name for the output")
         if path is not None and path.parent and not path.parent.exists():
             raise CommandError(f"{path}: the folder {path.parent} does not exist")
     config = _config_from_args(args)
@@ -187,8 +189,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
         raise CommandError(str(exc)) from exc
     if not methods:
         raise CommandError("nothing to run: --no-locator and --no-baselines together leave no method")
+    skipped: list[str] = []
     if args.images is not None:
-        images = labelled_images(args.images, args.truth, pixel_size_um=args.pixel_size_um)
+        images = labelled_images(args.images, args.truth, pixel_size_um=args.pixel_size_um, skipped=skipped)
         config_dict = {"images": [str(p) for p in args.images], "truth": str(args.truth),
                        "tolerance_um": config.tolerance_um, "modes": list(config.modes), "ks": list(config.ks),
                        "baselines": config.baselines}
@@ -210,7 +213,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
     except (LabelsError, ImageFormatError, EvaluationError) as exc:
         raise CommandError(str(exc)) from exc
     result.elapsed_s = time.perf_counter() - start
-    print_rows(result.rows, result.targets, f"{title}: {result.n_images} images, {result.elapsed_s:.1f} s")
+    result.config["skipped_images"] = list(skipped)
+    heading = f"{title}: {result.n_images} images, {result.elapsed_s:.1f} s"
+    if skipped:
+        heading += f"; {len(skipped)} image(s) could not be read and are left out"
+    print_rows(result.rows, result.targets, heading)
+    for line in skipped:
+        print(f"skipped {line}", file=sys.stderr)
     if result.failures:
         print(f"{len(result.failures)} method run(s) failed; first: {result.failures[0]}")
     if args.json is not None:
@@ -224,7 +233,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         except ReportError as exc:
             raise CommandError(str(exc)) from exc
         print(f"wrote {args.html}")
-    return 0
+    return 1 if skipped else 0
 
 
 def run_report(args: argparse.Namespace) -> int:

@@ -108,11 +108,14 @@ def labelled_images(
     pixel_size_um: float | None = None,
     specimen: str = "user",
     preset: str = "image",
+    skipped: list[str] | None = None,
 ) -> Iterator[LabelledImage]:
     """Yield each image with its labels as a `LabelledImage` (one at a time: big images are not all held).
 
-    Raises `LabelsError` for a bad CSV, and `ImageFormatError` (from `read_image`) for an unreadable image.
-    Labels for images not in `images` are ignored with a warning; labels outside their image are an error.
+    Raises `LabelsError` for a bad CSV, and `ImageFormatError` (from `read_image`) for an unreadable image,
+    unless `skipped` is given: then an unreadable image is left out, `"name: why"` appended to it, and the
+    others still come. Labels for images not in `images` are ignored with a warning; labels outside their
+    image are an error.
     """
     paths = collect_image_paths(images)
     labels = read_labels_csv(truth_csv)
@@ -120,7 +123,14 @@ def labelled_images(
     for name in sorted(set(labels) - names):
         logger.warning("%s: labels for %s ignored (the image is not among the images evaluated)", truth_csv, name)
     for path in paths:
-        data = read_image(path)
+        try:
+            data = read_image(path)
+        except ImageFormatError as exc:
+            if skipped is None:
+                raise
+            logger.warning("%s: skipped, cannot be read (%s)", path.name, exc)
+            skipped.append(f"{path.name}: {exc}")
+            continue
         image = data.array
         rows, cols = image.shape
         um_per_px = pixel_size_um if pixel_size_um is not None else data.pixel_size_um

@@ -250,9 +250,18 @@ def test_cli_evaluate_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     folder, csv_path, _ = _write_labelled(tmp_path)
     assert main(["evaluate", "--images", str(folder)]) == 2
     assert "--truth" in capsys.readouterr().err
+    # a corrupt image is skipped with a message; the others are evaluated; the exit code and the JSON say so
     (folder / "corrupt.tif").write_bytes(b"II*\x00garbage")
-    assert main(["evaluate", "--images", str(folder), "--truth", str(csv_path), "--no-locator"]) == 2
-    assert "corrupt.tif" in capsys.readouterr().err
+    out_json = tmp_path / "eval.json"
+    code = main(["evaluate", "--images", str(folder), "--truth", str(csv_path), "--no-locator",
+                 "--json", str(out_json)])
+    captured = capsys.readouterr()
+    assert code == 1 and "skipped corrupt.tif" in captured.err and "1 image(s) could not be read" in captured.out
+    document = json.loads(out_json.read_text())
+    assert document["rows"] and [s.split(":")[0] for s in document["config"]["skipped_images"]] == ["corrupt.tif"]
+    # an output path that is a folder is refused before any work
+    assert main(["evaluate", "--json", str(tmp_path), "--no-locator", "--seeds", "1"]) == 2
+    assert "is a folder" in capsys.readouterr().err
     assert main(["evaluate", "--no-locator", "--no-baselines"]) == 2
     assert main(["evaluate", "--specimens", "no-such-type", "--no-locator", "--seeds", "1"]) == 2
     assert "no-such-type" in capsys.readouterr().err
