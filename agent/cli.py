@@ -35,6 +35,30 @@ class CommandError(Exception):
     """A problem with the user's command or its input; printed without a traceback, exit code 2."""
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written (line breaks kept); every option's help ends with its default, when it has one
+    worth saying (not None, not a switch that is off)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if "%(default)" in text or "default" in text.lower() or not action.option_strings:
+            return text
+        if default is None or default is False or default is argparse.SUPPRESS or default == []:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _all_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """`parser` and every sub-command parser under it."""
+    found = [parser]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                found += _all_parsers(child)
+    return found
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser with every registered command group."""
     parser = argparse.ArgumentParser(
@@ -45,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module_name in COMMAND_MODULES:
         importlib.import_module(module_name).register(subparsers)
+    for each in _all_parsers(parser):
+        each.formatter_class = HelpFormatter
     return parser
 
 

@@ -7,8 +7,8 @@
 `evaluate` runs the clustering locator (grid and window modes, several k, the default crystal-cluster
 rule, no operator) and two baselines (threshold + connected components, LoG blobs) on the same images,
 scores every detection against ground truth and prints one row per specimen x preset x method x mode.
-Simulated images come from `simulator` (this module wires it in; nothing else in `agent` imports it).
 """
+# Simulated images come from `simulator`: this module wires it in; nothing else in `agent` imports it.
 
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         description="Write SESSION_DIR/report.html: atlas with heat map and targets, per-target images, tables, "
         "timings. Self-contained: open it in any browser, offline.",
     )
-    report.add_argument("session_dir", type=Path, metavar="SESSION_DIR")
+    report.add_argument("session_dir", type=Path, metavar="SESSION_DIR", help="a screening session's folder")
     report.add_argument("--out", type=Path, metavar="FILE", help="write here instead of SESSION_DIR/report.html")
     report.set_defaults(handler=run_report)
 

@@ -48,8 +48,10 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--stride", metavar="S", type=int, default=None, help="window stride in pixels (default 8)")
     parser.add_argument("--k", type=int, default=None, help="number of clusters (default 3)")
     parser.add_argument("--suggest-k", action="store_true", help="also report the silhouette suggestion for k")
-    parser.add_argument("--method", choices=("kmeans", "agglomerative"), default="kmeans")
-    parser.add_argument("--bar-filter", choices=("auto", "two-step", "mesh", "none"), default="auto")
+    parser.add_argument("--method", choices=("kmeans", "agglomerative"), default="kmeans",
+                        help="clustering of the patch features")
+    parser.add_argument("--bar-filter", choices=("auto", "two-step", "mesh", "none"), default="auto",
+                        help="how grid bars are found and masked")
     parser.add_argument(
         "--crystal-cluster", type=int, action="append", default=None, metavar="N", help="cluster id(s) holding crystals"
     )
@@ -65,8 +67,8 @@ def register(subparsers: Any) -> None:
                         help="use the nominal pixel size when --calibration has no entry for the image's preset "
                              "(default: refuse)")
     parser.add_argument("--pixel-size-um", type=float, default=None, help="override the file's pixel size (um)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-candidates", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the clustering")
+    parser.add_argument("--max-candidates", type=int, default=200, help="most candidates written")
     parser.add_argument("--no-flatten", action="store_true", help="do not flatten uneven illumination")
     parser.add_argument(
         "--outlines",

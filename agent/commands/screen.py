@@ -6,8 +6,9 @@
     crystal-locator screen --resume SESSION_DIR
 
 How the microscope was made is saved in the session folder (`source.json`), so `--resume` needs nothing
-else. This is the one place in `agent` that imports `simulator` (to wire a simulated session up).
+else.
 """
+# This is the one place in `agent` that imports `simulator` (to wire a simulated session up).
 
 from __future__ import annotations
 
@@ -44,9 +45,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     source.add_argument("--bridge", metavar="ENDPOINT", help="a microscope behind `crystal-locator bridge serve`")
     source.add_argument("--resume", type=Path, metavar="SESSION_DIR", help="continue a session that stopped")
     parser.add_argument("--specimen", default=None, help=f"specimen type (simulated; default {DEFAULT_SPECIMEN})")
-    parser.add_argument("--seed", type=int, default=None, help="random seed (specimen and session)")
+    parser.add_argument("--seed", type=int, default=None, help="random seed (specimen, session; default 0)")
     parser.add_argument("--pixel-size-um", type=float, default=None, help="pixel size of the tiles, um")
-    parser.add_argument("--camera-px", type=int, default=None, help="simulated camera size, pixels (square)")
+    parser.add_argument("--camera-px", type=int, default=None, help="simulated camera side, px (default 2048)")
     parser.add_argument("--clock", metavar="PROFILE", default=None,
                         help="simulated timing: thermo-serialem (default), krios, jeol-fast, or a .json of figures")
     parser.add_argument("--plan", type=Path, help="screening plan (.toml, .yaml or .json)")
