@@ -17,4 +17,6 @@ if [ ! -x .venv/bin/python ]; then
 fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q -e ".[$EXTRAS]"
+# setuptools warns on every editable install that a folder named like a package would shadow it; here that
+# folder is the package itself (the source tree is what is installed), so the warning says nothing
+PYTHONWARNINGS="ignore:Editable installation" .venv/bin/python -m pip install -q -e ".[$EXTRAS]"
