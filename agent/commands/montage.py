@@ -99,7 +99,72 @@ def _overlaps(montage: TileMontage) -> dict[str, int | None]:
     return result
 
 
+def _stack_missing(path: Path) -> bool:
+    """True for a SerialEM `.mdoc` whose image stack is not there."""
+    from drivers.formats.montage import serialem_stack_path
+
+    if not path.name.lower().endswith(".mdoc") or not path.is_file():
+        return False
+    try:
+        from drivers.formats.mdoc import read_mdoc
+
+        serialem_stack_path(path, read_mdoc(path).image_file)
+    except MontageFormatError:
+        return True
+    except Exception:  # an unreadable .mdoc: opening the montage says what is wrong
+        return False
+    return False
+
+
+def metadata_summary(path: Path, pixel_size_um: float | None) -> dict[str, Any]:
+    """What a SerialEM `.mdoc` says without its image stack: pieces, piece size, pixel size, stage extent."""
+    from drivers.formats.mdoc import MdocFormatError, read_mdoc
+
+    try:
+        meta = read_mdoc(path)
+    except MdocFormatError as exc:
+        raise CommandError(str(exc)) from exc
+    pieces = [p for p in meta.pieces if p.piece_xyz_px is not None]
+    stage = [p.stage_xy_um for p in pieces if p.stage_xy_um is not None]
+    summary: dict[str, Any] = {
+        "source": str(path),
+        "stack_missing": True,
+        "image_file": meta.image_file,
+        "pieces": len(pieces),
+        "piece_shape_px": list(meta.piece_shape_px) if meta.piece_shape_px else None,
+        "pixel_size_um": pixel_size_um or meta.pixel_size_um,
+        "stage_extent_um": None,
+    }
+    if stage:
+        xs, ys = [s[0] for s in stage], [s[1] for s in stage]
+        summary["stage_extent_um"] = {"x_min": min(xs), "x_max": max(xs), "y_min": min(ys), "y_max": max(ys)}
+    return summary
+
+
+def _show_metadata_only(args: argparse.Namespace) -> int:
+    summary = metadata_summary(args.path, args.pixel_size_um)
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    stack = args.path.with_suffix("").name
+    print(f"montage      {summary['source']} (metadata only: its image stack {stack} is missing)")
+    shape = summary["piece_shape_px"]
+    size = f" of {shape[1]} x {shape[0]} px (W x H)" if shape else ""
+    print(f"pieces       {summary['pieces']}{size}")
+    pixel = summary["pixel_size_um"]
+    print("pixel size   unknown" if pixel is None else f"pixel size   {pixel * 1000:.3f} nm/px")
+    extent = summary["stage_extent_um"]
+    if extent is None:
+        print("stage        no stage positions in the file")
+    else:
+        print(f"stage        x {extent['x_min']:.2f} .. {extent['x_max']:.2f} um, "
+              f"y {extent['y_min']:.2f} .. {extent['y_max']:.2f} um (piece centres)")
+    return 0
+
+
 def _show(args: argparse.Namespace) -> int:
+    if _stack_missing(args.path):
+        return _show_metadata_only(args)
     with _open(args) as montage:
         summary = montage_summary(montage)
     if args.json:

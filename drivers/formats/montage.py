@@ -539,7 +539,7 @@ def _open_serialem(mdoc_path: Path, pixel_size_um: float | None, section: int | 
         )
     pieces_meta = [p for p in pieces_meta if p.piece_xyz_px is not None and p.piece_xyz_px[2] == chosen]
 
-    stack_path = _stack_path(mdoc_path, meta.image_file)
+    stack_path = serialem_stack_path(mdoc_path, meta.image_file)
     try:
         mrc = mrcfile.mmap(stack_path, mode="r", permissive=False)
     except Exception as exc:
@@ -591,7 +591,7 @@ def _open_serialem(mdoc_path: Path, pixel_size_um: float | None, section: int | 
     )
 
 
-def _stack_path(mdoc_path: Path, image_file: str | None) -> Path:
+def serialem_stack_path(mdoc_path: Path, image_file: str | None) -> Path:
     beside = mdoc_path.with_suffix("")  # FILE.mrc.mdoc -> FILE.mrc
     if beside.is_file():
         return beside

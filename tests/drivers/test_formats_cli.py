@@ -109,3 +109,23 @@ def test_nav_from_targets_csv_and_json(tmp_path: Path, capsys: pytest.CaptureFix
     assert main(["nav", "from-targets", str(json_path), "--out", str(tmp_path / "x.nav")]) == 2
     assert "stage coordinates" in capsys.readouterr().err
     assert not (tmp_path / "x.nav").exists()
+
+
+def test_montage_show_without_its_stack_shows_the_metadata(serialem_montage: Path) -> None:
+    import subprocess
+    import sys
+
+    serialem_montage.with_suffix("").unlink()  # the .mrc stack is gone, the .mdoc stays
+    command = [sys.executable, "-m", "agent.cli", "montage", "show", str(serialem_montage)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "metadata only: its image stack atlas.mrc is missing" in result.stdout
+    assert "pieces       6 of 120 x 100 px" in result.stdout and "231.200 nm/px" in result.stdout
+    assert "x -100.00 .. 5400.00 um" in result.stdout
+    as_json = subprocess.run([*command, "--json"], capture_output=True, text=True, timeout=120)
+    summary = json.loads(as_json.stdout)
+    assert summary["stack_missing"] is True and summary["pieces"] == 6
+    preview = subprocess.run([sys.executable, "-m", "agent.cli", "montage", "preview", str(serialem_montage),
+                              "--out", str(serialem_montage.parent / "p.png")], capture_output=True, text=True,
+                             timeout=120)
+    assert preview.returncode == 2 and "is missing" in preview.stderr  # a picture needs the pixels
