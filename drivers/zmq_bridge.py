@@ -531,9 +531,8 @@ def _timeout_message(endpoint: str, method: str, timeout_s: float, attempts: int
 class BridgeClient:
     """A `Microscope` on the far side of a `BridgeServer`.
 
-    Connects and shakes hands at construction (protocol version, server info): raises
-    `ProtocolMismatchError` on a version mismatch, `BridgeTimeout` if nobody answers,
-    `AuthenticationError` if a CURVE server refuses the keys.
+    Connects and shakes hands at construction (protocol version, server info): raises `ProtocolMismatchError`
+    on a version mismatch, `BridgeTimeout` if nobody answers, `AuthenticationError` if CURVE keys are refused.
 
     Time limits: quick calls `timeout_s` (default 5 s); a move at least 300 s; `acquire` 2 x exposure
     + 30 s; `wait_for_stage` its own timeout + 10 s; override any with `method_timeouts_s`. After a
@@ -541,8 +540,8 @@ class BridgeClient:
     idempotent calls as a new request, moves and exposures with their original request id, which the
     server runs at most once. Then `BridgeTimeout`. Remote errors are re-raised as the class of the
     same name in `drivers.base.ERROR_TYPES`. One client is safe to share between threads (calls are
-    serialised); use one client per thread for concurrency. After a server restart the client
-    reconnects by itself and refreshes `server_info` and `event_endpoint`.
+    serialised); use one client per thread for concurrency. After a server restart the client reconnects
+    by itself, refreshes `server_info` and `event_endpoint`, and calls `on_server_restart(old_id, new_id)`.
     """
 
     def __init__(
@@ -583,8 +582,8 @@ class BridgeClient:
         self.server_id: str | None = None
         self.server_info: MicroscopeInfo | None = None
         self.event_endpoint: str | None = None
-        self.reconnects = 0
-        self._handshake_stale = False
+        self.reconnects, self._handshake_stale = 0, False
+        self.on_server_restart: Callable[[str | None, str], None] | None = None
         try:
             self._open_socket()
             self._handshake()
@@ -705,8 +704,9 @@ class BridgeClient:
                 continue
             if reply.server_id and self.server_id and reply.server_id != self.server_id:
                 logger.warning("%s: the bridge server has restarted (new id %s)", self.endpoint, reply.server_id)
-                self.server_id = reply.server_id
-                self._handshake_stale = True
+                old_id, self.server_id, self._handshake_stale = self.server_id, reply.server_id, True
+                if self.on_server_restart is not None:
+                    self.on_server_restart(old_id, reply.server_id)
             if not reply.ok:
                 assert reply.error is not None
                 raise error_from_wire(reply.error)

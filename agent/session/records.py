@@ -249,6 +249,16 @@ class BudgetSpent(Record):
     message: str
 
 
+class BridgeRestarted(Record):
+    """The bridge server answered with a new server id: it restarted, and the microscope behind it may have
+    been reset (its stage, optics or image shift); the session goes on, re-reading what it needs."""
+
+    type: Literal["bridge_restart"] = "bridge_restart"
+    endpoint: str
+    old_server_id: str | None = None
+    new_server_id: str
+
+
 class SummaryWritten(SessionSummary, Record):
     """The final summary (the fields of `agent.session.outcomes.SessionSummary`, which allows extra scores)."""
 
@@ -273,6 +283,7 @@ AnyRecord = Annotated[
     | RecoveryTaken
     | ControlApplied
     | BudgetSpent
+    | BridgeRestarted
     | SummaryWritten,
     Field(discriminator="type"),
 ]

@@ -25,6 +25,7 @@ from agent.session.events import EventBus
 from agent.session.outcomes import SessionSummary, TargetRecord, TargetResult
 from agent.session.recorder import SessionRecorder
 from agent.session.records import (
+    BridgeRestarted,
     Record,
     SessionStarted,
     SummaryWritten,
@@ -116,6 +117,10 @@ class ScreeningSession:
             self.session_dir, self.events, self.microscope_time_s, self.ctx.calibration, self.ctx
         )
         self.ctx.output = self.recorder
+        #: notices raised inside a microscope call (a restarted bridge server), journalled with the next record
+        self._notices: list[Record] = []
+        if hasattr(microscope, "on_server_restart"):  # a bridge client
+            microscope.on_server_restart = self._bridge_restarted
         if calibration_store is not None:
             self.recorder.subscribe(StoreWriter(calibration_store, self.info.name))
         self.state_times = StateTimes()
@@ -271,11 +276,26 @@ class ScreeningSession:
         return summary
 
     def _emit(self, record: Record) -> None:
+        self._flush_notices()
         self.recorder.emit(record)
 
     def record(self, record: Record) -> None:
         """Journal and publish `record` (as the steps' output port does)."""
+        self._flush_notices()
         self.recorder.emit(record)
+
+    def _bridge_restarted(self, old_server_id: str | None, new_server_id: str) -> None:
+        """The bridge client saw a new server id; called inside a microscope call, so kept until the next
+        record (journalling it now would read the microscope's clock from within that call)."""
+        endpoint = str(getattr(self.microscope, "endpoint", ""))
+        logger.warning("the bridge server at %s restarted; the microscope may have been reset", endpoint)
+        self._notices.append(
+            BridgeRestarted(endpoint=endpoint, old_server_id=old_server_id, new_server_id=new_server_id)
+        )
+
+    def _flush_notices(self) -> None:
+        while self._notices:
+            self.recorder.emit(self._notices.pop(0))
 
     def _target_finished(self, result: TargetResult) -> None:
         """After a target's outcome is recorded: the summary file, and progress for consoles."""
