@@ -339,6 +339,10 @@ def _atlas_sections(folder: Path) -> list[str]:
     overview_png = image_file_png(folder / "overview.tif", 800)
     if overview_png is not None:
         figures.insert(0, _figure(overview_png, "whole-grid overview", width_px=420))
+    for round_dir in sorted(atlas_dir.glob("round-*"), key=lambda p: int(p.name.split("-")[-1] or 0)):
+        heatmap = image_file_png(round_dir / "heatmap.png", 400)
+        if heatmap is not None:  # a session sized by its budget maps a block of squares per round
+            figures.append(_figure(heatmap, f"{round_dir.name.replace('-', ' ')}: heat map with targets", width_px=420))
     sections.append("<h2>Atlas</h2>" + "".join(figures))
     clusters = _read_json(atlas_dir / "clusters.json")
     if isinstance(clusters, dict) and isinstance(clusters.get("clusters"), list):

@@ -94,6 +94,9 @@ def test_a_session_sized_by_its_budget_maps_rounds_until_the_budget_is_spent(by_
     assert [e["round"] for e in done] == list(range(1, len(done) + 1)) and len(done) >= 2
     assert done[0]["path"] == "atlas/atlas.tif" and done[1]["path"] == "atlas/round-2/atlas.tif"
     assert (by_budget.session_dir / "atlas" / "round-2" / "heatmap.png").exists()
+    from agent.report import session_report_html
+
+    assert "round 2: heat map with targets" in session_report_html(by_budget.session_dir)
     summary = by_budget.summary()
     assert summary.state == "done"
     assert summary.microscope_time_s <= 200.0 + 30.0  # no target is started after the budget (one may overrun it)
