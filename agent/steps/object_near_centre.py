@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,35 +57,15 @@ def find_object_near_centre(
     film_mask: np.ndarray | None = None,
     smooth_px: float | None = None,
     min_area_px: float | None = None,
+    point_px: tuple[float, float] | None = None,
 ) -> FoundObject | None:
-    """The object nearest the centre of `image` within `radius_px`, or None (see module docstring).
+    """The object nearest the centre of `image` (or the (col, row) pixel `point_px`: a target seen off-centre
+    in another target's search image) within `radius_px`, or None (see module docstring).
 
     `exclude_mask` (bool, image shape) marks pixels that can never be the object (grid bars);
     `film_mask` (bool) marks pixels known to be plain film (from the atlas): when it holds enough pixels
     it replaces the border ring as the film sample.
     """
-    data = np.asarray(image)
-    centre = image_centre_px(data.shape[:2]) if data.ndim == 2 else (0.0, 0.0)
-    return find_objects_near(
-        image, [(float(centre[0]), float(centre[1]))], radius_px=radius_px, min_contrast_sigma=min_contrast_sigma,
-        exclude_mask=exclude_mask, film_mask=film_mask, smooth_px=smooth_px, min_area_px=min_area_px,
-    )[0]
-
-
-def find_objects_near(
-    image: np.ndarray,
-    points_px: Sequence[tuple[float, float]],
-    *,
-    radius_px: float,
-    min_contrast_sigma: float = 3.0,
-    exclude_mask: np.ndarray | None = None,
-    film_mask: np.ndarray | None = None,
-    smooth_px: float | None = None,
-    min_area_px: float | None = None,
-) -> list[FoundObject | None]:
-    """For each (col, row) pixel point of `points_px`, the object nearest it within `radius_px` (or None), as
-    `find_object_near_centre` finds the one nearest the centre: the film model and the objects are found once
-    for the frame, so several targets seen in one search image cost one analysis."""
     data = np.asarray(image, dtype=np.float32)
     if data.ndim != 2 or min(data.shape) < 16:
         raise ValueError(f"confirmation needs a 2-D image of at least 16x16 px, got {data.shape}")
@@ -96,22 +75,21 @@ def find_objects_near(
     excluded = np.zeros(data.shape, dtype=bool) if exclude_mask is None else np.asarray(exclude_mask, dtype=bool)
     ring = _film_sample(excluded, film_mask)
     if ring is None:
-        return [None for _ in points_px]
+        return None
     film, contrast = _film_and_contrast(smoothed, ring, smooth)
     objects = (contrast > min_contrast_sigma) & ~excluded
     objects = ndimage.binary_opening(objects, iterations=1)
     objects = ndimage.binary_fill_holes(objects)
     labels, count = ndimage.label(objects)
     if count == 0:
-        return [None for _ in points_px]
+        return None
     minimum_area = min_area_px if min_area_px is not None else max(4.0, (smooth * 2) ** 2)
-    found: list[FoundObject | None] = []
-    for point in points_px:
-        best, best_label = _nearest_object(objects, labels, count, contrast, radius_px, minimum_area, point)
-        if best is not None and not best.touches_border:
-            best = _judge_outline(best, best_label, labels, data, film)
-        found.append(best)
-    return found
+    centre = image_centre_px(data.shape)
+    point = point_px if point_px is not None else (float(centre[0]), float(centre[1]))
+    best, best_label = _nearest_object(objects, labels, count, contrast, radius_px, minimum_area, point)
+    if best is not None and not best.touches_border:
+        best = _judge_outline(best, best_label, labels, data, film)
+    return best
 
 
 def _film_sample(excluded: np.ndarray, film_mask: np.ndarray | None) -> np.ndarray | None:

@@ -23,9 +23,9 @@ from agent.config import ScreeningPlan
 from agent.session.outcomes import CONFIRMED_OUTCOMES
 from agent.steps.context import SearchField, SessionContext
 from agent.steps.motion import approach_move
-from agent.steps.object_near_centre import find_objects_near
+from agent.steps.object_near_centre import find_object_near_centre
 from drivers.base import Frame
-from drivers.geometry import image_centre_px, pixel_to_stage_um, stage_to_pixel
+from drivers.geometry import pixel_to_stage_um, stage_to_pixel
 
 #: What the atlas saw at a stage point (see `atlas_classes`).
 OFF_ATLAS, BAR, FILM, OTHER = -1, 0, 1, 2
@@ -211,19 +211,19 @@ def locate_near_centre(
     exclude = film = None
     if classes_at is not None:
         exclude, film = _atlas_masks(image.shape, stage_xy, matrix_um_per_px, classes_at)
-    if expected_xy_um is None:
-        point_px = image_centre_px(image.shape)
-    else:
-        point_px = stage_to_pixel(np.asarray(expected_xy_um, dtype=np.float64), image.shape, stage_xy, matrix_um_per_px)
-    found = find_objects_near(
+    point_px = None
+    if expected_xy_um is not None:
+        col, row = stage_to_pixel(np.asarray(expected_xy_um, dtype=np.float64), image.shape, stage_xy, matrix_um_per_px)
+        point_px = (float(col), float(row))
+    found = find_object_near_centre(
         image,
-        [(float(point_px[0]), float(point_px[1]))],
+        point_px=point_px,
         radius_px=plan.confirm.radius_um / pixel_um,
         min_contrast_sigma=plan.confirm.min_contrast_sigma,
         exclude_mask=exclude,
         film_mask=film,
         min_area_px=math.pi / 4 * (plan.confirm.min_size_um / pixel_um) ** 2,
-    )[0]
+    )
     if found is None:
         return None
     xy = pixel_to_stage_um(np.array([found.col_px, found.row_px]), image.shape, stage_xy, matrix_um_per_px)

@@ -64,6 +64,9 @@ def test_the_nearest_of_several_objects_wins_and_far_ones_are_ignored() -> None:
     assert found is not None and abs(found.col_px - 135) < 2
     only_far = _poisson(signal * np.where(far, 0.2, 1.0), rng)
     assert find_object_near_centre(only_far, radius_px=40, min_contrast_sigma=3) is None
+    # looked for near another point of the frame (a target seen off-centre in an earlier target's image)
+    found = find_object_near_centre(image, radius_px=40, min_contrast_sigma=3, point_px=(40.0, 35.0))
+    assert found is not None and abs(found.col_px - 30) < 3 and abs(found.row_px - 30) < 3
 
 
 def test_bad_input() -> None:
