@@ -433,7 +433,7 @@ def test_clusters_answered_both_ways_are_not_asked_again_and_their_targets_are_s
     tested on `plan_tiered_path`)."""
     first, _, answered = asked
     assert first.decision is not None and first.decision.crystal_clusters, "the operator chose no crystal cluster"
-    records = [r for r in answered.list_records() if r.source == "operator"]
+    records = [r for r in answered.list_records() if r.source == "simulated"]  # the simulated operator's answers
     for session_id in ("s1", "s2", "s3"):
         label_memory.record_clusters(
             np.array([r.feature_vector for r in records]),
