@@ -67,11 +67,11 @@ def run(folder: Path, microscope: SimulatedMicroscope, plan: ScreeningPlan, stor
 
 #: The plan of `by_budget` as the command line gives it.
 SCREEN = ["--simulated", "--specimen", "protein-plates", "--seed", "3", "--camera-px", str(CAMERA_PX),
-          "--squares-per-round", "1", "--time-budget-s", "200", "--no-labels"]
+          "--squares-per-round", "1", "--time-budget-s", "150", "--no-labels"]
 
 
 def _plan(**changes: Any) -> ScreeningPlan:
-    base: dict[str, Any] = {"specimen": "protein-plates", "seed": 3, "time_budget_s": 200.0,
+    base: dict[str, Any] = {"specimen": "protein-plates", "seed": 3, "time_budget_s": 150.0,
                             "area": AreaPlan(squares_per_round=1)}
     return ScreeningPlan(**{**base, **changes})
 
@@ -99,10 +99,10 @@ def test_a_session_sized_by_its_budget_maps_rounds_until_the_budget_is_spent(by_
     assert "round 2: heat map with targets" in session_report_html(by_budget.session_dir)
     summary = by_budget.summary()
     assert summary.state == "done"
-    assert summary.microscope_time_s <= 200.0 + 30.0  # no target is started after the budget (one may overrun it)
+    assert summary.microscope_time_s <= 150.0 + 30.0  # no target is started after the budget (one may overrun it)
     # another round is mapped only with budget left for a montage like the last one and a visit after it
     last_done = done[-1]["microscope_time_s"]
-    assert last_done <= 200.0
+    assert last_done <= 150.0
     # targets of all rounds, numbered on, each visited once, none planned twice on one spot
     targets = [t for e in entries if e["type"] == "targets" for t in e["targets"]]
     ids = [t["target_id"] for t in targets]
