@@ -91,20 +91,22 @@ def _radial_median_and_sigma(image: np.ndarray, radius_bin: np.ndarray) -> tuple
     """Per-pixel azimuthal median and robust sigma of `image` over its radius bin (vectorised by sorting)."""
     flat_bins = radius_bin.ravel()
     values = image.ravel().astype(np.float64)
-    order = np.lexsort((values, flat_bins))
-    sorted_bins, sorted_values = flat_bins[order], values[order]
     n_bins = int(flat_bins.max()) + 1
-    starts = np.searchsorted(sorted_bins, np.arange(n_bins), side="left")
-    ends = np.searchsorted(sorted_bins, np.arange(n_bins), side="right")
-    counts = ends - starts
+    counts = np.bincount(flat_bins, minlength=n_bins)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     valid = counts > 0
-    medians = np.zeros(n_bins)
-    medians[valid] = sorted_values[(starts[valid] + (counts[valid] - 1) // 2)]
-    deviation = np.abs(values - medians[flat_bins])
-    order_dev = np.lexsort((deviation, flat_bins))
-    sorted_dev = deviation[order_dev]
-    mad = np.zeros(n_bins)
-    mad[valid] = sorted_dev[(starts[valid] + (counts[valid] - 1) // 2)]
+
+    def per_bin_median(x: np.ndarray) -> np.ndarray:
+        # one argsort of bin + value scaled into [0, 0.5]: sorted by bin, then by value within a bin (3x faster
+        # than lexsort on two keys; float64 keeps ~40 bits for the value, far finer than the float32 data)
+        low, high = float(x.min()), float(x.max())
+        order = np.argsort(flat_bins + (x - low) / ((high - low) or 1.0) * 0.5, kind="stable")
+        medians = np.zeros(n_bins)
+        medians[valid] = x[order][starts[valid] + (counts[valid] - 1) // 2]
+        return medians
+
+    medians = per_bin_median(values)
+    mad = per_bin_median(np.abs(values - medians[flat_bins]))
     sigma = np.maximum(1.4826 * mad, np.sqrt(np.maximum(medians, 0.0)) * 0.5 + 1e-6)
     return medians[radius_bin], sigma[radius_bin]
 
