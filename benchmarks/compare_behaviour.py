@@ -16,8 +16,11 @@ For every specimen type (`simulator.specimen.SPECIMEN_TYPES`) x seeds 1, 2, 3 x 
     python -m agent.cli screen --simulated --specimen S --seed N --operator OP --labels <empty dir> --out <dir> --json
 
 as a subprocess with `PYTHONPATH` set to the code tree (so the tree's `agent`, `drivers` and `simulator`
-are imported, not the installed ones), in a temporary working folder, with the default plan, a fresh
-empty label memory and an empty calibration store per run. It collects from each session folder:
+are imported, not the installed ones), in a temporary working folder, with `--squares 1 --max-targets 12`
+(the default plan until issue 20 sized sessions by a one-hour budget), a fresh empty label memory and an
+empty calibration store per run. `behaviour_baseline.json` holds commit d63c265's figures, from before image
+shift, backlash only when needed and rounds of mapping changed what sessions do: save a new baseline before
+using it to check a refactor. It collects from each session folder:
 
 - `summary.json`: every key except `wall_time_s` and `session` must be equal (floats compared exactly;
   the summary rounds them already);
@@ -79,6 +82,9 @@ def run_session(tree: Path, spec: RunSpec, work_dir: Path) -> dict[str, Any]:
     out_dir = run_dir / spec.name
     options = {"--specimen": spec.specimen, "--seed": str(spec.seed), "--operator": spec.operator}
     options |= {"--labels": str(labels_dir), "--out": str(out_dir)}
+    # the small session the default plan was until issue 20 (one square, 12 targets): default plans are now sized
+    # by a one-hour budget, far too long for a behaviour check
+    options |= {"--squares": "1", "--max-targets": "12"}
     command = [sys.executable, "-m", "agent.cli", "screen", "--simulated", "--json", *itertools.chain(*options.items())]
     # an empty data folder per run: a calibration stored by one session must not change the next one
     data = {"XDG_DATA_HOME": str(run_dir / "data"), "CRYSTAL_LOCATOR_CALIBRATIONS": str(run_dir / "calibrations")}
