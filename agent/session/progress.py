@@ -45,11 +45,14 @@ class TerminalProgress:
     def __exit__(self, *exc: object) -> None:
         self._progress.stop()
 
-    def _clock(self, time_s: float) -> str:
-        """Microscope time, with the budget left when there is one."""
-        if self.budget_s is None:
-            return f"{time_s:.0f} s"
-        return f"{time_s:.0f} s, {max(0.0, self.budget_s - time_s):.0f} s of the budget left"
+    def _clock(self, time_s: float, left_estimate_s: float | None = None) -> str:
+        """Microscope time, with the budget left when there is one, else an estimate of the time the planned
+        targets still need (`left_estimate_s`) when one is known."""
+        if self.budget_s is not None:
+            return f"{time_s:.0f} s, {max(0.0, self.budget_s - time_s):.0f} s of the budget left"
+        if left_estimate_s is not None:
+            return f"{time_s:.0f} s, about {left_estimate_s:.0f} s more for the planned targets"
+        return f"{time_s:.0f} s"
 
     def on_event(self, topic: str, event: dict[str, Any]) -> None:
         """Event listener (see `agent.session.events.EventBus.subscribe`)."""
@@ -68,15 +71,18 @@ class TerminalProgress:
         elif topic == "progress":
             time_s = float(event.get("microscope_time_s", 0) or 0.0)
             self._found = max(self._found, int(event.get("targets_found", 0)))
+            per_target_s = event.get("per_target_time_s")
+            visited = int(event.get("targets_visited", 0))
+            left_s = (self._found - visited) * float(per_target_s) if per_target_s else None
             self._progress.update(
                 self._task,
                 total=max(1, self._found),
                 completed=int(event.get("targets_visited", 0)),
                 confirmed=int(event.get("targets_confirmed", 0)),
-                time=self._clock(time_s),
+                time=self._clock(time_s, left_s),
             )
             if self._pending_line is not None and not self._interactive:
-                print(f"{self._pending_line}  [microscope {self._clock(time_s)}]", file=sys.stderr, flush=True)
+                print(f"{self._pending_line}  [microscope {self._clock(time_s, left_s)}]", file=sys.stderr, flush=True)
             self._pending_line = None
 
 

@@ -68,3 +68,14 @@ def test_wall_time_adds_every_part_of_a_resumed_session_but_not_the_gaps() -> No
     ]
     assert earlier_wall_s(records) == pytest.approx(50.0)
     assert earlier_wall_s([]) == 0.0
+
+
+def test_without_a_budget_the_time_left_is_estimated_from_the_time_per_target(capsys: pytest.CaptureFixture) -> None:
+    progress = TerminalProgress(Console(file=io.StringIO(), force_terminal=False), budget_s=None)
+    progress.on_event("atlas", {"targets": 10})
+    progress.on_event("target", {"target_id": "T002", "outcome": "rejected", "reason": "ice"})
+    progress.on_event("progress", {"targets_found": 10, "targets_visited": 2, "microscope_time_s": 80.0,
+                                   "per_target_time_s": 7.5})
+    assert capsys.readouterr().err.strip() == (
+        "T002 (1 of 10 planned): rejected ice  [microscope 80 s, about 60 s more for the planned targets]"
+    )
