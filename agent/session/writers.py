@@ -115,13 +115,18 @@ class TableWriter:
         self.context = context
 
     def __call__(self, record: Record) -> None:
-        if isinstance(record, TargetsPlanned | TargetFinished):
+        if isinstance(record, TargetsPlanned):
+            # the record comes before the session adds a round's targets to its list: write them at once
+            known = {t.target_id for t in self.context.targets}
+            self.write([*self.context.targets, *(t for t in record.targets if t.target_id not in known)])
+        elif isinstance(record, TargetFinished):
             self.write()
 
-    def write(self) -> None:
-        """Write the tables from the session's targets and outcomes now."""
+    def write(self, targets: list[TargetRecord] | None = None) -> None:
+        """Write the tables from the session's targets (or `targets`) and outcomes now."""
         ctx = self.context
-        outputs.write_target_tables(self.session_dir, ctx.targets, ctx.results, ctx.calibration, ctx.atlas)
+        planned = ctx.targets if targets is None else targets
+        outputs.write_target_tables(self.session_dir, planned, ctx.results, ctx.calibration, ctx.atlas)
 
 
 class FileWriter:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -79,3 +80,17 @@ def test_without_a_budget_the_time_left_is_estimated_from_the_time_per_target(ca
     assert capsys.readouterr().err.strip() == (
         "T002 (1 of 10 planned): rejected ice  [microscope 80 s, about 60 s more for the planned targets]"
     )
+
+
+def test_a_rounds_planned_targets_reach_targets_csv_with_its_record(tmp_path: Path) -> None:
+    """The `targets` record is journalled before the session adds the round's targets to its list; the table
+    writer writes them at once (a crash before the first outcome still leaves them in targets.csv)."""
+    from types import SimpleNamespace
+
+    from agent.session.records import TargetsPlanned
+    from agent.session.writers import TableWriter
+
+    context = SimpleNamespace(targets=[_target(1)], results={}, calibration=None, atlas=None)
+    TableWriter(tmp_path, context)(TargetsPlanned(targets=[_target(2), _target(3)], round=2))
+    rows = (tmp_path / "targets.csv").read_text().splitlines()
+    assert [row.split(",")[0] for row in rows[1:]] == ["T001", "T002", "T003"]
