@@ -15,6 +15,7 @@ import importlib
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 #: Command modules, in the order their commands appear in `--help`.
 COMMAND_MODULES: tuple[str, ...] = (
@@ -33,6 +34,17 @@ COMMAND_MODULES: tuple[str, ...] = (
 
 class CommandError(Exception):
     """A problem with the user's command or its input; printed without a traceback, exit code 2."""
+
+
+def check_out_folder(out: Path, what: str = "folder") -> None:
+    """`CommandError` unless `--out` `out` is a folder or can be made one (the nearest existing path is a
+    folder); `what` names the folder in the message (e.g. "session folder")."""
+    for path in (out, *out.parents):
+        if path.exists():
+            if path.is_dir():
+                return
+            where = "" if path == out else f" {path}"
+            raise CommandError(f"--out {out}:{where} is a file, not a {what}")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from agent.cli import CommandError
+from agent.cli import CommandError, check_out_folder
 from drivers.geometry import pixel_to_stage_um
 
 if TYPE_CHECKING:
@@ -110,16 +110,6 @@ def _check_references(texts: Sequence[str] | None, image_shape: tuple[int, ...])
                 f"--reference {text}: outside the image ({rows} rows x {cols} columns; "
                 f"ROW must be 0..{rows - 1}, COL 0..{cols - 1})"
             )
-
-
-def _check_out_dir(out: Path) -> None:
-    """`CommandError` unless `out` is a folder or can be made one (the nearest existing path is a folder)."""
-    for path in (out, *out.parents):
-        if path.exists():
-            if path.is_dir():
-                return
-            where = "" if path == out else f" {path}"
-            raise CommandError(f"--out {out}:{where} is a file, not a folder")
 
 
 def load_input(path_text: str, pixel_size_um: float | None = None) -> tuple[np.ndarray, dict[str, Any]]:
@@ -227,7 +217,7 @@ def candidates_to_stage(
 def run(args: argparse.Namespace) -> int:
     """Handler of `crystal-locator locate`."""
     started = time.perf_counter()
-    _check_out_dir(Path(args.out))
+    check_out_folder(Path(args.out))
     for text in args.reference or ():
         _parse_reference(text)
     image, info = load_input(args.image, args.pixel_size_um)

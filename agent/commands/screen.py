@@ -23,7 +23,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from agent.cli import CommandError
+from agent.cli import CommandError, check_out_folder
 
 logger = logging.getLogger(__name__)
 
@@ -291,16 +291,6 @@ def _option_error(exc: Any) -> str:
     return f"{_OPTION_OF_FIELD.get(field, field)} {error['input']!r}: {error['msg']}"
 
 
-def _check_out_folder(out: Path) -> None:
-    """`CommandError` unless `out` is a folder or can be made one (the nearest existing path is a folder)."""
-    for path in (out, *out.parents):
-        if path.exists():
-            if path.is_dir():
-                return
-            where = "" if path == out else f" {path}"
-            raise CommandError(f"--out {out}:{where} is a file, not a session folder")
-
-
 def run_screen(args: argparse.Namespace) -> int:
     """Handler of `crystal-locator screen`."""
     from rich.console import Console
@@ -310,7 +300,7 @@ def run_screen(args: argparse.Namespace) -> int:
     from agent.session.progress import summary_table
 
     if args.resume is None and args.out is not None:
-        _check_out_folder(args.out)
+        check_out_folder(args.out, "session folder")
     source = _source_from_args(args)
     session_dir = args.resume or args.out or Path("sessions") / datetime.now().strftime("%Y%m%d-%H%M%S")
     if args.resume is None and (session_dir / "journal.jsonl").exists() and read_journal(session_dir / "journal.jsonl"):
