@@ -23,7 +23,7 @@ class ImageShiftModel:
             raise InvalidParameterError(f"image_shift_limit_um must be in [0, 1000) um, got {limit_um!r}")
         self.limit_um = float(limit_um)
         self.shift_xy_um = (0.0, 0.0)
-        # the instrument's image-shift calibration is good to about 1 % (seeded by the instrument)
+        # the instrument's image-shift calibration is good to about 1 % (no published figure; seeded by the instrument)
         self._gain = 1.0 + float(np.random.default_rng([instrument_seed, 11]).uniform(-0.01, 0.01))
 
     def validate(self, x_um: float, y_um: float) -> tuple[float, float]:

@@ -67,9 +67,7 @@ def montage_summary(montage: TileMontage) -> dict[str, Any]:
     }
     if montage.pixel_size_um is not None:
         summary["mosaic_size_um"] = [v * montage.pixel_size_um for v in montage.shape_px]
-    if stage:
-        xs, ys = [s[0] for s in stage], [s[1] for s in stage]
-        summary["stage_extent_um"] = {"x_min": min(xs), "x_max": max(xs), "y_min": min(ys), "y_max": max(ys)}
+    summary["stage_extent_um"] = stage_extent_um(stage)
     fit = fit_stage_transform(montage)
     summary["stage_fit"] = None
     if fit is not None:
@@ -83,6 +81,22 @@ def montage_summary(montage: TileMontage) -> dict[str, Any]:
             "rms_residual_um": fit.rms_residual_um,
         }
     return summary
+
+
+def stage_extent_um(stage_xy_um: list[tuple[float, float]]) -> dict[str, float] | None:
+    """The box (x_min, x_max, y_min, y_max um) of the pieces' stage positions; None without any."""
+    if not stage_xy_um:
+        return None
+    xs, ys = [s[0] for s in stage_xy_um], [s[1] for s in stage_xy_um]
+    return {"x_min": min(xs), "x_max": max(xs), "y_min": min(ys), "y_max": max(ys)}
+
+
+def _stage_line(extent: dict[str, float] | None) -> str:
+    """The `stage` line of `montage show`."""
+    if extent is None:
+        return "stage        no stage positions in the files"
+    return (f"stage        x {extent['x_min']:.2f} .. {extent['x_max']:.2f} um, "
+            f"y {extent['y_min']:.2f} .. {extent['y_max']:.2f} um (piece centres)")
 
 
 def _overlaps(montage: TileMontage) -> dict[str, int | None]:
@@ -135,9 +149,7 @@ def metadata_summary(path: Path, pixel_size_um: float | None) -> dict[str, Any]:
         "pixel_size_um": pixel_size_um or meta.pixel_size_um,
         "stage_extent_um": None,
     }
-    if stage:
-        xs, ys = [s[0] for s in stage], [s[1] for s in stage]
-        summary["stage_extent_um"] = {"x_min": min(xs), "x_max": max(xs), "y_min": min(ys), "y_max": max(ys)}
+    summary["stage_extent_um"] = stage_extent_um(stage)
     return summary
 
 
@@ -153,12 +165,7 @@ def _show_metadata_only(args: argparse.Namespace) -> int:
     print(f"pieces       {summary['pieces']}{size}")
     pixel = summary["pixel_size_um"]
     print("pixel size   unknown" if pixel is None else f"pixel size   {pixel * 1000:.3f} nm/px")
-    extent = summary["stage_extent_um"]
-    if extent is None:
-        print("stage        no stage positions in the file")
-    else:
-        print(f"stage        x {extent['x_min']:.2f} .. {extent['x_max']:.2f} um, "
-              f"y {extent['y_min']:.2f} .. {extent['y_max']:.2f} um (piece centres)")
+    print(_stage_line(summary["stage_extent_um"]))
     return 0
 
 
@@ -185,14 +192,7 @@ def _show(args: argparse.Namespace) -> int:
     else:
         width_um, height_um = summary["mosaic_size_um"][1], summary["mosaic_size_um"][0]
         print(f"pixel size   {summary['pixel_size_um'] * 1000:.3f} nm/px; mosaic {width_um:.1f} x {height_um:.1f} um")
-    extent = summary["stage_extent_um"]
-    if extent is None:
-        print("stage        no stage positions in the files")
-    else:
-        print(
-            f"stage        x {extent['x_min']:.2f} .. {extent['x_max']:.2f} um, "
-            f"y {extent['y_min']:.2f} .. {extent['y_max']:.2f} um (piece centres)"
-        )
+    print(_stage_line(summary["stage_extent_um"]))
     fit = summary["stage_fit"]
     if fit is not None:
         x_um, y_um = (round(v, 2) + 0.0 for v in fit["stage_xy_um_at_centre"])  # no "-0.00"

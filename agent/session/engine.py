@@ -150,8 +150,7 @@ class ScreeningEngine:
         if not plan.sized_by_budget or ctx.rounds == 0 or (cap is not None and len(ctx.targets) >= cap):
             return False
         assert plan.time_budget_s is not None
-        visit_s = plan.exposures.search_s + plan.exposures.diffraction_s + target.VISIT_OVERHEAD_GUESS_S
-        if plan.time_budget_s - ctx.clock_s() < ctx.last_mapping_s + visit_s:
+        if plan.time_budget_s - ctx.clock_s() < ctx.last_mapping_s + target.visit_estimate_s(plan):
             return False
         return bool(map.next_block(ctx))
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from agent.config import ScreeningPlan
 from agent.locate.preprocess import prepare_image
 from agent.locate.targets import find_candidates
 from agent.session.outcomes import TargetRecord
@@ -63,14 +64,18 @@ def fill_target_places(
 VISIT_OVERHEAD_GUESS_S = 8.0
 
 
+def visit_estimate_s(plan: ScreeningPlan) -> float:
+    """The microscope seconds one target visit is assumed to take (its exposures + `VISIT_OVERHEAD_GUESS_S`)."""
+    return plan.exposures.search_s + plan.exposures.diffraction_s + VISIT_OVERHEAD_GUESS_S
+
+
 def fit_to_budget(ctx: SessionContext, sure: list[Placed], mixed: list[Placed]) -> tuple[list[Placed], list[Placed]]:
     """When the budget left cannot visit every target of the round, the best-scoring ones that fit (sure
     clusters' first); else all of them. Without a budget: all."""
     budget_s = ctx.plan.time_budget_s
     if budget_s is None:
         return sure, mixed
-    per_visit_s = ctx.plan.exposures.search_s + ctx.plan.exposures.diffraction_s + VISIT_OVERHEAD_GUESS_S
-    fit = max(1, int((budget_s - ctx.clock_s()) // per_visit_s))
+    fit = max(1, int((budget_s - ctx.clock_s()) // visit_estimate_s(ctx.plan)))
     if len(sure) + len(mixed) <= fit:
         return sure, mixed
 
