@@ -288,6 +288,8 @@ def _option_error(exc: Any) -> str:
     """One line naming the option and what is wrong with its value, from a plan's `ValidationError`."""
     error = exc.errors()[0]
     field = ".".join(str(part) for part in error["loc"])
+    if not field:  # a check of the whole plan (e.g. a budget too small for one target): its message names the field
+        return str(error["msg"]).removeprefix("Value error, ")
     return f"{_OPTION_OF_FIELD.get(field, field)} {error['input']!r}: {error['msg']}"
 
 

@@ -37,6 +37,7 @@ def test_a_budget_too_small_for_one_target_is_one_line(tmp_path: Path) -> None:
     result = subprocess.run([*command, "--time-budget-s", "1", "--out", str(out)], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert result.stderr.startswith("crystal-locator: error: time_budget_s 1 s is less than the exposures")
     assert "no target could be reached" in result.stderr and not out.exists()
 
 
