@@ -190,12 +190,8 @@ class ScreeningPlan(BaseModel):
     exposures: ExposurePlan = ExposurePlan()
     area: AreaPlan = AreaPlan()
     locate: LocateSettings = Field(
-        default_factory=lambda: LocateSettings(mode="window", window_px=15, stride_px=4, k=5),
-        description=(
-            "locator settings for the atlas: a window of a few crystal sizes at the atlas pixel size, and more "
-            "clusters than the 2018 study's 3 so that ice balls and debris get clusters of their own, which the "
-            "operator or label memory then rejects"
-        ),
+        default_factory=LocateSettings,
+        description="locator settings for the atlas: the locator's defaults, the same as `locate` and `evaluate` use",
     )
     targeting: TargetingPlan = TargetingPlan()
     confirm: ConfirmPlan = Field(default_factory=ConfirmPlan)

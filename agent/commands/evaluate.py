@@ -4,9 +4,10 @@
     crystal-locator evaluate --images DIR_OR_FILES ... --truth crystals.csv [--pixel-size-um X]
     crystal-locator report SESSION_DIR [--out FILE]
 
-`evaluate` runs the clustering locator (grid and window modes, several k, the default crystal-cluster
-rule, no operator) and two baselines (threshold + connected components, LoG blobs) on the same images,
-scores every detection against ground truth and prints one row per specimen x preset x method x mode.
+`evaluate` runs the clustering locator (by default with the settings `screen` uses; --modes and --k compare
+others; the default crystal-cluster rule, no operator) and two baselines (threshold + connected components,
+LoG blobs) on the same images, scores every detection against ground truth and prints one row per
+specimen x preset x method x mode.
 """
 # Simulated images come from `simulator`: this module wires it in; nothing else in `agent` imports it.
 
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.cli import CommandError
+from agent.locate import defaults as locate_defaults
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +43,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     parser.add_argument("--presets", nargs="+", metavar="PRESET", help="presets to image (default atlas search)")
     parser.add_argument("--frames", type=int, help="frames per seed and preset (default 2; quick 1)")
     parser.add_argument("--camera-px", type=int, help="simulated camera size, pixels (default 1024)")
-    parser.add_argument("--modes", nargs="+", choices=("grid", "window"), help="locator modes (default both)")
-    parser.add_argument("--k", nargs="+", type=int, dest="ks", metavar="K", help="cluster counts (default 2 3 4)")
+    parser.add_argument("--modes", nargs="+", choices=("grid", "window"),
+                        help="locator modes (default: window, as screen uses)")
+    parser.add_argument("--k", nargs="+", type=int, dest="ks", metavar="K",
+                        help=f"cluster counts (default: {locate_defaults.K}, as screen uses)")
     parser.add_argument("--grid", metavar="RxC", help="locator grid mode: patch grid (default: the locator's)")
     parser.add_argument("--window-px", type=int, help="locator window mode: window size, pixels")
     parser.add_argument("--stride-px", type=int, help="locator window mode: stride, pixels")
@@ -103,7 +107,7 @@ def _config_from_args(args: argparse.Namespace) -> Any:
         overrides["baselines"] = False
     if args.no_locator:
         overrides["modes"] = ()
-    if overrides.get("ks") and "default_k" not in overrides and 3 not in overrides["ks"]:
+    if overrides.get("ks") and "default_k" not in overrides and locate_defaults.K not in overrides["ks"]:
         overrides["default_k"] = overrides["ks"][0]
     try:
         return EvaluationConfig.quick(**overrides) if args.quick else EvaluationConfig(**overrides)

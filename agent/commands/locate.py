@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from agent.cli import CommandError, check_out_folder
+from agent.locate import defaults as locate_defaults
 from drivers.geometry import pixel_to_stage_um
 
 if TYPE_CHECKING:
@@ -43,10 +44,12 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("image", help="image file (TIFF, MRC, PNG, NPY), a tile folder or a SerialEM .mdoc montage")
     layout = parser.add_mutually_exclusive_group()
-    layout.add_argument("--grid", metavar="RxC", help="grid of R x C patches (default 20x20)")
-    layout.add_argument("--window", metavar="PX", type=int, help="sliding window of PX pixels (odd)")
-    parser.add_argument("--stride", metavar="S", type=int, default=None, help="window stride in pixels (default 8)")
-    parser.add_argument("--k", type=int, default=None, help="number of clusters (default 3)")
+    layout.add_argument("--grid", metavar="RxC", help="grid of R x C patches instead of sliding windows (e.g. 20x20)")
+    layout.add_argument("--window", metavar="PX", type=int,
+                        help=f"sliding window of PX pixels (odd; default {locate_defaults.WINDOW_PX}, as screen uses)")
+    parser.add_argument("--stride", metavar="S", type=int, default=None,
+                        help=f"window stride in pixels (default {locate_defaults.STRIDE_PX})")
+    parser.add_argument("--k", type=int, default=None, help=f"number of clusters (default {locate_defaults.K})")
     parser.add_argument("--suggest-k", action="store_true", help="also report the silhouette suggestion for k")
     parser.add_argument("--method", choices=("kmeans", "agglomerative"), default="kmeans",
                         help="clustering of the patch features")
@@ -68,7 +71,8 @@ def register(subparsers: Any) -> None:
                              "(default: refuse)")
     parser.add_argument("--pixel-size-um", type=float, default=None, help="override the file's pixel size (um)")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the clustering")
-    parser.add_argument("--max-candidates", type=int, default=200, help="most candidates written")
+    parser.add_argument("--max-candidates", type=int, default=locate_defaults.MAX_CANDIDATES,
+                        help="most candidates written")
     parser.add_argument("--no-flatten", action="store_true", help="do not flatten uneven illumination")
     parser.add_argument(
         "--outlines",
@@ -250,14 +254,20 @@ def _settings_from_args(args: argparse.Namespace) -> LocateSettings:
 
     from agent.locate.analysis import LocateSettings
 
-    values: dict[str, Any] = {"k": args.k, "suggest_k": args.suggest_k, "method": args.method, "seed": args.seed}
+    values: dict[str, Any] = {"suggest_k": args.suggest_k, "method": args.method, "seed": args.seed}
     values.update(bar_filter=args.bar_filter, flatten=not args.no_flatten, max_candidates=args.max_candidates)
     values.update(outline_length_px=args.outlines)
-    if args.window is not None:
-        values.update(mode="window", window_px=args.window, stride_px=args.stride or 8)
-    else:
-        rows, cols = _parse_grid(args.grid or "20x20")
+    if args.k is not None:
+        values["k"] = args.k
+    if args.grid is not None:
+        rows, cols = _parse_grid(args.grid)
         values.update(mode="grid", grid_rows=rows, grid_cols=cols)
+    else:  # the default: sliding windows, as a session uses
+        values["mode"] = "window"
+        if args.window is not None:
+            values["window_px"] = args.window
+        if args.stride is not None:
+            values["stride_px"] = args.stride
     try:
         return LocateSettings(**values)
     except ValidationError as exc:

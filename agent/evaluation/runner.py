@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from agent.evaluation.baselines import DetectorOutput, log_blobs, threshold_components
 from agent.evaluation.scoring import DEFAULT_TOLERANCE_UM, Detection, FrameScore, combine_scores, score_frame
 from agent.evaluation.truth import GroundTruth, ImageTruth, truth_for_frame
+from agent.locate import defaults as locate_defaults
 from drivers.base import Microscope
 
 logger = logging.getLogger(__name__)
@@ -56,9 +57,13 @@ class EvaluationConfig(BaseModel):
     frames_per_seed: int = Field(default=2, ge=1, le=50, description="frames per seed and preset")
     camera_px: int = Field(default=1024, ge=128, le=8192, description="square simulated camera, pixels")
     exposure_s: float = Field(default=0.5, gt=0)
-    modes: tuple[str, ...] = ("grid", "window")
-    ks: tuple[int, ...] = (2, 3, 4)
-    default_k: int = Field(default=3, ge=2, description="k whose atlas rows are checked against the targets")
+    modes: tuple[str, ...] = Field(
+        default=(locate_defaults.MODE,), description="locator modes (default: the locator's, as `screen` uses)"
+    )
+    ks: tuple[int, ...] = Field(default=(locate_defaults.K,), description="cluster counts (default: the locator's)")
+    default_k: int = Field(
+        default=locate_defaults.K, ge=2, description="k whose atlas rows are checked against the targets"
+    )
     baselines: bool = True
     tolerance_um: float = Field(default=DEFAULT_TOLERANCE_UM, gt=0, le=10.0)
     locator_settings: dict[str, Any] = Field(
@@ -72,8 +77,8 @@ class EvaluationConfig(BaseModel):
 
     @classmethod
     def quick(cls, **overrides: Any) -> EvaluationConfig:
-        """About a minute on a 2-core machine: 2 seeds, atlas only, one 1024-px frame per seed, k = 3."""
-        values: dict[str, Any] = {"seeds": 2, "presets": ("atlas",), "frames_per_seed": 1, "ks": (3,)}
+        """About a minute on a 2-core machine: 2 seeds, atlas only, one 1024-px frame per seed, default locator."""
+        values: dict[str, Any] = {"seeds": 2, "presets": ("atlas",), "frames_per_seed": 1}
         values.update(overrides)
         return cls(**values)
 

@@ -55,6 +55,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from scipy import ndimage
 
+from agent.locate import defaults as locate_defaults
 from agent.locate.cluster import (
     OUTLIER_CAP_SIGMA,
     ClusterModel,
@@ -96,16 +97,24 @@ STRAIGHT_EDGE_FEATURE = "straight_edge"
 
 
 class LocateSettings(BaseModel):
-    """How to analyse an image (frozen; saved with results). Lengths in image pixels."""
+    """How to analyse an image (frozen; saved with results). Lengths in image pixels.
+
+    The defaults are the one setting `locate`, `evaluate` and `screen` use unless told otherwise: sliding
+    windows of 15 px every 4 px (a few crystal sizes at the atlas pixel size) and k = 5."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    mode: Literal["grid", "window"] = "grid"
+    mode: Literal["grid", "window"] = locate_defaults.MODE
     grid_rows: int = Field(default=20, ge=1)
     grid_cols: int = Field(default=20, ge=1)
-    window_px: int = Field(default=31, ge=3)
-    stride_px: int = Field(default=8, ge=1)
-    k: int | None = Field(default=None, ge=1, description="clusters; None = 3 (the study's default)")
+    window_px: int = Field(default=locate_defaults.WINDOW_PX, ge=3)
+    stride_px: int = Field(default=locate_defaults.STRIDE_PX, ge=1)
+    k: int | None = Field(
+        default=locate_defaults.K,
+        ge=1,
+        description="clusters; more than the 2018 study's 3 so that ice balls and debris get clusters of their own, "
+        "which the operator or label memory then rejects; None = 3 (the study's default)",
+    )
     suggest_k: bool = Field(default=False, description="also compute the silhouette suggestion for k")
     method: Literal["kmeans", "agglomerative"] = "kmeans"
     bar_filter: Literal["auto", "two-step", "mesh", "none"] = "auto"
@@ -142,7 +151,7 @@ class LocateSettings(BaseModel):
         "length (px, about the shortest facet worth finding); the cells inside their outlines form a cluster of "
         "their own, which is suggested. For high magnification, where crystals are tens of windows wide. None: off",
     )
-    max_candidates: int = Field(default=500, ge=1)
+    max_candidates: int = Field(default=locate_defaults.MAX_CANDIDATES, ge=1)
     similarity_threshold: float = Field(default=0.9, ge=-1, le=1)
 
     @model_validator(mode="after")

@@ -147,7 +147,7 @@ def test_each_preset_is_run_with_its_own_run(simulated_frames: list) -> None:
 def test_quick_config_is_small() -> None:
     quick = EvaluationConfig.quick()
     assert quick.seeds == 2 and quick.presets == ("atlas",) and quick.frames_per_seed == 1
-    assert quick.camera_px == 1024 and quick.ks == (3,) and set(quick.modes) == {"grid", "window"}
+    assert quick.camera_px == 1024 and quick.ks == (5,) and quick.modes == ("window",)
     assert len(quick.specimens) == 4
     assert EvaluationConfig.quick(seeds=1).seeds == 1
 

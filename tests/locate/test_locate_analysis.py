@@ -123,7 +123,7 @@ def test_clustering_is_seeded_and_user_k_wins() -> None:
     assert sorted(c.n_cells for c in a1.clusters) == sorted(np.bincount(a1.label_grid[a1.label_grid >= 0]))
     # cluster 0 is the largest
     assert a1.clusters[0].n_cells == max(c.n_cells for c in a1.clusters)
-    agglo = analyse(scene.image, LocateSettings(mode="grid", grid_rows=32, grid_cols=32, method="agglomerative"))
+    agglo = analyse(scene.image, LocateSettings(mode="grid", grid_rows=32, grid_cols=32, k=3, method="agglomerative"))
     assert set(np.unique(agglo.label_grid)) <= {-1, 0, 1, 2}
 
 

@@ -53,7 +53,7 @@ def test_locate_writes_every_output_with_stage_positions(tmp_path: Path, scene, 
     assert set(np.unique(mask)) <= {0, 255} and (mask == 255).mean() > 0.2
     clusters = json.loads((out / "clusters.json").read_text())
     assert clusters["chosen_by"].startswith("default rule")
-    assert len(clusters["clusters"]) == 3 and {"n_cells", "mean_features"} <= set(clusters["clusters"][0])
+    assert len(clusters["clusters"]) == 5 and {"n_cells", "mean_features"} <= set(clusters["clusters"][0])
     payload = json.loads((out / "candidates.json").read_text())
     assert payload["matrix_source"] == "calibration" and payload["candidates"]
     first = payload["candidates"][0]

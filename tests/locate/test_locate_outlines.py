@@ -25,7 +25,7 @@ from agent.locate.vacuum import vacuum_mask
 from tests.synthetic_images import SyntheticImage, make_grid_image
 
 LINE_PX = 41
-SEARCH = LocateSettings(mode="window", window_px=31, stride_px=8, outline_length_px=LINE_PX)
+SEARCH = LocateSettings(mode="window", window_px=31, stride_px=8, k=3, outline_length_px=LINE_PX)
 
 
 def _search_view(seed: int, n_crystals: int = 2, **options) -> SyntheticImage:
@@ -238,7 +238,7 @@ def test_an_outline_over_most_of_the_frame_is_not_suggested() -> None:
 
 def test_grid_mode_gets_the_outline_feature_and_the_legend_names_the_outlined_cluster() -> None:
     view = _search_view(1, n_crystals=1)
-    grid = analyse(view.image, LocateSettings(mode="grid", grid_rows=24, grid_cols=24, outline_length_px=LINE_PX))
+    grid = analyse(view.image, LocateSettings(mode="grid", grid_rows=24, grid_cols=24, k=3, outline_length_px=LINE_PX))
     assert grid.feature_names[-1] == STRAIGHT_EDGE_FEATURE and grid.features.shape[1] == len(grid.feature_names)
     assert grid.outline_cluster is not None
     legend = _legend_labels(grid, grid.suggested_crystal_clusters)

@@ -61,7 +61,7 @@ def _legend_rows(analysis: ClusterAnalysis) -> int:
 @pytest.fixture(scope="module")
 def scene_analysis() -> tuple[np.ndarray, ClusterAnalysis]:
     scene = make_grid_image((150, 203), 3, n_crystals=4, bar_pitch_px=120, bar_width_px=25)
-    return scene.image, analyse(scene.image, LocateSettings(mode="grid", grid_rows=12, grid_cols=15))
+    return scene.image, analyse(scene.image, LocateSettings(mode="grid", grid_rows=12, grid_cols=15, k=3))
 
 
 def test_palette_png_equals_the_straightforward_blend(scene_analysis: tuple[np.ndarray, ClusterAnalysis]) -> None:
@@ -110,7 +110,7 @@ def test_many_clusters_fall_back_to_the_exact_rgb_picture(scene_analysis: tuple[
 
 def test_threads_do_not_change_the_bytes() -> None:
     scene = make_grid_image((1100, 1000), 5, n_crystals=6)  # over a megapixel: bands go to the thread pool
-    analysis = analyse(scene.image, LocateSettings(mode="grid", grid_rows=11, grid_cols=10))
+    analysis = analyse(scene.image, LocateSettings(mode="grid", grid_rows=11, grid_cols=10, k=3))
     one = heatmap_png(scene.image, analysis, workers=1)
     two = heatmap_png(scene.image, analysis, workers=2)
     assert one == two
