@@ -379,7 +379,25 @@ def analyse(image: np.ndarray, settings: LocateSettings | None = None) -> Cluste
     Raises `ImageInputError` for unusable images and `SettingsError` for settings that do not fit the
     image (grid too fine, window larger than the image, k larger than the number of unmasked patches).
     """
-    settings = settings or LocateSettings()
+    return _analyse(image, settings or LocateSettings(), keep_prepared=False)[0]
+
+
+def analyse_and_prepare(
+    image: np.ndarray, settings: LocateSettings | None = None
+) -> tuple[ClusterAnalysis, np.ndarray]:
+    """`analyse`, plus the image as step 2 prepared it (float64, image shape; `preprocess.prepare_image` for
+    the analysis' `bar_mask`, `flatten` and `clean`): pass it to `targets.find_candidates(prepared=...)`,
+    which otherwise prepares the image a second time."""
+    analysis, prepared = _analyse(image, settings or LocateSettings(), keep_prepared=True)
+    assert prepared is not None
+    return analysis, prepared
+
+
+def _analyse(
+    image: np.ndarray, settings: LocateSettings, keep_prepared: bool
+) -> tuple[ClusterAnalysis, np.ndarray | None]:
+    """`analyse_and_prepare`; without `keep_prepared` the prepared image is freed before the clustering
+    (None)."""
     check_image(image)
     shape = (int(image.shape[0]), int(image.shape[1]))
     _check_settings_fit(shape, settings)
@@ -387,7 +405,9 @@ def analyse(image: np.ndarray, settings: LocateSettings | None = None) -> Cluste
     # 1. bars, black areas and film holes
     bar_mask, bar_angle, vacuum = _pixel_masks(image, settings, grid_shape, row_index, col_index)
     # 2. clean-up and flattening, 3. features
-    features, names, outlines = _features_and_outlines(image, bar_mask, settings)
+    prepared, features, names, outlines = _features_and_outlines(image, bar_mask, settings)
+    if not keep_prepared:
+        prepared = None  # 8 bytes a pixel: not held through the clustering when nobody wants it
     # 4. cluster the unmasked cells
     valid = _valid_cells(bar_mask, settings, grid_shape)
     n_valid = int(valid.sum())
@@ -411,7 +431,7 @@ def analyse(image: np.ndarray, settings: LocateSettings | None = None) -> Cluste
         cells.background,
         suggestion,
     )
-    return ClusterAnalysis(
+    analysis = ClusterAnalysis(
         image_shape=shape,
         settings=settings,
         feature_names=tuple(cells.names),
@@ -435,6 +455,7 @@ def analyse(image: np.ndarray, settings: LocateSettings | None = None) -> Cluste
         vacuum_mask=vacuum,
         outline_cluster=cells.outline_cluster,
     )
+    return analysis, prepared
 
 
 def _check_settings_fit(shape: tuple[int, int], settings: LocateSettings) -> None:
@@ -494,14 +515,13 @@ def _pixel_masks(
 
 def _features_and_outlines(
     image: np.ndarray, bar_mask: np.ndarray, settings: LocateSettings
-) -> tuple[np.ndarray, tuple[str, ...], OutlineTable | None]:
+) -> tuple[np.ndarray, np.ndarray, tuple[str, ...], OutlineTable | None]:
     """Steps 2 and 3: the image cleaned and flattened (`prepare_image`), its cell features and names, and
     with `outline_length_px` its straight-edged outlines (None without)."""
     data = prepare_image(image, bar_mask, flatten=settings.flatten, clean=settings.clean)
     features, names = _cell_features(data, settings)
     outlines = find_outlines(data, bar_mask, settings.outline_length_px) if settings.outline_length_px else None
-    del data
-    return features, names, outlines
+    return data, features, names, outlines
 
 
 def _valid_cells(bar_mask: np.ndarray, settings: LocateSettings, grid_shape: tuple[int, int]) -> np.ndarray:
