@@ -29,6 +29,7 @@ def create_simulated_microscope(
     specimen_options: dict[str, Any] | None = None,
     overlap_fraction: float | None = None,
     instrument_seed: int = 0,
+    conditions: str | None = None,
     **kwargs: Any,
 ) -> SimulatedMicroscope:
     """A `SimulatedMicroscope` over a generated specimen, or over dataset tiles when `tiles` is given.
@@ -40,10 +41,17 @@ def create_simulated_microscope(
     with `pixel_size_um` (um per mosaic pixel) if the files do not say, and `overlap_fraction` for tiles
     placed by their row/column names. `specimen_options` go to `simulator.specimen.generate_specimen`; other
     keyword arguments (camera_shape_px, presets, faults, realtime, stage_limits, stage_model, optics_errors,
-    camera_noise, and where a restarted simulator starts: initial_preset, start_time_s, start_stage) go to
-    `SimulatedMicroscope`.
+    camera_noise, beam_drift_fraction, and where a restarted simulator starts: initial_preset, start_time_s,
+    start_stage) go to `SimulatedMicroscope`. `conditions` names a set of `simulator.conditions.CONDITION_SETS`
+    (`none`, the default, or `realistic`): its specimen options and microscope options are added (what
+    `specimen_options` and the keyword arguments give explicitly wins); tiles get its microscope options only.
     """
+    from simulator.conditions import condition_kwargs
     from simulator.microscope import SimulatedMicroscope
+
+    extra = condition_kwargs(conditions)
+    specimen_options = {**extra.pop("specimen_options", {}), **(specimen_options or {})}
+    kwargs = {**extra, **kwargs}
 
     if tiles is not None:
         from simulator.tiles import TileScene
@@ -54,5 +62,5 @@ def create_simulated_microscope(
     else:
         from simulator.specimen import generate_specimen
 
-        scene = generate_specimen(specimen_type, seed, **(specimen_options or {}))
+        scene = generate_specimen(specimen_type, seed, **specimen_options)
     return SimulatedMicroscope(scene, seed=seed, instrument_seed=instrument_seed, **kwargs)

@@ -3,6 +3,8 @@
 The beam (selected area) is a disc of `SimPreset.beam_diameter_um` around the true stage position.
 Sampling that disc gives the fractions of the beam on bars (blocked), film, ice and each crystal.
 
+- Stacked plates (`stacked_fraction`) both diffract where they overlap: a multi-lattice pattern. Film
+  defects and contamination do not diffract (tears and carbon edges only take film out of the beam).
 - A diffracting crystal gives Bragg spots of its (seeded, per crystal) 2-D reciprocal lattice turned by
   the crystal's angle, out to a resolution limit of 4.0 - 3.0 x quality Angstrom; better crystals give
   more and sharper spots (spot sigma 1..4 px) and keep more of their spots in the excited zone.
@@ -59,6 +61,8 @@ def beam_contents(specimen: Specimen, x_um: float, y_um: float, diameter_um: flo
     crystals: dict[int, float] = {}
     for cid in np.unique(ids[(ids >= 0) & ~bar]):
         crystals[int(cid)] = float(np.mean(ids == cid))
+    if "stacked_on" in specimen.crystals:  # both plates of a stack are lit where they overlap
+        crystals.update(_stacked_fractions(specimen, crystals, x, y, bar))
     thickness = float(np.mean(specimen.film_thickness_nm_xy(x[film], y[film]))) if film.any() else 0.0
     return {
         "bar": float(bar.mean()),
@@ -67,6 +71,25 @@ def beam_contents(specimen: Specimen, x_um: float, y_um: float, diameter_um: flo
         "ice": float((on_ice & ~bar).mean()),
         "crystals": crystals,
     }
+
+
+def _stacked_fractions(specimen: Specimen, crystals: dict[int, float], x: np.ndarray, y: np.ndarray, bar: np.ndarray
+                       ) -> dict[int, float]:
+    """Beam fractions of the crystals of stacks in the beam (and their partners), each over its whole outline:
+    `crystal_id_xy` gives an overlap to the top crystal only, but electrons pass through both."""
+    stacked = specimen.crystals["stacked_on"]
+    members = set(crystals)
+    for cid in list(members):
+        members.update(int(j) for j in np.nonzero(stacked == cid)[0])
+        if stacked[cid] >= 0:
+            members.add(int(stacked[cid]))
+    fractions = {}
+    for cid in sorted(members):
+        if stacked[cid] >= 0 or np.any(stacked == cid):
+            lit = (specimen.crystal_distance_um(np.int64(cid), x, y) >= 0) & ~bar
+            if lit.any():
+                fractions[cid] = float(lit.mean())
+    return fractions
 
 
 def px_per_inverse_angstrom(preset: SimPreset) -> float:

@@ -419,18 +419,10 @@ class SpecimenScene:
         film_od *= np.take(factor_table, local_index)
         self._add_film_texture(frame, film_od, r0, r1)
         if np.any(states == SQUARE_BROKEN):
-            hole = spec.square_hole[np.ix_(ii, jj)].reshape(-1, 3).astype(np.float32)
-            hu = fu - np.take(hole[:, 0], local_index)
-            hv = fv - np.take(hole[:, 1], local_index)
-            hu *= hu
-            hv *= hv
-            hu += hv
-            hole_dist = np.sqrt(hu, out=hu)
-            hole_dist -= np.take(hole[:, 2], local_index)
-            hole_dist *= inv_edge
-            hole_dist += np.float32(0.5)
-            film_od *= np.clip(hole_dist, 0.0, 1.0, out=hole_dist)
-
+            self._cut_holes(fu, fv, ii, jj, local_index, inv_edge, film_od)
+        if spec.conditions is not None:  # folds, tears, carbon edges, ice gradients
+            x = frame.affine(1.0, 0.0, 0.0, block_rows, all_cols)
+            spec.conditions.apply_to_film_od(x, frame.affine(0.0, 1.0, 0.0, block_rows, all_cols), film_od, edge_um)
         if near_rim:  # rim and holder outside the meshed area
             x = frame.affine(1.0, 0.0, 0.0, block_rows, all_cols)
             y = frame.affine(0.0, 1.0, 0.0, block_rows, all_cols)
@@ -447,6 +439,21 @@ class SpecimenScene:
         film_od -= film_od * bar_cov
         bar_cov *= np.float32(BAR_OD)
         film_od += bar_cov
+
+    def _cut_holes(self, fu: np.ndarray, fv: np.ndarray, ii: np.ndarray, jj: np.ndarray, local_index: np.ndarray,
+                   inv_edge: np.float32, film_od: np.ndarray) -> None:
+        """Remove the film (with an edge ramp) inside the round holes of broken squares of a row block."""
+        hole = self.specimen.square_hole[np.ix_(ii, jj)].reshape(-1, 3).astype(np.float32)
+        hu = fu - np.take(hole[:, 0], local_index)
+        hv = fv - np.take(hole[:, 1], local_index)
+        hu *= hu
+        hv *= hv
+        hu += hv
+        hole_dist = np.sqrt(hu, out=hu)
+        hole_dist -= np.take(hole[:, 2], local_index)
+        hole_dist *= inv_edge
+        hole_dist += np.float32(0.5)
+        film_od *= np.clip(hole_dist, 0.0, 1.0, out=hole_dist)
 
     def _add_film_texture(self, frame: _Frame, film_od: np.ndarray, r0: int, r1: int) -> None:
         """Add the film's grain (OD +-`_TEXTURE_OD`) where there is film, at the texture scale that suits
@@ -513,7 +520,7 @@ class SpecimenScene:
         c = spec.crystals
         c_radius = np.hypot(c["length_um"], c["width_um"]) / 2.0
         crystal_od = -np.log1p(-np.clip(c["contrast"], 0.0, 0.99))
-        self._draw(
+        draw_objects(
             frame, od, edge_um, pixel_um, c["x_um"], c["y_um"], c_radius, (x_lo, x_hi, y_lo, y_hi),
             area_um2=np.where(c["shape"] == 0, 0.75, 1.0) * c["length_um"] * c["width_um"],
             od_value=crystal_od,
@@ -526,7 +533,7 @@ class SpecimenScene:
             profile=lambda i, dx, dy: crystal_texture(c, i, dx, dy),
         )
         ice = spec.ice
-        self._draw(
+        draw_objects(
             frame, od, edge_um, pixel_um, ice["x_um"], ice["y_um"], ice["radius_um"], (x_lo, x_hi, y_lo, y_hi),
             area_um2=np.pi * ice["radius_um"] ** 2 * (2.0 / 3.0),  # sphere: mean thickness 2/3 of the centre
             od_value=ice["od"],
@@ -535,7 +542,7 @@ class SpecimenScene:
         )
         deb = spec.debris
         d_radius = deb["radius_um"] * (1.0 + deb["harmonics"].sum(axis=1))
-        self._draw(
+        draw_objects(
             frame, od, edge_um, pixel_um, deb["x_um"], deb["y_um"], d_radius, (x_lo, x_hi, y_lo, y_hi),
             area_um2=np.pi * deb["radius_um"] ** 2,
             od_value=deb["od"],
@@ -543,75 +550,92 @@ class SpecimenScene:
                 dx, dy, deb["radius_um"][i], deb["harmonics"][i], deb["phases"][i]
             ),
         )
+        if spec.conditions is not None and spec.conditions.contamination["x_um"].size:
+            dirt = spec.conditions.contamination
+            draw_objects(
+                frame, od, edge_um, pixel_um, dirt["x_um"], dirt["y_um"],
+                dirt["radius_um"] * (1.0 + dirt["harmonics"].sum(axis=1)), (x_lo, x_hi, y_lo, y_hi),
+                area_um2=np.pi * dirt["radius_um"] ** 2 * 0.6, od_value=dirt["od"],
+                distance=lambda i, dx, dy: blob_distance_um(
+                    dx, dy, dirt["radius_um"][i], dirt["harmonics"][i], dirt["phases"][i]
+                ),
+                # thicker in the middle: 0.3 at the rim to 1 at the centre
+                profile=lambda i, dx, dy: 0.3 + 0.7 * np.sqrt(
+                    np.clip(1.0 - (dx * dx + dy * dy) / dirt["radius_um"][i] ** 2, 0.0, 1.0)
+                ),
+            )
 
-    def _draw(
-        self,
-        frame: _Frame,
-        od: np.ndarray,
-        edge_um: float,
-        pixel_um: float,
-        x_um: np.ndarray,
-        y_um: np.ndarray,
-        radius_um: np.ndarray,
-        box: tuple[float, float, float, float],
-        *,
-        area_um2: np.ndarray,
-        od_value: np.ndarray,
-        distance: object,
-        thin: object = None,
-        profile: object = None,
-    ) -> None:
-        """Add objects' OD: sub-pixel objects are splatted (area-weighted), larger ones drawn on a patch."""
-        x_lo, x_hi, y_lo, y_hi = box
-        near = np.nonzero(
-            (x_um + radius_um >= x_lo) & (x_um - radius_um <= x_hi) & (y_um + radius_um >= y_lo)
-            & (y_um - radius_um <= y_hi)
-        )[0]
-        if near.size == 0:
-            return
-        rows, cols = frame.shape
-        col_f, row_f = frame.to_pixel(x_um[near], y_um[near])
-        radius_px = radius_um[near] / pixel_um
-        small = radius_px < _SPLAT_RADIUS_PX
-        # splat: the object's integrated OD over one pixel, at its nearest pixel
-        col_i = np.rint(col_f[small]).astype(np.int64)
-        row_i = np.rint(row_f[small]).astype(np.int64)
-        inside = (col_i >= 0) & (col_i < cols) & (row_i >= 0) & (row_i < rows)
-        if np.any(inside):
-            ids = near[small][inside]
-            weight = (od_value[ids] * area_um2[ids] / (pixel_um * pixel_um)).astype(np.float32)
-            np.add.at(od, (row_i[inside], col_i[inside]), weight)
 
-        def coverage(ids: np.ndarray, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
-            value = np.clip(distance(ids, dx, dy) / edge_um + 0.5, 0.0, 1.0)  # type: ignore[operator]
-            if thin is not None:
-                value = value * thin(ids)  # type: ignore[operator]
-            value = value * od_value[ids]
-            if profile is not None:
-                value = value * np.maximum(profile(ids, dx, dy), 0.25)  # type: ignore[operator]
-            return value
+def draw_objects(
+    frame: _Frame,
+    od: np.ndarray,
+    edge_um: float,
+    pixel_um: float,
+    x_um: np.ndarray,
+    y_um: np.ndarray,
+    radius_um: np.ndarray,
+    box: tuple[float, float, float, float],
+    *,
+    area_um2: np.ndarray,
+    od_value: np.ndarray,
+    distance: object,
+    thin: object = None,
+    profile: object = None,
+) -> None:
+    """Add the OD of objects at (x_um, y_um) with bounding radius `radius_um` to `od` (a frame of `frame`):
+    sub-pixel objects are splatted (area-weighted), larger ones drawn on a patch with the edge ramp `edge_um`.
+    `distance(ids, dx, dy)` is their signed distance (um), `thin(ids)` an OD factor, `profile(ids, dx, dy)`
+    their relative thickness; `box` (x_lo, x_hi, y_lo, y_hi) um is the frame's extent."""
+    x_lo, x_hi, y_lo, y_hi = box
+    near = np.nonzero(
+        (x_um + radius_um >= x_lo) & (x_um - radius_um <= x_hi) & (y_um + radius_um >= y_lo)
+        & (y_um - radius_um <= y_hi)
+    )[0]
+    if near.size == 0:
+        return
+    rows, cols = frame.shape
+    col_f, row_f = frame.to_pixel(x_um[near], y_um[near])
+    radius_px = radius_um[near] / pixel_um
+    small = radius_px < _SPLAT_RADIUS_PX
+    # splat: the object's integrated OD over one pixel, at its nearest pixel
+    col_i = np.rint(col_f[small]).astype(np.int64)
+    row_i = np.rint(row_f[small]).astype(np.int64)
+    inside = (col_i >= 0) & (col_i < cols) & (row_i >= 0) & (row_i < rows)
+    if np.any(inside):
+        ids = near[small][inside]
+        weight = (od_value[ids] * area_um2[ids] / (pixel_um * pixel_um)).astype(np.float32)
+        np.add.at(od, (row_i[inside], col_i[inside]), weight)
 
-        # medium objects: all at once on fixed-size patches around their centre pixel
-        medium = ~small & (radius_px + 2.0 <= _BATCH_RADIUS_PX)
-        if np.any(medium):
-            ids = near[medium]
-            offsets = np.arange(-_BATCH_RADIUS_PX, _BATCH_RADIUS_PX + 1)
-            pc = np.rint(col_f[medium]).astype(np.int64)[:, None, None] + offsets[None, None, :]
-            pr = np.rint(row_f[medium]).astype(np.int64)[:, None, None] + offsets[None, :, None]
-            pc, pr = np.broadcast_arrays(pc, pr)
-            m = frame.matrix
-            dx = frame.origin_um[0] + m[0, 0] * pc + m[0, 1] * pr - x_um[ids][:, None, None]
-            dy = frame.origin_um[1] + m[1, 0] * pc + m[1, 1] * pr - y_um[ids][:, None, None]
-            value = coverage(ids[:, None, None], dx, dy)
-            keep = (pc >= 0) & (pc < cols) & (pr >= 0) & (pr < rows) & (value > 0)
-            np.add.at(od, (pr[keep], pc[keep]), value[keep].astype(np.float32))
-        # large objects: one patch each, clipped to the frame
-        large = ~small & ~medium
-        for cf, rf, rad, i in zip(col_f[large], row_f[large], radius_px[large] + 2.0, near[large], strict=True):
-            c0, c1 = max(math.floor(cf - rad), 0), min(math.ceil(cf + rad) + 1, cols)
-            r0, r1 = max(math.floor(rf - rad), 0), min(math.ceil(rf + rad) + 1, rows)
-            if c0 >= c1 or r0 >= r1:
-                continue
-            dx = frame.affine(1.0, 0.0, -float(x_um[i]), slice(r0, r1), slice(c0, c1))
-            dy = frame.affine(0.0, 1.0, -float(y_um[i]), slice(r0, r1), slice(c0, c1))
-            od[r0:r1, c0:c1] += coverage(np.int64(i), dx, dy).astype(np.float32)
+    def coverage(ids: np.ndarray, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
+        value = np.clip(distance(ids, dx, dy) / edge_um + 0.5, 0.0, 1.0)  # type: ignore[operator]
+        if thin is not None:
+            value = value * thin(ids)  # type: ignore[operator]
+        value = value * od_value[ids]
+        if profile is not None:
+            value = value * np.maximum(profile(ids, dx, dy), 0.25)  # type: ignore[operator]
+        return value
+
+    # medium objects: all at once on fixed-size patches around their centre pixel
+    medium = ~small & (radius_px + 2.0 <= _BATCH_RADIUS_PX)
+    if np.any(medium):
+        ids = near[medium]
+        offsets = np.arange(-_BATCH_RADIUS_PX, _BATCH_RADIUS_PX + 1)
+        pc = np.rint(col_f[medium]).astype(np.int64)[:, None, None] + offsets[None, None, :]
+        pr = np.rint(row_f[medium]).astype(np.int64)[:, None, None] + offsets[None, :, None]
+        pc, pr = np.broadcast_arrays(pc, pr)
+        m = frame.matrix
+        dx = frame.origin_um[0] + m[0, 0] * pc + m[0, 1] * pr - x_um[ids][:, None, None]
+        dy = frame.origin_um[1] + m[1, 0] * pc + m[1, 1] * pr - y_um[ids][:, None, None]
+        value = coverage(ids[:, None, None], dx, dy)
+        keep = (pc >= 0) & (pc < cols) & (pr >= 0) & (pr < rows) & (value > 0)
+        np.add.at(od, (pr[keep], pc[keep]), value[keep].astype(np.float32))
+    # large objects: one patch each, clipped to the frame
+    large = ~small & ~medium
+    for cf, rf, rad, i in zip(col_f[large], row_f[large], radius_px[large] + 2.0, near[large], strict=True):
+        c0, c1 = max(math.floor(cf - rad), 0), min(math.ceil(cf + rad) + 1, cols)
+        r0, r1 = max(math.floor(rf - rad), 0), min(math.ceil(rf + rad) + 1, rows)
+        if c0 >= c1 or r0 >= r1:
+            continue
+        dx = frame.affine(1.0, 0.0, -float(x_um[i]), slice(r0, r1), slice(c0, c1))
+        dy = frame.affine(0.0, 1.0, -float(y_um[i]), slice(r0, r1), slice(c0, c1))
+        od[r0:r1, c0:c1] += coverage(np.int64(i), dx, dy).astype(np.float32)

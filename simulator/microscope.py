@@ -31,6 +31,10 @@ imaged and illuminated area off the stage position by up to `image_shift_limit_u
 no published figure), with a 1 % gain error of the instrument's image-shift calibration; it costs the
 command overhead and `image_shift_s` before the next exposure.
 
+Beam intensity drift (`beam_drift_fraction`, default 0: off): each image exposure gets the dose times
+1 + fraction x a normal draw keyed by the frame, so neighbouring frames of an atlas montage differ in
+brightness by a few percent (`simulator.conditions`; the size is a guess).
+
 Stage z (height off the eucentric plane) adds to the preset's defocus: images blur by |defocus + z| x
 1 mrad. Limits of the model: alpha (tilt) is tracked, limited and timed but does not change the image
 (no foreshortening); a frame taken while the stage moves shows the position at the start of the
@@ -44,6 +48,7 @@ cut step exactly as the first simulator did.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import threading
@@ -217,6 +222,7 @@ class SimulatedMicroscope:
         start_stage: StagePosition | None = None,
         clock_profile: TimingProfile | str | None = None,
         image_shift_limit_um: float = DEFAULT_IMAGE_SHIFT_LIMIT_UM,
+        beam_drift_fraction: float = 0.0,
     ) -> None:
         _check_arguments(specimen, camera_shape_px, instrument_seed, start_time_s)
         self._scene = specimen
@@ -252,6 +258,7 @@ class SimulatedMicroscope:
         self._blanked = False
         self._frames = 0
         self._image_shift = ImageShiftModel(image_shift_limit_um, self._instrument_seed)
+        self._beam_drift = check_beam_drift(beam_drift_fraction)  # per-exposure intensity (`drifted_preset`)
 
     # ground truth (tests, evaluation, the simulated operator only) ---------------------------------
     @property
@@ -428,7 +435,8 @@ class SimulatedMicroscope:
                 reported = self._stage.position()
                 shift_xy = self._image_shift.shift_xy_um
                 true_xy = self._image_shift.view_xy_um(self._stage.true_xy_um())
-                rng = self._noise_rng(kind, preset.name, exposure_s, reported)
+                key = frame_key(preset.name, exposure_s, reported, self._clock.now_s())
+                rng = keyed_rng(self._seed, f"frame-{kind}", *key)
                 self._frames += 1
                 frame_number = self._frames
                 blanked = self._blanked
@@ -448,7 +456,8 @@ class SimulatedMicroscope:
             )
         else:
             image = render(
-                self._scene, true_xy, preset, self._camera, self._errors[preset.name], rng,
+                self._scene, true_xy, drifted_preset(preset, self._beam_drift, self._seed, key), self._camera,
+                self._errors[preset.name], rng,
                 exposure_s=exposure_s, beam_blanked=blanked, z_um=reported.z_um,
             )
         specimen = self._scene.specimen_type if isinstance(self._scene, Specimen) else "tiles"
@@ -456,13 +465,30 @@ class SimulatedMicroscope:
         metadata = frame_metadata(kind, preset, reported, exposure_s, time_s, blanked, self._name, extra)
         return Frame(image=image, metadata=metadata.model_copy(update={"image_shift_xy_um": shift_xy}))
 
-    # helpers -----------------------------------------------------------------------------------------
-    def _noise_rng(self, kind: str, preset: str, exposure_s: float, stage: StagePosition) -> np.random.Generator:
-        """The noise generator of a frame starting now: keyed by the seed, kind, preset, exposure (us), stage
-        position (1 nm, 1e-4 deg) and microscope time (1 us), not by how many frames came before."""
-        return keyed_rng(
-            self._seed, f"frame-{kind}", preset, quantise(exposure_s, TIME_QUANTUM_S),
-            quantise(stage.x_um, POSITION_QUANTUM_UM), quantise(stage.y_um, POSITION_QUANTUM_UM),
-            quantise(stage.z_um, POSITION_QUANTUM_UM), quantise(stage.alpha_deg, ANGLE_QUANTUM_DEG),
-            quantise(self._clock.now_s(), TIME_QUANTUM_S),
-        )
+
+def frame_key(preset: str, exposure_s: float, stage: StagePosition, now_s: float) -> tuple[int | str, ...]:
+    """What makes a frame starting now unique (see `simulator.keyed`): preset, exposure (us), stage position
+    (1 nm, 1e-4 deg) and microscope time (1 us), not how many frames came before."""
+    return (
+        preset, quantise(exposure_s, TIME_QUANTUM_S), quantise(stage.x_um, POSITION_QUANTUM_UM),
+        quantise(stage.y_um, POSITION_QUANTUM_UM), quantise(stage.z_um, POSITION_QUANTUM_UM),
+        quantise(stage.alpha_deg, ANGLE_QUANTUM_DEG), quantise(now_s, TIME_QUANTUM_S),
+    )
+
+
+def check_beam_drift(fraction: object) -> float:
+    """`beam_drift_fraction` checked: a number in [0, 0.3]; `InvalidParameterError` otherwise."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 0.3:
+        raise InvalidParameterError(f"beam_drift_fraction must be a number in [0, 0.3], got {fraction!r}")
+    return float(fraction)
+
+
+def drifted_preset(preset: SimPreset, fraction: float, seed: int, key: tuple[int | str, ...]) -> SimPreset:
+    """`preset` with the beam intensity of one exposure: its dose x (1 + `fraction` x a normal draw clipped to
+    +-3), keyed by the frame (`frame_key`), so a restarted simulator draws the same. A few percent between
+    exposures is a guess (gun emission and condenser drift; no published figure for this instrument). With
+    `fraction` 0 the preset itself."""
+    if fraction <= 0.0:
+        return preset
+    draw = float(np.clip(keyed_rng(seed, "beam-drift", *key).standard_normal(), -3.0, 3.0))
+    return dataclasses.replace(preset, dose_e_per_px_s=preset.dose_e_per_px_s * (1.0 + fraction * draw))

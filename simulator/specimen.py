@@ -30,6 +30,7 @@ from scipy import ndimage
 
 from drivers.base import InvalidParameterError
 from simulator.crystal_index import CELL_UM, CrystalCellIndex
+from simulator.film_defects import FilmDefects
 from simulator.shapes import (
     CRYSTAL_SHAPES,
     SHAPE_BLOCK,
@@ -73,6 +74,13 @@ class SpecimenOptions(BaseModel):
     crystal_count: int | None = Field(default=None, ge=0, le=200_000)
     ice_ball_count: int = Field(default=400, ge=0, le=200_000)
     debris_count: int = Field(default=150, ge=0, le=200_000)
+    # conditions of real grids, all off by default (`simulator.conditions`, `simulator.film_defects`)
+    fold_count: int = Field(default=0, ge=0, le=100_000, description="film folds (long curved double-film lines)")
+    tear_count: int = Field(default=0, ge=0, le=100_000, description="tears (cracks with curled lips)")
+    carbon_edge_fraction: float = Field(default=0.0, ge=0.0, le=1.0, description="intact squares half covered")
+    ice_gradient_fraction: float = Field(default=0.0, ge=0.0, le=1.0, description="squares with thick-ice gradients")
+    contamination_count: int = Field(default=0, ge=0, le=200_000, description="irregular dark patches")
+    stacked_fraction: float = Field(default=0.0, ge=0.0, le=1.0, description="plates with a partner partly on top")
 
     @model_validator(mode="after")
     def _geometry(self) -> SpecimenOptions:
@@ -171,7 +179,8 @@ class CrystalTruth:
 
     `contrast` is the fraction of transmitted intensity the crystal removes in bright field (0..1);
     `diffraction_quality` (0..1) says how many and how sharp its Bragg spots are; `cluster_id` groups
-    crystals placed together (None for single crystals).
+    crystals placed together (None for single crystals); `overlaps` lists the crystals stacked partly on it
+    or it on them (the `stacked_fraction` condition; chance overlaps of other crystals are not listed).
     """
 
     id: int
@@ -185,10 +194,16 @@ class CrystalTruth:
     diffracts: bool
     diffraction_quality: float
     cluster_id: int | None
+    overlaps: tuple[int, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable dict of the record."""
-        return asdict(self)
+        """JSON-serialisable dict of the record (`overlaps` only when it has any, as before that condition)."""
+        record = asdict(self)
+        if not self.overlaps:
+            del record["overlaps"]
+        else:
+            record["overlaps"] = list(self.overlaps)
+        return record
 
 
 @dataclass(frozen=True)
@@ -223,6 +238,7 @@ class Specimen:
         crystals: dict[str, np.ndarray],
         ice: dict[str, np.ndarray],
         debris: dict[str, np.ndarray],
+        conditions: FilmDefects | None = None,
     ) -> None:
         self.specimen_type = specimen_type
         self.seed = seed
@@ -243,6 +259,7 @@ class Specimen:
         self.crystals = {k: _frozen(v) for k, v in crystals.items()}
         self.ice = {k: _frozen(v) for k, v in ice.items()}
         self.debris = {k: _frozen(v) for k, v in debris.items()}
+        self.conditions = conditions  # film defects and contamination (`simulator.film_defects`); None: off
         self._truth: tuple[CrystalTruth, ...] | None = None
         self._texture: np.ndarray | None = None
         self._index = CrystalCellIndex(
@@ -307,7 +324,8 @@ class Specimen:
         cv = (np.floor(v / self.pitch_um) + 0.5) * self.pitch_um
         in_hole = np.hypot(u - cu - hole[..., 0], v - cv - hole[..., 1]) < hole[..., 2]
         on_bar = (self.bar_distance_um(u, v) > 0) | (np.hypot(x, y) > self.mesh_radius_um)
-        return ~on_bar & (state != SQUARE_EMPTY) & ~in_hole
+        film = ~on_bar & (state != SQUARE_EMPTY) & ~in_hole
+        return film if self.conditions is None else film & ~self.conditions.vacuum_xy(x, y)
 
     def film_thickness_nm_xy(self, x_um: np.ndarray, y_um: np.ndarray) -> np.ndarray:
         """Support film thickness (nm) at (x, y) um where there is film (the film model, ignoring holes)."""
@@ -432,6 +450,7 @@ class Specimen:
         """Every crystal's ground-truth record, indexed by id."""
         if self._truth is None:
             c = self.crystals
+            overlaps = self._stacked_pairs()
             self._truth = tuple(
                 CrystalTruth(
                     id=i,
@@ -445,10 +464,21 @@ class Specimen:
                     diffracts=bool(c["diffracts"][i]),
                     diffraction_quality=float(c["quality"][i]),
                     cluster_id=None if int(c["cluster"][i]) < 0 else int(c["cluster"][i]),
+                    overlaps=overlaps.get(i, ()),
                 )
                 for i in range(self.crystal_count)
             )
         return self._truth
+
+    def _stacked_pairs(self) -> dict[int, tuple[int, ...]]:
+        """Crystal id -> the ids stacked on it or it on them (empty without the stacked-plates condition)."""
+        pairs: dict[int, tuple[int, ...]] = {}
+        stacked = self.crystals.get("stacked_on", np.zeros(0, dtype=np.int64))
+        for top in np.nonzero(stacked >= 0)[0]:
+            below = int(stacked[top])
+            pairs[int(top)] = (*pairs.get(int(top), ()), below)
+            pairs[below] = (*pairs.get(below, ()), int(top))
+        return pairs
 
     def crystals_near(self, x_um: float, y_um: float, radius_um: float) -> np.ndarray:
         """Ids of crystals any part of which may lie within `radius_um` of (x, y) (bounding circles)."""
@@ -480,6 +510,7 @@ class Specimen:
                 {"x_um": float(x), "y_um": float(y), "radius_um": float(r)}
                 for x, y, r in zip(self.debris["x_um"], self.debris["y_um"], self.debris["radius_um"], strict=True)
             ],
+            **({} if self.conditions is None else {"conditions": self.conditions.truth_dict()}),
         }
 
 
@@ -509,6 +540,8 @@ def generate_specimen(specimen_type: str, seed: int, **options: Any) -> Specimen
         opts = SpecimenOptions(**options)
     except ValidationError as exc:
         raise SpecimenError(f"invalid specimen options: {exc}") from exc
+    from simulator.conditions import any_specimen_condition, generate_film_defects, stack_plates
+
     params = _TYPES[specimen_type]
     type_index = SPECIMEN_TYPES.index(specimen_type)
     rng = np.random.default_rng([int(seed), type_index, 3])
@@ -521,14 +554,24 @@ def generate_specimen(specimen_type: str, seed: int, **options: Any) -> Specimen
         specimen_type, int(seed), opts, mesh_angle, offset, state, thickness_factor, hole, field,
         _empty_crystals(), _empty_ice(), _empty_debris(),
     )
+    defects = None
+    if any_specimen_condition(opts):  # its own random streams: the draws below stay as they were
+        defects = generate_film_defects(base, opts, np.random.default_rng([int(seed), type_index, 59]))
+        base = Specimen(
+            specimen_type, int(seed), opts, mesh_angle, offset, state, thickness_factor, hole, field,
+            _empty_crystals(), _empty_ice(), _empty_debris(), defects,
+        )
     count = params.count if opts.crystal_count is None else opts.crystal_count
     crystals = _place_crystals(base, params, count, rng)
     crystals.update(_crystal_texture(crystals, np.random.default_rng([int(seed), type_index, 41])))
+    if opts.stacked_fraction > 0:
+        crystals = stack_plates(base, params, crystals, opts.stacked_fraction,
+                                np.random.default_rng([int(seed), type_index, 61]))
     ice = _place_ice(base, opts.ice_ball_count, rng)
     debris = _place_debris(base, opts.debris_count, rng)
     return Specimen(
         specimen_type, int(seed), opts, mesh_angle, offset, state, thickness_factor, hole, field,
-        crystals, ice, debris,
+        crystals, ice, debris, defects,
     )
 
 
