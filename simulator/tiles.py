@@ -9,6 +9,8 @@ first block-averaged (integer factor, read strip by strip so memory stays bounde
 mosaic are dark. Intensities become transmission by dividing by the mosaic's white level (the 99.5th
 percentile of up to 8 sampled pieces), then go through the usual dose, noise and 16-bit model.
 8- and 16-bit (or float) tiles of any size work. There is no ground truth for tiles.
+`simulator.exports.write_export_montage` writes a folder of simulated 8-bit exports with burned-in data
+bars (what users' files look like) that this scene serves, with a labels CSV for `evaluate --images`.
 """
 
 from __future__ import annotations
