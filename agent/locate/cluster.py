@@ -274,6 +274,8 @@ def kmeans(
     """k-means of `points` (n, D): k-means++ seeding and Lloyd iterations, `n_init` times from one seeded
     stream (numpy RandomState(seed)), the run of least inertia kept. Returns the centres (k, D) and the
     labels (n,) int32. `tol` is relative to the mean variance of the columns."""
+    from threadpoolctl import threadpool_limits
+
     data = np.array(points, dtype=np.float64, order="C")
     tolerance = float(np.mean(np.var(data, axis=0)) * tol) if tol else 0.0
     rng = np.random.RandomState(seed)
@@ -281,11 +283,13 @@ def kmeans(
     data -= shift  # centred for accurate distances
     squared_norms = np.einsum("ij,ij->i", data, data)
     best: tuple[np.ndarray, np.ndarray, float] | None = None
-    for _ in range(n_init):
-        seeds = _kmeans_plusplus(data, k, rng, squared_norms)
-        labels, inertia, centres = _lloyd(data, seeds, max_iter, tolerance)
-        if best is None or (inertia < best[2] and not _same_partition(labels, best[1])):
-            best = (centres, labels, inertia)
+    # thin matrix products: one BLAS thread is faster than two competing ones
+    with threadpool_limits(1, user_api="blas"):
+        for _ in range(n_init):
+            seeds = _kmeans_plusplus(data, k, rng, squared_norms)
+            labels, inertia, centres = _lloyd(data, seeds, max_iter, tolerance)
+            if best is None or (inertia < best[2] and not _same_partition(labels, best[1])):
+                best = (centres, labels, inertia)
     assert best is not None
     return best[0] + shift, best[1]
 
@@ -330,11 +334,12 @@ def _lloyd(
 ) -> tuple[np.ndarray, float, np.ndarray]:
     """Lloyd iterations from `centres` until the labels repeat, the squared centre shift is at most
     `tolerance` or `max_iter` runs; returns labels (int32), inertia and centres."""
+    columns = np.ascontiguousarray(data.T)  # (D, n): whole rows for the products and the bincounts
     labels_old = np.full(data.shape[0], -1, dtype=np.int32)
     converged_strictly = False
     for _ in range(max_iter):
-        labels = _nearest(data, centres)
-        new_centres = _updated_centres(data, centres, labels)
+        labels = _nearest(columns, centres)
+        new_centres = _updated_centres(data, columns, centres, labels)
         shift_sq = float((np.sqrt(((new_centres - centres) ** 2).sum(axis=1)) ** 2).sum())
         centres = new_centres
         if np.array_equal(labels, labels_old):
@@ -344,22 +349,31 @@ def _lloyd(
             break
         labels_old = labels
     if not converged_strictly:
-        labels = _nearest(data, centres)  # labels that match the final centres
+        labels = _nearest(columns, centres)  # labels that match the final centres
     inertia = float(((data - centres[labels]) ** 2).sum())
     return labels, inertia, centres
 
 
-def _nearest(data: np.ndarray, centres: np.ndarray) -> np.ndarray:
-    """Index (int32) of the nearest centre of every row of `data` (|c|^2 - 2 c.x; first on ties)."""
-    distances = np.einsum("ij,ij->i", centres, centres)[None, :] - 2.0 * (data @ centres.T)
-    return np.argmin(distances, axis=1).astype(np.int32)
+def _nearest(columns: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    """Index (int32) of the nearest centre (|c|^2 - 2 c.x; the first on ties) of every point, the points
+    given as `columns` (D, n)."""
+    distances = np.einsum("ij,ij->i", centres, centres)[:, None] - 2.0 * (centres @ columns)
+    # one pass per centre over whole rows: argmin across the short axis of (n, k) is several times slower
+    labels = np.zeros(columns.shape[1], dtype=np.int32)
+    nearest = distances[0].copy()
+    for j in range(1, centres.shape[0]):
+        closer = distances[j] < nearest
+        labels[closer] = j
+        np.minimum(nearest, distances[j], out=nearest)
+    return labels
 
 
-def _updated_centres(data: np.ndarray, centres: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Mean of each cluster's rows; an empty cluster takes the row farthest from its centre (taken from
-    that row's cluster), one still empty sits on the largest cluster's centre."""
+def _updated_centres(data: np.ndarray, columns: np.ndarray, centres: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Mean of each cluster's points (`data` (n, D), also as `columns` (D, n)); an empty cluster takes the
+    point farthest from its centre (taken from that point's cluster), one still empty sits on the largest
+    cluster's centre."""
     k = centres.shape[0]
-    sums = np.stack([np.bincount(labels, weights=data[:, j], minlength=k) for j in range(data.shape[1])], axis=1)
+    sums = np.stack([np.bincount(labels, weights=column, minlength=k) for column in columns], axis=1)
     counts = np.bincount(labels, minlength=k).astype(np.float64)
     empty = np.flatnonzero(counts == 0)
     if len(empty):
