@@ -41,6 +41,7 @@ import numpy as np
 from scipy import ndimage
 
 from agent.locate.errors import SettingsError
+from agent.locate.preprocess import block_mean, grow_mask
 
 logger = logging.getLogger(__name__)
 
@@ -496,14 +497,24 @@ def _block_mean(image: np.ndarray, max_side_px: int) -> tuple[np.ndarray, int]:
     rows, cols = image.shape[0] // factor * factor, image.shape[1] // factor * factor
     if rows == 0 or cols == 0:
         return image.astype(np.float64), 1
-    small = image[:rows, :cols].reshape(rows // factor, factor, cols // factor, factor).mean(axis=(1, 3))
-    return small, factor
+    return block_mean(image, factor), factor
 
 
 def _upsample_mask(small: np.ndarray, factor: int, shape: tuple[int, int]) -> np.ndarray:
+    """`small` (blocks of `factor` px) at `shape`: each pixel takes its block's value; pixels past the last
+    whole block take the last block's."""
     rows = np.minimum(np.arange(shape[0]) // factor, small.shape[0] - 1)
     cols = np.minimum(np.arange(shape[1]) // factor, small.shape[1] - 1)
-    return small[rows][:, cols]
+    if small.shape[0] * factor > shape[0] or small.shape[1] * factor > shape[1]:
+        return small[rows][:, cols]
+    # repeats (and the edge rows/columns copied on) instead of fancy indexing: a few times faster at 4k
+    out = np.empty(shape, dtype=small.dtype)
+    full_rows, full_cols = small.shape[0] * factor, small.shape[1] * factor
+    block = out[:full_rows, :full_cols].reshape(small.shape[0], factor, small.shape[1], factor)
+    block[...] = small[:, None, :, None]
+    out[:full_rows, full_cols:] = out[:full_rows, full_cols - 1 : full_cols]
+    out[full_rows:] = out[full_rows - 1 : full_rows]
+    return out
 
 
 def _otsu_classes(small: np.ndarray, ignore: np.ndarray | None) -> tuple[float, float, float] | None:
@@ -592,14 +603,26 @@ def black_pixel_mask(image: np.ndarray, ignore: np.ndarray | None = None, max_si
     if ignore_small is not None:
         black_small &= ~ignore_small
     # which black parts count is decided on the block copy (cheap); the mask itself is pixel-exact
-    allowed = ndimage.maximum_filter(keep_border_or_large(black_small).astype(np.uint8), size=3) > 0
+    allowed = grow_mask(keep_border_or_large(black_small), 3)
     if not allowed.any():
         return np.zeros(image.shape, dtype=bool)
-    smooth = ndimage.uniform_filter(image.astype(np.float32), size=3, mode="nearest")
-    black = (smooth <= level) & _upsample_mask(allowed, factor, image.shape)
+    black = (_mean_3x3(image) <= level) & _upsample_mask(allowed, factor, image.shape)
     if ignore is not None:
         black &= ~ignore
-    return ndimage.maximum_filter(black.astype(np.uint8), size=5) > 0
+    return grow_mask(black, 5)
+
+
+def _mean_3x3(image: np.ndarray) -> np.ndarray:
+    """Mean of every pixel's 3x3 neighbourhood (float32; the edge pixels repeated outside the image), as
+    `ndimage.uniform_filter(image, 3, mode="nearest")` up to rounding: sums of shifted slices are several
+    times faster."""
+    padded = np.pad(np.asarray(image, dtype=np.float32), 1, mode="edge")
+    rows = padded[:-2] + padded[1:-1]
+    rows += padded[2:]
+    total = rows[:, :-2] + rows[:, 1:-1]
+    total += rows[:, 2:]
+    total *= np.float32(1.0 / 9.0)
+    return total
 
 
 def large_dark_mask(

@@ -197,10 +197,8 @@ def flatten_illumination(data: np.ndarray, mask: np.ndarray, sigma_fraction: flo
     """In place: divide float64 `data` by its smooth background times the background median; returns
     that median (the film level). See module docstring."""
     factor = max(1, min(data.shape) // 256)
-    rows, cols = data.shape[0] // factor * factor, data.shape[1] // factor * factor
-    blocks = data[:rows, :cols].reshape(rows // factor, factor, cols // factor, factor)
-    weight = (~mask[:rows, :cols]).reshape(rows // factor, factor, cols // factor, factor).mean(axis=(1, 3))
-    small = blocks.mean(axis=(1, 3))
+    weight = block_mean(~mask, factor)
+    small = block_mean(data, factor)
 
     def smooth(weights: np.ndarray, sigma: float) -> np.ndarray:
         numerator = ndimage.gaussian_filter(small * weights, sigma, mode="nearest")
@@ -249,15 +247,46 @@ def prepare_image(image: np.ndarray, mask: np.ndarray, flatten: bool = True, cle
         unmasked = data[~mask] if (~mask).any() else data.ravel()
         level = float(np.median(unmasked[:: max(1, unmasked.size // 100_000)]))
     if mask.any():
-        grown = ndimage.maximum_filter(mask.astype(np.uint8), size=5) > 0
-        data[grown] = level
+        data[grow_mask(mask, 5)] = level
     return data
 
 
 def block_sum(image: np.ndarray, factor: int) -> np.ndarray:
     """Sum of `factor` x `factor` pixel blocks as float32 (edges that do not fill a block are cropped)."""
-    data = np.asarray(image, dtype=np.float32)
     if factor <= 1:
-        return data
+        return np.asarray(image, dtype=np.float32)
+    return _block_total(np.asarray(image), factor).astype(np.float32)
+
+
+def block_mean(image: np.ndarray, factor: int) -> np.ndarray:
+    """Mean of `factor` x `factor` pixel blocks as float64 (edges that do not fill a block are cropped)."""
+    if factor <= 1:
+        return np.asarray(image, dtype=np.float64)
+    return _block_total(np.asarray(image), factor) / float(factor * factor)
+
+
+def _block_total(data: np.ndarray, factor: int) -> np.ndarray:
+    """Block sums of `data` (factor >= 2), in float64 (int64 for bool: exact counts; for integer images
+    exact too, so the same as numpy's sum over the block axes)."""
     rows, cols = (data.shape[0] // factor) * factor, (data.shape[1] // factor) * factor
-    return data[:rows, :cols].reshape(rows // factor, factor, cols // factor, factor).sum(axis=(1, 3))
+    accumulator = np.int64 if data.dtype == np.bool_ else np.float64
+    # the rows of a block first (whole contiguous rows added), then the short runs along each row: summing
+    # over both block axes of the 4-D view at once is 3-10x slower
+    row_sums = data[:rows, :cols].reshape(rows // factor, factor, cols).sum(axis=1, dtype=accumulator)
+    return row_sums.reshape(rows // factor, cols // factor, factor).sum(axis=2, dtype=accumulator)
+
+
+def grow_mask(mask: np.ndarray, size_px: int) -> np.ndarray:
+    """`mask` (bool) dilated by a `size_px` x `size_px` square (odd side; at the border, the square's part
+    inside the image): `ndimage.maximum_filter(mask, size_px) > 0` by shifted ORs, several times faster."""
+    if size_px % 2 == 0:
+        raise ValueError(f"size_px must be odd, got {size_px}")
+    grown = np.array(mask, dtype=bool)
+    for axis in (0, 1):
+        source = grown.copy() if size_px > 1 else grown
+        view = grown if axis == 0 else grown.T
+        src = source if axis == 0 else source.T
+        for shift in range(1, size_px // 2 + 1):
+            view[shift:] |= src[:-shift]
+            view[:-shift] |= src[shift:]
+    return grown
