@@ -180,17 +180,31 @@ def remove_stripes(data: np.ndarray, mask: np.ndarray | None = None, threshold: 
     return corrected
 
 
-def _interpolation_matrix(n_out: int, n_in: int, factor: int) -> np.ndarray:
-    """(n_out, n_in) linear-interpolation weights from block centres (block size `factor`) to pixels."""
+def _interpolation_weights(n_out: int, n_in: int, factor: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Linear interpolation from block centres (block size `factor`, `n_in` blocks) to `n_out` pixels: per
+    pixel the lower and upper block index and the upper block's weight (clamped at the ends)."""
     position = (np.arange(n_out) + 0.5) / factor - 0.5
     position = np.clip(position, 0, n_in - 1)
     low = np.floor(position).astype(np.int64)
     high = np.minimum(low + 1, n_in - 1)
-    frac = position - low
-    matrix = np.zeros((n_out, n_in))
-    matrix[np.arange(n_out), low] += 1 - frac
-    matrix[np.arange(n_out), high] += frac
-    return matrix
+    return low, high, position - low
+
+
+def _divide_by_upsampled(data: np.ndarray, background: np.ndarray, factor: int, level: float) -> None:
+    """In place: `data` divided by `background` (blocks of `factor` px) bilinearly upsampled to its shape,
+    times `level`. Band by band of rows, so the upsampled background never exists whole (at 4k it would
+    be 128 MB written and read again; two matrix products with the interpolation matrices took longer)."""
+    row_low, row_high, row_frac = _interpolation_weights(data.shape[0], background.shape[0], factor)
+    col_low, col_high, col_frac = _interpolation_weights(data.shape[1], background.shape[1], factor)
+    tall = background[row_low] * (1 - row_frac)[:, None] + background[row_high] * row_frac[:, None]
+    band = 64
+    for r0 in range(0, data.shape[0], band):
+        rows = tall[r0 : r0 + band]
+        full = rows[:, col_low] * (1 - col_frac)
+        full += rows[:, col_high] * col_frac
+        block = data[r0 : r0 + band]
+        block /= full
+        block *= level
 
 
 def flatten_illumination(data: np.ndarray, mask: np.ndarray, sigma_fraction: float = 1 / 12) -> float:
@@ -226,11 +240,7 @@ def flatten_illumination(data: np.ndarray, mask: np.ndarray, sigma_fraction: flo
     level = float(np.nanmedian(background))
     background = np.where(np.isfinite(background), background, level)
     background = np.maximum(background, max(abs(level) * 1e-3, 1e-12))
-    # bilinear upsampling as two small matrix products (background is smooth; this is fast at 4k)
-    full = _interpolation_matrix(data.shape[0], background.shape[0], factor) @ background
-    full = full @ _interpolation_matrix(data.shape[1], background.shape[1], factor).T
-    data /= full[: data.shape[0], : data.shape[1]]
-    data *= level
+    _divide_by_upsampled(data, background, factor, level)
     return level
 
 
