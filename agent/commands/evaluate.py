@@ -56,6 +56,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         metavar="PX",
         help="search images: find faint crystals by straight edges with lines of PX pixels (default 41; 0: off)",
     )
+    parser.add_argument("--conditions", choices=("none", "realistic"), default=None,
+                        help="simulated grid conditions (simulator.conditions): none (default) or realistic")
     parser.add_argument("--no-baselines", action="store_true", help="do not run the two baseline detectors")
     parser.add_argument("--no-locator", action="store_true", help="run only the baselines")
     parser.add_argument("--tolerance-um", type=float, help="matching tolerance, um (default 2)")
@@ -115,8 +117,9 @@ def _config_from_args(args: argparse.Namespace) -> Any:
         raise CommandError(f"invalid evaluation options: {exc}") from exc
 
 
-def _simulated_images(config: Any) -> Any:
-    """Yield labelled frames from a simulated microscope per specimen type and seed."""
+def _simulated_images(config: Any, conditions: str | None = None) -> Any:
+    """Yield labelled frames from a simulated microscope per specimen type and seed (with the named set of
+    `simulator.conditions`, default none)."""
     from agent.evaluation.runner import simulated_images
     from simulator import SPECIMEN_TYPES, create_simulated_microscope
 
@@ -126,7 +129,8 @@ def _simulated_images(config: Any) -> Any:
     for specimen in config.specimens:
         for seed in range(config.seeds):
             microscope = create_simulated_microscope(
-                specimen_type=specimen, seed=seed, camera_shape_px=(config.camera_px, config.camera_px)
+                specimen_type=specimen, seed=seed, camera_shape_px=(config.camera_px, config.camera_px),
+                conditions=conditions,
             )
             truth = microscope.ground_truth
             yield from simulated_images(
@@ -176,6 +180,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from agent.report import ReportError, write_evaluation_report
     from drivers.formats.images import ImageFormatError, write_atomic
 
+    if args.conditions is not None and args.images is not None:
+        raise CommandError("--conditions sets the simulated grid's conditions; your --images have their own")
     if (args.images is None) != (args.truth is None):
         raise CommandError("--images and --truth go together: your images and a CSV of crystal positions")
     if args.pixel_size_um is not None and args.pixel_size_um <= 0:
@@ -201,9 +207,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
                        "baselines": config.baselines}
         title = f"evaluation on {args.truth.name}"
     else:
-        images = _simulated_images(config)
-        config_dict = {**config.model_dump(mode="json"), "quick": bool(args.quick)}
+        images = _simulated_images(config, args.conditions)
+        config_dict = {**config.model_dump(mode="json"), "quick": bool(args.quick),
+                       "conditions": args.conditions or "none"}
         title = "evaluation on simulated images" + (" (quick)" if args.quick else "")
+        title += f", conditions {args.conditions}" if args.conditions else ""
 
     counter = {"images": 0}
 

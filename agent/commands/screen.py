@@ -50,6 +50,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     parser.add_argument("--camera-px", type=int, default=None, help="simulated camera side, px (default 2048)")
     parser.add_argument("--clock", metavar="PROFILE", default=None,
                         help="simulated timing: thermo-serialem (default), krios, jeol-fast, or a .json of figures")
+    parser.add_argument("--conditions", choices=("none", "realistic"), default=None,
+                        help="simulated grid conditions (simulator.conditions): none (default) or realistic")
     parser.add_argument("--plan", type=Path, help="screening plan (.toml, .yaml or .json)")
     parser.add_argument("--out", type=Path, help="session folder (default: sessions/<date-time>)")
     parser.add_argument("--max-targets", type=int,
@@ -118,6 +120,9 @@ def _source_from_args(args: argparse.Namespace) -> dict[str, Any]:
             raise CommandError(f"{args.resume}: cannot resume, {SOURCE_NAME} missing or unreadable ({exc})") from exc
         if args.clock is not None and args.clock != source.get("clock"):
             raise CommandError(f"--resume keeps the session's clock ({source.get('clock')}); drop --clock")
+        if args.conditions is not None and args.conditions != (source.get("conditions") or "none"):
+            raise CommandError(f"--resume keeps the session's conditions ({source.get('conditions') or 'none'}); "
+                               "drop --conditions")
         if args.instrument_seed is not None and args.instrument_seed != int(source.get("instrument_seed") or 0):
             raise CommandError(
                 f"--resume keeps the session's instrument (seed {int(source.get('instrument_seed') or 0)}); "
@@ -129,6 +134,8 @@ def _source_from_args(args: argparse.Namespace) -> dict[str, Any]:
                 "--calibration and --recalibrate"
             )
         return source
+    if args.conditions is not None and not args.simulated:
+        raise CommandError("--conditions sets the simulated grid's conditions; it goes with --simulated")
     if args.bridge is not None:
         if args.clock is not None:
             raise CommandError("--clock sets the simulator's timing; a microscope behind a bridge keeps its own")
@@ -142,6 +149,7 @@ def _source_from_args(args: argparse.Namespace) -> dict[str, Any]:
             "camera_px": args.camera_px,
             "instrument_seed": args.instrument_seed or 0,
             "clock": clock_profile_arg(args.clock),
+            **({"conditions": args.conditions} if args.conditions else {}),
         }
     return {
         "calibration": calibration_source(args),
@@ -192,6 +200,7 @@ def make_microscope(source: dict[str, Any], start: Any | None = None) -> tuple[A
         if source.get("camera_px"):
             kwargs["camera_shape_px"] = (int(source["camera_px"]), int(source["camera_px"]))
         kwargs["instrument_seed"] = int(source.get("instrument_seed") or 0)
+        kwargs["conditions"] = source.get("conditions")  # None (sessions before --conditions): none
         try:
             if kind == "simulated":
                 microscope = create_simulated_microscope(specimen_type=source["specimen"], **kwargs)

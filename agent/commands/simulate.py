@@ -5,6 +5,8 @@
   `--diffraction` takes a diffraction pattern instead;
 - `simulate specimen --specimen T --seed N --out truth.json` writes the ground truth as JSON;
 - `--tiles DIR [--pixel-size-um X]` serves dataset tiles instead of a procedural specimen;
+- `--conditions realistic` adds real-grid conditions (`simulator.conditions`: folds, tears, carbon edges,
+  contamination, thick-ice gradients, stacked plates, beam drift; default none);
 - `--clock PROFILE` picks the timing profile (`simulator.timing`: thermo-serialem, krios, jeol-fast, or a
   `.json` file of figures); the snapshot reports the microscope time it took.
 """
@@ -43,6 +45,7 @@ def register(subparsers: Any) -> None:
     spec = sub.add_parser("specimen", help="write a specimen's ground truth (grid, crystals) as JSON")
     spec.add_argument("--specimen", default="protein-plates", help="specimen type")
     spec.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    conditions_option(spec)
     spec.add_argument("--out", required=True, type=Path, help="output JSON path")
     spec.set_defaults(handler=_specimen)
     parser.set_defaults(handler=lambda args: _help(parser))
@@ -62,6 +65,16 @@ def _source_options(parser: argparse.ArgumentParser) -> None:
                         help="overlap fraction of neighbouring Tile_RRR-CCC tiles (default: the layout's, else 0)")
     parser.add_argument("--clock", metavar="PROFILE", default=None,
                         help="timing profile: thermo-serialem (default), krios, jeol-fast, or a .json of figures")
+    conditions_option(parser)
+
+
+def conditions_option(parser: argparse.ArgumentParser) -> None:
+    """Add `--conditions NAME`: a set of real-grid conditions for the simulator (`simulator.conditions`)."""
+    from simulator.conditions import CONDITION_SETS
+
+    parser.add_argument("--conditions", choices=tuple(CONDITION_SETS), default=None,
+                        help="simulated grid conditions: none (default) or realistic (folds, tears, carbon edges, "
+                             "contamination, thick-ice gradients, stacked plates, beam drift)")
 
 
 def _check_specimen(name: str) -> None:
@@ -93,6 +106,7 @@ def _snapshot(args: argparse.Namespace) -> int:
             overlap_fraction=args.overlap,
             camera_shape_px=(args.camera_px, args.camera_px),
             clock_profile=clock_profile_arg(args.clock),
+            conditions=args.conditions,
         )
         info = microscope.info()
         if args.preset not in [p.name for p in info.presets]:
@@ -144,11 +158,13 @@ def preview_8bit(image: np.ndarray, gamma: float = 1.0) -> np.ndarray:
 
 def _specimen(args: argparse.Namespace) -> int:
     from drivers.formats.images import write_atomic
+    from simulator.conditions import condition_kwargs
     from simulator.specimen import SpecimenError, generate_specimen
 
     _check_specimen(args.specimen)
     try:
-        specimen = generate_specimen(args.specimen, args.seed)
+        specimen = generate_specimen(args.specimen, args.seed,
+                                     **condition_kwargs(args.conditions).get("specimen_options", {}))
     except SpecimenError as exc:
         raise CommandError(str(exc)) from exc
     payload = json.dumps(specimen.truth_dict(), indent=1).encode()
