@@ -250,9 +250,10 @@ def what_is_at_xy(spec: Specimen, x_um: np.ndarray, y_um: np.ndarray, tolerance_
     for name, objects in (("debris", spec.debris), ("ice_ball", spec.ice)):
         near = _near_round(objects, x, y, tolerance_um)
         result[near] = name
-    if spec.conditions is not None:
+    if spec.conditions is not None:  # not on bars; ice only where there is film
         kinds = spec.conditions.kind_xy(x, y, tolerance_um)
-        result[kinds != ""] = kinds[kinds != ""]
+        applies = (kinds != "") & (result != "bar") & ((kinds != "ice_gradient") | (result == "film"))
+        result[applies] = kinds[applies]
     result[spec.crystal_id_xy(x, y, tolerance_um) >= 0] = "crystal"
     return result
 

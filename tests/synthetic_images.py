@@ -240,3 +240,45 @@ def make_grid_image(
         hole_mask=hole if torn_film_hole else None,
         notes={"bar_angle_deg": angle},
     )
+
+
+def make_simulated_export(
+    shape_px: int = 256,
+    seed: int = 0,
+    *,
+    specimen: str = "protein-plates",
+    conditions: str | None = "realistic",
+    preset: str = "atlas",
+    band: Literal["dark", "bright"] = "dark",
+) -> SyntheticImage:
+    """A simulator frame (with the named `simulator.conditions` set) turned into a user's 8-bit export with a
+    burned-in data bar (`simulator.exports.export_8bit`), with its truth: crystal centres and radii (pixels, off
+    the data bar), the bar mask and the data-bar rows. Centred on an intact grid square picked by `seed`."""
+    from simulator import create_simulated_microscope
+    from simulator.exports import export_8bit
+
+    microscope = create_simulated_microscope(specimen, seed, camera_shape_px=(shape_px, shape_px),
+                                             conditions=conditions)
+    truth = microscope.ground_truth
+    centres = truth.square_centres_um()
+    x_um, y_um = centres[np.random.default_rng([seed, 5]).integers(len(centres))]
+    microscope.set_preset(preset)
+    microscope.move_stage(x_um=float(x_um), y_um=float(y_um))
+    frame = microscope.acquire(0.5)
+    exported = export_8bit(frame.image, pixel_size_um=frame.metadata.pixel_size_um, band=band, seed=seed)
+    matrix = microscope.true_image_to_stage_matrix(preset)
+    stage = np.asarray(microscope.true_stage_xy_um())
+    centre = np.array([(shape_px - 1) / 2.0, (shape_px - 1) / 2.0])
+    cols, rows = np.meshgrid(np.arange(shape_px) - centre[0], np.arange(shape_px) - centre[1])
+    bar = truth.bar_mask_xy(stage[0] + matrix[0, 0] * cols + matrix[0, 1] * rows,
+                            stage[1] + matrix[1, 0] * cols + matrix[1, 1] * rows)
+    um_per_px = float(np.sqrt(abs(np.linalg.det(matrix))))
+    inverse = np.linalg.inv(matrix)
+    half_um = shape_px * um_per_px
+    crystals = []
+    for record in truth.crystals_in_box(stage[0] - half_um, stage[0] + half_um, stage[1] - half_um, stage[1] + half_um):
+        col, row = inverse @ (np.array([record.x_um, record.y_um]) - stage) + centre
+        if 0 <= col < shape_px and 0 <= row < exported.data_bar_rows[0]:
+            crystals.append(PlantedCrystal(float(row), float(col), record.length_um / 2.0 / um_per_px, record.shape))
+    return SyntheticImage(image=exported.image, crystals=tuple(crystals), bar_mask=bar,
+                          data_bar_rows=exported.data_bar_rows, notes={"um_per_px": um_per_px})
