@@ -19,15 +19,21 @@ targets. Steps (`find_objects`):
    next to a hole -- still can; dropping objects that border opposite-sign pixels was tried and cost
    recall, because defocus fringes border every real crystal the same way.)
 4. Deviant pixels inside the candidate regions are labelled into connected objects. Objects that look
-   like several crystals together (`is_compound`: not convex, or a long bundle) are split along
-   the necks between their parts (`split_compound`: watershed of the distance transform, one marker per
-   local maximum at least `min_distance_px` apart). A cluster of crystals becomes several objects, a
-   bundle of needles several pieces along its length; a single convex crystal stays whole.
+   like several crystals together (`is_compound`: not convex) are split along the necks between their
+   parts (`split_compound`: watershed of the distance transform, one marker per local maximum at least
+   `min_distance_px` apart; holes do not count as necks), and at most `MAX_PARTS_PER_OBJECT` parts (the
+   largest) are kept: a cluster of crystals becomes several objects, one target each. A single convex
+   crystal stays whole, and so does a solid elongated one (a needle, or needles side by side): cutting it
+   along its length would send the microscope to the same crystal several times.
 5. Objects are dropped before splitting when their outline is round (`is_round`: ice balls; single,
-   convex objects only) or, with `max_od`, when they are too thick for diffraction. A candidate region
-   whose objects were all dropped gives no candidate (`ObjectTable.dropped_regions`).
+   convex objects only), when they are lines in the film (`object_features.is_film_line`: folds, tears,
+   carbon edges: long, thin, unbranched and curved), or, with `max_od`, when they are
+   too thick for diffraction. Parts that do not stand out from the film's own noise
+   (`object_features.MIN_SIGNIFICANCE`) are dropped after splitting. A candidate region whose objects were
+   all dropped gives no candidate (`ObjectTable.dropped_regions`).
 
-Returned per object: its region (0-based), centroid row/col (px), area (px).
+Returned per object: its region (0-based), centroid row/col (px), area (px), the connected object it is a
+part of, and its features (`object_features.OBJECT_FEATURE_NAMES`).
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ from typing import Literal
 import numpy as np
 from scipy import ndimage
 
+from agent.locate.object_features import MIN_SIGNIFICANCE, OBJECT_FEATURE_NAMES, is_film_line, measure_object
+
 #: Gaussian smoothing (px) before pixels are compared with the film level.
 SMOOTH_SIGMA_PX = 1.0
 #: How many times the other's integrated contrast one polarity needs to be taken as the objects' polarity.
@@ -46,8 +54,8 @@ POLARITY_RATIO = 3.0
 MIN_POLARITY_OBJECTS = 5
 #: Solidity (area / convex hull area) below which an object is taken for several touching crystals.
 MIN_SINGLE_SOLIDITY = 0.9
-#: Major / minor axis ratio above which an object is taken for a bundle (split along its length).
-MAX_SINGLE_ELONGATION = 3.0
+#: Most parts one connected object is split into (the largest ones are kept): a safety bound for huge aggregates.
+MAX_PARTS_PER_OBJECT = 12
 #: Objects whose outline turns this evenly (share of turning in the sharpest quarter) are round (ice).
 ROUND_MAX_TURNING_SHARE = 0.35
 #: Objects smaller than a disc of this radius (px) are never called round.
@@ -63,9 +71,11 @@ class ObjectTable:
     """Objects found in candidate regions (all arrays have one entry per object).
 
     `region` is the 0-based index of the candidate region holding the object; `row_px`, `col_px` its
-    centroid and `area_px` its area in pixels; `polarity` the objects' measured polarity;
-    `dropped_regions` the regions (0-based) where an object was dropped (round contamination, or too
-    thick); `dropped` how many objects were dropped for each reason ("round", "too-thick").
+    centroid and `area_px` its area in pixels; `component` the id of the connected object it is a part of;
+    `features` its (n, len(OBJECT_FEATURE_NAMES)) features; `polarity` the objects' measured polarity;
+    `dropped_regions` the regions (0-based) where an object was dropped (round contamination, a film line,
+    too thick, too faint); `dropped` how many objects were dropped for each reason ("round", "film-line",
+    "too-thick", "faint").
     """
 
     region: np.ndarray
@@ -75,6 +85,8 @@ class ObjectTable:
     polarity: Polarity
     dropped_regions: tuple[int, ...] = ()
     dropped: dict[str, int] = field(default_factory=dict)
+    component: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    features: np.ndarray = field(default_factory=lambda: np.zeros((0, len(OBJECT_FEATURE_NAMES))))
 
     def __len__(self) -> int:
         return int(self.region.shape[0])
@@ -127,17 +139,17 @@ def object_polarity(
 def is_compound(mask: np.ndarray) -> bool:
     """True when the object `mask` (bool crop holding one object) looks like several crystals together.
 
-    A single crystal is convex and compact. Touching crystals make a non-convex union (solidity below
-    `MIN_SINGLE_SOLIDITY`, the necks between them), and needles lying side by side make a long bundle
-    (major axis more than `MAX_SINGLE_ELONGATION` times the minor axis).
+    A single crystal is convex. Touching crystals make a non-convex union (solidity below
+    `MIN_SINGLE_SOLIDITY`, the necks between them). A long convex object -- one needle, or needles lying
+    side by side -- is one target, not several along its length.
     """
     from skimage.measure import regionprops
 
     if np.count_nonzero(mask) < 2 * MIN_OBJECT_AREA_PX:
         return False
-    props = regionprops(mask.astype(np.uint8))[0]
-    elongation = props.axis_major_length / max(props.axis_minor_length, 1.0)
-    return bool(props.solidity < MIN_SINGLE_SOLIDITY or elongation > MAX_SINGLE_ELONGATION)
+    # holes are not necks: a plate whose middle is as bright as the film is still one plate
+    props = regionprops(ndimage.binary_fill_holes(mask).astype(np.uint8))[0]
+    return bool(props.solidity < MIN_SINGLE_SOLIDITY)
 
 
 def split_compound(mask: np.ndarray, min_distance_px: int, compound: bool | None = None) -> np.ndarray:
@@ -154,7 +166,7 @@ def split_compound(mask: np.ndarray, min_distance_px: int, compound: bool | None
     mask = np.asarray(mask, dtype=bool)
     if not (is_compound(mask) if compound is None else compound):
         return mask.astype(np.int32)
-    padded = np.pad(mask, 1)
+    padded = np.pad(ndimage.binary_fill_holes(mask), 1)  # the distance to the outline, not to inner holes
     distance = ndimage.distance_transform_edt(padded)
     peaks = peak_local_max(distance, min_distance=max(1, int(min_distance_px)), labels=padded.astype(np.int32))
     if len(peaks) < 2:
@@ -252,6 +264,7 @@ def find_objects(
     dark_fraction: float | None = None,
     max_od: float | None = None,
     drop_round: bool = True,
+    drop_film_lines: bool = True,
 ) -> ObjectTable | None:
     """Objects inside candidate regions (see module docstring).
 
@@ -265,7 +278,9 @@ def find_objects(
     pixel transmits less than exp(-max_od) of the film's intensity is dropped: it is too thick for
     electron diffraction (see `LocateSettings.max_object_od`).
 
-    Round (`drop_round`): objects with a round outline (`is_round`) are dropped as ice balls.
+    Round (`drop_round`): objects with a round outline (`is_round`) are dropped as ice balls. Film lines
+    (`drop_film_lines`): folds, tears and carbon edges (`object_features.is_film_line`) are dropped.
+    `dark_fraction` is also used for every object's `optical_density` feature.
     """
     data = ndimage.gaussian_filter(np.asarray(prepared, dtype=np.float64), SMOOTH_SIGMA_PX)
     stats = film_statistics(data, film & ~bar_mask)
@@ -278,13 +293,24 @@ def find_objects(
         data,
         labels,
         region_px,
-        level,
-        polarity,
+        _Film(level, sigma, polarity, dark_fraction),
         min_distance_px=min_distance_px,
         smallest_px=max(MIN_OBJECT_AREA_PX, min_area_px),
         min_transmission=_min_transmission(polarity, dark_fraction, max_od),
         drop_round=drop_round,
+        drop_film_lines=drop_film_lines,
     )
+
+
+@dataclass(frozen=True)
+class _Film:
+    """The film the objects are measured against: level and noise sigma (smoothed image units), the objects'
+    polarity, and the camera's dark level as a fraction of the film level (None: unknown)."""
+
+    level: float
+    sigma: float
+    polarity: Polarity
+    dark_fraction: float | None
 
 
 def _deviant_pixels(
@@ -326,49 +352,100 @@ def _measure_objects(
     data: np.ndarray,
     labels: np.ndarray,
     region_px: np.ndarray,
-    level: float,
-    polarity: Polarity,
+    film: _Film,
     *,
     min_distance_px: int,
     smallest_px: float,
     min_transmission: float | None,
     drop_round: bool,
+    drop_film_lines: bool,
 ) -> ObjectTable:
-    """Steps 4 and 5: for every labelled component, drop it (too thick, round) or split it into its parts
-    and keep the parts of at least `smallest_px` pixels, each at its centroid (px)."""
-    region_of, rows, cols, areas = [], [], [], []
+    """Steps 4 and 5: for every labelled component, drop it (too thick, round, a film line) or split it into
+    its parts and keep the largest `MAX_PARTS_PER_OBJECT` parts of at least `smallest_px` pixels that stand
+    out from the noise, each at its centroid (px) with its features."""
+    region_of, rows, cols, areas, components, features = [], [], [], [], [], []
     dropped_regions: set[int] = set()
     dropped: dict[str, int] = {}
+
+    def drop(region: int, reason: str) -> None:
+        dropped_regions.add(region)
+        dropped[reason] = dropped.get(reason, 0) + 1
+
     for label_id, box in enumerate(ndimage.find_objects(labels), start=1):
         if box is None:
             continue
         mask = labels[box] == label_id
         region = int(region_px[box][mask].max()) - 1
-        compound = is_compound(mask)
-        reason = None
-        if min_transmission is not None and float(data[box][mask].min()) < min_transmission * level:
-            reason = "too-thick"
-        elif drop_round and is_round(data, box, mask, level, compound=compound):
-            reason = "round"
+        reason = _drop_reason(data, box, mask, film, min_transmission, drop_round, drop_film_lines)
         if reason is not None:
-            dropped_regions.add(region)
-            dropped[reason] = dropped.get(reason, 0) + 1
+            drop(region, reason)
             continue
-        parts = split_compound(mask, min_distance_px, compound=compound)
-        for part in range(1, int(parts.max()) + 1):
-            part_rows, part_cols = np.nonzero(parts == part)
-            if len(part_rows) < smallest_px:
+        for part_box, part in _largest_parts(box, mask, min_distance_px, smallest_px):
+            vector = measure_object(
+                data, part_box, part, level=film.level, sigma=film.sigma, polarity=film.polarity,
+                dark_fraction=film.dark_fraction, smooth_sigma_px=SMOOTH_SIGMA_PX,
+            )
+            if vector[OBJECT_FEATURE_NAMES.index("significance")] < MIN_SIGNIFICANCE:
+                drop(region, "faint")
                 continue
+            part_rows, part_cols = np.nonzero(part)
             region_of.append(region)
-            rows.append(box[0].start + part_rows.mean())
-            cols.append(box[1].start + part_cols.mean())
+            rows.append(part_box[0].start + part_rows.mean())
+            cols.append(part_box[1].start + part_cols.mean())
             areas.append(float(len(part_rows)))
+            components.append(label_id)
+            features.append(vector)
     return ObjectTable(
         np.asarray(region_of, dtype=np.int64),
         np.asarray(rows, dtype=np.float64),
         np.asarray(cols, dtype=np.float64),
         np.asarray(areas, dtype=np.float64),
-        polarity,
+        film.polarity,
         tuple(sorted(dropped_regions)),
         dropped,
+        np.asarray(components, dtype=np.int64),
+        np.asarray(features, dtype=np.float64).reshape(-1, len(OBJECT_FEATURE_NAMES)),
     )
+
+
+def _drop_reason(
+    data: np.ndarray,
+    box: tuple[slice, slice],
+    mask: np.ndarray,
+    film: _Film,
+    min_transmission: float | None,
+    drop_round: bool,
+    drop_film_lines: bool,
+) -> str | None:
+    """Why a whole component is not a crystal ("too-thick", "round", "film-line"), or None."""
+    if min_transmission is not None and float(data[box][mask].min()) < min_transmission * film.level:
+        return "too-thick"
+    compound = is_compound(mask)
+    if drop_round and is_round(data, box, mask, film.level, compound=compound):
+        return "round"
+    if drop_film_lines and is_film_line(mask):
+        return "film-line"
+    return None
+
+
+def _largest_parts(
+    box: tuple[slice, slice], mask: np.ndarray, min_distance_px: int, smallest_px: float
+) -> list[tuple[tuple[slice, slice], np.ndarray]]:
+    """The parts of one component (`split_compound`) of at least `smallest_px` pixels, largest first, at most
+    `MAX_PARTS_PER_OBJECT`, each as (its bounding box in the image, its bool mask in that box)."""
+    parts = split_compound(mask, min_distance_px)
+    found = []
+    for part_id, part_box in enumerate(ndimage.find_objects(parts), start=1):
+        if part_box is None:
+            continue
+        part = parts[part_box] == part_id
+        area_px = int(np.count_nonzero(part))
+        if area_px < smallest_px:
+            continue
+        image_box = (
+            slice(box[0].start + part_box[0].start, box[0].start + part_box[0].stop),
+            slice(box[1].start + part_box[1].start, box[1].start + part_box[1].stop),
+        )
+        found.append((area_px, part_id, image_box, part))
+    found.sort(key=lambda entry: (-entry[0], entry[1]))
+    return [(image_box, part) for _, _, image_box, part in found[:MAX_PARTS_PER_OBJECT]]

@@ -1,14 +1,17 @@
 """From clusters (or a similarity map) to ranked, de-duplicated candidate targets.
 
 `find_candidates`: cells of the chosen crystal clusters (or cells whose similarity reaches
-`settings.similarity_threshold`) -> 8-connected regions on the cell grid -> one candidate per region at
-its area-weighted centroid (moved to the region's nearest cell when the centroid falls outside it, e.g.
-for a curved fibre), or, given the image, one candidate per object inside the region
-(`objects_in_regions`) -> drop regions smaller than `min_area_px` and candidates closer than
-`min_bar_distance_px` to the bar mask -> rank by score (the region's highest cell score: distance from
-the background cluster, or similarity), every region's largest object before any region's second one ->
-greedy de-duplication: a candidate closer than
-`min_spacing_px` to a better one is dropped -> at most `max_candidates`.
+`settings.similarity_threshold`) -> 8-connected regions on the cell grid -> given the image, one
+candidate per object inside the regions (`objects_in_regions`; a region in which no object stands out
+from the film's noise gives none, so empty film gives nothing), each with its features
+(`object_features.CANDIDATE_FEATURE_NAMES`) and scored by the cold-start rule
+(`object_features.cold_start_score`); without the image (or for a similarity map), one candidate per region
+at its area-weighted centroid (moved to the region's nearest cell when the centroid falls outside it, e.g.
+for a curved fibre), scored by the region's highest cell score (distance from the background cluster, or
+similarity) -> drop regions smaller than `min_area_px` and candidates closer than `min_bar_distance_px` to
+the bar mask -> rank by score, every region's best candidate before any region's second one -> greedy
+de-duplication: a candidate closer than `min_spacing_px` to a better one is dropped -> at most
+`max_candidates`.
 
 Stage coordinates (`Candidate.x_um`, `y_um`) are filled in by the caller, which knows the frame's stage
 position and calibration (`agent.commands.locate.candidates_to_stage`); the locator is pixel-only.
@@ -19,18 +22,22 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
 
 from agent.locate.analysis import ClusterAnalysis, LocateSettings
 from agent.locate.errors import SettingsError
+from agent.locate.object_features import CANDIDATE_FEATURE_NAMES, cold_start_score
+from agent.locate.objects import ObjectTable
 
 
 @dataclass(frozen=True)
 class Candidate:
     """A candidate target: centre in pixels (row, col), area in pixels, score (higher is better),
-    the cluster it came from (-1 for similarity candidates), and stage position (um) when known."""
+    the cluster it came from (-1 for similarity candidates), stage position (um) when known, and the
+    object's features (`object_features.CANDIDATE_FEATURE_NAMES`; empty for a region without objects)."""
 
     row_px: float
     col_px: float
@@ -39,10 +46,17 @@ class Candidate:
     cluster_id: int
     x_um: float | None = None
     y_um: float | None = None
+    features: tuple[float, ...] = ()
 
-    def to_dict(self) -> dict[str, float | int | None]:
-        """JSON-ready dict."""
-        return dataclasses.asdict(self)
+    def feature_dict(self) -> dict[str, float]:
+        """The features by name ({} when there are none)."""
+        return dict(zip(CANDIDATE_FEATURE_NAMES, self.features, strict=True)) if self.features else {}
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (features by name)."""
+        values: dict[str, Any] = dataclasses.asdict(self)
+        values["features"] = {name: round(value, 6) for name, value in self.feature_dict().items()}
+        return values
 
 
 def bar_distance_px(bar_mask: np.ndarray, points_rc: np.ndarray, max_side_px: int = 1024) -> np.ndarray:
@@ -99,31 +113,59 @@ def find_candidates(
     best = ndimage.maximum(scores, regions, index)
     best = np.atleast_1d(np.asarray(best, dtype=np.float64))
     sites = _region_sites(analysis, regions, n_regions, settings.min_area_px)
+    score, within_region = best[sites.region_of], sites.area_px
+    dominant = ndimage.median(cluster_of_cell, regions, index) if score_map is None else np.full(n_regions, -1)
+    dominant = np.atleast_1d(np.asarray(dominant))
     if image is not None and score_map is None:
-        sites = _object_sites(sites, image, analysis, regions, settings, prepared)
+        outlined = np.flatnonzero(dominant == analysis.outline_cluster) if analysis.outline_cluster is not None else []
+        sites = _object_sites(sites, image, analysis, regions, settings, prepared, np.asarray(outlined, dtype=int))
+        assert sites.features is not None
+        score = within_region = _object_scores(sites.features)
     keep = sites.keep
     if settings.min_bar_distance_px > 0:
         # from bars only: a crystal may lie right at the edge of a hole in the film
-        bars = analysis.bar_mask_without_holes
-        distance_px = bar_distance_px(bars, np.stack([sites.rows_px, sites.cols_px], 1))
-        keep = keep & (distance_px >= settings.min_bar_distance_px)
-    dominant = ndimage.median(cluster_of_cell, regions, index) if score_map is None else np.full(n_regions, -1)
-    dominant = np.atleast_1d(np.asarray(dominant))[sites.region_of]
-    best = best[sites.region_of]
-    order = _ranked_order(keep, sites.area_px, sites.region_of, best)
-    return _spaced_candidates(order, sites, best, dominant, settings)
+        keep = keep & (_bar_distances_px(analysis, sites) >= settings.min_bar_distance_px)
+    dominant = dominant[sites.region_of]
+    order = _ranked_order(keep, within_region, sites.region_of, score)
+    return _spaced_candidates(order, sites, score, dominant, settings)
+
+
+#: Cold-start score of an outlined region in which no object stands out by its contrast (a faint crystal seen
+#: by its straight edges only, `agent.locate.outlines`): the middle of the rule's 0..1 range, as the rule has
+#: no contrast or shape of an object to go on.
+OUTLINED_REGION_SCORE = 0.5
+
+
+def _object_scores(features: np.ndarray) -> np.ndarray:
+    """`cold_start_score` of every site; `OUTLINED_REGION_SCORE` for sites without features (NaN rows)."""
+    measured = np.isfinite(features).all(axis=1)
+    scores = np.full(len(features), OUTLINED_REGION_SCORE)
+    if measured.any():
+        scores[measured] = cold_start_score(features[measured])
+    return scores
+
+
+def _bar_distances_px(analysis: ClusterAnalysis, sites: _Sites) -> np.ndarray:
+    """Distance (px) of every site to the nearest grid bar (not to film holes: a crystal may lie right at a
+    hole's edge)."""
+    if sites.bar_distance_px is not None:
+        return sites.bar_distance_px
+    return bar_distance_px(analysis.bar_mask_without_holes, np.stack([sites.rows_px, sites.cols_px], 1))
 
 
 @dataclass(frozen=True)
 class _Sites:
     """Candidate sites before ranking (one entry each): the 0-based index of the region the site lies in,
-    its centre (row_px, col_px) and area (px), and whether the region is large enough (`min_area_px`)."""
+    its centre (row_px, col_px) and area (px), and whether the region is large enough (`min_area_px`);
+    for object sites also their features (n, len(CANDIDATE_FEATURE_NAMES)) and distance to the bars (px)."""
 
     region_of: np.ndarray
     rows_px: np.ndarray
     cols_px: np.ndarray
     area_px: np.ndarray
     keep: np.ndarray
+    features: np.ndarray | None = None
+    bar_distance_px: np.ndarray | None = None
 
 
 def _select_cells(
@@ -192,32 +234,56 @@ def _object_sites(
     regions: np.ndarray,
     settings: LocateSettings,
     prepared: np.ndarray | None,
+    outlined_regions: np.ndarray,
 ) -> _Sites:
-    """The region sites replaced by the objects inside the regions (`objects_in_regions`): regions where
-    nothing stood out keep their centroid, regions of dropped objects (ice, too thick) give no site.
-    `sites` unchanged when there is no film to compare with."""
-    objects = objects_in_regions(image, analysis, regions, settings, prepared=prepared)
-    if objects is None:
-        return sites
-    object_region, object_rows, object_cols, object_area, dropped = objects
-    lone = np.setdiff1d(np.flatnonzero(sites.keep), np.concatenate([object_region, dropped]))
-    region_of = np.concatenate([object_region, lone])
+    """The objects inside the regions (`objects_in_regions`) as sites, with their features: regions where
+    nothing stands out from the film's noise give none, except regions of the outlined cluster
+    (`outlined_regions`, 0-based: faint crystals found by their straight edges), which keep their centroid
+    with NaN features. Only those when there is no film to compare with."""
+    table = objects_in_regions(image, analysis, regions, settings, prepared=prepared)
+    n_features = len(CANDIDATE_FEATURE_NAMES)
+    if table is None:
+        region_of = rows = cols = area = np.zeros(0)
+        features = np.zeros((0, n_features))
+        dropped: tuple[int, ...] = ()
+    else:
+        points = np.stack([table.row_px, table.col_px], 1)
+        distance_px = bar_distance_px(analysis.bar_mask_without_holes, points)
+        context = np.column_stack([np.log1p(np.minimum(distance_px, 1e6)), _neighbour_counts(points, table.area_px)])
+        region_of, rows, cols, area = table.region, table.row_px, table.col_px, table.area_px
+        features, dropped = np.hstack([table.features, context]), table.dropped_regions
+    lone = np.setdiff1d(outlined_regions, np.concatenate([region_of, np.asarray(dropped)]).astype(int))
+    region_of = np.concatenate([region_of, lone]).astype(np.int64)
     return _Sites(
         region_of,
-        np.concatenate([object_rows, sites.rows_px[lone]]),
-        np.concatenate([object_cols, sites.cols_px[lone]]),
-        np.concatenate([object_area, sites.area_px[lone]]),
+        np.concatenate([rows, sites.rows_px[lone]]),
+        np.concatenate([cols, sites.cols_px[lone]]),
+        np.concatenate([area, sites.area_px[lone]]),
         sites.keep[region_of],
+        np.vstack([features, np.full((len(lone), n_features), np.nan)]),
     )
 
 
-def _ranked_order(keep: np.ndarray, area_px: np.ndarray, region_of: np.ndarray, best: np.ndarray) -> list[int]:
-    """Indices of the kept sites, best first: by their region's score `best`, every region's largest site
-    before any region's second one."""
-    # the objects of one region share its score: take every region's largest kept object first, then the
-    # second ones, ..., so that the pieces of one big blob do not crowd out the other regions' objects
+def _neighbour_counts(points_rc: np.ndarray, area_px: np.ndarray, radii: float = 4.0) -> np.ndarray:
+    """For every object, how many other objects lie within `radii` of its equivalent radii (sqrt(area/pi))."""
+    from scipy.spatial import cKDTree
+
+    if len(points_rc) < 2:
+        return np.zeros(len(points_rc))
+    reach_px = radii * np.sqrt(area_px / np.pi)
+    tree = cKDTree(points_rc)
+    return np.array(
+        [len(tree.query_ball_point(p, r)) - 1 for p, r in zip(points_rc, reach_px, strict=True)], dtype=np.float64
+    )
+
+
+def _ranked_order(keep: np.ndarray, within: np.ndarray, region_of: np.ndarray, best: np.ndarray) -> list[int]:
+    """Indices of the kept sites, best first: by `best`, every region's first site (highest `within`) before
+    any region's second one."""
+    # take every region's first kept site, then the second ones, ..., so that the pieces of one big blob do
+    # not crowd out the other regions' objects
     kept_index = np.flatnonzero(keep)
-    by_size = kept_index[np.lexsort((-area_px[kept_index], region_of[kept_index]))]
+    by_size = kept_index[np.lexsort((-within[kept_index], region_of[kept_index]))]
     starts = np.flatnonzero(np.r_[True, np.diff(region_of[by_size]) != 0])
     rank_in_region = np.arange(len(by_size)) - np.repeat(starts, np.diff(np.r_[starts, len(by_size)]))
     return by_size[np.lexsort((-best[by_size], rank_in_region))].tolist()
@@ -240,11 +306,19 @@ def _spaced_candidates(
                 area_px=float(sites.area_px[i]),
                 score=float(best[i]),
                 cluster_id=int(dominant[i]),
+                features=_features_of(sites, i),
             )
         )
         if len(chosen) >= settings.max_candidates:
             break
     return chosen
+
+
+def _features_of(sites: _Sites, index: int) -> tuple[float, ...]:
+    """The features of site `index`, () when it has none (a region site, or an outlined region)."""
+    if sites.features is None or not np.isfinite(sites.features[index]).all():
+        return ()
+    return tuple(float(v) for v in sites.features[index])
 
 
 def objects_in_regions(
@@ -254,18 +328,17 @@ def objects_in_regions(
     settings: LocateSettings,
     min_contrast_sigma: float = 4.0,
     prepared: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+) -> ObjectTable | None:
     """The separate objects inside candidate regions, found at pixel level (`agent.locate.objects`).
 
     The image is prepared as for the features (artefacts removed, illumination flattened, bars set to the
     film level); the film level and noise come from the pixels of the background cluster. Pixels of a
     region that differ from the film by more than `min_contrast_sigma` noise sigmas, in the objects'
     measured polarity, form objects; touching objects are split where they meet (pieces at least a third
-    of `settings.min_spacing_px` apart, at least 2 px). In bright field, objects darker than
-    `settings.max_object_od` allows are dropped when the bars give the camera's dark level. Returns, per
-    object, the index of its region (0-based), centroid row and col (px) and area (px), then the regions
-    where an object was dropped (round: ice; or too thick); None when there is no film to compare with.
-    `prepared`: the prepared image when the caller has it already (see `find_candidates`).
+    of `settings.min_spacing_px` apart, at least 2 px). Ice balls (round), film lines and, with
+    `settings.max_object_od`, objects too thick for diffraction are dropped (the thickness test and the
+    `optical_density` feature need the bars for the camera's dark level). None when there is no film to
+    compare with. `prepared`: the prepared image when the caller has it already (see `find_candidates`).
     """
     from agent.locate.objects import find_objects
     from agent.locate.preprocess import prepare_image
@@ -274,7 +347,7 @@ def objects_in_regions(
     if prepared is None:
         prepared = prepare_image(image, bar, flatten=settings.flatten, clean=settings.clean)
     film = analysis.to_pixels(analysis.label_grid == analysis.background_cluster)
-    table = find_objects(
+    return find_objects(
         prepared,
         film,
         analysis.to_pixels(regions),
@@ -282,14 +355,10 @@ def objects_in_regions(
         min_contrast_sigma=min_contrast_sigma,
         min_distance_px=max(2, round(settings.min_spacing_px / 3)),
         min_area_px=settings.min_area_px,
-        dark_fraction=dark_fraction(image, bar, film) if settings.max_object_od is not None else None,
+        dark_fraction=dark_fraction(image, bar, film),
         max_od=settings.max_object_od,
         drop_round=settings.drop_round_objects,
     )
-    if table is None:
-        return None
-    dropped = np.asarray(table.dropped_regions, dtype=np.int64)
-    return table.region, table.row_px, table.col_px, table.area_px, dropped
 
 
 def dark_fraction(image: np.ndarray, bar_mask: np.ndarray, film: np.ndarray, min_pixels: int = 400) -> float | None:

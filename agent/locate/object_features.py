@@ -1,0 +1,210 @@
+"""What one object looks like, as numbers a classifier can learn from (`measure_object`), and the shapes that
+are never crystals (`is_film_line`).
+
+Every feature is measured on the lightly smoothed, flattened image around the object (`data`, its bounding
+box `box` and bool `mask`), against the film's level and noise sigma (same units as `data`). Contrast is
+taken in the objects' polarity (`deviation`: darker than the film in bright field, brighter in dark field),
+so the same crystal gives the same features in both. Units are in the names; `_sigma` means "film noise
+sigmas" of the smoothed image, which makes contrast comparable between exposures and cameras.
+
+`OBJECT_FEATURE_NAMES`, in order:
+- `log_area_px`: ln of the area (px).
+- `extent`: area / bounding-box area (0..1).
+- `solidity`: area / convex-hull area (0..1): touching crystals and curved film lines are low.
+- `log_elongation`: ln(major / minor axis): needles are high, plates and blocks low.
+- `contrast_sigma`: mean deviation inside the object.
+- `peak_contrast_sigma`: 90th percentile of the deviation inside the object.
+- `significance`: `contrast_sigma` x sqrt(independent noise samples in the object): how far the object as a
+  whole stands out from the film's own noise (a noise blob is about 2-4, see `MIN_SIGNIFICANCE`).
+- `optical_density`: bright field with the camera's dark level known: -ln of the mean transmission inside
+  (a thickness proxy: thick crystals give no usable diffraction); otherwise the mean deviation as a fraction
+  of the film level.
+- `edge_sigma`: mean gradient magnitude along the object's boundary (px^-1 x sigma): crystals have sharp
+  edges, ice and contamination soft ones.
+- `texture_sigma`: standard deviation of the deviation inside the object (internal contrast: bend contours,
+  steps, overlapping plates).
+- `corner_share`: share of the outline's turning in its sharpest quarter (`outline_turning_concentration`):
+  0.25 for a circle, towards 1 for a polygon; 0.5 (no information) for outlines too short to measure.
+- `hole_fraction`: area of holes inside the object / filled area.
+Per candidate, `agent.locate.targets` adds `log_bar_distance_px` (ln(1 + distance to a grid bar, px)) and
+`neighbours` (other objects within four equivalent radii).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import ndimage
+
+#: Features `measure_object` returns, in order (see module docstring).
+OBJECT_FEATURE_NAMES: tuple[str, ...] = (
+    "log_area_px",
+    "extent",
+    "solidity",
+    "log_elongation",
+    "contrast_sigma",
+    "peak_contrast_sigma",
+    "significance",
+    "optical_density",
+    "edge_sigma",
+    "texture_sigma",
+    "corner_share",
+    "hole_fraction",
+)
+#: Features added per candidate from its surroundings (`agent.locate.targets`).
+CONTEXT_FEATURE_NAMES: tuple[str, ...] = ("log_bar_distance_px", "neighbours")
+#: Every feature of a candidate, in order.
+CANDIDATE_FEATURE_NAMES: tuple[str, ...] = OBJECT_FEATURE_NAMES + CONTEXT_FEATURE_NAMES
+
+#: Objects whose `significance` is below this do not stand out from the film's own noise. With pixels kept at
+#: >= 4 sigma of the smoothed noise and lone pixels opened away, noise blobs measure 2-4 (mean deviation ~4.5
+#: sigma over one or two independent samples); a real object measures more because it is larger or darker.
+#: Chosen from that noise statistic, not from any specimen.
+MIN_SIGNIFICANCE = 6.0
+#: A film line (fold, tear, carbon edge) is at least this many times longer than it is wide ...
+FILM_LINE_MIN_LENGTH_WIDTHS = 12.0
+#: ... and curved (its skeleton's chord is below this share of its length).
+FILM_LINE_MAX_STRAIGHTNESS = 0.8
+
+
+def deviation_in_polarity(data: np.ndarray, level: float, polarity: str) -> np.ndarray:
+    """How far `data` lies from the film `level` in the objects' polarity ("dark", "bright" or "both")."""
+    if polarity == "dark":
+        return level - data
+    if polarity == "bright":
+        return data - level
+    return np.abs(data - level)
+
+
+def measure_object(
+    data: np.ndarray,
+    box: tuple[slice, slice],
+    mask: np.ndarray,
+    *,
+    level: float,
+    sigma: float,
+    polarity: str,
+    dark_fraction: float | None = None,
+    smooth_sigma_px: float = 1.0,
+) -> np.ndarray:
+    """The `OBJECT_FEATURE_NAMES` of one object (float64 vector; see module docstring).
+
+    `data` is the whole smoothed image, `box` the object's bounding box in it and `mask` its bool pixels
+    within the box; `level` and `sigma` the film's level and noise sigma in `data`; `dark_fraction` the
+    camera's zero-transmission level over the film level (None: unknown); `smooth_sigma_px` the Gaussian
+    that smoothed `data` (it sets how many pixels make one independent noise sample).
+    """
+    from skimage.measure import regionprops
+
+    mask = np.asarray(mask, dtype=bool)
+    area_px = float(np.count_nonzero(mask))
+    sigma = max(float(sigma), 1e-12)
+    crop = np.asarray(data[box], dtype=np.float64)
+    deviation = deviation_in_polarity(crop, level, polarity)
+    inside = deviation[mask]
+    contrast = float(inside.mean()) / sigma
+    samples = max(1.0, area_px / (4.0 * math.pi * smooth_sigma_px**2))
+    props = regionprops(mask.astype(np.uint8))[0]
+    major, minor = float(props.axis_major_length), float(props.axis_minor_length)
+    filled = ndimage.binary_fill_holes(mask)
+    return np.array(
+        [
+            math.log(area_px),
+            float(props.extent),
+            float(props.solidity),
+            math.log(max(major, 1.0) / max(minor, 1.0)),
+            contrast,
+            float(np.percentile(inside, 90)) / sigma,
+            contrast * math.sqrt(samples),
+            _optical_density(float(crop[mask].mean()), level, polarity, dark_fraction),
+            _edge_strength(crop, mask) / sigma,
+            float(inside.std()) / sigma,
+            _corner_share(mask),
+            1.0 - area_px / max(float(np.count_nonzero(filled)), 1.0),
+        ],
+        dtype=np.float64,
+    )
+
+
+def _optical_density(mean_value: float, level: float, polarity: str, dark_fraction: float | None) -> float:
+    """-ln(transmission) in bright field with the dark level known, else |mean - level| / level."""
+    if level == 0:
+        return 0.0
+    if polarity == "dark" and dark_fraction is not None and 0 <= dark_fraction < 1:
+        transmission = (mean_value / level - dark_fraction) / (1.0 - dark_fraction)
+        return -math.log(min(max(transmission, 1e-3), 1.0))
+    return abs(mean_value - level) / abs(level)
+
+
+def _edge_strength(crop: np.ndarray, mask: np.ndarray) -> float:
+    """Mean gradient magnitude (image units per px) on the object's boundary pixels."""
+    if min(crop.shape) < 2:
+        return 0.0
+    gradient_rows, gradient_cols = np.gradient(crop)
+    boundary = mask & ~ndimage.binary_erosion(mask)
+    if not boundary.any():
+        return 0.0
+    return float(np.hypot(gradient_rows, gradient_cols)[boundary].mean())
+
+
+def _corner_share(mask: np.ndarray) -> float:
+    """`outline_turning_concentration` of the mask's outline; 0.5 when it cannot be measured."""
+    from skimage.measure import find_contours
+
+    from agent.locate.objects import outline_turning_concentration
+
+    contours = find_contours(np.pad(mask, 1).astype(np.float64), 0.5)
+    if not contours:
+        return 0.5
+    share = outline_turning_concentration(max(contours, key=len), chord_px=2.0)
+    return share if math.isfinite(share) else 0.5
+
+
+def is_film_line(mask: np.ndarray) -> bool:
+    """True when an object (bool `mask` crop of one connected component) is a line in the film -- a fold, a
+    tear or a carbon edge -- rather than a crystal: long and thin everywhere (skeleton length at least
+    `FILM_LINE_MIN_LENGTH_WIDTHS` times its widest place), one unbranched curve (at most two ends and two
+    branch pixels on its skeleton: touching needles or plates branch) and curved (chord between the
+    skeleton's farthest points below `FILM_LINE_MAX_STRAIGHTNESS` of its length). Straight needles pass, and
+    so do needles that touch or cross, at any magnification; so does a straight fold, which the classifier
+    learns to rank down from outcomes. A single curved needle is taken for a line, a loss the operator's
+    answers cannot undo. Holes are filled first: a plate seen by its edges only is a ring, not a line.
+    """
+    from skimage.morphology import skeletonize
+
+    if np.count_nonzero(mask) < 16:
+        return False
+    mask = ndimage.binary_fill_holes(mask)  # a ring (a plate seen by its edges only) is not a line
+    skeleton = skeletonize(mask)
+    length_px = float(np.count_nonzero(skeleton))
+    # the widest place, not the mean width: a line is thin everywhere, an aggregate of crystals is not
+    width_px = 2.0 * float(ndimage.distance_transform_edt(np.pad(mask, 1)).max())
+    if length_px < FILM_LINE_MIN_LENGTH_WIDTHS * width_px:
+        return False
+    neighbours = ndimage.convolve(skeleton.astype(np.uint8), np.ones((3, 3), dtype=np.uint8), mode="constant")
+    if np.count_nonzero(skeleton & (neighbours == 2)) > 2 or np.count_nonzero(skeleton & (neighbours >= 4)) > 2:
+        return False  # branched: needles or plates touching, not one line
+    rows, cols = np.nonzero(skeleton)
+    points = np.column_stack([rows, cols]).astype(np.float64)
+    # the chord: farthest pair among the extreme points along a few directions (exact enough for a curve)
+    angles = np.linspace(0.0, np.pi, 8, endpoint=False)
+    projections = points @ np.stack([np.cos(angles), np.sin(angles)])
+    extremes = points[np.unique(np.concatenate([projections.argmin(0), projections.argmax(0)]))]
+    chord_px = float(np.max(np.hypot(*(extremes[:, None, :] - extremes[None, :, :]).transpose(2, 0, 1))))
+    return chord_px < FILM_LINE_MAX_STRAIGHTNESS * length_px
+
+
+def cold_start_score(features: np.ndarray, names: tuple[str, ...] = CANDIDATE_FEATURE_NAMES) -> np.ndarray:
+    """The rule that ranks objects before any answer or diffraction result exists (0..1, higher first).
+
+    Half shape, half contrast: `corner_share` mapped from a circle's 0.25 to 0 and a polygon's 0.75 and
+    above to 1 (crystals are faceted), and 1 - exp(-significance / 20) (how clearly the object stands out
+    from the film's noise; saturates for anything obvious so that size does not take over). `features` is
+    (n, len(names)) or one vector. A fixed rule, not fitted to any specimen: the classifier replaces it as
+    soon as the label memory holds outcomes (`agent.prompts.crystal_classifier`).
+    """
+    table = np.atleast_2d(np.asarray(features, dtype=np.float64))
+    shape = np.clip((table[:, names.index("corner_share")] - 0.25) / 0.5, 0.0, 1.0)
+    standout = 1.0 - np.exp(-np.maximum(table[:, names.index("significance")], 0.0) / 20.0)
+    return 0.5 * shape + 0.5 * standout
