@@ -249,7 +249,13 @@ class ClusterAnalysis:
         cell_grid = np.asarray(cell_grid)
         if cell_grid.shape[:2] != self.grid_shape:
             raise SettingsError(f"cell grid has shape {cell_grid.shape}, expected {self.grid_shape}")
-        return cell_grid[self.row_index_px][:, self.col_index_px]
+        rows, cols = self.row_index_px, self.col_index_px
+        if np.all(np.diff(rows) >= 0) and np.all(np.diff(cols) >= 0):
+            # sorted indices are runs of each cell: repeats (columns first) are ~10x faster than indexing
+            row_counts = np.bincount(rows, minlength=self.grid_shape[0])
+            col_counts = np.bincount(cols, minlength=self.grid_shape[1])
+            return np.repeat(np.repeat(cell_grid, col_counts, axis=1), row_counts, axis=0)
+        return cell_grid[rows][:, cols]
 
     def cell_of_pixel(self, row_px: float, col_px: float) -> tuple[int, int]:
         """The (cell_row, cell_col) covering pixel (row_px, col_px) (clipped to the image)."""
