@@ -326,13 +326,13 @@ def _write_outputs(
     matrix_source: str,
 ) -> None:
     """Write the files of the module docstring into `out` (each atomically)."""
-    from agent.locate.render import cluster_gallery_rgb, heatmap_png, mask_uint8, similarity_rgb
+    from agent.locate.render import cluster_gallery_rgb, heatmap_png, mask_png, similarity_rgb
     from drivers.formats.images import encode_png, write_atomic
 
     analysis = located.analysis
     write_atomic(out / "heatmap.png", heatmap_png(image, analysis, candidates, located.crystal))
     write_atomic(out / "gallery.png", encode_png(cluster_gallery_rgb(image, analysis)))
-    write_atomic(out / "bar_mask.png", encode_png(mask_uint8(analysis.bar_mask)))
+    write_atomic(out / "bar_mask.png", mask_png(analysis.bar_mask))
     similarity = located.similarity
     if similarity is not None:
         write_atomic(out / "similarity.png", encode_png(similarity_rgb(image, analysis, similarity, candidates)))

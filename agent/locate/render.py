@@ -325,6 +325,15 @@ def mask_uint8(mask: np.ndarray) -> np.ndarray:
     return (np.asarray(mask, dtype=bool).astype(np.uint8)) * np.uint8(255)
 
 
+def mask_png(mask: np.ndarray, workers: int | None = None) -> bytes:
+    """PNG bytes (8-bit grey) of a bool mask: 255 where True, 0 elsewhere (`mask_uint8`), deflated in
+    bands on `workers` threads (default: up to 4) like the heat map."""
+    mask = np.asarray(mask, dtype=bool)
+    rows = np.zeros((mask.shape[0], 1 + mask.shape[1]), dtype=np.uint8)  # column 0: PNG filter byte 0
+    np.multiply(mask, np.uint8(255), out=rows[:, 1:], dtype=np.uint8)
+    return _encode_png_rows(rows, mask.shape[1], 0, None, 1, workers or _default_workers())
+
+
 #: Largest error (grey levels) that the palette path's grey quantisation may add to a heat-map pixel;
 #: beyond it (many clusters, low alpha) `heatmap_png` encodes the RGB picture instead.
 PALETTE_MAX_ERROR = 2.0

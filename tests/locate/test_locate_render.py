@@ -20,6 +20,7 @@ from agent.locate.render import (
     display_uint8,
     heatmap_png,
     heatmap_rgb,
+    mask_png,
 )
 from agent.locate.targets import Candidate, find_candidates
 from tests.synthetic_images import make_grid_image
@@ -187,3 +188,14 @@ def test_legend_tags_crystal_and_mixed_clusters_and_the_picture_shows_the_differ
     legend_rows = slice(0, _legend_rows(analysis))
     assert not np.array_equal(tagged[legend_rows], plain[legend_rows])  # the tag is drawn
     assert np.array_equal(tagged[_legend_rows(analysis) :], plain[_legend_rows(analysis) :])  # colours unchanged
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (257, 1031)])
+def test_mask_png_decodes_to_the_mask(shape: tuple[int, int]) -> None:
+    """bar_mask.png: 255 on the mask, 0 elsewhere, whatever the size (bands of rows, threads)."""
+    rng = np.random.default_rng(3)
+    mask = rng.random(shape) < 0.3
+    mask[: shape[0] // 2, : shape[1] // 3] = True
+    decoded = np.asarray(Image.open(io.BytesIO(mask_png(mask, workers=2))))
+    assert decoded.dtype == np.uint8
+    np.testing.assert_array_equal(decoded, np.where(mask, 255, 0).astype(np.uint8))
