@@ -616,12 +616,22 @@ def _mean_3x3(image: np.ndarray) -> np.ndarray:
     """Mean of every pixel's 3x3 neighbourhood (float32; the edge pixels repeated outside the image), as
     `ndimage.uniform_filter(image, 3, mode="nearest")` up to rounding: sums of shifted slices are several
     times faster."""
-    padded = np.pad(np.asarray(image, dtype=np.float32), 1, mode="edge")
-    rows = padded[:-2] + padded[1:-1]
-    rows += padded[2:]
-    total = rows[:, :-2] + rows[:, 1:-1]
-    total += rows[:, 2:]
-    total *= np.float32(1.0 / 9.0)
+    data = np.asarray(image, dtype=np.float32)
+    return _sum_3(_sum_3(data, 0), 1) * np.float32(1.0 / 9.0)
+
+
+def _sum_3(data: np.ndarray, axis: int) -> np.ndarray:
+    """Sum of each element and its two neighbours along `axis` (0 or 1; the edge element repeated outside)."""
+    source = data if axis == 0 else data.T
+    total = np.empty_like(data)
+    target = total if axis == 0 else total.T
+    if source.shape[0] == 1:
+        target[...] = 3 * source
+        return total
+    np.add(source[:-2], source[1:-1], out=target[1:-1])
+    target[1:-1] += source[2:]
+    target[0] = 2 * source[0] + source[1]
+    target[-1] = source[-2] + 2 * source[-1]
     return total
 
 
