@@ -23,6 +23,9 @@ Steps:
 6. Summaries per cluster, with `normalised_centroid` for label memory (below), and the default
    crystal-cluster suggestion.
 
+`analyse_and_prepare` returns the image as step 2 prepared it as well, for the object search
+(`targets.find_candidates(prepared=...)`), which would otherwise prepare it again.
+
 Normalised centroids (for comparing clusters ACROSS images, as label memory does): the background is the
 largest k-means cluster. For each feature f,
 ``(cluster mean of f - background median of f) / background robust spread of f`` (1.4826 * MAD over the
