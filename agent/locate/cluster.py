@@ -6,7 +6,8 @@ most `sample_size` points (20 000 by default), every point labelled) or agglomer
 points, every point then assigned to the nearest cluster centroid). Cluster ids are renumbered by
 decreasing size, so cluster 0 is the most common kind of patch. Scaler, PCA and k-means are numpy copies of
 scikit-learn's arithmetic (`standard_scale`, `principal_components`, `kmeans`: the same clusters, without
-the second it takes to import scikit-learn); only the agglomerative method and `suggest_k` import it.
+the second it takes to import scikit-learn); the agglomerative method, `suggest_k` and
+`two_step_black_cells` still import it.
 
 Outlier cap (`outlier_cap_sigma`, default 10; None switches it off): before scaling, every feature is
 clipped to its sample median +- `outlier_cap_sigma` robust sigmas (1.4826 x MAD). Without it, a few very
