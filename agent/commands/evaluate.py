@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.cli import CommandError
+from agent.commands.learning_curve import DEFAULT_LEARNING_SEED
 from agent.locate import defaults as locate_defaults
 
 logger = logging.getLogger(__name__)
@@ -64,6 +65,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     parser.add_argument("--images", nargs="+", type=Path, metavar="PATH", help="your own images (files or folders)")
     parser.add_argument("--truth", type=Path, metavar="CSV", help="labels: image,row_px,col_px[,radius_px]")
     parser.add_argument("--pixel-size-um", type=float, help="pixel size of --images when the files do not say")
+    learning = parser.add_argument_group("learning curve of the crystal classifier (agent.commands.learning_curve)")
+    learning.add_argument("--learning", type=int, metavar="N", default=None,
+                          help="run N simulated sessions per specimen type on one label memory (and each cold) "
+                               "instead of the image evaluation")
+    learning.add_argument("--learning-out", type=Path, metavar="DIR", default=Path("learning-curve"),
+                          help="folder for the learning curve's sessions (must be new or empty)")
+    learning.add_argument("--learning-seed", type=int, default=DEFAULT_LEARNING_SEED,
+                          help="first seed of the learning curve (far from the seeds used for tuning)")
+    learning.add_argument("--learning-squares", type=int, default=2, help="squares each session maps")
+    learning.add_argument("--learning-max-targets", type=int, default=20, help="targets each session visits")
     parser.set_defaults(handler=run_evaluate)
 
     report = subparsers.add_parser(
@@ -191,6 +202,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
             raise CommandError(f"{path} is a folder; give a file name for the output")
         if path is not None and path.parent and not path.parent.exists():
             raise CommandError(f"{path}: the folder {path.parent} does not exist")
+    if args.learning is not None:
+        return _run_learning(args)
     config = _config_from_args(args)
     start = time.perf_counter()
     try:
@@ -246,6 +259,25 @@ def run_evaluate(args: argparse.Namespace) -> int:
             raise CommandError(str(exc)) from exc
         print(f"wrote {args.html}")
     return 1 if skipped else 0
+
+
+def _run_learning(args: argparse.Namespace) -> int:
+    """`evaluate --learning N`: the classifier's learning curve (`agent.commands.learning_curve`)."""
+    from agent.commands.learning_curve import print_learning, run_learning_curve, write_learning_outputs
+    from simulator import SPECIMEN_TYPES
+
+    if args.learning < 1 or args.learning_squares < 1 or args.learning_max_targets < 1:
+        raise CommandError("--learning, --learning-squares and --learning-max-targets must be at least 1")
+    if args.images is not None:
+        raise CommandError("--learning runs simulated sessions; it does not take --images")
+    specimens = tuple(args.specimens or SPECIMEN_TYPES)
+    unknown = [s for s in specimens if s not in SPECIMEN_TYPES]
+    if unknown:
+        raise CommandError(f"unknown specimen type(s) {unknown}; choose from {', '.join(SPECIMEN_TYPES)}")
+    result = run_learning_curve(args, specimens)
+    print_learning(result)
+    write_learning_outputs(result, args.json, args.html)
+    return 0
 
 
 def run_report(args: argparse.Namespace) -> int:

@@ -147,9 +147,26 @@ def is_compound(mask: np.ndarray) -> bool:
 
     if np.count_nonzero(mask) < 2 * MIN_OBJECT_AREA_PX:
         return False
-    # holes are not necks: a plate whose middle is as bright as the film is still one plate
-    props = regionprops(ndimage.binary_fill_holes(mask).astype(np.uint8))[0]
+    # small holes are not necks: a plate with a few film-bright spots inside is still one plate
+    props = regionprops(fill_small_holes(mask).astype(np.uint8))[0]
     return bool(props.solidity < MIN_SINGLE_SOLIDITY)
+
+
+#: Holes up to this share of an object's area are filled before its shape is judged (texture inside a plate);
+#: larger ones are film enclosed by a ring of touching crystals and stay.
+SMALL_HOLE_SHARE = 0.1
+
+
+def fill_small_holes(mask: np.ndarray) -> np.ndarray:
+    """`mask` with its holes of at most `SMALL_HOLE_SHARE` of its area filled."""
+    mask = np.asarray(mask, dtype=bool)
+    holes, count = ndimage.label(ndimage.binary_fill_holes(mask) & ~mask)
+    if count == 0:
+        return mask
+    sizes = np.bincount(holes.ravel())
+    small = sizes <= SMALL_HOLE_SHARE * np.count_nonzero(mask)
+    small[0] = False
+    return mask | small[holes]
 
 
 def split_compound(mask: np.ndarray, min_distance_px: int, compound: bool | None = None) -> np.ndarray:
@@ -166,7 +183,7 @@ def split_compound(mask: np.ndarray, min_distance_px: int, compound: bool | None
     mask = np.asarray(mask, dtype=bool)
     if not (is_compound(mask) if compound is None else compound):
         return mask.astype(np.int32)
-    padded = np.pad(ndimage.binary_fill_holes(mask), 1)  # the distance to the outline, not to inner holes
+    padded = np.pad(fill_small_holes(mask), 1)  # the distance to the outline, not to small inner holes
     distance = ndimage.distance_transform_edt(padded)
     peaks = peak_local_max(distance, min_distance=max(1, int(min_distance_px)), labels=padded.astype(np.int32))
     if len(peaks) < 2:

@@ -14,8 +14,9 @@ import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Generic, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from agent.config import user_data_dir
 from agent.prompts.label_records import LabelMemoryError, LabelRecord, utc_now
@@ -29,6 +30,7 @@ LABELS_FILE_NAME = "labels.jsonl"
 LABELS_ENV_VAR = "CRYSTAL_LOCATOR_LABELS"
 EXPORT_FORMAT = "crystal-locator-labels"
 EXPORT_VERSION = 1
+RecordT = TypeVar("RecordT", bound=BaseModel)
 
 
 def default_labels_dir() -> Path:
@@ -37,13 +39,17 @@ def default_labels_dir() -> Path:
     return user_data_dir("labels", LABELS_ENV_VAR)
 
 
-class LabelLog:
-    """The append log of one memory folder (created if missing), read back with a cache that notices changes.
+class LabelLog(Generic[RecordT]):
+    """An append log of one memory folder (created if missing), read back with a cache that notices changes.
 
-    Safe for one writer thread per process and several processes on one machine (lock file).
+    `file_name` and `record_type` say which log: the cluster labels (`labels.jsonl`, `LabelRecord`, the
+    default) or the visited objects' outcomes (`agent.prompts.object_records`). Safe for one writer thread
+    per process and several processes on one machine (lock file).
     """
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(
+        self, folder: Path, file_name: str = LABELS_FILE_NAME, record_type: type[RecordT] = LabelRecord  # type: ignore[assignment]
+    ) -> None:
         self.folder = folder
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -51,15 +57,16 @@ class LabelLog:
             raise LabelMemoryError(f"cannot create the label memory folder {self.folder}: {exc}") from exc
         if not self.folder.is_dir():
             raise LabelMemoryError(f"{self.folder} is not a folder; pass a folder for the label memory")
-        self.path = self.folder / LABELS_FILE_NAME
-        self._lock_path = self.folder / ".labels.lock"
+        self.path = self.folder / file_name
+        self.record_type = record_type
+        self._lock_path = self.folder / f".{Path(file_name).stem}.lock"
         #: (inode, size, mtime) of the file when `records()` last read it; None before or after a rewrite.
         self.cache_key: tuple[int, int, int] | None = None
-        self._records: list[LabelRecord] = []
+        self._records: list[RecordT] = []
         #: Lines that could not be read at the last load (torn tail after a crash, or corrupt).
         self.skipped_lines = 0
 
-    def records(self) -> list[LabelRecord]:
+    def records(self) -> list[RecordT]:
         """Every readable record, oldest first (read again only when the file changed)."""
         try:
             stat = self.path.stat()
@@ -69,11 +76,11 @@ class LabelLog:
         key = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
         if key == self.cache_key:
             return self._records
-        records, skipped = _parse_lines(self.path.read_bytes(), self.path)
+        records, skipped = _parse_lines(self.path.read_bytes(), self.path, self.record_type)
         self._records, self.cache_key, self.skipped_lines = records, key, skipped
         return records
 
-    def append(self, records: Sequence[LabelRecord]) -> list[LabelRecord]:
+    def append(self, records: Sequence[RecordT]) -> list[RecordT]:
         """Append `records`, one line each, in one write; durable (flushed, fsync'ed) when this returns."""
         records = list(records)
         if not records:
@@ -95,7 +102,7 @@ class LabelLog:
         logger.debug("label memory %s: appended %d record(s)", self.path, len(records))
         return records
 
-    def rewrite(self, doomed: Callable[[LabelRecord], bool]) -> int:
+    def rewrite(self, doomed: Callable[[RecordT], bool]) -> int:
         """Rewrite the file atomically without the records `doomed` says to remove; returns how many went.
         Unreadable lines are kept verbatim."""
         with self._locked():
@@ -106,7 +113,7 @@ class LabelLog:
                 if not line.strip():
                     continue
                 try:
-                    record = LabelRecord.model_validate_json(line)
+                    record = self.record_type.model_validate_json(line)
                 except ValidationError:
                     kept.append(line)  # not ours to judge: keep unreadable lines verbatim
                     continue
@@ -164,20 +171,47 @@ def read_label_file(path: str | os.PathLike[str]) -> list[LabelRecord]:
         raise LabelMemoryError(f"{source} is not a label export: {exc}") from exc
 
 
-def _parse_lines(raw: bytes, path: Path) -> tuple[list[LabelRecord], int]:
+def _parse_lines(
+    raw: bytes, path: Path, record_type: type[RecordT] = LabelRecord  # type: ignore[assignment]
+) -> tuple[list[RecordT], int]:
     lines = raw.split(b"\n")
-    records: list[LabelRecord] = []
+    records: list[RecordT] = []
     skipped = 0
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            records.append(LabelRecord.model_validate_json(line))
-        except ValidationError:
+            records.append(record_type.model_validate_json(line))
+        except ValidationError as exc:
+            _refuse_other_layout(line, path, number, record_type, exc)
             skipped += 1
             torn = number == len(lines)  # no newline after it: a write cut short by a crash
             logger.warning("label memory %s: skipping %s line %d", path, "torn last" if torn else "unreadable", number)
     return records, skipped
+
+
+def _refuse_other_layout(line: bytes, path: Path, number: int, record_type: type[BaseModel], error: Exception) -> None:
+    """Raise `LabelMemoryError` when `line` is a whole JSON record that this release cannot read (written by
+    another release, or edited by hand): it is refused with the file, line and layout named, never skipped
+    in silence. Lines that are not JSON objects (a torn write, garbage) return: the caller skips them."""
+    try:
+        document = json.loads(line)
+    except ValueError:
+        return
+    if not isinstance(document, dict):
+        return
+    fields = record_type.model_fields
+    layout = document.get("format", "none" if "format" in fields else None)
+    wanted = fields["format"].default if "format" in fields else None
+    which = f"record format {layout}" if layout is not None else "a record layout"
+    reason = str(error).splitlines()[1:3]
+    raise LabelMemoryError(
+        f"{path} line {number}: {which} this release of crystal-locator cannot read "
+        + (f"(it reads format {wanted}); " if wanted is not None else "; ")
+        + "written by another release or edited by hand ("
+        + "; ".join(r.strip() for r in reason)
+        + "). Export it with the release that wrote it, or move the file away to start a new memory."
+    )
 
 
 def _write_all(fd: int, payload: bytes) -> None:

@@ -27,6 +27,7 @@ from agent.prompts.label_votes import (
     LabelVoter,
     local_precision,
 )
+from agent.prompts.object_records import OBJECTS_FILE_NAME, ObjectRecord
 
 
 class LabelMemory:
@@ -47,7 +48,9 @@ class LabelMemory:
     ) -> None:
         if not ((bandwidth is None or bandwidth > 0) and prior_strength > 0):
             raise LabelMemoryError(f"bandwidth and prior_strength must be > 0, got {bandwidth}, {prior_strength}")
-        self._log = LabelLog(Path(folder).expanduser())
+        self._log: LabelLog[LabelRecord] = LabelLog(Path(folder).expanduser())
+        #: What visited objects turned out to be (`agent.prompts.object_records`), beside the cluster labels.
+        self._objects: LabelLog[ObjectRecord] = LabelLog(self._log.folder, OBJECTS_FILE_NAME, ObjectRecord)
         self.folder = self._log.folder
         self.path = self._log.path
         #: Fixed kernel width, or None to adapt it to the memory (`agent.prompts.label_votes`).
@@ -163,11 +166,32 @@ class LabelMemory:
                 and (older_than_s is None or (now - record.time_utc).total_seconds() > older_than_s)
             )
 
-        return self._log.rewrite(doomed)
+        removed = self._log.rewrite(doomed)
+        if self._objects.path.exists():
+            removed += self._objects.rewrite(
+                lambda record: (source is None or record.source == source) and doomed(record)  # type: ignore[arg-type]
+            )
+        return removed
 
     def clear(self) -> int:
-        """Remove every record (the memory starts empty); returns how many were removed."""
-        return self._log.rewrite(lambda record: True)
+        """Remove every record, cluster labels and object outcomes (the memory starts empty); returns how many."""
+        removed = self._log.rewrite(lambda record: True)
+        return removed + (self._objects.rewrite(lambda record: True) if self._objects.path.exists() else 0)
+
+    # -- objects -----------------------------------------------------------------------------------
+
+    def object_records(self, *, preset: str | None = None, exclude_session: str | None = None) -> list[ObjectRecord]:
+        """Every readable object record (outcomes and spread answers), oldest first, optionally of one preset
+        only and without those of one session."""
+        return [
+            r
+            for r in self._objects.records()
+            if (preset is None or r.preset == preset) and (exclude_session is None or r.session != exclude_session)
+        ]
+
+    def add_objects(self, records: Sequence[ObjectRecord]) -> list[ObjectRecord]:
+        """Append object records, one line each, in one write; durable when this returns."""
+        return self._objects.append(records)
 
     def export(self, path: str | os.PathLike[str]) -> Path:
         """Write all records to one JSON file (atomically); `import_file` reads it back."""

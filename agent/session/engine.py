@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from agent.session.outcomes import Outcome, TargetResult
 from agent.session.records import BudgetSpent, Record, TargetFinished
-from agent.steps import calibrate, diffract, label, locate, map, record, target, visit
+from agent.steps import calibrate, diffract, label, learn, locate, map, record, target, visit
 from agent.steps.context import SessionContext, VisitState
 from drivers.base import MicroscopeError
 
@@ -109,19 +109,28 @@ class ScreeningEngine:
         self._finished(record.outcome_of(self.ctx, self.ctx.require_visit(), outcome, x_um, y_um, reason))
 
     def _finished(self, result: TargetResult) -> None:
-        """Keep a target's outcome, record it (journal, events, tables), then tell the session."""
+        """Keep a target's outcome, record it (journal, events, tables), tell the session, then store it in
+        the label memory as what the object turned out to be (`agent.steps.learn.remember`)."""
         self.ctx.results[result.target_id] = result
         self._emit(TargetFinished.model_validate(result.model_dump(mode="json")))
         self._on_finished(result)
+        planned = next((t for t in self.ctx.targets if t.target_id == result.target_id), None)
+        if planned is not None:
+            learn.remember(self.ctx, planned, result)
 
     def advance(self) -> str:
         """Pick the next unfinished target (`next_target`), or `finish` (none left, or the budget is spent).
 
         The next target is the first unfinished one in the planned order, unless an unfinished target of the
         same tier (sure or mixed clusters) lies in the search image the stage sits on: that one goes first,
-        as it costs no stage move and no new search image (`agent.steps.visit.in_search_field`)."""
+        as it costs no stage move and no new search image (`agent.steps.visit.in_search_field`). When the
+        session's outcomes reached a new multiple of `learn.REFIT_EVERY`, the targets left are re-ranked by the
+        refit classifier first (`learn.rerank`)."""
         ctx = self.ctx
         ctx.visit = None
+        ranked = learn.rerank(ctx) if ctx.targets else None
+        if ranked is not None:
+            self._emit(ranked)
         pending = [planned for planned in ctx.targets if planned.target_id not in ctx.results]
         budget = ctx.plan.time_budget_s
         if budget is not None and ctx.clock_s() >= budget:
@@ -133,7 +142,7 @@ class ScreeningEngine:
         chosen = pending[0]
         limit_um = ctx.image_shift_limit_um()
         if ctx.field is not None and limit_um > 0:
-            same_tier = (p for p in pending if p.from_mixed_cluster == chosen.from_mixed_cluster)
+            same_tier = (p for p in pending if p.tier == chosen.tier)
             chosen = next(
                 (p for p in same_tier if visit.in_search_field(ctx, ctx.field, p.x_um, p.y_um, limit_um)), chosen
             )

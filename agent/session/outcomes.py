@@ -13,6 +13,10 @@ _FROZEN = ConfigDict(frozen=True)
 
 Outcome = Literal["recorded", "no-diffraction", "rejected", "failed", "skipped"]
 
+#: Lower bounds of the probability tiers targets are visited in (tier 0: p >= 0.5, 1: 0.2 <= p < 0.5, 2: below):
+#: the likely crystals first, each tier on a short stage path; a budget that runs out cuts the unlikely ones.
+P_DIFFRACT_TIERS: tuple[float, ...] = (0.5, 0.2)
+
 #: Outcomes that count as "confirmed": the crystal was found again at the search preset.
 CONFIRMED_OUTCOMES: frozenset[str] = frozenset({"recorded", "no-diffraction"})
 
@@ -36,6 +40,30 @@ class TargetRecord(BaseModel):
         description="drawn from a cluster label memory calls mixed: fills a place the crystal clusters' targets "
         "left, visited after them",
     )
+    features: dict[str, float] = Field(
+        default_factory=dict,
+        description="the object's features (agent.locate.object_features); empty for a region without an object",
+    )
+    p_diffract: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        description="the crystal classifier's probability that this target gives a diffracting crystal (the last "
+        "ranking's); None while there is no classifier (the cold-start rule ranked it)",
+    )
+
+    @property
+    def tier(self) -> int:
+        """Which group of targets this one is visited with (every target of a lower tier first): by the
+        classifier's probability when there is one (`P_DIFFRACT_TIERS`), else sure (0) or mixed (1) cluster."""
+        return visiting_tier(self.from_mixed_cluster, self.p_diffract)
+
+
+def visiting_tier(from_mixed_cluster: bool, p_diffract: float | None) -> int:
+    """`TargetRecord.tier` of a target drawn from a mixed cluster or not, with this probability (or None)."""
+    if p_diffract is None:
+        return 1 if from_mixed_cluster else 0
+    return sum(1 for bound in P_DIFFRACT_TIERS if p_diffract < bound)
 
 
 class TargetResult(BaseModel):

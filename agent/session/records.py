@@ -200,6 +200,26 @@ class TargetsPlanned(Record):
     round: int = Field(default=1, ge=1)
 
 
+class RankedTarget(BaseModel):
+    """One pending target's place after a re-ranking: its id and the classifier's probability."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    target_id: str
+    p_diffract: float | None = Field(default=None, ge=0.0, le=1.0, description="None: no features to rank by")
+
+
+class TargetsRanked(Record):
+    """The crystal classifier was refit during the session (after `after_outcomes` of its outcomes) and the
+    targets not yet visited were re-ranked: `targets` in their new visiting order. Resume applies it as
+    recorded."""
+
+    type: Literal["ranked"] = "ranked"
+    after_outcomes: int = Field(ge=0)
+    classifier: str = ""
+    targets: list[RankedTarget]
+
+
 class TargetFinished(TargetResult, Record):
     """One target's outcome (the fields of `agent.session.outcomes.TargetResult`)."""
 
@@ -278,6 +298,7 @@ AnyRecord = Annotated[
     | PromptAsked
     | Labelled
     | TargetsPlanned
+    | TargetsRanked
     | TargetFinished
     | FaultRaised
     | RecoveryTaken
@@ -299,7 +320,7 @@ KNOWN_TYPES: frozenset[str] = frozenset(
 def is_checkpoint(record: Record) -> bool:
     """True for a record whose result a resumed session keeps: the session's start, a measured or checked
     calibration, the overview image, the assembled atlas, the labelling decision, the planned targets, a
-    target's outcome.
+    re-ranking of the targets left, a target's outcome.
 
     `agent.session.restore` continues from the last one; the session stamps them with the stage position and
     the active preset (`stage`, `optics_preset`) so that a simulator can be restarted where the session was.
@@ -310,7 +331,9 @@ def is_checkpoint(record: Record) -> bool:
         return record.event == "done"
     if isinstance(record, SessionStarted):
         return record.event == "start"
-    return isinstance(record, CalibrationMeasured | CalibrationChecked | Labelled | TargetsPlanned | TargetFinished)
+    return isinstance(
+        record, CalibrationMeasured | CalibrationChecked | Labelled | TargetsPlanned | TargetsRanked | TargetFinished
+    )
 
 
 def parse_record(entry: dict[str, Any]) -> AnyRecord:

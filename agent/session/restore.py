@@ -51,8 +51,10 @@ from agent.session.records import (
     SessionStarted,
     TargetFinished,
     TargetsPlanned,
+    TargetsRanked,
     is_checkpoint,
 )
+from agent.steps import learn
 from agent.steps.atlas import Atlas, frame_atlas
 from agent.steps.context import SearchField
 from agent.steps.stage_calibration import CALIBRATION_NAME, CalibrationSet, PresetCalibration
@@ -244,6 +246,10 @@ def _restore(session: ScreeningSession, records: list[AnyRecord]) -> str:
         elif isinstance(record, TargetsPlanned):
             ctx.targets.extend(record.targets)
             planned_this_round = True
+        elif isinstance(record, TargetsRanked):
+            learn.apply_ranking(ctx, record)
+        elif isinstance(record, SessionStarted) and record.event == "start" and record.time_utc:
+            ctx.started_utc = datetime.fromisoformat(record.time_utc)
         elif isinstance(record, TargetFinished):
             ctx.results[record.target_id] = record.result()
     ctx.rounds = len(ctx.map_boxes_um)

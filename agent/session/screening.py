@@ -15,6 +15,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -231,6 +232,7 @@ class ScreeningSession:
         """Run (or continue) the session until done, aborted or failed; returns the final summary."""
         if self.state == "idle":
             self.plan.save(self.session_dir / PLAN_NAME)
+            self.ctx.started_utc = datetime.now(timezone.utc)
             self._emit(
                 SessionStarted(
                     event="start",

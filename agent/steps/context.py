@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Protocol
 
 import numpy as np
@@ -109,6 +110,11 @@ class SessionContext:
     visit: VisitState | None = None
     #: The search image the stage sits on now, while targets can be reached in it by image shift.
     field: SearchField | None = None
+    #: When the session started (UTC; from its journal on resume): the label-memory records it wrote since are
+    #: its own (`agent.steps.learn`).
+    started_utc: datetime | None = None
+    #: What the session learnt so far (`agent.steps.learn.SessionLearning`), created at the first targeting.
+    learning: Any | None = None
 
     def image_shift_limit_um(self) -> float:
         """How far (um per axis) the steps may use image shift: the microscope's limit, 0 when it has none

@@ -6,8 +6,9 @@ region first); this step converts them to stage micrometres with the atlas' cali
 those inside the stage limits and this round's mapped box (not in an earlier round's), fills the places the
 optional `targeting.max_targets` cap leaves (crystal clusters first, mixed clusters' candidates in the
 places left and away from the sure ones), keeps the best-scoring ones when the budget left cannot visit
-them all (`fit_to_budget`), and orders every sure target before any mixed one, each tier on a short path
-(nearest neighbour + 2-opt).
+them all (`fit_to_budget`), and orders them by tier (`TargetRecord.tier`: by the crystal classifier's
+probability once label memory holds outcomes, `agent.steps.learn`; before that sure clusters before mixed
+ones), each tier on a short path (nearest neighbour + 2-opt).
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ import numpy as np
 from agent.config import ScreeningPlan
 from agent.locate.preprocess import prepare_image
 from agent.locate.targets import find_candidates
-from agent.session.outcomes import TargetRecord
+from agent.session.outcomes import TargetRecord, visiting_tier
 from agent.session.records import TargetsPlanned
+from agent.steps import learn
 from agent.steps.context import SessionContext
 from agent.steps.map import atlas_folder, in_any_box
 from agent.steps.motion import plan_tiered_path
@@ -69,21 +71,34 @@ def visit_estimate_s(plan: ScreeningPlan) -> float:
     return plan.exposures.search_s + plan.exposures.diffraction_s + VISIT_OVERHEAD_GUESS_S
 
 
-def fit_to_budget(ctx: SessionContext, sure: list[Placed], mixed: list[Placed]) -> tuple[list[Placed], list[Placed]]:
-    """When the budget left cannot visit every target of the round, the best-scoring ones that fit (sure
-    clusters' first); else all of them. Without a budget: all."""
+@dataclass(frozen=True)
+class _Entry:
+    """A candidate on its way to becoming a target: placed on the stage, from a mixed cluster or not, its
+    features (rounded as journalled) and the classifier's probability (None without a classifier)."""
+
+    placed: Placed
+    from_mixed: bool
+    features: dict[str, float]
+    p_diffract: float | None
+
+    @property
+    def tier(self) -> int:
+        return visiting_tier(self.from_mixed, self.p_diffract)
+
+    @property
+    def promise(self) -> tuple[int, float]:
+        """Sort key, most promising first: lowest tier, then highest probability (else locator score)."""
+        return self.tier, -(self.p_diffract if self.p_diffract is not None else float(self.placed[0].score))
+
+
+def fit_to_budget(ctx: SessionContext, entries: list[_Entry]) -> list[_Entry]:
+    """When the budget left cannot visit every target of the round, the most promising ones that fit
+    (`_Entry.promise`); else all of them. Without a budget: all."""
     budget_s = ctx.plan.time_budget_s
     if budget_s is None:
-        return sure, mixed
+        return entries
     fit = max(1, int((budget_s - ctx.clock_s()) // visit_estimate_s(ctx.plan)))
-    if len(sure) + len(mixed) <= fit:
-        return sure, mixed
-
-    def best(entries: list[Placed], count: int) -> list[Placed]:
-        return sorted(entries, key=lambda entry: -float(entry[0].score))[: max(0, count)]
-
-    kept_sure = best(sure, fit)
-    return kept_sure, best(mixed, fit - len(kept_sure))
+    return entries if len(entries) <= fit else sorted(entries, key=lambda entry: entry.promise)[:fit]
 
 
 def plan_targets(ctx: SessionContext) -> TargetPlan:
@@ -102,31 +117,41 @@ def plan_targets(ctx: SessionContext) -> TargetPlan:
     # the object search is the slow part: mixed clusters are searched only when places are left
     mixed = finder.reachable(decision.mixed_clusters) if decision.mixed_clusters and places_left else []
     sure, mixed = fill_target_places(sure, mixed, places, targeting.min_spacing_um)
-    sure, mixed = fit_to_budget(ctx, sure, mixed)
+    placed = [(entry, False) for entry in sure] + [(entry, True) for entry in mixed]
+    features = [{name: round(v, 6) for name, v in entry[0].feature_dict().items()} for entry, _ in placed]
+    p = learn.probabilities(ctx, features)
+    entries = fit_to_budget(
+        ctx, [_Entry(e, mixed, f, q) for (e, mixed), f, q in zip(placed, features, p, strict=True)]
+    )
     here = ctx.microscope.get_stage()
-    tiers = (sure, mixed)
-    order = plan_tiered_path((here.x_um, here.y_um), [np.array([[x, y] for _, x, y in t]) for t in tiers])
-    visits = [(tiers[tier][index], tier == 1) for tier, index in order]
+    tiers = sorted({entry.tier for entry in entries})
+    groups = [[entry for entry in entries if entry.tier == tier] for tier in tiers]
+    points = [np.array([entry.placed[1:] for entry in group]).reshape(-1, 2) for group in groups]
+    visits = [groups[tier][index] for tier, index in plan_tiered_path((here.x_um, here.y_um), points)]
     first = len(ctx.targets)
-    targets = [
-        TargetRecord(
-            target_id=f"T{first + rank + 1:03d}",
-            order=first + rank,
-            x_um=x_um,
-            y_um=y_um,
-            atlas_col_px=float(c.col_px),
-            atlas_row_px=float(c.row_px),
-            area_px=float(c.area_px),
-            score=float(c.score),
-            cluster_id=int(c.cluster_id),
-            from_mixed_cluster=from_mixed,
-        )
-        for rank, ((c, x_um, y_um), from_mixed) in enumerate(visits)
-    ]
+    targets = [_target_record(f"T{first + rank + 1:03d}", first + rank, entry) for rank, entry in enumerate(visits)]
     round_number = max(1, ctx.rounds)
     ctx.output.record(TargetsPlanned(targets=targets, round=round_number))
     ctx.output.save_atlas_outputs(ctx.atlas, ctx.analysis, decision, targets, atlas_folder(round_number))
     return TargetPlan(targets=targets)
+
+
+def _target_record(target_id: str, order: int, entry: _Entry) -> TargetRecord:
+    candidate, x_um, y_um = entry.placed
+    return TargetRecord(
+        target_id=target_id,
+        order=order,
+        x_um=x_um,
+        y_um=y_um,
+        atlas_col_px=float(candidate.col_px),
+        atlas_row_px=float(candidate.row_px),
+        area_px=float(candidate.area_px),
+        score=float(candidate.score),
+        cluster_id=int(candidate.cluster_id),
+        from_mixed_cluster=entry.from_mixed,
+        features=entry.features,
+        p_diffract=entry.p_diffract,
+    )
 
 
 class _CandidateFinder:

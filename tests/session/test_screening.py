@@ -504,10 +504,11 @@ def test_targets_that_recentre_onto_an_object_already_measured_are_not_measured_
     simulated_microscope: Callable[..., SimulatedMicroscope], tmp_path: Path
 ) -> None:
     """Large flakes and blobs give several atlas targets (pieces of one object) that all re-centre onto the
-    same object at the search preset; it is confirmed and diffracted once, the others are rejected."""
-    microscope = simulated_microscope("graphite-flakes", seed=0, camera_px=CAMERA_PX)
+    same object at the search preset; it is confirmed and diffracted once, the others are rejected. (Since
+    objects are split only at necks, few grids still give such targets: seed 3's flakes do.)"""
+    microscope = simulated_microscope("graphite-flakes", seed=3, camera_px=CAMERA_PX)
     plan = ScreeningPlan(
-        specimen="graphite-flakes", seed=0, area=AreaPlan(squares=1), targeting=TargetingPlan(max_targets=12)
+        specimen="graphite-flakes", seed=3, area=AreaPlan(squares=1), targeting=TargetingPlan(max_targets=12)
     )
     session = ScreeningSession(microscope, plan, tmp_path / "session")
     session.run()

@@ -1,0 +1,129 @@
+"""The crystal classifier: the probability that a candidate object gives a diffracting crystal, learned from
+label memory's object records (`agent.prompts.object_records`), refit from them whenever it is needed.
+
+No model file exists: the records are the model's source (JSON lines, no pickle), and a fit takes
+milliseconds for the few thousand records a lab gathers.
+
+Model: standardised features -> L2-regularised logistic regression (scikit-learn), fitted with weights:
+- a visited target's outcome weighs `OUTCOME_WEIGHT` (1): "diffracting" is positive, "no-spots" and
+  "not-found" negative (a target that does not diffract is not a success);
+- an operator's cluster answer spread to the cluster's objects weighs `ANSWER_WEIGHT` (0.3) per object: a
+  cluster answer is about a region, not about each object in it, and says "crystal", not "diffracts";
+- records of other specimen types weigh `PRIOR_WEIGHT` (0.2) times that: a global prior that the
+  specimen's own records outweigh as soon as there are a handful of them (the per-specimen model over a
+  global prior).
+Only records of the same optics preset take part (features are in pixels of that preset), and records
+made on a simulated microscope take no part when the microscope is real.
+
+Logistic regression over a more flexible model (gradient boosting was tried in `benchmarks/bench_learning.py`):
+with tens of records per specimen, as after one or two sessions, it is the one whose probabilities stay
+calibrated (its loss is the log-likelihood), and it needs no tuning. A fit needs at least
+`MIN_RECORDS_PER_CLASS` weighted records of each class; below that there is no classifier and the cold-start
+rule ranks (`agent.locate.object_features.cold_start_score`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from agent.prompts.object_records import ObjectRecord
+
+#: Weight of a visited target's outcome.
+OUTCOME_WEIGHT = 1.0
+#: Weight of an object that inherited its cluster's answer (see module docstring).
+ANSWER_WEIGHT = 0.3
+#: Factor on the weight of records of other specimen types (the global prior).
+PRIOR_WEIGHT = 0.2
+#: Fewest weighted records of each class (positive, negative) for a fit.
+MIN_RECORDS_PER_CLASS = 3.0
+#: Inverse regularisation strength of the logistic regression (scikit-learn's C): the default of 1 on
+#: standardised features; not tuned.
+REGULARISATION_C = 1.0
+
+
+@dataclass(frozen=True)
+class CrystalClassifier:
+    """A fitted classifier: `probability(features)` for rows ordered as `feature_names`.
+
+    `n_positive` / `n_negative`: records of each class it was fitted on (all specimens), `n_specimen`
+    those of its own specimen type, `n_outcomes` those that are visit outcomes.
+    """
+
+    feature_names: tuple[str, ...]
+    specimen: str
+    n_positive: int
+    n_negative: int
+    n_specimen: int
+    n_outcomes: int
+    _model: object
+
+    def probability(self, features: np.ndarray) -> np.ndarray:
+        """P(diffracting crystal) for each row of `features` ((n, len(feature_names)) or one vector)."""
+        table = np.atleast_2d(np.asarray(features, dtype=np.float64))
+        if table.shape[1] != len(self.feature_names):
+            raise ValueError(f"{table.shape[1]} feature columns, the classifier knows {len(self.feature_names)}")
+        return self._model.predict_proba(table)[:, 1]  # type: ignore[attr-defined]
+
+    def describe(self) -> str:
+        """One line for logs and reports."""
+        return (
+            f"crystal classifier for {self.specimen}: {self.n_positive} positive / {self.n_negative} negative "
+            f"records ({self.n_specimen} of this specimen, {self.n_outcomes} visit outcomes)"
+        )
+
+
+def record_weight(record: ObjectRecord, specimen: str) -> float:
+    """The weight of `record` in a fit for `specimen` (see module docstring)."""
+    weight = OUTCOME_WEIGHT if record.is_outcome else ANSWER_WEIGHT
+    return weight if record.specimen == specimen else weight * PRIOR_WEIGHT
+
+
+def usable_records(
+    records: Sequence[ObjectRecord], feature_names: Sequence[str], preset: str, *, real_microscope: bool
+) -> list[ObjectRecord]:
+    """The records a fit may use: same preset and features, and no simulated ones for a real microscope."""
+    names = tuple(feature_names)
+    return [
+        r
+        for r in records
+        if r.preset == preset and r.feature_names == names and not (real_microscope and r.source == "simulated")
+    ]
+
+
+def fit_classifier(
+    records: Sequence[ObjectRecord],
+    *,
+    specimen: str,
+    preset: str,
+    feature_names: Sequence[str],
+    real_microscope: bool = False,
+) -> CrystalClassifier | None:
+    """Fit the classifier for `specimen` at `preset` on `records`; None when there are too few of a class.
+
+    Deterministic: the same records give the same model (lbfgs, no random state involved)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    kept = usable_records(records, feature_names, preset, real_microscope=real_microscope)
+    if not kept:
+        return None
+    labels = np.array([r.positive for r in kept], dtype=bool)
+    weights = np.array([record_weight(r, specimen) for r in kept], dtype=np.float64)
+    if weights[labels].sum() < MIN_RECORDS_PER_CLASS or weights[~labels].sum() < MIN_RECORDS_PER_CLASS:
+        return None
+    table = np.array([r.features for r in kept], dtype=np.float64)
+    model = make_pipeline(StandardScaler(), LogisticRegression(C=REGULARISATION_C, max_iter=2000))
+    model.fit(table, labels, logisticregression__sample_weight=weights)
+    return CrystalClassifier(
+        feature_names=tuple(feature_names),
+        specimen=specimen,
+        n_positive=int(labels.sum()),
+        n_negative=int((~labels).sum()),
+        n_specimen=sum(1 for r in kept if r.specimen == specimen),
+        n_outcomes=sum(1 for r in kept if r.is_outcome),
+        _model=model,
+    )
