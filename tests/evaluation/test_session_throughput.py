@@ -81,7 +81,8 @@ def test_raster_order_is_serpentine_and_tiles_cover_the_box() -> None:
 @pytest.fixture(scope="module")
 def crystals_xy_um() -> list[tuple[float, float]]:
     truth = create_simulated_microscope("protein-plates", seed=2, camera_shape_px=(256, 256)).ground_truth
-    return [(c.x_um, c.y_um) for c in truth.crystal_truth()[:3]]
+    # thin ones: a crystal nearly opaque at low magnification (simulator.thickness) is masked as a black area
+    return [(c.x_um, c.y_um) for c in truth.crystal_truth() if c.contrast < 0.7][:3]
 
 
 def test_oracle_raster_visits_the_given_crystals_once_each_within_the_budget(crystals_xy_um: list) -> None:

@@ -29,7 +29,10 @@ def _frame(scope: SimulatedMicroscope, preset: str, centre_on_crystal: bool):
     x_um, y_um = squares[len(squares) // 2]
     if centre_on_crystal:
         for sx, sy in squares[len(squares) // 2 :]:
-            nearby = scope.ground_truth.crystals_in_box(sx - 50, sx + 50, sy - 50, sy + 50)
+            # a crystal thin enough for diffraction: a nearly opaque one (simulator.thickness) is masked as a
+            # black area at search magnification, which is what a thick crystal deserves
+            box = scope.ground_truth.crystals_in_box(sx - 50, sx + 50, sy - 50, sy + 50)
+            nearby = [c for c in box if c.contrast < 0.7]
             if nearby:
                 x_um, y_um = nearby[0].x_um, nearby[0].y_um
                 break
