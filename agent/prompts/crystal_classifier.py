@@ -9,15 +9,19 @@ Model: standardised features -> L2-regularised logistic regression (scikit-learn
   "not-found" negative (a target that does not diffract is not a success);
 - an operator's cluster answer spread to the cluster's objects weighs `ANSWER_WEIGHT` (0.3) per object: a
   cluster answer is about a region, not about each object in it, and says "crystal", not "diffracts";
-- records of other specimen types weigh `PRIOR_WEIGHT` (0.2) times that: a global prior that the
-  specimen's own records outweigh as soon as there are a handful of them (the per-specimen model over a
-  global prior).
+- records of other specimen types are the global prior: while the specimen has fewer than
+  `MIN_RECORDS_PER_CLASS` weighted records of its own in a class, the fit uses every specimen's records,
+  the others' at `PRIOR_WEIGHT` (0.2) times their weight; once it has enough of both classes, it uses its
+  own only (a specimen whose crystals look otherwise must not be pulled back to the others' by a pooled
+  fit: tried, it left such a specimen at p ~ 0.5).
 Only records of the same optics preset take part (features are in pixels of that preset), and records
 made on a simulated microscope take no part when the microscope is real.
 
-Logistic regression over a more flexible model (gradient boosting was tried in `benchmarks/bench_learning.py`):
-with tens of records per specimen, as after one or two sessions, it is the one whose probabilities stay
-calibrated (its loss is the log-likelihood), and it needs no tuning. A fit needs at least
+Logistic regression rather than a more flexible model (gradient boosting, a random forest): with tens of
+records per specimen, as after one or two sessions, a flexible model overfits and its probabilities are not
+calibrated without held-out data, while logistic regression's are (its loss is the log-likelihood) and it
+needs no tuning. Not yet compared on a benchmark; `evaluate --learning` reports the reliability curve that
+such a comparison would use. A fit needs at least
 `MIN_RECORDS_PER_CLASS` weighted records of each class; below that there is no classifier and the cold-start
 rule ranks (`agent.locate.object_features.cold_start_score`).
 """
@@ -48,8 +52,9 @@ REGULARISATION_C = 1.0
 class CrystalClassifier:
     """A fitted classifier: `probability(features)` for rows ordered as `feature_names`.
 
-    `n_positive` / `n_negative`: records of each class it was fitted on (all specimens), `n_specimen`
-    those of its own specimen type, `n_outcomes` those that are visit outcomes.
+    `n_positive` / `n_negative`: records of each class it was fitted on, `n_specimen` those of its own
+    specimen type (all of them once the specimen has enough of its own), `n_outcomes` those that are visit
+    outcomes.
     """
 
     feature_names: tuple[str, ...]
@@ -76,9 +81,14 @@ class CrystalClassifier:
 
 
 def record_weight(record: ObjectRecord, specimen: str) -> float:
-    """The weight of `record` in a fit for `specimen` (see module docstring)."""
+    """The weight of `record` in a fit for `specimen` when the global prior takes part (see module docstring)."""
     weight = OUTCOME_WEIGHT if record.is_outcome else ANSWER_WEIGHT
     return weight if record.specimen == specimen else weight * PRIOR_WEIGHT
+
+
+def _enough(records: list[ObjectRecord], weights: np.ndarray) -> bool:
+    labels = np.array([r.positive for r in records], dtype=bool)
+    return bool(weights[labels].sum() >= MIN_RECORDS_PER_CLASS and weights[~labels].sum() >= MIN_RECORDS_PER_CLASS)
 
 
 def usable_records(
@@ -109,12 +119,13 @@ def fit_classifier(
     from sklearn.preprocessing import StandardScaler
 
     kept = usable_records(records, feature_names, preset, real_microscope=real_microscope)
-    if not kept:
+    own = [r for r in kept if r.specimen == specimen]
+    if own and _enough(own, np.array([record_weight(r, specimen) for r in own])):
+        kept = own
+    weights = np.array([record_weight(r, specimen) for r in kept], dtype=np.float64)
+    if not kept or not _enough(kept, weights):
         return None
     labels = np.array([r.positive for r in kept], dtype=bool)
-    weights = np.array([record_weight(r, specimen) for r in kept], dtype=np.float64)
-    if weights[labels].sum() < MIN_RECORDS_PER_CLASS or weights[~labels].sum() < MIN_RECORDS_PER_CLASS:
-        return None
     table = np.array([r.features for r in kept], dtype=np.float64)
     model = make_pipeline(StandardScaler(), LogisticRegression(C=REGULARISATION_C, max_iter=2000))
     model.fit(table, labels, logisticregression__sample_weight=weights)
