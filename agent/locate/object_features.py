@@ -87,15 +87,18 @@ def measure_object(
     polarity: str,
     dark_fraction: float | None = None,
     smooth_sigma_px: float = 1.0,
+    convex_area_px: float | None = None,
 ) -> np.ndarray:
     """The `OBJECT_FEATURE_NAMES` of one object (float64 vector; see module docstring).
 
     `data` is the whole smoothed image, `box` the object's bounding box in it and `mask` its bool pixels
-    within the box; `level` and `sigma` the film's level and noise sigma in `data`; `dark_fraction` the
-    camera's zero-transmission level over the film level (None: unknown); `smooth_sigma_px` the Gaussian
-    that smoothed `data` (it sets how many pixels make one independent noise sample).
+    within the box (a tight box: the mask touches all four sides); `level` and `sigma` the film's level and
+    noise sigma in `data`; `dark_fraction` the camera's zero-transmission level over the film level (None:
+    unknown); `smooth_sigma_px` the Gaussian that smoothed `data` (it sets how many pixels make one
+    independent noise sample); `convex_area_px` the pixels of the mask's convex hull when the caller has
+    them (`objects.convex_area_px`; None: measured here).
     """
-    from skimage.measure import regionprops
+    from agent.locate.objects import convex_area_px as hull_area_px
 
     mask = np.asarray(mask, dtype=bool)
     area_px = float(np.count_nonzero(mask))
@@ -105,14 +108,14 @@ def measure_object(
     inside = deviation[mask]
     contrast = float(inside.mean()) / sigma
     samples = max(1.0, area_px / (4.0 * math.pi * smooth_sigma_px**2))
-    props = regionprops(mask.astype(np.uint8))[0]
-    major, minor = float(props.axis_major_length), float(props.axis_minor_length)
+    major, minor = _axis_lengths_px(mask)
+    hull_px = hull_area_px(mask) if convex_area_px is None else convex_area_px
     filled = ndimage.binary_fill_holes(mask)
     return np.array(
         [
             math.log(area_px),
-            float(props.extent),
-            float(props.solidity),
+            area_px / mask.size,
+            area_px / hull_px,
             math.log(max(major, 1.0) / max(minor, 1.0)),
             contrast,
             float(np.percentile(inside, 90)) / sigma,
@@ -125,6 +128,19 @@ def measure_object(
         ],
         dtype=np.float64,
     )
+
+
+def _axis_lengths_px(mask: np.ndarray) -> tuple[float, float]:
+    """Major and minor axis lengths (px) of the ellipse with the same second moments as the bool `mask`:
+    4 sqrt of the eigenvalues of its inertia tensor (as `skimage.measure.regionprops`' `axis_major_length` /
+    `axis_minor_length`, equal up to rounding)."""
+    rows, cols = np.nonzero(mask)
+    n = float(len(rows))
+    dr = rows - rows.mean()
+    dc = cols - cols.mean()
+    var_r, var_c, cov = float(dr @ dr) / n, float(dc @ dc) / n, float(dr @ dc) / n
+    half_sum, root = 0.5 * (var_r + var_c), math.hypot(0.5 * (var_r - var_c), cov)
+    return 4 * math.sqrt(max(half_sum + root, 0.0)), 4 * math.sqrt(max(half_sum - root, 0.0))
 
 
 def _optical_density(mean_value: float, level: float, polarity: str, dark_fraction: float | None) -> float:

@@ -136,20 +136,28 @@ def object_polarity(
     return "both"
 
 
-def is_compound(mask: np.ndarray) -> bool:
+def is_compound(mask: np.ndarray, hull_px: float | None = None) -> bool:
     """True when the object `mask` (bool crop holding one object) looks like several crystals together.
 
     A single crystal is convex. Touching crystals make a non-convex union (solidity below
     `MIN_SINGLE_SOLIDITY`, the necks between them). A long convex object -- one needle, or needles lying
-    side by side -- is one target, not several along its length.
+    side by side -- is one target, not several along its length. `hull_px` is `convex_area_px(mask)` when the
+    caller has it already (None: measured here).
     """
-    from skimage.measure import regionprops
-
     if np.count_nonzero(mask) < 2 * MIN_OBJECT_AREA_PX:
         return False
-    # small holes are not necks: a plate with a few film-bright spots inside is still one plate
-    props = regionprops(fill_small_holes(mask).astype(np.uint8))[0]
-    return bool(props.solidity < MIN_SINGLE_SOLIDITY)
+    # small holes are not necks: a plate with a few film-bright spots inside is still one plate (filling
+    # inner holes leaves the convex hull as it is)
+    hull = convex_area_px(mask) if hull_px is None else hull_px
+    return bool(np.count_nonzero(fill_small_holes(mask)) / hull < MIN_SINGLE_SOLIDITY)
+
+
+def convex_area_px(mask: np.ndarray) -> int:
+    """Pixels (centres) inside the convex hull of the bool crop `mask` (`skimage`'s `convex_hull_image`, as
+    `regionprops`' `area_convex`; a crop tight around the object). Holes inside do not change it."""
+    from skimage.morphology import convex_hull_image
+
+    return int(np.count_nonzero(convex_hull_image(mask)))
 
 
 #: Holes up to this share of an object's area are filled before its shape is judged (texture inside a plate);
@@ -393,14 +401,16 @@ def _measure_objects(
             continue
         mask = labels[box] == label_id
         region = int(region_px[box][mask].max()) - 1
-        reason = _drop_reason(data, box, mask, film, min_transmission, drop_round, drop_film_lines)
+        hull_px = convex_area_px(mask)  # once: the drop tests, the split and the features share it
+        compound = is_compound(mask, hull_px=hull_px)
+        reason = _drop_reason(data, box, mask, film, min_transmission, drop_round, drop_film_lines, compound)
         if reason is not None:
             drop(region, reason)
             continue
-        for part_box, part in _largest_parts(box, mask, min_distance_px, smallest_px):
+        for part_box, part, part_hull_px in _largest_parts(box, mask, min_distance_px, smallest_px, compound, hull_px):
             vector = measure_object(
                 data, part_box, part, level=film.level, sigma=film.sigma, polarity=film.polarity,
-                dark_fraction=film.dark_fraction, smooth_sigma_px=SMOOTH_SIGMA_PX,
+                dark_fraction=film.dark_fraction, smooth_sigma_px=SMOOTH_SIGMA_PX, convex_area_px=part_hull_px,
             )
             if vector[OBJECT_FEATURE_NAMES.index("significance")] < MIN_SIGNIFICANCE:
                 drop(region, "faint")
@@ -433,11 +443,12 @@ def _drop_reason(
     min_transmission: float | None,
     drop_round: bool,
     drop_film_lines: bool,
+    compound: bool,
 ) -> str | None:
-    """Why a whole component is not a crystal ("too-thick", "round", "film-line"), or None."""
+    """Why a whole component is not a crystal ("too-thick", "round", "film-line"), or None. `compound` is
+    `is_compound(mask)`."""
     if min_transmission is not None and float(data[box][mask].min()) < min_transmission * film.level:
         return "too-thick"
-    compound = is_compound(mask)
     if drop_round and is_round(data, box, mask, film.level, compound=compound):
         return "round"
     if drop_film_lines and is_film_line(mask):
@@ -446,11 +457,21 @@ def _drop_reason(
 
 
 def _largest_parts(
-    box: tuple[slice, slice], mask: np.ndarray, min_distance_px: int, smallest_px: float
-) -> list[tuple[tuple[slice, slice], np.ndarray]]:
+    box: tuple[slice, slice],
+    mask: np.ndarray,
+    min_distance_px: int,
+    smallest_px: float,
+    compound: bool,
+    hull_px: int,
+) -> list[tuple[tuple[slice, slice], np.ndarray, int | None]]:
     """The parts of one component (`split_compound`) of at least `smallest_px` pixels, largest first, at most
-    `MAX_PARTS_PER_OBJECT`, each as (its bounding box in the image, its bool mask in that box)."""
-    parts = split_compound(mask, min_distance_px)
+    `MAX_PARTS_PER_OBJECT`, each as (its bounding box in the image, its bool mask in that box, the pixels of
+    its convex hull when known: `hull_px` = `convex_area_px(mask)` for a component that stays whole, else
+    None). `compound` is `is_compound(mask)`."""
+    parts = split_compound(mask, min_distance_px, compound=compound)
+    if int(parts.max(initial=0)) == 1:  # whole (the part is `mask` itself)
+        area_px = int(np.count_nonzero(mask))
+        return [(box, mask, hull_px)] if area_px >= smallest_px else []
     found = []
     for part_id, part_box in enumerate(ndimage.find_objects(parts), start=1):
         if part_box is None:
@@ -465,4 +486,4 @@ def _largest_parts(
         )
         found.append((area_px, part_id, image_box, part))
     found.sort(key=lambda entry: (-entry[0], entry[1]))
-    return [(image_box, part) for _, _, image_box, part in found[:MAX_PARTS_PER_OBJECT]]
+    return [(image_box, part, None) for _, _, image_box, part in found[:MAX_PARTS_PER_OBJECT]]

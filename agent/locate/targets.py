@@ -29,7 +29,7 @@ from scipy import ndimage
 
 from agent.locate.analysis import ClusterAnalysis, LocateSettings
 from agent.locate.errors import SettingsError
-from agent.locate.object_features import CANDIDATE_FEATURE_NAMES, cold_start_score
+from agent.locate.object_features import CANDIDATE_FEATURE_NAMES, CONTEXT_FEATURE_NAMES, cold_start_score
 from agent.locate.objects import ObjectTable
 
 
@@ -110,8 +110,7 @@ def find_candidates(
     selected, scores, cluster_of_cell = selection
     regions, n_regions = ndimage.label(selected, structure=np.ones((3, 3), dtype=bool))
     index = np.arange(1, n_regions + 1)
-    best = ndimage.maximum(scores, regions, index)
-    best = np.atleast_1d(np.asarray(best, dtype=np.float64))
+    best = _region_maxima(scores, regions, n_regions)
     sites = _region_sites(analysis, regions, n_regions, settings.min_area_px)
     score, within_region = best[sites.region_of], sites.area_px
     dominant = ndimage.median(cluster_of_cell, regions, index) if score_map is None else np.full(n_regions, -1)
@@ -134,6 +133,15 @@ def find_candidates(
 #: by its straight edges only, `agent.locate.outlines`): the middle of the rule's 0..1 range, as the rule has
 #: no contrast or shape of an object to go on.
 OUTLINED_REGION_SCORE = 0.5
+
+
+def _region_maxima(values: np.ndarray, regions: np.ndarray, n_regions: int) -> np.ndarray:
+    """The largest of `values` in each region 1..n_regions of `regions` (float64, (n_regions,); -inf for a
+    region without cells), as `ndimage.maximum` but in one pass over the region cells."""
+    in_region = regions.ravel() > 0
+    best = np.full(n_regions + 1, -np.inf)
+    np.maximum.at(best, regions.ravel()[in_region], np.asarray(values, dtype=np.float64).ravel()[in_region])
+    return best[1:]
 
 
 def _object_scores(features: np.ndarray) -> np.ndarray:
@@ -244,23 +252,29 @@ def _object_sites(
     n_features = len(CANDIDATE_FEATURE_NAMES)
     if table is None:
         region_of = rows = cols = area = np.zeros(0)
-        features = np.zeros((0, n_features))
+        features = np.zeros((0, n_features - len(CONTEXT_FEATURE_NAMES)))
         dropped: tuple[int, ...] = ()
     else:
-        points = np.stack([table.row_px, table.col_px], 1)
-        distance_px = bar_distance_px(analysis.bar_mask_without_holes, points)
-        context = np.column_stack([np.log1p(np.minimum(distance_px, 1e6)), _neighbour_counts(points, table.area_px)])
         region_of, rows, cols, area = table.region, table.row_px, table.col_px, table.area_px
-        features, dropped = np.hstack([table.features, context]), table.dropped_regions
+        features, dropped = table.features, table.dropped_regions
     lone = np.setdiff1d(outlined_regions, np.concatenate([region_of, np.asarray(dropped)]).astype(int))
+    n_objects = len(region_of)
     region_of = np.concatenate([region_of, lone]).astype(np.int64)
+    rows, cols = np.concatenate([rows, sites.rows_px[lone]]), np.concatenate([cols, sites.cols_px[lone]])
+    # the bar distances of every site at once: a feature of the objects, and the ranking's bar test
+    distance_px = bar_distance_px(analysis.bar_mask_without_holes, np.stack([rows, cols], 1))
+    points = np.stack([rows[:n_objects], cols[:n_objects]], 1)
+    context = np.column_stack(
+        [np.log1p(np.minimum(distance_px[:n_objects], 1e6)), _neighbour_counts(points, area[:n_objects])]
+    )
     return _Sites(
         region_of,
-        np.concatenate([rows, sites.rows_px[lone]]),
-        np.concatenate([cols, sites.cols_px[lone]]),
+        rows,
+        cols,
         np.concatenate([area, sites.area_px[lone]]),
         sites.keep[region_of],
-        np.vstack([features, np.full((len(lone), n_features), np.nan)]),
+        np.vstack([np.hstack([features, context]), np.full((len(lone), n_features), np.nan)]),
+        distance_px,
     )
 
 
@@ -364,9 +378,13 @@ def objects_in_regions(
 def dark_fraction(image: np.ndarray, bar_mask: np.ndarray, film: np.ndarray, min_pixels: int = 400) -> float | None:
     """The camera's zero-transmission level as a fraction of the film level, from the raw `image`: median
     of the bar pixels well inside the bar mask (grid bars stop the beam) over the median of the film
-    pixels. None when fewer than `min_pixels` bar pixels remain or the ratio is not in [0, 1)."""
-    inner = ndimage.binary_erosion(bar_mask, iterations=4)
-    film_only = film & ~ndimage.binary_dilation(bar_mask, iterations=4)
+    pixels. None when fewer than `min_pixels` bar pixels remain or the ratio is not in [0, 1).
+
+    "Well inside" is 4 erosions by the 3x3 cross (`ndimage.binary_erosion(bar_mask, iterations=4)`), film
+    pixels 4 cross dilations away from the bars; both by shifted ANDs / ORs, the same masks 2-3x faster."""
+    bar_mask = np.asarray(bar_mask, dtype=bool)
+    inner = _cross_steps(bar_mask, 4, erode=True)
+    film_only = film & ~_cross_steps(bar_mask, 4, erode=False)
     if np.count_nonzero(inner) < min_pixels or np.count_nonzero(film_only) < min_pixels:
         return None
     step_bar = max(1, int(np.count_nonzero(inner)) // 200_000)
@@ -376,3 +394,21 @@ def dark_fraction(image: np.ndarray, bar_mask: np.ndarray, film: np.ndarray, min
     if not bright > 0 or not 0 <= dark / bright < 1:
         return None
     return dark / bright
+
+
+def _cross_steps(mask: np.ndarray, iterations: int, erode: bool) -> np.ndarray:
+    """`mask` eroded (`erode`) or dilated `iterations` times by the 3x3 cross, outside the image counting as
+    False: `ndimage.binary_erosion` / `binary_dilation(mask, iterations=...)` with the default structure."""
+    combine = np.logical_and if erode else np.logical_or
+    current = mask
+    for _ in range(iterations):
+        out = current.copy()
+        combine(out[1:], current[:-1], out=out[1:])
+        combine(out[:-1], current[1:], out=out[:-1])
+        combine(out[:, 1:], current[:, :-1], out=out[:, 1:])
+        combine(out[:, :-1], current[:, 1:], out=out[:, :-1])
+        if erode:
+            out[[0, -1], :] = False
+            out[:, [0, -1]] = False
+        current = out
+    return current
