@@ -2,7 +2,9 @@
 
 Each command group lives in its own module under `agent.commands` and exposes
 `register(subparsers) -> None`, which adds its sub-command(s) with `set_defaults(handler=...)`. A
-handler takes the parsed `argparse.Namespace` and returns the process exit code.
+handler takes the parsed `argparse.Namespace` and returns the process exit code. A command line naming
+the command of `agent.commands.<command>` imports that module only; `--help`, no command or any other
+command builds the parser of every group.
 
 Errors a user can fix (a missing file, a bad option) are raised as `CommandError` and printed as one
 line without a traceback.
@@ -71,24 +73,39 @@ def _all_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParse
     return found
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The full argument parser with every registered command group."""
+def build_parser(modules: Sequence[str] = COMMAND_MODULES) -> argparse.ArgumentParser:
+    """The argument parser with the command groups of `modules` (default: every registered one)."""
     parser = argparse.ArgumentParser(
         prog="crystal-locator",
         description="Screen TEM grids for micro-crystals (MicroED), on a real or simulated microscope.",
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module_name in COMMAND_MODULES:
+    for module_name in modules:
         importlib.import_module(module_name).register(subparsers)
     for each in _all_parsers(parser):
         each.formatter_class = HelpFormatter
     return parser
 
 
+def _parser_for(argv: Sequence[str]) -> argparse.ArgumentParser:
+    """The parser for `argv`: when its command is the one of `agent.commands.<command>` (and that module
+    registers it), only that module is imported (a command does not pay for the others' imports, e.g. of
+    the file-format drivers); otherwise, as for `--help`, every command group."""
+    words = [word for word in argv if not word.startswith("-")]
+    module_name = f"agent.commands.{words[0]}" if words else ""
+    if module_name in COMMAND_MODULES:
+        parser = build_parser((module_name,))
+        subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        if words[0] in subparsers.choices:
+            return parser
+    return build_parser()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = _parser_for(argv)
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
