@@ -266,7 +266,7 @@ _SUMMARY_KEYS = (
 )
 
 _TARGET_COLUMNS = (
-    "target_id", "outcome", "x_um", "y_um", "score", "cluster_id", "from_mixed_cluster", "area_px",
+    "target_id", "outcome", "x_um", "y_um", "score", "p_diffract", "cluster_id", "from_mixed_cluster", "area_px",
     "recentre_offset_um", "n_spots", "signal_to_background", "reason",
 )
 

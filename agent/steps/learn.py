@@ -9,6 +9,8 @@ the re-ranking of the targets not visited yet.
   (`session_records`), which resume restores from the journal: the fits are the same either way.
 - Every visited target's outcome goes to the memory (`remember`): "diffracting", "no-spots" or
   "not-found", with the object's features; a failed or skipped visit says nothing about the object.
+- An operator's cluster answers are spread to the answered clusters' objects (`remember_answers`):
+  "crystal" or "not-crystal", for later sessions.
 - The classifier is always the fit on the prior and the session's first n outcomes, n the largest multiple
   of `REFIT_EVERY` reached (`classifier`): a pure function of the journal, so resume gets the same one.
 - When the n-th outcome is in, n a multiple of `REFIT_EVERY`, the targets left are re-ranked (`rerank`,
@@ -20,8 +22,10 @@ the re-ranking of the targets not visited yet.
 from __future__ import annotations
 
 import logging
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 import numpy as np
 
@@ -204,3 +208,46 @@ def apply_ranking(ctx: SessionContext, record: TargetsRanked) -> None:
         if r.target_id in by_id
     ]
     ctx.targets[:] = finished + reordered
+
+
+#: Most objects one operator answer spreads to, per label: a cluster answer is about a region, so its many
+#: objects should not outnumber the visit outcomes in the memory.
+MAX_SPREAD_PER_LABEL = 40
+
+
+def remember_answers(ctx: SessionContext, crystal: list[Any], not_crystal: list[Any], round_number: int) -> int:
+    """Store the operator's cluster answers of this round as object records: the objects (`Candidate`s with
+    features) of clusters answered "crystal" and of clusters answered "not crystal", at most
+    `MAX_SPREAD_PER_LABEL` of each, evenly over the locator's order. Later sessions learn from them (this
+    session ranks by the memory it started with and its own outcomes). Record ids are derived from the
+    session, round and object, so a round planned again after a restart adds nothing twice. Returns how
+    many records were written."""
+    if ctx.labels is None or not hasattr(ctx.labels, "add_objects"):
+        return 0
+    source = "simulated" if ctx.info.simulated else "operator"
+    records = []
+    for label, candidates in (("crystal", crystal), ("not-crystal", not_crystal)):
+        usable = [c for c in candidates if c.features]
+        step = max(1, -(-len(usable) // MAX_SPREAD_PER_LABEL))
+        for index, candidate in enumerate(usable[::step][:MAX_SPREAD_PER_LABEL]):
+            key = f"{ctx.session_id}/{round_number}/{label}/{index}/{candidate.row_px:.2f}/{candidate.col_px:.2f}"
+            records.append(
+                ObjectRecord(
+                    id=uuid.uuid5(uuid.NAMESPACE_URL, key).hex,
+                    features=tuple(float(v) for v in candidate.features),
+                    feature_names=CANDIDATE_FEATURE_NAMES,
+                    label=label,  # type: ignore[arg-type]
+                    source=source,  # type: ignore[arg-type]
+                    specimen=ctx.plan.specimen or "unknown",
+                    preset=ctx.plan.presets.atlas,
+                    session=ctx.session_id,
+                )
+            )
+    try:
+        known = {r.id for r in ctx.labels.object_records(preset=ctx.plan.presets.atlas)}
+        new = [r for r in records if r.id not in known]
+        ctx.labels.add_objects(new)
+    except (LabelMemoryError, OSError) as exc:
+        logger.warning("label memory: answers not spread to objects (%s)", exc)
+        return 0
+    return len(new)

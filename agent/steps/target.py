@@ -116,6 +116,7 @@ def plan_targets(ctx: SessionContext) -> TargetPlan:
     places_left = places is None or len(sure) < places
     # the object search is the slow part: mixed clusters are searched only when places are left
     mixed = finder.reachable(decision.mixed_clusters) if decision.mixed_clusters and places_left else []
+    _spread_answers(ctx, finder, sure)
     sure, mixed = fill_target_places(sure, mixed, places, targeting.min_spacing_um)
     placed = [(entry, False) for entry in sure] + [(entry, True) for entry in mixed]
     features = [{name: round(v, 6) for name, v in entry[0].feature_dict().items()} for entry, _ in placed]
@@ -134,6 +135,20 @@ def plan_targets(ctx: SessionContext) -> TargetPlan:
     ctx.output.record(TargetsPlanned(targets=targets, round=round_number))
     ctx.output.save_atlas_outputs(ctx.atlas, ctx.analysis, decision, targets, atlas_folder(round_number))
     return TargetPlan(targets=targets)
+
+
+def _spread_answers(ctx: SessionContext, finder: _CandidateFinder, sure: list[Placed]) -> None:
+    """When the operator answered this round's prompt, store the answer for the answered clusters' objects
+    (`learn.remember_answers`): the crystal clusters' candidates and those of the clusters answered "not
+    crystal" (the background cluster aside)."""
+    decision, analysis = ctx.decision, ctx.analysis
+    if ctx.labels is None or decision is None or analysis is None or not decision.answered_by:
+        return
+    answered = {c for c, source in decision.sources.items() if source == "operator"}
+    crystal = [placed[0] for placed in sure if placed[0].cluster_id in answered]
+    rejected = tuple(sorted(answered - set(decision.crystal_clusters) - {analysis.background_cluster}))
+    not_crystal = [placed[0] for placed in finder.reachable(rejected)] if rejected else []
+    learn.remember_answers(ctx, crystal, not_crystal, max(1, ctx.rounds))
 
 
 def _target_record(target_id: str, order: int, entry: _Entry) -> TargetRecord:
