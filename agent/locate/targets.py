@@ -30,7 +30,7 @@ from scipy import ndimage
 from agent.locate.analysis import ClusterAnalysis, LocateSettings
 from agent.locate.errors import SettingsError
 from agent.locate.object_features import CANDIDATE_FEATURE_NAMES, CONTEXT_FEATURE_NAMES, cold_start_score
-from agent.locate.objects import ObjectTable
+from agent.locate.objects import ObjectTable, cross_steps
 
 
 @dataclass(frozen=True)
@@ -383,8 +383,8 @@ def dark_fraction(image: np.ndarray, bar_mask: np.ndarray, film: np.ndarray, min
     "Well inside" is 4 erosions by the 3x3 cross (`ndimage.binary_erosion(bar_mask, iterations=4)`), film
     pixels 4 cross dilations away from the bars; both by shifted ANDs / ORs, the same masks 2-3x faster."""
     bar_mask = np.asarray(bar_mask, dtype=bool)
-    inner = _cross_steps(bar_mask, 4, erode=True)
-    film_only = film & ~_cross_steps(bar_mask, 4, erode=False)
+    inner = cross_steps(bar_mask, 4, erode=True)
+    film_only = film & ~cross_steps(bar_mask, 4, erode=False)
     if np.count_nonzero(inner) < min_pixels or np.count_nonzero(film_only) < min_pixels:
         return None
     step_bar = max(1, int(np.count_nonzero(inner)) // 200_000)
@@ -395,20 +395,3 @@ def dark_fraction(image: np.ndarray, bar_mask: np.ndarray, film: np.ndarray, min
         return None
     return dark / bright
 
-
-def _cross_steps(mask: np.ndarray, iterations: int, erode: bool) -> np.ndarray:
-    """`mask` eroded (`erode`) or dilated `iterations` times by the 3x3 cross, outside the image counting as
-    False: `ndimage.binary_erosion` / `binary_dilation(mask, iterations=...)` with the default structure."""
-    combine = np.logical_and if erode else np.logical_or
-    current = mask
-    for _ in range(iterations):
-        out = current.copy()
-        combine(out[1:], current[:-1], out=out[1:])
-        combine(out[:-1], current[1:], out=out[:-1])
-        combine(out[:, 1:], current[:, :-1], out=out[:, 1:])
-        combine(out[:, :-1], current[:, 1:], out=out[:, :-1])
-        if erode:
-            out[[0, -1], :] = False
-            out[:, [0, -1]] = False
-        current = out
-    return current
