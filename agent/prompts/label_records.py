@@ -12,9 +12,9 @@ from __future__ import annotations
 import math
 import uuid
 from datetime import datetime, timezone
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 LabelSource = Literal["operator", "console", "simulated", "auto", "import"]
 
@@ -28,13 +28,29 @@ def utc_now() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def _finite(values: tuple[float, ...]) -> tuple[float, ...]:
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError("must hold finite numbers only")
+    return values
+
+
+def _utc(value: datetime) -> datetime:
+    return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
+
+
+#: A feature vector of finite numbers (label and object records).
+FiniteVector = Annotated[tuple[float, ...], AfterValidator(_finite)]
+#: A time, taken as UTC when it carries no zone.
+UtcTime = Annotated[datetime, AfterValidator(_utc)]
+
+
 class LabelRecord(BaseModel):
     """One labelled cluster: its normalised feature vector and whether it holds crystals."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     id: str = Field(default_factory=lambda: uuid.uuid4().hex, min_length=1, max_length=64)
-    feature_vector: tuple[float, ...] = Field(min_length=1)
+    feature_vector: FiniteVector = Field(min_length=1)
     feature_names: tuple[str, ...] = Field(min_length=1)
     is_crystal: bool
     specimen: str = Field(min_length=1, max_length=200)
@@ -44,19 +60,7 @@ class LabelRecord(BaseModel):
     operator: str | None = Field(default=None, max_length=200)
     prompt_id: str | None = Field(default=None, max_length=200)
     cluster_id: int | None = None
-    time_utc: datetime = Field(default_factory=utc_now)
-
-    @field_validator("feature_vector")
-    @classmethod
-    def _finite(cls, value: tuple[float, ...]) -> tuple[float, ...]:
-        if not all(math.isfinite(v) for v in value):
-            raise ValueError("feature_vector must hold finite numbers only")
-        return value
-
-    @field_validator("time_utc")
-    @classmethod
-    def _aware(cls, value: datetime) -> datetime:
-        return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
+    time_utc: UtcTime = Field(default_factory=utc_now)
 
     @model_validator(mode="after")
     def _names_match(self) -> LabelRecord:

@@ -17,14 +17,12 @@ in silence (see `agent.prompts.label_log`).
 
 from __future__ import annotations
 
-import math
 import uuid
-from datetime import datetime, timezone
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from agent.prompts.label_records import utc_now
+from agent.prompts.label_records import FiniteVector, UtcTime, utc_now
 
 #: File name of the object log inside a memory folder.
 OBJECTS_FILE_NAME = "objects.jsonl"
@@ -46,7 +44,7 @@ class ObjectRecord(BaseModel):
 
     format: Literal[1] = OBJECT_RECORD_FORMAT
     id: str = Field(default_factory=lambda: uuid.uuid4().hex, min_length=1, max_length=64)
-    features: tuple[float, ...] = Field(min_length=1)
+    features: FiniteVector = Field(min_length=1)
     feature_names: tuple[str, ...] = Field(min_length=1)
     label: ObjectLabel
     source: ObjectSource
@@ -54,19 +52,7 @@ class ObjectRecord(BaseModel):
     preset: str = Field(min_length=1, max_length=200)
     session: str = Field(default="", max_length=200)
     target_id: str | None = Field(default=None, max_length=64)
-    time_utc: datetime = Field(default_factory=utc_now)
-
-    @field_validator("features")
-    @classmethod
-    def _finite(cls, value: tuple[float, ...]) -> tuple[float, ...]:
-        if not all(math.isfinite(v) for v in value):
-            raise ValueError("features must be finite numbers")
-        return value
-
-    @field_validator("time_utc")
-    @classmethod
-    def _aware(cls, value: datetime) -> datetime:
-        return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
+    time_utc: UtcTime = Field(default_factory=utc_now)
 
     @model_validator(mode="after")
     def _names_match(self) -> ObjectRecord:
