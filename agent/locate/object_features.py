@@ -1,5 +1,6 @@
-"""What one object looks like, as numbers a classifier can learn from (`measure_object`), and the shapes that
-are never crystals (`is_film_line`).
+"""What one object looks like, as numbers a classifier can learn from (`measure_object`), how much it stands out
+from the film's noise (`MIN_SIGNIFICANCE`), and the cold-start rule that ranks objects before anything is
+learnt (`cold_start_score`). Lines in the film are found whole in `agent.locate.film_lines`.
 
 Every feature is measured on the lightly smoothed, flattened image around the object (`data`, its bounding
 box `box` and bool `mask`), against the film's level and noise sigma (same units as `data`). Contrast is
@@ -62,10 +63,6 @@ CANDIDATE_FEATURE_NAMES: tuple[str, ...] = OBJECT_FEATURE_NAMES + CONTEXT_FEATUR
 #: sigma over one or two independent samples); a real object measures more because it is larger or darker.
 #: Chosen from that noise statistic, not from any specimen.
 MIN_SIGNIFICANCE = 6.0
-#: A film line (fold, tear, carbon edge) is at least this many times longer than it is wide ...
-FILM_LINE_MIN_LENGTH_WIDTHS = 12.0
-#: ... and curved (its skeleton's chord is below this share of its length).
-FILM_LINE_MAX_STRAIGHTNESS = 0.8
 
 
 def deviation_in_polarity(data: np.ndarray, level: float, polarity: str) -> np.ndarray:
@@ -175,40 +172,6 @@ def _corner_share(mask: np.ndarray) -> float:
         return 0.5
     share = outline_turning_concentration(max(contours, key=len), chord_px=2.0)
     return share if math.isfinite(share) else 0.5
-
-
-def is_film_line(mask: np.ndarray) -> bool:
-    """True when an object (bool `mask` crop of one connected component) is a line in the film -- a fold, a
-    tear or a carbon edge -- rather than a crystal: long and thin everywhere (skeleton length at least
-    `FILM_LINE_MIN_LENGTH_WIDTHS` times its widest place), one unbranched curve (at most two ends and two
-    branch pixels on its skeleton: touching needles or plates branch) and curved (chord between the
-    skeleton's farthest points below `FILM_LINE_MAX_STRAIGHTNESS` of its length). Straight needles pass, and
-    so do needles that touch or cross, at any magnification; so does a straight fold, which the classifier
-    learns to rank down from outcomes. A single curved needle is taken for a line, a loss the operator's
-    answers cannot undo. Holes are filled first: a plate seen by its edges only is a ring, not a line.
-    """
-    from skimage.morphology import skeletonize
-
-    if np.count_nonzero(mask) < 16:
-        return False
-    mask = ndimage.binary_fill_holes(mask)  # a ring (a plate seen by its edges only) is not a line
-    skeleton = skeletonize(mask)
-    length_px = float(np.count_nonzero(skeleton))
-    # the widest place, not the mean width: a line is thin everywhere, an aggregate of crystals is not
-    width_px = 2.0 * float(ndimage.distance_transform_edt(np.pad(mask, 1)).max())
-    if length_px < FILM_LINE_MIN_LENGTH_WIDTHS * width_px:
-        return False
-    neighbours = ndimage.convolve(skeleton.astype(np.uint8), np.ones((3, 3), dtype=np.uint8), mode="constant")
-    if np.count_nonzero(skeleton & (neighbours == 2)) > 2 or np.count_nonzero(skeleton & (neighbours >= 4)) > 2:
-        return False  # branched: needles or plates touching, not one line
-    rows, cols = np.nonzero(skeleton)
-    points = np.column_stack([rows, cols]).astype(np.float64)
-    # the chord: farthest pair among the extreme points along a few directions (exact enough for a curve)
-    angles = np.linspace(0.0, np.pi, 8, endpoint=False)
-    projections = points @ np.stack([np.cos(angles), np.sin(angles)])
-    extremes = points[np.unique(np.concatenate([projections.argmin(0), projections.argmax(0)]))]
-    chord_px = float(np.max(np.hypot(*(extremes[:, None, :] - extremes[None, :, :]).transpose(2, 0, 1))))
-    return chord_px < FILM_LINE_MAX_STRAIGHTNESS * length_px
 
 
 def cold_start_score(features: np.ndarray, names: tuple[str, ...] = CANDIDATE_FEATURE_NAMES) -> np.ndarray:

@@ -28,9 +28,9 @@ targets. Steps (`find_objects`):
    crystal stays whole, and so does a solid elongated one (a needle, or needles side by side): cutting it
    along its length would send the microscope to the same crystal several times.
 5. Objects are dropped before splitting when their outline is round (`is_round`: ice balls; single,
-   convex objects only), when they are lines in the film (`object_features.is_film_line`: folds, tears,
-   carbon edges: long, thin, unbranched and curved), or, with `max_od`, when they are
-   too thick for diffraction. Parts that do not stand out from the film's own noise
+   convex objects only), when they lie mostly on a line in the film (`film_lines.film_line_mask`: folds,
+   tears, carbon edges, thin lines spanning the film or curved), or, with `max_od`, when they are too thick
+   for diffraction. Parts that do not stand out from the film's own noise
    (`object_features.MIN_SIGNIFICANCE`) are dropped after splitting. A candidate region whose objects were
    all dropped gives no candidate (`ObjectTable.dropped_regions`).
 
@@ -46,7 +46,13 @@ from typing import Literal
 import numpy as np
 from scipy import ndimage
 
-from agent.locate.object_features import MIN_SIGNIFICANCE, OBJECT_FEATURE_NAMES, is_film_line, measure_object
+from agent.locate.film_lines import film_line_mask
+from agent.locate.object_features import (
+    MIN_SIGNIFICANCE,
+    OBJECT_FEATURE_NAMES,
+    deviation_in_polarity,
+    measure_object,
+)
 
 #: Gaussian smoothing (px) before pixels are compared with the film level.
 SMOOTH_SIGMA_PX = 1.0
@@ -312,7 +318,9 @@ def find_objects(
     electron diffraction (see `LocateSettings.max_object_od`).
 
     Round (`drop_round`): objects with a round outline (`is_round`) are dropped as ice balls. Film lines
-    (`drop_film_lines`): folds, tears and carbon edges (`object_features.is_film_line`) are dropped.
+    (`drop_film_lines`): components lying mostly on a fold, tear or carbon edge (`film_lines.film_line_mask`,
+    found whole on the smoothed image at every second pixel: a fold is a chain of short blobs in the
+    candidate regions, a line only as a whole) are dropped.
     `dark_fraction` is also used for every object's `optical_density` feature.
     """
     smoothed = _smooth(np.asarray(prepared, dtype=np.float64), film & ~bar_mask, region_px)
@@ -321,6 +329,11 @@ def find_objects(
     level, sigma = _level_and_sigma(smoothed.film_sample)
     polarity, deviant = _deviant_pixels(smoothed, level, min_contrast_sigma * sigma, bar_mask, region_px)
     labels, _count = ndimage.label(deviant)
+    lines_half = (
+        film_line_mask(deviation_in_polarity(smoothed.half, level, polarity) / sigma, bar_mask[::2, ::2])
+        if drop_film_lines
+        else None
+    )
     return _measure_objects(
         smoothed,
         labels,
@@ -330,7 +343,7 @@ def find_objects(
         smallest_px=max(MIN_OBJECT_AREA_PX, min_area_px),
         min_transmission=_min_transmission(polarity, dark_fraction, max_od),
         drop_round=drop_round,
-        drop_film_lines=drop_film_lines,
+        lines_half=lines_half,
     )
 
 
@@ -483,7 +496,7 @@ def _measure_objects(
     smallest_px: float,
     min_transmission: float | None,
     drop_round: bool,
-    drop_film_lines: bool,
+    lines_half: np.ndarray | None,
 ) -> ObjectTable:
     """Steps 4 and 5: for every labelled component, drop it (too thick, round, a film line) or split it into
     its parts and keep the largest `MAX_PARTS_PER_OBJECT` parts of at least `smallest_px` pixels that stand
@@ -503,6 +516,7 @@ def _measure_objects(
         if box is None:
             continue
         mask = labels[box] == label_id
+        box_in_image = box
         region = int(region_px[box][mask].max()) - 1
         data, crop_box = smoothed.crops[region], smoothed.boxes[region]
         assert data is not None and crop_box is not None  # the component's region has pixels
@@ -510,7 +524,9 @@ def _measure_objects(
         box = (slice(box[0].start - top, box[0].stop - top), slice(box[1].start - left, box[1].stop - left))
         hull_px = convex_area_px(mask)  # once: the drop tests, the split and the features share it
         compound = is_compound(mask, hull_px=hull_px)
-        reason = _drop_reason(data, box, mask, film, min_transmission, drop_round, drop_film_lines, compound)
+        reason = _drop_reason(data, box, mask, film, min_transmission, drop_round, compound)
+        if reason is None and lines_half is not None and _on_lines(lines_half, labels, label_id, box_in_image):
+            reason = "film-line"
         if reason is not None:
             drop(region, reason)
             continue
@@ -549,18 +565,24 @@ def _drop_reason(
     film: _Film,
     min_transmission: float | None,
     drop_round: bool,
-    drop_film_lines: bool,
     compound: bool,
 ) -> str | None:
-    """Why a whole component is not a crystal ("too-thick", "round", "film-line"), or None. `compound` is
+    """Why a whole component is not a crystal by itself ("too-thick", "round"), or None. `compound` is
     `is_compound(mask)`."""
     if min_transmission is not None and float(data[box][mask].min()) < min_transmission * film.level:
         return "too-thick"
     if drop_round and is_round(data, box, mask, film.level, compound=compound):
         return "round"
-    if drop_film_lines and is_film_line(mask):
-        return "film-line"
     return None
+
+
+def _on_lines(lines_half: np.ndarray, labels: np.ndarray, label_id: int, box: tuple[slice, slice]) -> bool:
+    """True when most of component `label_id` (in `box` of `labels`) lies on a film line (`lines_half`, the
+    line mask at every second pixel)."""
+    rows, cols = np.nonzero(labels[box] == label_id)
+    rows = np.minimum((rows + box[0].start) // 2, lines_half.shape[0] - 1)
+    cols = np.minimum((cols + box[1].start) // 2, lines_half.shape[1] - 1)
+    return bool(lines_half[rows, cols].mean() >= 0.5)
 
 
 def _largest_parts(
