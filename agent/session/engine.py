@@ -63,12 +63,13 @@ class ScreeningEngine:
         ctx.rounds += 1
         ctx.map_boxes_um.append(result.box_um)
         ctx.last_mapping_s = result.mapping_s
-        ctx.analysis = ctx.decision = None
+        ctx.analysis = ctx.decision = ctx.atlas_prepared = None
         ctx.field = None
         return "mapped"
 
     def _locating(self) -> str:
-        self.ctx.analysis = locate.locate(self.ctx).analysis
+        result = locate.locate(self.ctx)
+        self.ctx.analysis, self.ctx.atlas_prepared = result.analysis, result.prepared
         return "located"
 
     def _labelling(self) -> str:
@@ -80,6 +81,7 @@ class ScreeningEngine:
 
     def _targeting(self) -> str:
         self.ctx.targets.extend(target.plan_targets(self.ctx).targets)
+        self.ctx.atlas_prepared = None  # only the object search needed it
         return self.advance()
 
     def _moving(self) -> str:

@@ -103,6 +103,8 @@ class SessionContext:
     #: Microscope seconds the last round's montage took (from its `mapping` records): what another round costs.
     last_mapping_s: float = 0.0
     analysis: Any | None = None
+    #: The atlas as the analysis prepared it (float64), kept from locating to targeting only (then None).
+    atlas_prepared: np.ndarray | None = None
     decision: Any | None = None
     targets: list[TargetRecord] = field(default_factory=list)
     results: dict[str, TargetResult] = field(default_factory=dict)

@@ -5,23 +5,28 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from agent.locate.analysis import analyse
+import numpy as np
+
+from agent.locate.analysis import analyse_and_prepare
 from agent.session.records import ClusterCount, Located
 from agent.steps.context import SessionContext
 
 
 @dataclass(frozen=True)
 class LocateResult:
-    """The atlas' cluster analysis (`agent.locate.analysis.ClusterAnalysis`)."""
+    """The atlas' cluster analysis (`agent.locate.analysis.ClusterAnalysis`) and the atlas as the analysis
+    prepared it (float64; the object search of the targeting step starts from it instead of preparing the
+    image again)."""
 
     analysis: Any
+    prepared: np.ndarray | None = None
 
 
 def locate(ctx: SessionContext) -> LocateResult:
     """Analyse the atlas with the plan's locator settings and record the cluster sizes and suggestion."""
     if ctx.atlas is None:
         raise RuntimeError("locating needs an atlas; the mapping step has not run")
-    analysis = analyse(ctx.atlas.image, ctx.plan.locate)
+    analysis, prepared = analyse_and_prepare(ctx.atlas.image, ctx.plan.locate)
     ctx.output.record(
         Located(
             clusters=[
@@ -32,4 +37,4 @@ def locate(ctx: SessionContext) -> LocateResult:
             rule=analysis.suggestion_rule,
         )
     )
-    return LocateResult(analysis=analysis)
+    return LocateResult(analysis=analysis, prepared=prepared)

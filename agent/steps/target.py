@@ -192,15 +192,12 @@ class _CandidateFinder:
         self.earlier_xy_um = np.array([[t.x_um, t.y_um] for t in ctx.targets], dtype=np.float64).reshape(-1, 2)
         self.limits = ctx.microscope.stage_limits()
         self.map_box_um = ctx.map_box_um
-        # with candidates of two cluster sets to find, the image is prepared for them once
-        both = ctx.decision.crystal_clusters and ctx.decision.mixed_clusters
-        self.prepared = (
-            prepare_image(
+        # the image as the analysis prepared it (a resumed session has none): prepared once for every search
+        self.prepared = ctx.atlas_prepared
+        if self.prepared is None:
+            self.prepared = prepare_image(
                 self.atlas.image, self.analysis.bar_mask, flatten=self.settings.flatten, clean=self.settings.clean
             )
-            if both
-            else None
-        )
 
     def reachable(self, clusters: tuple[int, ...]) -> list[Placed]:
         """Candidates of `clusters` (locator's order) inside the stage limits and the mapped box, with stage um."""
