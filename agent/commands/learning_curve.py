@@ -3,8 +3,10 @@
 Per specimen type, N screening sessions on seeds `--learning-seed`, +1, ... (seeds never used for tuning)
 run one after another on one label memory, so session k starts with k-1 sessions of memory; the same
 seeds are also run each on an empty memory (cold), in the same run, so that a seed's difficulty is not
-taken for learning. Sessions are small (`--squares`, `--max-targets`) and share one calibration store (one
-instrument, calibrated once). Each runs as `crystal-locator screen --simulated ... --operator simulated`
+taken for learning. Sessions are small (`--learning-squares`, `--learning-max-targets`), or sized by a
+microscope-time budget (`--learning-budget-s`: then not every target fits and the ranking decides which
+are visited, as in a real session); they share one calibration store (one instrument, calibrated once).
+Each runs as `crystal-locator screen --simulated ... --operator simulated`
 in a child process; their folders stay under OUT for inspection.
 
 Prints one row per specimen and session (hit rate = diffracting / visited, precision of the diffracting
@@ -31,10 +33,13 @@ def _screen(out: Path, specimen: str, seed: int, labels: Path, args: argparse.Na
     """Run one simulated session into `out` (`CommandError` if it fails)."""
     command = [
         sys.executable, "-m", "agent.cli", "screen", "--simulated", "--specimen", specimen, "--seed", str(seed),
-        "--squares", str(args.learning_squares), "--max-targets", str(args.learning_max_targets),
         "--operator", "simulated", "--labels", str(labels), "--calibrations", str(out.parent / "calibrations"),
         "--out", str(out), "--json",
     ]
+    if args.learning_budget_s is not None:  # sized by time: the ranking decides which targets are visited
+        command += ["--time-budget-s", str(args.learning_budget_s)]
+    else:
+        command += ["--squares", str(args.learning_squares), "--max-targets", str(args.learning_max_targets)]
     if args.conditions:
         command += ["--conditions", args.conditions]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -70,8 +75,12 @@ def run_learning_curve(args: argparse.Namespace, specimens: tuple[str, ...]) -> 
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
     return {
-        "sessions": args.learning, "first_seed": args.learning_seed, "squares": args.learning_squares,
-        "max_targets": args.learning_max_targets, "conditions": args.conditions or "none",
+        "sessions": args.learning, "first_seed": args.learning_seed, "conditions": args.conditions or "none",
+        **(
+            {"time_budget_s": args.learning_budget_s}
+            if args.learning_budget_s is not None
+            else {"squares": args.learning_squares, "max_targets": args.learning_max_targets}
+        ),
     }
 
 

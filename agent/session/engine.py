@@ -22,6 +22,13 @@ from drivers.base import MicroscopeError
 logger = logging.getLogger(__name__)
 
 
+#: Targets of this tier and above (`TargetRecord.tier`: the classifier's p < 0.2) wait while the budget allows
+#: another round of mapping: a visit costs about as much as any other, and a new block's likely crystals are
+#: worth more than a target the classifier gives less than one chance in five. They are visited when no
+#: further round can be mapped and budget is left.
+WAITING_TIER = 2
+
+
 class ScreeningEngine:
     """Runs the screening steps on `ctx`; `emit` journals and publishes records; `on_finished(result)` is
     called after a target's outcome is recorded (the session writes its summary there)."""
@@ -123,9 +130,10 @@ class ScreeningEngine:
     def advance(self) -> str:
         """Pick the next unfinished target (`next_target`), or `finish` (none left, or the budget is spent).
 
-        The next target is the first unfinished one in the planned order, unless an unfinished target of the
-        same tier (sure or mixed clusters) lies in the search image the stage sits on: that one goes first,
-        as it costs no stage move and no new search image (`agent.steps.visit.in_search_field`). When the
+        The next target is the first unfinished one of the lowest tier (`TargetRecord.tier`), in the planned
+        order, unless an unfinished target of the same tier lies in the search image the stage sits on: that
+        one goes first, as it costs no stage move and no new search image (`agent.steps.visit.in_search_field`).
+        When only targets of `WAITING_TIER` are left and another round can be mapped, it maps (`map_more`). When the
         session's outcomes reached a new multiple of `learn.REFIT_EVERY`, the targets left are re-ranked by the
         refit classifier first (`learn.rerank`)."""
         ctx = self.ctx
@@ -141,6 +149,9 @@ class ScreeningEngine:
             return "finish"
         if not pending:
             return "map_more" if self._another_round() else "finish"
+        pending.sort(key=lambda planned: planned.tier)  # stable: each tier in its planned order
+        if pending[0].tier >= WAITING_TIER and self._another_round():
+            return "map_more"  # only unlikely targets left: a new block of squares is worth more
         chosen = pending[0]
         limit_um = ctx.image_shift_limit_um()
         if ctx.field is not None and limit_um > 0:

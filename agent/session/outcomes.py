@@ -131,6 +131,11 @@ class SessionSummary(BaseModel):
         default=None,
         description="what ended the session before every target was visited: the time budget or max_targets",
     )
+    ranked_by: str | None = Field(
+        default=None,
+        description="what ranked the targets last: the crystal classifier (and the records it was fitted on) or "
+        "the cold-start rule",
+    )
 
 
 TARGET_COLUMNS = (

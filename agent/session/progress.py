@@ -112,6 +112,7 @@ def summary_table(summary: dict[str, Any]) -> Table:
         ("faults", summary.get("faults")),
         ("wall time (s; all parts of a resumed session)", summary.get("wall_time_s")),
         ("ended by", summary.get("limited_by")),
+        ("targets ranked by", summary.get("ranked_by")),
     ]
     for name, value in rows:
         if value is not None:

@@ -35,6 +35,7 @@ from agent.session.runner import Runner
 from agent.session.stored_calibration import StoredCalibrationError, StoreWriter, starting_calibration
 from agent.session.summary import summarise
 from agent.session.timing import StateTimes
+from agent.steps import learn
 from agent.steps.calibration_store import CalibrationStore
 from agent.steps.context import SessionContext
 from agent.steps.stage_calibration import CalibrationSet
@@ -269,6 +270,7 @@ class ScreeningSession:
             rounds=self.ctx.rounds,
             state_times=self.state_times,
             truth=truth,
+            ranked_by=learn.ranked_by(self.ctx),
         )
 
     def write_summary(self) -> SessionSummary:

@@ -36,6 +36,7 @@ def summarise(
     state_times: StateTimes,
     truth: dict[str, Any],
     rounds: int = 0,
+    ranked_by: str | None = None,
 ) -> SessionSummary:
     """The summary of a session now (times in seconds of microscope time, but `wall_time_s`)."""
     confirmed = sum(1 for r in results.values() if r.confirmed)
@@ -63,6 +64,7 @@ def summarise(
         rounds=rounds,
         time_budget_s=plan.time_budget_s,
         limited_by=_limited_by(state, plan, targets, results, microscope_time_s),
+        ranked_by=ranked_by,
         **truth,
     )
 

@@ -84,6 +84,15 @@ def classifier(ctx: SessionContext) -> CrystalClassifier | None:
     return state.model
 
 
+def ranked_by(ctx: SessionContext) -> str | None:
+    """What ranks the targets now, for the summary: the classifier's description, or the cold-start rule
+    (None before the first targeting)."""
+    if ctx.learning is None:
+        return None
+    model = classifier(ctx)  # the fit for the outcomes so far (a pure function of them: the same after resume)
+    return model.describe() if model is not None else "cold-start rule (too few outcomes in label memory)"
+
+
 def _prior_records(ctx: SessionContext) -> list[ObjectRecord]:
     """The memory's object records of the atlas preset, without those this session wrote."""
     if ctx.labels is None or not hasattr(ctx.labels, "object_records"):

@@ -63,7 +63,7 @@ def test_it_learns_what_diffracts_and_fits_the_same_model_twice() -> None:
     again = fit_classifier(records, specimen="protein-plates", preset="atlas", feature_names=NAMES)
     assert first is not None and again is not None
     p_high, p_low = first.probability(np.stack([_probe(20.0), _probe(8.0)]))
-    assert p_high > 0.8 and p_low < 0.2
+    assert p_high > 0.6 and p_low < 0.4  # regularised (REGULARISATION_C): confident only with more records
     np.testing.assert_array_equal(first.probability(_probe(14.0)), again.probability(_probe(14.0)))
     with pytest.raises(ValueError, match="feature columns"):
         first.probability(np.ones(3))
