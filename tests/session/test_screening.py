@@ -404,6 +404,15 @@ def test_prompts_reach_the_simulated_operator_and_fall_back_when_nobody_answers(
     # answers given in a session on a simulated microscope are stored as simulated, never as a person's
     assert any(r.source == "simulated" for r in memory.list_records())
     assert not any(r.source == "operator" for r in memory.list_records())
+    # the answer is spread to the answered clusters' objects (crystal / not crystal), with their features,
+    # beside one outcome per visited target
+    objects = memory.object_records()
+    answers = [r for r in objects if not r.is_outcome]
+    labels = {r.label for r in answers}
+    assert answers and labels <= {"crystal", "not-crystal"} and "crystal" in labels
+    assert all(r.source == "simulated" and r.session == session.session_id for r in objects)
+    visited = [r for r in session.results.values() if r.outcome in ("recorded", "no-diffraction", "rejected")]
+    assert len([r for r in objects if r.is_outcome]) == len(visited)
 
     plan = _plan("polymer-faint", seed=8).model_copy(
         update={"operator": ScreeningPlan().operator.model_copy(update={"wait_s": 0.5, "fallback": "default-rule"})}
