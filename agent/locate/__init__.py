@@ -10,7 +10,11 @@ Pure image work (arrays in, pixel targets out); imports no driver.
 - `analysis`: `LocateSettings`, `analyse(image, settings) -> ClusterAnalysis` (with `ClusterSummary`
   per cluster, normalised centroids for label memory, the default crystal-cluster rule).
 - `similarity`: cosine similarity maps to reference patches.
-- `targets`: `find_candidates`, `Candidate`.
+- `objects`: the objects inside candidate regions (split at necks; ice balls, film lines, faint ones dropped).
+- `object_features`: each object's features, its significance against the film's noise, the cold-start rule.
+- `film_lines`: folds, tears and carbon edges found as whole lines.
+- `targets`: `find_candidates`, `Candidate` (one per object, with its features).
+- `defaults`: the one default setting of `locate`, `evaluate` and `screen`.
 - `render`: `heatmap_rgb`, `heatmap_png`, `similarity_rgb`, `cluster_gallery_rgb`, `display_uint8`.
 - `tiled`: the same features over montages tile by tile (bounded memory).
 """
