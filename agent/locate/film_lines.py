@@ -22,6 +22,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from agent.locate.object_features import fill_holes
+
 #: Hysteresis thresholds (film noise sigmas of the smoothed image): pixels above `HIGH_SIGMA` seed a
 #: component, connected pixels above `LOW_SIGMA` grow it.
 LOW_SIGMA = 4.0
@@ -42,19 +44,29 @@ def film_line_mask(deviation_sigma: np.ndarray, boundary: np.ndarray) -> np.ndar
     `deviation_sigma` is the smoothed image's deviation from the film level in the objects' polarity, in film
     noise sigmas; `boundary` a bool mask of where the film ends (bars and holes). Pixels on `boundary` are
     never part of a line."""
-    from skimage.filters import apply_hysteresis_threshold
-
-    candidate = apply_hysteresis_threshold(np.where(boundary, 0.0, deviation_sigma), LOW_SIGMA, HIGH_SIGMA)
+    candidate = _hysteresis(deviation_sigma, boundary)
     labels, _count = ndimage.label(candidate, structure=np.ones((3, 3), dtype=bool))
     near_edge = _near_boundary(boundary)
     lines = np.zeros(candidate.shape, dtype=bool)
-    for label_id, box in enumerate(ndimage.find_objects(labels), start=1):
-        if box is None:
-            continue
+    boxes = ndimage.find_objects(labels)
+    large = np.flatnonzero(np.bincount(labels.ravel())[1:] >= MIN_COMPONENT_PX)  # only these are judged
+    for label_id in large + 1:
+        box = boxes[label_id - 1]
         mask = labels[box] == label_id
-        if np.count_nonzero(mask) >= MIN_COMPONENT_PX and is_line_component(mask, near_edge[box]):
+        if is_line_component(mask, near_edge[box]):
             lines[box] |= mask
     return lines
+
+
+def _hysteresis(deviation_sigma: np.ndarray, boundary: np.ndarray) -> np.ndarray:
+    """`skimage.filters.apply_hysteresis_threshold(np.where(boundary, 0, deviation_sigma), LOW_SIGMA,
+    HIGH_SIGMA)`; with equal thresholds every component above `LOW_SIGMA` holds a seed, so it is the plain
+    threshold (the same mask, without labelling the whole image)."""
+    if LOW_SIGMA == HIGH_SIGMA and LOW_SIGMA >= 0:
+        return (deviation_sigma > LOW_SIGMA) & ~np.asarray(boundary, dtype=bool)
+    from skimage.filters import apply_hysteresis_threshold
+
+    return apply_hysteresis_threshold(np.where(boundary, 0.0, deviation_sigma), LOW_SIGMA, HIGH_SIGMA)
 
 
 def _near_boundary(boundary: np.ndarray) -> np.ndarray:
@@ -63,7 +75,9 @@ def _near_boundary(boundary: np.ndarray) -> np.ndarray:
     reach = BOUNDARY_REACH_PX
     edge[:reach, :] = edge[-reach:, :] = edge[:, :reach] = edge[:, -reach:] = True
     if boundary.any():
-        edge |= ndimage.binary_dilation(boundary, iterations=reach)
+        from agent.locate.objects import cross_steps  # ndimage.binary_dilation(boundary, iterations=reach)
+
+        edge |= cross_steps(boundary, reach, erode=False)
     return edge
 
 
@@ -73,7 +87,7 @@ def is_line_component(mask: np.ndarray, near_edge: np.ndarray | None = None) -> 
     apart) or curved and unbranched. Holes are filled first: a plate seen by its edges only is a ring."""
     from skimage.morphology import skeletonize
 
-    mask = ndimage.binary_fill_holes(mask)
+    mask = fill_holes(mask)
     skeleton = skeletonize(mask)
     length_px = skeleton_length_px(skeleton)
     width_px = 2.0 * float(ndimage.distance_transform_edt(np.pad(mask, 1)).max())

@@ -51,6 +51,7 @@ from agent.locate.object_features import (
     MIN_SIGNIFICANCE,
     OBJECT_FEATURE_NAMES,
     deviation_in_polarity,
+    fill_holes,
     measure_object,
 )
 
@@ -165,11 +166,51 @@ def is_compound(mask: np.ndarray, hull_px: float | None = None) -> bool:
 
 
 def convex_area_px(mask: np.ndarray) -> int:
-    """Pixels (centres) inside the convex hull of the bool crop `mask` (`skimage`'s `convex_hull_image`, as
-    `regionprops`' `area_convex`; a crop tight around the object). Holes inside do not change it."""
-    from skimage.morphology import convex_hull_image
+    """Pixels (centres) inside the convex hull of the bool crop `mask` (a crop tight around the object): the
+    count of `skimage.morphology.convex_hull_image(mask)`, as `regionprops`' `area_convex`. Holes inside do
+    not change it.
 
-    return int(np.count_nonzero(convex_hull_image(mask)))
+    The same hull -- of the midpoints of the pixels' edges -- built without qhull: only the first and last
+    pixel of each row can be its corners, so it is the convex chain of the least columns per half-pixel row
+    step plus that of the largest (all coordinates are half-integers, the turn tests exact), and its pixels are
+    counted by `skimage`'s `grid_points_in_poly` as `convex_hull_image` counts them."""
+    from skimage.measure import grid_points_in_poly
+
+    mask = np.asarray(mask, dtype=bool)
+    if not mask.any():
+        return 0
+    rows = np.flatnonzero(mask.any(axis=1))
+    first = 2 * np.argmax(mask[rows], axis=1)  # doubled coordinates: integers
+    last = 2 * (mask.shape[1] - 1 - np.argmax(mask[rows, ::-1], axis=1))
+    big = 1 << 40
+    least = np.full(2 * mask.shape[0] + 1, big, dtype=np.int64)  # at doubled row 2r + 1 + (-1, 0, 1)
+    most = np.full(2 * mask.shape[0] + 1, -big, dtype=np.int64)
+    x = 2 * rows + 1
+    least[x - 1] = first
+    least[x + 1] = np.minimum(least[x + 1], first)
+    least[x] = first - 1
+    most[x - 1] = last
+    most[x + 1] = np.maximum(most[x + 1], last)
+    most[x] = last + 1
+    steps = np.flatnonzero(least < big)
+    at = steps.tolist()
+    left, right = _convex_chain(at, least[steps].tolist(), 1), _convex_chain(at, most[steps].tolist(), -1)
+    hull = np.array(left + right[::-1], dtype=np.float64) * 0.5 - np.array([0.5, 0.0])
+    return int(np.count_nonzero(grid_points_in_poly(mask.shape, hull, binarize=False)))
+
+
+def _convex_chain(xs: list[int], ys: list[int], sign: int) -> list[tuple[int, int]]:
+    """The convex chain (Andrew's monotone chain) through the points (xs, ys), xs increasing: turning
+    counter-clockwise for `sign` 1 (the least ys), clockwise for -1 (the largest); collinear points dropped."""
+    chain: list[tuple[int, int]] = []
+    for px, py in zip(xs, ys, strict=True):
+        while len(chain) >= 2:
+            (ax, ay), (bx, by) = chain[-2], chain[-1]
+            if sign * ((bx - ax) * (py - ay) - (by - ay) * (px - ax)) > 0:
+                break
+            chain.pop()
+        chain.append((px, py))
+    return chain
 
 
 #: Holes up to this share of an object's area are filled before its shape is judged (texture inside a plate);
@@ -180,7 +221,7 @@ SMALL_HOLE_SHARE = 0.1
 def fill_small_holes(mask: np.ndarray) -> np.ndarray:
     """`mask` with its holes of at most `SMALL_HOLE_SHARE` of its area filled."""
     mask = np.asarray(mask, dtype=bool)
-    holes, count = ndimage.label(ndimage.binary_fill_holes(mask) & ~mask)
+    holes, count = ndimage.label(fill_holes(mask) & ~mask)
     if count == 0:
         return mask
     sizes = np.bincount(holes.ravel())
