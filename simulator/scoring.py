@@ -3,8 +3,10 @@
 A confirmed target is a true positive when its final stage position lies on a crystal (within
 `tolerance_um`, for stage repeat error and the crystal's blurred edge). Recall counts the crystals in the
 mapped box that some confirmed target landed on; `recall_diffracting` counts only diffracting crystals and
-only `recorded` targets (confirmed and diffracting). Targets that were never visited (time budget,
-`max_targets`) count as misses, so recall also measures how much of the area a session screened.
+only `recorded` targets (confirmed and diffracting). `precision_unique` counts each crystal once: distinct
+crystals hit / confirmed targets (a second target on a crystal already hit is a wasted visit). Targets that
+were never visited (time budget, `max_targets`) count as misses, so recall also measures how much of the area
+a session screened.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ def score_session(
     box_um: tuple[float, float, float, float] | Sequence[tuple[float, float, float, float]],
     tolerance_um: float = 1.0,
 ) -> dict[str, Any]:
-    """`precision`, `recall`, `recall_diffracting` (None where undefined) and the counts behind them.
+    """`precision`, `precision_unique`, `recall`, `recall_diffracting` (None where undefined) and the counts
+    behind them.
 
     `results` are the visited targets: objects with `x_um`, `y_um` (final stage position) and `outcome`;
     `box_um` is the mapped box (x_min, x_max, y_min, y_max um), or a list of them (a session mapped in rounds).
@@ -47,6 +50,7 @@ def score_session(
     diffracting = [c for c in in_box if c.diffracts]
     return {
         "precision": round(true_positive / len(confirmed), 4) if confirmed else None,
+        "precision_unique": round(len(hit_ids) / len(confirmed), 4) if confirmed else None,
         "recall": round(len(hit_ids & {c.id for c in in_box}) / len(in_box), 4) if in_box else None,
         "recall_diffracting": (
             round(len(recorded_hit_ids & {c.id for c in diffracting}) / len(diffracting), 4) if diffracting else None

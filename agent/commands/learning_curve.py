@@ -94,14 +94,14 @@ def print_learning(result: dict[str, Any]) -> None:
 
     table = Table(title="learning curve: sessions on one label memory (cold: the same seed, empty memory)")
     for column in ("specimen", "seed", "memory", "visited", "diffracting", "hit rate", "cold hit rate",
-                   "call precision", "calls", "diffr/h", "cold diffr/h", "precision", "recall"):
+                   "call precision", "calls", "diffr/h", "cold diffr/h", "precision", "unique", "recall"):
         table.add_column(column)
     for r in result["rows"]:
         cold = r["cold"]
         table.add_row(r["specimen"], str(r["seed"]), str(r["memory_sessions"]), str(r["visited"]),
                       str(r["diffracting"]), f(r["hit_rate"]), f(cold["hit_rate"]), f(r["call_precision"]),
                       str(r["calls"]), f(r["diffracting_per_hour"]), f(cold["diffracting_per_hour"]),
-                      f(r["precision"]), f(r["recall"]))
+                      f(r["precision"]), f(r["precision_unique"]), f(r["recall"]))
     reliability = Table(title="reliability of the probabilities (sessions with memory)")
     for column in ("bin", "mean probability", "diffracted share", "visits"):
         reliability.add_column(column)
@@ -109,6 +109,8 @@ def print_learning(result: dict[str, Any]) -> None:
         reliability.add_row(f"{b['bin_low']:.1f}-{b['bin_high']:.1f}", f(b["mean_probability"]),
                             f(b["diffracted_share"]), str(b["count"]))
     console = Console()
+    if not console.is_terminal:  # piped or captured: do not squeeze the table into 80 columns
+        console = Console(width=max(console.width, 170))
     console.print(table)
     console.print(reliability)
 

@@ -37,6 +37,7 @@ class SessionFigures:
     diffracting: int
     diffracting_per_hour: float | None
     precision: float | None
+    precision_unique: float | None
     recall: float | None
     calls: int
     call_precision: float | None
@@ -59,6 +60,7 @@ class SessionFigures:
             "hit_rate": None if self.hit_rate is None else round(self.hit_rate, 3),
             "diffracting_per_hour": self.diffracting_per_hour,
             "precision": self.precision,
+            "precision_unique": self.precision_unique,
             "recall": self.recall,
             "calls": self.calls,
             "call_precision": None if self.call_precision is None else round(self.call_precision, 3),
@@ -92,6 +94,7 @@ def session_figures(folder: Path, *, specimen: str, seed: int, memory_sessions: 
         diffracting=sum(1 for _, diffracted in visits if diffracted),
         diffracting_per_hour=summary.get("diffracting_per_hour"),
         precision=summary.get("precision"),
+        precision_unique=summary.get("precision_unique"),
         recall=summary.get("recall"),
         calls=len(called),
         call_precision=sum(called) / len(called) if called else None,
@@ -151,7 +154,7 @@ def learning_report_html(result: dict[str, object]) -> str:
     rows = result.get("rows", [])
     bins = result.get("reliability", [])
     columns = ("specimen", "seed", "memory_sessions", "visited", "diffracting", "hit_rate", "call_precision",
-               "calls", "diffracting_per_hour", "precision", "recall")
+               "calls", "diffracting_per_hour", "precision", "precision_unique", "recall")
     head = "".join(f"<th>{escape(c)}</th>" for c in (*columns, "cold hit_rate", "cold diffracting_per_hour"))
     body = "".join(
         "<tr>"

@@ -107,6 +107,7 @@ def summary_table(summary: dict[str, Any]) -> Table:
         ("microscope time per diffracting crystal (s)", summary.get("time_per_diffracting_s")),
         ("confirmed crystals per hour (found again, any diffraction)", summary.get("confirmed_per_hour")),
         ("precision (ground truth)", summary.get("precision")),
+        ("  each crystal counted once", summary.get("precision_unique")),
         ("recall of crystals in mapped area", summary.get("recall")),
         ("recall of diffracting crystals", summary.get("recall_diffracting")),
         ("faults", summary.get("faults")),
