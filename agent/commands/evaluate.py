@@ -75,6 +75,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                           help="first seed of the learning curve (far from the seeds used for tuning)")
     learning.add_argument("--learning-squares", type=int, default=2, help="squares each session maps")
     learning.add_argument("--learning-max-targets", type=int, default=20, help="targets each session visits")
+    learning.add_argument("--learning-camera-px", type=int, default=1024, metavar="PX",
+                          help="simulated camera of the learning curve's sessions (pixels)")
     learning.add_argument("--learning-budget-s", type=float, default=None, metavar="S",
                           help="size each session by this microscope-time budget instead of squares and targets")
     parser.set_defaults(handler=run_evaluate)

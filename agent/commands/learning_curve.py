@@ -34,7 +34,7 @@ def _screen(out: Path, specimen: str, seed: int, labels: Path, args: argparse.Na
     command = [
         sys.executable, "-m", "agent.cli", "screen", "--simulated", "--specimen", specimen, "--seed", str(seed),
         "--operator", "simulated", "--labels", str(labels), "--calibrations", str(out.parent / "calibrations"),
-        "--out", str(out), "--json",
+        "--camera-px", str(args.learning_camera_px), "--out", str(out), "--json",
     ]
     if args.learning_budget_s is not None:  # sized by time: the ranking decides which targets are visited
         command += ["--time-budget-s", str(args.learning_budget_s)]
@@ -76,6 +76,7 @@ def run_learning_curve(args: argparse.Namespace, specimens: tuple[str, ...]) -> 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "sessions": args.learning, "first_seed": args.learning_seed, "conditions": args.conditions or "none",
+        "camera_px": args.learning_camera_px,
         **(
             {"time_budget_s": args.learning_budget_s}
             if args.learning_budget_s is not None
