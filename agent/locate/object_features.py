@@ -165,11 +165,13 @@ def _edge_strength(crop: np.ndarray, mask: np.ndarray) -> float:
     """Mean gradient magnitude (image units per px) on the object's boundary pixels."""
     if min(crop.shape) < 2:
         return 0.0
-    gradient_rows, gradient_cols = np.gradient(crop)
-    boundary = mask & ~ndimage.binary_erosion(mask)
+    from agent.locate.objects import cross_steps
+
+    boundary = mask & ~cross_steps(mask, 1, erode=True)  # ndimage.binary_erosion(mask)
     if not boundary.any():
         return 0.0
-    return float(np.hypot(gradient_rows, gradient_cols)[boundary].mean())
+    gradient_rows, gradient_cols = np.gradient(crop)
+    return float(np.hypot(gradient_rows[boundary], gradient_cols[boundary]).mean())
 
 
 def _corner_share(mask: np.ndarray) -> float:

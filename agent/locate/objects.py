@@ -51,7 +51,6 @@ from agent.locate.object_features import (
     MIN_SIGNIFICANCE,
     OBJECT_FEATURE_NAMES,
     deviation_in_polarity,
-    fill_holes,
     measure_object,
 )
 
@@ -221,13 +220,16 @@ SMALL_HOLE_SHARE = 0.1
 def fill_small_holes(mask: np.ndarray) -> np.ndarray:
     """`mask` with its holes of at most `SMALL_HOLE_SHARE` of its area filled."""
     mask = np.asarray(mask, dtype=bool)
-    holes, count = ndimage.label(fill_holes(mask) & ~mask)
-    if count == 0:
+    # the background labelled once (as `object_features.fill_holes`): label 1 is the outside, the others holes
+    padded = np.ones((mask.shape[0] + 2, mask.shape[1] + 2), dtype=bool)
+    np.logical_not(mask, out=padded[1:-1, 1:-1])
+    background, count = ndimage.label(padded)
+    if count <= 1:
         return mask
-    sizes = np.bincount(holes.ravel())
-    small = sizes <= SMALL_HOLE_SHARE * np.count_nonzero(mask)
-    small[0] = False
-    return mask | small[holes]
+    background = background[1:-1, 1:-1]
+    small = np.bincount(background.ravel(), minlength=count + 1) <= SMALL_HOLE_SHARE * np.count_nonzero(mask)
+    small[:2] = False  # the object itself (0) and the outside (1)
+    return mask | small[background]
 
 
 def split_compound(mask: np.ndarray, min_distance_px: int, compound: bool | None = None) -> np.ndarray:
@@ -318,7 +320,7 @@ def is_round(
         # a large outline is smoothed in proportion (a sixteenth of the radius), so shot noise along it
         # does not read as corners; a polygon's corners stay sharp at that scale
         deviation = ndimage.gaussian_filter(deviation, radius_px / 16.0)
-    near = ndimage.binary_dilation(inside, iterations=2)  # this object only, not its neighbours
+    near = cross_steps(inside, 2, erode=False)  # this object only, not its neighbours
     half = 0.5 * float(np.percentile(deviation[inside], 90))
     contours = find_contours(np.where(near, deviation, 0.0), half)
     if not contours:
@@ -375,6 +377,8 @@ def find_objects(
         if drop_film_lines
         else None
     )
+    if lines_half is not None and not lines_half.any():
+        lines_half = None  # no line: no component lies on one
     return _measure_objects(
         smoothed,
         labels,
