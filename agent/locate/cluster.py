@@ -609,7 +609,7 @@ def black_pixel_mask(image: np.ndarray, ignore: np.ndarray | None = None, max_si
     allowed = grow_mask(keep_border_or_large(black_small), 3)
     if not allowed.any():
         return np.zeros(image.shape, dtype=bool)
-    black = (_mean_3x3(image) <= level) & _upsample_mask(allowed, factor, image.shape)
+    black = _mean_3x3_at_most(image, level) & _upsample_mask(allowed, factor, image.shape)
     if ignore is not None:
         black &= ~ignore
     return grow_mask(black, 5)
@@ -621,6 +621,25 @@ def _mean_3x3(image: np.ndarray) -> np.ndarray:
     times faster."""
     data = np.asarray(image, dtype=np.float32)
     return _sum_3(_sum_3(data, 0), 1) * np.float32(1.0 / 9.0)
+
+
+#: Rows of the image averaged at a time by `_mean_3x3_at_most` (a few MB per band instead of full-size arrays).
+MEAN_BAND_ROWS = 256
+
+
+def _mean_3x3_at_most(image: np.ndarray, level: float) -> np.ndarray:
+    """`_mean_3x3(image) <= level` (bool, image shape), band by band of `MEAN_BAND_ROWS` rows: each band is
+    averaged with one row above and below, so every pixel's mean is summed from the same values in the same
+    order (the same mask), and no full-size float array is made (first touch of fresh memory is slow)."""
+    rows = image.shape[0]
+    if rows < 2:
+        return _mean_3x3(image) <= level
+    out = np.empty(image.shape, dtype=bool)
+    for top in range(0, rows, MEAN_BAND_ROWS):
+        bottom = min(top + MEAN_BAND_ROWS, rows)
+        start, stop = max(top - 1, 0), min(bottom + 1, rows)
+        out[top:bottom] = _mean_3x3(image[start:stop])[top - start : bottom - start] <= level
+    return out
 
 
 def _sum_3(data: np.ndarray, axis: int) -> np.ndarray:
