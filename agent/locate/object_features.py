@@ -115,7 +115,7 @@ def measure_object(
             area_px / hull_px,
             math.log(max(major, 1.0) / max(minor, 1.0)),
             contrast,
-            float(np.percentile(inside, 90)) / sigma,
+            percentile_90(inside) / sigma,
             contrast * math.sqrt(samples),
             _optical_density(float(crop[mask].mean()), level, polarity, dark_fraction),
             _edge_strength(crop, mask) / sigma,
@@ -125,6 +125,21 @@ def measure_object(
         ],
         dtype=np.float64,
     )
+
+
+def percentile_90(values: np.ndarray) -> float:
+    """`np.percentile(values, 90)` (the default linear method) of a non-empty 1-D float64 array without NaN:
+    the same arithmetic on the two order statistics around index 0.9 (n - 1), without `percentile`'s
+    overhead (tens of microseconds a call, a call or two per object)."""
+    n = int(values.size)
+    virtual = (n - 1) * 0.9
+    below = math.floor(virtual)
+    if virtual >= n - 1:
+        return float(np.max(values))
+    ordered = np.partition(values, (below, below + 1))
+    low, high, gamma = float(ordered[below]), float(ordered[below + 1]), virtual - below
+    diff = high - low
+    return high - diff * (1 - gamma) if gamma >= 0.5 else low + diff * gamma
 
 
 def fill_holes(mask: np.ndarray) -> np.ndarray:

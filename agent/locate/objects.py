@@ -52,6 +52,7 @@ from agent.locate.object_features import (
     OBJECT_FEATURE_NAMES,
     deviation_in_polarity,
     measure_object,
+    percentile_90,
 )
 
 #: Gaussian smoothing (px) before pixels are compared with the film level.
@@ -321,7 +322,7 @@ def is_round(
         # does not read as corners; a polygon's corners stay sharp at that scale
         deviation = ndimage.gaussian_filter(deviation, radius_px / 16.0)
     near = cross_steps(inside, 2, erode=False)  # this object only, not its neighbours
-    half = 0.5 * float(np.percentile(deviation[inside], 90))
+    half = 0.5 * percentile_90(deviation[inside])  # np.percentile(..., 90)
     contours = find_contours(np.where(near, deviation, 0.0), half)
     if not contours:
         return False
