@@ -364,7 +364,9 @@ def objects_in_regions(
     return find_objects(
         prepared,
         film,
-        analysis.to_pixels(regions),
+        # region ids in the smallest unsigned type that holds them (uint8 up to 255 regions, else uint16, ...):
+        # a quarter or half of int32's full-size array to write (first touch of fresh memory is slow)
+        analysis.to_pixels(regions.astype(np.min_scalar_type(max(int(regions.max(initial=0)), 1)))),
         bar,
         min_contrast_sigma=min_contrast_sigma,
         min_distance_px=max(2, round(settings.min_spacing_px / 3)),
