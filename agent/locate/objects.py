@@ -131,13 +131,14 @@ def object_polarity(
     outvoting the objects themselves.
     """
     max_area = max(min_area_px, 0.01 * dark.size)
+    magnitude = np.abs(deviation).ravel()  # once for both signs
 
     def weight(mask: np.ndarray) -> tuple[int, float]:
         labels, count = ndimage.label(mask)
         if count == 0:
             return 0, 0.0
         areas = np.bincount(labels.ravel())[1:]
-        contrast = np.bincount(labels.ravel(), weights=np.abs(deviation).ravel())[1:]
+        contrast = np.bincount(labels.ravel(), weights=magnitude)[1:]
         compact = (areas >= min_area_px) & (areas <= max_area)
         return int(np.count_nonzero(compact)), float(contrast[compact].sum())
 
@@ -372,7 +373,7 @@ def find_objects(
         return None
     level, sigma = _level_and_sigma(smoothed.film_sample)
     polarity, deviant = _deviant_pixels(smoothed, level, min_contrast_sigma * sigma, bar_mask, region_px)
-    labels, _count = ndimage.label(deviant)
+    labels = _label(deviant)
     lines_half = (
         film_line_mask(deviation_in_polarity(smoothed.half, level, polarity) / sigma, bar_mask[::2, ::2])
         if drop_film_lines
@@ -391,6 +392,16 @@ def find_objects(
         drop_round=drop_round,
         lines_half=lines_half,
     )
+
+
+def _label(mask: np.ndarray) -> np.ndarray:
+    """`ndimage.label(mask)[0]` (the same ids), as uint16 when there are fewer than 65 536 components: half
+    the full-size array of int32 to write."""
+    try:
+        labels, _count = ndimage.label(mask, output=np.uint16)
+    except RuntimeError:  # more components than uint16 holds
+        labels, _count = ndimage.label(mask)
+    return labels
 
 
 @dataclass(frozen=True)
