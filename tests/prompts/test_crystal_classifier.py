@@ -112,3 +112,19 @@ def test_a_record_of_another_layout_is_refused_with_file_and_line_a_torn_line_is
     path.write_bytes(whole + json.dumps(newer).encode() + b"\n")
     with pytest.raises(LabelMemoryError, match=r"objects\.jsonl line 3: record format 2 .*reads format 1"):
         LabelMemory(memory.folder).object_records()
+
+
+def test_answers_serve_the_cold_start_and_outcomes_decide_once_there_are_enough() -> None:
+    rng = np.random.default_rng(7)
+    answers = [
+        ObjectRecord(features=_features(rng, 20.0 if i % 2 else 8.0), feature_names=NAMES,
+                     label="not-crystal" if i % 2 else "crystal", source="simulated", specimen="protein-plates",
+                     preset="atlas", session="s0")
+        for i in range(40)
+    ]  # the answers say low contrast is the crystal
+    alone = fit_classifier(answers, specimen="protein-plates", preset="atlas", feature_names=NAMES)
+    assert alone is not None and alone.probability(_probe(8.0))[0] > alone.probability(_probe(20.0))[0]
+    outcomes = _records(rng, 12)  # the microscope says high contrast diffracts
+    fitted = fit_classifier(answers + outcomes, specimen="protein-plates", preset="atlas", feature_names=NAMES)
+    assert fitted is not None and fitted.n_outcomes == 12 == fitted.n_positive + fitted.n_negative
+    assert fitted.probability(_probe(20.0))[0] > 0.5 > fitted.probability(_probe(8.0))[0]
