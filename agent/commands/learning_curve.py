@@ -5,7 +5,8 @@ run one after another on one label memory, so session k starts with k-1 sessions
 seeds are also run each on an empty memory (cold), in the same run, so that a seed's difficulty is not
 taken for learning. Sessions are small (`--learning-squares`, `--learning-max-targets`), or sized by a
 microscope-time budget (`--learning-budget-s`: then not every target fits and the ranking decides which
-are visited, as in a real session); they share one calibration store (one instrument, calibrated once).
+are visited, as in a real session); the instrument is calibrated once before them (`crystal-locator
+calibrate`), and every session only checks that calibration.
 Each runs as `crystal-locator screen --simulated ... --operator simulated`
 in a child process; their folders stay under OUT for inspection.
 
@@ -48,6 +49,19 @@ def _screen(out: Path, specimen: str, seed: int, labels: Path, args: argparse.Na
         raise CommandError(f"session {out} failed (exit {done.returncode}): {' | '.join(tail)}")
 
 
+def _calibrate(store: Path, specimen: str, args: argparse.Namespace) -> None:
+    """Measure the simulated instrument's calibration once into `store` (`crystal-locator calibrate`), so that
+    every session, with memory or cold, only checks it: no session pays for it and the first is not slower."""
+    command = [
+        sys.executable, "-m", "agent.cli", "calibrate", "--simulated", "--specimen", specimen,
+        "--camera-px", str(args.learning_camera_px), "--calibrations", str(store),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        raise CommandError(f"calibrating the simulated instrument failed (exit {done.returncode}): {' | '.join(tail)}")
+
+
 def run_learning_curve(args: argparse.Namespace, specimens: tuple[str, ...]) -> dict[str, Any]:
     """Run the sessions (see module docstring) and return the JSON-ready result."""
     from agent.evaluation.learning import reliability_bins, session_figures
@@ -58,6 +72,7 @@ def run_learning_curve(args: argparse.Namespace, specimens: tuple[str, ...]) -> 
     rows: list[dict[str, Any]] = []
     visits_with_memory: list[tuple[float | None, bool]] = []
     for specimen in specimens:
+        _calibrate(root / specimen / "calibrations", specimen, args)
         for index in range(args.learning):
             seed = args.learning_seed + index
             learned_dir = root / specimen / f"learning-{seed}"
