@@ -115,3 +115,16 @@ def test_a_session_stopped_after_a_reranking_resumes_to_the_same_end(
     expected = [(t.target_id, t.p_diffract) for t in second.targets]
     assert [(t.target_id, t.p_diffract) for t in resumed.targets] == expected
     assert (tmp_path / "stopped" / "targets.csv").read_bytes() == (second.session_dir / "targets.csv").read_bytes()
+
+
+def test_the_learning_curve_reads_each_visits_probability_from_the_journal(second: ScreeningSession) -> None:
+    from agent.evaluation.learning import reliability_bins, session_figures
+
+    figures = session_figures(second.session_dir, specimen="protein-plates", seed=4, memory_sessions=1)
+    visited = [r for r in second.results.values() if r.outcome in OUTCOME_LABELS]
+    assert figures.visited == len(visited) and figures.diffracting == sum(r.outcome == "recorded" for r in visited)
+    assert all(p is not None for p, _ in figures.visits)  # every target had features and a classifier
+    bins = reliability_bins(figures.visits)
+    assert sum(b["count"] for b in bins) == len(visited)
+    assert all(b["bin_low"] <= b["mean_probability"] <= b["bin_high"] for b in bins)
+    assert figures.precision is None  # this session was not scored against ground truth
