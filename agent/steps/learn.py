@@ -36,7 +36,7 @@ from agent.prompts.object_records import ObjectLabel, ObjectRecord
 from agent.session.outcomes import TargetRecord, TargetResult
 from agent.session.records import RankedTarget, TargetsRanked
 from agent.steps.context import SessionContext
-from agent.steps.motion import plan_tiered_path
+from agent.steps.motion import order_by_tier
 
 logger = logging.getLogger(__name__)
 
@@ -186,7 +186,7 @@ def rerank(ctx: SessionContext) -> TargetsRanked | None:
     p = probabilities(ctx, [t.features for t in pending])
     updated = [t.model_copy(update={"p_diffract": q}) if q is not None else t for t, q in zip(pending, p, strict=True)]
     here = ctx.microscope.get_stage()
-    order = _tiered_order((here.x_um, here.y_um), updated)
+    order = order_by_tier((here.x_um, here.y_um), updated, lambda t: t.tier, lambda t: (t.x_um, t.y_um))
     record = TargetsRanked(
         after_outcomes=n,
         classifier=model.describe(),
@@ -194,14 +194,6 @@ def rerank(ctx: SessionContext) -> TargetsRanked | None:
     )
     apply_ranking(ctx, record)
     return record
-
-
-def _tiered_order(start_xy_um: tuple[float, float], targets: list[TargetRecord]) -> list[TargetRecord]:
-    """`targets` by tier, each tier on a short path from `start_xy_um`."""
-    tiers = sorted({t.tier for t in targets})
-    groups = [[t for t in targets if t.tier == tier] for tier in tiers]
-    points = [np.array([[t.x_um, t.y_um] for t in group]).reshape(-1, 2) for group in groups]
-    return [groups[tier][index] for tier, index in plan_tiered_path(start_xy_um, points)]
 
 
 def apply_ranking(ctx: SessionContext, record: TargetsRanked) -> None:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import numpy as np
 
 from drivers.base import Microscope
+
+T = TypeVar("T")
 
 
 def approach_move(
@@ -80,6 +83,17 @@ def plan_path(start_xy_um: Sequence[float], points_xy_um: np.ndarray, max_two_op
         if not improved:
             break
     return [node - 1 for node in route[1:]]
+
+
+def order_by_tier(
+    start_xy_um: Sequence[float], items: Sequence[T], tier: Callable[[T], int], xy_um: Callable[[T], Sequence[float]]
+) -> list[T]:
+    """`items` in visiting order: grouped by `tier(item)` (lowest first), each group on a short path
+    (`plan_tiered_path`) from `start_xy_um`; `xy_um(item)` is an item's stage position (um)."""
+    tiers = sorted({tier(item) for item in items})
+    groups = [[item for item in items if tier(item) == value] for value in tiers]
+    points = [np.array([xy_um(item) for item in group], dtype=np.float64).reshape(-1, 2) for group in groups]
+    return [groups[group][index] for group, index in plan_tiered_path(start_xy_um, points)]
 
 
 def plan_tiered_path(start_xy_um: Sequence[float], tiers: Sequence[np.ndarray]) -> list[tuple[int, int]]:

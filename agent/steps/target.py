@@ -27,7 +27,7 @@ from agent.session.records import TargetsPlanned
 from agent.steps import learn
 from agent.steps.context import SessionContext
 from agent.steps.map import atlas_folder, in_any_box
-from agent.steps.motion import plan_tiered_path
+from agent.steps.motion import order_by_tier
 
 #: A candidate with its stage position: (candidate, x_um, y_um).
 Placed = tuple[Any, float, float]
@@ -125,10 +125,7 @@ def plan_targets(ctx: SessionContext) -> TargetPlan:
         ctx, [_Entry(e, mixed, f, q) for (e, mixed), f, q in zip(placed, features, p, strict=True)]
     )
     here = ctx.microscope.get_stage()
-    tiers = sorted({entry.tier for entry in entries})
-    groups = [[entry for entry in entries if entry.tier == tier] for tier in tiers]
-    points = [np.array([entry.placed[1:] for entry in group]).reshape(-1, 2) for group in groups]
-    visits = [groups[tier][index] for tier, index in plan_tiered_path((here.x_um, here.y_um), points)]
+    visits = order_by_tier((here.x_um, here.y_um), entries, lambda entry: entry.tier, lambda entry: entry.placed[1:])
     first = len(ctx.targets)
     targets = [_target_record(f"T{first + rank + 1:03d}", first + rank, entry) for rank, entry in enumerate(visits)]
     round_number = max(1, ctx.rounds)
