@@ -43,10 +43,9 @@ def _screen(out: Path, specimen: str, seed: int, labels: Path, args: argparse.Na
         command += ["--squares", str(args.learning_squares), "--max-targets", str(args.learning_max_targets)]
     if args.conditions:
         command += ["--conditions", args.conditions]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    if done.returncode != 0 or not (out / "summary.json").exists():
-        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-        raise CommandError(f"session {out} failed (exit {done.returncode}): {' | '.join(tail)}")
+    _run_child(command, f"session {out}")
+    if not (out / "summary.json").exists():
+        raise CommandError(f"session {out} failed: it wrote no summary.json")
 
 
 def _calibrate(store: Path, specimen: str, args: argparse.Namespace) -> None:
@@ -56,10 +55,15 @@ def _calibrate(store: Path, specimen: str, args: argparse.Namespace) -> None:
         sys.executable, "-m", "agent.cli", "calibrate", "--simulated", "--specimen", specimen,
         "--camera-px", str(args.learning_camera_px), "--calibrations", str(store),
     ]
+    _run_child(command, "calibrating the simulated instrument")
+
+
+def _run_child(command: list[str], what: str) -> None:
+    """Run a `crystal-locator` child process; `CommandError` naming `what` with its last lines if it fails."""
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-        raise CommandError(f"calibrating the simulated instrument failed (exit {done.returncode}): {' | '.join(tail)}")
+        raise CommandError(f"{what} failed (exit {done.returncode}): {' | '.join(tail)}")
 
 
 def run_learning_curve(args: argparse.Namespace, specimens: tuple[str, ...]) -> dict[str, Any]:

@@ -158,7 +158,7 @@ class LabelMemory:
             )
         now = utc_now()
 
-        def doomed(record: LabelRecord) -> bool:
+        def doomed(record: LabelRecord | ObjectRecord) -> bool:
             return (
                 (specimen is None or record.specimen == specimen)
                 and (session is None or record.session == session)
@@ -168,9 +168,7 @@ class LabelMemory:
 
         removed = self._log.rewrite(doomed)
         if self._objects.path.exists():
-            removed += self._objects.rewrite(
-                lambda record: (source is None or record.source == source) and doomed(record)  # type: ignore[arg-type]
-            )
+            removed += self._objects.rewrite(doomed)
         return removed
 
     def clear(self) -> int:
