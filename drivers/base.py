@@ -73,6 +73,13 @@ class AuthenticationError(BridgeError):
     """The server refused the client's credentials (CURVE key not on the allow-list)."""
 
 
+class GridLoadError(MicroscopeError):
+    """A grid could not be loaded from the autoloader cassette: the slot is empty, or the transfer failed.
+
+    After it the stage holds no grid (`loaded_slot()` is None) or, when the transfer never started, the grid it
+    held before; the caller skips that slot and goes on with the next."""
+
+
 #: Every error type that may cross the bridge, by name. The bridge client re-raises a remote error as
 #: the class of the same name; unknown names become `MicroscopeError`.
 ERROR_TYPES: dict[str, type[MicroscopeError]] = {
@@ -89,6 +96,7 @@ ERROR_TYPES: dict[str, type[MicroscopeError]] = {
         BridgeTimeout,
         ProtocolMismatchError,
         AuthenticationError,
+        GridLoadError,
     )
 }
 
@@ -194,6 +202,14 @@ class MicroscopeInfo(BaseModel):
         description=(
             "largest image shift (specimen um from the stage position, each axis) the driver applies with "
             "`set_image_shift`; 0: the driver has no image shift (the optional `ImageShiftMicroscope` capability)"
+        ),
+    )
+    cassette_slots: int = Field(
+        default=0,
+        ge=0,
+        description=(
+            "slots of the autoloader cassette the driver can load grids from; 0: no cassette (the optional "
+            "`CassetteMicroscope` capability)"
         ),
     )
 
@@ -466,3 +482,63 @@ def resolve_stage_target(
     target = StagePosition(**values)
     limits.check(target)
     return target
+
+
+class CassetteSlot(BaseModel):
+    """One slot of an autoloader cassette, as the last inventory found it.
+
+    `slot` is 1-based, as on the instrument's own user interface. `state`: `occupied` (a grid, not on the
+    stage), `loaded` (its grid is on the stage now), `empty`, or `unknown` (not inventoried, or the autoloader
+    could not tell). `label` is whatever name the instrument keeps for the grid (may be empty)."""
+
+    model_config = _FROZEN
+
+    slot: int = Field(ge=1)
+    state: Literal["occupied", "loaded", "empty", "unknown"]
+    label: str = ""
+
+
+@runtime_checkable
+class CassetteMicroscope(Microscope, Protocol):
+    """A `Microscope` with an autoloader: a cassette of grids, one of which is on the stage. An optional
+    capability: `info().cassette_slots > 0` says a driver has it.
+
+    Loading a grid takes minutes (the previous grid goes back to its slot first) and puts the new one on the
+    stage at a rotation and shift of its own, different after every reload: stage coordinates of an earlier
+    load do not hold (register the grid's map again)."""
+
+    def cassette_slots(self) -> tuple[CassetteSlot, ...]:
+        """Every slot of the cassette (1 .. `info().cassette_slots`), in order. Cheap: the last inventory."""
+        ...
+
+    def loaded_slot(self) -> int | None:
+        """The slot whose grid is on the stage, None when the stage holds no grid from the cassette."""
+        ...
+
+    def load_grid(self, slot: int) -> None:
+        """Put the grid of `slot` on the stage and return when it is there (minutes). Loading the slot already
+        loaded does nothing. `InvalidParameterError` for a slot out of 1 .. `cassette_slots`; `GridLoadError` for
+        an empty slot or a transfer that failed."""
+        ...
+
+
+#: Method names of the cassette capability (bridge and conformance tests).
+CASSETTE_METHODS: tuple[str, ...] = ("cassette_slots", "loaded_slot", "load_grid")
+
+
+def cassette_slot_count(microscope: Microscope, info: MicroscopeInfo | None = None) -> int:
+    """How many cassette slots `microscope` can load grids from: its `cassette_slots` when it has the cassette
+    methods, else 0 (one grid, loaded by hand)."""
+    count = (info or microscope.info()).cassette_slots
+    if count <= 0 or not all(callable(getattr(microscope, name, None)) for name in CASSETTE_METHODS):
+        return 0
+    return int(count)
+
+
+def check_slot(slot: int, slot_count: int) -> int:
+    """Validate a 1-based cassette slot number; `InvalidParameterError` when it is not an int in 1 .. slot_count."""
+    if isinstance(slot, bool) or not isinstance(slot, (int, np.integer)):
+        raise InvalidParameterError(f"a cassette slot is a whole number, got {type(slot).__name__}")
+    if not 1 <= int(slot) <= slot_count:
+        raise InvalidParameterError(f"cassette slot {int(slot)} does not exist; this cassette has slots 1-{slot_count}")
+    return int(slot)
