@@ -115,6 +115,10 @@ class TargetingPlan(BaseModel):
     min_spacing_um: float = Field(default=4.0, ge=0.0)
     min_bar_distance_um: float = Field(default=4.0, ge=0.0)
     approach_um: float = Field(default=5.0, ge=0.0, description="backlash take-up: always arrive from -x/-y")
+    visit: bool = Field(
+        default=True,
+        description="visit the targets; False: an atlas-only pass (map, locate, label, plan the targets, then stop)",
+    )
 
 
 class ConfirmPlan(BaseModel):

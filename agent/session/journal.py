@@ -122,13 +122,13 @@ def read_records(path: str | os.PathLike[str]) -> list[AnyRecord]:
 
 
 class Journal:
-    """Appends entries to `session_dir/journal.jsonl`; thread-safe; resumes numbering after a restart.
+    """Appends entries to `session_dir/journal.jsonl` (or `name`); thread-safe; resumes numbering after a restart.
 
     `clock_s` is a callable giving the session's microscope time, stamped on every entry.
     """
 
-    def __init__(self, session_dir: str | os.PathLike[str], clock_s: Any = None) -> None:
-        self.path = Path(session_dir) / JOURNAL_NAME
+    def __init__(self, session_dir: str | os.PathLike[str], clock_s: Any = None, name: str = JOURNAL_NAME) -> None:
+        self.path = Path(session_dir) / name
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._clock_s = clock_s
