@@ -168,7 +168,8 @@ def _figure(png: bytes | None, caption: str, *, width_px: int | None = None, mis
             f"<figcaption>{_e(caption)}</figcaption></figure>")
 
 
-def _page(title: str, sections: Sequence[str]) -> str:
+def html_page(title: str, sections: Sequence[str]) -> str:
+    """A whole self-contained HTML page (inline CSS, no script) with `title` and the `sections` (HTML) in order."""
     generated = datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
@@ -295,7 +296,7 @@ def session_report_html(session_dir: str | Path) -> str:
         *_calibration_and_plan_sections(calibration, plan),
     ]
     title = f"Screening session {summary.get('session') or folder.name}"
-    return _page(title, sections)
+    return html_page(title, sections)
 
 
 def _summary_sections(summary: Mapping[str, Any]) -> list[str]:
@@ -571,7 +572,7 @@ def evaluation_report_html(
             sections.append(f"<h3>{_e(key)} <span class=\"muted\">({_e(example.name)})</span></h3>" + "".join(figures))
     if failures:
         sections.append("<h2>Failures</h2><ul>" + "".join(f"<li>{_e(f)}</li>" for f in failures) + "</ul>")
-    return _page(title, sections)
+    return html_page(title, sections)
 
 
 def write_evaluation_report(
