@@ -3,7 +3,9 @@
     crystal-locator screen --simulated [--specimen TYPE] [--seed N] [--plan plan.toml] [--out DIR]
     crystal-locator screen --tiles DIR [--pixel-size-um X] ...
     crystal-locator screen --bridge tcp://127.0.0.1:5555 ...
+    crystal-locator screen --simulated|--bridge ... --atlas GRIDMAP.mrc.mdoc --nav grid.nav [--map-id N]
     crystal-locator screen --resume SESSION_DIR
+    crystal-locator screen --simulated|--bridge ... --grids 1-12      (multi-grid run: agent.commands.grid_run)
 
 How the microscope was made is saved in the session folder (`source.json`), so `--resume` needs nothing
 else.
@@ -64,6 +66,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                              "area.squares_per_round; default 4)")
     parser.add_argument("--time-budget-s", type=float,
                         help="microscope seconds the session may use (plan: time_budget_s; default 3600)")
+    # -- start from a SerialEM grid map (agent.steps.serialem_map) --
+    parser.add_argument("--atlas", type=Path, metavar="GRIDMAP.mrc.mdoc",
+                        help="use this SerialEM montage as the atlas (with --nav): no overview, no mapping; with "
+                             "--simulated, the same --specimen and --seed as the map was taken of")
+    parser.add_argument("--nav", type=Path, metavar="NAV",
+                        help="the SerialEM navigator holding --atlas's map item; the targets go to a copy of it, "
+                             "targets_on_map.nav in the session folder")
+    parser.add_argument("--map-id", type=int, metavar="N",
+                        help="MapID of the map item in --nav (default: its only montage map item of --atlas)")
     parser.add_argument(
         "--operator",
         default="none",
@@ -108,6 +119,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     parser.add_argument("--console-token-file", type=Path, metavar="FILE", help="access token for --console")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    # -- multi-grid runs from the autoloader cassette (agent.commands.grid_run) --
+    grids = parser.add_argument_group("multi-grid runs (autoloader cassette)")
+    grids.add_argument("--grids", metavar="SLOTS",
+                       help="atlas pass over these cassette slots (e.g. 1-12 or 1,3,5-7), rank the grids, screen the "
+                            "best in the budget (default budget: one hour per slot)")
+    grids.add_argument("--cassette", metavar="default|FILE.json",
+                       help="the simulated cassette with --simulated --grids (default: a varied 12-slot cassette)")
+    grids.add_argument("--grid-budget-s", type=float, help="microscope seconds of screening per grid (default 2400)")
+    grids.add_argument("--atlas-squares", type=int, help="grid squares each grid's atlas pass maps (default 4)")
+    grids.add_argument("--max-grids", type=int, help="screen at most this many grids (default: the budget decides)")
     parser.set_defaults(handler=run_screen)
 
 
@@ -186,23 +207,29 @@ def clock_profile_arg(value: str | None) -> Any:
     return profile.name if profile.name in PROFILES and PROFILES[profile.name] == profile else profile.model_dump()
 
 
-def make_microscope(source: dict[str, Any], start: Any | None = None) -> tuple[Any, Any]:
+def make_microscope(
+    source: dict[str, Any], start: Any | None = None, extra: dict[str, Any] | None = None
+) -> tuple[Any, Any]:
     """The microscope described by `source` and its ground truth (None unless simulated).
 
     `start` (an `agent.session.restore.ResumePoint`) is where a resumed session continues: a simulator is
-    started at its microscope time, stage position and preset, as a real stage simply stays where it was."""
+    started at its microscope time, stage position and preset, as a real stage simply stays where it was.
+    `extra`: more simulator arguments (a resumed multi-grid run's cassette state). A `cassette` in `source` makes
+    a simulated autoloader cassette (`simulator.cassette`) instead of one specimen."""
     kind = source["kind"]
     if kind in ("simulated", "tiles"):
         from simulator import create_simulated_microscope
 
-        kwargs: dict[str, Any] = {"seed": int(source.get("seed") or 0), **_simulator_start(start)}
+        kwargs: dict[str, Any] = {"seed": int(source.get("seed") or 0), **_simulator_start(start), **(extra or {})}
         kwargs["clock_profile"] = source.get("clock")  # None (sessions before --clock): the default profile
         if source.get("camera_px"):
             kwargs["camera_shape_px"] = (int(source["camera_px"]), int(source["camera_px"]))
         kwargs["instrument_seed"] = int(source.get("instrument_seed") or 0)
         kwargs["conditions"] = source.get("conditions")  # None (sessions before --conditions): none
         try:
-            if kind == "simulated":
+            if kind == "simulated" and source.get("cassette") is not None:
+                microscope = create_simulated_microscope(cassette=_cassette_spec(source["cassette"]), **kwargs)
+            elif kind == "simulated":
                 microscope = create_simulated_microscope(specimen_type=source["specimen"], **kwargs)
             else:
                 microscope = create_simulated_microscope(
@@ -219,6 +246,15 @@ def make_microscope(source: dict[str, Any], start: Any | None = None) -> tuple[A
         except Exception as exc:
             raise CommandError(f"cannot connect to the bridge at {source['endpoint']}: {exc}") from exc
     raise CommandError(f"unknown microscope source {kind!r}")
+
+
+def _cassette_spec(saved: Any) -> Any:
+    """The simulated cassette a run saved in its `source.json`: `"default"` or its slots (JSON)."""
+    if saved == "default":
+        return "default"
+    from simulator.cassette import cassette_spec_from
+
+    return cassette_spec_from(saved, where="source.json")
 
 
 def _simulator_start(start: Any | None) -> dict[str, Any]:
@@ -268,6 +304,8 @@ def _plan_from_args(args: argparse.Namespace, source: dict[str, Any]) -> Any:
         for key, value in (("squares", args.squares), ("squares_per_round", args.squares_per_round))
         if value is not None
     }
+    if getattr(args, "serialem_map", None) is not None:
+        area_updates["serialem_map"] = args.serialem_map
     if area_updates:
         updates["area"] = plan.area.model_copy(update=area_updates)
     if updates:
@@ -281,6 +319,30 @@ def _plan_from_args(args: argparse.Namespace, source: dict[str, Any]) -> Any:
         except ValidationError as exc:
             raise CommandError(_option_error(exc)) from None
     return plan
+
+
+def serialem_map_arg(args: argparse.Namespace) -> Any:
+    """`--atlas/--nav/--map-id` loaded and checked (`agent.steps.serialem_map`): the plan's `area.serialem_map`
+    (absolute paths, the map id resolved), None without them; `CommandError` with the reason otherwise, before
+    anything is written."""
+    atlas, nav, map_id = getattr(args, "atlas", None), getattr(args, "nav", None), getattr(args, "map_id", None)
+    if atlas is None and nav is None and map_id is None:
+        return None
+    if args.resume is not None:
+        raise CommandError("--resume keeps the session's SerialEM map (its plan.json); drop --atlas, --nav, --map-id")
+    if atlas is None or nav is None:
+        raise CommandError("--atlas GRIDMAP.mrc.mdoc and --nav grid.nav go together (--map-id N picks the map item)")
+    if args.squares is not None or args.squares_per_round is not None:
+        raise CommandError("--atlas is the area to screen: drop --squares and --squares-per-round")
+    from agent.config import SerialemMapPlan
+    from agent.steps.serialem_map import SerialemMapError, load_serialem_map
+
+    try:
+        loaded = load_serialem_map(atlas, nav, map_id)
+    except SerialemMapError as exc:
+        raise CommandError(f"--atlas refused: {exc}") from None
+    logger.info("%s", loaded.describe())
+    return SerialemMapPlan(mdoc_path=str(atlas.resolve()), nav_path=str(nav.resolve()), map_id=loaded.map_id)
 
 
 #: The command-line option of each plan field the `screen` flags override.
@@ -306,13 +368,21 @@ def run_screen(args: argparse.Namespace) -> int:
     """Handler of `crystal-locator screen`."""
     from rich.console import Console
 
+    from agent.grids.records import is_run_folder
     from agent.session.events import EventBus
     from agent.session.journal import read_journal
     from agent.session.progress import summary_table
 
+    if args.grids is not None or (args.resume is not None and is_run_folder(args.resume)):
+        from agent.commands.grid_run import run_grids
+
+        return run_grids(args)
+    if args.cassette is not None:
+        raise CommandError("--cassette describes the simulated cassette of a multi-grid run: add --grids SLOTS")
     if args.resume is None and args.out is not None:
         check_out_folder(args.out, "session folder")
     source = _source_from_args(args)
+    args.serialem_map = serialem_map_arg(args)  # checked before anything is written
     session_dir = args.resume or args.out or Path("sessions") / datetime.now().strftime("%Y%m%d-%H%M%S")
     if args.resume is None and (session_dir / "journal.jsonl").exists() and read_journal(session_dir / "journal.jsonl"):
         raise CommandError(f"{session_dir} already holds a session; use --resume {session_dir} or another --out")
