@@ -460,7 +460,7 @@ class SimulatedMicroscope:
                 self._errors[preset.name], rng,
                 exposure_s=exposure_s, beam_blanked=blanked, z_um=reported.z_um,
             )
-        specimen = self._scene.specimen_type if isinstance(self._scene, Specimen) else "tiles"
+        specimen = getattr(self._scene, "specimen_type", "tiles")  # a Specimen, a placed grid, or tiles
         extra: dict[str, Any] = {"simulated": True, "frame_number": frame_number, "specimen": specimen}
         metadata = frame_metadata(kind, preset, reported, exposure_s, time_s, blanked, self._name, extra)
         return Frame(image=image, metadata=metadata.model_copy(update={"image_shift_xy_um": shift_xy}))
