@@ -73,6 +73,18 @@ class ExposurePlan(BaseModel):
     diffraction_s: float = Field(default=1.0, gt=0)
 
 
+class SerialemMapPlan(BaseModel):
+    """A SerialEM grid map used as the atlas instead of mapping (`agent.steps.serialem_map`): the montage's
+    `.mdoc` (its `.mrc` stack beside it), the navigator holding its map item, and that item's `MapID`. Paths are
+    absolute, so that `--resume` finds the same files wherever it runs from."""
+
+    model_config = _FROZEN
+
+    mdoc_path: str = Field(min_length=1, description="the montage's .mrc.mdoc (absolute path)")
+    nav_path: str = Field(min_length=1, description="the SerialEM navigator (.nav) with the map item (absolute path)")
+    map_id: int = Field(description="MapID of the montage's map item in the navigator")
+
+
 class AreaPlan(BaseModel):
     """What to map at the atlas preset.
 
@@ -94,6 +106,10 @@ class AreaPlan(BaseModel):
     overlap_fraction: float = Field(default=0.1, ge=0.0, lt=0.5)
     margin_um: float = Field(default=5.0, ge=0.0)
     overview: bool = Field(default=True, description="take a whole-grid overview first to choose squares")
+    serialem_map: SerialemMapPlan | None = Field(
+        default=None,
+        description="use this SerialEM grid map as the atlas: no overview, no mapping, one round (see SerialemMapPlan)",
+    )
 
     @model_validator(mode="after")
     def _box_ordered(self) -> AreaPlan:
@@ -101,6 +117,8 @@ class AreaPlan(BaseModel):
             x_min, x_max, y_min, y_max = self.box_um
             if not (x_min < x_max and y_min < y_max):
                 raise ValueError("box_um must be (x_min, x_max, y_min, y_max) with min < max")
+        if self.serialem_map is not None and (self.box_um is not None or self.squares is not None):
+            raise ValueError("serialem_map is the area to screen: leave out box_um and squares")
         return self
 
 
