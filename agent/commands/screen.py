@@ -66,15 +66,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                              "area.squares_per_round; default 4)")
     parser.add_argument("--time-budget-s", type=float,
                         help="microscope seconds the session may use (plan: time_budget_s; default 3600)")
-    # -- start from a SerialEM grid map (agent.steps.serialem_map) --
-    parser.add_argument("--atlas", type=Path, metavar="GRIDMAP.mrc.mdoc",
-                        help="use this SerialEM montage as the atlas (with --nav): no overview, no mapping; with "
-                             "--simulated, the same --specimen and --seed as the map was taken of")
-    parser.add_argument("--nav", type=Path, metavar="NAV",
-                        help="the SerialEM navigator holding --atlas's map item; the targets go to a copy of it, "
-                             "targets_on_map.nav in the session folder")
-    parser.add_argument("--map-id", type=int, metavar="N",
-                        help="MapID of the map item in --nav (default: its only montage map item of --atlas)")
+    _add_serialem_map_options(parser)
     parser.add_argument(
         "--operator",
         default="none",
@@ -319,6 +311,18 @@ def _plan_from_args(args: argparse.Namespace, source: dict[str, Any]) -> Any:
         except ValidationError as exc:
             raise CommandError(_option_error(exc)) from None
     return plan
+
+
+def _add_serialem_map_options(parser: argparse.ArgumentParser) -> None:
+    """`--atlas`, `--nav`, `--map-id`: start from a SerialEM grid map (`agent.steps.serialem_map`)."""
+    parser.add_argument("--atlas", type=Path, metavar="GRIDMAP.mrc.mdoc",
+                        help="use this SerialEM montage as the atlas (with --nav): no overview, no mapping; with "
+                             "--simulated, the same --specimen and --seed as the map was taken of")
+    parser.add_argument("--nav", type=Path, metavar="NAV",
+                        help="the SerialEM navigator holding --atlas's map item; the targets go to a copy of it, "
+                             "targets_on_map.nav in the session folder")
+    parser.add_argument("--map-id", type=int, metavar="N",
+                        help="MapID of the map item in --nav (default: its only montage map item of --atlas)")
 
 
 def serialem_map_arg(args: argparse.Namespace) -> Any:

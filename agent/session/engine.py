@@ -167,12 +167,14 @@ class ScreeningEngine:
     def _another_round(self) -> bool:
         """True when a session sized by its budget should map the next block of squares: the target cap (if
         any) not reached, budget left for a montage like the last one and a target visit after it, and a block
-        of typical squares not mapped yet."""
+        of typical squares not mapped yet. Never on a SerialEM map (`area.serialem_map`)."""
         ctx = self.ctx
         plan = ctx.plan
         cap = plan.targeting.max_targets
         if not plan.sized_by_budget or ctx.rounds == 0 or (cap is not None and len(ctx.targets) >= cap):
             return False
+        if plan.area.serialem_map is not None:
+            return False  # the operator's SerialEM map is the area: the budget bounds only the visits
         assert plan.time_budget_s is not None
         if plan.time_budget_s - ctx.clock_s() < ctx.last_mapping_s + target.visit_estimate_s(plan):
             return False

@@ -4,6 +4,7 @@
   `atlas/clusters.json`;
 - `targets.csv`, `targets.json` (stage coordinates, scores, outcomes), `targets.nav` (SerialEM navigator:
   recorded targets as points, ready to acquire);
+- `targets_on_map.nav` (a session on a SerialEM map): the operator's navigator with every target drawn on the map;
 - `targets/<id>_thumb.png`, `targets/<id>_diffraction.png` (8-bit previews);
 - `summary.json` (see `agent.session.outcomes.SessionSummary`).
 
@@ -168,3 +169,64 @@ def write_target_tables(
             )
         )
     write_nav(session_dir / "targets.nav", items)
+
+
+#: Label prefix of the points `write_targets_on_map` adds to the operator's navigator.
+MAP_POINT_PREFIX = "CL-"
+
+
+def write_targets_on_map(
+    session_dir: Path,
+    nav_bytes: bytes,
+    map_item: Any,
+    targets: Sequence[TargetRecord],
+    results: dict[str, TargetResult],
+) -> Path:
+    """`targets_on_map.nav`: the operator's navigator (`nav_bytes`, kept byte for byte) followed by one point per
+    target drawn on `map_item` (a `drivers.formats.nav.NavItem`): `DrawnID` = its `MapID`, its registration and
+    Z, label `CL-<target id>` (a suffix if the navigator uses that label), a note with the outcome (or "not
+    visited") and p_diffract when known, at the re-centred position once visited; `Acquire = 1` only for the
+    diffracting ones (outcome `recorded`), so that SerialEM's "Acquire at items" visits them. Colours: green
+    diffracting, yellow found without diffraction, magenta not found or failed, red not visited. Atomic."""
+    from drivers.formats.nav import format_nav, parse_nav, point_item
+
+    try:
+        nav_text = nav_bytes.decode("utf-8")
+    except UnicodeDecodeError:
+        nav_text = nav_bytes.decode("latin-1")  # SerialEM on Windows writes notes in the system code page
+    taken = {item.label for item in parse_nav(nav_text, where="navigator")}
+    colours = {"recorded": 1, "no-diffraction": 3}
+    points = []
+    for target in targets:
+        result = results.get(target.target_id)
+        label = f"{MAP_POINT_PREFIX}{target.target_id}"
+        while label in taken:
+            label += "-cl"
+        taken.add(label)
+        note = f"crystal-locator {target.target_id}: " + ("not visited" if result is None else result.outcome)
+        if target.p_diffract is not None:
+            note += f" p_diffract {target.p_diffract:.2f}"
+        if result is not None and result.confirmed:
+            note += f" spots {result.n_spots}"
+        x_um, y_um = (target.x_um, target.y_um) if result is None else (result.x_um, result.y_um)
+        points.append(
+            point_item(
+                label,
+                x_um,
+                y_um,
+                z_um=map_item.stage_xyz_um[2],
+                note=note,
+                color=0 if result is None else colours.get(result.outcome, 4),
+                acquire=result is not None and result.outcome == "recorded",
+                drawn_id=map_item.map_id,
+                regis=map_item.regis,
+            )
+        )
+    newline = "\r\n" if "\r\n" in nav_text else "\n"
+    added = ""
+    if points:
+        formatted = format_nav(points)
+        added = newline + formatted[formatted.index("[Item") :].replace("\n", newline)
+        if not nav_text.endswith(("\n", "\r")):
+            added = newline + added
+    return write_atomic(session_dir / "targets_on_map.nav", nav_bytes + added.encode("utf-8"))

@@ -6,7 +6,8 @@ with `seq`, UTC time and microscope time, durably), then the others, which recei
 - `EventPublisher`: the `EventBus` topics a console or log follows (`state`, `journal`, `prompt`, `target`,
   `summary`, plus `atlas` and `progress` notices);
 - `CalibrationWriter`: `calibration.json` after every measured preset;
-- `TableWriter`: `targets.csv`, `targets.json`, `targets.nav` after the target list and every outcome.
+- `TableWriter`: `targets.csv`, `targets.json`, `targets.nav` after the target list and every outcome (and
+  `targets_on_map.nav` on a SerialEM map).
 
 `FileWriter` writes the frames, previews and atlas outputs steps hand to the output port. Every file is
 written atomically.
@@ -14,6 +15,7 @@ written atomically.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,8 @@ from agent.session.records import (
 from agent.steps.stage_calibration import CALIBRATION_NAME, CalibrationSet, PresetCalibration
 from drivers.base import Frame
 from drivers.formats.images import write_frame_tiff
+
+logger = logging.getLogger(__name__)
 
 #: A subscriber: called with every stamped record, in the order they are emitted.
 Subscriber = Callable[[Record], None]
@@ -113,6 +117,8 @@ class TableWriter:
     def __init__(self, session_dir: Path, context: Any) -> None:
         self.session_dir = session_dir
         self.context = context
+        #: the operator's navigator (bytes as read) and its map item, on a SerialEM map session
+        self._navigator: tuple[bytes, Any] | None = None
 
     def __call__(self, record: Record) -> None:
         if isinstance(record, TargetsPlanned):
@@ -123,10 +129,30 @@ class TableWriter:
             self.write()
 
     def write(self, targets: list[TargetRecord] | None = None) -> None:
-        """Write the tables from the session's targets (or `targets`) and outcomes now."""
+        """Write the tables from the session's targets (or `targets`) and outcomes now (and, on a SerialEM map,
+        `targets_on_map.nav`)."""
         ctx = self.context
         planned = ctx.targets if targets is None else targets
         outputs.write_target_tables(self.session_dir, planned, ctx.results, ctx.calibration, ctx.atlas)
+        if ctx.plan.area.serialem_map is not None:
+            self._write_on_map(planned)
+
+    def _write_on_map(self, planned: list[TargetRecord]) -> None:
+        """`targets_on_map.nav` (`outputs.write_targets_on_map`) over the operator's navigator as it was read the
+        first time; a navigator that cannot be read any more is logged, not fatal (the other tables stand)."""
+        from drivers.formats.nav import NavFormatError, parse_nav
+
+        source = self.context.plan.area.serialem_map
+        assert source is not None
+        try:
+            if self._navigator is None:
+                raw = Path(source.nav_path).read_bytes()
+                items = parse_nav(raw.decode("utf-8", errors="replace"), where=source.nav_path)
+                map_item = next(item for item in items if item.map_id == source.map_id)
+                self._navigator = (raw, map_item)
+            outputs.write_targets_on_map(self.session_dir, *self._navigator, planned, self.context.results)
+        except (OSError, NavFormatError, StopIteration) as exc:
+            logger.warning("targets_on_map.nav not written: %s (%s)", source.nav_path, exc)
 
 
 class FileWriter:

@@ -28,7 +28,9 @@ from agent.steps.atlas import Atlas, frame_atlas
 from agent.steps.calibration_check import CheckResult, check_preset
 from agent.steps.context import SessionContext
 from agent.steps.motion import approach_move
+from agent.steps.serialem_map import load_serialem_map
 from agent.steps.stage_calibration import CalibrationSet, PresetCalibration, measure_preset
+from drivers.geometry import image_centre_px
 
 
 @dataclass(frozen=True)
@@ -39,8 +41,11 @@ class CalibrateResult:
 
 
 def presets_to_calibrate(ctx: SessionContext) -> list[str]:
-    """The presets this session uses: overview (when the plan maps from an overview), atlas, search."""
+    """The presets this session uses: overview (when the plan maps from an overview), atlas, search; only search
+    on a SerialEM map (`area.serialem_map`: the map item gives the atlas' pixel -> stage transform)."""
     presets = ctx.plan.presets
+    if ctx.plan.area.serialem_map is not None:
+        return [presets.search]
     needed = [presets.atlas, presets.search]
     if ctx.plan.area.overview and ctx.plan.area.box_um is None:
         needed.insert(0, presets.overview)
@@ -135,6 +140,8 @@ def calibration_site(ctx: SessionContext, preset: str) -> tuple[float, float]:
     frame (the overview locates it only to a few pixels of ~2-6 um)."""
     attempt = ctx.calibration_attempt
     spiral = (40.0 * attempt * math.cos(attempt * 2.4), 40.0 * attempt * math.sin(attempt * 2.4))
+    if ctx.plan.area.serialem_map is not None:
+        return serialem_map_site(ctx, spiral)
     overview_preset, atlas_preset = ctx.plan.presets.overview, ctx.plan.presets.atlas
     if preset == overview_preset or overview_preset not in ctx.calibration.presets:
         return spiral
@@ -152,6 +159,21 @@ def calibration_site(ctx: SessionContext, preset: str) -> tuple[float, float]:
         if refined:
             site = refined[0]
     return site
+
+
+def serialem_map_site(ctx: SessionContext, spiral_um: tuple[float, float]) -> tuple[float, float]:
+    """Where to calibrate on a SerialEM map session: the corner of a grid square near the map's centre, the
+    `ctx.calibration_attempt`-th nearest (the map item places it to about a map pixel); without a visible mesh,
+    `spiral_um` (stage um) about the map's centre."""
+    source = ctx.plan.area.serialem_map
+    assert source is not None
+    radius_um = ctx.plan.confirm.radius_um
+    atlas = load_serialem_map(source.mdoc_path, source.nav_path, source.map_id, tolerance_um=radius_um).atlas
+    centre = atlas.pixel_to_stage_um(image_centre_px(atlas.image.shape))
+    corners = square_corners(atlas, bar_mask(ctx, atlas), near_xy_um=(float(centre[0]), float(centre[1])))
+    if corners:
+        return corners[ctx.calibration_attempt % len(corners)]
+    return (float(centre[0]) + spiral_um[0], float(centre[1]) + spiral_um[1])
 
 
 def overview_atlas(ctx: SessionContext) -> Atlas:

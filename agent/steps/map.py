@@ -7,6 +7,9 @@ position. It is clipped to the stage limits.
 
 A session sized by its budget maps in rounds: `next_block` says whether another block is left, and every
 round's atlas is written as `atlas/atlas.tif` (round 1) or `atlas/round-<n>/atlas.tif`.
+
+A plan with `area.serialem_map` maps nothing: the operator's SerialEM grid map is the atlas (`map_serialem`), in one
+round.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from agent.steps.atlas import (
 )
 from agent.steps.calibrate import bar_mask, overview_atlas
 from agent.steps.context import SessionContext
+from agent.steps.serialem_map import load_serialem_map
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +52,10 @@ class MapResult:
 def map_grid(ctx: SessionContext) -> MapResult:
     """Plan the montage, acquire it at the atlas preset and assemble it; the atlas TIFF is saved.
 
-    Raises `MicroscopeError` subclasses from the stage or camera."""
+    Raises `MicroscopeError` subclasses from the stage or camera. A plan with `area.serialem_map` takes that map
+    instead (`map_serialem`)."""
+    if ctx.plan.area.serialem_map is not None:
+        return map_serialem(ctx)
     limits = ctx.microscope.stage_limits()
     atlas_preset = ctx.plan.presets.atlas
     matrix = ctx.calibration.matrix(atlas_preset)
@@ -82,6 +89,32 @@ def map_grid(ctx: SessionContext) -> MapResult:
         )
     )
     return MapResult(atlas=atlas, box_um=box, mapping_s=done_s - planned_s)
+
+
+def map_serialem(ctx: SessionContext) -> MapResult:
+    """The plan's SerialEM grid map as this session's atlas (`agent.steps.serialem_map`): no stage move and no
+    exposure; recorded and saved (`atlas/atlas.tif`) as a mapped atlas is, with the map's stage box. Its pieces
+    must agree with the map item's transform within `confirm.radius_um`. Raises `SerialemMapError`."""
+    source = ctx.plan.area.serialem_map
+    assert source is not None
+    loaded = load_serialem_map(
+        source.mdoc_path,
+        source.nav_path,
+        source.map_id,
+        tolerance_um=ctx.plan.confirm.radius_um,
+        preset=ctx.plan.presets.atlas,
+    )
+    logger.info("%s", loaded.describe())
+    round_number = ctx.rounds + 1
+    box = loaded.box_um
+    planned_s = ctx.clock_s()
+    ctx.output.record(MappingPlanned(event="plan", round=round_number, box_um=box, tiles=loaded.n_pieces))
+    atlas = loaded.atlas
+    path = ctx.output.save_frame("atlas", f"{atlas_folder(round_number)}/atlas.tif", atlas.as_frame(ctx.clock_s()))
+    ctx.output.record(
+        MappingPlanned(event="done", round=round_number, box_um=box, path=path, shape_px=atlas.image.shape)
+    )
+    return MapResult(atlas=atlas, box_um=box, mapping_s=ctx.clock_s() - planned_s)
 
 
 def atlas_folder(round_number: int) -> str:
