@@ -28,6 +28,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from agent.alerts.plan import AlertPlan
 from agent.locate.analysis import LocateSettings
 from drivers.formats.images import write_atomic
 
@@ -226,6 +227,9 @@ class ScreeningPlan(BaseModel):
             "microscope seconds the session may use: it sizes the session (rounds of squares, targets ranked by "
             "score when not all fit) and no target is started after it; None: no budget (one round)"
         ),
+    )
+    alerts: AlertPlan = Field(
+        default_factory=AlertPlan, description="webhook / e-mail alerts (agent.alerts.plan); off by default"
     )
 
     @model_validator(mode="after")
