@@ -16,7 +16,14 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from drivers.base import Microscope, MicroscopeError, MicroscopeInfo, ProtocolMismatchError
+from drivers.base import (
+    CASSETTE_METHODS,
+    Microscope,
+    MicroscopeError,
+    MicroscopeInfo,
+    ProtocolMismatchError,
+    cassette_slot_count,
+)
 from drivers.protocol import (
     HELLO_METHOD,
     METHOD_SPECS,
@@ -93,6 +100,7 @@ class CallRunner:
         self._stats = stats
         self._event_endpoint = event_endpoint
         self._curve = curve
+        self._cassette_slots: int | None = None  # the microscope's cassette, asked once (info() then says)
 
     def reply(self, spec: MethodSpec, params: BaseModel, request_id: uuid.UUID) -> list[Any]:
         """Run the call and return its reply frames: the encoded header, then the array frames (if any)."""
@@ -105,6 +113,8 @@ class CallRunner:
                 method = getattr(self._microscope, spec.name, None)
                 if not callable(method):
                     raise MicroscopeError(f"this microscope has no {spec.name} (an optional capability it lacks)")
+                if spec.name in CASSETTE_METHODS:
+                    self._check_cassette(spec.name)
                 value = method(**params.model_dump())
                 self._stats.count_executed(spec.name)
                 result, raw_arrays = encode_value(value)
@@ -124,6 +134,17 @@ class CallRunner:
             arrays = []
             header = error_reply(request_id, self._server_id, exc)
         return [encode_header(header), *arrays]
+
+    def _check_cassette(self, method: str) -> None:
+        """`MicroscopeError` when the served microscope has no autoloader cassette (`info().cassette_slots` 0),
+        even if its class has the methods (e.g. an adapter whose autoloader is not enabled)."""
+        if self._cassette_slots is None:
+            self._cassette_slots = cassette_slot_count(self._microscope)
+        if self._cassette_slots <= 0:
+            raise MicroscopeError(
+                f"this microscope has no autoloader cassette, so it cannot {method} (info().cassette_slots is 0); "
+                "load the grid by hand, or enable the autoloader in the driver's configuration"
+            )
 
     def _hello(self, params: BaseModel) -> HelloResult:
         client_version = getattr(params, "client_protocol_version", None)

@@ -1,7 +1,7 @@
 """The bridge server's memory of calls, for at-most-once execution of non-idempotent calls.
 
 A call the server accepts becomes a `Job` (by job id) until its reply is sent. Non-idempotent calls
-(move_stage, acquire, acquire_diffraction) are also remembered by request id: while one runs, a resend of
+(move_stage, acquire, acquire_diffraction, load_grid) are also remembered by request id: while one runs, a resend of
 the same id attaches to it; after it ran, a resend gets the stored reply again. Stored replies are bounded
 by count and by bytes; the ids of the last `seen_limit` such calls are kept after their replies are
 discarded, so that a very late resend is refused rather than run again. Used by the server's I/O thread

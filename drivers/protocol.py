@@ -12,7 +12,8 @@ frame is present, that no undeclared frame is, and that the shape times the item
 frame's byte length; it then wraps the frame's memory with `np.frombuffer` (no copy, read-only).
 
 Values of the `drivers.base` types travel as tagged JSON: `{"$type": "StagePosition", "value": {...}}`;
-a `Frame` is `{"$type": "Frame", "metadata": {...}, "image": <array index>}`. Nothing is pickled.
+a `Frame` is `{"$type": "Frame", "metadata": {...}, "image": <array index>}`; the cassette's slots are
+`{"$type": "CassetteSlots", "value": [{...CassetteSlot...}, ...]}`. Nothing is pickled.
 
 Every microscope method has a `MethodSpec`: its parameter model (strict: `"1"` is not a number and
 `true` is not a float), its call kind (how the server schedules it), whether repeating it is harmless
@@ -41,10 +42,12 @@ from pydantic import (
 )
 
 from drivers.base import (
+    CASSETTE_METHODS,
     ERROR_TYPES,
     IMAGE_SHIFT_METHODS,
     MICROSCOPE_METHODS,
     BridgeError,
+    CassetteSlot,
     Frame,
     FrameMetadata,
     InvalidParameterError,
@@ -57,7 +60,10 @@ from drivers.base import (
 )
 
 #: Version of this wire protocol. Client and server must agree exactly.
-PROTOCOL_VERSION = 2  # 2: the image-shift capability (methods and MicroscopeInfo/FrameMetadata fields)
+#: 2: the image-shift capability (methods and MicroscopeInfo/FrameMetadata fields); 3: the autoloader cassette
+#: capability (cassette_slots / loaded_slot / load_grid, CassetteSlots values, MicroscopeInfo.cassette_slots, which a
+#: version-2 peer's strict models would refuse).
+PROTOCOL_VERSION = 3
 
 #: Name of the handshake method (not a microscope method).
 HELLO_METHOD = "_hello"
@@ -249,6 +255,14 @@ class SetImageShiftParams(BaseModel):
         return value
 
 
+class LoadGridParams(BaseModel):
+    """`load_grid`: the cassette slot, a whole number from 1 (its upper end is checked by the microscope)."""
+
+    model_config = _PARAMS
+
+    slot: int = Field(ge=1, le=1000)
+
+
 class HelloParams(BaseModel):
     """The handshake: the client's protocol version and a name for the server's log."""
 
@@ -303,6 +317,11 @@ def _preset_timeout(_params: BaseModel, base_s: float) -> float:
     return max(base_s, 60.0)
 
 
+def _load_grid_timeout(_params: BaseModel, base_s: float) -> float:
+    # an exchange (the grid on the stage back to its slot, the new one in) takes minutes; allow ten
+    return max(base_s, 600.0)
+
+
 #: Every method the server serves, by name: the `Microscope` methods plus the handshake.
 METHOD_SPECS: dict[str, MethodSpec] = {
     spec.name: spec
@@ -325,10 +344,16 @@ METHOD_SPECS: dict[str, MethodSpec] = {
         # the optional image-shift capability (drivers.base.ImageShiftMicroscope)
         MethodSpec("get_image_shift", NoParams, "read", True, _quick),
         MethodSpec("set_image_shift", SetImageShiftParams, "control", True, _quick, ("optics",)),
+        # the optional cassette capability (drivers.base.CassetteMicroscope): reads stay answerable during a load
+        MethodSpec("cassette_slots", NoParams, "read", True, _quick),
+        MethodSpec("loaded_slot", NoParams, "read", True, _quick),
+        MethodSpec("load_grid", LoadGridParams, "control", False, _load_grid_timeout, ("stage",)),
     )
 }
 
-assert set(MICROSCOPE_METHODS) | set(IMAGE_SHIFT_METHODS) <= set(METHOD_SPECS), "every method needs a MethodSpec"
+assert set(MICROSCOPE_METHODS) | set(IMAGE_SHIFT_METHODS) | set(CASSETTE_METHODS) <= set(METHOD_SPECS), (
+    "every method needs a MethodSpec"
+)
 
 
 def validate_params(method: str, params: dict[str, Any]) -> BaseModel:
@@ -351,7 +376,8 @@ def validate_params(method: str, params: dict[str, Any]) -> BaseModel:
 
 #: The pydantic value types that may travel, by tag.
 VALUE_TYPES: dict[str, type[BaseModel]] = {
-    cls.__name__: cls for cls in (StagePosition, StageLimits, OpticsPreset, MicroscopeInfo, FrameMetadata)
+    cls.__name__: cls
+    for cls in (StagePosition, StageLimits, OpticsPreset, MicroscopeInfo, FrameMetadata, CassetteSlot)
 }
 
 
@@ -359,7 +385,8 @@ def encode_value(value: Any) -> tuple[JsonValue, list[np.ndarray]]:
     """Encode a method result as JSON plus the arrays that travel as binary frames.
 
     Accepts None, bool, int, float (finite), str, a pair of finite numbers (e.g. an image shift in um, as
-    `{"$type": "Pair", "value": [x, y]}`), the `drivers.base` models and `Frame`.
+    `{"$type": "Pair", "value": [x, y]}`), a tuple of `CassetteSlot`s (`CassetteSlots`), the `drivers.base`
+    models and `Frame`.
     """
     if value is None or isinstance(value, (bool, int, str)):
         return value, []
@@ -369,6 +396,8 @@ def encode_value(value: Any) -> tuple[JsonValue, list[np.ndarray]]:
         return value, []
     if isinstance(value, tuple) and len(value) == 2 and all(_finite_number(v) for v in value):
         return {"$type": "Pair", "value": [float(value[0]), float(value[1])]}, []
+    if isinstance(value, tuple) and all(isinstance(v, CassetteSlot) for v in value):
+        return {"$type": "CassetteSlots", "value": [v.model_dump(mode="json") for v in value]}, []
     if isinstance(value, Frame):
         return {"$type": "Frame", "metadata": value.metadata.model_dump(mode="json"), "image": 0}, [value.image]
     name = type(value).__name__
@@ -402,6 +431,11 @@ def decode_value(obj: JsonValue, arrays: Sequence[np.ndarray]) -> Any:
             if not isinstance(pair, list) or len(pair) != 2 or not all(_finite_number(v) for v in pair):
                 raise MalformedMessageError(f"a Pair must hold two finite numbers, got {pair!r}")
             return (float(pair[0]), float(pair[1]))  # type: ignore[arg-type]
+        if tag == "CassetteSlots":
+            slots = obj.get("value")
+            if not isinstance(slots, list):
+                raise MalformedMessageError(f"CassetteSlots must hold a list of slots, got {type(slots).__name__}")
+            return tuple(CassetteSlot.model_validate(slot) for slot in slots)
         cls = VALUE_TYPES.get(tag) if isinstance(tag, str) else None
         if cls is None:
             raise MalformedMessageError(f"unknown value type {tag!r}")

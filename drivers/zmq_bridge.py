@@ -15,16 +15,18 @@ calls run in worker threads, by call kind (`drivers.protocol.MethodSpec.kind`):
 - "read" calls (get_stage, is_stage_moving, get_preset, info, ...) run in a pool of `read_workers`
   threads, concurrently with each other and with the one running control call;
 - "control" calls (move_stage, wait_for_stage, set_preset, set_beam_blanked, acquire,
-  acquire_diffraction) run one at a time, in arrival order, on a single control thread;
+  acquire_diffraction, set_image_shift, load_grid) run one at a time, in arrival order, on a single control
+  thread;
 - "stop" (stop_stage) has its own thread, so it is never queued behind the move it must stop.
 
-So a long exposure or move never blocks status queries from any client. The wrapped microscope must
+So a long exposure, move or grid load never blocks status queries from any client (a load's progress can be
+followed with `loaded_slot` / `cassette_slots`, which are reads). The wrapped microscope must
 therefore accept read calls while one control call is in progress (the simulator and real instruments
 do). At most `max_pending` calls wait or run at once; more get a "server busy" `BridgeError`.
 
 At-most-once execution
 ----------------------
-Non-idempotent calls (move_stage, acquire, acquire_diffraction) are remembered by request id. A resend
+Non-idempotent calls (move_stage, acquire, acquire_diffraction, load_grid) are remembered by request id. A resend
 of the same id (after a client timeout) attaches to the running call or gets the stored reply again;
 it is never executed twice. A resend carries the `server_id` of the server it was first sent to, and a
 restarted server (new id, empty memory) refuses it rather than guess. The server keeps the last
@@ -78,6 +80,7 @@ from drivers.base import (
     AuthenticationError,
     BridgeError,
     BridgeTimeout,
+    CassetteSlot,
     Frame,
     InvalidParameterError,
     Microscope,
@@ -528,18 +531,66 @@ def _timeout_message(endpoint: str, method: str, timeout_s: float, attempts: int
     )
 
 
-class BridgeClient:
+class _OptionalCapabilities:
+    """The methods of the optional capabilities (`drivers.base.ImageShiftMicroscope`, `CassetteMicroscope`) and
+    `ping`, as `BridgeClient` calls them. A served microscope without a capability answers its calls with a
+    `MicroscopeError` that says so; `info().cassette_slots` / `image_shift_limit_um` tell beforehand."""
+
+    endpoint: str
+
+    def _call(self, method: str, params: dict[str, Any] | None = None) -> Any:  # pragma: no cover - BridgeClient's
+        raise NotImplementedError
+
+    def _typed(self, method: str, expected: type[T], params: dict[str, Any] | None = None) -> T:  # pragma: no cover
+        raise NotImplementedError
+
+    def get_image_shift(self) -> tuple[float, float]:
+        """The image shift (x_um, y_um); `MicroscopeError` when the served microscope has none."""
+        return self._typed("get_image_shift", tuple)  # a Pair: the protocol checked its two finite numbers
+
+    def set_image_shift(self, x_um: float, y_um: float) -> None:
+        """Set the image shift (um, absolute); `InvalidParameterError` beyond the microscope's limit."""
+        self._call("set_image_shift", {"x_um": x_um, "y_um": y_um})
+
+    def cassette_slots(self) -> tuple[CassetteSlot, ...]:
+        """Every slot of the autoloader cassette, in order (the last inventory); `MicroscopeError` without one."""
+        slots = self._typed("cassette_slots", tuple)
+        if not all(isinstance(slot, CassetteSlot) for slot in slots):
+            raise MalformedMessageError(f"{self.endpoint} answered cassette_slots with something other than slots")
+        return slots
+
+    def loaded_slot(self) -> int | None:
+        """The slot whose grid is on the stage, None when there is none. Answered during a load too."""
+        value = self._call("loaded_slot")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise MalformedMessageError(f"{self.endpoint} answered loaded_slot with {type(value).__name__}")
+        return value
+
+    def load_grid(self, slot: int) -> None:
+        """Put the grid of `slot` on the stage (minutes; run at most once on the server even when resent).
+        `InvalidParameterError` for a slot that is not a whole number in the cassette; `GridLoadError` for an
+        empty slot or a failed transfer."""
+        self._call("load_grid", {"slot": slot})
+
+    def ping(self) -> float:
+        """Round-trip time of one status call (`microscope_time_s`), seconds."""
+        start = time.perf_counter()
+        self._call("microscope_time_s")
+        return time.perf_counter() - start
+
+
+class BridgeClient(_OptionalCapabilities):
     """A `Microscope` on the far side of a `BridgeServer`.
 
     Connects and shakes hands at construction (protocol version, server info): raises `ProtocolMismatchError`
     on a version mismatch, `BridgeTimeout` if nobody answers, `AuthenticationError` if CURVE keys are refused.
 
     Time limits: quick calls `timeout_s` (default 5 s); a move at least 300 s; `acquire` 2 x exposure
-    + 30 s; `wait_for_stage` its own timeout + 10 s; override any with `method_timeouts_s`. After a
-    timeout the socket is rebuilt (lazy pirate) and the call is sent again up to `retries` times:
-    idempotent calls as a new request, moves and exposures with their original request id, which the
-    server runs at most once. Then `BridgeTimeout`. Remote errors are re-raised as the class of the
-    same name in `drivers.base.ERROR_TYPES`. One client is safe to share between threads (calls are
+    + 30 s; `wait_for_stage` its own timeout + 10 s; `load_grid` 600 s; override any with
+    `method_timeouts_s`. After a timeout the socket is rebuilt (lazy pirate) and the call is sent again up
+    to `retries` times: idempotent calls as a new request, moves, exposures and loads with their original
+    request id, which the server runs at most once. Then `BridgeTimeout`. Remote errors are re-raised as
+    the class of the same name in `drivers.base.ERROR_TYPES`. One client is safe to share between threads (calls are
     serialised); use one client per thread for concurrency. After a server restart the client reconnects
     by itself, refreshes `server_info` and `event_endpoint`, and calls `on_server_restart(old_id, new_id)`.
     """
@@ -814,17 +865,3 @@ class BridgeClient:
     def acquire_diffraction(self, exposure_s: float) -> Frame:
         """A diffraction pattern at the current position, `exposure_s` seconds."""
         return self._typed("acquire_diffraction", Frame, {"exposure_s": exposure_s})
-
-    def get_image_shift(self) -> tuple[float, float]:
-        """The image shift (x_um, y_um); `MicroscopeError` when the served microscope has none."""
-        return self._typed("get_image_shift", tuple)  # a Pair: the protocol checked its two finite numbers
-
-    def set_image_shift(self, x_um: float, y_um: float) -> None:
-        """Set the image shift (um, absolute); `InvalidParameterError` beyond the microscope's limit."""
-        self._call("set_image_shift", {"x_um": x_um, "y_um": y_um})
-
-    def ping(self) -> float:
-        """Round-trip time of one status call (`microscope_time_s`), seconds."""
-        start = time.perf_counter()
-        self.microscope_time_s()
-        return time.perf_counter() - start

@@ -181,10 +181,10 @@ def test_request_header_round_trip_and_version_check() -> None:
         (b"", "JSON"),
         (b"\xff\xfe", "UTF-8"),
         (b"[1, 2]", "JSON object"),
-        (b'{"protocol_version": 2, "request_id": "nope", "method": "info"}', "request_id"),
-        (b'{"protocol_version": 2, "request_id": "%s", "method": "info", "params": {"x": NaN}}' % str(
+        (b'{"protocol_version": 3, "request_id": "nope", "method": "info"}', "request_id"),
+        (b'{"protocol_version": 3, "request_id": "%s", "method": "info", "params": {"x": NaN}}' % str(
             uuid.uuid4()).encode(), "JSON"),
-        (b'{"protocol_version": 2, "request_id": "%s", "method": "info", "evil": 1}' % str(
+        (b'{"protocol_version": 3, "request_id": "%s", "method": "info", "evil": 1}' % str(
             uuid.uuid4()).encode(), "evil"),
         (b" " * (MAX_HEADER_BYTES + 1), "limit"),
     ],
@@ -211,7 +211,7 @@ def test_request_with_undeclared_frames_is_rejected() -> None:
 
 def test_request_id_can_be_read_from_a_header_that_fails_validation() -> None:
     request_id = uuid.uuid4()
-    raw = json.dumps({"protocol_version": 2, "request_id": str(request_id), "method": 5}).encode()
+    raw = json.dumps({"protocol_version": 3, "request_id": str(request_id), "method": 5}).encode()
     assert peek_request_id(raw) == request_id
     assert peek_request_id(b"\x00garbage") is None
 
