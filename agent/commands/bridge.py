@@ -2,7 +2,9 @@
 
 - `bridge serve --simulated [--specimen T] [--seed N] [--tiles DIR]` serves the simulated microscope;
   `bridge serve --adapter temscript --adapter-config scope.json` serves a Thermo Fisher / FEI instrument
-  (`--adapter temscript-null` the temscript NullMicroscope, for trying things out). Default endpoint
+  (`--adapter temscript-null` the temscript NullMicroscope, for trying things out); `--adapter serialem
+  [--serialem-host H --serialem-port P] [--adapter-config scope.json]` any instrument SerialEM drives, and
+  `--adapter serialem-emulator` the simulated microscope behind a SerialEM emulator. Default endpoint
   `tcp://127.0.0.1:5555`; any non-loopback endpoint needs `--curve-dir DIR` (holding
   `server.key_secret`) and at least one `--allow KEYFILE` (client public keys). Stops cleanly on
   Ctrl-C or SIGTERM.
@@ -33,8 +35,11 @@ def register(subparsers: Any) -> None:
     serve = sub.add_parser("serve", help="serve a microscope (simulated or a vendor adapter) over ZeroMQ")
     source = serve.add_mutually_exclusive_group(required=True)
     source.add_argument("--simulated", action="store_true", help="serve the simulated microscope")
-    source.add_argument("--adapter", choices=("temscript", "temscript-null"), help="serve a vendor adapter")
+    source.add_argument("--adapter", choices=("temscript", "temscript-null", "serialem", "serialem-emulator"),
+                        help="serve a vendor adapter (serialem-emulator: the simulated microscope behind SerialEM's)")
     serve.add_argument("--adapter-config", type=Path, default=None, help="JSON preset config of the adapter")
+    serve.add_argument("--serialem-host", default=None, help="where SerialEM listens (default: config, 127.0.0.1)")
+    serve.add_argument("--serialem-port", type=int, default=None, help="SerialEM's SocketServerPort 7 (default 48888)")
     serve.add_argument("--specimen", default="protein-plates", help="simulated specimen type")
     serve.add_argument("--seed", type=int, default=0, help="seed of the simulated specimen")
     serve.add_argument("--tiles", type=Path, default=None, help="serve this folder of real tiles (simulated)")
@@ -100,6 +105,9 @@ def _make_simulated(args: argparse.Namespace) -> Any:
 
 def _make_adapter(args: argparse.Namespace) -> Any:
     from drivers.base import MicroscopeError
+
+    if args.adapter in ("serialem", "serialem-emulator"):
+        return _make_serialem(args)
     from drivers.temscript_adapter import TemscriptConfig, create_temscript_microscope
 
     try:
@@ -108,6 +116,30 @@ def _make_adapter(args: argparse.Namespace) -> Any:
         return create_temscript_microscope(kind, config)
     except MicroscopeError as exc:
         raise CommandError(str(exc)) from exc
+
+
+def _make_serialem(args: argparse.Namespace) -> Any:
+    """`--adapter serialem`: the SerialEM at --serialem-host/--serialem-port (else the config's); `serialem-emulator`:
+    the simulated microscope of --specimen/--seed/... behind `simulator.serialem_emulator`."""
+    from drivers.base import MicroscopeError
+    from drivers.serialem_adapter import SerialEMConfig, SerialEMMicroscope, connect_serialem
+
+    try:
+        if args.adapter == "serialem-emulator":
+            from simulator.serialem_emulator import make_serialem_module
+
+            module = make_serialem_module(_make_simulated(args))
+            return SerialEMMicroscope(module, module.emulator.config())
+        if args.adapter_config is None:
+            raise CommandError("--adapter serialem needs --adapter-config scope.json (presets; see the README)")
+        if args.serialem_port is not None and not 1 <= args.serialem_port <= 65535:
+            raise CommandError(f"--serialem-port must be a port number 1-65535, got {args.serialem_port}")
+        config = SerialEMConfig.from_file(args.adapter_config)
+        where = {k: v for k, v in (("host", args.serialem_host), ("port", args.serialem_port)) if v is not None}
+        config = SerialEMConfig.model_validate({**config.model_dump(), **where})
+        return connect_serialem(config)
+    except (MicroscopeError, ValueError) as exc:
+        raise CommandError(" ".join(str(exc).split())) from exc
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -125,8 +157,8 @@ def _serve(args: argparse.Namespace) -> int:
                     f"refusing to bind {endpoint}: anything but loopback requires CURVE (--curve-dir DIR with "
                     "server.key_secret, and --allow KEYFILE for each client; make keys with `bridge keys`)"
                 )
-    if args.clock is not None and not args.simulated:
-        raise CommandError("--clock sets the simulator's timing; it needs --simulated")
+    if args.clock is not None and not (args.simulated or args.adapter == "serialem-emulator"):
+        raise CommandError("--clock sets the simulator's timing; it needs --simulated or --adapter serialem-emulator")
     microscope = _make_simulated(args) if args.simulated else _make_adapter(args)
     curve = None
     if args.curve_dir is not None:
