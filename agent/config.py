@@ -134,9 +134,13 @@ class TargetingPlan(BaseModel):
     min_spacing_um: float = Field(default=4.0, ge=0.0)
     min_bar_distance_um: float = Field(default=4.0, ge=0.0)
     approach_um: float = Field(default=5.0, ge=0.0, description="backlash take-up: always arrive from -x/-y")
-    visit: bool = Field(
-        default=True,
-        description="visit the targets; False: an atlas-only pass (map, locate, label, plan the targets, then stop)",
+    visit_limit: int | None = Field(
+        default=None,
+        ge=0,
+        description=(
+            "visit at most this many targets (the best ranked), then stop; 0: an atlas-only pass (map, locate, "
+            "label, plan the targets); None: as many as the budget allows"
+        ),
     )
 
 

@@ -142,8 +142,9 @@ class ScreeningEngine:
         if ranked is not None:
             self._emit(ranked)
         pending = [planned for planned in ctx.targets if planned.target_id not in ctx.results]
-        if not ctx.plan.targeting.visit:
-            return "finish"  # an atlas-only pass: the planned targets are its result
+        limit = ctx.plan.targeting.visit_limit
+        if limit is not None and len(ctx.results) >= limit:
+            return "finish"  # an atlas pass (limit 0) or a probe of the grid: its visits are done
         budget = ctx.plan.time_budget_s
         if budget is not None and ctx.clock_s() >= budget:
             if pending:
