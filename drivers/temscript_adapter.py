@@ -19,6 +19,19 @@ Example (JSON, load with `TemscriptConfig.from_file`):
 Threads: TEM Scripting is COM; a COM object must be used from the thread that created it. With
 `per_thread=True` (used for "local") every calling thread gets its own instrument object from the
 factory, so the bridge may read the stage from one thread while another waits for a move.
+
+Autoloader (the optional `drivers.base.CassetteMicroscope` capability), off unless the config says
+`"autoloader": true`. It maps to TEM Scripting's `Instrument.AutoLoader` object (TEM Scripting manual,
+"TEM.Basic" for Titan 2.6 / Talos 1.6 / Tecnai 5.6: the AutoLoader object; the same names in temscript's COM
+wrapper `_instrument_com.AutoLoader` of the azazellochg/temscript fork, in Leginon's `fei.py` and in
+pytemscript's `Autoloader`): `AutoLoaderAvailable` (bool), `NumberOfCassetteSlots` (long),
+`SlotStatus(slot)` (1-based slot -> CassetteSlotStatus: 0 Unknown, 1 Occupied, 2 Empty, 3 Error),
+`LoadCartridge(slot)` (puts the cartridge of that slot on the stage), `UnloadCartridge()` (puts the
+cartridge on the stage back into its slot) and `PerformCassetteInventory()` (scans the cassette; run it with
+`TemscriptMicroscope.cassette_inventory()`, slots read `unknown` until then). TEM Scripting does not say which
+slot is on the stage: the adapter remembers the slot it loaded (None at start, or `autoloader_loaded_slot`).
+niermann's temscript 2.x does not wrap the AutoLoader; the adapter takes it from the instrument's COM object
+(`_tem_instrument.AutoLoader`, present in the fork) or from an `autoloader_factory` you pass.
 """
 
 from __future__ import annotations
@@ -38,8 +51,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from drivers.base import (
     AcquisitionError,
+    CassetteSlot,
     Frame,
     FrameMetadata,
+    GridLoadError,
     InvalidParameterError,
     MicroscopeError,
     MicroscopeInfo,
@@ -50,6 +65,7 @@ from drivers.base import (
     StagePosition,
     check_exposure_s,
     check_image_shift_um,
+    check_slot,
     resolve_stage_target,
 )
 
@@ -120,6 +136,14 @@ class TemscriptConfig(BaseModel):
         ),
     )
 
+    autoloader: bool = Field(
+        default=False,
+        description="serve the autoloader (TEM Scripting's AutoLoader) as the cassette capability; off by default",
+    )
+    autoloader_loaded_slot: int | None = Field(
+        default=None, ge=1, description="the cassette slot whose grid is on the stage when the adapter starts"
+    )
+
     @model_validator(mode="after")
     def _unique_names(self) -> TemscriptConfig:
         names = [p.name for p in self.presets]
@@ -169,6 +193,78 @@ def _import_temscript() -> Any:
     return temscript
 
 
+#: TEM Scripting's CassetteSlotStatus -> `drivers.base.CassetteSlot.state` (Error: the autoloader could not tell).
+SLOT_STATES: dict[int, Literal["occupied", "empty", "unknown"]] = {
+    0: "unknown", 1: "occupied", 2: "empty", 3: "unknown",
+}
+
+
+def default_autoloader(instrument: Any) -> Any:
+    """TEM Scripting's AutoLoader object behind a temscript microscope (its COM `Instrument.AutoLoader`);
+    `TemscriptUnavailableError` when this temscript does not reach it (pass `autoloader_factory` then)."""
+    autoloader = getattr(getattr(instrument, "_tem_instrument", None), "AutoLoader", None)
+    if autoloader is None:
+        raise TemscriptUnavailableError(
+            "this temscript gives no access to TEM Scripting's AutoLoader; create the adapter with an "
+            "autoloader_factory (e.g. win32com Dispatch('TEMScripting.Instrument.1').AutoLoader) or turn "
+            "`autoloader` off in the config"
+        )
+    return autoloader
+
+
+class TemscriptAutoloader:
+    """The cassette capability over TEM Scripting's AutoLoader (names in the module docstring).
+
+    `autoloader(instrument)` gives the AutoLoader object for the calling thread's temscript instrument."""
+
+    def __init__(self, autoloader: Callable[[Any], Any], loaded_slot: int | None = None) -> None:
+        self._autoloader = autoloader
+        self._loaded = loaded_slot
+        self._lock = threading.Lock()
+
+    def slot_count(self, instrument: Any) -> int:
+        """NumberOfCassetteSlots, 0 when AutoLoaderAvailable is false (e.g. a side-entry holder)."""
+        loader = self._autoloader(instrument)
+        return int(loader.NumberOfCassetteSlots) if bool(loader.AutoLoaderAvailable) else 0
+
+    def slots(self, instrument: Any) -> tuple[CassetteSlot, ...]:
+        """Every slot's SlotStatus (the last inventory); the slot this adapter loaded reads `loaded`."""
+        loader = self._autoloader(instrument)
+        count = self.slot_count(instrument)
+        states = [SLOT_STATES.get(int(loader.SlotStatus(n)), "unknown") for n in range(1, count + 1)]
+        return tuple(CassetteSlot(slot=n, state="loaded" if n == self._loaded else state)
+                     for n, state in enumerate(states, start=1))
+
+    def loaded_slot(self) -> int | None:
+        """The slot this adapter last loaded (TEM Scripting cannot tell), None when none."""
+        return self._loaded
+
+    def load(self, instrument: Any, slot: int) -> None:
+        """UnloadCartridge (if a grid is on the stage), then LoadCartridge(slot); see `CassetteMicroscope`."""
+        slot = check_slot(slot, self.slot_count(instrument))
+        loader = self._autoloader(instrument)
+        with self._lock:
+            if slot == self._loaded:
+                return
+            if int(loader.SlotStatus(slot)) == 2:
+                raise GridLoadError(f"cassette slot {slot} is empty (by the last inventory); choose another slot")
+            try:
+                if self._loaded is not None:
+                    self._loaded = None  # from here on the stage may hold no grid
+                    loader.UnloadCartridge()
+                loader.LoadCartridge(slot)
+            except Exception as exc:
+                raise GridLoadError(f"the autoloader could not load slot {slot}: {exc}") from exc
+            self._loaded = slot
+
+    def inventory(self, instrument: Any) -> None:
+        """PerformCassetteInventory: scan the cassette so that SlotStatus tells occupied from empty."""
+        try:
+            self._autoloader(instrument).PerformCassetteInventory()
+        except Exception as exc:
+            raise MicroscopeError(f"the cassette inventory failed: {exc}") from exc
+
+
 def create_temscript_microscope(
     kind: Literal["local", "null", "remote"] = "local",
     config: TemscriptConfig | None = None,
@@ -197,7 +293,8 @@ class TemscriptMicroscope:
     """`drivers.base.Microscope` over a temscript `BaseMicroscope` (see the module docstring)."""
 
     def __init__(
-        self, instrument_factory: Callable[[], Any], config: TemscriptConfig, *, per_thread: bool = False
+        self, instrument_factory: Callable[[], Any], config: TemscriptConfig, *, per_thread: bool = False,
+        autoloader_factory: Callable[[Any], Any] = default_autoloader,
     ) -> None:
         self._factory = instrument_factory
         self._per_thread = per_thread
@@ -210,6 +307,8 @@ class TemscriptMicroscope:
         self._move_thread: threading.Thread | None = None
         self._move_error: BaseException | None = None
         self._image_shift_xy_um = (0.0, 0.0)
+        self.autoloader = (TemscriptAutoloader(autoloader_factory, config.autoloader_loaded_slot)
+                           if config.autoloader else None)
 
     @property
     def instrument(self) -> Any:
@@ -242,6 +341,7 @@ class TemscriptMicroscope:
             software_version=f"temscript {temscript.version}",
             simulated=family == "NULL",
             image_shift_limit_um=self.config.image_shift_limit_um,
+            cassette_slots=0 if self.autoloader is None else self.autoloader.slot_count(instrument),
         )
 
     def microscope_time_s(self) -> float:
@@ -392,6 +492,28 @@ class TemscriptMicroscope:
         except Exception as exc:
             raise MicroscopeError(f"setting the image shift to {shift} um failed: {exc}") from exc
         self._image_shift_xy_um = shift
+
+    # autoloader (off unless the config enables it) -------------------------------------------------
+    def _loader(self) -> TemscriptAutoloader:
+        if self.autoloader is None:
+            raise MicroscopeError("the autoloader is off for this instrument (config autoloader=false)")
+        return self.autoloader
+
+    def cassette_slots(self) -> tuple[CassetteSlot, ...]:
+        """Every cassette slot by TEM Scripting's SlotStatus (the last inventory)."""
+        return self._loader().slots(self.instrument)
+
+    def loaded_slot(self) -> int | None:
+        """The slot this adapter loaded last, None when none."""
+        return self._loader().loaded_slot()
+
+    def load_grid(self, slot: int) -> None:
+        """Unload the grid on the stage (UnloadCartridge), load `slot`'s (LoadCartridge). Minutes."""
+        self._loader().load(self.instrument, slot)
+
+    def cassette_inventory(self) -> None:
+        """Scan the cassette (PerformCassetteInventory); not part of the protocol."""
+        self._loader().inventory(self.instrument)
 
     # camera ---------------------------------------------------------------------------------------
     def _current_preset(self) -> TemscriptPreset:

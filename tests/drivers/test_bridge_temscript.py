@@ -1,4 +1,5 @@
-"""The temscript adapter on temscript's NullMicroscope: units at the edge, presets, camera, errors."""
+"""The temscript adapter on temscript's NullMicroscope: units at the edge, presets, camera, errors; the autoloader
+mapping on a stand-in for TEM Scripting's AutoLoader object (NullMicroscope has none)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,14 @@ import numpy as np
 import pytest
 
 from drivers.base import (
+    CassetteSlot,
+    GridLoadError,
     InvalidParameterError,
     Microscope,
+    MicroscopeError,
     PresetError,
     StageLimitError,
+    cassette_slot_count,
 )
 from drivers.temscript_adapter import (
     NULL_CONFIG,
@@ -146,3 +151,94 @@ def test_adapter_serves_over_the_bridge(scope: TemscriptMicroscope) -> None:
         assert scope.instrument.get_stage_position()["x"] == pytest.approx(42e-6)
         frame = client.acquire(0.01)
         assert frame.shape_px == (1024, 1024) and frame.metadata.preset == "search"
+
+
+class TemScriptingAutoLoader:
+    """A stand-in for TEM Scripting's `Instrument.AutoLoader` COM object (NullMicroscope has none): the names,
+    1-based slots and CassetteSlotStatus codes (0 Unknown, 1 Occupied, 2 Empty, 3 Error) of the TEM Scripting
+    manual; `broken` slots make LoadCartridge fail as the COM call would (an exception)."""
+
+    def __init__(self, status: dict[int, int], slots: int = 12, available: bool = True, broken: tuple[int, ...] = ()):
+        self.AutoLoaderAvailable = available
+        self.NumberOfCassetteSlots = slots
+        self._status = status
+        self._broken = broken
+        self.calls: list[tuple[str, ...]] = []
+
+    def SlotStatus(self, slot: int) -> int:  # noqa: N802 - TEM Scripting's name
+        return self._status.get(slot, 0)
+
+    def LoadCartridge(self, slot: int) -> None:  # noqa: N802
+        self.calls.append(("LoadCartridge", str(slot)))
+        if slot in self._broken:
+            raise OSError("COM error 0x8004: cartridge transfer failed")
+
+    def UnloadCartridge(self) -> None:  # noqa: N802
+        self.calls.append(("UnloadCartridge",))
+
+    def PerformCassetteInventory(self) -> None:  # noqa: N802
+        self.calls.append(("PerformCassetteInventory",))
+
+
+def _with_autoloader(loader: TemScriptingAutoLoader, **config: object) -> TemscriptMicroscope:
+    instrument = create_temscript_microscope("null").instrument
+    return TemscriptMicroscope(lambda: instrument, NULL_CONFIG.model_copy(update={"autoloader": True, **config}),
+                               autoloader_factory=lambda _instrument: loader)
+
+
+def test_the_autoloader_is_off_unless_configured(scope: TemscriptMicroscope) -> None:
+    assert scope.info().cassette_slots == 0 and cassette_slot_count(scope) == 0
+    with pytest.raises(MicroscopeError, match="autoloader is off"):
+        scope.load_grid(1)
+    with (
+        BridgeServer(scope, "tcp://127.0.0.1:0") as server,
+        BridgeClient(server.endpoint, timeout_s=5.0) as client,
+        pytest.raises(MicroscopeError, match="no autoloader cassette"),
+    ):
+        client.cassette_slots()  # the adapter has the method, but the capability is off: the bridge says so
+
+
+def test_autoloader_slots_map_tem_scriptings_slot_status() -> None:
+    loader = TemScriptingAutoLoader({1: 1, 2: 2, 3: 1, 4: 3}, slots=6)
+    scope = _with_autoloader(loader)
+    assert scope.info().cassette_slots == 6 and cassette_slot_count(scope) == 6
+    assert [s.state for s in scope.cassette_slots()] == ["occupied", "empty", "occupied", "unknown", "unknown",
+                                                         "unknown"]
+    assert scope.loaded_slot() is None
+    scope.cassette_inventory()
+    assert loader.calls == [("PerformCassetteInventory",)]
+    assert _with_autoloader(TemScriptingAutoLoader({}, available=False)).info().cassette_slots == 0
+
+
+def test_load_grid_unloads_then_loads_and_refuses_bad_slots() -> None:
+    loader = TemScriptingAutoLoader({1: 1, 2: 2, 3: 1, 5: 1}, slots=6, broken=(5,))
+    scope = _with_autoloader(loader)
+    scope.load_grid(1)
+    assert loader.calls == [("LoadCartridge", "1")] and scope.loaded_slot() == 1
+    assert scope.cassette_slots()[0].state == "loaded"
+    scope.load_grid(1)  # already there: nothing is sent
+    scope.load_grid(3)
+    assert loader.calls[1:] == [("UnloadCartridge",), ("LoadCartridge", "3")] and scope.loaded_slot() == 3
+    with pytest.raises(GridLoadError, match="slot 2 is empty"):
+        scope.load_grid(2)
+    for bad in (0, 7, "3", True):
+        with pytest.raises(InvalidParameterError):
+            scope.load_grid(bad)  # type: ignore[arg-type]
+    assert len(loader.calls) == 3 and scope.loaded_slot() == 3  # nothing reached the autoloader
+    with pytest.raises(GridLoadError, match="could not load slot 5"):
+        scope.load_grid(5)
+    assert scope.loaded_slot() is None  # slot 3 went back; 5 did not arrive
+
+
+def test_autoloader_over_the_bridge_and_a_temscript_without_one() -> None:
+    loader = TemScriptingAutoLoader({1: 1, 2: 1})
+    scope = _with_autoloader(loader, autoloader_loaded_slot=2)
+    with BridgeServer(scope, "tcp://127.0.0.1:0") as server, BridgeClient(server.endpoint, timeout_s=5.0) as client:
+        assert client.info().cassette_slots == 12 and client.loaded_slot() == 2
+        assert client.cassette_slots()[1] == CassetteSlot(slot=2, state="loaded")
+        client.load_grid(1)
+        assert loader.calls == [("UnloadCartridge",), ("LoadCartridge", "1")] and client.loaded_slot() == 1
+    null_with_autoloader = TemscriptMicroscope(lambda: create_temscript_microscope("null").instrument,
+                                               NULL_CONFIG.model_copy(update={"autoloader": True}))
+    with pytest.raises(TemscriptUnavailableError, match="autoloader_factory"):
+        null_with_autoloader.info()
