@@ -31,6 +31,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "agent.commands.nav",
     "agent.commands.montage",
     "agent.commands.evaluate",
+    "agent.commands.alerts",
 )
 
 

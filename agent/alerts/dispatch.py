@@ -32,7 +32,7 @@ class AlertDispatcher:
         self.senders = list(senders)
         self._queue: queue.Queue[AlertMessage | None] = queue.Queue(maxsize=queue_size)
         self._results: list[Delivery] = []
-        self._pending = 0
+        self._unfinished: list[AlertMessage] = []
         self._condition = threading.Condition()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._work, name="alerts", daemon=True)
@@ -50,7 +50,7 @@ class AlertDispatcher:
             except queue.Full:
                 self._drop(message, f"{self._queue.maxsize} alerts were still waiting to be sent; this one was dropped")
                 return False
-            self._pending += 1
+            self._unfinished.append(message)
         return True
 
     def _drop(self, message: AlertMessage, reason: str) -> None:
@@ -82,7 +82,7 @@ class AlertDispatcher:
                         self._results.append(delivery)
             finally:
                 with self._condition:
-                    self._pending -= 1
+                    self._unfinished.remove(message)
                     self._condition.notify_all()
 
     @staticmethod
@@ -98,16 +98,15 @@ class AlertDispatcher:
                 delivery.error,
             )
 
-    @property
-    def pending(self) -> int:
-        """Alerts submitted and not yet tried on every channel."""
+    def unfinished(self) -> list[AlertMessage]:
+        """Alerts submitted and not yet tried on every channel, oldest first."""
         with self._condition:
-            return self._pending
+            return list(self._unfinished)
 
     def drain(self, timeout_s: float) -> bool:
         """Wait until every submitted alert has been tried, at most `timeout_s` real seconds; True if so."""
         with self._condition:
-            return self._condition.wait_for(lambda: self._pending == 0, timeout=max(0.0, timeout_s))
+            return self._condition.wait_for(lambda: not self._unfinished, timeout=max(0.0, timeout_s))
 
     def results(self) -> list[Delivery]:
         """The deliveries since the last call, in the order they finished."""

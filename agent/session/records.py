@@ -28,6 +28,7 @@ is an error that names the line (`JournalError`).
 | `control` | pause / resume |
 | `budget` | the time budget ended the target list |
 | `summary` | the session's final numbers |
+| `alert` | an alert went out by webhook or e-mail, or could not (`agent.alerts`) |
 """
 
 from __future__ import annotations
@@ -279,6 +280,19 @@ class BridgeRestarted(Record):
     new_server_id: str
 
 
+class AlertSent(Record):
+    """An alert (`kind`: end, failure, pause, no_diffraction) went out on `channel` (webhook, email), or could
+    not after `attempts` tries (`error`, without secrets); written by `agent.alerts.monitor`."""
+
+    type: Literal["alert"] = "alert"
+    kind: str
+    channel: str
+    ok: bool
+    attempts: int = 0
+    status: int | None = None
+    error: str = ""
+
+
 class SummaryWritten(SessionSummary, Record):
     """The final summary (the fields of `agent.session.outcomes.SessionSummary`, which allows extra scores)."""
 
@@ -305,6 +319,7 @@ AnyRecord = Annotated[
     | ControlApplied
     | BudgetSpent
     | BridgeRestarted
+    | AlertSent
     | SummaryWritten,
     Field(discriminator="type"),
 ]

@@ -127,6 +127,10 @@ class ScreeningSession:
             self.recorder.subscribe(StoreWriter(calibration_store, self.info.name))
         self.state_times = StateTimes()
         self.recorder.subscribe(self.state_times)
+        if plan.alerts.enabled:  # webhook / e-mail alerts (agent.alerts): a missing secret is a SessionError
+            from agent.alerts.monitor import AlertMonitor
+
+            self.recorder.subscribe(AlertMonitor.for_session(self))
         self.journal = self.recorder.journal
         self.engine = ScreeningEngine(self.ctx, self._emit, self._target_finished)
         self.runner = Runner(
