@@ -108,8 +108,11 @@ def load_serialem_map(
 ) -> SerialemMap:
     """The SerialEM map of montage `mdoc_path` described by map item `map_id` of navigator `nav_path` (default:
     the navigator's only montage map item of that montage). `preset` names the atlas' optics (the label memory's
-    key). Reads files only. Raises `SerialemMapError` (see the module docstring for the checks)."""
+    key). `mdoc_path` may also name the `.mrc` stack (its `.mdoc` beside it). Reads files only. Raises
+    `SerialemMapError` (see the module docstring for the checks)."""
     mdoc, nav = Path(mdoc_path), Path(nav_path)
+    if mdoc.suffix.lower() != ".mdoc":
+        mdoc = mdoc.with_name(mdoc.name + ".mdoc")
     text = _read_text(nav)
     try:
         items = parse_nav(text, where=str(nav))

@@ -104,6 +104,8 @@ def test_the_map_item_places_the_map_pixels_where_the_instrument_saw_them(grid_m
     assert loaded.atlas.image.dtype == np.uint16 and loaded.atlas.image.shape == grid_map.item.map_width_height[::-1]
     np.testing.assert_allclose(loaded.atlas.matrix_um_per_px, grid_map.matrix_um_per_px, rtol=1e-8)
     assert loaded.n_pieces == 4 and loaded.misfit_max_um < 0.5  # pieces placed to the pixel (0.3 um)
+    by_stack = load_serialem_map(grid_map.folder / "grid.mrc", grid_map.nav, MAP_ID)  # the .mrc names its .mdoc
+    np.testing.assert_array_equal(by_stack.atlas.image, loaded.atlas.image)
     # every piece's recorded stage position, mapped back, falls on that piece's centre
     for stage_xy in loaded.atlas.tile_stage_xy_um:
         col, row = loaded.atlas.stage_to_pixel(np.array(stage_xy))
