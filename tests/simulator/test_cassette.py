@@ -196,3 +196,21 @@ def test_a_cassette_file_round_trips_and_bad_files_are_refused(tmp_path: Path) -
             load_cassette_spec(path)
     with pytest.raises(CassetteSpecError, match="cannot read"):
         load_cassette_spec(tmp_path / "missing.json")
+
+
+def test_every_ground_truth_query_follows_the_placed_grid() -> None:
+    spec = CassetteSpec(slots=(SlotSpec(slot=1, specimen_type="protein-plates", seed=5),), seed=2)
+    m = simulator.create_simulated_microscope(cassette=spec, camera_shape_px=(64, 64), conditions="realistic",
+                                              loaded_slot=1)
+    truth = m.ground_truth
+    assert truth is not None and truth.placement.rotation_deg != 0.0  # type: ignore[attr-defined]
+    rng = np.random.default_rng(0)
+    x, y = rng.uniform(-1000, 1000, 2000), rng.uniform(-1000, 1000, 2000)
+    in_grid_frame = truth.to_grid(x, y)  # type: ignore[attr-defined]
+    # the placed truth in stage um answers as the generated specimen does at the same grid point: bars, film,
+    # film defects, ice balls, debris outlines (turned with the grid) and crystals
+    kinds = what_is_at_xy(truth, x, y)
+    assert np.array_equal(kinds, what_is_at_xy(truth.grid, *in_grid_frame))  # type: ignore[attr-defined]
+    assert {"bar", "film", "crystal", "debris", "fold"} <= set(kinds)
+    square = truth.square_at_xy(float(x[kinds == "film"][0]), float(y[kinds == "film"][0]))
+    assert square is not None and truth.bar_mask_xy(np.array([square.x_um]), np.array([square.y_um]))[0] == False  # noqa: E712
