@@ -1,10 +1,10 @@
 """Sending off the session's thread: a background thread takes alerts from a bounded queue and sends each to
 every channel, so that a slow or dead webhook or mail server never holds up the screening loop.
 
-`submit` never blocks: when the queue is full (a channel hanging while alerts pile up) the alert is dropped
-and that is reported like a failed delivery. `drain(timeout_s)` waits, at most that long, until every
-submitted alert has been tried; `results()` hands over the deliveries so far (for the journal); `close`
-stops the thread (a retry waiting its turn gives up).
+The thread starts with the first alert. `submit` never blocks: when the queue is full (a channel hanging
+while alerts pile up) the alert is dropped and that is reported like a failed delivery. `drain(timeout_s)`
+waits, at most that long, until every submitted alert has been tried; `results()` hands over the deliveries
+so far (for the journal); `close` stops the thread (a retry waiting its turn gives up).
 """
 
 from __future__ import annotations
@@ -35,8 +35,7 @@ class AlertDispatcher:
         self._unfinished: list[AlertMessage] = []
         self._condition = threading.Condition()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._work, name="alerts", daemon=True)
-        self._thread.start()
+        self._thread = threading.Thread(target=self._work, name="alerts", daemon=True)  # started by the first alert
 
     def submit(self, message: AlertMessage) -> bool:
         """Queue `message` for every channel; False (and a failed delivery per channel) if the queue is full or
@@ -51,6 +50,8 @@ class AlertDispatcher:
                 self._drop(message, f"{self._queue.maxsize} alerts were still waiting to be sent; this one was dropped")
                 return False
             self._unfinished.append(message)
+            if not self._thread.is_alive():
+                self._thread.start()
         return True
 
     def _drop(self, message: AlertMessage, reason: str) -> None:
@@ -118,6 +119,8 @@ class AlertDispatcher:
         """Stop the thread: alerts still queued are not sent, a retry's wait ends; waits `timeout_s` at most."""
         with self._condition:
             self._stop.set()
+        if not self._thread.is_alive():
+            return
         with contextlib.suppress(queue.Full):  # else the worker sees the stop flag once the queue is empty
             self._queue.put_nowait(None)
         self._thread.join(timeout_s)

@@ -244,4 +244,5 @@ def _pause_detail(record: ControlApplied) -> str:
 def _end_detail(summary: SummaryWritten) -> str:
     if summary.limited_by:
         return f"finished, limited by {summary.limited_by}"
-    return {"done": "finished", "aborted": "aborted", "failed": "failed"}.get(summary.state, summary.state)
+    ended = {"done": "finished", "aborted": "aborted", "failed": "failed"}
+    return ended.get(summary.state, f"stopped while {summary.state} (interrupted): it can be resumed")

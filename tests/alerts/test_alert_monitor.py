@@ -137,3 +137,23 @@ def test_a_webhook_that_never_answers_does_not_hold_up_the_session(
     assert (pause.kind, end.kind) == ("pause", "end") and not pause.ok and not end.ok
     assert "still being sent when the session ended (end_wait_s = 0.2 s)" in pause.error
     assert session.monitor.closed and len(webhook_server.requests) == 1
+
+
+def test_a_full_queue_drops_the_alert_and_says_so(webhook_server: WebhookServer) -> None:
+    from agent.alerts.dispatch import AlertDispatcher
+    from agent.alerts.message import AlertMessage
+    from agent.alerts.webhook import WebhookSender
+
+    webhook_server.hang = True
+    sender = WebhookSender(WebhookPlan(url_env="UNUSED", timeout_s=30.0, retries=0), webhook_server.url)
+    dispatcher = AlertDispatcher([sender], queue_size=1)
+    try:
+        assert dispatcher.submit(AlertMessage(kind="pause", session="s"))
+        assert webhook_server.received.wait(30)  # the thread is sending it, the webhook holds it
+        assert dispatcher.submit(AlertMessage(kind="no_diffraction", session="s"))  # waits in the queue
+        assert not dispatcher.submit(AlertMessage(kind="end", session="s"))  # the queue is full
+        (dropped,) = dispatcher.results()
+        assert (dropped.kind, dropped.ok, dropped.attempts) == ("end", False, 0) and "dropped" in dropped.error
+        assert [m.kind for m in dispatcher.unfinished()] == ["pause", "no_diffraction"]
+    finally:
+        dispatcher.close(timeout_s=0.1)
