@@ -126,3 +126,17 @@ def test_bad_credentials_settings_are_clear_errors(tmp_path: Path, monkeypatch: 
         _plan(25, to=("nobody",))
     with pytest.raises(ValueError, match="not both"):
         _plan(25, credentials_env="A", credentials_file="/b")
+
+
+def test_ssl_from_the_start(free_port: int, certificate: tuple[Path, Path]) -> None:
+    cert, key = certificate
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    server = start_smtp(free_port, implicit_tls=context)
+    try:
+        (sender,) = build_senders(AlertPlan(email=_plan(free_port, security="ssl", ca_file=str(cert))))
+        delivery = sender.send(_message())
+        assert delivery.ok, delivery.error
+        assert server.messages[0]["Subject"].endswith("session FAILED")
+    finally:
+        server.controller.stop()

@@ -100,10 +100,15 @@ def test_a_missing_secret_stops_the_session_before_it_starts(
 
 
 def _plan_file(path: Path, alerts: AlertPlan | None) -> Path:
-    data: dict[str, Any] = {"name": "cli-check"}
+    """A TOML plan named `cli-check` with `alerts` (one table per channel)."""
+    lines = ['name = "cli-check"']
     if alerts is not None:
-        data["alerts"] = alerts.model_dump(mode="json", exclude_none=True)
-    path.write_text(json.dumps(data))
+        lines.append("[alerts]")
+        for channel in ("webhook", "email"):
+            settings: dict[str, Any] = getattr(alerts, channel).model_dump(mode="json", exclude_none=True)
+            lines.append(f"[alerts.{channel}]")
+            lines += [f"{key} = {json.dumps(value)}" for key, value in settings.items()]
+    path.write_text("\n".join(lines) + "\n")
     return path
 
 
@@ -115,7 +120,7 @@ def test_the_alerts_test_command_says_which_channel_worked(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.setenv("TEST_ALERT_WEBHOOK", webhook_server.url)
-    plan = _plan_file(tmp_path / "plan.json", _alerts(webhook_server, smtp_server, tmp_path / "smtp-credentials"))
+    plan = _plan_file(tmp_path / "plan.toml", _alerts(webhook_server, smtp_server, tmp_path / "smtp-credentials"))
     assert main(["alerts", "test", "--plan", str(plan)]) == 0
     out = capsys.readouterr().out
     assert "webhook: sent (1 attempt(s), answer 200)" in out and "email: sent" in out and "2 of 2 channel(s)" in out
@@ -126,5 +131,5 @@ def test_the_alerts_test_command_says_which_channel_worked(
     out = capsys.readouterr().out
     assert "webhook: NOT sent after 2 attempt(s): HTTP 500" in out and "1 of 2 channel(s)" in out
     assert "xoxSecret" not in out
-    assert main(["alerts", "test", "--plan", str(_plan_file(tmp_path / "none.json", None))]) == 2
+    assert main(["alerts", "test", "--plan", str(_plan_file(tmp_path / "none.toml", None))]) == 2
     assert "nothing to test" in capsys.readouterr().err
