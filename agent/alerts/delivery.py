@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict
 
-from agent.alerts.plan import AlertKind, _Retries
+from agent.alerts.plan import AlertKind, RetryPlan
 from agent.alerts.secrets import redact
 
 
@@ -45,7 +45,7 @@ def deliver(
     channel: str,
     kind: AlertKind,
     attempt: Callable[[], Attempt],
-    retries: _Retries,
+    retries: RetryPlan,
     secrets: Iterable[str] = (),
     stop: threading.Event | None = None,
 ) -> Delivery:

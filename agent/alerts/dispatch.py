@@ -77,7 +77,7 @@ class AlertDispatcher:
                             channel=sender.channel, kind=message.kind, ok=False, attempts=0, error="not sent: closed"
                         )
                     else:
-                        delivery = sender.send(message, self._stop)
+                        delivery = self._send(sender, message)
                     self._log(delivery)
                     with self._condition:
                         self._results.append(delivery)
@@ -85,6 +85,13 @@ class AlertDispatcher:
                 with self._condition:
                     self._unfinished.remove(message)
                     self._condition.notify_all()
+
+    def _send(self, sender: AlertSender, message: AlertMessage) -> Delivery:
+        try:
+            return sender.send(message, self._stop)
+        except Exception as exc:  # a sender's bug must not end the thread that sends the other alerts
+            logger.exception("alerts: the %s sender failed", sender.channel)
+            return Delivery(channel=sender.channel, kind=message.kind, ok=False, attempts=1, error=type(exc).__name__)
 
     @staticmethod
     def _log(delivery: Delivery) -> None:

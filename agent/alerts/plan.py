@@ -33,7 +33,7 @@ AlertKind = Literal["end", "failure", "pause", "no_diffraction", "test"]
 DEFAULT_EVENTS: tuple[AlertKind, ...] = ("end", "failure", "pause", "no_diffraction")
 
 
-class _Retries(BaseModel):
+class RetryPlan(BaseModel):
     """How hard a channel tries: `retries` more attempts after the first, waiting `backoff_s`, then twice
     that, ... (at most `max_backoff_s`) between them; each attempt gives up after `timeout_s` (real seconds)."""
 
@@ -53,7 +53,7 @@ def _one_source(file: str | None, env: str | None, what: str, required: bool) ->
         raise ValueError(f"give {what}_file (a file holding it) or {what}_env (the NAME of a variable holding it)")
 
 
-class WebhookPlan(_Retries):
+class WebhookPlan(RetryPlan):
     """POST one JSON message per alert to a webhook URL read from `url_file` or the variable `url_env`.
 
     `format`: `slack` sends `{"text": ...}` (Slack incoming webhooks; also Mattermost, Rocket.Chat and the
@@ -71,7 +71,7 @@ class WebhookPlan(_Retries):
         return self
 
 
-class EmailPlan(_Retries):
+class EmailPlan(RetryPlan):
     """Send each alert as a plain-text e-mail through an SMTP server (standard library `smtplib`).
 
     `security`: `starttls` (port 587, upgrade to TLS), `ssl` (port 465, TLS from the start) or `none` (a local
