@@ -111,7 +111,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     parser.add_argument("--console-token-file", type=Path, metavar="FILE", help="access token for --console")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
-    # -- multi-grid runs from the autoloader cassette (agent.commands.grid_run) --
+    _add_grid_options(parser)
+    parser.set_defaults(handler=run_screen)
+
+
+def _add_grid_options(parser: argparse.ArgumentParser) -> None:
+    """The options of a multi-grid run from the autoloader cassette (`agent.commands.grid_run`)."""
     grids = parser.add_argument_group("multi-grid runs (autoloader cassette)")
     grids.add_argument("--grids", metavar="SLOTS",
                        help="atlas pass over these cassette slots (e.g. 1-12 or 1,3,5-7), rank the grids, screen the "
@@ -121,7 +126,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     grids.add_argument("--grid-budget-s", type=float, help="microscope seconds of screening per grid (default 2400)")
     grids.add_argument("--atlas-squares", type=int, help="grid squares each grid's atlas pass maps (default 4)")
     grids.add_argument("--max-grids", type=int, help="screen at most this many grids (default: the budget decides)")
-    parser.set_defaults(handler=run_screen)
+    grids.add_argument("--probe-targets", type=int,
+                       help="targets each grid's atlas pass visits to measure its hit rate (default 6)")
 
 
 def _source_from_args(args: argparse.Namespace) -> dict[str, Any]:

@@ -1,22 +1,26 @@
 """Which grids are worth screening: what each grid's atlas pass found, and the ranking rule.
 
-A grid's worth is the diffracting crystals a screening session on it can be expected to find. The atlas pass
-(an atlas-only session: overview, one block of squares mapped, located, labelled, targets planned) gives:
+A grid's worth is the diffracting crystals per hour a screening session on it can be expected to find. The atlas
+pass (a short session: overview, one block of squares mapped, located, labelled, targets planned, and the best
+`probe_targets` of them visited) gives:
 
-- **crystal yield per square**: the sum of the planned targets' crystal likelihood over the squares mapped. The
-  likelihood is the crystal classifier's probability (`TargetRecord.p_diffract`) when label memory gave one,
-  else the locator's cold-start score (`agent.locate.object_features.cold_start_score`, 0-1: faceted and
-  standing out from the film), which ranks but is not a probability. Only targets of crystal clusters (as label
-  memory, the operator or the fallback decided) are planned, so this counts crystal-bearing clusters' objects.
+- **targets per square**: the planned targets (objects of the clusters label memory, the operator or the
+  fallback call crystal: the crystal-bearing clusters) over the squares mapped;
+- **hit rate**: the share of targets that diffract, from the probe visits, with the targets' mean crystal
+  likelihood as a prior worth `PRIOR_VISITS` visits: (diffracting + k m) / (probed + k). The likelihood is the
+  crystal classifier's probability (`TargetRecord.p_diffract`) when label memory gave one, else the locator's
+  cold-start score (0-1, faceted and standing out from the film), which ranks but is no probability; the probes
+  measure what matters, diffraction, on the grid itself (ice too thick, crystals too thick or damaged show here);
+- **time per square**: the atlas pass's own mapping time per square plus its targets' visits (the probes' mean
+  visit time, else `target.visit_estimate_s`);
 - **supply**: typical squares on the overview (`agent.steps.atlas.find_squares`: empty, broken and heavily
-  contaminated squares are atypical) over the squares a screening session of the grid's budget would map (from
-  the atlas pass's own time per square and `target.visit_estimate_s` per planned target), at most 1: a grid with
-  few good squares runs out before its budget does.
-- **ice**: the median overview brightness of the open (non-bar) area per second of exposure. Thicker ice
-  transmits less; a grid whose film is below `THICK_ICE_FRACTION` of the brightest grid's in the run is called thick.
+  contaminated squares are atypical) over the squares a screening session of the grid's budget would map, at
+  most 1: a grid with few good squares runs out before its budget does;
+- **ice** (reported, not ranked on: the probes see its effect): the median overview brightness of the open
+  (non-bar) area per second of exposure; below `THICK_ICE_FRACTION` of the run's brightest grid it is called thick.
 
-Rule (`rank_grids`): score = yield per square x supply; grids without a planned target or a typical square score
-0 and are not screened; thick-ice grids come after all others; ties keep the slot order.
+Rule (`rank_grids`): score = targets per square x hit rate / time per square (diffracting crystals per hour while
+squares last) x supply; grids without a planned target or a typical square score 0 and are not screened.
 """
 
 from __future__ import annotations
@@ -40,10 +44,14 @@ THICK_ICE_FRACTION = 0.5
 #: The squares the atlas step calls typical (`agent.steps.atlas.choose_block`'s `min_typicality`).
 TYPICAL_MIN = 0.2
 
+#: How many visits the prior hit rate (the targets' mean crystal likelihood) is worth against the probes'.
+PRIOR_VISITS = 1.0
+
 RANKING_RULE = (
-    "score = crystal yield per mapped square (sum of the targets' classifier probability, else cold-start score) "
-    "x supply (typical squares / squares a grid session maps, at most 1); no target or no typical square: 0, not "
-    f"screened; film below {THICK_ICE_FRACTION:g} x the brightest grid's: thick ice, ranked last"
+    "score = expected diffracting crystals per hour of screening = targets per mapped square x hit rate / "
+    "microscope seconds per square (mapping plus visits) x 3600, x supply (typical squares / squares a grid "
+    f"session maps, at most 1). Hit rate = (diffracting probes + {PRIOR_VISITS:g} x mean target likelihood) / "
+    f"(probes + {PRIOR_VISITS:g}). No target or no typical square: 0, not screened"
 )
 
 _FROZEN = ConfigDict(frozen=True, extra="ignore")
@@ -63,8 +71,12 @@ class GridAssessment(BaseModel):
     squares_mapped: int = 0
     targets: int = 0
     crystal_clusters: int = 0
-    expected_crystals: float = Field(default=0.0, description="sum of the targets' crystal likelihood")
-    yield_per_square: float = 0.0
+    mean_likelihood: float = Field(default=0.0, description="the targets' mean crystal likelihood (the prior)")
+    probed: int = Field(default=0, description="targets visited by the atlas pass")
+    probe_diffracting: int = Field(default=0, description="of those, diffracting (real finds, counted in the run)")
+    hit_rate: float = 0.0
+    square_s: float = Field(default=0.0, description="microscope seconds per square: its mapping and its visits")
+    diffracting_per_hour: float = Field(default=0.0, description="expected while squares last")
     squares_per_session: float = Field(default=0.0, description="squares a screening session of the budget maps")
     supply: float = 0.0
     atlas_pass_s: float = Field(default=0.0, description="microscope seconds of the atlas pass (load excluded)")
@@ -73,20 +85,23 @@ class GridAssessment(BaseModel):
 
 
 def assess_atlas_pass(session: Any, slot: int, label: str, grid_budget_s: float) -> GridAssessment:
-    """The assessment of a finished atlas-only `ScreeningSession` on the grid of `slot` (before ice is judged
-    against the other grids: `rank_grids` does that)."""
+    """The assessment of a finished atlas-pass `ScreeningSession` on the grid of `slot` (see the module
+    docstring; `rank_grids` judges the ice against the other grids)."""
     ctx = session.ctx
     squares = find_squares(ctx.overview, bar_mask(ctx, ctx.overview)) if ctx.overview is not None else []
     typical = [s for s in squares if s.typicality >= TYPICAL_MIN]
     mapped = [s for s in squares if in_any_box(s.x_um, s.y_um, ctx.map_boxes_um)]
-    likelihoods = [t.p_diffract if t.p_diffract is not None else t.score for t in ctx.targets]
-    expected = float(np.sum(likelihoods)) if likelihoods else 0.0
     squares_mapped = max(len(mapped), 1 if ctx.map_boxes_um else 0)
-    per_square = expected / squares_mapped if squares_mapped else 0.0
-    atlas_pass_s = float(session.microscope_time_s())
-    # what one more square costs a screening session: its share of the mapping, and its targets' visits
-    square_s = ctx.last_mapping_s / squares_mapped if squares_mapped else 0.0
-    square_s += len(ctx.targets) / max(squares_mapped, 1) * target_step.visit_estimate_s(ctx.plan)
+    likelihoods = [t.p_diffract if t.p_diffract is not None else t.score for t in ctx.targets]
+    prior = float(np.mean(likelihoods)) if likelihoods else 0.0
+    results = list(ctx.results.values())
+    diffracting = sum(1 for r in results if r.outcome == "recorded")
+    hit_rate = (diffracting + PRIOR_VISITS * prior) / (len(results) + PRIOR_VISITS) if ctx.targets else 0.0
+    summary = session.summary()
+    visit_s = summary.per_target_time_s or target_step.visit_estimate_s(ctx.plan)
+    targets_per_square = len(ctx.targets) / squares_mapped if squares_mapped else 0.0
+    square_s = (ctx.last_mapping_s / squares_mapped if squares_mapped else 0.0) + targets_per_square * visit_s
+    per_hour = targets_per_square * hit_rate / square_s * 3600.0 if square_s > 0 else 0.0
     squares_per_session = grid_budget_s / square_s if square_s > 0 else 0.0
     supply = min(1.0, len(typical) / squares_per_session) if squares_per_session > 0 else 0.0
     return GridAssessment(
@@ -94,17 +109,21 @@ def assess_atlas_pass(session: Any, slot: int, label: str, grid_budget_s: float)
         label=label,
         squares_found=len(squares),
         typical_squares=len(typical),
-        atypical_fraction=1.0 - len(typical) / len(squares) if squares else 1.0,
+        atypical_fraction=round(1.0 - len(typical) / len(squares), 4) if squares else 1.0,
         film_level_per_s=_film_level_per_s(ctx, typical),
         squares_mapped=squares_mapped,
         targets=len(ctx.targets),
         crystal_clusters=len(ctx.decision.crystal_clusters) if ctx.decision is not None else 0,
-        expected_crystals=round(expected, 4),
-        yield_per_square=round(per_square, 4),
+        mean_likelihood=round(prior, 4),
+        probed=len(results),
+        probe_diffracting=diffracting,
+        hit_rate=round(hit_rate, 4),
+        square_s=round(square_s, 2),
+        diffracting_per_hour=round(per_hour, 3),
         squares_per_session=round(squares_per_session, 2),
         supply=round(supply, 4),
-        atlas_pass_s=round(atlas_pass_s, 2),
-        score=round(per_square * supply, 4) if ctx.targets and typical else 0.0,
+        atlas_pass_s=round(float(summary.microscope_time_s), 2),
+        score=round(per_hour * supply, 3) if ctx.targets and typical else 0.0,
     )
 
 
@@ -123,7 +142,7 @@ def _film_level_per_s(ctx: Any, typical: Sequence[Any]) -> float | None:
 
 
 def rank_grids(assessments: Sequence[GridAssessment]) -> list[GridAssessment]:
-    """The assessments with `thick_ice` judged across the run, best first (see the module docstring)."""
+    """The assessments with `thick_ice` judged across the run, best score first (ties keep their order)."""
     levels = [a.film_level_per_s for a in assessments if a.film_level_per_s]
     brightest = max(levels) if levels else None
     judged = [
@@ -136,4 +155,4 @@ def rank_grids(assessments: Sequence[GridAssessment]) -> list[GridAssessment]:
         )
         for a in assessments
     ]
-    return sorted(judged, key=lambda a: (a.score <= 0, a.thick_ice, -a.score))
+    return sorted(judged, key=lambda a: -a.score)

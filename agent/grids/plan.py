@@ -3,8 +3,9 @@
 A run has one microscope-time budget (the screening plan's `time_budget_s`, default one hour; a cassette is
 usually given several). It is spent in two passes:
 
-1. **atlas pass**: every slot is loaded in turn and gets an atlas-only session (`targeting.visit = False`): the
-   grid overview and `atlas_squares` grid squares mapped, located, labelled and their targets planned, no visit;
+1. **atlas pass**: every slot is loaded in turn and gets a short session: the grid overview and `atlas_squares`
+   grid squares mapped, located, labelled, their targets planned, and the best `probe_targets` visited
+   (`targeting.visit_limit`), so that the ranking rests on diffraction measured on the grid;
 2. **screening**: the grids are ranked (`agent.grids.assess`) and the best are loaded again and screened, each
    with `grid_budget_s` of the budget left (the last one with what remains, when that is at least
    `min_grid_budget_s`), until the budget is spent or no grid worth screening is left.
@@ -59,11 +60,16 @@ class GridRunPlan(BaseModel):
 
     slots: tuple[int, ...] = Field(min_length=1, description="cassette slots to consider, in the order to load them")
     atlas_squares: int = Field(default=4, ge=1, le=64, description="grid squares each grid's atlas pass maps")
+    probe_targets: int = Field(
+        default=6, ge=0, le=50, description="targets each grid's atlas pass visits to measure its hit rate"
+    )
     grid_budget_s: float = Field(
         default=DEFAULT_GRID_BUDGET_S, gt=0, description="microscope seconds of screening per grid (its load excluded)"
     )
-    min_grid_budget_s: float = Field(
-        default=DEFAULT_MIN_GRID_BUDGET_S, gt=0, description="least screening time worth loading a grid for"
+    min_grid_budget_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="least screening time worth loading a grid for (default: 900 s, or half of grid_budget_s if less)",
     )
     max_grids: int | None = Field(
         default=None, ge=1, description="screen at most this many grids (default: as many as the budget allows)"
@@ -73,6 +79,13 @@ class GridRunPlan(BaseModel):
     def _distinct_slots(self) -> GridRunPlan:
         if len(set(self.slots)) != len(self.slots) or min(self.slots) < 1:
             raise ValueError("slots must be distinct slot numbers from 1")
-        if self.min_grid_budget_s > self.grid_budget_s:
+        if self.min_grid_budget_s is not None and self.min_grid_budget_s > self.grid_budget_s:
             raise ValueError("min_grid_budget_s cannot exceed grid_budget_s")
         return self
+
+    @property
+    def least_grid_budget_s(self) -> float:
+        """The least screening time worth loading a grid for (s)."""
+        if self.min_grid_budget_s is not None:
+            return self.min_grid_budget_s
+        return min(DEFAULT_MIN_GRID_BUDGET_S, self.grid_budget_s / 2.0)

@@ -92,7 +92,7 @@ class MultiGridRun:
         self._wall_start = time.monotonic()
         self._abort = threading.Event()
         self._current: Any = None
-        #: microscope seconds of the last session that ended and is not in a record yet
+        #: microscope seconds of the last session (or grid load) that ended and is not in a record yet
         self._ended_s = 0.0
         self.journal = Journal(self.run_dir, self.clock_s, name=RUN_JOURNAL_NAME)
         #: the slot this process has on the stage with coordinates its sessions can trust (loaded by this run)
@@ -114,8 +114,8 @@ class MultiGridRun:
 
     def _emit(self, record: Any) -> None:
         self._records.append(record.model_copy(update=_stamp(self.journal.append(record))))
-        if isinstance(record, (GridAssessed, GridSkipped, GridScreening)):
-            self._ended_s = 0.0  # the record accounts for the session that just ended
+        if isinstance(record, (GridAssessed, GridSkipped, GridScreening, GridLoaded)):
+            self._ended_s = 0.0  # the record accounts for the session (or load) that just ended
 
     # -- the run ---------------------------------------------------------------------------------------
     def run(self) -> RunSummary:
@@ -167,7 +167,7 @@ class MultiGridRun:
         if trusted is None:
             return True
         label = self._label(slot)
-        plan = self._grid_plan(slot, label, visit=False, budget_s=None)
+        plan = self._grid_plan(slot, label, visit_limit=self.run_plan.probe_targets, budget_s=None)
         session = self._open_session(self._grid_dir(slot) / "atlas", plan, trusted)
         summary = self._run_session(session)
         if summary.state == "aborted":
@@ -223,14 +223,14 @@ class MultiGridRun:
         load_estimate_s = max(loads) if loads else 0.0
         left_s = self.plan.time_budget_s - self.clock_s() - load_estimate_s
         budget_s = min(self.run_plan.grid_budget_s, left_s)
-        return budget_s if budget_s >= self.run_plan.min_grid_budget_s else None
+        return budget_s if budget_s >= self.run_plan.least_grid_budget_s else None
 
     def _screen(self, slot: int, budget_s: float, resumed: bool) -> None:
         trusted = self._load(slot, "screen")
         if trusted is None:
             return
         label = self._label(slot)
-        plan = self._grid_plan(slot, label, visit=True, budget_s=budget_s)
+        plan = self._grid_plan(slot, label, visit_limit=None, budget_s=budget_s)
         folder = self._grid_dir(slot) / "screen"
         if not resumed:
             self._emit(GridScreening(event="start", slot=slot, folder=str(folder.relative_to(self.run_dir)),
@@ -260,6 +260,7 @@ class MultiGridRun:
             return None
         self._trusted_slot = slot
         load_s = float(self.microscope.microscope_time_s()) - before_s
+        self._ended_s = load_s  # stamped with the record, which then accounts for it
         self._emit(GridLoaded(slot=slot, phase=phase, load_s=round(load_s, 3)))  # type: ignore[arg-type]
         return False
 
@@ -287,17 +288,19 @@ class MultiGridRun:
             self._ended_s = session.microscope_time_s()
             self._current = None
 
-    def _grid_plan(self, slot: int, label: str, *, visit: bool, budget_s: float | None) -> ScreeningPlan:
-        """The screening plan of one grid session: the run's plan with the grid's name, specimen and budget."""
+    def _grid_plan(self, slot: int, label: str, *, visit_limit: int | None, budget_s: float | None) -> ScreeningPlan:
+        """The plan of one grid session: the run's plan with the grid's name, specimen and budget; an atlas pass
+        (`visit_limit` set) maps one block of `atlas_squares` and visits that many targets."""
         plan = self.plan
-        area = plan.area.model_copy(update={"squares": None if visit else self.run_plan.atlas_squares})
+        atlas_pass = visit_limit is not None
+        area = plan.area.model_copy(update={"squares": self.run_plan.atlas_squares if atlas_pass else None})
         return plan.model_copy(
             update={
-                "name": f"{plan.name}-grid-{slot:02d}-{'screen' if visit else 'atlas'}",
+                "name": f"{plan.name}-grid-{slot:02d}-{'atlas' if atlas_pass else 'screen'}",
                 "specimen": plan.specimen or label or None,
                 "time_budget_s": budget_s,
                 "area": area,
-                "targeting": plan.targeting.model_copy(update={"visit": visit}),
+                "targeting": plan.targeting.model_copy(update={"visit_limit": visit_limit}),
             }
         )
 

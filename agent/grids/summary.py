@@ -56,8 +56,8 @@ class GridRow(BaseModel):
     atlas_folder: str | None = None
     screen_folder: str | None = None
     screen_budget_s: float | None = None
-    diffracting_crystals: int = 0
-    targets_visited: int = 0
+    diffracting_crystals: int = Field(default=0, description="found on this grid: atlas-pass probes and screening")
+    targets_visited: int = Field(default=0, description="by its screening session")
     screen_time_s: float = 0.0
     diffracting_per_hour: float | None = Field(default=None, description="of its screening session alone")
 
@@ -102,7 +102,8 @@ def _rows(records: Sequence[Any]) -> list[GridRow]:
         rank = ranking.order.index(slot) + 1 if ranking is not None and slot in ranking.order else None
         assessment = dict(assessed.assessment) if assessed is not None else {}
         screen_s = float(summary.get("microscope_time_s") or 0.0)
-        diffracting = int(summary.get("diffracting_crystals") or 0)
+        screened = int(summary.get("diffracting_crystals") or 0)
+        diffracting = screened + int(assessment.get("probe_diffracting") or 0)
         rows.append(
             GridRow(
                 slot=slot,
@@ -120,7 +121,7 @@ def _rows(records: Sequence[Any]) -> list[GridRow]:
                 diffracting_crystals=diffracting,
                 targets_visited=int(summary.get("targets_visited") or 0),
                 screen_time_s=round(screen_s, 3),
-                diffracting_per_hour=_per_hour(diffracting, screen_s),
+                diffracting_per_hour=_per_hour(screened, screen_s),
             )
         )
     return rows
@@ -179,14 +180,15 @@ def _link(run_dir: Path, folder: str | None, text: str) -> str:
 
 
 def _grid_table(run_dir: Path, summary: RunSummary) -> str:
-    head = ("slot", "grid", "status", "rank", "score", "typical squares", "crystal targets", "yield / square",
-            "film counts/s", "thick ice", "diffracting", "per hour", "atlas pass", "screening", "note")
+    head = ("slot", "grid", "status", "rank", "score /h", "typical squares", "targets", "probes", "hit rate",
+            "film counts/s", "thick ice", "diffracting", "screening /h", "atlas pass", "screening", "note")
     rows = []
     for row in sorted(summary.grids, key=lambda r: (r.rank is None, r.rank or 0, r.slot)):
         a = row.assessment
+        probes = f"{a.get('probe_diffracting')}/{a.get('probed')}" if a else None
         cells = [row.slot, row.label or "-", row.status, row.rank, row.score, a.get("typical_squares"),
-                 a.get("targets"), a.get("yield_per_square"), a.get("film_level_per_s"), row.thick_ice,
-                 row.diffracting_crystals if row.screen_folder else None, row.diffracting_per_hour]
+                 a.get("targets"), probes, a.get("hit_rate"), a.get("film_level_per_s"), row.thick_ice,
+                 row.diffracting_crystals, row.diffracting_per_hour]
         text = "".join(f"<td>{html.escape('-' if v is None else str(v))}</td>" for v in cells)
         text += f"<td>{_link(run_dir, row.atlas_folder, 'report')}</td>"
         text += f"<td>{_link(run_dir, row.screen_folder, 'report')}</td>"
