@@ -304,3 +304,51 @@ def test_a_config_file_is_checked_with_a_clear_error(tmp_path: Path) -> None:
     assert config.preset("a").acquire_set == "V" and config.preset("a").diffraction_set == "F"
     with pytest.raises(InvalidParameterError, match=r"nothing\.json"):
         SerialEMConfig.from_file(tmp_path / "nothing.json")
+
+
+def test_bridge_serve_refuses_a_serialem_adapter_it_cannot_build(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from agent.cli import main
+
+    assert main(["bridge", "serve", "--adapter", "serialem"]) == 2
+    assert "--adapter-config" in capsys.readouterr().err
+    assert main(["bridge", "serve", "--adapter", "serialem", "--clock", "krios"]) == 2
+    assert "--clock" in capsys.readouterr().err
+    path = tmp_path / "scope.json"
+    path.write_text('{"presets": [{"name": "a", "magnification_index": 3, "magnification": 100, "pixel_size_um": 1}]}')
+    assert main(["bridge", "serve", "--adapter", "serialem", "--adapter-config", str(path),
+                 "--serialem-port", "70000"]) == 2
+    assert "--serialem-port" in capsys.readouterr().err
+
+
+def test_bridge_serve_puts_the_emulator_behind_the_bridge(capsys: pytest.CaptureFixture[str]) -> None:
+    """`bridge serve --adapter serialem-emulator` in its own process: ping sees the simulated microscope through
+    the SerialEM driver, SIGTERM stops it."""
+    import queue
+    import signal
+    import subprocess
+    import sys
+
+    from agent.cli import main
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", "bridge", "serve", "--adapter", "serialem-emulator", "--camera-px", "64",
+         "--clock", "jeol-fast", "--endpoint", "tcp://127.0.0.1:0"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout or ()], daemon=True).start()
+    try:
+        first = lines.get(timeout=60.0)
+        assert "serving SerialEMMicroscope" in first, first
+        endpoint = first.split(" on ", 1)[1].split()[0]
+        assert main(["bridge", "ping", endpoint, "--count", "1", "--json"]) == 0
+        out = capsys.readouterr().out
+        assert '"SerialEM emulator (simulated-tem)"' in out and '"camera_shape_px": [64, 64]' in out
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=20.0) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10.0)
