@@ -281,10 +281,15 @@ class SerialEMLink:
 
     def image(self, buffer: str = "A") -> np.ndarray:
         """A copy of the image in `buffer` as uint16 (signed data clipped at 0, floats rounded and clipped)."""
+        buffer_image = getattr(self.module, "bufferImage", None)
+        if buffer_image is None:
+            raise MicroscopeError(f"{self.where}: this serialem module has no bufferImage (Python 3.4 or later)")
         with self.lock:
             try:
-                raw = np.array(self.module.bufferImage(buffer), copy=True)
-            except (*self._link_errors, self._command_error, TypeError, ValueError) as exc:
+                raw = np.array(buffer_image(buffer), copy=True)
+            # the module's bufferImage sets its error but reports success on failure, which Python turns into a
+            # SystemError ("returned a result with an error set", as its source notes)
+            except (*self._link_errors, self._command_error, SystemError, TypeError, ValueError) as exc:
                 raise AcquisitionError(f"{self.where}: could not read buffer {buffer}: {exc}") from exc
         if raw.ndim != 2:
             raise AcquisitionError(f"{self.where}: buffer {buffer} holds an array of shape {raw.shape}, expected 2-D")
