@@ -4,7 +4,8 @@ SerialEM runs Thermo Fisher / FEI, JEOL, Hitachi and Zeiss microscopes with Gata
 Electron cameras; this adapter drives whichever one SerialEM drives. An outside Python process attaches with
 `serialem.ConnectToSEM(port, ip)` once SerialEM listens for it: in `SerialEMproperties.txt` set
 `EnableExternalPython 1`, `SocketServerIP 7 <ip of the SerialEM PC>` and `SocketServerPort 7 <port, e.g. 48888>`
-and restart SerialEM (SmartScope's and SPACEtomo's set-up notes; channel 7 is the external-Python socket). The
+and restart SerialEM (SmartScope's set-up notes; channel 7 is the external-Python socket, 48888 the module's
+default port, PY_SERIALEM_IP / PY_SERIALEM_PORT its environment overrides: PySEMSocket.cpp). The
 `serialem` module itself ships with SerialEM (its `PythonModules` folder: put it on `PYTHONPATH`).
 
 `SerialEMMicroscope(module, config)` takes the module as an argument, so that `simulator.serialem_emulator` (a
@@ -17,7 +18,7 @@ master command list (MacroMasterList.h: argument keys D/I/S = double/int/string,
 
 | command (keys) | does / returns | units |
 |---|---|---|
-| `ConnectToSEM(port, ip)` (module, `|is`) | attaches to SerialEM; `SEMmoduleError` if it cannot | - |
+| `ConnectToSEM(port, ip)` (module, `|is`) | connects the socket; `SEMmoduleError` if it cannot (PySEMSocket.cpp) | - |
 | `ReportTickTime()` | seconds since SerialEM started (ms precision, < 50 days) | s |
 | `ReportStageXYZ()` | (x, y, z) stage position | um |
 | `ReportTiltAngle()` | tilt angle | deg |
@@ -250,7 +251,7 @@ class SerialEMLink:
         self._link_errors = (_exception(module, "SEMmoduleError"), _exception(module, "SEMexited"))
         try:
             module.ConnectToSEM(int(port), str(host))
-            module.ReportTickTime()  # ConnectToSEM may only set the address: a first command proves the link
+            module.ReportTickTime()  # a first command proves that SerialEM answers on that socket
         except (*self._link_errors, self._command_error, OSError, TypeError) as exc:
             detail = " ".join(str(exc).split()) or type(exc).__name__
             raise MicroscopeError(f"{self.where} is not reachable ({detail}); {PROPERTIES_HINT}") from None

@@ -27,6 +27,7 @@ expose, switch back"; charging the switches again would count them twice.
 from __future__ import annotations
 
 import functools
+import os
 import types
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -271,9 +272,18 @@ class SerialEMEmulator(_EmulatedCameraAndLoader):
         self.cassette = cassette_slot_count(microscope, info) > 0
 
     def require_link(self) -> None:
-        """`SEMmoduleError` before ConnectToSEM (the real module would try its default address)."""
+        """Before ConnectToSEM a command connects to the default address, as the real module does (PySEMSocket.cpp:
+        `PY_SERIALEM_IP` / `PY_SERIALEM_PORT` from the environment, else 127.0.0.1 and 48888); `SEMmoduleError`
+        when SerialEM does not listen there."""
         if not self.connected:
-            raise SEMmoduleError("not connected to SerialEM; call ConnectToSEM(port, ip) first")
+            port = int(os.environ.get("PY_SERIALEM_PORT", DEFAULT_PORT))
+            self._connect(os.environ.get("PY_SERIALEM_IP", "127.0.0.1"), port)
+
+    def _connect(self, ip: str, port: int) -> None:
+        if (ip, port) != self.address:
+            # the message of the real module's socket (PySEMSocket::OpenServerSocket), 111: connection refused
+            raise SEMmoduleError(f"PySEMSocket: Error connecting to Server socket at IP {ip} on port {port} (111)")
+        self.connected = True
 
     def config(self, low_dose: bool = False, **fields: Any) -> SerialEMConfig:
         """A `drivers.serialem_adapter.SerialEMConfig` for this emulator: every preset of the microscope with its
@@ -307,11 +317,11 @@ class SerialEMEmulator(_EmulatedCameraAndLoader):
     def ConnectToSEM(self, *args: Any) -> None:
         """Attach (keys `|is`: port, ip); `SEMmoduleError` unless SerialEM listens at that address."""
         _check_args("ConnectToSEM", "is", args)
-        port = int(args[0]) if args else 0
-        ip = args[1] if len(args) > 1 else "127.0.0.1"
-        if (ip, port) != self.address:
-            raise SEMmoduleError(f"could not connect to SerialEM at {ip}:{port}: connection refused")
-        self.connected = True
+        port = int(args[0]) if args and args[0] else int(os.environ.get("PY_SERIALEM_PORT", DEFAULT_PORT))
+        ip = args[1] if len(args) > 1 else os.environ.get("PY_SERIALEM_IP", "127.0.0.1")
+        if port <= 0:
+            raise SEMmoduleError("The port number must be positive")
+        self._connect(ip, port)
 
     @command("")
     def ReportTickTime(self) -> float:

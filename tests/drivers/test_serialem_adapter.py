@@ -243,15 +243,20 @@ def test_without_the_serialem_module_connecting_says_where_it_comes_from() -> No
         connect_serialem(config)
 
 
-def test_the_emulator_checks_argument_types_as_the_real_module_does(sim: SimulatedMicroscope) -> None:
-    module = make_serialem_module(sim)
-    with pytest.raises(SEMmoduleError, match="ConnectToSEM"):
+def test_the_emulator_checks_argument_types_as_the_real_module_does(
+    sim: SimulatedMicroscope, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("PY_SERIALEM_IP", raising=False)
+    monkeypatch.delenv("PY_SERIALEM_PORT", raising=False)
+    assert make_serialem_module(sim).ReportTiltAngle() == 0.0  # connects to the default 127.0.0.1:48888 itself
+    module = make_serialem_module(sim, port=48890)
+    with pytest.raises(SEMmoduleError, match=r"at IP 127\.0\.0\.1 on port 48888"):
         module.ReportStageXYZ()
-    module.ConnectToSEM(48888, "127.0.0.1")
+    module.ConnectToSEM(48890, "127.0.0.1")
     calls: list[tuple[Callable[..., Any], tuple[Any, ...]]] = [
         (module.MoveStageTo, ("10", 0.0)), (module.MoveStageTo, (1.0,)), (module.MoveStageTo, (1.0, 2.0, 3.0, 4.0)),
         (module.SetMagIndex, (2.0,)), (module.GoToLowDoseArea, (1,)), (module.SetExposure, ("R", "1")),
-        (module.bufferImage, (1,)), (module.ConnectToSEM, ("48888", "127.0.0.1")),
+        (module.bufferImage, (1,)), (module.ConnectToSEM, ("48890", "127.0.0.1")),
     ]
     for function, args in calls:
         with pytest.raises(TypeError):
