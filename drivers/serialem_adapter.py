@@ -19,7 +19,7 @@ master command list (MacroMasterList.h: argument keys D/I/S = double/int/string,
 | command (keys) | does / returns | units |
 |---|---|---|
 | `ConnectToSEM(port, ip)` (module, `|is`) | connects the socket; `SEMmoduleError` if it cannot (PySEMSocket.cpp) | - |
-| `ReportTickTime()` | seconds since SerialEM started (ms precision, < 50 days) | s |
+| `ReportTickTime()`, `ElapsedTickTime(t)` (`D`) | s since SerialEM started (ms, < 50 days); s since tick t | s |
 | `ReportStageXYZ()` | (x, y, z) stage position | um |
 | `ReportTiltAngle()` | tilt angle | deg |
 | `ReportStageBusy()` | 1 if the stage is busy, else 0 | - |
@@ -374,7 +374,7 @@ class SerialEMMicroscope(_SerialEMCassette):
         self.config = config
         self.link = SerialEMLink(module, config.host, config.port)
         self._tick0_s = float(self.link.call(MicroscopeError, "ReportTickTime"))
-        self._tick = (self._tick0_s, time.monotonic())
+        self._tick = (0.0, time.monotonic())
         camera = self.link.call(MicroscopeError, "CameraProperties")
         self._camera_shape_px = (int(camera[1]), int(camera[0]))  # SerialEM reports X (columns) first
         low_dose = self.link.call(MicroscopeError, "ReportLowDose")
@@ -402,14 +402,15 @@ class SerialEMMicroscope(_SerialEMCassette):
         )
 
     def microscope_time_s(self) -> float:
-        """SerialEM's tick time (s) since this adapter connected; while a long command runs, the last tick read
-        plus the wall-clock time since (the tick cannot be read then)."""
-        tick = self.link.read("ReportTickTime")
-        if tick is None:
-            last_tick_s, read_at_s = self._tick
-            return last_tick_s + (time.monotonic() - read_at_s) - self._tick0_s
-        self._tick = (float(tick), time.monotonic())
-        return float(tick) - self._tick0_s
+        """Seconds of SerialEM's tick time since this adapter connected (ElapsedTickTime, right past the tick
+        counter's wrap after 49.7 days); while a long command runs, the last value read plus the wall-clock time
+        since (the tick cannot be read then)."""
+        elapsed = self.link.read("ElapsedTickTime", self._tick0_s)
+        if elapsed is None:
+            last_s, read_at_s = self._tick
+            return last_s + (time.monotonic() - read_at_s)
+        self._tick = (float(elapsed), time.monotonic())
+        return float(elapsed)
 
     # stage ----------------------------------------------------------------------------------------
     def get_stage(self) -> StagePosition:

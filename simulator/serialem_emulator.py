@@ -328,6 +328,11 @@ class SerialEMEmulator(_EmulatedCameraAndLoader):
         """Seconds since SerialEM started: the simulated clock."""
         return _floats(self.microscope.microscope_time_s())
 
+    @command("D")
+    def ElapsedTickTime(self, tick_s: float) -> float:
+        """Seconds since the tick time `tick_s` (a ReportTickTime value)."""
+        return _floats(self.microscope.microscope_time_s() - float(tick_s))
+
     # stage ----------------------------------------------------------------------------------------
     @command("")
     def ReportStageXYZ(self) -> tuple[float, ...]:
