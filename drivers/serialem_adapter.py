@@ -241,7 +241,10 @@ def connect_serialem(config: SerialEMConfig) -> SerialEMMicroscope:
 
 
 class SerialEMLink:
-    """The one connection to SerialEM: every command under one lock, SerialEM's exceptions mapped to typed ones."""
+    """The one connection to SerialEM: every command under one lock, SerialEM's exceptions mapped to typed ones.
+
+    One SerialEM per process: the module keeps a single socket and takes the port and address of its first
+    connection only (PySEMSocket::InitializeSocket)."""
 
     def __init__(self, module: Any, host: str, port: int) -> None:
         self.module = module
