@@ -357,3 +357,21 @@ def test_bridge_serve_puts_the_emulator_behind_the_bridge(capsys: pytest.Capture
         if process.poll() is None:
             process.kill()
             process.wait(timeout=10.0)
+
+
+def test_the_cassette_of_a_serialem_microscope_over_the_bridge() -> None:
+    """The bridge serves the driver's cassette: slots, an empty slot refused with GridLoadError, a load."""
+    from drivers.zmq_bridge import BridgeClient, BridgeServer
+
+    sim = create_cassette_microscope("default", seed=2, camera_shape_px=(64, 64))
+    driver, _ = _driver(sim)
+    empty = next(s.slot for s in sim.cassette_slots() if s.state == "empty")
+    full = next(s.slot for s in sim.cassette_slots() if s.state == "occupied")
+    with BridgeServer(driver, "tcp://127.0.0.1:0") as server, BridgeClient(server.endpoint) as client:
+        assert client.info().cassette_slots == 12
+        assert [s.state for s in client.cassette_slots()] == [s.state for s in sim.cassette_slots()]
+        with pytest.raises(GridLoadError, match="empty"):
+            client.load_grid(empty)
+        client.load_grid(full)
+        assert client.loaded_slot() == sim.loaded_slot() == full
+        assert client.cassette_slots()[full - 1].state == "loaded"
