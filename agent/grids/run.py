@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import ScreeningPlan
+from agent.grids.alerts import grid_session_alerts, send_run_alert
 from agent.grids.assess import RANKING_RULE, GridAssessment, assess_atlas_pass, rank_grids
 from agent.grids.plan import GridRunPlan
 from agent.grids.records import (
@@ -148,6 +149,7 @@ class MultiGridRun:
             self.journal.close()
             summary = self.summary()
             write_run_outputs(self.run_dir, summary)
+            send_run_alert(self.plan.alerts, self.run_dir, summary)
         return summary
 
     def summary(self) -> RunSummary:
@@ -301,6 +303,7 @@ class MultiGridRun:
                 "time_budget_s": budget_s,
                 "area": area,
                 "targeting": plan.targeting.model_copy(update={"visit_limit": visit_limit}),
+                "alerts": grid_session_alerts(plan.alerts, atlas_pass),
             }
         )
 

@@ -1,9 +1,12 @@
 """A multi-grid run's numbers and its overview page: `run_summary.json` and `index.html` in the run folder.
 
 Throughput counts what a user counts (as a session's summary does): diffracting crystals per hour of the run's
-microscope time, grid exchanges, atlas passes and screening included; beside it the same per hour without the
-grid exchanges (`diffracting_per_hour_without_exchange`), the figure to compare with single-grid sessions, which
-pay no exchange.
+microscope time, grid exchanges, atlas passes and screening included. A screened grid counts its screening
+session's diffracting crystals only: that session maps the same squares first and finds the atlas pass's probed
+crystals again (the grid was reloaded in between: new positions of the same crystals). A grid that was not
+screened counts its atlas pass's diffracting probes (their stage positions hold for that load only). Beside the
+rate, the same per hour without the grid exchanges (`diffracting_per_hour_without_exchange`): the figure to
+compare with single-grid sessions, which pay no exchange.
 """
 
 from __future__ import annotations
@@ -56,7 +59,9 @@ class GridRow(BaseModel):
     atlas_folder: str | None = None
     screen_folder: str | None = None
     screen_budget_s: float | None = None
-    diffracting_crystals: int = Field(default=0, description="found on this grid: atlas-pass probes and screening")
+    diffracting_crystals: int = Field(
+        default=0, description="found on this grid: by its screening session, else by its atlas pass's probes"
+    )
     targets_visited: int = Field(default=0, description="by its screening session")
     screen_time_s: float = 0.0
     diffracting_per_hour: float | None = Field(default=None, description="of its screening session alone")
@@ -103,7 +108,7 @@ def _rows(records: Sequence[Any]) -> list[GridRow]:
         assessment = dict(assessed.assessment) if assessed is not None else {}
         screen_s = float(summary.get("microscope_time_s") or 0.0)
         screened = int(summary.get("diffracting_crystals") or 0)
-        diffracting = screened + int(assessment.get("probe_diffracting") or 0)
+        diffracting = screened if done is not None else int(assessment.get("probe_diffracting") or 0)
         rows.append(
             GridRow(
                 slot=slot,

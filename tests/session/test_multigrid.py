@@ -24,6 +24,7 @@ from agent.grids.plan import GridRunPlan, SlotSelectionError, parse_slots
 from agent.grids.records import GridAssessed, GridLoaded, GridScreening, GridSkipped, GridsRanked, read_run_records
 from agent.grids.run import MultiGridRun, RunError
 from simulator import create_simulated_microscope
+from tests.alerts.alert_servers import WebhookServer
 
 CASSETTE = {
     "slot_count": 4,
@@ -82,10 +83,23 @@ def cassette_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_a_run_assesses_every_grid_skips_the_bad_slots_and_screens_the_best(
-    cassette_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    cassette_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out = tmp_path / "run"
-    assert main(["screen", *RUN_OPTIONS, "--cassette", str(cassette_file), "--max-grids", "1", "--out", str(out)]) == 0
+    plan = tmp_path / "plan.toml"
+    plan.write_text('[alerts.webhook]\nurl_env = "GRID_RUN_TEST_WEBHOOK"\nretries = 0\n')
+    webhook = WebhookServer()
+    monkeypatch.setenv("GRID_RUN_TEST_WEBHOOK", webhook.url)
+    try:
+        command = ["screen", *RUN_OPTIONS, "--cassette", str(cassette_file), "--max-grids", "1", "--plan", str(plan)]
+        assert main([*command, "--out", str(out)]) == 0
+    finally:
+        webhook.close()
+    # one end alert for the screening session and one for the run; atlas passes only alert a failure or a pause
+    texts = [body["text"] for body in webhook.bodies()]
+    assert len(texts) == 2, texts
+    assert texts[0].startswith("crystal-locator screen ")  # the screening session (its folder name)
+    assert texts[1].startswith(f"crystal-locator multi-grid run {out.name} ") and "1 screened" in texts[1]
     records = read_run_records(out)
     skipped = {r.slot: r.reason for r in records if isinstance(r, GridSkipped)}
     assert set(skipped) == {2, 4}
@@ -110,7 +124,11 @@ def test_a_run_assesses_every_grid_skips_the_bad_slots_and_screens_the_best(
     assert summary["run_time_s"] <= 1500 + 240  # the budget (a session may finish the target it started)
     rows = {row["slot"]: row for row in summary["grids"]}
     best = rows[ranking.order[0]]
-    assert best["screen_time_s"] <= 240 + 60 and best["diffracting_crystals"] >= best["assessment"]["probe_diffracting"]
+    assert best["screen_time_s"] <= 240 + 60
+    # a screened grid counts its screening session's finds (it re-finds the probed crystals), others their probes
+    assert best["diffracting_crystals"] == screened[0].summary["diffracting_crystals"]
+    other = rows[ranking.order[1]]
+    assert other["diffracting_crystals"] == other["assessment"]["probe_diffracting"]
     assert summary["diffracting_crystals"] == sum(row["diffracting_crystals"] for row in rows.values())
     page = (out / "index.html").read_text()
     assert f'href="grid-{ranking.order[0]:02d}/screen/report.html"' in page and "How grids are ranked" in page
