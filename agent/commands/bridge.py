@@ -43,6 +43,8 @@ def register(subparsers: Any) -> None:
     serve.add_argument("--specimen", default="protein-plates", help="simulated specimen type")
     serve.add_argument("--seed", type=int, default=0, help="seed of the simulated specimen")
     serve.add_argument("--tiles", type=Path, default=None, help="serve this folder of real tiles (simulated)")
+    serve.add_argument("--cassette", metavar="default|FILE.json", default=None,
+                       help="serve a simulated autoloader cassette of grids (for `screen --bridge ... --grids`)")
     serve.add_argument("--pixel-size-um", type=float, default=None, help="um per pixel of --tiles if files do not say")
     serve.add_argument("--camera-px", type=int, default=None, help="simulated camera size (square), pixels")
     serve.add_argument("--instrument-seed", type=int, default=0, metavar="N",
@@ -87,6 +89,13 @@ def _make_simulated(args: argparse.Namespace) -> Any:
     if args.camera_px is not None:
         kwargs["camera_shape_px"] = (args.camera_px, args.camera_px)
     kwargs["instrument_seed"] = args.instrument_seed
+    if getattr(args, "cassette", None) is not None:
+        if args.tiles is not None:
+            raise CommandError("--cassette serves a simulated autoloader cassette; it does not go with --tiles")
+        from agent.commands.grid_run import cassette_arg
+        from agent.commands.screen import cassette_spec
+
+        kwargs["cassette"] = cassette_spec(cassette_arg(args.cassette))
     if args.tiles is not None:
         accepted = inspect.signature(factory).parameters
         name = next((n for n in ("tiles_dir", "tiles", "tile_dir") if n in accepted), None)

@@ -53,7 +53,7 @@ def run_grids(args: argparse.Namespace) -> int:
             raise CommandError(str(exc)) from None
         source = screen._source_from_args(args)
         if source["kind"] == "simulated":
-            source = {**source, "cassette": _cassette_arg(args.cassette)}
+            source = {**source, "cassette": cassette_arg(args.cassette)}
             source.pop("specimen", None)
         plan = screen._plan_from_args(args, {**source, "kind": "grids"})
         if args.time_budget_s is None and args.plan is None:  # one hour per slot, e.g. 12 h for a full cassette
@@ -113,7 +113,7 @@ def _grid_plan_options(args: argparse.Namespace) -> dict[str, Any]:
     return {key: value for key, value in options.items() if value is not None}
 
 
-def _cassette_arg(value: str | None) -> Any:
+def cassette_arg(value: str | None) -> Any:
     """`--cassette`: `default` (or nothing) as it is; a JSON file read into its slots so the run keeps them."""
     if value is None or value == "default":
         return "default"
@@ -246,7 +246,8 @@ def _print_summary(args: argparse.Namespace, summary: Any, run_dir: Path) -> Non
         table.add_row(
             str(row.rank or "-"), str(row.slot), row.label or "-", row.status,
             "-" if row.score is None else f"{row.score:.3g}", str(row.diffracting_crystals),
-            "-" if row.diffracting_per_hour is None else f"{row.diffracting_per_hour:.1f}", row.reason,
+            "-" if row.diffracting_per_hour is None else f"{row.diffracting_per_hour:.1f}",
+            row.reason.split(";")[0][:48],  # the whole reason is in run_summary.json and index.html
         )
     console = Console()
     console.print(table)

@@ -226,7 +226,7 @@ def make_microscope(
         kwargs["conditions"] = source.get("conditions")  # None (sessions before --conditions): none
         try:
             if kind == "simulated" and source.get("cassette") is not None:
-                microscope = create_simulated_microscope(cassette=_cassette_spec(source["cassette"]), **kwargs)
+                microscope = create_simulated_microscope(cassette=cassette_spec(source["cassette"]), **kwargs)
             elif kind == "simulated":
                 microscope = create_simulated_microscope(specimen_type=source["specimen"], **kwargs)
             else:
@@ -246,7 +246,7 @@ def make_microscope(
     raise CommandError(f"unknown microscope source {kind!r}")
 
 
-def _cassette_spec(saved: Any) -> Any:
+def cassette_spec(saved: Any) -> Any:
     """The simulated cassette a run saved in its `source.json`: `"default"` or its slots (JSON)."""
     if saved == "default":
         return "default"
