@@ -34,8 +34,8 @@ CASSETTE = {
         {"slot": 4, "specimen_type": "protein-plates", "seed": 9, "label": "lysozyme C", "fails_to_load": True},
     ],
 }
-RUN_OPTIONS = ["--simulated", "--grids", "1-4", "--camera-px", "512", "--time-budget-s", "1500", "--grid-budget-s",
-               "240", "--atlas-squares", "1", "--probe-targets", "3", "--no-labels"]
+RUN_OPTIONS = ["--grids", "1-4", "--time-budget-s", "1500", "--grid-budget-s", "240", "--atlas-squares", "1",
+               "--probe-targets", "3", "--no-labels"]
 
 
 def test_slot_lists_parse_and_bad_ones_say_why() -> None:
@@ -82,17 +82,23 @@ def cassette_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def test_a_run_assesses_every_grid_skips_the_bad_slots_and_screens_the_best(
+def test_a_run_through_the_bridge_assesses_every_grid_skips_the_bad_slots_and_screens_the_best(
     cassette_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The cassette is served over the ZeroMQ bridge, as a microscope PC would serve its autoloader."""
+    from drivers.zmq_bridge import BridgeServer
+    from simulator.cassette import load_cassette_spec
+
     out = tmp_path / "run"
     plan = tmp_path / "plan.toml"
     plan.write_text('[alerts.webhook]\nurl_env = "GRID_RUN_TEST_WEBHOOK"\nretries = 0\n')
     webhook = WebhookServer()
     monkeypatch.setenv("GRID_RUN_TEST_WEBHOOK", webhook.url)
+    cassette = create_simulated_microscope(cassette=load_cassette_spec(cassette_file), camera_shape_px=(512, 512))
     try:
-        command = ["screen", *RUN_OPTIONS, "--cassette", str(cassette_file), "--max-grids", "1", "--plan", str(plan)]
-        assert main([*command, "--out", str(out)]) == 0
+        with BridgeServer(cassette, "tcp://127.0.0.1:0") as server:
+            command = ["screen", "--bridge", server.endpoint, *RUN_OPTIONS, "--max-grids", "1", "--plan", str(plan)]
+            assert main([*command, "--out", str(out)]) == 0
     finally:
         webhook.close()
     # one end alert for the screening session and one for the run; atlas passes only alert a failure or a pause
@@ -157,8 +163,8 @@ def test_a_run_killed_in_a_grid_session_resumes_there_without_loading_any_grid_a
 ) -> None:
     out = tmp_path / "run"
     env = {**os.environ, "XDG_DATA_HOME": str(tmp_path / "data")}
-    command = [sys.executable, "-m", "agent.cli", "screen", *RUN_OPTIONS, "--cassette", str(cassette_file),
-               "--max-grids", "1", "--out", str(out)]
+    command = [sys.executable, "-m", "agent.cli", "screen", "--simulated", "--camera-px", "512", *RUN_OPTIONS,
+               "--cassette", str(cassette_file), "--max-grids", "1", "--out", str(out)]
     _run_and_kill(command, env, out / "grid-03" / "atlas" / "journal.jsonl")
     before = read_run_records(out)
     assert [r.slot for r in before if isinstance(r, GridLoaded)] == [1, 3]
