@@ -1,9 +1,9 @@
 """Sessions sized by their budget (rounds of mapping) and targets reached by image shift, on the real simulator.
 
 The sessions start from a stored calibration made of the simulator's true matrices (what `crystal-locator
-calibrate` would have stored for this instrument), so they only check it; the 1024 px camera gives search
-images of 41 um, in which neighbouring crystals are reached by image shift. The session sized by its budget is
-also the reference of a kill -9 and resume of the same session through the command line.
+calibrate` would have stored for this instrument), so they only check it; the 512 px camera gives search
+images of about 20 um, in which neighbouring crystals of seed 0 are reached by image shift. The session sized by
+its budget is also the reference of a kill -9 and resume of the same session through the command line.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ if TYPE_CHECKING:
     from simulator.microscope import SimulatedMicroscope
     from tests.conftest import MakeMicroscope
 
-CAMERA_PX = 1024
+CAMERA_PX = 512
+SEED = 0
 
 
 def true_calibration(microscope: SimulatedMicroscope) -> CalibrationSet:
@@ -66,12 +67,12 @@ def run(folder: Path, microscope: SimulatedMicroscope, plan: ScreeningPlan, stor
 
 
 #: The plan of `by_budget` as the command line gives it.
-SCREEN = ["--simulated", "--specimen", "protein-plates", "--seed", "3", "--camera-px", str(CAMERA_PX),
+SCREEN = ["--simulated", "--specimen", "protein-plates", "--seed", str(SEED), "--camera-px", str(CAMERA_PX),
           "--squares-per-round", "1", "--time-budget-s", "150", "--no-labels"]
 
 
 def _plan(**changes: Any) -> ScreeningPlan:
-    base: dict[str, Any] = {"specimen": "protein-plates", "seed": 3, "time_budget_s": 150.0,
+    base: dict[str, Any] = {"specimen": "protein-plates", "seed": SEED, "time_budget_s": 150.0,
                             "area": AreaPlan(squares_per_round=1)}
     return ScreeningPlan(**{**base, **changes})
 
@@ -81,7 +82,7 @@ def by_budget(
     tmp_path_factory: pytest.TempPathFactory, simulated_microscope: MakeMicroscope, store: Path
 ) -> ScreeningSession:
     folder = tmp_path_factory.mktemp("budget") / "s"
-    return run(folder, simulated_microscope("protein-plates", 3, CAMERA_PX), _plan(), store)
+    return run(folder, simulated_microscope("protein-plates", SEED, CAMERA_PX), _plan(), store)
 
 
 def _entries(session: ScreeningSession) -> list[dict[str, Any]]:
@@ -125,7 +126,7 @@ def test_targets_in_one_search_image_are_reached_by_image_shift(by_budget: Scree
     searched = {e["target_id"] for e in entries if e["type"] == "artifact" and e["kind"] == "search"}
     finished = [e for e in entries if e["type"] == "target"]
     in_field = [e for e in finished if e["target_id"] not in searched]
-    assert in_field, "seed 3 has clusters of crystals closer than the search field"
+    assert in_field, "seed 0 has crystals closer together than the search field"
     # an in-field visit moves no stage and takes no search image: it is much shorter than a visit with both
     starts = {}
     for e in entries:
@@ -145,7 +146,7 @@ def test_without_image_shift_every_target_gets_its_own_search_image(
     tmp_path: Path, simulated_microscope: MakeMicroscope, store: Path
 ) -> None:
     plan = _plan(confirm=ConfirmPlan(image_shift=False), targeting=TargetingPlan(max_targets=6))
-    session = run(tmp_path / "s", simulated_microscope("protein-plates", 3, CAMERA_PX), plan, store)
+    session = run(tmp_path / "s", simulated_microscope("protein-plates", SEED, CAMERA_PX), plan, store)
     entries = _entries(session)
     searched = {e["target_id"] for e in entries if e["type"] == "artifact" and e["kind"] == "search"}
     assert all(e["target_id"] in searched for e in entries if e["type"] == "target" and e["outcome"] != "failed")
@@ -153,7 +154,7 @@ def test_without_image_shift_every_target_gets_its_own_search_image(
 
 def test_a_target_cap_holds_across_rounds(tmp_path: Path, simulated_microscope: MakeMicroscope, store: Path) -> None:
     plan = _plan(targeting=TargetingPlan(max_targets=5))
-    session = run(tmp_path / "s", simulated_microscope("protein-plates", 3, CAMERA_PX), plan, store)
+    session = run(tmp_path / "s", simulated_microscope("protein-plates", SEED, CAMERA_PX), plan, store)
     assert session.summary().targets_found == 5
 
 
@@ -164,7 +165,7 @@ def test_a_budget_too_small_for_one_target_is_refused_before_anything_moves() ->
 
 def test_squares_given_means_one_round(tmp_path: Path, simulated_microscope: MakeMicroscope, store: Path) -> None:
     plan = _plan(area=AreaPlan(squares=1), targeting=TargetingPlan(max_targets=2))
-    session = run(tmp_path / "s", simulated_microscope("protein-plates", 3, CAMERA_PX), plan, store)
+    session = run(tmp_path / "s", simulated_microscope("protein-plates", SEED, CAMERA_PX), plan, store)
     assert len([e for e in _entries(session) if e["type"] == "mapping" and e["event"] == "done"]) == 1
 
 
