@@ -8,8 +8,11 @@ microscope time, time per state, precision and recall) and a byte-equal `targets
 because the simulator's noise and stage errors are keyed by what was acquired (`simulator.keyed`) and the
 resumed simulator starts at the checkpoint's microscope time, stage position and preset
 (`agent.session.restore`). Each session has its own empty data folder, so each measures its calibration.
-The killed sessions run two at a time (the module's wall time is about that of five sessions on an idle
-2-core machine).
+The reference is also the command line's own check (`--json` prints the summary, a second run into its folder
+is refused), and one more session is killed just after its first target's outcome: its resume keeps the
+session's calibration source whatever the flags or the environment say, visits no finished target twice and
+loses nothing written before the kill. The killed sessions run two at a time (the module's wall time is about
+that of six sessions on an idle 2-core machine).
 """
 
 from __future__ import annotations
@@ -88,10 +91,12 @@ def _run_and_kill(command: list[str], out: Path, reached: Callable[[Entries], bo
     return entries
 
 
-def _run(command: list[str], out: Path) -> None:
-    """Run `command` on session folder `out` to its end; it must succeed."""
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=_data_env(out.parent))
+def _run(command: list[str], out: Path, **env: str) -> str:
+    """Run `command` on session folder `out` to its end (`env`: variables changed from its data folder's); it
+    must succeed. Its standard output."""
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**_data_env(out.parent), **env})
     assert result.returncode == 0, result.stderr
+    return result.stdout
 
 
 def _resume(out: Path) -> None:
@@ -105,12 +110,19 @@ def _has(entries: Entries, record_type: str, **fields: Any) -> bool:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The uninterrupted session."""
+    """The uninterrupted session (its summary printed as JSON)."""
     out = tmp_path_factory.mktemp("reference") / "session"
-    _run(_screen_command(out), out)
+    printed = json.loads(_run([*_screen_command(out), "--json"], out))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["state"] == "done" and summary["targets_visited"] >= 2  # a session worth cutting
+    assert printed["state"] == "done" and printed["targets_found"] == summary["targets_found"] >= 1
     return out
+
+
+def test_a_second_screen_into_a_session_folder_is_refused(reference: Path) -> None:
+    again = subprocess.run(_screen_command(reference), capture_output=True, text=True, timeout=120,
+                           env=_data_env(reference.parent))
+    assert again.returncode == 2 and "already holds a session" in again.stderr
 
 
 def _last_state(entries: Entries) -> str:
@@ -133,6 +145,26 @@ def _killed_in_calibration_then_mapping(out: Path) -> list[Entries]:
     return [first, second]
 
 
+@dataclass(frozen=True)
+class FirstTargetCut:
+    """A session killed just after its first target's outcome and resumed: the journal as the kill left it,
+    and what a resume with another `--calibrations` printed on stderr (it must be refused)."""
+
+    cut: Entries
+    refused_stderr: str
+
+
+def _killed_after_the_first_target(out: Path) -> FirstTargetCut:
+    """Killed once its journal holds a target's outcome; a resume with `--calibrations` elsewhere is refused,
+    and the resume run with `$CRYSTAL_LOCATOR_CALIBRATIONS` elsewhere uses the session's own store."""
+    cut = _run_and_kill(_screen_command(out), out, lambda entries: _has(entries, "target"))
+    refused = subprocess.run([*_resume_command(out), "--calibrations", str(out.parent / "other")],
+                             capture_output=True, text=True, timeout=120, env=_data_env(out.parent))
+    assert refused.returncode == 2, refused.stderr
+    _run(_resume_command(out), out, CRYSTAL_LOCATOR_CALIBRATIONS=str(out.parent / "elsewhere"))
+    return FirstTargetCut(cut, refused.stderr)
+
+
 FRACTIONS = (0.25, 0.50, 0.75)
 
 
@@ -142,18 +174,22 @@ class Killed:
     what went wrong in that session)."""
 
     folder: Path
-    cuts: Future[list[Entries]]
+    cuts: Future[Any]
 
 
 @pytest.fixture(scope="module")
 def killed(reference: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Killed]:
-    """Every killed-and-resumed session, run two at a time, by name (the fraction, or `twice`)."""
+    """Every killed-and-resumed session, run two at a time, by name (the fraction, `twice` or `first-target`)."""
     total = len(read_journal(reference / "journal.jsonl"))
-    folders = {name: tmp_path_factory.mktemp(name) / "session" for name in [*map(str, FRACTIONS), "twice"]}
+    names = [*map(str, FRACTIONS), "twice", "first-target"]
+    folders = {name: tmp_path_factory.mktemp(name) / "session" for name in names}
     with ThreadPoolExecutor(max_workers=2) as pool:
         runs = {str(f): Killed(folders[str(f)], pool.submit(_killed_at, round(f * total), folders[str(f)]))
                 for f in FRACTIONS}
         runs["twice"] = Killed(folders["twice"], pool.submit(_killed_in_calibration_then_mapping, folders["twice"]))
+        runs["first-target"] = Killed(
+            folders["first-target"], pool.submit(_killed_after_the_first_target, folders["first-target"])
+        )
     return runs
 
 
@@ -184,3 +220,27 @@ def test_a_session_killed_in_calibration_then_in_mapping_ends_as_the_uninterrupt
     first, second = killed["twice"].cuts.result()
     assert _last_state(first) == "calibrating" and _last_state(second) == "mapping"
     assert len(_assert_same_as_reference(killed["twice"].folder, reference)) == 2
+
+
+def test_a_session_killed_after_its_first_target_resumes_from_its_own_store_and_loses_nothing(
+    reference: Path, killed: dict[str, Killed]
+) -> None:
+    """Killed just after the first target's outcome: the final targets are the uninterrupted run's, nothing
+    written before the kill is lost, no finished target is visited again, and the resume keeps the session's
+    calibration source (`source.json`) whatever `--calibrations` or `$CRYSTAL_LOCATOR_CALIBRATIONS` say."""
+    first: FirstTargetCut = killed["first-target"].cuts.result()
+    out = killed["first-target"].folder
+    assert "keeps the session's calibration source" in first.refused_stderr
+    assert not (out.parent / "elsewhere").exists(), "the resumed session used another calibration store than its own"
+    assert len(_assert_same_as_reference(out, reference)) == 1
+    expected = json.loads((reference / "targets.json").read_text())["targets"]
+    got = json.loads((out / "targets.json").read_text())["targets"]
+    assert [(r["target_id"], r["planned_x_um"], r["planned_y_um"]) for r in got] == [
+        (r["target_id"], r["planned_x_um"], r["planned_y_um"]) for r in expected
+    ]
+    assert all(r["outcome"] != "pending" for r in got)
+    visits = [e["target_id"] for e in read_journal(out / "journal.jsonl") if e["type"] == "target"]
+    assert len(visits) == len(set(visits)), "a finished target was visited twice"
+    assert {e["target_id"] for e in first.cut if e["type"] == "target"} <= set(visits)
+    for path in {e["path"] for e in first.cut if e["type"] == "artifact"}:
+        assert (out / path).exists(), f"lost {path}"

@@ -1,16 +1,15 @@
 """The screening loop end to end on the real simulator: sessions, calibration, resume, faults, control.
 
 Sessions use a 512 px camera and few targets so that the whole file stays within about a minute on a
-quiet 2-core machine; sessions shared by several tests are module-scoped fixtures.
+quiet 2-core machine; sessions shared by several tests are module-scoped fixtures. Sessions that test something
+else than calibration (control, prompts, tiles, duplicate targets) start from the simulator's true calibration,
+which they only check (`test_rounds.true_calibration`); the others measure it. The command line's screen, kill
+and resume: `test_resume_determinism`.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from agent.session.screening import ScreeningSession
 from simulator import create_simulated_microscope
 from simulator.faults import FaultPlan
 from simulator.scoring import score_session
+from tests.session.test_rounds import true_calibration
 
 if TYPE_CHECKING:
     from agent.prompts import LabelMemory, OperatorChannel
@@ -47,13 +47,18 @@ NewSession = Callable[..., ScreeningSession]
 @pytest.fixture(scope="module")
 def new_session(simulated_microscope: Callable[..., SimulatedMicroscope]) -> NewSession:
     """Factory of sessions of `_plan(specimen, seed)` on a fresh simulated microscope (CAMERA_PX camera) scored
-    against its ground truth: `new_session(folder, specimen, seed=0, faults=None, **session_options)`."""
+    against its ground truth: `new_session(folder, specimen, seed=0, faults=None, checked=False,
+    **session_options)`; `checked`: the session starts from the simulator's true calibration (checked, not
+    measured)."""
 
     def make(
-        folder: Path, specimen: str, seed: int = 0, faults: FaultPlan | None = None, **kwargs: Any
+        folder: Path, specimen: str, seed: int = 0, faults: FaultPlan | None = None, checked: bool = False,
+        **kwargs: Any,
     ) -> ScreeningSession:
         microscope = simulated_microscope(specimen, seed, CAMERA_PX, faults=faults)
         truth = microscope.ground_truth
+        if checked:
+            kwargs["stored_calibration"] = true_calibration(microscope)
         return ScreeningSession(
             microscope,
             _plan(specimen, seed),
@@ -211,7 +216,7 @@ def test_too_many_faults_end_in_failed_with_the_summary_written(new_session: New
 
 
 def test_pause_resume_and_abort_from_another_thread(new_session: NewSession, tmp_path: Path) -> None:
-    session = new_session(tmp_path / "controlled", "graphite-flakes", seed=4)
+    session = new_session(tmp_path / "controlled", "graphite-flakes", seed=4, checked=True)
     seen: list[str] = []
     paused = threading.Event()
 
@@ -253,85 +258,6 @@ def test_a_folder_that_is_not_a_session_cannot_be_resumed(
         ScreeningSession.resume(microscope, tmp_path)
 
 
-def _screen_command(out: Path, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "agent.cli",
-        "screen",
-        "--simulated",
-        "--specimen",
-        "protein-plates",
-        "--seed",
-        "2",
-        "--camera-px",
-        str(CAMERA_PX),
-        "--max-targets",
-        "3",
-        "--squares",
-        "1",
-        "--no-labels",
-        "--out",
-        str(out),
-        *extra,
-    ]
-
-
-@pytest.mark.timeout(900)
-def test_screen_cli_and_kill_and_resume_give_the_same_targets(tmp_path: Path) -> None:
-    env = {**os.environ, "CRYSTAL_LOCATOR_LABELS": str(tmp_path / "labels")}
-    reference = tmp_path / "reference"
-    result = subprocess.run(_screen_command(reference, "--json"), capture_output=True, text=True, timeout=600, env=env)
-    assert result.returncode == 0, result.stderr
-    summary = json.loads(result.stdout)
-    assert summary["state"] == "done" and summary["targets_found"] >= 1
-    again = subprocess.run(_screen_command(reference), capture_output=True, text=True, timeout=120, env=env)
-    assert again.returncode == 2 and "already holds a session" in again.stderr
-
-    expected = json.loads((reference / "targets.json").read_text())["targets"]
-    # Killed after the first target's outcome: the final targets must be exactly those of the uninterrupted run,
-    # nothing written is lost, nothing visited twice, and the resume keeps the session's calibration source.
-    # (Kills during calibration and mapping and at 25/50/75 % of the journal: `test_resume_determinism`.)
-    kill_points = {"first-target": lambda entries: any(e["type"] == "target" for e in entries)}
-    for name, reached in kill_points.items():
-        out = tmp_path / f"killed-{name}"
-        # Each killed run and its resume start from an empty calibration store, as the reference did (a stored
-        # calibration is checked instead of measured: other stage moves, other frames, other targets).
-        env = {**env, "CRYSTAL_LOCATOR_CALIBRATIONS": str(tmp_path / f"calibrations-{name}")}
-        process = subprocess.Popen(_screen_command(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline and process.poll() is None:
-            if reached(read_journal(out / "journal.jsonl")):
-                process.send_signal(signal.SIGKILL)
-                break
-            time.sleep(0.01)
-        process.wait(timeout=60)
-        before = read_journal(out / "journal.jsonl")
-        written_before = {e["path"] for e in before if e["type"] == "artifact"}
-        finished_before = {e["target_id"] for e in before if e["type"] == "target"}
-        resume_command = [sys.executable, "-m", "agent.cli", "screen", "--resume", str(out), "--no-labels"]
-        # the session's calibration source is its own (source.json), whatever the environment or flags say now
-        refused = subprocess.run([*resume_command, "--calibrations", str(tmp_path / "other")], capture_output=True,
-                                 text=True, timeout=120, env=env)
-        assert refused.returncode == 2 and "keeps the session's calibration source" in refused.stderr
-        elsewhere = tmp_path / f"elsewhere-{name}"
-        resume_env = {**env, "CRYSTAL_LOCATOR_CALIBRATIONS": str(elsewhere)}
-        resumed = subprocess.run(resume_command, capture_output=True, text=True, timeout=600, env=resume_env)
-        assert resumed.returncode == 0, resumed.stderr
-        assert not elsewhere.exists(), "the resumed session used another calibration store than its own"
-        got = json.loads((out / "targets.json").read_text())["targets"]
-        assert [(r["target_id"], r["planned_x_um"], r["planned_y_um"]) for r in got] == [
-            (r["target_id"], r["planned_x_um"], r["planned_y_um"]) for r in expected
-        ]
-        assert all(r["outcome"] != "pending" for r in got)
-        entries = read_journal(out / "journal.jsonl")
-        visits = [e["target_id"] for e in entries if e["type"] == "target"]
-        assert len(visits) == len(set(visits)), "a finished target was visited twice"
-        assert finished_before <= set(visits)
-        for path in written_before:
-            assert (out / path).exists(), f"lost {path}"
-
-
 def test_a_session_runs_on_real_style_dataset_tiles(
     simulated_microscope: Callable[..., SimulatedMicroscope], tmp_path: Path
 ) -> None:
@@ -355,7 +281,8 @@ def test_a_session_runs_on_real_style_dataset_tiles(
             tifffile.imwrite(tiles / f"Tile_{r + 1:03d}-{c + 1:03d}.tif", tile)
     microscope = create_simulated_microscope(tiles=tiles, pixel_size_um=0.3, camera_shape_px=(384, 384))
     assert microscope.ground_truth is None
-    session = ScreeningSession(microscope, _plan("graphite-flakes", max_targets=3), tmp_path / "tiles-session")
+    session = ScreeningSession(microscope, _plan("graphite-flakes", max_targets=3), tmp_path / "tiles-session",
+                               stored_calibration=true_calibration(microscope))
     summary = session.run()
     assert summary.state == "done"
     assert summary.targets_found >= 1 and summary.targets_confirmed >= 1
@@ -378,7 +305,8 @@ def asked(
         microscope = simulated_microscope("protein-plates", seed=7, camera_px=CAMERA_PX)
         with PolicyOperator(channel.prompt_endpoint, SimulatedAnswerPolicy(microscope.ground_truth)) as operator:
             session = ScreeningSession(
-                microscope, _plan("protein-plates", seed=7), folder / "session", labels=memory, operator=channel
+                microscope, _plan("protein-plates", seed=7), folder / "session", labels=memory, operator=channel,
+                stored_calibration=true_calibration(microscope),
             )
             summary = session.run()
         assert operator.answered
@@ -415,7 +343,8 @@ def test_prompts_reach_the_simulated_operator_and_fall_back_when_nobody_answers(
     microscope = simulated_microscope("polymer-faint", seed=8, camera_px=CAMERA_PX)
     # nobody is connected to the operator channel: the loop must go on
     session = ScreeningSession(
-        microscope, plan, tmp_path / "unanswered", labels=label_memory, operator=operator_channel
+        microscope, plan, tmp_path / "unanswered", labels=label_memory, operator=operator_channel,
+        stored_calibration=true_calibration(microscope),
     )
     summary = session.run()
     assert summary.state == "done" and summary.prompts == 1
@@ -453,7 +382,8 @@ def test_clusters_answered_both_ways_are_not_asked_again_and_their_targets_are_s
     )
     microscope = simulated_microscope("protein-plates", seed=7, camera_px=CAMERA_PX)
     # nobody is connected to the operator channel
-    session = ScreeningSession(microscope, plan, tmp_path / "mixed", labels=label_memory, operator=operator_channel)
+    session = ScreeningSession(microscope, plan, tmp_path / "mixed", labels=label_memory, operator=operator_channel,
+                               stored_calibration=true_calibration(microscope))
     summary = session.run()
     assert summary.state == "done" and summary.prompts == 0
     decision = session.decision
@@ -485,9 +415,11 @@ def test_mixed_targets_fill_only_the_places_left_and_keep_away_from_sure_targets
 
 
 def test_a_session_runs_through_the_zeromq_bridge(
-    simulated_microscope: Callable[..., SimulatedMicroscope], new_session: NewSession, tmp_path: Path
+    simulated_microscope: Callable[..., SimulatedMicroscope], finished: dict[str, ScreeningSession], tmp_path: Path
 ) -> None:
-    """The agent cannot tell a remote microscope from a local one: the same loop, over real sockets."""
+    """The agent cannot tell a remote microscope from a local one: the same loop, over real sockets. (It is
+    compared with the finished local session of the same specimen and seed: that a second local run plans the
+    same is `test_the_same_seed_reproduces_the_targets`.)"""
     from drivers.zmq_bridge import BridgeClient, BridgeServer
 
     simulated = simulated_microscope("asbestos-fibres", seed=0, camera_px=CAMERA_PX)
@@ -497,8 +429,7 @@ def test_a_session_runs_through_the_zeromq_bridge(
     assert summary.state == "done" and summary.faults == 0
     assert summary.targets_found >= 1 and summary.targets_visited == summary.targets_found
     # the remote session planned what a local one plans on the same specimen and seed
-    local = new_session(tmp_path / "local", "asbestos-fibres")
-    local.run()
+    local = finished["asbestos-fibres"]
     assert [(t.target_id, round(t.x_um, 3)) for t in session.targets] == [
         (t.target_id, round(t.x_um, 3)) for t in local.targets
     ]
@@ -514,7 +445,7 @@ def test_targets_that_recentre_onto_an_object_already_measured_are_not_measured_
     plan = ScreeningPlan(
         specimen="graphite-flakes", seed=3, area=AreaPlan(squares=1), targeting=TargetingPlan(max_targets=12)
     )
-    session = ScreeningSession(microscope, plan, tmp_path / "session")
+    session = ScreeningSession(microscope, plan, tmp_path / "session", stored_calibration=true_calibration(microscope))
     session.run()
     results = list(session.results.values())
     confirmed = [r for r in results if r.confirmed]
