@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from agent.prompts import LabelMemory, OperatorChannel
+from agent.prompts import LABELS_ENV_VAR, LabelMemory, OperatorChannel
 from agent.steps.calibration_store import CALIBRATIONS_ENV_VAR
 from simulator import create_simulated_microscope
 from simulator.microscope import SimulatedMicroscope
@@ -46,23 +46,32 @@ def simulated_microscope() -> MakeMicroscope:
 @pytest.fixture(scope="session", autouse=True)
 def calibration_store_of_the_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """Commands run by the tests (`screen`, `calibrate`, also in subprocesses and module-scoped fixtures) store
-    instrument calibrations in a folder of this test run, never in the user's data folder."""
+    instrument calibrations, label memories and other per-user data in folders of this test run (of this
+    pytest-xdist worker: each has its own base temporary folder), never in the user's data folder."""
     folder = tmp_path_factory.mktemp("calibrations")
-    before = os.environ.get(CALIBRATIONS_ENV_VAR)
-    os.environ[CALIBRATIONS_ENV_VAR] = str(folder)
+    data = tmp_path_factory.mktemp("data-home")
+    names = (CALIBRATIONS_ENV_VAR, LABELS_ENV_VAR, "XDG_DATA_HOME")
+    before = {name: os.environ.get(name) for name in names}
+    os.environ.update({CALIBRATIONS_ENV_VAR: str(folder), LABELS_ENV_VAR: str(data / "labels"),
+                       "XDG_DATA_HOME": str(data)})
     yield folder
-    if before is None:
-        os.environ.pop(CALIBRATIONS_ENV_VAR, None)
-    else:
-        os.environ[CALIBRATIONS_ENV_VAR] = before
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(autouse=True)
 def calibration_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Each test starts with an empty calibration store of its own (`$CRYSTAL_LOCATOR_CALIBRATIONS`), so that
-    a session's first calibration is measured whatever ran before."""
+    a session's first calibration is measured whatever ran before, and with an empty label memory and data
+    folder of its own (`$CRYSTAL_LOCATOR_LABELS`, `$XDG_DATA_HOME`), so that no test learns from another one
+    that ran before it in the same process (tests run in any order, also spread over pytest-xdist workers)."""
     folder = tmp_path / "calibrations"
     monkeypatch.setenv(CALIBRATIONS_ENV_VAR, str(folder))
+    monkeypatch.setenv(LABELS_ENV_VAR, str(tmp_path / "user-data" / "labels"))
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "user-data"))
     return folder
 
 
