@@ -1,6 +1,7 @@
 """Sessions learn from the microscope: outcomes go to label memory with the object's features, the next session
 ranks its targets by the crystal classifier, the targets left are re-ranked as outcomes come in, and a session
-stopped after a re-ranking resumes to the same end. Real simulator, real label-memory folder."""
+stopped after a re-ranking resumes to the same end. Real simulator (512 px camera, `test_rounds.CAMERA_PX`; three
+squares, at most 12 targets: enough for rankings after 3, 6, ... outcomes), real label-memory folder."""
 
 from __future__ import annotations
 
@@ -36,8 +37,8 @@ def store(tmp_path_factory: pytest.TempPathFactory, simulated_microscope: MakeMi
 
 def _plan(seed: int) -> ScreeningPlan:
     return ScreeningPlan(
-        specimen="protein-plates", seed=seed, time_budget_s=None, area=AreaPlan(squares=5),
-        targeting=TargetingPlan(max_targets=16),
+        specimen="protein-plates", seed=seed, time_budget_s=None, area=AreaPlan(squares=3),
+        targeting=TargetingPlan(max_targets=12),
     )
 
 
