@@ -12,6 +12,7 @@ import tifffile
 from scipy import ndimage
 
 from agent.cli import main
+from agent.steps.calibration_store import CalibrationStore
 from drivers.base import AcquisitionError
 from drivers.formats.images import read_frame_tiff
 from drivers.geometry import pixel_to_stage_um
@@ -20,6 +21,7 @@ from simulator.imaging import OpticsErrors
 from simulator.microscope import make_preset
 from simulator.stage import StageModel
 from simulator.tiles import TileScene, TileSceneError
+from tests.session.test_rounds import true_calibration
 
 PIXEL_UM = 0.3
 TILE_ROWS, TILE_COLS = 100, 120
@@ -174,8 +176,9 @@ def test_overlapping_tiles_are_placed_with_the_overlap(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("index_digits", [6, 3])
-def test_screen_accepts_the_2018_study_tile_naming(tmp_path: Path, index_digits: int) -> None:
-    """`screen --tiles` on `Tile_RRR-CCC-<index>_0-000.tif` tiles whose rows start at 3: one clean session."""
+def test_screen_accepts_the_2018_study_tile_naming(tmp_path: Path, index_digits: int, calibration_store: Path) -> None:
+    """`screen --tiles` on `Tile_RRR-CCC-<index>_0-000.tif` tiles whose rows start at 3: one clean session (its
+    calibration store holds the tile microscope's true calibration, which the session checks, not measures)."""
     source = create_simulated_microscope(specimen_type="graphite-flakes", seed=5, camera_shape_px=(768, 768))
     source.set_preset("atlas")
     image = np.asarray(source.acquire(0.5).image, dtype=np.float64)
@@ -186,6 +189,8 @@ def test_screen_accepts_the_2018_study_tile_naming(tmp_path: Path, index_digits:
         r, c = divmod(i, 2)
         name = f"Tile_{r + 3:03d}-{c + 1:03d}-{i:0{index_digits}d}_0-000.tif"
         tifffile.imwrite(folder / name, image8[r * 384 : (r + 1) * 384, c * 384 : (c + 1) * 384])
+    tile_microscope = create_simulated_microscope(tiles=folder, pixel_size_um=0.3, camera_shape_px=(384, 384))
+    CalibrationStore(calibration_store).save(true_calibration(tile_microscope))
     done = subprocess.run(
         [sys.executable, "-m", "agent.cli", "screen", "--tiles", str(folder), "--pixel-size-um", "0.3",
          "--camera-px", "384", "--max-targets", "1", "--no-labels", "--out", str(tmp_path / "session")],
