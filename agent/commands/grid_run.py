@@ -109,6 +109,7 @@ def _grid_plan_options(args: argparse.Namespace) -> dict[str, Any]:
         "atlas_squares": args.atlas_squares,
         "max_grids": args.max_grids,
         "probe_targets": args.probe_targets,
+        "switch_after_visits": args.switch_after_visits,
     }
     return {key: value for key, value in options.items() if value is not None}
 

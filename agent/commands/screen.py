@@ -128,6 +128,9 @@ def _add_grid_options(parser: argparse.ArgumentParser) -> None:
     grids.add_argument("--max-grids", type=int, help="screen at most this many grids (default: the budget decides)")
     grids.add_argument("--probe-targets", type=int,
                        help="targets each grid's atlas pass visits to measure its hit rate (default 6)")
+    grids.add_argument("--switch-after-visits", type=int,
+                       help="leave a grid whose visits diffract far less than promised after this many (default 12; "
+                            "0: never)")
 
 
 def _source_from_args(args: argparse.Namespace) -> dict[str, Any]:

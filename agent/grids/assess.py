@@ -6,11 +6,11 @@ pass (a short session: overview, one block of squares mapped, located, labelled,
 
 - **targets per square**: the planned targets (objects of the clusters label memory, the operator or the
   fallback call crystal: the crystal-bearing clusters) over the squares mapped;
-- **hit rate**: the share of targets that diffract, from the probe visits, with the targets' mean crystal
-  likelihood as a prior worth `PRIOR_VISITS` visits: (diffracting + k m) / (probed + k). The likelihood is the
-  crystal classifier's probability (`TargetRecord.p_diffract`) when label memory gave one, else the locator's
-  cold-start score (0-1, faceted and standing out from the film), which ranks but is no probability; the probes
-  measure what matters, diffraction, on the grid itself (ice too thick, crystals too thick or damaged show here);
+- **hit rate**: the share of targets that diffract, from the probe visits, with a prior worth `PRIOR_VISITS`
+  visits: (diffracting + k m) / (probed + k). The prior m is the targets' mean crystal-classifier probability
+  (`TargetRecord.p_diffract`) when label memory gave every target one, else `NEUTRAL_PRIOR` (the cold-start
+  score ranks targets but is no probability: graphite flakes score high and rarely diffract). The probes measure
+  what matters, diffraction, on the grid itself (ice too thick, crystals too thick or damaged show here);
 - **time per square**: the atlas pass's own mapping time per square plus its targets' visits (the probes' mean
   visit time, else `target.visit_estimate_s`);
 - **supply**: typical squares on the overview (`agent.steps.atlas.find_squares`: empty, broken and heavily
@@ -44,14 +44,19 @@ THICK_ICE_FRACTION = 0.5
 #: The squares the atlas step calls typical (`agent.steps.atlas.choose_block`'s `min_typicality`).
 TYPICAL_MIN = 0.2
 
-#: How many visits the prior hit rate (the targets' mean crystal likelihood) is worth against the probes'.
+#: How many visits the prior hit rate is worth against the probes'.
 PRIOR_VISITS = 1.0
+
+#: The prior hit rate without a classifier's probabilities: nothing known either way.
+NEUTRAL_PRIOR = 0.5
 
 RANKING_RULE = (
     "score = expected diffracting crystals per hour of screening = targets per mapped square x hit rate / "
     "microscope seconds per square (mapping plus visits) x 3600, x supply (typical squares / squares a grid "
-    f"session maps, at most 1). Hit rate = (diffracting probes + {PRIOR_VISITS:g} x mean target likelihood) / "
-    f"(probes + {PRIOR_VISITS:g}). No target or no typical square: 0, not screened"
+    f"session maps, at most 1). Hit rate = (diffracting probes + {PRIOR_VISITS:g} x prior) / (probes + "
+    f"{PRIOR_VISITS:g}), the prior the classifier's mean probability, else {NEUTRAL_PRIOR:g}. No target or no typical "
+    "square: 0, not screened. A screened grid is left for the next one when, after its first visits, its hit rate "
+    "brings its expected rate below half the next grid's score"
 )
 
 _FROZEN = ConfigDict(frozen=True, extra="ignore")
@@ -71,7 +76,7 @@ class GridAssessment(BaseModel):
     squares_mapped: int = 0
     targets: int = 0
     crystal_clusters: int = 0
-    mean_likelihood: float = Field(default=0.0, description="the targets' mean crystal likelihood (the prior)")
+    prior: float = Field(default=NEUTRAL_PRIOR, description="the prior hit rate (see the module docstring)")
     probed: int = Field(default=0, description="targets visited by the atlas pass")
     probe_diffracting: int = Field(default=0, description="of those, diffracting (real finds, counted in the run)")
     hit_rate: float = 0.0
@@ -92,19 +97,19 @@ def assess_atlas_pass(session: Any, slot: int, label: str, grid_budget_s: float)
     typical = [s for s in squares if s.typicality >= TYPICAL_MIN]
     mapped = [s for s in squares if in_any_box(s.x_um, s.y_um, ctx.map_boxes_um)]
     squares_mapped = max(len(mapped), 1 if ctx.map_boxes_um else 0)
-    likelihoods = [t.p_diffract if t.p_diffract is not None else t.score for t in ctx.targets]
-    prior = float(np.mean(likelihoods)) if likelihoods else 0.0
-    results = list(ctx.results.values())
+    probabilities = [t.p_diffract for t in ctx.targets if t.p_diffract is not None]
+    prior = float(np.mean(probabilities)) if probabilities and len(probabilities) == len(ctx.targets) else NEUTRAL_PRIOR
+    results = [r for r in ctx.results.values() if r.outcome != "failed"]  # a failed visit says nothing of the grid
     diffracting = sum(1 for r in results if r.outcome == "recorded")
-    hit_rate = (diffracting + PRIOR_VISITS * prior) / (len(results) + PRIOR_VISITS) if ctx.targets else 0.0
+    hit = hit_rate(diffracting, len(results), prior) if ctx.targets else 0.0
     summary = session.summary()
     visit_s = summary.per_target_time_s or target_step.visit_estimate_s(ctx.plan)
     targets_per_square = len(ctx.targets) / squares_mapped if squares_mapped else 0.0
     square_s = (ctx.last_mapping_s / squares_mapped if squares_mapped else 0.0) + targets_per_square * visit_s
-    per_hour = targets_per_square * hit_rate / square_s * 3600.0 if square_s > 0 else 0.0
+    per_hour = targets_per_square * hit / square_s * 3600.0 if square_s > 0 else 0.0
     squares_per_session = grid_budget_s / square_s if square_s > 0 else 0.0
     supply = min(1.0, len(typical) / squares_per_session) if squares_per_session > 0 else 0.0
-    return GridAssessment(
+    assessment = GridAssessment(
         slot=slot,
         label=label,
         squares_found=len(squares),
@@ -114,17 +119,30 @@ def assess_atlas_pass(session: Any, slot: int, label: str, grid_budget_s: float)
         squares_mapped=squares_mapped,
         targets=len(ctx.targets),
         crystal_clusters=len(ctx.decision.crystal_clusters) if ctx.decision is not None else 0,
-        mean_likelihood=round(prior, 4),
+        prior=round(prior, 4),
         probed=len(results),
         probe_diffracting=diffracting,
-        hit_rate=round(hit_rate, 4),
+        hit_rate=round(hit, 4),
         square_s=round(square_s, 2),
         diffracting_per_hour=round(per_hour, 3),
         squares_per_session=round(squares_per_session, 2),
         supply=round(supply, 4),
         atlas_pass_s=round(float(summary.microscope_time_s), 2),
-        score=round(per_hour * supply, 3) if ctx.targets and typical else 0.0,
     )
+    return assessment.model_copy(update={"score": round(expected_per_hour(assessment, hit), 3)})
+
+
+def hit_rate(diffracting: int, visits: int, prior: float) -> float:
+    """The share of a grid's targets expected to diffract after `visits` visits found `diffracting`."""
+    return (diffracting + PRIOR_VISITS * prior) / (visits + PRIOR_VISITS)
+
+
+def expected_per_hour(assessment: GridAssessment, hit: float) -> float:
+    """The grid's expected diffracting crystals per hour of screening (its score) at hit rate `hit`."""
+    if assessment.square_s <= 0 or assessment.squares_mapped <= 0 or not assessment.typical_squares:
+        return 0.0
+    per_square = assessment.targets / assessment.squares_mapped
+    return per_square * hit / assessment.square_s * 3600.0 * assessment.supply
 
 
 def _film_level_per_s(ctx: Any, typical: Sequence[Any]) -> float | None:

@@ -8,7 +8,9 @@ usually given several). It is spent in two passes:
    (`targeting.visit_limit`), so that the ranking rests on diffraction measured on the grid;
 2. **screening**: the grids are ranked (`agent.grids.assess`) and the best are loaded again and screened, each
    with `grid_budget_s` of the budget left (the last one with what remains, when that is at least
-   `min_grid_budget_s`), until the budget is spent or no grid worth screening is left.
+   `min_grid_budget_s`), until the budget is spent or no grid worth screening is left. A grid whose visits
+   diffract much less than its probes promised is left for the next after `switch_after_visits` visits
+   (`agent.grids.yield_guard`).
 
 Times are microscope seconds.
 """
@@ -70,6 +72,11 @@ class GridRunPlan(BaseModel):
         default=None,
         gt=0,
         description="least screening time worth loading a grid for (default: 900 s, or half of grid_budget_s if less)",
+    )
+    switch_after_visits: int = Field(
+        default=12,
+        ge=0,
+        description="leave a grid for the next after this many visits if its measured yield is poor (0: never)",
     )
     max_grids: int | None = Field(
         default=None, ge=1, description="screen at most this many grids (default: as many as the budget allows)"

@@ -76,6 +76,7 @@ class GridScreening(Record):
     folder: str
     budget_s: float
     summary: dict[str, Any] | None = None
+    reason: str = Field(default="", description="done before its budget: why the grid was left for the next")
 
 
 class RunFinished(Record):

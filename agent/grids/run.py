@@ -45,6 +45,7 @@ from agent.grids.records import (
     spent_s,
 )
 from agent.grids.summary import RunSummary, summarise_run, write_run_outputs
+from agent.grids.yield_guard import YieldGuard
 from agent.session.journal import Journal
 from drivers.base import CassetteMicroscope, GridLoadError, InvalidParameterError, MicroscopeError
 
@@ -238,10 +239,30 @@ class MultiGridRun:
             self._emit(GridScreening(event="start", slot=slot, folder=str(folder.relative_to(self.run_dir)),
                                      budget_s=budget_s))
         session = self._open_session(folder, plan, trusted)
+        guard = self._yield_guard(slot, session)
         summary = self._run_session(session)
-        if summary.state != "aborted":
+        left = guard is not None and guard.reason is not None and not self._abort.is_set()
+        if summary.state != "aborted" or left:
             self._emit(GridScreening(event="done", slot=slot, folder=str(folder.relative_to(self.run_dir)),
-                                     budget_s=budget_s, summary=summary.model_dump(mode="json")))
+                                     budget_s=budget_s, summary=summary.model_dump(mode="json"),
+                                     reason=guard.reason if left and guard is not None else ""))
+
+    def _yield_guard(self, slot: int, session: Any) -> YieldGuard | None:
+        """A `YieldGuard` on `session` against the best grid not screened yet (None: no such grid, or the plan
+        never leaves a grid early)."""
+        if self.run_plan.switch_after_visits <= 0:
+            return None
+        ranking = next(r for r in reversed(self._records) if isinstance(r, GridsRanked))
+        started = {r.slot for r in self._records if isinstance(r, GridScreening)}
+        skipped = {r.slot for r in self._records if isinstance(r, GridSkipped)}
+        waiting = [ranking.scores[str(s)] for s in ranking.order if s not in started | skipped | {slot}]
+        if not waiting or max(waiting) <= 0:
+            return None
+        assessed = next(r for r in self._records if isinstance(r, GridAssessed) and r.slot == slot)
+        guard = YieldGuard(GridAssessment.model_validate(assessed.assessment), max(waiting), session.request_abort,
+                           min_visits=self.run_plan.switch_after_visits)
+        session.subscribe(guard)
+        return guard
 
     # -- grids and sessions ----------------------------------------------------------------------------
     def _load(self, slot: int, phase: str) -> bool | None:

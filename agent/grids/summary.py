@@ -114,7 +114,7 @@ def _rows(records: Sequence[Any]) -> list[GridRow]:
                 slot=slot,
                 label=str(assessment.get("label") or ""),
                 status=status,
-                reason=skipped.reason if skipped is not None and status == "skipped" else "",
+                reason=skipped.reason if skipped is not None and status == "skipped" else done.reason if done else "",
                 rank=rank,
                 score=ranking.scores.get(str(slot)) if ranking is not None else None,
                 thick_ice=bool(ranking is not None and slot in ranking.thick_ice),

@@ -23,6 +23,8 @@ from agent.grids.assess import GridAssessment, rank_grids
 from agent.grids.plan import GridRunPlan, SlotSelectionError, parse_slots
 from agent.grids.records import GridAssessed, GridLoaded, GridScreening, GridSkipped, GridsRanked, read_run_records
 from agent.grids.run import MultiGridRun, RunError
+from agent.grids.yield_guard import YieldGuard
+from agent.session.records import TargetFinished
 from simulator import create_simulated_microscope
 from tests.alerts.alert_servers import WebhookServer
 
@@ -59,6 +61,31 @@ def test_grids_rank_by_expected_diffracting_per_hour_and_empty_ones_are_not_wort
     ranked = rank_grids(assessments)
     assert [a.slot for a in ranked] == [3, 1, 4, 2]  # ties keep the slot order
     assert [a.thick_ice for a in ranked] == [True, False, False, False]  # reported: below half the brightest film
+
+
+def _visit(outcome: str) -> TargetFinished:
+    return TargetFinished(target_id="t", outcome=outcome, x_um=0.0, y_um=0.0)  # type: ignore[arg-type]
+
+
+def test_a_grid_is_left_for_the_next_when_its_visits_diffract_far_less_than_its_probes_promised() -> None:
+    # 10 targets per square, 30 s per square, probes 2 of 6: (2 + 0.5) / 7 = 0.36 -> 428/h
+    grid = GridAssessment(slot=1, targets=40, squares_mapped=4, square_s=30.0, supply=1.0, typical_squares=50,
+                          probed=6, probe_diffracting=2, prior=0.5)
+    stops: list[int] = []
+    guard = YieldGuard(grid, next_score=400.0, stop=lambda: stops.append(guard.visits), min_visits=12)
+    for _ in range(11):
+        guard(_visit("no-diffraction"))
+    guard(_visit("failed"))  # says nothing about the grid
+    assert stops == [] and guard.visits == 11
+    guard(_visit("rejected"))  # (2 + 0.5) / (18 + 1) = 0.13 -> 158/h < 0.5 x 400
+    assert stops == [12] and guard.reason is not None and "0 of 12 visits diffracted" in guard.reason
+    guard(_visit("no-diffraction"))
+    assert stops == [12]  # once
+
+    kept = YieldGuard(grid, next_score=400.0, stop=lambda: stops.append(-1), min_visits=12)
+    for index in range(24):
+        kept(_visit("recorded" if index % 3 == 0 else "no-diffraction"))  # a third diffract: 406/h, kept
+    assert kept.reason is None and -1 not in stops
 
 
 def test_a_run_needs_a_cassette_a_slot_that_exists_and_a_budget(tmp_path: Path) -> None:
