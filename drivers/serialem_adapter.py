@@ -355,8 +355,10 @@ class _SerialEMCassette:
             return
         with self.link.lock:
             status = int(float(self.link.call(GridLoadError, "ReportSlotStatus", slot)))
-            if status == 0:
+            if status == 0 and self._loaded_slot is not None:
                 raise GridLoadError(f"cassette slot {slot} is empty (ReportSlotStatus 0); skip it")
+            # status 0 while the adapter does not know which grid is on the stage: that grid's own slot reads empty
+            # too (its cartridge is out), so LoadCartridge decides; SerialEM refuses a truly empty slot
             try:
                 # a "long operation" on SerialEM's side; the script command returns when it is over (the help
                 # does not say whether an occupied stage is unloaded first: on Thermo Fisher loaders it is)

@@ -72,6 +72,9 @@ class WebhookSender:
         source = f"the file {plan.url_file}" if plan.url_file else f"the variable {plan.url_env}"
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise AlertConfigError(f"the webhook URL in {source} is not an http:// or https:// URL")
+        if parts.username is not None or parts.password is not None:
+            # a password in the URL would end up in error texts (e.g. urllib's InvalidURL) and the journal
+            raise AlertConfigError(f"the webhook URL in {source} holds a user name or password; webhooks take none")
         self.plan = plan
         self._url = url
         # the whole URL and its path (Slack's and Teams' secret part) are kept out of every error text
@@ -106,6 +109,8 @@ class WebhookSender:
             return Attempt(ok=False, retryable=True, error=f"no answer within {timeout_s:g} s")
         except OSError as exc:
             return Attempt(ok=False, retryable=True, error=f"connection failed: {type(exc).__name__}: {exc}")
+        except ValueError as exc:  # http.client.InvalidURL and the like: the URL itself is wrong, retrying won't help
+            return Attempt(ok=False, retryable=False, error=f"the webhook URL is not usable: {type(exc).__name__}")
         if 200 <= status < 300:
             return Attempt(ok=True, status=status)
         return Attempt(ok=False, retryable=False, status=status, error=f"HTTP {status} (not 2xx)")

@@ -24,57 +24,39 @@ GRID_PLAN_NAME = "grid_plan.json"
 
 
 def run_grids(args: argparse.Namespace) -> int:
-    """Handler of `screen --grids` and of `screen --resume RUN_FOLDER` (a multi-grid run)."""
+    """Handler of `screen --grids` and of `screen --resume RUN_FOLDER` (a multi-grid run). Everything that can be
+    checked is checked before a grid is loaded or a file written: the slots against the cassette, the budget, the
+    alert secrets."""
     from rich.console import Console
 
     from agent.commands import screen
-    from agent.grids.plan import GridRunPlan, SlotSelectionError, parse_slots
-    from agent.grids.records import is_run_folder
-    from agent.grids.run import MultiGridRun, RunError
+    from agent.grids.run import MultiGridRun, RunError, check_run
     from drivers.formats.images import write_atomic
 
     resuming = args.resume is not None
-    run_dir = _run_folder(args, resuming)
     if resuming:
-        source = _read_json(run_dir / SOURCE_NAME)
-        run_plan = GridRunPlan.model_validate(_read_json(run_dir / GRID_PLAN_NAME))
-        from agent.config import load_plan
-
-        plan = load_plan(run_dir / "plan.json")
+        run_dir = Path(args.resume)
+        source, plan, run_plan = _resumed_inputs(run_dir)
     else:
-        if args.tiles is not None:
-            raise CommandError("--grids loads grids from a cassette: use --simulated or --bridge, not --tiles")
-        if args.specimen and args.simulated:
-            raise CommandError("--specimen names one grid's specimen; the cassette says what each slot holds")
-        try:
-            slots = parse_slots(args.grids)
-            run_plan = GridRunPlan(slots=slots, **_grid_plan_options(args))
-        except (SlotSelectionError, ValueError) as exc:
-            raise CommandError(str(exc)) from None
-        source = screen._source_from_args(args)
-        if source["kind"] == "simulated":
-            source = {**source, "cassette": cassette_arg(args.cassette)}
-            source.pop("specimen", None)
-        plan = screen._plan_from_args(args, {**source, "kind": "grids"})
-        if args.time_budget_s is None and args.plan is None:  # one hour per slot, e.g. 12 h for a full cassette
-            plan = plan.model_copy(update={"time_budget_s": 3600.0 * len(slots)})
+        source, plan, run_plan = _new_inputs(args)
+    _check_alert_secrets(plan)
     start = _simulator_start(run_dir, source) if resuming else {}
     microscope, _truth = screen.make_microscope(source, None, extra=start)
     try:
-        if not resuming:
-            plan.save(run_dir / "plan.json")
-        factory = _SessionFactory(args, source, microscope)
         try:
-            run = MultiGridRun(microscope, plan, run_plan, run_dir, factory.new, factory.resume)
+            check_run(microscope.info(), plan, run_plan)
         except RunError as exc:
             raise CommandError(str(exc)) from exc
         if not resuming:
+            run_dir = _new_run_folder(args)
+            plan.save(run_dir / "plan.json")
             write_atomic(run_dir / SOURCE_NAME, json.dumps(source, indent=2).encode())
             write_atomic(run_dir / GRID_PLAN_NAME, run_plan.model_dump_json(indent=2).encode())
-        screen._install_signal_handlers(run)
-        console = Console(stderr=True)
-        console.print(f"multi-grid run folder: {run_dir}")
+        factory = _SessionFactory(args, source, microscope)
         try:
+            run = MultiGridRun(microscope, plan, run_plan, run_dir, factory.new, factory.resume)
+            screen._install_signal_handlers(run)
+            Console(stderr=True).print(f"multi-grid run folder: {run_dir}")
             summary = run.run()
         finally:
             factory.close()
@@ -82,25 +64,87 @@ def run_grids(args: argparse.Namespace) -> int:
         close = getattr(microscope, "close", None)
         if callable(close):
             close()
-    assert is_run_folder(run_dir)
     _print_summary(args, summary, run_dir)
     return 0 if summary.state == "done" else 1
 
 
-def _run_folder(args: argparse.Namespace, resuming: bool) -> Path:
-    from datetime import datetime
-
+def _new_inputs(args: argparse.Namespace) -> tuple[dict[str, Any], Any, Any]:
+    """(source, screening plan, grid plan) of a new run from the command line; `CommandError` for what does not
+    go with `--grids`."""
     from agent.cli import check_out_folder
+    from agent.commands import screen
+    from agent.grids.plan import GridRunPlan, SlotSelectionError, parse_slots
 
-    if resuming:
-        return Path(args.resume)
+    if args.tiles is not None:
+        raise CommandError("--grids loads grids from a cassette: use --simulated or --bridge, not --tiles")
+    if args.specimen and args.simulated:
+        raise CommandError("--specimen names one grid's specimen; the cassette says what each slot holds")
+    if any(getattr(args, name, None) is not None for name in ("atlas", "nav", "map_id")):
+        raise CommandError("--atlas/--nav/--map-id start one session from one grid's map; a run maps every grid")
     if args.out is not None:
         check_out_folder(args.out, "run folder")
         if args.out.exists() and any(args.out.iterdir()):
             raise CommandError(f"{args.out} is not empty; use --resume {args.out} or another --out")
-    run_dir = args.out or Path("sessions") / datetime.now().strftime("run-%Y%m%d-%H%M%S")
+    try:
+        slots = parse_slots(args.grids)
+        run_plan = GridRunPlan(slots=slots, **_grid_plan_options(args))
+    except (SlotSelectionError, ValueError) as exc:
+        raise CommandError(str(exc)) from None
+    source = screen._source_from_args(args)
+    if source["kind"] == "simulated":
+        source = {**source, "cassette": cassette_arg(args.cassette)}
+        source.pop("specimen", None)
+    plan = screen._plan_from_args(args, {**source, "kind": "grids"})
+    if args.time_budget_s is None and args.plan is None:  # one hour per slot, e.g. 12 h for a full cassette
+        plan = plan.model_copy(update={"time_budget_s": 3600.0 * len(slots)})
+    return source, plan, run_plan
+
+
+def _resumed_inputs(run_dir: Path) -> tuple[dict[str, Any], Any, Any]:
+    """(source, screening plan, grid plan) of the run in `run_dir`; `CommandError` naming a damaged file."""
+    from pydantic import ValidationError
+
+    from agent.config import PlanError, load_plan
+    from agent.grids.plan import GridRunPlan
+    from agent.grids.records import read_run_records
+    from agent.session.journal import JournalError
+
+    source = _read_json(run_dir / SOURCE_NAME)
+    try:
+        run_plan = GridRunPlan.model_validate(_read_json(run_dir / GRID_PLAN_NAME))
+        plan = load_plan(run_dir / "plan.json")
+        read_run_records(run_dir)  # a damaged run journal is refused here, before a grid is touched
+    except ValidationError as exc:
+        raise CommandError(
+            f"cannot resume: {run_dir / GRID_PLAN_NAME} is not a grid plan ({exc.errors()[0]['msg']})"
+        ) from None
+    except (PlanError, JournalError) as exc:
+        raise CommandError(f"cannot resume: {exc}") from None
+    if not isinstance(source, dict) or "kind" not in source:
+        raise CommandError(f"cannot resume: {run_dir / SOURCE_NAME} does not say how the microscope was made")
+    return source, plan, run_plan
+
+
+def _check_alert_secrets(plan: Any) -> None:
+    """Read the alert channels' secrets now: a missing one is a one-line error before any grid is loaded."""
+    if not plan.alerts.enabled:
+        return
+    from agent.alerts.channels import build_senders
+    from agent.alerts.secrets import AlertConfigError
+
+    try:
+        build_senders(plan.alerts)
+    except AlertConfigError as exc:
+        raise CommandError(f"alerts: {exc}") from None
+
+
+def _new_run_folder(args: argparse.Namespace) -> Path:
+    """The folder of a new run (`--out`, checked by `_new_inputs`, else `sessions/run-<date-time>`), created."""
+    from datetime import datetime
+
+    run_dir = Path(args.out or Path("sessions") / datetime.now().strftime("run-%Y%m%d-%H%M%S"))
     run_dir.mkdir(parents=True, exist_ok=True)
-    return Path(run_dir)
+    return run_dir
 
 
 def _grid_plan_options(args: argparse.Namespace) -> dict[str, Any]:

@@ -347,11 +347,15 @@ def serialem_map_arg(args: argparse.Namespace) -> Any:
         raise CommandError("--atlas GRIDMAP.mrc.mdoc and --nav grid.nav go together (--map-id N picks the map item)")
     if args.squares is not None or args.squares_per_round is not None:
         raise CommandError("--atlas is the area to screen: drop --squares and --squares-per-round")
-    from agent.config import SerialemMapPlan
+    from agent.config import PlanError, ScreeningPlan, SerialemMapPlan, load_plan
     from agent.steps.serialem_map import SerialemMapError, load_serialem_map
 
+    try:  # the session checks the map at its plan's confirm radius: so does this check
+        tolerance_um = (load_plan(args.plan) if args.plan else ScreeningPlan()).confirm.radius_um
+    except PlanError as exc:
+        raise CommandError(str(exc)) from None
     try:
-        loaded = load_serialem_map(atlas, nav, map_id)
+        loaded = load_serialem_map(atlas, nav, map_id, tolerance_um=tolerance_um)
     except SerialemMapError as exc:
         raise CommandError(f"--atlas refused: {exc}") from None
     logger.info("%s", loaded.describe())

@@ -36,11 +36,16 @@ class SlotSelectionError(ValueError):
     """A `--grids` value that is not a list of slot numbers and ranges (e.g. `1-12`, `1,3,5-7`)."""
 
 
+#: The largest slot number `parse_slots` takes (autoloader cassettes hold 12; the bridge allows up to 1000).
+MAX_SLOT = 1000
+
+
 def parse_slots(text: str) -> tuple[int, ...]:
     """Slot numbers from `1-12`, `3`, `1,3,5-7` (1-based, in the order given, each once).
 
-    `SlotSelectionError` names what is wrong: not numbers, a range that runs backwards, a slot below 1."""
-    slots: list[int] = []
+    `SlotSelectionError` names what is wrong: not numbers, a range that runs backwards, a slot below 1 or above
+    `MAX_SLOT`."""
+    slots: dict[int, None] = {}  # ordered, each once
     for part in (piece.strip() for piece in str(text).split(",")):
         match = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
         if match is None:
@@ -49,7 +54,9 @@ def parse_slots(text: str) -> tuple[int, ...]:
         last = int(match.group(2)) if match.group(2) is not None else first
         if first < 1 or last < first:
             raise SlotSelectionError(f"--grids {text!r}: {part!r} must count up from slot 1 or above")
-        slots.extend(slot for slot in range(first, last + 1) if slot not in slots)
+        if last > MAX_SLOT:
+            raise SlotSelectionError(f"--grids {text!r}: slot {last} is beyond any cassette (at most {MAX_SLOT})")
+        slots.update(dict.fromkeys(range(first, last + 1)))
     if not slots:
         raise SlotSelectionError("--grids needs at least one slot, e.g. 1-12")
     return tuple(slots)

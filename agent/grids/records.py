@@ -46,6 +46,7 @@ class GridSkipped(Record):
     phase: Literal["atlas", "screen"]
     reason: str
     session_s: float = Field(default=0.0, description="microscope seconds its session spent before it ended")
+    load_s: float = Field(default=0.0, description="microscope seconds of a transfer that failed")
 
 
 class GridAssessed(Record):
@@ -127,7 +128,7 @@ def spent_s(records: list[Any]) -> float:
         elif isinstance(record, GridAssessed):
             total += float(record.assessment.get("atlas_pass_s") or 0.0)
         elif isinstance(record, GridSkipped):
-            total += record.session_s
+            total += record.session_s + record.load_s
         elif isinstance(record, GridScreening) and record.event == "done" and record.summary:
             total += float(record.summary.get("microscope_time_s") or 0.0)
     return total

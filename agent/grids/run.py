@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -47,7 +46,7 @@ from agent.grids.records import (
 from agent.grids.summary import RunSummary, summarise_run, write_run_outputs
 from agent.grids.yield_guard import YieldGuard
 from agent.session.journal import Journal
-from drivers.base import CassetteMicroscope, GridLoadError, InvalidParameterError, MicroscopeError
+from drivers.base import CassetteMicroscope, GridLoadError, InvalidParameterError, MicroscopeError, MicroscopeInfo
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +57,18 @@ ResumeSession = Callable[[Path], Any]
 
 class RunError(Exception):
     """A multi-grid run cannot start: no cassette, a slot the cassette does not have, a plan without a budget."""
+
+
+def check_run(info: MicroscopeInfo, plan: ScreeningPlan, run_plan: GridRunPlan) -> None:
+    """`RunError` when a run cannot start on this microscope: no cassette, a slot the cassette does not have, no
+    time budget to share."""
+    if info.cassette_slots <= 0:
+        raise RunError(f"{info.name} has no autoloader cassette this driver can load grids from")
+    missing = [slot for slot in run_plan.slots if slot > info.cassette_slots]
+    if missing:
+        raise RunError(f"slots {missing} do not exist: the cassette of {info.name} has slots 1-{info.cassette_slots}")
+    if plan.time_budget_s is None:
+        raise RunError("a multi-grid run needs a time budget (time_budget_s) to share between the grids")
 
 
 class MultiGridRun:
@@ -73,15 +84,7 @@ class MultiGridRun:
         resume_session: ResumeSession,
     ) -> None:
         info = microscope.info()
-        if info.cassette_slots <= 0:
-            raise RunError(f"{info.name} has no autoloader cassette this driver can load grids from")
-        missing = [slot for slot in run_plan.slots if slot > info.cassette_slots]
-        if missing:
-            raise RunError(
-                f"slots {missing} do not exist: the cassette of {info.name} has slots 1-{info.cassette_slots}"
-            )
-        if plan.time_budget_s is None:
-            raise RunError("a multi-grid run needs a time budget (time_budget_s) to share between the grids")
+        check_run(info, plan, run_plan)
         self.microscope = microscope
         self.plan = plan
         self.run_plan = run_plan
@@ -91,7 +94,6 @@ class MultiGridRun:
         self._resume_session = resume_session
         self.instrument = info.name
         self._records = read_run_records(self.run_dir)
-        self._wall_start = time.monotonic()
         self._abort = threading.Event()
         self._current: Any = None
         #: microscope seconds of the last session (or grid load) that ended and is not in a record yet
@@ -155,7 +157,7 @@ class MultiGridRun:
 
     def summary(self) -> RunSummary:
         """The run's numbers now, from its journal and its grids' session folders."""
-        return summarise_run(self.run_dir, self._records, RANKING_RULE, time.monotonic() - self._wall_start)
+        return summarise_run(self.run_dir, self._records, RANKING_RULE)
 
     # -- atlas pass ------------------------------------------------------------------------------------
     def _atlas_pass(self, slot: int) -> bool:
@@ -273,19 +275,25 @@ class MultiGridRun:
         before_s = float(self.microscope.microscope_time_s())
         try:
             self.microscope.load_grid(slot)
-        except (GridLoadError, InvalidParameterError) as exc:
+        except MicroscopeError as exc:  # GridLoadError, InvalidParameterError, a fault of the autoloader
             self._trusted_slot = None
-            self._emit(GridSkipped(slot=slot, phase=phase, reason=str(exc)))  # type: ignore[arg-type]
-            return None
-        except MicroscopeError as exc:
-            self._trusted_slot = None
-            self._emit(GridSkipped(slot=slot, phase=phase, reason=f"load failed: {exc}"))  # type: ignore[arg-type]
+            reason = str(exc) if isinstance(exc, (GridLoadError, InvalidParameterError)) else f"load failed: {exc}"
+            tried_s = self._elapsed_since(before_s)  # a failed transfer costs microscope time too
+            self._ended_s = tried_s
+            self._emit(GridSkipped(slot=slot, phase=phase, reason=reason, load_s=tried_s))  # type: ignore[arg-type]
             return None
         self._trusted_slot = slot
         load_s = float(self.microscope.microscope_time_s()) - before_s
         self._ended_s = load_s  # stamped with the record, which then accounts for it
         self._emit(GridLoaded(slot=slot, phase=phase, load_s=round(load_s, 3)))  # type: ignore[arg-type]
         return False
+
+    def _elapsed_since(self, before_s: float) -> float:
+        """Microscope seconds since the microscope's clock read `before_s` (0 when it does not answer)."""
+        try:
+            return round(max(0.0, float(self.microscope.microscope_time_s()) - before_s), 3)
+        except MicroscopeError:
+            return 0.0
 
     def _open_session(self, folder: Path, plan: ScreeningPlan, trusted: bool) -> Any:
         """The grid session in `folder`: resumed when it was cut on this very load of the grid, else new (an

@@ -15,6 +15,7 @@ import html
 import json
 import logging
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,6 +28,7 @@ from agent.grids.records import (
     GridSkipped,
     GridsRanked,
     RunFinished,
+    RunStarted,
     spent_s,
 )
 from agent.report import ReportError, html_page, html_table, image_file_png, png_data_uri, write_session_report
@@ -119,7 +121,7 @@ def _rows(records: Sequence[Any]) -> list[GridRow]:
                 score=ranking.scores.get(str(slot)) if ranking is not None else None,
                 thick_ice=bool(ranking is not None and slot in ranking.thick_ice),
                 assessment=assessment,
-                load_s=round(sum(r.load_s for r in mine if isinstance(r, GridLoaded)), 3),
+                load_s=round(sum(r.load_s for r in mine if isinstance(r, (GridLoaded, GridSkipped))), 3),
                 atlas_folder=assessed.folder if assessed is not None else None,
                 screen_folder=started.folder if started is not None else None,
                 screen_budget_s=started.budget_s if started is not None else None,
@@ -132,12 +134,34 @@ def _rows(records: Sequence[Any]) -> list[GridRow]:
     return rows
 
 
-def summarise_run(run_dir: Path, records: Sequence[Any], rule: str, wall_time_s: float = 0.0) -> RunSummary:
+def _wall_time_s(records: Sequence[Any]) -> float:
+    """Real seconds the run ran, over its parts: each part from its `run` record to its last record (a part cut
+    by a kill -9 counts up to the last line it wrote)."""
+    total = 0.0
+    start = last = None
+    for record in [*records, None]:
+        if record is None or isinstance(record, RunStarted):
+            if start is not None and last is not None:
+                total += max(0.0, (last - start).total_seconds())
+            start = last = _utc(record) if record is not None else None
+        else:
+            last = _utc(record) or last
+    return total
+
+
+def _utc(record: Any) -> datetime | None:
+    try:
+        return datetime.fromisoformat(record.time_utc) if record.time_utc else None
+    except ValueError:
+        return None
+
+
+def summarise_run(run_dir: Path, records: Sequence[Any], rule: str) -> RunSummary:
     """The run's summary from its journal records (`run_dir` is where its grid folders are)."""
     rows = _rows(records)
     finished = next((r for r in reversed(records) if isinstance(r, RunFinished)), None)
     run_s = spent_s(list(records))
-    exchange_s = sum(r.load_s for r in records if isinstance(r, GridLoaded))
+    exchange_s = sum(r.load_s for r in records if isinstance(r, (GridLoaded, GridSkipped)))
     atlas_s = sum(float(r.assessment.get("atlas_pass_s") or 0.0) for r in records if isinstance(r, GridAssessed))
     screen_s = sum(row.screen_time_s for row in rows)
     diffracting = sum(row.diffracting_crystals for row in rows)
@@ -155,7 +179,7 @@ def summarise_run(run_dir: Path, records: Sequence[Any], rule: str, wall_time_s:
         diffracting_per_hour_without_exchange=_per_hour(diffracting, run_s - exchange_s),
         grids_assessed=sum(1 for r in records if isinstance(r, GridAssessed)),
         grids_screened=sum(1 for row in rows if row.status == "screened"),
-        wall_time_s=round(wall_time_s, 3),
+        wall_time_s=round(_wall_time_s(records), 3),
     )
 
 

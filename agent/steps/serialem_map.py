@@ -143,7 +143,7 @@ def load_serialem_map(
         best = fits[ORIENTATIONS.index("display")]
         logger.warning("%s: the pieces cannot tell the map's Y orientation; taking SerialEM's display rows", mdoc)
     matrix, worst_um, rms_um, orientation = best
-    if worst_um > tolerance_um:
+    if not worst_um <= tolerance_um:  # also a NaN (a piece's StagePosition not a number)
         raise SerialemMapError(
             f"{nav}: map {item.map_id} ({item.label}) does not match the pieces of {mdoc.name}: a piece's recorded "
             f"stage position is {worst_um:.1f} um from where the map's MapScaleMat puts it (tolerance "

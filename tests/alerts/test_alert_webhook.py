@@ -116,6 +116,11 @@ def test_a_missing_or_wrong_url_is_a_clear_error_without_the_value(monkeypatch: 
     with pytest.raises(AlertConfigError, match="not an http") as raised:
         build_senders(AlertPlan(webhook=WebhookPlan(url_env="TEST_ALERT_WEBHOOK")))
     assert "xoxSecret" not in str(raised.value)
+    # a password in the URL would reach error texts (urllib's InvalidURL quotes the netloc) and the journal
+    monkeypatch.setenv("TEST_ALERT_WEBHOOK", "https://alerts:S3cretPassw0rd@hooks.example.org/hook")
+    with pytest.raises(AlertConfigError, match="user name or password") as raised:
+        build_senders(AlertPlan(webhook=WebhookPlan(url_env="TEST_ALERT_WEBHOOK")))
+    assert "S3cret" not in str(raised.value)
     with pytest.raises(ValueError, match="not both"):
         WebhookPlan(url_env="A", url_file="/b")
     with pytest.raises(ValueError, match="url_file"):

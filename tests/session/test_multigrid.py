@@ -26,6 +26,7 @@ from agent.grids.run import MultiGridRun, RunError
 from agent.grids.yield_guard import YieldGuard
 from agent.session.records import TargetFinished
 from simulator import create_simulated_microscope
+from simulator.cassette import DEFAULT_LOAD_S, DEFAULT_UNLOAD_S
 from tests.alerts.alert_servers import WebhookServer
 
 CASSETTE = {
@@ -152,8 +153,12 @@ def test_a_run_through_the_bridge_assesses_every_grid_skips_the_bad_slots_and_sc
 
     summary = json.loads((out / "run_summary.json").read_text())
     assert summary["state"] == "done" and summary["grids_assessed"] == 2 and summary["grids_screened"] == 1
-    parts = summary["exchange_time_s"] + summary["atlas_pass_time_s"] + summary["screening_time_s"]
-    assert summary["run_time_s"] == pytest.approx(parts, abs=0.01)
+    # the run's clock is the microscope's: every exchange (the failed transfer of slot 4 too) and every session
+    assert summary["run_time_s"] == pytest.approx(cassette.microscope_time_s(), abs=0.5)
+    # slot 1, slot 3 (unload first), slot 4's failed transfer (unload, half a load), the best grid again (stage empty)
+    load_s, unload_s = DEFAULT_LOAD_S, DEFAULT_UNLOAD_S
+    expected_s = load_s + (unload_s + load_s) + (unload_s + load_s / 2) + load_s
+    assert summary["exchange_time_s"] == pytest.approx(expected_s, abs=0.5)
     assert summary["run_time_s"] <= 1500 + 240  # the budget (a session may finish the target it started)
     rows = {row["slot"]: row for row in summary["grids"]}
     best = rows[ranking.order[0]]
@@ -167,6 +172,32 @@ def test_a_run_through_the_bridge_assesses_every_grid_skips_the_bad_slots_and_sc
     assert f'href="grid-{ranking.order[0]:02d}/screen/report.html"' in page and "How grids are ranked" in page
     assert (out / f"grid-{ranking.order[0]:02d}" / "screen" / "targets.nav").exists()
     assert "multi-grid run: done" in capsys.readouterr().out
+
+
+def test_a_run_that_cannot_start_writes_nothing_and_a_damaged_run_is_refused_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    assert main(["screen", "--simulated", "--camera-px", "256", "--grids", "1,13", "--out", str(out)]) == 2
+    assert "slots [13] do not exist" in capsys.readouterr().err and not out.exists()
+    assert main(["screen", "--simulated", "--grids", "1-5000", "--out", str(out)]) == 2
+    assert "beyond any cassette" in capsys.readouterr().err and not out.exists()
+    plan = tmp_path / "plan.toml"
+    plan.write_text('[alerts.webhook]\nurl_env = "GRID_RUN_TEST_UNSET_VARIABLE"\n')
+    assert main(["screen", "--simulated", "--camera-px", "256", "--grids", "1", "--plan", str(plan),
+                 "--out", str(out)]) == 2
+    assert "GRID_RUN_TEST_UNSET_VARIABLE" in capsys.readouterr().err and not out.exists()
+
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "source.json").write_text(json.dumps({"kind": "simulated", "cassette": "default", "seed": 0}))
+    (damaged / "grid_plan.json").write_text(json.dumps({"slots": [1, 2]}))
+    ScreeningPlan().save(damaged / "plan.json")
+    (damaged / "grids.jsonl").write_text('{"seq":1,"type":"grid_loaded","slot":"a"}\n{"seq":2}\n')
+    before = sorted(p.name for p in damaged.iterdir())
+    assert main(["screen", "--resume", str(damaged)]) == 2
+    assert "cannot resume" in capsys.readouterr().err
+    assert sorted(p.name for p in damaged.iterdir()) == before
 
 
 def _run_and_kill(command: list[str], env: dict[str, str], ready: Path, timeout_s: float = 240.0) -> None:
