@@ -63,17 +63,15 @@ serving process wait anyway during a long command (the bridge client's time limi
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import threading
 import time
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from drivers.adapter_config import AdapterConfig
 from drivers.base import (
     AcquisitionError,
     AcquisitionTimeout,
@@ -169,7 +167,7 @@ class SerialEMPreset(BaseModel):
         )
 
 
-class SerialEMConfig(BaseModel):
+class SerialEMConfig(AdapterConfig):
     """Where SerialEM listens and how preset names map to SerialEM settings (JSON: `SerialEMConfig.from_file`).
 
     Example: `{"host": "192.168.0.32", "port": 48888, "stage_limits": {"x_min_um": -990, "x_max_um": 990,
@@ -178,7 +176,7 @@ class SerialEMConfig(BaseModel):
     "pixel_size_um": 0.0036, "diffraction_area": "F", "camera_length_mm": 830}]}`
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    ADAPTER: ClassVar[str] = "SerialEM"
 
     host: str = Field(default="127.0.0.1", min_length=1)
     port: int = Field(default=DEFAULT_PORT, ge=1, le=65535)
@@ -197,30 +195,6 @@ class SerialEMConfig(BaseModel):
         description="SerialEM specimen um (X along the tilt axis) per stage-axis um; SpecimenToStageMatrix inverts it",
     )
     cassette_slots: int = Field(default=0, ge=0, le=64, description="autoloader slots (12 on Thermo Fisher); 0: none")
-
-    @model_validator(mode="after")
-    def _unique_names(self) -> SerialEMConfig:
-        names = [p.name for p in self.presets]
-        if len(set(names)) != len(names):
-            raise ValueError(f"preset names must be unique, got {names}")
-        return self
-
-    def preset(self, name: str) -> SerialEMPreset:
-        """The preset called `name`; `PresetError` listing the known names otherwise."""
-        for preset in self.presets:
-            if preset.name == name:
-                return preset
-        raise PresetError(f"unknown optics preset {name!r}; configured: {', '.join(p.name for p in self.presets)}")
-
-    @classmethod
-    def from_file(cls, path: str | os.PathLike[str]) -> SerialEMConfig:
-        """Load a JSON config; `InvalidParameterError` naming the file and the problem."""
-        file_path = Path(path)
-        try:
-            return cls.model_validate(json.loads(file_path.read_text(encoding="utf-8")))
-        except (OSError, ValueError, ValidationError) as exc:
-            problem = str(exc).replace("\n", " ")
-            raise InvalidParameterError(f"{file_path}: not a valid SerialEM adapter config: {problem}") from None
 
 
 def import_serialem() -> Any:

@@ -36,19 +36,17 @@ niermann's temscript 2.x does not wrap the AutoLoader; the adapter takes it from
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
+from drivers.adapter_config import AdapterConfig
 from drivers.base import (
     AcquisitionError,
     CassetteSlot,
@@ -106,10 +104,10 @@ class TemscriptPreset(BaseModel):
         )
 
 
-class TemscriptConfig(BaseModel):
+class TemscriptConfig(AdapterConfig):
     """Which camera to use and how preset names map to TEM Scripting settings."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    ADAPTER: ClassVar[str] = "temscript"
 
     camera: str = "CCD"
     presets: tuple[TemscriptPreset, ...] = Field(min_length=1)
@@ -143,29 +141,6 @@ class TemscriptConfig(BaseModel):
     autoloader_loaded_slot: int | None = Field(
         default=None, ge=1, description="the cassette slot whose grid is on the stage when the adapter starts"
     )
-
-    @model_validator(mode="after")
-    def _unique_names(self) -> TemscriptConfig:
-        names = [p.name for p in self.presets]
-        if len(set(names)) != len(names):
-            raise ValueError(f"preset names must be unique, got {names}")
-        return self
-
-    def preset(self, name: str) -> TemscriptPreset:
-        """The preset called `name`; `PresetError` listing the known names otherwise."""
-        for preset in self.presets:
-            if preset.name == name:
-                return preset
-        raise PresetError(f"unknown optics preset {name!r}; configured: {', '.join(p.name for p in self.presets)}")
-
-    @classmethod
-    def from_file(cls, path: str | os.PathLike[str]) -> TemscriptConfig:
-        """Load a JSON config; `InvalidParameterError` naming the file and the problem."""
-        file_path = Path(path)
-        try:
-            return cls.model_validate(json.loads(file_path.read_text(encoding="utf-8")))
-        except (OSError, ValueError, ValidationError) as exc:
-            raise InvalidParameterError(f"{file_path}: not a valid temscript adapter config: {exc}") from None
 
 
 #: A config for temscript's NullMicroscope (2048 px CCD), used by tests and `bridge serve --adapter temscript-null`.
