@@ -118,6 +118,8 @@ def paced(tmp_path: Path) -> Iterator[tuple[Agent, ConsoleHandle]]:
 def open_prompt(agent: Agent, handle: ConsoleHandle) -> str:
     agent.session.start()
     assert wait_for(lambda: bool(handle.hub.open_prompt_ids()), 30), "the prompt never reached the console"
+    # the console may show the prompt before the session's thread has stored the handle `ask` returned
+    assert wait_for(lambda: agent.session.prompt_handle is not None, 10), "the session kept no prompt handle"
     return handle.hub.open_prompt_ids()[0]
 
 

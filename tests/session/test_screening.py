@@ -31,6 +31,9 @@ if TYPE_CHECKING:
     from agent.prompts import LabelMemory, OperatorChannel
     from simulator.microscope import SimulatedMicroscope
 
+#: Four sessions run in the setup of `finished`: 120 s (the suite's default) is too short on a loaded machine.
+pytestmark = pytest.mark.timeout(600)
+
 CAMERA_PX = 512
 SPECIMENS = ("protein-plates", "graphite-flakes", "asbestos-fibres", "polymer-faint")
 
