@@ -17,6 +17,13 @@ labelled in `simulator.cassette`). One calibration is measured first and stored 
 Prints diffracting crystals per hour of each, and the ratios the issue asks for: the run against the mean of
 the single-grid sessions of the grids it screened (with and without counting exchanges), against the best two
 single-grid sessions (an oracle ranking), and against the naive run.
+
+Measured 2026-12-07 (camera 1024 px, seed 0, one run on a loaded 2-core machine, 49 min wall): the run assessed
+all three grids and screened graphite then protein (the two best; protein, the best, ranked second); 198
+diffracting crystals in 6167 s: 115.6/h (133.8/h without the 840 s of exchanges). Against the single-grid
+sessions of those grids (103.4/h and 190.2/h): 0.85x with exchanges counted on both sides, 0.91x without; against
+the oracle 0.79x; against the naive slot-order run (60.0/h) 1.93x. The run's first atlas pass paid the
+instrument's first calibration (350 s), which the single-grid sessions found stored.
 """
 
 from __future__ import annotations
