@@ -87,10 +87,11 @@ def test_a_rounds_planned_targets_reach_targets_csv_with_its_record(tmp_path: Pa
     writer writes them at once (a crash before the first outcome still leaves them in targets.csv)."""
     from types import SimpleNamespace
 
+    from agent.config import ScreeningPlan
     from agent.session.records import TargetsPlanned
     from agent.session.writers import TableWriter
 
-    context = SimpleNamespace(targets=[_target(1)], results={}, calibration=None, atlas=None)
+    context = SimpleNamespace(targets=[_target(1)], results={}, calibration=None, atlas=None, plan=ScreeningPlan())
     TableWriter(tmp_path, context)(TargetsPlanned(targets=[_target(2), _target(3)], round=2))
     rows = (tmp_path / "targets.csv").read_text().splitlines()
     assert [row.split(",")[0] for row in rows[1:]] == ["T001", "T002", "T003"]
