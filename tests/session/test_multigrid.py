@@ -110,12 +110,15 @@ def cassette_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def test_a_run_through_the_bridge_assesses_every_grid_skips_the_bad_slots_and_screens_the_best(
+def test_a_run_through_serialem_and_the_bridge_assesses_every_grid_skips_the_bad_slots_and_screens_the_best(
     cassette_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The cassette is served over the ZeroMQ bridge, as a microscope PC would serve its autoloader."""
+    """The cassette is driven through SerialEM's cartridge commands (the SerialEM driver over its emulator) and
+    served over the ZeroMQ bridge, as a microscope PC running SerialEM would serve its autoloader."""
+    from drivers.serialem_adapter import SerialEMMicroscope
     from drivers.zmq_bridge import BridgeServer
     from simulator.cassette import load_cassette_spec
+    from simulator.serialem_emulator import make_serialem_module
 
     out = tmp_path / "run"
     plan = tmp_path / "plan.toml"
@@ -123,8 +126,10 @@ def test_a_run_through_the_bridge_assesses_every_grid_skips_the_bad_slots_and_sc
     webhook = WebhookServer()
     monkeypatch.setenv("GRID_RUN_TEST_WEBHOOK", webhook.url)
     cassette = create_simulated_microscope(cassette=load_cassette_spec(cassette_file), camera_shape_px=(512, 512))
+    serialem = make_serialem_module(cassette)
+    driver = SerialEMMicroscope(serialem, serialem.emulator.config())
     try:
-        with BridgeServer(cassette, "tcp://127.0.0.1:0") as server:
+        with BridgeServer(driver, "tcp://127.0.0.1:0") as server:
             command = ["screen", "--bridge", server.endpoint, *RUN_OPTIONS, "--max-grids", "1", "--plan", str(plan)]
             assert main([*command, "--out", str(out)]) == 0
     finally:
