@@ -46,7 +46,7 @@ def register(subparsers: Any) -> None:
     connect.add_argument("--server-key", type=Path, default=None, help="the agent's CURVE public .key file")
     connect.set_defaults(handler=_connect)
 
-    labels = subparsers.add_parser("labels", help="list, export or prune the label memory")
+    labels = subparsers.add_parser("labels", help="list, export, import or prune the label memory")
     labels_sub = labels.add_subparsers(dest="labels_command", metavar="SUBCOMMAND", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--labels", type=Path, default=None,
@@ -58,9 +58,16 @@ def register(subparsers: Any) -> None:
     listing.add_argument("--session", default=None, help="only labels of this session")
     listing.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
     listing.set_defaults(handler=_labels_list)
-    export = labels_sub.add_parser("export", parents=[common], help="write all labels to one JSON file")
+    export = labels_sub.add_parser(
+        "export", parents=[common], help="write all labels and object outcomes (the classifier's data) to one JSON file"
+    )
     export.add_argument("out", type=Path, help="the JSON file to write")
     export.set_defaults(handler=_labels_export)
+    importing = labels_sub.add_parser(
+        "import", parents=[common], help="add an export's labels and object outcomes (or a labels/objects.jsonl)"
+    )
+    importing.add_argument("file", type=Path, help="an export (.json), another memory's labels.jsonl or objects.jsonl")
+    importing.set_defaults(handler=_labels_import)
     prune = labels_sub.add_parser("prune", parents=[common], help="remove labels matching all given filters")
     prune.add_argument("--specimen", default=None, help="labels of this specimen type")
     prune.add_argument("--session", default=None, help="labels of this session")
@@ -313,7 +320,10 @@ def _labels_list(args: argparse.Namespace) -> int:
             r.source + (f" ({r.operator})" if r.operator else ""), str(len(r.feature_names)),
         )
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)  # piped: do not wrap at 80
-    console.print(f"{len(records)} labels in {memory.path}")
+    objects = memory.object_records()
+    outcomes = sum(1 for r in objects if r.is_outcome)
+    console.print(f"{len(records)} labels in {memory.path}; {len(objects)} object records ({outcomes} visit outcomes, "
+                  f"{len(objects) - outcomes} spread answers) for the crystal classifier")
     console.print(table)
     if memory.skipped_lines:
         console.print(f"[yellow]{memory.skipped_lines} unreadable line(s) skipped[/]")
@@ -326,7 +336,20 @@ def _labels_export(args: argparse.Namespace) -> int:
         path = memory.export(args.out)
     except OSError as exc:
         raise CommandError(f"cannot write {args.out}: {exc}") from exc
-    print(f"exported {len(memory)} label(s) to {path}")
+    print(f"exported {len(memory)} label(s) and {len(memory.object_records())} object record(s) to {path}")
+    return 0
+
+
+def _labels_import(args: argparse.Namespace) -> int:
+    from agent.prompts import LabelMemoryError
+
+    memory = _memory(args)
+    try:
+        added = memory.import_file(args.file)
+    except LabelMemoryError as exc:
+        raise CommandError(str(exc)) from exc
+    print(f"added {added} record(s) from {args.file}; {len(memory)} label(s) and {len(memory.object_records())} "
+          f"object record(s) in {memory.path}")
     return 0
 
 

@@ -14,7 +14,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
@@ -126,14 +126,17 @@ class LabelLog(Generic[RecordT]):
         logger.info("label memory %s: removed %d record(s)", self.path, removed)
         return removed
 
-    def export(self, path: str | os.PathLike[str]) -> Path:
-        """Write all records to one JSON file (atomically); `read_label_file` reads it back."""
+    def export(self, path: str | os.PathLike[str], extra: dict[str, list[Any]] | None = None) -> Path:
+        """Write all records to one JSON file (atomically); `read_label_file` reads it back. `extra`: more lists
+        of JSON-ready records under their own keys (the memory's object outcomes, `object_records`), which
+        readers that do not know them ignore."""
         records = self.records()
         document = {
             "format": EXPORT_FORMAT,
             "version": EXPORT_VERSION,
             "exported_utc": utc_now().isoformat(),
             "records": [r.model_dump(mode="json") for r in records],
+            **(extra or {}),
         }
         return write_atomic(path, json.dumps(document, indent=1).encode())
 
@@ -154,19 +157,29 @@ class LabelLog(Generic[RecordT]):
 
 def read_label_file(path: str | os.PathLike[str]) -> list[LabelRecord]:
     """The records of an export (JSON) or of another memory's `labels.jsonl`; `LabelMemoryError` if unreadable."""
+    return read_export(path, "records", LabelRecord)
+
+
+def read_export(
+    path: str | os.PathLike[str], key: str, record_type: type[RecordT]  # type: ignore[type-var]
+) -> list[RecordT]:
+    """The `key` records of an export (JSON; none when it has no such list), or every line of a `.jsonl` log of
+    `record_type`; `LabelMemoryError` naming the file when it is unreadable or a record does not validate."""
     source = Path(path)
     try:
         raw = source.read_bytes()
     except OSError as exc:
         raise LabelMemoryError(f"cannot read {source}: {exc}") from exc
     if source.suffix == ".jsonl":
-        incoming, _ = _parse_lines(raw, source)
+        incoming, _ = _parse_lines(raw, source, record_type)
         return incoming
     try:
         document = json.loads(raw)
         if document.get("format") != EXPORT_FORMAT:
             raise ValueError(f"format is {document.get('format')!r}, expected {EXPORT_FORMAT!r}")
-        return [LabelRecord.model_validate(r) for r in document["records"]]
+        if key != "records" and key not in document:
+            return []
+        return [record_type.model_validate(r) for r in document[key]]
     except (ValueError, KeyError, TypeError, AttributeError, ValidationError) as exc:
         raise LabelMemoryError(f"{source} is not a label export: {exc}") from exc
 

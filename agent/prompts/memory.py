@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
-from agent.prompts.label_log import LabelLog, read_label_file
+from agent.prompts.label_log import LabelLog, read_export, read_label_file
 from agent.prompts.label_records import LabelMemoryError, LabelRecord, LabelSource, LabelSuggestion, utc_now
 from agent.prompts.label_votes import (
     DEFAULT_CONFIDENCE_THRESHOLD,
@@ -192,16 +192,30 @@ class LabelMemory:
         return self._objects.append(records)
 
     def export(self, path: str | os.PathLike[str]) -> Path:
-        """Write all records to one JSON file (atomically); `import_file` reads it back."""
-        return self._log.export(path)
+        """Write all records, cluster labels and object outcomes (`object_records`, what the crystal classifier
+        learns from), to one JSON file (atomically); `import_file` reads it back."""
+        objects = [r.model_dump(mode="json") for r in self._objects.records()] if self._objects.path.exists() else []
+        return self._log.export(path, {"object_records": objects})
 
     def import_file(self, path: str | os.PathLike[str]) -> int:
-        """Add the records of an export (or another memory's `labels.jsonl`) not already here; returns how many."""
-        incoming = read_label_file(path)
+        """Add the records of an export (cluster labels and object outcomes), of another memory's `labels.jsonl`
+        or of its `objects.jsonl`, that are not already here (by id); returns how many."""
+        incoming: list[LabelRecord] = []
+        incoming_objects: list[ObjectRecord] = []
+        if Path(path).name == OBJECTS_FILE_NAME:
+            incoming_objects = read_export(path, "object_records", ObjectRecord)
+        else:
+            incoming = read_label_file(path)
+            if Path(path).suffix != ".jsonl":
+                incoming_objects = read_export(path, "object_records", ObjectRecord)
         known = {r.id for r in self._load()}
         new = [r for r in incoming if r.id not in known]
         self.add_many(new)
-        return len(new)
+        known_objects = {r.id for r in self.object_records()}
+        new_objects = [r for r in incoming_objects if r.id not in known_objects]
+        if new_objects:
+            self.add_objects(new_objects)
+        return len(new) + len(new_objects)
 
     # -- suggestions -------------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ import pytest
 
 from agent.commands.operator import parse_choice, preview_text
 from agent.prompts import InvalidAnswerError, LabelMemory, OperatorChannel, OperatorClient, Prompt, PromptOption
+from agent.prompts.object_records import ObjectRecord
 from drivers.formats.images import encode_png
 
 #: The console script, run with this interpreter (`-m agent.cli` would make a second CommandError class).
@@ -128,8 +129,29 @@ def test_labels_commands(label_memory: LabelMemory, tmp_path: Path) -> None:
     assert json.loads(listed.stdout.splitlines()[0])["is_crystal"] is True
     table = run("list", *base)
     assert "protein-plates" in table.stdout and "4 labels" in table.stdout
+    label_memory.add_objects([
+        ObjectRecord(features=(1.0, 2.0), feature_names=("a", "b"), label=label, source="simulated",
+                     specimen="protein-plates", preset="atlas", session="s1")
+        for label in ("diffracting", "no-spots", "not-found")
+    ])
+    table = run("list", *base)
+    assert "3 object records (3 visit outcomes" in " ".join(table.stdout.split())
     exported = run("export", str(tmp_path / "out.json"), *base)
-    assert exported.returncode == 0 and len(json.loads((tmp_path / "out.json").read_text())["records"]) == 4
+    document = json.loads((tmp_path / "out.json").read_text())
+    assert exported.returncode == 0 and len(document["records"]) == 4 and len(document["object_records"]) == 3
+    # another memory (another machine) takes both: cluster labels for prompts, outcomes for the classifier
+    other = ["--labels", str(tmp_path / "other")]
+    assert run("import", str(tmp_path / "out.json"), *other).returncode == 0
+    again = run("import", str(tmp_path / "out.json"), *other)
+    assert again.returncode == 0 and "added 0 record(s)" in again.stdout  # by id: nothing twice
+    copy = LabelMemory(tmp_path / "other")
+    assert len(copy) == 4 and sorted(r.label for r in copy.object_records()) == ["diffracting", "no-spots", "not-found"]
+    third = ["--labels", str(tmp_path / "third")]
+    assert run("import", str(label_memory.folder / "objects.jsonl"), *third).returncode == 0
+    assert len(LabelMemory(tmp_path / "third").object_records()) == 3
+    (tmp_path / "bad.json").write_text('{"format": "something else"}')
+    bad = run("import", str(tmp_path / "bad.json"), *other)
+    assert bad.returncode == 2 and "not a label export" in bad.stderr and len(LabelMemory(tmp_path / "other")) == 4
     refused = run("prune", *base)
     assert refused.returncode == 2 and "--all" in refused.stderr and len(label_memory) == 4
     assert run("prune", *base, "--session", "s1").returncode == 0 and len(label_memory) == 2
