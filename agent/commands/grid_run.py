@@ -33,6 +33,9 @@ def run_grids(args: argparse.Namespace) -> int:
     from agent.grids.run import MultiGridRun, RunError, check_run
     from drivers.formats.images import write_atomic
 
+    if args.console or args.control:
+        raise CommandError("--console and --control serve one session; a multi-grid run does not serve them yet "
+                           "(its sessions' events go to --events; Ctrl-C or SIGTERM stops the run, --resume goes on)")
     resuming = args.resume is not None
     if resuming:
         run_dir = Path(args.resume)

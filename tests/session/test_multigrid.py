@@ -187,6 +187,8 @@ def test_a_run_that_cannot_start_writes_nothing_and_a_damaged_run_is_refused_in_
     assert "slots [13] do not exist" in capsys.readouterr().err and not out.exists()
     assert main(["screen", "--simulated", "--grids", "1-5000", "--out", str(out)]) == 2
     assert "beyond any cassette" in capsys.readouterr().err and not out.exists()
+    assert main(["screen", "--simulated", "--grids", "1", "--console", "8765", "--out", str(out)]) == 2
+    assert "does not serve them yet" in capsys.readouterr().err and not out.exists()
     plan = tmp_path / "plan.toml"
     plan.write_text('[alerts.webhook]\nurl_env = "GRID_RUN_TEST_UNSET_VARIABLE"\n')
     assert main(["screen", "--simulated", "--camera-px", "256", "--grids", "1", "--plan", str(plan),
