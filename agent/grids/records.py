@@ -43,6 +43,7 @@ class GridSkipped(Record):
 
     type: Literal["grid_skipped"] = "grid_skipped"
     slot: int
+    label: str = Field(default="", description="the grid's name in the cassette's inventory, if it has one")
     phase: Literal["atlas", "screen"]
     reason: str
     session_s: float = Field(default=0.0, description="microscope seconds its session spent before it ended")

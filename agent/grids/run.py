@@ -280,7 +280,8 @@ class MultiGridRun:
             reason = str(exc) if isinstance(exc, (GridLoadError, InvalidParameterError)) else f"load failed: {exc}"
             tried_s = self._elapsed_since(before_s)  # a failed transfer costs microscope time too
             self._ended_s = tried_s
-            self._emit(GridSkipped(slot=slot, phase=phase, reason=reason, load_s=tried_s))  # type: ignore[arg-type]
+            self._emit(GridSkipped(slot=slot, label=self._label(slot), phase=phase, reason=reason,  # type: ignore[arg-type]
+                                   load_s=tried_s))
             return None
         self._trusted_slot = slot
         load_s = float(self.microscope.microscope_time_s()) - before_s

@@ -114,7 +114,7 @@ def _rows(records: Sequence[Any]) -> list[GridRow]:
         rows.append(
             GridRow(
                 slot=slot,
-                label=str(assessment.get("label") or ""),
+                label=str(assessment.get("label") or (skipped.label if skipped is not None else "")),
                 status=status,
                 reason=skipped.reason if skipped is not None and status == "skipped" else done.reason if done else "",
                 rank=rank,
