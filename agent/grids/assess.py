@@ -106,7 +106,7 @@ def assess_atlas_pass(session: Any, slot: int, label: str, grid_budget_s: float)
     visit_s = summary.per_target_time_s or target_step.visit_estimate_s(ctx.plan)
     targets_per_square = len(ctx.targets) / squares_mapped if squares_mapped else 0.0
     square_s = (ctx.last_mapping_s / squares_mapped if squares_mapped else 0.0) + targets_per_square * visit_s
-    per_hour = targets_per_square * hit / square_s * 3600.0 if square_s > 0 else 0.0
+    per_hour = _rate_per_hour(targets_per_square, hit, square_s)
     squares_per_session = grid_budget_s / square_s if square_s > 0 else 0.0
     supply = min(1.0, len(typical) / squares_per_session) if squares_per_session > 0 else 0.0
     assessment = GridAssessment(
@@ -139,10 +139,15 @@ def hit_rate(diffracting: int, visits: int, prior: float) -> float:
 
 def expected_per_hour(assessment: GridAssessment, hit: float) -> float:
     """The grid's expected diffracting crystals per hour of screening (its score) at hit rate `hit`."""
-    if assessment.square_s <= 0 or assessment.squares_mapped <= 0 or not assessment.typical_squares:
+    if assessment.squares_mapped <= 0 or not assessment.typical_squares:
         return 0.0
     per_square = assessment.targets / assessment.squares_mapped
-    return per_square * hit / assessment.square_s * 3600.0 * assessment.supply
+    return _rate_per_hour(per_square, hit, assessment.square_s) * assessment.supply
+
+
+def _rate_per_hour(targets_per_square: float, hit: float, square_s: float) -> float:
+    """Diffracting crystals per hour while squares last: each square's targets x hit rate, per its seconds."""
+    return targets_per_square * hit / square_s * 3600.0 if square_s > 0 else 0.0
 
 
 def _film_level_per_s(ctx: Any, typical: Sequence[Any]) -> float | None:
