@@ -474,6 +474,16 @@ def _write_report(path: Path, text: str) -> Path:
     return write_atomic(path, text.encode("utf-8"))
 
 
+def write_session_report_or_log(session_dir: str | Path) -> Path | None:
+    """`write_session_report`, with a failure logged instead of raised (the session's data is on disk; a report
+    can be written again with `crystal-locator report`); None then."""
+    try:
+        return write_session_report(session_dir)
+    except (ReportError, OSError, ValueError) as exc:
+        logger.warning("could not write the HTML report: %s (run `crystal-locator report %s`)", exc, session_dir)
+        return None
+
+
 def write_session_report(session_dir: str | Path) -> Path:
     """Write `session_dir/report.html` (atomically) from the session folder; returns its path."""
     folder = Path(session_dir)

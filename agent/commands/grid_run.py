@@ -236,9 +236,9 @@ class _SessionFactory:
         kwargs: dict[str, Any] = {"labels": self.labels, "events": self.events, **self.calibration}
         truth = getattr(self.microscope, "ground_truth", None)
         if truth is not None:
-            from simulator.scoring import score_session
+            from agent.commands.screen import truth_scorer
 
-            kwargs["truth_scorer"] = lambda targets, results, box: score_session(truth, list(results.values()), box)
+            kwargs["truth_scorer"] = truth_scorer(truth)
         if self.args.operator == "simulated":
             self._restart_simulated_operator(truth)
         kwargs["operator"] = self.channel

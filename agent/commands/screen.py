@@ -455,9 +455,7 @@ def _make_session(
     kwargs: dict[str, Any] = {"labels": labels, "operator": channel, "events": events}
     kwargs.update(_calibration_kwargs(args, microscope, source.get("calibration")))
     if truth is not None:
-        from simulator.scoring import score_session
-
-        kwargs["truth_scorer"] = lambda targets, results, box: score_session(truth, list(results.values()), box)
+        kwargs["truth_scorer"] = truth_scorer(truth)
     try:
         if args.resume is not None:
             return ScreeningSession.resume(microscope, session_dir, **kwargs)
@@ -512,13 +510,16 @@ def _run_with_services(args: argparse.Namespace, session: Any, channel: Any, eve
 
 def _write_report(session_dir: Path) -> Path | None:
     """The session's self-contained HTML report; a failure is logged, never fatal (the data is on disk)."""
-    from agent.report import ReportError, write_session_report
+    from agent.report import write_session_report_or_log
 
-    try:
-        return write_session_report(session_dir)
-    except (ReportError, OSError, ValueError) as exc:
-        logger.warning("could not write the HTML report: %s (run `crystal-locator report %s`)", exc, session_dir)
-        return None
+    return write_session_report_or_log(session_dir)
+
+
+def truth_scorer(truth: Any) -> Any:
+    """The `ScreeningSession` truth scorer of a simulated specimen's ground truth (`simulator.scoring`)."""
+    from simulator.scoring import score_session
+
+    return lambda targets, results, box: score_session(truth, list(results.values()), box)
 
 
 def _calibration_kwargs(args: argparse.Namespace, microscope: Any, saved: dict[str, Any] | None) -> dict[str, Any]:

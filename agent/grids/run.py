@@ -45,6 +45,7 @@ from agent.grids.records import (
 )
 from agent.grids.summary import RunSummary, summarise_run, write_run_outputs
 from agent.grids.yield_guard import YieldGuard
+from agent.report import write_session_report_or_log
 from agent.session.journal import Journal
 from drivers.base import CassetteMicroscope, GridLoadError, InvalidParameterError, MicroscopeError, MicroscopeInfo
 
@@ -319,6 +320,7 @@ class MultiGridRun:
         finally:
             self._ended_s = session.microscope_time_s()
             self._current = None
+            write_session_report_or_log(session.session_dir)  # once, when the grid session ends
 
     def _grid_plan(self, slot: int, label: str, *, visit_limit: int | None, budget_s: float | None) -> ScreeningPlan:
         """The plan of one grid session: the run's plan with the grid's name, specimen and budget; an atlas pass

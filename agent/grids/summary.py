@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import html
 import json
-import logging
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -31,10 +30,8 @@ from agent.grids.records import (
     RunStarted,
     spent_s,
 )
-from agent.report import ReportError, html_page, html_table, image_file_png, png_data_uri, write_session_report
+from agent.report import html_page, html_table, image_file_png, png_data_uri
 from drivers.formats.images import write_atomic
-
-logger = logging.getLogger(__name__)
 
 RUN_SUMMARY_NAME = "run_summary.json"
 OVERVIEW_NAME = "index.html"
@@ -184,16 +181,9 @@ def summarise_run(run_dir: Path, records: Sequence[Any], rule: str) -> RunSummar
 
 
 def write_run_outputs(run_dir: Path, summary: RunSummary) -> Path:
-    """`run_summary.json`, each grid session's `report.html` where missing, and the overview page
-    `index.html`; returns the page's path. A report that cannot be written is logged, never fatal."""
+    """`run_summary.json` and the overview page `index.html` (linking the grid sessions' reports, which each
+    session's end wrote); returns the page's path."""
     write_atomic(run_dir / RUN_SUMMARY_NAME, json.dumps(summary.model_dump(mode="json"), indent=2).encode())
-    for row in summary.grids:
-        for folder in (row.atlas_folder, row.screen_folder):
-            if folder and not (run_dir / folder / "report.html").exists() and (run_dir / folder).is_dir():
-                try:
-                    write_session_report(run_dir / folder)
-                except (ReportError, OSError, ValueError) as exc:
-                    logger.warning("%s: no session report (%s)", run_dir / folder, exc)
     page = run_dir / OVERVIEW_NAME
     write_atomic(page, overview_html(run_dir, summary).encode())
     return page
