@@ -54,6 +54,7 @@ from agent.locate.object_features import (
     measure_object,
     percentile_90,
 )
+from agent.locate.smoothing import gaussian_rows
 
 #: Gaussian smoothing (px) before pixels are compared with the film level.
 SMOOTH_SIGMA_PX = 1.0
@@ -437,14 +438,12 @@ class _Smoothed:
 
 
 def _smooth(prepared: np.ndarray, film: np.ndarray, region_px: np.ndarray) -> _Smoothed | None:
-    """Step 1's smoothing, band by band of `SMOOTH_BAND_ROWS` rows (each band with the kernel's reach of rows
-    above and below, so its values equal the whole image's; no full-size array is made); None when fewer
-    than 64 `film` pixels."""
+    """Step 1's smoothing, band by band of `SMOOTH_BAND_ROWS` rows (`smoothing.gaussian_rows`: each band's
+    values equal the whole image's; no full-size array is made); None when fewer than 64 `film` pixels."""
     count = int(np.count_nonzero(film))
     if count < 64:
         return None
     step = max(1, count // 200_000)
-    reach = int(4.0 * SMOOTH_SIGMA_PX + 0.5)  # gaussian_filter's kernel radius (truncate=4)
     rows, cols = prepared.shape
     boxes = _grown_boxes(region_px, SMOOTH_MARGIN_PX)
     crops = [None if box is None else np.empty((box[0].stop - box[0].start, box[1].stop - box[1].start))
@@ -453,8 +452,7 @@ def _smooth(prepared: np.ndarray, film: np.ndarray, region_px: np.ndarray) -> _S
     samples, seen = [], 0
     for top in range(0, rows, SMOOTH_BAND_ROWS):
         bottom = min(top + SMOOTH_BAND_ROWS, rows)
-        start, stop = max(top - reach, 0), min(bottom + reach, rows)
-        band = ndimage.gaussian_filter(prepared[start:stop], SMOOTH_SIGMA_PX)[top - start : bottom - start]
+        band = gaussian_rows(prepared, top, bottom, SMOOTH_SIGMA_PX)
         half[(top + 1) // 2 : (bottom + 1) // 2] = band[top % 2 :: 2, ::2]
         on_film = band[film[top:bottom]]
         samples.append(on_film[(-seen) % step :: step])
