@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -78,9 +78,11 @@ from agent.locate.features import (
     window_centres_px,
     window_features,
 )
-from agent.locate.outlines import OutlineTable, find_outlines
 from agent.locate.preprocess import prepare_image
 from agent.locate.vacuum import vacuum_mask
+
+if TYPE_CHECKING:  # the outline search (and scipy.fft) is imported only when outlines are on
+    from agent.locate.outlines import OutlineTable
 
 logger = logging.getLogger(__name__)
 
@@ -529,7 +531,11 @@ def _features_and_outlines(
     with `outline_length_px` its straight-edged outlines (None without)."""
     data = prepare_image(image, bar_mask, flatten=settings.flatten, clean=settings.clean)
     features, names = _cell_features(data, settings)
-    outlines = find_outlines(data, bar_mask, settings.outline_length_px) if settings.outline_length_px else None
+    outlines = None
+    if settings.outline_length_px:
+        from agent.locate.outlines import find_outlines
+
+        outlines = find_outlines(data, bar_mask, settings.outline_length_px)
     return data, features, names, outlines
 
 
