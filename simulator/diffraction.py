@@ -13,12 +13,15 @@ Sampling that disc gives the fractions of the beam on bars (blocked), film, ice 
 - Every pattern has the central beam halo and a beam stop (a disc with an arm to the edge).
 
 Geometry: camera length L (mm) from the preset (default 1000 mm), 200 kV (lambda = 0.02508 A), a
-14-um detector pixel x binning: radius_px = L x lambda x g / pixel, g in 1/A.
+14-um detector pixel x binning: radius_px = L x lambda x g / pixel, g in 1/A. What depends only on the
+frame's shape and scale (the halo, the rings' profiles, the beam stop) is computed once per geometry.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 
@@ -116,8 +119,7 @@ def render_diffraction(
     rows, cols = shape
     cr, cc = (rows - 1) / 2.0, (cols - 1) / 2.0
     scale = px_per_inverse_angstrom(preset)
-    r_px = np.hypot(np.arange(rows, dtype=np.float32)[:, None] - cr, np.arange(cols, dtype=np.float32)[None, :] - cc)
-    g = r_px / np.float32(scale)  # 1/A per pixel
+    geometry = _pattern_geometry(shape, scale)
     electrons = np.zeros(shape, dtype=np.float32)
     if not beam_blanked:
         if specimen is None:
@@ -127,21 +129,57 @@ def render_diffraction(
             contents = beam_contents(specimen, true_xy_um[0], true_xy_um[1], preset.beam_diameter_um)
         open_fraction = 1.0 - float(contents["bar"])  # type: ignore[arg-type]
         # central beam halo (low-angle scatter around the direct beam)
-        electrons += np.float32(2000.0 * open_fraction) * np.exp(-r_px / np.float32(25.0))
+        electrons += np.float32(2000.0 * open_fraction) * geometry.halo
         # amorphous rings: carbon film and ice
         film_weight = float(contents["film"]) * float(contents["film_thickness_nm"]) / 20.0  # type: ignore[arg-type]
         ice_weight = float(contents["ice"]) * 3.0  # type: ignore[arg-type]
         for centre, width, weight in ((1 / 2.1, 0.06, film_weight), (1 / 1.2, 0.1, 0.5 * film_weight),
                                       (1 / 3.7, 0.05, ice_weight), (1 / 2.25, 0.06, 0.6 * ice_weight)):
             if weight > 0:
-                electrons += np.float32(25.0 * weight) * np.exp(-(((g - np.float32(centre)) / np.float32(width)) ** 2))
+                electrons += np.float32(25.0 * weight) * geometry.ring(centre, width)
         if specimen is not None:
             for cid, fraction in contents["crystals"].items():  # type: ignore[union-attr]
                 _add_bragg_spots(electrons, specimen, cid, fraction, scale, (cr, cc))
         # beam stop: a disc over the direct beam and an arm to the edge; nothing passes through it
-        electrons[_beam_stop_mask(shape)] = 0.0
+        electrons[geometry.beam_stop] = 0.0
     electrons *= np.float32(exposure_s)
     return electrons_to_counts(electrons, camera, rng)
+
+
+@dataclass(frozen=True)
+class _PatternGeometry:
+    """What a pattern of one shape and scale (px per 1/A) draws on whatever the beam sees, computed once:
+    the central beam halo exp(-r / 25 px), each amorphous ring exp(-((g - centre) / width)^2) (g in 1/A) as
+    asked for, and the beam stop mask. Read-only float32 (bool) arrays, the same values as computed afresh."""
+
+    r_px: np.ndarray
+    scale_px_per_inv_a: float
+    halo: np.ndarray
+    beam_stop: np.ndarray
+    _rings: dict[tuple[float, float], np.ndarray] = field(default_factory=dict)
+
+    def ring(self, centre_inv_a: float, width_inv_a: float) -> np.ndarray:
+        """exp(-((g - centre) / width)^2) over the frame, g = r_px / scale (float32)."""
+        key = (centre_inv_a, width_inv_a)
+        if key not in self._rings:
+            g = self.r_px / np.float32(self.scale_px_per_inv_a)  # 1/A per pixel
+            ring = np.exp(-(((g - np.float32(centre_inv_a)) / np.float32(width_inv_a)) ** 2))
+            ring.setflags(write=False)
+            self._rings[key] = ring
+        return self._rings[key]
+
+
+@lru_cache(maxsize=3)
+def _pattern_geometry(shape: tuple[int, int], scale_px_per_inv_a: float) -> _PatternGeometry:
+    """The `_PatternGeometry` of frames of `shape` at `scale_px_per_inv_a`, kept for the last few asked for."""
+    rows, cols = shape
+    cr, cc = (rows - 1) / 2.0, (cols - 1) / 2.0
+    r_px = np.hypot(np.arange(rows, dtype=np.float32)[:, None] - cr, np.arange(cols, dtype=np.float32)[None, :] - cc)
+    halo = np.exp(-r_px / np.float32(25.0))
+    beam_stop = _beam_stop_mask(shape)
+    for array in (r_px, halo, beam_stop):
+        array.setflags(write=False)
+    return _PatternGeometry(r_px, scale_px_per_inv_a, halo, beam_stop)
 
 
 def _beam_stop_mask(shape: tuple[int, int]) -> np.ndarray:

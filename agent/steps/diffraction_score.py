@@ -14,6 +14,11 @@ bright disc with a smooth halo. All but the spots are (nearly) rotationally symm
 `signal_to_background` is the mean spot height over the mean background. Both are reported; the
 screening plan decides the threshold (`min_spots`). Nothing here depends on the simulator: the steps
 hold for any counting or integrating camera frame with a central beam.
+
+Speed: the 3x3 median, the minimum and maximum filters and the per-bin medians have exact fast paths (order
+statistics picked by min/max networks and a partition instead of scipy's rank filters and a full sort); they
+give the same values bit for bit, and frames they cannot promise that for (NaN, negative zeros, ties of the
+sort key) take the general path.
 """
 
 from __future__ import annotations
@@ -60,17 +65,16 @@ def score_diffraction(
     separation = min_separation_px or max(3, size // 100)
     smoothed = ndimage.gaussian_filter(data, 1.0)
     centre_row, centre_col = np.unravel_index(int(np.argmax(ndimage.gaussian_filter(data, 4.0))), data.shape)
-    yy, xx = np.mgrid[:rows, :cols]
-    radius = np.hypot(yy - centre_row, xx - centre_col)
+    radius = np.hypot(np.arange(rows)[:, None] - centre_row, np.arange(cols)[None, :] - centre_col)
     radius_bin = radius.astype(np.int64)
     background, noise = _radial_median_and_sigma(smoothed, radius_bin)
     residual = smoothed - background
     outside_beam = radius > beam_mask_fraction * size
-    noise_sigma = float(np.median(noise[outside_beam])) if np.any(outside_beam) else float(np.median(noise))
+    noise_sigma = float(_median(noise[outside_beam])) if np.any(outside_beam) else float(_median(noise))
 
-    peaks = residual == ndimage.maximum_filter(residual, size=2 * separation + 1)
-    peaks &= residual > threshold_sigma * noise
-    peaks &= outside_beam
+    candidates = residual > threshold_sigma * noise
+    candidates &= outside_beam
+    peaks = _window_maxima(residual, candidates, 2 * separation + 1)
     spot_rows, spot_cols = np.nonzero(peaks)
     if len(spot_rows) > max_spots:
         strongest = np.argsort(residual[spot_rows, spot_cols])[::-1][:max_spots]
@@ -88,27 +92,45 @@ def score_diffraction(
 
 
 def _radial_median_and_sigma(image: np.ndarray, radius_bin: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-pixel azimuthal median and robust sigma of `image` over its radius bin (vectorised by sorting)."""
+    """Per-pixel azimuthal median and robust sigma of `image` over its radius bin."""
     flat_bins = radius_bin.ravel()
-    values = image.ravel().astype(np.float64)
     n_bins = int(flat_bins.max()) + 1
     counts = np.bincount(flat_bins, minlength=n_bins)
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    valid = counts > 0
-
-    def per_bin_median(x: np.ndarray) -> np.ndarray:
-        # one argsort of bin + value scaled into [0, 0.5]: sorted by bin, then by value within a bin (3x faster
-        # than lexsort on two keys; float64 keeps ~40 bits for the value, far finer than the float32 data)
-        low, high = float(x.min()), float(x.max())
-        order = np.argsort(flat_bins + (x - low) / ((high - low) or 1.0) * 0.5, kind="stable")
-        medians = np.zeros(n_bins)
-        medians[valid] = x[order][starts[valid] + (counts[valid] - 1) // 2]
-        return medians
-
-    medians = per_bin_median(values)
-    mad = per_bin_median(np.abs(values - medians[flat_bins]))
+    # the pixels grouped by bin (a stable radix sort of small integers); order within a bin does not matter
+    by_bin = np.argsort(flat_bins.astype(np.int16 if n_bins <= 2**15 else np.int64), kind="stable")
+    sorted_bins = flat_bins[by_bin]
+    values = image.ravel()[by_bin].astype(np.float64)
+    medians = _per_bin_median(values, sorted_bins, starts, counts)
+    mad = _per_bin_median(np.abs(values - medians[sorted_bins]), sorted_bins, starts, counts)
     sigma = np.maximum(1.4826 * mad, np.sqrt(np.maximum(medians, 0.0)) * 0.5 + 1e-6)
     return medians[radius_bin], sigma[radius_bin]
+
+
+def _per_bin_median(x: np.ndarray, bins: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Lower median of `x` (float64) in each bin (0 for empty bins); `x` and `bins` sorted by bin, bin b at
+    `starts[b]` for `counts[b]` values.
+
+    Defined by a stable sort of bin + value scaled into [0, 0.5] (sorted by bin, then by value within a bin;
+    float64 keeps ~40 bits for the value). The same element is found by a partition of each bin's keys,
+    which is exact unless two different values share a key there (then the full sort decides).
+    """
+    valid = counts > 0
+    medians = np.zeros(counts.size)
+    low, high = float(x.min()), float(x.max())
+    key = bins + (x - low) / ((high - low) or 1.0) * 0.5
+    kth = starts[valid] + (counts[valid] - 1) // 2
+    if np.isfinite(low) and np.isfinite(high):
+        bin_key = np.full(counts.size, np.nan)
+        for b in np.flatnonzero(valid):
+            middle = (int(counts[b]) - 1) // 2
+            bin_key[b] = np.partition(key[starts[b]:starts[b] + counts[b]], middle)[middle]
+        at_median = key == bin_key[bins]
+        medians[bins[at_median]] = x[at_median]
+        if np.array_equal(x[at_median], medians[bins[at_median]]):
+            return medians
+    medians[valid] = x[np.argsort(key, kind="stable")][kth]
+    return medians
 
 
 def remove_hot_pixels(image: np.ndarray, isolation: float = 0.75, min_excess_sigma: float = 5.0) -> np.ndarray:
@@ -119,10 +141,101 @@ def remove_hot_pixels(image: np.ndarray, isolation: float = 0.75, min_excess_sig
     a Gaussian spot of sigma 1 px keeps ~40 % of its height above its median, a lone pixel ~100 %.
     """
     data = np.array(image, dtype=np.float32)
-    median = ndimage.median_filter(data, size=3)
+    median = _median3x3(data)
     excess = data - median
-    spread = 1.4826 * float(np.median(np.abs(excess - np.median(excess)))) or 1.0
-    height = data - ndimage.minimum_filter(data, size=5)
-    hot = (excess > min_excess_sigma * spread) & (excess > isolation * np.maximum(height, 1e-6))
+    spread = 1.4826 * float(_median(np.abs(excess - _median(excess)))) or 1.0
+    hot = excess > min_excess_sigma * spread
+    if np.isnan(data).any():
+        height = data - ndimage.minimum_filter(data, size=5)
+    else:  # the 5x5 minimum only where it matters (exact: the same values as the filter's there)
+        height = np.zeros_like(data)
+        rows, cols = np.nonzero(hot)
+        height[rows, cols] = data[rows, cols] - _window_extremes_at(np.pad(data, 2, mode="symmetric"), 2, rows,
+                                                                    cols, 5, maximum=False)
+    hot &= excess > isolation * np.maximum(height, 1e-6)
     data[hot] = median[hot]
     return data
+
+
+def _median(values: np.ndarray) -> np.floating:
+    """`np.median(values)` of a float array, bit for bit, mostly without partitioning all of it: the middle
+    order statistics are picked from the values between two sample quantiles that must hold them (checked by
+    counting; otherwise, and for NaN, small arrays or a zero median, `np.median` itself)."""
+    flat = values.ravel()
+    n = flat.size
+    if n < 65536:
+        return np.median(flat)
+    ranks = [n // 2 - 1, n // 2] if n % 2 == 0 else [n // 2]
+    sample = np.sort(flat[:: n // 4096])
+    margin = 4 * int(np.sqrt(sample.size)) + 2
+    middle = sample.size // 2
+    low, high = sample[max(0, middle - margin)], sample[min(sample.size - 1, middle + margin)]
+    below = int(np.count_nonzero(flat < low))
+    above = int(np.count_nonzero(flat > high))
+    window = flat[(flat >= low) & (flat <= high)]
+    if below + window.size + above != n or not below <= ranks[0] or not ranks[-1] < below + window.size:
+        return np.median(flat)  # NaN (no comparison holds) or the sample quantiles missed the middle
+    picked = np.partition(window, [r - below for r in ranks])[[r - below for r in ranks]]
+    if np.any(picked == 0):  # which zero (+0 or -0) `np.median` returns depends on its partition
+        return np.median(flat)
+    return np.mean(picked)
+
+
+def _median3x3(data: np.ndarray) -> np.ndarray:
+    """`ndimage.median_filter(data, size=3)` (mode reflect) of a 2-D float32 array, by a min/max network.
+
+    Sort each column of three, then the median of nine is the median of (the largest column minimum, the
+    median of the column medians, the smallest column maximum): the same element, so the same value. NaN
+    and negative zeros (whose order a network and a rank filter may break differently) take scipy's filter.
+    """
+    if np.isnan(data).any() or (np.signbit(data) & (data == 0)).any():
+        return ndimage.median_filter(data, size=3)
+    padded = np.pad(data, 1, mode="symmetric")  # numpy's symmetric is ndimage's reflect
+    top, mid, bottom = padded[:-2], padded[1:-1], padded[2:]
+    low, high = np.minimum(top, mid), np.maximum(top, mid)
+    middle = np.maximum(low, np.minimum(high, bottom))
+    low, high = np.minimum(low, bottom), np.maximum(high, bottom)
+    cols = data.shape[1]
+    max_low = np.maximum(np.maximum(low[:, :cols], low[:, 1:cols + 1]), low[:, 2:])
+    min_high = np.minimum(np.minimum(high[:, :cols], high[:, 1:cols + 1]), high[:, 2:])
+    mid_med = _median_of_three(middle[:, :cols], middle[:, 1:cols + 1], middle[:, 2:])
+    return _median_of_three(max_low, mid_med, min_high)
+
+
+def _median_of_three(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    return np.maximum(np.minimum(a, b), np.minimum(np.maximum(a, b), c))
+
+
+def _window_maxima(data: np.ndarray, candidates: np.ndarray, size: int) -> np.ndarray:
+    """`candidates & (data == ndimage.maximum_filter(data, size))` (mode reflect, odd `size` >= 3), the window
+    maximum taken at the candidates only, first over 3x3 (a candidate below a neighbour is no maximum) and
+    then over the whole window: the same comparison of the same values. NaN, or a window wider than the
+    array, take scipy's filter."""
+    half = size // 2
+    if size % 2 == 0 or size < 3 or half >= min(data.shape) or np.isnan(data).any():
+        return candidates & (data == ndimage.maximum_filter(data, size=size))
+    padded = np.pad(data, half, mode="symmetric")  # numpy's symmetric is ndimage's reflect
+    rows, cols = np.nonzero(candidates)
+    for width in (3, size):
+        keep = _window_extremes_at(padded, half, rows, cols, width, maximum=True) == data[rows, cols]
+        rows, cols = rows[keep], cols[keep]
+    peaks = np.zeros(data.shape, dtype=bool)
+    peaks[rows, cols] = True
+    return peaks
+
+
+def _window_extremes_at(
+    padded: np.ndarray, pad: int, rows: np.ndarray, cols: np.ndarray, size: int, *, maximum: bool
+) -> np.ndarray:
+    """Maximum (or minimum) over the `size` x `size` window (odd size <= 2 pad + 1) centred on each pixel
+    (rows[i], cols[i]) of an array padded by `pad` on every side."""
+    start = pad - size // 2
+    windows = np.lib.stride_tricks.sliding_window_view(padded[start:padded.shape[0] - start,
+                                                              start:padded.shape[1] - start], (size, size))
+    reduce = np.max if maximum else np.min
+    out = np.empty(rows.size, dtype=padded.dtype)
+    chunk = max(1, 2**21 // (size * size))
+    for first in range(0, rows.size, chunk):
+        last = min(rows.size, first + chunk)
+        out[first:last] = reduce(windows[rows[first:last], cols[first:last]].reshape(last - first, -1), axis=1)
+    return out
