@@ -99,21 +99,26 @@ def _radial_median_and_sigma(image: np.ndarray, radius_bin: np.ndarray) -> tuple
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     # the pixels grouped by bin (a stable radix sort of small integers); order within a bin does not matter
     by_bin = np.argsort(flat_bins.astype(np.int16 if n_bins <= 2**15 else np.int64), kind="stable")
-    sorted_bins = flat_bins[by_bin]
-    values = image.ravel()[by_bin].astype(np.float64)
-    medians = _per_bin_median(values, sorted_bins, starts, counts)
-    mad = _per_bin_median(np.abs(values - medians[sorted_bins]), sorted_bins, starts, counts)
+    sorted_bins = np.repeat(np.arange(n_bins), counts)  # = flat_bins[by_bin]
+    image_values = image.ravel()[by_bin]
+    values = image_values.astype(np.float64)
+    medians = _per_bin_median(values, sorted_bins, starts, counts, image_values)
+    mad = _per_bin_median(np.abs(values - np.repeat(medians, counts)), sorted_bins, starts, counts)
     sigma = np.maximum(1.4826 * mad, np.sqrt(np.maximum(medians, 0.0)) * 0.5 + 1e-6)
     return medians[radius_bin], sigma[radius_bin]
 
 
-def _per_bin_median(x: np.ndarray, bins: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+def _per_bin_median(
+    x: np.ndarray, bins: np.ndarray, starts: np.ndarray, counts: np.ndarray, x_narrow: np.ndarray | None = None
+) -> np.ndarray:
     """Lower median of `x` (float64) in each bin (0 for empty bins); `x` and `bins` sorted by bin, bin b at
-    `starts[b]` for `counts[b]` values.
+    `starts[b]` for `counts[b]` values (so bins = repeat(arange, counts)); `x_narrow`: the same values in a
+    narrower dtype (faster to partition).
 
     Defined by a stable sort of bin + value scaled into [0, 0.5] (sorted by bin, then by value within a bin;
-    float64 keeps ~40 bits for the value). The same element is found by a partition of each bin's keys,
-    which is exact unless two different values share a key there (then the full sort decides).
+    float64 keeps ~40 bits for the value). The same value is found by a partition of each bin's values (the
+    key grows with the value), which is exact unless two different values share its key (then the full sort
+    decides: the key, not the value, orders the values), or a zero median among signed zeros.
     """
     valid = counts > 0
     medians = np.zeros(counts.size)
@@ -121,13 +126,14 @@ def _per_bin_median(x: np.ndarray, bins: np.ndarray, starts: np.ndarray, counts:
     key = bins + (x - low) / ((high - low) or 1.0) * 0.5
     kth = starts[valid] + (counts[valid] - 1) // 2
     if np.isfinite(low) and np.isfinite(high):
-        bin_key = np.full(counts.size, np.nan)
+        partitioned = x if x_narrow is None else x_narrow
         for b in np.flatnonzero(valid):
             middle = (int(counts[b]) - 1) // 2
-            bin_key[b] = np.partition(key[starts[b]:starts[b] + counts[b]], middle)[middle]
-        at_median = key == bin_key[bins]
-        medians[bins[at_median]] = x[at_median]
-        if np.array_equal(x[at_median], medians[bins[at_median]]):
+            medians[b] = np.partition(partitioned[starts[b]:starts[b] + counts[b]], middle)[middle]
+        median_key = np.arange(counts.size) + (medians - low) / ((high - low) or 1.0) * 0.5
+        at_median = key == np.repeat(median_key, counts)
+        signed_zeros = np.any(medians == 0) and np.any(np.signbit(x) & (x == 0))  # a partition's zero may be -0
+        if not signed_zeros and np.array_equal(x[at_median], np.repeat(medians, counts)[at_median]):
             return medians
     medians[valid] = x[np.argsort(key, kind="stable")][kth]
     return medians
@@ -160,7 +166,7 @@ def remove_hot_pixels(image: np.ndarray, isolation: float = 0.75, min_excess_sig
 def _median(values: np.ndarray) -> np.floating:
     """`np.median(values)` of a float array, bit for bit, mostly without partitioning all of it: the middle
     order statistics are picked from the values between two sample quantiles that must hold them (checked by
-    counting; otherwise, and for NaN, small arrays or a zero median, `np.median` itself)."""
+    counting; otherwise, and for NaN, small arrays or a zero median among signed zeros, `np.median` itself)."""
     flat = values.ravel()
     n = flat.size
     if n < 65536:
@@ -175,9 +181,12 @@ def _median(values: np.ndarray) -> np.floating:
     window = flat[(flat >= low) & (flat <= high)]
     if below + window.size + above != n or not below <= ranks[0] or not ranks[-1] < below + window.size:
         return np.median(flat)  # NaN (no comparison holds) or the sample quantiles missed the middle
-    picked = np.partition(window, [r - below for r in ranks])[[r - below for r in ranks]]
-    if np.any(picked == 0):  # which zero (+0 or -0) `np.median` returns depends on its partition
-        return np.median(flat)
+    if low == high:  # all the window's values are equal (integer frames: often 0)
+        picked = window[: len(ranks)]
+    else:
+        picked = np.partition(window, [r - below for r in ranks])[[r - below for r in ranks]]
+    if np.any(picked == 0) and np.any(np.signbit(window) & (window == 0)):
+        return np.median(flat)  # which zero (+0 or -0) `np.median` returns depends on its partition
     return np.mean(picked)
 
 

@@ -66,6 +66,7 @@ def test_median_matches_numpy(n: int) -> None:
     for dtype in (np.float32, np.float64):
         cases = {"normal": rng.standard_normal(n), "ties": rng.integers(0, 3, n).astype(float),
                  "skewed": rng.exponential(size=n) ** 3, "sorted": np.sort(rng.standard_normal(n)),
+                 "integer": np.round(rng.standard_normal(n) * 0.3),  # mostly +0 and -0: np.round keeps the sign
                  "zeros": np.where(np.arange(n) < n // 2 + 5, -0.0, rng.standard_normal(n))}
         for name, values in cases.items():
             values = values.astype(dtype)
@@ -89,6 +90,10 @@ def test_per_bin_median_matches_its_sorted_definition() -> None:
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     spread = np.float64(1e16)  # two values 1 apart share a key: the full sort decides between them
     for x in (rng.standard_normal(bins.size), rng.integers(0, 5, bins.size).astype(float),
-              np.where(rng.random(bins.size) < 0.5, 0.0, 1.0) + np.r_[spread, np.zeros(bins.size - 1)]):
+              np.where(rng.random(bins.size) < 0.5, 0.0, 1.0) + np.r_[spread, np.zeros(bins.size - 1)],
+              np.where(rng.random(bins.size) < 0.5, -0.0, 0.0) + (bins % 3 == 0)):
+        x = x.astype(np.float32).astype(np.float64)  # float32 values (as the scorer's), so also given narrow
         expected = _sorted_definition(x, bins, starts, counts)
-        assert np.array_equal(ds._per_bin_median(x, bins, starts, counts), expected)
+        for narrow in (None, x.astype(np.float32)):
+            found = ds._per_bin_median(x, bins, starts, counts, narrow)
+            assert np.array_equal(found, expected) and np.array_equal(np.signbit(found), np.signbit(expected))
