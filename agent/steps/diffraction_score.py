@@ -64,7 +64,7 @@ def score_diffraction(
     size = min(rows, cols)
     separation = min_separation_px or max(3, size // 100)
     smoothed = ndimage.gaussian_filter(data, 1.0)
-    centre_row, centre_col = np.unravel_index(int(np.argmax(ndimage.gaussian_filter(data, 4.0))), data.shape)
+    centre_row, centre_col = _smoothed_argmax(data, 4.0)
     radius = np.hypot(np.arange(rows)[:, None] - centre_row, np.arange(cols)[None, :] - centre_col)
     radius_bin = radius.astype(np.int64)
     background, noise = _radial_median_and_sigma(smoothed, radius_bin)
@@ -89,6 +89,47 @@ def score_diffraction(
     return DiffractionScore(
         n_spots=len(spots), signal_to_background=signal, spots_col_row_px=spots, noise_sigma=noise_sigma
     )
+
+
+def _smoothed_argmax(data: np.ndarray, sigma_px: float, block_px: int = 32) -> tuple[int, int]:
+    """(row, col) of `np.argmax(ndimage.gaussian_filter(data, sigma_px))`, smoothing only the blocks that can
+    hold the maximum: a Gaussian average is at most (1 + 1e-6) x the largest value within its reach (<= one
+    block), so a block whose 3x3 neighbourhood peaks below a smoothed value already found is skipped. The
+    smoothed values of a block come from a crop with the filter's reach around it: the same arithmetic, so
+    the same values. Negative values (rounding of sums that cancel), NaN or infinities, and frames where most
+    blocks qualify take the whole filter."""
+    reach = int(4.0 * sigma_px + 0.5)  # ndimage's default truncate (4 sigma)
+    rows, cols = data.shape
+    n_r, n_c = -(-rows // block_px), -(-cols // block_px)
+    padded = np.pad(data, ((0, n_r * block_px - rows), (0, n_c * block_px - cols)), constant_values=-np.inf)
+    block_max = padded.reshape(n_r, block_px, n_c, block_px).max(axis=(1, 3))
+    bound = ndimage.maximum_filter(block_max, size=3, mode="constant", cval=-np.inf)
+    bound = bound + np.abs(bound) * 1e-6 + 1e-30
+    if reach > block_px or not np.isfinite(block_max).all() or float(data.min()) < 0:
+        return _argmax_2d(ndimage.gaussian_filter(data, sigma_px))
+
+    def smoothed_block(b: int) -> tuple[np.ndarray, int, int]:
+        r0, c0 = (b // n_c) * block_px, (b % n_c) * block_px
+        cr0, cc0 = max(0, r0 - reach), max(0, c0 - reach)
+        crop = ndimage.gaussian_filter(data[cr0:min(rows, r0 + block_px + reach), cc0:min(cols, c0 + block_px + reach)],
+                                       sigma_px)
+        return crop[r0 - cr0:r0 - cr0 + block_px, c0 - cc0:c0 - cc0 + block_px], r0, c0
+
+    order = np.argsort(bound.ravel())[::-1]
+    best = float(smoothed_block(int(order[0]))[0].max())
+    candidates = np.flatnonzero(bound.ravel() >= best)
+    if candidates.size > bound.size // 8:
+        return _argmax_2d(ndimage.gaussian_filter(data, sigma_px))
+    blocks = [smoothed_block(int(b)) for b in candidates]
+    peak = max(float(block.max()) for block, _, _ in blocks)
+    first = min((r0 + int(r)) * cols + c0 + int(c) for block, r0, c0 in blocks for r, c in zip(
+        *np.nonzero(block == peak), strict=True))
+    return first // cols, first % cols
+
+
+def _argmax_2d(array: np.ndarray) -> tuple[int, int]:
+    row, col = np.unravel_index(int(np.argmax(array)), array.shape)
+    return int(row), int(col)
 
 
 def _radial_median_and_sigma(image: np.ndarray, radius_bin: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

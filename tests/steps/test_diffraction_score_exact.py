@@ -97,3 +97,16 @@ def test_per_bin_median_matches_its_sorted_definition() -> None:
         for narrow in (None, x.astype(np.float32)):
             found = ds._per_bin_median(x, bins, starts, counts, narrow)
             assert np.array_equal(found, expected) and np.array_equal(np.signbit(found), np.signbit(expected))
+
+
+@pytest.mark.parametrize("shape", [(16, 16), (40, 70), (513, 300)])
+def test_smoothed_argmax_matches_the_whole_filter(shape: tuple[int, int]) -> None:
+    rng = np.random.default_rng(shape[1])
+    counts = rng.poisson(100, shape).astype(np.float32)
+    spots = counts.copy()
+    spots[shape[0] // 3, shape[1] // 2] = spots[2, 3] = spots[-1, -1] = 1e5  # ties, one at an edge
+    cases = {"counts": counts, "flat": np.full(shape, 7, np.float32), "spots": spots, "negative": counts - 150,
+             "binary": rng.integers(0, 2, shape).astype(np.float32), **_arrays(shape, 2)}
+    for name, data in cases.items():
+        expected = np.unravel_index(int(np.argmax(ndimage.gaussian_filter(data, 4.0))), shape)
+        assert ds._smoothed_argmax(data, 4.0) == (int(expected[0]), int(expected[1])), name
