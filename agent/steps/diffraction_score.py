@@ -243,17 +243,25 @@ def _median3x3(data: np.ndarray) -> np.ndarray:
     padded = np.pad(data, 1, mode="symmetric")  # numpy's symmetric is ndimage's reflect
     top, mid, bottom = padded[:-2], padded[1:-1], padded[2:]
     low, high = np.minimum(top, mid), np.maximum(top, mid)
-    middle = np.maximum(low, np.minimum(high, bottom))
-    low, high = np.minimum(low, bottom), np.maximum(high, bottom)
+    middle = np.minimum(high, bottom)
+    np.maximum(low, middle, out=middle)
+    np.minimum(low, bottom, out=low)
+    np.maximum(high, bottom, out=high)
     cols = data.shape[1]
-    max_low = np.maximum(np.maximum(low[:, :cols], low[:, 1:cols + 1]), low[:, 2:])
-    min_high = np.minimum(np.minimum(high[:, :cols], high[:, 1:cols + 1]), high[:, 2:])
+    max_low = np.maximum(low[:, :cols], low[:, 1:cols + 1])
+    np.maximum(max_low, low[:, 2:], out=max_low)
+    min_high = np.minimum(high[:, :cols], high[:, 1:cols + 1])
+    np.minimum(min_high, high[:, 2:], out=min_high)
     mid_med = _median_of_three(middle[:, :cols], middle[:, 1:cols + 1], middle[:, 2:])
     return _median_of_three(max_low, mid_med, min_high)
 
 
 def _median_of_three(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
-    return np.maximum(np.minimum(a, b), np.minimum(np.maximum(a, b), c))
+    """Elementwise median of three arrays: max(min(a, b), min(max(a, b), c)), in a new array."""
+    upper = np.maximum(a, b)
+    np.minimum(upper, c, out=upper)
+    lower = np.minimum(a, b)
+    return np.maximum(lower, upper, out=lower)
 
 
 def _window_maxima(data: np.ndarray, candidates: np.ndarray, size: int) -> np.ndarray:
