@@ -103,10 +103,10 @@ def _smoothed_argmax(data: np.ndarray, sigma_px: float, block_px: int = 32) -> t
     n_r, n_c = -(-rows // block_px), -(-cols // block_px)
     padded = np.pad(data, ((0, n_r * block_px - rows), (0, n_c * block_px - cols)), constant_values=-np.inf)
     block_max = padded.reshape(n_r, block_px, n_c, block_px).max(axis=(1, 3))
-    bound = ndimage.maximum_filter(block_max, size=3, mode="constant", cval=-np.inf)
-    bound = bound + np.abs(bound) * 1e-6 + 1e-30
     if reach > block_px or not np.isfinite(block_max).all() or float(data.min()) < 0:
         return _argmax_2d(ndimage.gaussian_filter(data, sigma_px))
+    bound = ndimage.maximum_filter(block_max, size=3, mode="constant", cval=-np.inf)
+    bound = bound + np.abs(bound) * 1e-6 + 1e-30
 
     def smoothed_block(b: int) -> tuple[np.ndarray, int, int]:
         r0, c0 = (b // n_c) * block_px, (b % n_c) * block_px
