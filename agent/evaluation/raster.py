@@ -7,9 +7,12 @@
   within `merge_um` of a position already shot are skipped (one snapshot per spot). No ground truth: a
   snapshot that passes `min_spots` is a diffracting call, scored against truth only afterwards
   (`agent.evaluation.throughput`).
-- `oracle_raster`: the same raster given ground truth: it visits exactly the crystals it is given (stage
-  positions, um), in the raster's band order, one snapshot each. An upper baseline for a search that takes
-  one snapshot per crystal by stage moves.
+- `oracle_raster`: the same raster given ground truth (issue 20's upper baseline): the same fields, each
+  imaged at the search preset, and a snapshot of exactly the true crystals whose centres lie in the field
+  (none missed, nothing else shot). It isolates what a perfect detector gives a raster search.
+- `ground_truth_tour`: no search at all: a stage tour of exactly the crystals it is given, in band order, one
+  snapshot each and no image. Not a search any instrument can run (it needs the answer first); reported as
+  the ceiling of one snapshot per crystal by stage moves.
 
 Both charge whatever the microscope charges (moves, settling, preset changes, exposures, mode switches)
 and stop at the first step that would begin after `budget_s` of microscope time (so they overrun the
@@ -195,10 +198,49 @@ def _shoot_detections(
 
 
 def oracle_raster(
+    microscope: Microscope,
+    boxes_um: Sequence[BoxUm],
+    matrix_um_per_px: np.ndarray,
+    frame_px: int,
+    crystals_xy_um: Sequence[tuple[float, float]],
+    settings: RasterSettings,
+) -> RasterRun:
+    """The raster of `naive_raster` (same fields, a search image each) with ground truth for a detector: in
+    each field, a snapshot of every crystal of `crystals_xy_um` (stage um) whose centre lies in that field and
+    was not shot yet, in the field's serpentine order (see the module doc)."""
+    field_um = field_side_um(np.asarray(matrix_um_per_px, dtype=float), frame_px)
+    tiles = raster_tiles(boxes_um, field_um)
+    microscope.set_preset(settings.preset)
+    budget = _Budget(microscope, settings.budget_s)
+    run = RasterRun(tiles_planned=len(tiles))
+    left = [(float(x), float(y)) for x, y in crystals_xy_um]
+    for x_um, y_um in tiles:
+        if budget.over():
+            run.out_of_time = True
+            break
+        microscope.move_stage(x_um=x_um, y_um=y_um)
+        microscope.acquire(settings.search_exposure_s)
+        run.tiles += 1
+        here = [p for p in left if abs(p[0] - x_um) <= field_um / 2 and abs(p[1] - y_um) <= field_um / 2]
+        left = [p for p in left if p not in here]
+        run.detections += len(here)
+        for index in raster_order(here, field_um / 4) if here else []:
+            if budget.over():
+                run.out_of_time = True
+                break
+            run.snapshots.append(_snapshot(microscope, *here[index], settings))
+        if run.out_of_time:
+            break
+    run.microscope_time_s = budget.spent_s()
+    return run
+
+
+def ground_truth_tour(
     microscope: Microscope, crystals_xy_um: Sequence[tuple[float, float]], band_um: float, settings: RasterSettings
 ) -> RasterRun:
     """Visit exactly `crystals_xy_um` (ground truth, stage um) in raster order with bands of `band_um` (the
-    search field's side), one diffraction snapshot each, at the raster's preset (see the module doc)."""
+    search field's side), one diffraction snapshot each and no image, at the raster's preset (see the module
+    doc)."""
     microscope.set_preset(settings.preset)
     budget = _Budget(microscope, settings.budget_s)
     run = RasterRun(tiles_planned=0)

@@ -8,7 +8,14 @@ import math
 import numpy as np
 import pytest
 
-from agent.evaluation.raster import RasterSettings, naive_raster, oracle_raster, raster_order, raster_tiles
+from agent.evaluation.raster import (
+    RasterSettings,
+    ground_truth_tour,
+    naive_raster,
+    oracle_raster,
+    raster_order,
+    raster_tiles,
+)
 from agent.evaluation.throughput import (
     fixed_share,
     mean_step_um,
@@ -85,15 +92,15 @@ def crystals_xy_um() -> list[tuple[float, float]]:
     return [(c.x_um, c.y_um) for c in truth.crystal_truth() if c.contrast < 0.7][:3]
 
 
-def test_oracle_raster_visits_the_given_crystals_once_each_within_the_budget(crystals_xy_um: list) -> None:
+def test_ground_truth_tour_visits_the_given_crystals_once_each_within_the_budget(crystals_xy_um: list) -> None:
     microscope = create_simulated_microscope("protein-plates", seed=2, camera_shape_px=(256, 256))
-    run = oracle_raster(microscope, crystals_xy_um, band_um=10.0, settings=RasterSettings())
+    run = ground_truth_tour(microscope, crystals_xy_um, band_um=10.0, settings=RasterSettings())
     assert sorted((s.x_um, s.y_um) for s in run.snapshots) == sorted(crystals_xy_um)
     assert run.microscope_time_s > 3 * RasterSettings().diffraction_exposure_s and not run.out_of_time
     assert run.calls_xy_um == [(s.x_um, s.y_um) for s in run.snapshots if s.n_spots >= 4]
 
     spent = create_simulated_microscope("protein-plates", seed=2, camera_shape_px=(256, 256))
-    stopped = oracle_raster(spent, crystals_xy_um, band_um=10.0, settings=RasterSettings(budget_s=1e-6))
+    stopped = ground_truth_tour(spent, crystals_xy_um, band_um=10.0, settings=RasterSettings(budget_s=1e-6))
     assert len(stopped.snapshots) == 1 and stopped.out_of_time  # the budget is checked before each visit
 
 
@@ -110,3 +117,21 @@ def test_naive_raster_images_every_field_and_shoots_each_spot_once(crystals_xy_u
     near = [s for s in run.snapshots if math.hypot(s.x_um - x, s.y_um - y) < 2.0]
     assert near, "the detector finds the crystal at the box centre"
     assert np.isfinite(run.microscope_time_s) and run.microscope_time_s > 0
+
+
+def test_oracle_raster_images_every_field_and_shoots_exactly_the_crystals_in_it(crystals_xy_um: list) -> None:
+    microscope = create_simulated_microscope("protein-plates", seed=2, camera_shape_px=(256, 256))
+    x, y = crystals_xy_um[0]
+    box = (x - 8.0, x + 8.0, y - 8.0, y + 8.0)
+    inside = [p for p in crystals_xy_um if box[0] <= p[0] <= box[1] and box[2] <= p[1] <= box[3]]
+    matrix = microscope.true_image_to_stage_matrix("search")
+    run = oracle_raster(microscope, [box], matrix, 256, crystals_xy_um, RasterSettings())
+    assert run.tiles == run.tiles_planned == 4  # the naive raster's fields, each imaged
+    assert sorted((s.x_um, s.y_um) for s in run.snapshots) == sorted(inside)  # crystals outside the box: not shot
+    tour = ground_truth_tour(create_simulated_microscope("protein-plates", seed=2, camera_shape_px=(256, 256)),
+                             inside, band_um=10.0, settings=RasterSettings())
+    assert run.microscope_time_s > tour.microscope_time_s  # it pays for its four search images
+
+    spent = create_simulated_microscope("protein-plates", seed=2, camera_shape_px=(256, 256))
+    stopped = oracle_raster(spent, [box], matrix, 256, crystals_xy_um, RasterSettings(budget_s=1e-6))
+    assert stopped.tiles == 1 and stopped.snapshots == [] and stopped.out_of_time
