@@ -367,7 +367,9 @@ class Microscope(Protocol):
     def acquire_diffraction(self, exposure_s: float) -> Frame:
         """A diffraction pattern of the area under the beam at the current stage position.
 
-        The optics return to imaging afterwards; the frame's `metadata.kind` is `"diffraction"`.
+        The frame's `metadata.kind` is `"diffraction"`. The optics are back in imaging for the next `acquire`:
+        a driver may return at once, or stay in diffraction until the next `acquire` or `set_preset` (the
+        simulator does, as SerialEM's Low Dose areas do), so that consecutive snapshots switch modes once.
         """
         ...
 

@@ -47,10 +47,11 @@ def create_simulated_microscope(
     with `pixel_size_um` (um per mosaic pixel) if the files do not say, and `overlap_fraction` for tiles
     placed by their row/column names. `specimen_options` go to `simulator.specimen.generate_specimen`; other
     keyword arguments (camera_shape_px, presets, faults, realtime, stage_limits, stage_model, optics_errors,
-    camera_noise, beam_drift_fraction, and where a restarted simulator starts: initial_preset, start_time_s,
-    start_stage) go to `SimulatedMicroscope`. `conditions` names a set of `simulator.conditions.CONDITION_SETS`
-    (`none`, the default, or `realistic`): its specimen options and microscope options are added (what
-    `specimen_options` and the keyword arguments give explicitly wins); tiles get its microscope options only.
+    camera_noise, beam_drift_fraction, and where a restarted simulator starts: initial_preset,
+    initial_diffraction, start_time_s, start_stage) go to `SimulatedMicroscope`. `conditions` names a set of
+    `simulator.conditions.CONDITION_SETS` (`none`, the default, or `realistic`): its specimen options and
+    microscope options are added (what `specimen_options` and the keyword arguments give explicitly wins); tiles
+    get its microscope options only.
     With `cassette` (a `CassetteSpec`, `"default"` or a JSON cassette file) the result is a
     `simulator.cassette.SimulatedCassetteMicroscope` whose grids come from the cassette (`specimen_type` is not
     used; `specimen_options` and the conditions' specimen options go to every grid; `loaded_slot` and

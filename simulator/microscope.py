@@ -198,9 +198,10 @@ class SimulatedMicroscope:
     `specimen` is a `Specimen` (procedural, with ground truth) or any `imaging.Scene` (e.g. dataset tiles,
     no ground truth). The same seed and the same sequence of calls give identical frames: a frame's noise
     is keyed by what was acquired and when (`simulator.keyed`), so a simulator started with
-    `start_time_s`, `start_stage` and `initial_preset` where another stopped continues as that one would
-    have (a resumed session's simulator). Methods are thread-safe; rendering happens outside the state lock
-    so status calls stay fast during an acquisition.
+    `start_time_s`, `start_stage`, `initial_preset` and `initial_diffraction` (the optics left in diffraction
+    by a snapshot) where another stopped continues as that one would have (a resumed session's simulator).
+    Methods are thread-safe; rendering happens outside the state lock so status calls stay fast during an
+    acquisition.
     """
 
     def __init__(
@@ -217,6 +218,7 @@ class SimulatedMicroscope:
         optics_errors: Mapping[str, OpticsErrors] | None = None,
         camera_noise: bool = True,
         initial_preset: str | None = None,
+        initial_diffraction: bool = False,
         instrument_seed: int = 0,
         start_time_s: float = 0.0,
         start_stage: StagePosition | None = None,
@@ -249,6 +251,7 @@ class SimulatedMicroscope:
         self._stage = SimulatedStage(self._clock, stage_limits or DEFAULT_STAGE_LIMITS,
                                      stage_model or self._timing.stage_model(), seed=self._seed, start=start_stage)
         self._timer = ExposureTimer(self._clock, self._timing)
+        self._timer.in_diffraction = bool(initial_diffraction)
         self._faults = FaultInjector(faults)
         self._lock = threading.RLock()
         default_name = "atlas" if "atlas" in self._presets else preset_list[0].name
@@ -419,8 +422,9 @@ class SimulatedMicroscope:
         return self._acquire("image", exposure_s)
 
     def acquire_diffraction(self, exposure_s: float) -> Frame:
-        """A diffraction pattern of the area under the beam (beam diameter per preset); optics return to
-        imaging afterwards (the profile's diffraction switch before it and before the next image)."""
+        """A diffraction pattern of the area under the beam (beam diameter per preset). The optics stay in
+        diffraction until the next image or preset change (the profile's diffraction switch before the first
+        snapshot and before that image), so consecutive snapshots switch once."""
         return self._acquire("diffraction", exposure_s)
 
     def _acquire(self, kind: str, exposure_s: float) -> Frame:

@@ -7,8 +7,10 @@ A `TimingProfile` says what each action costs on the virtual clock (seconds, um/
   ended (SerialEM's `StageMoveDelay`), *once*, before the exposure, not after every move;
 - a preset change that changes the magnification: `lens_normalisation_s` before the next exposure
   (SerialEM's `LensNormalizationDelay`); the same magnification costs the command overhead only;
-- a diffraction snapshot: `diffraction_switch_s` before its exposure (switching to diffraction) and again
-  before the next image (switching back);
+- a diffraction snapshot: `diffraction_switch_s` before its exposure when the optics are in imaging
+  (switching to diffraction); they stay in diffraction until the next image or preset change, which waits
+  `diffraction_switch_s` again (switching back). Consecutive snapshots (several crystals of one field reached
+  by image shift, as in serial ED) switch once each way, as SerialEM's Low Dose areas do;
 - a re-centre by image shift: `image_shift_s` before the next exposure (SerialEM's `ImageShiftDelays`);
 - every frame: `camera_start_s` before the exposure starts, then `camera_return_s +
   camera_transfer_s_per_mpx` x megapixels to get the image back.
@@ -210,11 +212,12 @@ def floor_per_target_s(
 ) -> float:
     """The physical floor (s) of one target in a run of targets, by the simulator's own rules.
 
-    One target: move the stage `move_um` (at search magnification, no preset change), settle, take the
-    search image, re-centre by image shift, switch to diffraction, take the snapshot, switch back (the
-    switch back overlaps the next target's move and settling):
+    One target: the preset command that returns the optics to imaging (at search magnification, so no lens
+    normalisation), move the stage `move_um`, settle, take the search image, re-centre by image shift,
+    switch to diffraction, take the snapshot (the optics stay in diffraction until the next target's preset
+    command: the switch back overlaps its move and settling):
 
-        floor = max(n_d, c + m(move_um) + s) + 2 a + e_s + e_d + r(search) + r(diffraction) + max(i, n_d)
+        floor = c + max(n_d, c + m(move_um) + s) + 2 a + e_s + e_d + r(search) + r(diffraction) + max(i, n_d)
 
     with c the command overhead, m the trapezoidal move time (x/y speed and acceleration), s the stage
     settle, n_d the diffraction switch, i the image-shift delay, a the camera start, e_s / e_d the
@@ -228,7 +231,7 @@ def floor_per_target_s(
     move_s = p.command_overhead_s + profile_time_s(move_um, p.stage_xy_speed_um_s, p.stage_xy_accel_um_s2)
     search_start = max(p.diffraction_switch_s, move_s + p.stage_settle_s)
     return (
-        search_start + 2 * p.camera_start_s + search_exposure_s + diffraction_exposure_s
+        p.command_overhead_s + search_start + 2 * p.camera_start_s + search_exposure_s + diffraction_exposure_s
         + p.frame_return_s(search_frame_mpx) + p.frame_return_s(diffraction_frame_mpx)
         + max(p.image_shift_s, p.diffraction_switch_s)
     )
@@ -242,6 +245,8 @@ class ExposureTimer:
         self.clock = clock
         self.profile = profile
         self._ready_at_s = clock.now_s()
+        #: True while the optics are in diffraction (after a snapshot, until the next image or preset change).
+        self.in_diffraction = False
 
     @property
     def ready_at_s(self) -> float:
@@ -254,15 +259,22 @@ class ExposureTimer:
         self._ready_at_s = max(self._ready_at_s, start + delay_s)
 
     def preset_changed(self, old_magnification: float, new_magnification: float) -> None:
-        """A preset command: the overhead now, and lens normalisation before the next exposure if the
-        magnification changed."""
+        """A preset command: the overhead now, the switch back to imaging if the optics are in diffraction, and
+        lens normalisation before the next exposure if the magnification changed."""
         self.clock.advance(self.profile.command_overhead_s)
+        self.set_diffraction(False)
         if new_magnification != old_magnification:
             self.hold(self.profile.lens_normalisation_s)
 
     def diffraction_switch(self) -> None:
         """A switch to or from diffraction: the next exposure waits `diffraction_switch_s`."""
         self.hold(self.profile.diffraction_switch_s)
+
+    def set_diffraction(self, diffraction: bool) -> None:
+        """Put the optics in diffraction (True) or imaging (False); a change costs `diffraction_switch`."""
+        if diffraction != self.in_diffraction:
+            self.diffraction_switch()
+            self.in_diffraction = diffraction
 
     def expose(self, exposure_s: float, settled_at_s: float | None) -> float:
         """Wait for pending delays and the stage's settling (`settled_at_s`; None: take it at once, e.g. the
@@ -272,12 +284,10 @@ class ExposureTimer:
         return self.clock.advance(self.profile.camera_start_s + exposure_s)
 
     def frame(self, exposure_s: float, settled_at_s: float | None, readout_s: float, diffraction: bool) -> float:
-        """One frame: the diffraction switch (if `diffraction`), `expose`, the frame return (`readout_s`) and
-        the switch back; returns the clock at the end of the exposure."""
-        if diffraction:
-            self.diffraction_switch()
+        """One frame in diffraction (`diffraction`) or imaging, switching the optics first if they are in the
+        other mode (`set_diffraction`), then `expose` and the frame return (`readout_s`); the optics stay in
+        that mode. Returns the clock at the end of the exposure."""
+        self.set_diffraction(diffraction)
         end_s = self.expose(exposure_s, settled_at_s)
         self.clock.advance(readout_s)
-        if diffraction:
-            self.diffraction_switch()
         return end_s

@@ -207,6 +207,8 @@ def _simulator_start(run_dir: Path, source: dict[str, Any]) -> dict[str, Any]:
                 start["start_stage"] = point.stage
             if point.optics_preset is not None:
                 start["initial_preset"] = point.optics_preset
+            if point.in_diffraction:
+                start["initial_diffraction"] = True
     start["start_time_s"] = time_s
     return start
 

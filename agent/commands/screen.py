@@ -267,6 +267,8 @@ def _simulator_start(start: Any | None) -> dict[str, Any]:
         kwargs["start_stage"] = start.stage
     if start.optics_preset is not None:
         kwargs["initial_preset"] = start.optics_preset
+    if start.in_diffraction:
+        kwargs["initial_diffraction"] = True
     return kwargs
 
 

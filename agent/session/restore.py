@@ -65,6 +65,10 @@ if TYPE_CHECKING:
     from agent.session.screening import ScreeningSession
 
 
+#: Artifact kinds of the frames a session takes (previews, maps and tables are not frames).
+FRAME_KINDS = frozenset({"overview", "atlas", "search", "centred", "diffraction"})
+
+
 @dataclass(frozen=True)
 class ResumePoint:
     """Where a session resumes: its checkpoint record's `seq`, its microscope time (s), the stage position and
@@ -76,6 +80,9 @@ class ResumePoint:
     stage: StagePosition | None
     optics_preset: str | None
     last_time_s: float
+    #: True when the last frame before the checkpoint was a diffraction snapshot: a driver may have left the
+    #: optics in diffraction (`drivers.base.Microscope.acquire_diffraction`), and a restarted simulator must too.
+    in_diffraction: bool = False
 
     @property
     def discarded_time_s(self) -> float:
@@ -98,13 +105,16 @@ def checkpoint_index(records: list[AnyRecord]) -> int:
 def find_resume_point(records: list[AnyRecord]) -> ResumePoint:
     """The checkpoint a session with these journal records (non-empty) resumes from."""
     live = live_records(records)
-    checkpoint = live[checkpoint_index(live)]
+    index = checkpoint_index(live)
+    checkpoint = live[index]
+    frames = [r.kind for r in live[: index + 1] if isinstance(r, ArtifactWritten) and r.kind in FRAME_KINDS]
     return ResumePoint(
         checkpoint_seq=int(checkpoint.seq or 0),
         microscope_time_s=float(checkpoint.microscope_time_s or 0.0),
         stage=checkpoint.stage,
         optics_preset=checkpoint.optics_preset,
         last_time_s=float(max((r.microscope_time_s or 0.0) for r in live)),
+        in_diffraction=bool(frames) and frames[-1] == "diffraction",
     )
 
 

@@ -95,9 +95,27 @@ def test_a_diffraction_snapshot_switches_before_it_and_before_the_next_image() -
     assert after == pytest.approx(p.diffraction_switch_s + p.camera_start_s + 0.2 + frame_return_s)
 
 
+def test_consecutive_snapshots_switch_to_diffraction_once() -> None:
+    """The optics stay in diffraction after a snapshot: a second snapshot (another crystal of the field, reached
+    by image shift) pays the image shift, not two more switches; the next image pays the switch back."""
+    scope = _scope("thermo-serialem")
+    p = scope.timing
+    diffraction_mpx = CAMERA_PX**2 / 1e6  # the search preset: bin 1
+    scope.set_preset("search")
+    scope.acquire(0.2)
+    scope.acquire_diffraction(1.0)
+    second = _elapsed(scope, lambda: (scope.set_image_shift(2.0, 1.0), scope.acquire_diffraction(1.0)))
+    frame_return_s = p.frame_return_s(diffraction_mpx)
+    assert second == pytest.approx(p.command_overhead_s + p.image_shift_s + p.camera_start_s + 1.0 + frame_return_s)
+    assert second < p.diffraction_switch_s + p.camera_start_s + 1.0 + frame_return_s
+    back = _elapsed(scope, lambda: scope.acquire(0.2))
+    assert back == pytest.approx(p.diffraction_switch_s + p.camera_start_s + 0.2 + frame_return_s)
+
+
 @pytest.mark.parametrize("name", list(PROFILES))
 def test_the_floor_is_what_the_simulator_charges_for_a_target(name: str) -> None:
-    """Move, search image, diffraction snapshot, in steady state (the previous target's switch back pending).
+    """Preset, move, search image, diffraction snapshot, in steady state (the optics in diffraction from the
+    previous target's snapshot).
     No image shift in the simulator: the floor's max(image shift, switch) is the switch for every profile."""
     scope = _scope(name, camera_px=128)
     p = scope.timing
@@ -106,6 +124,7 @@ def test_the_floor_is_what_the_simulator_charges_for_a_target(name: str) -> None
     scope.acquire_diffraction(1.0)
 
     def target() -> None:
+        scope.set_preset("search")  # back to imaging (the optics stay in diffraction after a snapshot)
         scope.move_stage(x_um=scope.get_stage().x_um + 40.0)
         scope.acquire(0.5)
         scope.acquire_diffraction(1.0)
