@@ -170,6 +170,29 @@ class ConfirmPlan(BaseModel):
         default=True,
         description="reject a target whose object nearest the centre has a round outline (an ice ball) at search",
     )
+    direct_snapshot: bool = Field(
+        default=True,
+        description=(
+            "snap a target at its atlas position with no search image when its object is wider than the beam plus "
+            "the session's measured position error (agent.steps.direct)"
+        ),
+    )
+    direct_after_measured: int = Field(
+        default=8,
+        ge=3,
+        description=(
+            "diffracting targets re-centred on search images before direct snapshots start (their offsets give the "
+            "position error; with 8 the median is known to about a third of itself)"
+        ),
+    )
+    beam_diameter_um: float = Field(
+        default=3.0,
+        gt=0,
+        description=(
+            "diameter of the diffraction beam (or selected area) at the specimen, um; decides which objects are "
+            "wide enough for a direct snapshot. MicroED set-ups use about 1-3 um: the default is the upper end"
+        ),
+    )
 
 
 class OperatorPlan(BaseModel):

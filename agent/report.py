@@ -261,7 +261,8 @@ def _parse_time(value: Any) -> datetime | None:
 
 
 _SUMMARY_KEYS = (
-    "state", "specimen", "targets_found", "targets_visited", "targets_confirmed", "diffracting_crystals",
+    "state", "specimen", "targets_found", "targets_visited", "targets_confirmed", "targets_snapped_directly",
+    "diffracting_crystals",
     "diffracting_per_hour", "time_per_diffracting_s", "microscope_time_s", "per_target_time_s", "prompts",
     "time_per_confirmed_s", "confirmed_per_hour", "precision", "recall", "recall_diffracting", "faults", "wall_time_s",
 )

@@ -82,10 +82,19 @@ class TargetResult(BaseModel):
     reason: str = ""
     images: dict[str, str] = Field(default_factory=dict, description="kind -> path relative to the session")
     microscope_time_s: float = 0.0
+    direct: bool = Field(
+        default=False,
+        description="snapped at its atlas position with no search image (agent.steps.direct): never 'confirmed'",
+    )
 
     @property
     def confirmed(self) -> bool:
         """True if the crystal was found again at the search preset."""
+        return self.outcome in CONFIRMED_OUTCOMES and not self.direct
+
+    @property
+    def snapped(self) -> bool:
+        """True if the target got a diffraction snapshot (found again at search, or snapped directly)."""
         return self.outcome in CONFIRMED_OUTCOMES
 
 
@@ -100,7 +109,12 @@ class SessionSummary(BaseModel):
     targets_found: int = 0
     targets_visited: int = 0
     targets_confirmed: int = 0
-    targets_recorded: int = Field(default=0, description="confirmed and diffracting: ready for collection")
+    targets_recorded: int = Field(
+        default=0, description="diffracting (confirmed or snapped directly): ready for collection"
+    )
+    targets_snapped_directly: int = Field(
+        default=0, description="snapped at the atlas position with no search image (agent.steps.direct)"
+    )
     diffracting_crystals: int | None = Field(
         default=None,
         description="targets whose diffraction snapshot passed confirm.min_spots (None when the plan takes no "

@@ -125,13 +125,15 @@ def _preview_uint8(image: np.ndarray, log_scale: bool = False) -> np.ndarray:
 
 
 def write_target_thumbnails(
-    session_dir: Path, target_id: str, search: Frame, diffraction: Frame | None
+    session_dir: Path, target_id: str, search: Frame | None, diffraction: Frame | None
 ) -> dict[str, Path]:
-    """Small PNG previews of a target's search image and diffraction pattern; returns kind -> path."""
+    """Small PNG previews of a target's search image (none for a direct snapshot) and diffraction pattern;
+    returns kind -> path."""
     folder = session_dir / "targets"
     written = {}
-    thumb = _downscale_rgb(np.repeat(_preview_uint8(search.image)[..., None], 3, axis=2), 256)
-    written["thumb"] = write_atomic(folder / f"{target_id}_thumb.png", encode_png(thumb))
+    if search is not None:
+        thumb = _downscale_rgb(np.repeat(_preview_uint8(search.image)[..., None], 3, axis=2), 256)
+        written["thumb"] = write_atomic(folder / f"{target_id}_thumb.png", encode_png(thumb))
     if diffraction is not None:
         pattern = _downscale_rgb(np.repeat(_preview_uint8(diffraction.image, True)[..., None], 3, axis=2), 256)
         written["diffraction_png"] = write_atomic(folder / f"{target_id}_diffraction.png", encode_png(pattern))
@@ -156,7 +158,7 @@ def write_target_tables(
     items = []
     for target in targets:
         result = results.get(target.target_id)
-        if result is None or not result.confirmed:
+        if result is None or not result.snapped:
             continue
         items.append(
             point_item(
@@ -206,7 +208,7 @@ def write_targets_on_map(
         note = f"crystal-locator {target.target_id}: " + ("not visited" if result is None else result.outcome)
         if target.p_diffract is not None:
             note += f" p_diffract {target.p_diffract:.2f}"
-        if result is not None and result.confirmed:
+        if result is not None and result.snapped:
             note += f" spots {result.n_spots}"
         x_um, y_um = (target.x_um, target.y_um) if result is None else (result.x_um, result.y_um)
         points.append(

@@ -94,7 +94,7 @@ class SessionRecorder:
         self.emit(ArtifactWritten(kind=kind, path=path, target_id=target_id))
         return path
 
-    def save_target_previews(self, target_id: str, search: Frame, diffraction: Frame | None) -> dict[str, str]:
+    def save_target_previews(self, target_id: str, search: Frame | None, diffraction: Frame | None) -> dict[str, str]:
         """Write a target's PNG previews and record them; kind -> relative path."""
         written = self.files.previews(target_id, search, diffraction)
         for kind, path in written.items():

@@ -50,6 +50,7 @@ def summarise(
         targets_visited=len(results),
         targets_confirmed=confirmed,
         targets_recorded=recorded,
+        targets_snapped_directly=sum(1 for r in results.values() if r.direct),
         diffracting_crystals=diffracting,
         prompts=prompts,
         microscope_time_s=round(microscope_time_s, 2),

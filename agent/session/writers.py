@@ -171,7 +171,7 @@ class FileWriter:
         path = write_frame_tiff(self._path(relative_path), frame)
         return str(Path(path).relative_to(self.session_dir))
 
-    def previews(self, target_id: str, search: Frame, diffraction: Frame | None) -> dict[str, str]:
+    def previews(self, target_id: str, search: Frame | None, diffraction: Frame | None) -> dict[str, str]:
         """A target's PNG previews; kind -> relative path."""
         written = outputs.write_target_thumbnails(self.session_dir, target_id, search, diffraction)
         return {kind: str(Path(path).relative_to(self.session_dir)) for kind, path in written.items()}

@@ -36,7 +36,7 @@ class StepOutput(Protocol):
         """Have `frame` written (TIFF with its metadata) at `relative_path`; returns that path once written
         and journalled."""
 
-    def save_target_previews(self, target_id: str, search: Frame, diffraction: Frame | None) -> dict[str, str]:
+    def save_target_previews(self, target_id: str, search: Frame | None, diffraction: Frame | None) -> dict[str, str]:
         """Have a target's PNG previews written; returns kind -> relative path."""
 
     def save_atlas_outputs(
@@ -65,6 +65,14 @@ class VisitState:
     images: dict[str, str] = field(default_factory=dict)
     #: True when the target lies in the search field of an earlier target (no move, no new search image).
     in_field: bool = False
+    #: True when the stage was put at the centre of a new field for this target and its neighbours
+    #: (`agent.steps.visit.field_point`), not on the target: it is found and reached like an in-field one.
+    off_centre: bool = False
+    #: True when the target is snapped at its atlas position with no search image (`agent.steps.direct`).
+    direct: bool = False
+    #: The id of a target already snapped on the same atlas object (`agent.steps.visit.same_object_as`): this one
+    #: is rejected without a move or an image.
+    same_as: str | None = None
     x_um: float | None = None
     y_um: float | None = None
     confirm_score: float = 0.0

@@ -56,6 +56,9 @@ def map_grid(ctx: SessionContext) -> MapResult:
     instead (`map_serialem`)."""
     if ctx.plan.area.serialem_map is not None:
         return map_serialem(ctx)
+    if ctx.image_shift_limit_um() > 0:  # the montage's tiles are where the stage is: no shift left by a target
+        ctx.microscope.set_image_shift(0.0, 0.0)  # type: ignore[attr-defined]
+    ctx.field = None
     limits = ctx.microscope.stage_limits()
     atlas_preset = ctx.plan.presets.atlas
     matrix = ctx.calibration.matrix(atlas_preset)

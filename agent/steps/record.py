@@ -10,10 +10,11 @@ from agent.steps.context import SessionContext, VisitState
 
 
 def record_target(ctx: SessionContext) -> TargetResult:
-    """The outcome of a confirmed target: `recorded` when its snapshot has at least `confirm.min_spots`
-    spots (or diffraction is off), else `no-diffraction`; its PNG previews are written first."""
+    """The outcome of a confirmed (or directly snapped) target: `recorded` when its snapshot has at least
+    `confirm.min_spots` spots (or diffraction is off), else `no-diffraction`; its PNG previews are written
+    first."""
     visit = ctx.require_visit()
-    assert visit.search is not None and visit.x_um is not None and visit.y_um is not None
+    assert (visit.search is not None or visit.direct) and visit.x_um is not None and visit.y_um is not None
     plan = ctx.plan.confirm
     diffracting = not plan.diffraction or visit.n_spots >= plan.min_spots
     previews = ctx.output.save_target_previews(visit.target.target_id, visit.search, visit.diffraction)
@@ -45,4 +46,5 @@ def outcome_of(
         reason=reason,
         images=dict(visit.images),
         microscope_time_s=ctx.clock_s(),
+        direct=visit.direct,
     )

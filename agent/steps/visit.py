@@ -8,7 +8,14 @@ by a stage move and a new search image there (when the plan asks and the offset 
 
 A target that lies in the search image the stage still sits on (the previous target's, within the image-shift
 range) is not moved to: it is confirmed on that image and reached by image shift, so neighbouring crystals
-cost an image shift and a diffraction snapshot each (`in_search_field`).
+cost an image shift and a diffraction snapshot each (`in_search_field`). Where the microscope has image shift, a
+new field is placed for the targets it can serve, not for the first one alone (`field_point`): the stage goes
+to the centre of the visited target and its nearest unvisited neighbours of the same tier that one search image
+and the image-shift range can hold, so that one stage move and one search image serve them all.
+
+Two shortcuts skip the search image: a target on the atlas object of a target already snapped is rejected with no
+move (`same_object_as`), and a target whose object is wider than the beam plus the session's measured position
+error is snapped at its atlas position (`agent.steps.direct`).
 """
 
 from __future__ import annotations
@@ -20,8 +27,9 @@ import numpy as np
 from scipy import ndimage
 
 from agent.config import ScreeningPlan
-from agent.session.outcomes import CONFIRMED_OUTCOMES
-from agent.steps.context import SearchField, SessionContext
+from agent.session.outcomes import CONFIRMED_OUTCOMES, TargetRecord
+from agent.steps import direct
+from agent.steps.context import SearchField, SessionContext, VisitState
 from agent.steps.motion import approach_move
 from agent.steps.object_near_centre import find_object_near_centre
 from drivers.base import Frame
@@ -42,30 +50,101 @@ class Rejection:
 
 def move(ctx: SessionContext) -> None:
     """Go to the visited target: nothing to do when it lies in the search image the stage sits on (it is then
-    reached by image shift, see `in_search_field`); else reset any image shift and move the stage there,
-    taking up backlash only when the move needs it."""
+    reached by image shift, see `in_search_field`); else set the search preset, reset any image shift and
+    move the stage to the target's field (`field_point`), taking up backlash only when the move needs it."""
     visit = ctx.require_visit()
     target = visit.target
+    visit.same_as = same_object_as(ctx, target)
+    if visit.same_as is not None:
+        return
     limit_um = ctx.image_shift_limit_um()
     if ctx.field is not None and in_search_field(ctx, ctx.field, target.x_um, target.y_um, limit_um):
         visit.in_field = True
         return
     visit.in_field = False
     ctx.field = None
+    if direct.direct_snapshot_ok(ctx, target):
+        _move_for_direct_snapshot(ctx, visit, limit_um)
+        return
+    # back to imaging before the move, so that leaving diffraction (a driver may stay there after a snapshot)
+    # overlaps the move and its settling
+    ctx.microscope.set_preset(ctx.plan.presets.search)
+    x_um, y_um = target.x_um, target.y_um
+    if limit_um > 0:
+        ctx.microscope.set_image_shift(0.0, 0.0)  # type: ignore[attr-defined]
+        x_um, y_um = field_point(ctx, target, limit_um)
+        visit.off_centre = (x_um, y_um) != (target.x_um, target.y_um)
+    approach_move(ctx.microscope, x_um, y_um, ctx.plan.targeting.approach_um)
+
+
+def _move_for_direct_snapshot(ctx: SessionContext, visit: VisitState, limit_um: float) -> None:
+    """Put the beam on a target snapped with no search image (`agent.steps.direct`): the search preset (the
+    snapshot's) without leaving diffraction if the optics are still there, no image shift, and the stage on the
+    target."""
+    visit.direct = True
+    target = visit.target
+    if ctx.microscope.get_preset() != ctx.plan.presets.search:
+        ctx.microscope.set_preset(ctx.plan.presets.search)
     if limit_um > 0:
         ctx.microscope.set_image_shift(0.0, 0.0)  # type: ignore[attr-defined]
     approach_move(ctx.microscope, target.x_um, target.y_um, ctx.plan.targeting.approach_um)
 
 
+def same_object_as(ctx: SessionContext, target: TargetRecord) -> str | None:
+    """The id of a target already snapped (a diffraction snapshot taken) whose atlas object holds `target`: within
+    that object's equivalent radius (the disc of its atlas area) of where it was measured, or within
+    `targeting.min_spacing_um`. One snapshot tells whether an object diffracts; a second target on a large flake
+    or blob is then not worth a move."""
+    planned = {t.target_id: t for t in ctx.targets}
+    pixel_um = ctx.atlas.pixel_size_um if ctx.atlas is not None else 0.0
+    for result in ctx.results.values():
+        if not result.snapped:
+            continue
+        earlier = planned.get(result.target_id)
+        log_area = earlier.features.get("log_area_px") if earlier is not None else None
+        radius_um = math.sqrt(math.exp(log_area) / math.pi) * pixel_um if log_area is not None else 0.0
+        if math.hypot(result.x_um - target.x_um, result.y_um - target.y_um) < max(
+            ctx.plan.targeting.min_spacing_um, radius_um
+        ):
+            return result.target_id
+    return None
+
+
+def field_point(ctx: SessionContext, target: TargetRecord, limit_um: float) -> tuple[float, float]:
+    """Where the stage goes (x_um, y_um) for a new search field that starts with `target`: the centre of the box
+    of `target` and the unvisited targets of its tier nearest to it (nearest first, the planned order breaking
+    ties) while every one of them stays reachable from that centre (`reachable`: inside the image-shift range and
+    the confirmation margin of the search frame). `target` alone: its own position."""
+    shape = ctx.frame_shape(ctx.plan.presets.search)
+    others = [
+        t for t in ctx.targets
+        if t.target_id not in ctx.results and t.tier == target.tier and t.target_id != target.target_id
+        and abs(t.x_um - target.x_um) <= 2 * limit_um and abs(t.y_um - target.y_um) <= 2 * limit_um
+    ]
+    others.sort(key=lambda t: math.hypot(t.x_um - target.x_um, t.y_um - target.y_um))  # stable: planned order
+    group = [(target.x_um, target.y_um)]
+    centre = group[0]
+    for other in others:
+        trial = [*group, (other.x_um, other.y_um)]
+        xs, ys = [p[0] for p in trial], [p[1] for p in trial]
+        trial_centre = ((min(xs) + max(xs)) / 2, (min(ys) + max(ys)) / 2)
+        if all(reachable(ctx, trial_centre, shape, x, y, limit_um) for x, y in trial):
+            group, centre = trial, trial_centre
+    return centre
+
+
 def zoom(ctx: SessionContext) -> None:
-    """Switch to the search preset and take the search image (saved, kept in the visit); a target in the
-    current search field uses that image instead."""
+    """Take the search image (saved, kept in the visit) at the search preset; a target in the current search
+    field uses that image instead."""
     visit = ctx.require_visit()
+    if visit.direct or visit.same_as is not None:
+        return
     if visit.in_field and ctx.field is not None:
         visit.search = ctx.field.frame
         visit.images["search"] = ctx.field.path
         return
-    ctx.microscope.set_preset(ctx.plan.presets.search)
+    if ctx.microscope.get_preset() != ctx.plan.presets.search:  # `move` set it, unless resumed here
+        ctx.microscope.set_preset(ctx.plan.presets.search)
     frame = ctx.microscope.acquire(ctx.plan.exposures.search_s)
     visit.search = frame
     target_id = visit.target.target_id
@@ -82,10 +161,21 @@ def in_search_field(ctx: SessionContext, field: SearchField, x_um: float, y_um: 
     metadata = field.frame.metadata
     if abs(x_um - metadata.stage.x_um) > limit_um or abs(y_um - metadata.stage.y_um) > limit_um:
         return False
+    return reachable(ctx, metadata.view_xy_um, field.frame.shape_px, x_um, y_um, limit_um)
+
+
+def reachable(
+    ctx: SessionContext, view_xy_um: tuple[float, float], shape_px: tuple[int, int], x_um: float, y_um: float,
+    limit_um: float,
+) -> bool:
+    """True when stage point (x_um, y_um) is within `limit_um` of `view_xy_um` (the centre of a search frame of
+    `shape_px` taken with no image shift) on each axis and at least the confirmation radius inside that frame."""
+    if abs(x_um - view_xy_um[0]) > limit_um or abs(y_um - view_xy_um[1]) > limit_um:
+        return False
     matrix = ctx.calibration.matrix(ctx.plan.presets.search)
-    col, row = stage_to_pixel(np.array([x_um, y_um]), field.frame.shape_px, metadata.view_xy_um, matrix)
+    col, row = stage_to_pixel(np.array([x_um, y_um]), shape_px, view_xy_um, matrix)
     margin_px = ctx.plan.confirm.radius_um / math.sqrt(abs(float(np.linalg.det(matrix))))
-    rows, cols = field.frame.shape_px
+    rows, cols = shape_px
     return bool(margin_px <= col <= cols - 1 - margin_px and margin_px <= row <= rows - 1 - margin_px)
 
 
@@ -93,10 +183,17 @@ def confirm(ctx: SessionContext) -> Rejection | None:
     """Find the target's object near its expected place in the search image; None when confirmed (the visit
     then holds its stage position, contrast and re-centring offset), else why it was rejected."""
     visit = ctx.require_visit()
+    target = visit.target
+    if visit.same_as is not None:
+        return Rejection(
+            target.x_um, target.y_um, f"the same object as {visit.same_as} (on the atlas: no move, no image)"
+        )
+    if visit.direct:
+        _take_direct(ctx, visit)
+        return None
     assert visit.search is not None
     frame = visit.search
-    target = visit.target
-    expected_xy = (target.x_um, target.y_um) if visit.in_field else None
+    expected_xy = (target.x_um, target.y_um) if visit.in_field or visit.off_centre else None
     found = locate_near_centre(
         frame, ctx.calibration.matrix(ctx.plan.presets.search), ctx.plan, lambda xy: atlas_classes(ctx, xy),
         expected_xy_um=expected_xy,
@@ -114,8 +211,17 @@ def confirm(ctx: SessionContext) -> Rejection | None:
         # several atlas targets on one large object (pieces of a blob, two ends of a flake) all re-centre
         # onto it: measure it once
         return Rejection(x_um, y_um, f"the same object as {earlier} (re-centred onto it at the search preset)")
-    if visit.in_field or (ctx.plan.confirm.recentre and offset_um > 0.05 * ctx.plan.confirm.radius_um):
+    if visit.in_field or visit.off_centre or (
+        ctx.plan.confirm.recentre and offset_um > 0.05 * ctx.plan.confirm.radius_um
+    ):
         _recentre(ctx, x_um, y_um)
+    return None
+
+
+def _take_direct(ctx: SessionContext, visit: VisitState) -> None:
+    """A target snapped with no search image stands where the atlas put it."""
+    target = visit.target
+    visit.x_um, visit.y_um, visit.confirm_score, visit.offset_um = target.x_um, target.y_um, 0.0, 0.0
     return None
 
 

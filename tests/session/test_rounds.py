@@ -121,10 +121,15 @@ def test_a_session_sized_by_its_budget_maps_rounds_until_the_budget_is_spent(by_
     assert summary.crystals_in_area > one_box["crystals_in_area"]
 
 
+def _without_an_image(entry: dict[str, Any]) -> bool:
+    """A target decided with no image at all: snapped directly, or on an object already snapped."""
+    return bool(entry.get("direct")) or "on the atlas" in entry.get("reason", "")
+
+
 def test_targets_in_one_search_image_are_reached_by_image_shift(by_budget: ScreeningSession) -> None:
     entries = _entries(by_budget)
     searched = {e["target_id"] for e in entries if e["type"] == "artifact" and e["kind"] == "search"}
-    finished = [e for e in entries if e["type"] == "target"]
+    finished = [e for e in entries if e["type"] == "target" and not _without_an_image(e)]
     in_field = [e for e in finished if e["target_id"] not in searched]
     assert in_field, "seed 0 has crystals closer together than the search field"
     # an in-field visit moves no stage and takes no search image: it is much shorter than a visit with both
@@ -132,7 +137,8 @@ def test_targets_in_one_search_image_are_reached_by_image_shift(by_budget: Scree
     for e in entries:
         if e["type"] == "transition" and e["state"] == "moving":
             starts[len(starts)] = e["microscope_time_s"]
-    durations = [e["microscope_time_s"] - starts[i] for i, e in enumerate(finished)]
+    every = [e for e in entries if e["type"] == "target"]
+    durations = [e["microscope_time_s"] - starts[every.index(e)] for e in finished]
     inside = [d for d, e in zip(durations, finished, strict=True) if e["target_id"] not in searched]
     outside = [d for d, e in zip(durations, finished, strict=True) if e["target_id"] in searched]
     assert max(inside) < min(outside)
@@ -149,7 +155,59 @@ def test_without_image_shift_every_target_gets_its_own_search_image(
     session = run(tmp_path / "s", simulated_microscope("protein-plates", SEED, CAMERA_PX), plan, store)
     entries = _entries(session)
     searched = {e["target_id"] for e in entries if e["type"] == "artifact" and e["kind"] == "search"}
-    assert all(e["target_id"] in searched for e in entries if e["type"] == "target" and e["outcome"] != "failed")
+    assert all(e["target_id"] in searched for e in entries
+               if e["type"] == "target" and e["outcome"] != "failed" and not _without_an_image(e))
+
+
+@pytest.fixture(scope="module")
+def direct_session(
+    tmp_path_factory: pytest.TempPathFactory, simulated_microscope: MakeMicroscope, store: Path
+) -> ScreeningSession:
+    """A protein session long enough to measure its position error on 3 diffracting targets (the plan's
+    `confirm.direct_after_measured`), then snap the wide plates directly."""
+    folder = tmp_path_factory.mktemp("direct") / "s"
+    plan = _plan(time_budget_s=300.0, confirm=ConfirmPlan(direct_after_measured=3))
+    return run(folder, simulated_microscope("protein-plates", SEED, CAMERA_PX), plan, store)
+
+
+def test_wide_objects_are_snapped_directly_once_the_position_error_is_measured(
+    direct_session: ScreeningSession,
+) -> None:
+    entries = _entries(direct_session)
+    finished = [e for e in entries if e["type"] == "target"]
+    direct = [e for e in finished if e.get("direct")]
+    assert direct, "protein plates are wider than the beam plus the measured error"
+    first = finished.index(direct[0])
+    measured = [e for e in finished[:first] if e["outcome"] == "recorded" and not e.get("direct")]
+    assert len(measured) >= direct_session.plan.confirm.direct_after_measured  # never before the error is known
+    error_um = 2 * sorted(e["recentre_offset_um"] for e in measured)[len(measured) // 2]  # upper median: >= it
+    planned = {t.target_id: t for t in direct_session.targets}
+    pixel_um = direct_session.atlas.pixel_size_um
+    beam_radius_um = direct_session.plan.confirm.beam_diameter_um / 2
+    for e in direct:
+        assert e["outcome"] in ("recorded", "no-diffraction") and "search" not in e["images"]
+        assert "diffraction" in e["images"] and (direct_session.session_dir / e["images"]["diffraction"]).exists()
+        target = planned[e["target_id"]]
+        assert (e["x_um"], e["y_um"]) == (target.x_um, target.y_um)  # where the atlas put it
+        f = target.features
+        radius_um = math.sqrt(math.exp(f["log_area_px"]) / (math.pi * math.exp(f["log_elongation"]))) * f["solidity"]
+        assert radius_um * pixel_um >= beam_radius_um + 0.5 * error_um  # wide objects only (error: upper median)
+    summary = direct_session.summary()
+    assert summary.targets_snapped_directly == len(direct)
+    assert summary.targets_confirmed == sum(1 for e in finished if e["outcome"] in ("recorded", "no-diffraction")
+                                            and not e.get("direct"))
+    nav = (direct_session.session_dir / "targets.nav").read_text()
+    assert all(f"crystal-locator {e['target_id']}" in nav or e["target_id"] in nav for e in direct)
+
+
+def test_without_direct_snapshots_every_snapshot_follows_a_search_image(
+    tmp_path: Path, simulated_microscope: MakeMicroscope, store: Path
+) -> None:
+    plan = _plan(time_budget_s=300.0, confirm=ConfirmPlan(direct_snapshot=False, direct_after_measured=3))
+    session = run(tmp_path / "s", simulated_microscope("protein-plates", SEED, CAMERA_PX), plan, store)
+    finished = [e for e in _entries(session) if e["type"] == "target"]
+    assert not any(e.get("direct") for e in finished)
+    assert all("search" in e["images"] for e in finished if e["outcome"] in ("recorded", "no-diffraction"))
 
 
 def test_a_target_cap_holds_across_rounds(tmp_path: Path, simulated_microscope: MakeMicroscope, store: Path) -> None:

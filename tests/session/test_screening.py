@@ -458,7 +458,15 @@ def test_targets_that_recentre_onto_an_object_already_measured_are_not_measured_
             assert np.hypot(a.x_um - b.x_um, a.y_um - b.y_um) >= spacing_um, (a.target_id, b.target_id)
     duplicates = [r for r in results if r.outcome == "rejected" and "same object" in r.reason]
     assert duplicates, "this grid has flakes that give several targets each"
+    planned = {t.target_id: t for t in session.targets}
     for duplicate in duplicates:
         earlier = session.results[duplicate.reason.split("same object as ")[1].split()[0]]
-        assert earlier.confirmed and np.hypot(earlier.x_um - duplicate.x_um, earlier.y_um - duplicate.y_um) < spacing_um
+        distance_um = np.hypot(earlier.x_um - duplicate.x_um, earlier.y_um - duplicate.y_um)
+        if "on the atlas" in duplicate.reason:  # rejected before any move: within the earlier object's size
+            area_px = np.exp(planned[earlier.target_id].features["log_area_px"])
+            radius_um = np.sqrt(area_px / np.pi) * session.atlas.pixel_size_um
+            assert earlier.snapped and distance_um < max(spacing_um, radius_um)
+            assert "search" not in duplicate.images
+        else:  # re-centred onto it at the search preset
+            assert earlier.confirmed and distance_um < spacing_um
         assert "diffraction" not in duplicate.images  # not measured again
