@@ -190,7 +190,8 @@ class ConfirmPlan(BaseModel):
         gt=0,
         description=(
             "diameter of the diffraction beam (or selected area) at the specimen, um; decides which objects are "
-            "wide enough for a direct snapshot. MicroED set-ups use about 1-3 um: the default is the upper end"
+            "wide enough for a direct snapshot. Set your instrument's; the default 3 um is a guess at the large end "
+            "of MicroED beams (no published figure), so that an unset value errs towards a search image"
         ),
     )
 
