@@ -158,10 +158,8 @@ def in_search_field(ctx: SessionContext, field: SearchField, x_um: float, y_um: 
     `limit_um` of the stage on each axis, and at least the confirmation radius inside the frame."""
     if limit_um <= 0:
         return False
-    metadata = field.frame.metadata
-    if abs(x_um - metadata.stage.x_um) > limit_um or abs(y_um - metadata.stage.y_um) > limit_um:
-        return False
-    return reachable(ctx, metadata.view_xy_um, field.frame.shape_px, x_um, y_um, limit_um)
+    # a field's frame is taken with no image shift (`move`, `_recentre`), so its view is the stage position
+    return reachable(ctx, field.frame.metadata.view_xy_um, field.frame.shape_px, x_um, y_um, limit_um)
 
 
 def reachable(
@@ -222,7 +220,6 @@ def _take_direct(ctx: SessionContext, visit: VisitState) -> None:
     """A target snapped with no search image stands where the atlas put it."""
     target = visit.target
     visit.x_um, visit.y_um, visit.confirm_score, visit.offset_um = target.x_um, target.y_um, 0.0, 0.0
-    return None
 
 
 def _recentre(ctx: SessionContext, x_um: float, y_um: float) -> None:
