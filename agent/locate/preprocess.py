@@ -20,6 +20,10 @@ and become clusters of their own. `prepare_image` removes them, in this order, o
    are not absorbed.
 4. Masked pixels (bars, black areas, annotation bands, grown by 2 px) are set to the median film level,
    so a patch that only touches a bar is described by its film part.
+
+Montages (`agent.locate.seams`): tiles that were exposed apart step in brightness where they meet. The seams
+are found on the raw image first; each tile is flattened on its own (step 3), and a strip of
+`SEAM_HALF_WIDTH_PX` along each seam is masked like a bar.
 """
 
 from __future__ import annotations
@@ -207,34 +211,31 @@ def _divide_by_upsampled(data: np.ndarray, background: np.ndarray, factor: int, 
         block *= level
 
 
-def flatten_illumination(data: np.ndarray, mask: np.ndarray, sigma_fraction: float = 1 / 12) -> float:
+def flatten_illumination(
+    data: np.ndarray, mask: np.ndarray, sigma_fraction: float = 1 / 12, tiles: np.ndarray | None = None
+) -> float:
     """In place: divide float64 `data` by its smooth background times the background median; returns
-    that median (the film level). See module docstring."""
+    that median (the film level). See module docstring. `tiles` (int labels, image shape; None: one tile):
+    the tiles of a montage (`seams.tile_labels`), each flattened on its own, so no background is smoothed
+    across a seam."""
     factor = max(1, min(data.shape) // 256)
     weight = block_mean(~mask, factor)
-    small = block_mean(data, factor)
-
-    def smooth(weights: np.ndarray, sigma: float) -> np.ndarray:
-        numerator = ndimage.gaussian_filter(small * weights, sigma, mode="nearest")
-        denominator = ndimage.gaussian_filter(weights, sigma, mode="nearest")
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return np.where(denominator > 1e-3, numerator / denominator, np.nan)
-
-    # pass 1: coarse background; pass 2: finer, with objects (robust outliers of pass 1) left out, so the
-    # film's own thickness variations flatten while crystals are not absorbed into the background
-    coarse = smooth(weight, max(1.0, min(small.shape) * sigma_fraction))
+    # each block's mean over its unmasked pixels only: a block straddling a bar edge or a burned-in data
+    # bar must not carry the bar's value into the background (it darkened or brightened the film beside
+    # every mask, and a bright data bar in dark field left a band of false objects along it)
     with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = small / coarse - 1.0
-    usable = (weight > 0.5) & np.isfinite(ratio)
-    if usable.sum() > 16:
-        centre = np.median(ratio[usable])
-        spread = 1.4826 * np.median(np.abs(ratio[usable] - centre)) + 1e-12
-        objects = ~np.isfinite(ratio) | (np.abs(ratio - centre) > 3.0 * spread)
-        objects = ndimage.maximum_filter(objects.astype(np.uint8), size=3) > 0
-        background = smooth(weight * ~objects, max(1.0, min(small.shape) * sigma_fraction / 2.0))
-        background = np.where(np.isfinite(background), background, coarse)
+        small = np.where(weight > 0, _unmasked_block_sum(data, mask, factor) / (weight * factor * factor), 0.0)
+    sigma = max(1.0, min(small.shape) * sigma_fraction)
+    if tiles is None:
+        background = _background(small, weight, sigma)
     else:
-        background = coarse
+        from agent.locate.seams import block_tiles
+
+        tile_of_block = block_tiles(tiles, factor)[: small.shape[0], : small.shape[1]]
+        background = np.full(small.shape, np.nan)
+        for tile in np.unique(tile_of_block):
+            inside = tile_of_block == tile
+            background[inside] = _background(small, weight * inside, sigma)[inside]
     if np.all(np.isnan(background)):
         return float(np.median(data))
     level = float(np.nanmedian(background))
@@ -244,21 +245,71 @@ def flatten_illumination(data: np.ndarray, mask: np.ndarray, sigma_fraction: flo
     return level
 
 
+def _background(small: np.ndarray, weight: np.ndarray, sigma: float) -> np.ndarray:
+    """The smooth background of the block means `small` over blocks weighted by `weight` (their unmasked
+    share), NaN where no weight reaches: pass 1 at `sigma` (blocks), pass 2 at `sigma` / 2 without the
+    objects (robust outliers of pass 1), so the film's own thickness variations flatten while crystals are
+    not absorbed into the background."""
+
+    def smooth(weights: np.ndarray, width: float) -> np.ndarray:
+        numerator = ndimage.gaussian_filter(small * weights, width, mode="nearest")
+        denominator = ndimage.gaussian_filter(weights, width, mode="nearest")
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(denominator > 1e-3, numerator / denominator, np.nan)
+
+    coarse = smooth(weight, sigma)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = small / coarse - 1.0
+    usable = (weight > 0.5) & np.isfinite(ratio)
+    if usable.sum() <= 16:
+        return coarse
+    centre = np.median(ratio[usable])
+    spread = 1.4826 * np.median(np.abs(ratio[usable] - centre)) + 1e-12
+    objects = ~np.isfinite(ratio) | (np.abs(ratio - centre) > 3.0 * spread)
+    objects = ndimage.maximum_filter(objects.astype(np.uint8), size=3) > 0
+    background = smooth(weight * ~objects, max(1.0, sigma / 2.0))
+    return np.where(np.isfinite(background), background, coarse)
+
+
+def _unmasked_block_sum(data: np.ndarray, mask: np.ndarray, factor: int) -> np.ndarray:
+    """Sum over each `factor` x `factor` block of the pixels of `data` outside `mask` (float64, block grid as
+    `block_mean`). Band by band of rows, so no full-size masked copy of `data` is made."""
+    rows = (data.shape[0] // factor) * factor
+    band = factor * max(1, 256 // factor)
+    parts = [
+        _block_total(np.where(mask[top : top + band], 0.0, data[top : top + band]), factor)
+        for top in range(0, rows, band)
+    ]
+    return np.concatenate(parts, axis=0)[: rows // factor]
+
+
 def prepare_image(image: np.ndarray, mask: np.ndarray, flatten: bool = True, clean: bool = True) -> np.ndarray:
     """A float64 copy of `image` with artefacts removed, illumination flattened and masked pixels set
     to the film level (module docstring). `mask` is the bar / black-area mask (image shape, bool)."""
+    from agent.locate.seams import find_seams, seam_band, tile_labels
+
+    seams = find_seams(image, mask)  # on the raw image: the stripe clean-up below bends a seam's step
+    tiles = None
+    if seams:
+        tiles = tile_labels(seams)
+        mask = mask | seam_band(seams, max(SEAM_HALF_WIDTH_PX, min(image.shape) // 256))
     data = image.astype(np.float64)
     if clean:
         remove_outlier_pixels(data, noise_sigma(image, mask))
         remove_stripes(data, mask)
     if flatten:
-        level = flatten_illumination(data, mask)
+        level = flatten_illumination(data, mask, tiles=tiles)
     else:
         unmasked = data[~mask] if (~mask).any() else data.ravel()
         level = float(np.median(unmasked[:: max(1, unmasked.size // 100_000)]))
     if mask.any():
         data[grow_mask(mask, 5)] = level
     return data
+
+
+#: Half-width (px) of the strip along a montage seam that is masked like a bar (at least one flattening block):
+#: the stripe clean-up and the flattening's interpolation both reach a few lines across a seam.
+SEAM_HALF_WIDTH_PX = 8
 
 
 def block_sum(image: np.ndarray, factor: int) -> np.ndarray:
