@@ -1,0 +1,160 @@
+"""Montage seams: straight steps in brightness along a pixel row or column, where tiles that were exposed apart
+meet in a stitched image.
+
+Tiles of a montage are exposed one by one; each has its own gain, dose and illumination, and where two meet
+the image steps by a few per cent along a line exactly parallel to the image axes. Flattened as one image,
+the step leaves a band of film darker than the rest on one side, and the locator read that band as a row of
+objects (48 candidates on a crystal-free 2x2 montage). `find_seams` finds the steps; `tile_labels` cuts the
+image into the tiles they bound, so that `preprocess.flatten_illumination` flattens every tile on its own;
+`seam_band` is the strip along each seam that no object may come from (a crystal cut by a seam is seen half
+in one exposure and half in another).
+
+How a seam is found, for columns (rows likewise): the step between neighbouring columns is the difference of
+log intensities (a gain step is a ratio) of unmasked pixel pairs, sampled every `SAMPLE_STRIDE`-th line and
+averaged (trimmed) in blocks of `BLOCK_LINES` lines along the seam; steps over `MAX_STEP_LOG` are edges, not
+gain. A seam's step lasts, a readout stripe's is undone a few lines on: the steps are weighed by a triangle
+over `LASTING_LINES` lines on either side (the step between the means of the lines on each side). A column
+boundary is a seam where at least `MIN_BLOCK_FRACTION` of the blocks (and half of those with unmasked pixels)
+step the same way by more than `MIN_STEP_LOG` (2 %: a smaller step does not lift film above the locator's
+contrast threshold) and by more than `MIN_STEP_SIGMAS` robust spreads of all blocks, and where the lasting step
+is at least half the line's own step. Of seams closer than `LASTING_LINES` the strongest is kept.
+
+Limits, measured on the synthetic montages of `tests.synthetic_images`: the 2x2 seams of 2048^2 images are
+found; on a 1024^2 montage with bars every 400 px the middle column seam was missed (the bars leave too few
+blocks). No seam was found on images without one (bright columns, 8-bit, dark field, holes, axis-parallel
+bars).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+#: Lines (rows for a column seam) per block whose median step is tested.
+BLOCK_LINES = 32
+#: Smallest step in ln(intensity) across a seam (2 %).
+MIN_STEP_LOG = 0.02
+#: Largest step in ln(intensity) taken for a seam (40 %: tiles of one montage are not exposed that differently).
+MAX_STEP_LOG = 0.34
+#: A block's median step must exceed this many robust spreads of all block medians.
+MIN_STEP_SIGMAS = 6.0
+#: Share of the blocks along a line that must step the same way for a seam (at least 4 blocks; and at least half
+#: of the blocks with unmasked pixels on the line must step).
+MIN_BLOCK_FRACTION = 0.15
+#: Lines on either side whose means are compared: a step must last this long to be a seam.
+LASTING_LINES = 32
+#: Every this-many-th line of a block is sampled.
+SAMPLE_STRIDE = 4
+#: Fewest unmasked pixel pairs among a block's sampled lines for its median to count.
+MIN_PAIRS_PER_BLOCK = 4
+
+
+@dataclass(frozen=True)
+class Seams:
+    """Seams of one image: `columns` are the column indices c where a seam runs between columns c - 1 and c,
+    `rows` likewise between rows r - 1 and r; `shape` is the image's (rows, cols)."""
+
+    shape: tuple[int, int]
+    columns: tuple[int, ...] = ()
+    rows: tuple[int, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.columns or self.rows)
+
+
+def find_seams(image: np.ndarray, mask: np.ndarray) -> Seams:
+    """The montage seams of a 2-D `image` (any real dtype), pixels of `mask` (bars, black areas, data bars)
+    left out; see the module docstring."""
+    log = np.log(np.maximum(np.asarray(image, dtype=np.float32), 1.0))
+    mask = np.asarray(mask, dtype=bool)
+    return Seams(
+        shape=(int(log.shape[0]), int(log.shape[1])),
+        columns=_seam_lines(log, mask),
+        rows=_seam_lines(log.T, mask.T),
+    )
+
+
+def _seam_lines(log: np.ndarray, mask: np.ndarray) -> tuple[int, ...]:
+    """Column boundaries c (between c - 1 and c) of `log` that are seams (see the module docstring). Every
+    `SAMPLE_STRIDE`-th line is sampled: a seam runs the whole block, so the median needs only a few lines."""
+    rows, cols = log.shape
+    n_blocks = rows // BLOCK_LINES
+    if n_blocks < 4 or cols < 8:
+        return ()
+    sampled = slice(0, n_blocks * BLOCK_LINES, SAMPLE_STRIDE)
+    per_block = BLOCK_LINES // SAMPLE_STRIDE
+    step = np.diff(log[sampled], axis=1)
+    valid = ~(mask[sampled, 1:] | mask[sampled, :-1])
+    step[~valid] = np.inf  # sorted last
+    ordered = np.sort(step.reshape(n_blocks, per_block, cols - 1), axis=1)
+    counts = valid.reshape(n_blocks, per_block, cols - 1).sum(axis=1)
+    # trimmed mean (lowest and highest dropped): as robust to a crystal's edge as the median, and not
+    # stuck on the grey levels of an 8-bit export, whose single-level steps a median returns as they are
+    finite_sum = np.where(np.isfinite(ordered), ordered, 0.0).sum(axis=1, dtype=np.float64)
+    highest = np.take_along_axis(ordered, np.maximum(counts - 1, 0)[:, None, :], axis=1)[:, 0, :]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        medians = (finite_sum - ordered[:, 0, :] - highest) / (counts - 2)
+    medians[counts < MIN_PAIRS_PER_BLOCK] = np.nan
+    # steps of more than `MAX_STEP_LOG` are edges of objects or of the bars' blurred rims, never a gain step
+    known = np.nan_to_num(medians, nan=0.0)
+    known[np.abs(known) > MAX_STEP_LOG] = 0.0
+    # a seam's step lasts; a readout stripe steps up and back down within a line or two (and
+    # `preprocess.remove_stripes` has corrected most before this): the step between the means of
+    # `LASTING_LINES` lines on either side is the steps weighted by a triangle, which keeps a seam's whole
+    # and a stripe's 1 / LASTING_LINES per line of its width
+    offsets = np.arange(-(LASTING_LINES - 1), LASTING_LINES)
+    triangle = (LASTING_LINES - np.abs(offsets)) / LASTING_LINES
+    lasting = ndimage.convolve1d(known, triangle, axis=1, mode="constant")
+    finite = lasting[np.isfinite(medians)]
+    if finite.size < 16:
+        return ()
+    spread = 1.4826 * float(np.median(np.abs(finite - np.median(finite))))
+    limit = max(MIN_STEP_LOG, MIN_STEP_SIGMAS * spread)
+    up, down = (lasting > limit).sum(axis=0), (lasting < -limit).sum(axis=0)
+    n_valid = np.isfinite(medians).sum(axis=0)
+    least = max(4, int(np.ceil(MIN_BLOCK_FRACTION * n_blocks)))
+    stepping = (np.maximum(up, down) >= least) & (up + down >= 0.5 * n_valid)
+    # the window spreads one seam over neighbouring lines: keep the line that steps most in its window
+    # and a line whose own step is mostly undone within the window is a stripe's edge, however strong
+    lasts = np.abs(lasting.sum(axis=0)) >= 0.5 * np.abs(known.sum(axis=0))
+    strength = np.where(stepping & lasts, np.abs(known).sum(axis=0), 0.0)
+    peak = ndimage.maximum_filter1d(strength, 2 * LASTING_LINES - 1, mode="constant")
+    return tuple(int(c) + 1 for c in np.flatnonzero((strength > 0) & (strength >= peak)))
+
+
+def tile_labels(seams: Seams) -> np.ndarray:
+    """Int32 label image (`seams.shape`) of the tiles the seams bound: tile k + 1 for the k-th rectangle in
+    row-major order. Every seam is taken to cross the whole image (montage tiles are laid out on a grid)."""
+    rows, cols = seams.shape
+    row_tile = np.searchsorted(np.asarray(seams.rows, dtype=np.int64), np.arange(rows), side="right")
+    col_tile = np.searchsorted(np.asarray(seams.columns, dtype=np.int64), np.arange(cols), side="right")
+    n_cols = len(seams.columns) + 1
+    return (row_tile[:, None] * n_cols + col_tile[None, :] + 1).astype(np.int32)
+
+
+def seam_band(seams: Seams, half_width_px: int) -> np.ndarray:
+    """Bool mask (`seams.shape`) of the strips within `half_width_px` of every seam, and of every tile
+    narrower than 2 * `half_width_px` + 1 (a sliver between the frame and a seam)."""
+    rows, cols = seams.shape
+    band = np.zeros((rows, cols), dtype=bool)
+    for axis, lines, length in ((1, seams.columns, cols), (0, seams.rows, rows)):
+        edges = [0, *lines, length]
+        for line in lines:
+            lo, hi = max(0, line - half_width_px), min(length, line + half_width_px)
+            (band[:, lo:hi] if axis == 1 else band[lo:hi, :])[...] = True
+        for lo, hi in itertools.pairwise(edges):
+            if hi - lo <= 2 * half_width_px:
+                (band[:, lo:hi] if axis == 1 else band[lo:hi, :])[...] = True
+    return band
+
+
+def block_tiles(tiles: np.ndarray, factor: int) -> np.ndarray:
+    """The tile of each `factor` x `factor` block of `tiles` (the tile at the block's centre pixel; blocks
+    as `preprocess.block_mean`: edges that do not fill a block are cropped)."""
+    rows, cols = (tiles.shape[0] // factor) * factor, (tiles.shape[1] // factor) * factor
+    centre = factor // 2
+    return np.asarray(tiles[centre:rows:factor, centre:cols:factor])
+
