@@ -360,7 +360,10 @@ def objects_in_regions(
     bar = np.asarray(analysis.bar_mask, dtype=bool)
     if prepared is None:
         prepared = prepare_image(image, bar, flatten=settings.flatten, clean=settings.clean)
-    film = analysis.to_pixels(analysis.label_grid == analysis.background_cluster)
+    # the film is every unmasked cell outside the candidate regions, not the background cluster alone: film
+    # with mottle or residual illumination splits into several clusters, and the largest one's level is
+    # then biased (it flipped the objects' polarity on a mottled film)
+    film = analysis.to_pixels(regions == 0)
     return find_objects(
         prepared,
         film,

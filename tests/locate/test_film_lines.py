@@ -74,8 +74,10 @@ def test_skeleton_length_counts_diagonal_steps_as_root_two() -> None:
 def test_a_fold_across_crystal_free_grid_images_gives_almost_no_candidates() -> None:
     """Five real-world-like crystal-free grid images (bars, uneven illumination, readout artefacts, a data bar)
     with a gentle fold across each: the pieces of the fold were 52 candidates before folds were judged as whole
-    lines, now at most a few; on the same images with crystals every crystal is still found."""
-    on_fold = 0
+    lines, now a few, where a short stretch of the fold shows between a bar and the frame (10 on the five images;
+    6 while the film level and noise came from the largest cluster alone, which left 27 candidates elsewhere on
+    the film against 9 now); on the same images with crystals every crystal is still found."""
+    on_fold = elsewhere = 0
     for seed in range(5):
         scene = make_grid_image((1024, 1024), seed, n_crystals=0, n_ice=0, n_debris=0)
         rows, cols = scene.image.shape
@@ -85,7 +87,9 @@ def test_a_fold_across_crystal_free_grid_images_gives_almost_no_candidates() -> 
         analysis = analyse(image, LocateSettings())
         candidates = find_candidates(analysis, analysis.suggested_crystal_clusters, image=image)
         on_fold += sum(distance_px[int(c.row_px), int(c.col_px)] < 6 for c in candidates)
-    assert on_fold <= 8
+        elsewhere += sum(distance_px[int(c.row_px), int(c.col_px)] >= 6 for c in candidates)
+    assert on_fold <= 12
+    assert on_fold + elsewhere <= 25
     scene = make_grid_image((1024, 1024), 0)
     analysis = analyse(scene.image, LocateSettings())
     candidates = find_candidates(analysis, analysis.suggested_crystal_clusters, image=scene.image)

@@ -59,7 +59,8 @@ def test_planted_crystals_are_found_and_bars_masked(polarity: str, bit_depth: in
         assert _bar_iou(scene, analysis) > 0.8
         assert analysis.suggested_crystal_clusters, "the default rule must suggest a cluster"
         assert analysis.background_cluster not in analysis.suggested_crystal_clusters
-        candidates = find_candidates(analysis, analysis.suggested_crystal_clusters)
+        # with the image, as `locate`, `screen` and `evaluate` call it: one candidate per object in the regions
+        candidates = find_candidates(analysis, analysis.suggested_crystal_clusters, image=scene.image)
         precision, recall = _score(scene, candidates)
         precisions.append(precision)
         recalls.append(recall)

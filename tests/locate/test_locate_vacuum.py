@@ -44,8 +44,10 @@ def test_no_film_is_taken_for_vacuum(options: dict, seed: int) -> None:
 
 
 def test_a_hole_is_masked_and_leaves_no_targets_along_its_edge() -> None:
-    """Without the mask, the flattening spreads the hole's brightness onto the film around it, and the
-    darker band along the edge becomes a row of false targets."""
+    """Masked, the hole leaves no target along its edge and the crystals on the film are still found. (Without
+    the mask the flattening spread the hole's brightness onto the film around it and the darker band became a
+    row of false targets; since the film level and noise are measured on all the film outside the candidate
+    regions, that band no longer stands out on this image either, so the unmasked run is only checked to run.)"""
     scene = make_grid_image(seed=2, torn_film_hole=True)
     assert scene.hole_mask is not None
     near_edge = ndimage.binary_dilation(scene.hole_mask, iterations=25) & ~ndimage.binary_erosion(
@@ -68,4 +70,3 @@ def test_a_hole_is_masked_and_leaves_no_targets_along_its_edge() -> None:
         else:
             assert analysis.vacuum_mask is None
     assert counts[True] == 0
-    assert counts[False] > counts[True], counts
