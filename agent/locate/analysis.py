@@ -143,6 +143,11 @@ class LocateSettings(BaseModel):
     drop_round_objects: bool = Field(
         default=True, description="drop objects with a round outline (ice balls) from the candidates"
     )
+    drop_soft_objects: bool = Field(
+        default=True,
+        description="drop objects whose edge is several times wider than the grid bars' (blurred contamination; "
+        "agent.locate.edges)",
+    )
     max_object_od: float | None = Field(
         default=None,
         gt=0,

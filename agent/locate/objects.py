@@ -84,7 +84,7 @@ class ObjectTable:
     centroid and `area_px` its area in pixels; `component` the id of the connected object it is a part of;
     `features` its (n, len(OBJECT_FEATURE_NAMES)) features; `polarity` the objects' measured polarity;
     `dropped_regions` the regions (0-based) where an object was dropped (round contamination, a film line,
-    too thick, too faint); `dropped` how many objects were dropped for each reason ("round", "film-line",
+    too thick, too faint); `dropped` how many objects were dropped for each reason ("round", "soft", "film-line",
     "too-thick", "faint").
     """
 
@@ -348,6 +348,7 @@ def find_objects(
     max_od: float | None = None,
     drop_round: bool = True,
     drop_film_lines: bool = True,
+    max_edge_px: float | None = None,
 ) -> ObjectTable | None:
     """Objects inside candidate regions (see module docstring).
 
@@ -368,6 +369,9 @@ def find_objects(
     found whole on the smoothed image at every second pixel: a fold is a chain of short blobs in the
     candidate regions, a line only as a whole) are dropped.
     `dark_fraction` is also used for every object's `optical_density` feature.
+
+    Soft (`max_edge_px`, None: not tested): an object whose edge is wider than this (`edges.object_edge_width_px`)
+    is dropped as blurred contamination.
     """
     smoothed = _smooth(np.asarray(prepared, dtype=np.float64), film & ~bar_mask, region_px)
     if smoothed is None:
@@ -386,7 +390,7 @@ def find_objects(
         smoothed,
         labels,
         region_px,
-        _Film(level, sigma, polarity, dark_fraction),
+        _Film(level, sigma, polarity, dark_fraction, max_edge_px),
         min_distance_px=min_distance_px,
         smallest_px=max(MIN_OBJECT_AREA_PX, min_area_px),
         min_transmission=_min_transmission(polarity, dark_fraction, max_od),
@@ -408,12 +412,14 @@ def _label(mask: np.ndarray) -> np.ndarray:
 @dataclass(frozen=True)
 class _Film:
     """The film the objects are measured against: level and noise sigma (smoothed image units), the objects'
-    polarity, and the camera's dark level as a fraction of the film level (None: unknown)."""
+    polarity, the camera's dark level as a fraction of the film level (None: unknown) and the widest edge (px)
+    an object may have (None: not tested)."""
 
     level: float
     sigma: float
     polarity: Polarity
     dark_fraction: float | None
+    max_edge_px: float | None = None
 
 
 #: Rows of the image smoothed at a time (`_smooth`): a few MB per band instead of a fresh full-size array.
@@ -622,13 +628,30 @@ def _drop_reason(
     drop_round: bool,
     compound: bool,
 ) -> str | None:
-    """Why a whole component is not a crystal by itself ("too-thick", "round"), or None. `compound` is
+    """Why a whole component is not a crystal by itself ("too-thick", "round", "soft"), or None. `compound` is
     `is_compound(mask)`."""
     if min_transmission is not None and float(data[box][mask].min()) < min_transmission * film.level:
         return "too-thick"
     if drop_round and is_round(data, box, mask, film.level, compound=compound):
         return "round"
+    # a compound object may hold a crystal beside the soft stuff: only single, convex objects are judged whole
+    if film.max_edge_px is not None and not compound and _edge_width_px(data, box, mask, film) > film.max_edge_px:
+        return "soft"
     return None
+
+
+def _edge_width_px(data: np.ndarray, box: tuple[slice, slice], mask: np.ndarray, film: _Film) -> float:
+    """`edges.object_edge_width_px` of the object `mask` in bounding box `box` of the smoothed crop `data`, on the
+    box grown by 3 px (within the crop)."""
+    from agent.locate.edges import object_edge_width_px
+
+    pad = 3
+    rows = slice(max(box[0].start - pad, 0), min(box[0].stop + pad, data.shape[0]))
+    cols = slice(max(box[1].start - pad, 0), min(box[1].stop + pad, data.shape[1]))
+    inside = np.zeros((rows.stop - rows.start, cols.stop - cols.start), dtype=bool)
+    r0, c0 = box[0].start - rows.start, box[1].start - cols.start
+    inside[r0 : r0 + mask.shape[0], c0 : c0 + mask.shape[1]] = mask
+    return object_edge_width_px(deviation_in_polarity(data[rows, cols], film.level, film.polarity), inside)
 
 
 def _on_lines(lines_half: np.ndarray, labels: np.ndarray, label_id: int, box: tuple[slice, slice]) -> bool:

@@ -350,7 +350,8 @@ def objects_in_regions(
     region that differ from the film by more than `min_contrast_sigma` noise sigmas, in the objects'
     measured polarity, form objects; touching objects are split where they meet (pieces at least a third
     of `settings.min_spacing_px` apart, at least 2 px). Ice balls (round), film lines and, with
-    `settings.max_object_od`, objects too thick for diffraction are dropped (the thickness test and the
+    `settings.max_object_od`, objects too thick for diffraction are dropped, and with `settings.drop_soft_objects`
+    objects whose edge is far wider than the bars' (`agent.locate.edges`) (the thickness test and the
     `optical_density` feature need the bars for the camera's dark level). None when there is no film to
     compare with. `prepared`: the prepared image when the caller has it already (see `find_candidates`).
     """
@@ -377,7 +378,15 @@ def objects_in_regions(
         dark_fraction=dark_fraction(image, bar, film),
         max_od=settings.max_object_od,
         drop_round=settings.drop_round_objects,
+        max_edge_px=_max_edge_px(image, bar) if settings.drop_soft_objects else None,
     )
+
+
+def _max_edge_px(image: np.ndarray, bar_mask: np.ndarray) -> float:
+    """The widest edge (px) a crystal may have in `image`: `edges.SOFT_EDGE_FACTOR` times the bars' edge width."""
+    from agent.locate.edges import SOFT_EDGE_FACTOR, bar_edge_width_px
+
+    return SOFT_EDGE_FACTOR * bar_edge_width_px(image, bar_mask)
 
 
 def dark_fraction(image: np.ndarray, bar_mask: np.ndarray, film: np.ndarray, min_pixels: int = 400) -> float | None:
