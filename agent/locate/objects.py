@@ -33,8 +33,9 @@ targets. Steps (`find_objects`):
    for diffraction. Parts that do not stand out from the film's own noise
    (`object_features.MIN_SIGNIFICANCE`), or whose mean stands less than `MIN_LOCAL_CONTRAST_SIGMA` above the
    film right around them (`local_contrast_sigma`: noise crossing the threshold where the film is a little off),
-   are dropped after splitting. A candidate region whose objects were
-   all dropped gives no candidate (`ObjectTable.dropped_regions`).
+   are no objects at all. A candidate region whose objects were all dropped for what they are (round, soft,
+   a film line, too thick) gives no candidate (`ObjectTable.dropped_regions`); an outlined region in which no
+   object stands out keeps its centroid (`agent.locate.targets`).
 
 Returned per object: its region (0-based), centroid row/col (px), area (px), the connected object it is a
 part of, and its features (`object_features.OBJECT_FEATURE_NAMES`).
@@ -85,9 +86,10 @@ class ObjectTable:
     `region` is the 0-based index of the candidate region holding the object; `row_px`, `col_px` its
     centroid and `area_px` its area in pixels; `component` the id of the connected object it is a part of;
     `features` its (n, len(OBJECT_FEATURE_NAMES)) features; `polarity` the objects' measured polarity;
-    `dropped_regions` the regions (0-based) where an object was dropped (round contamination, a film line,
-    too thick, too faint); `dropped` how many objects were dropped for each reason ("round", "soft", "film-line",
-    "too-thick", "faint", "flat").
+    `dropped_regions` the regions (0-based) where an object was dropped for what it is (round contamination,
+    soft contamination, a film line, too thick; not parts too faint or too flat to be objects at all);
+    `dropped` how many objects were dropped for each reason ("round", "soft", "film-line", "too-thick",
+    "faint", "flat").
     """
 
     region: np.ndarray
@@ -599,11 +601,15 @@ def _measure_objects(
                 data, part_box, part, level=film.level, sigma=film.sigma, polarity=film.polarity,
                 dark_fraction=film.dark_fraction, smooth_sigma_px=SMOOTH_SIGMA_PX, convex_area_px=part_hull_px,
             )
+            # a part that does not stand out from the noise, or from the film right around it, is no object at
+            # all, as if its pixels had not been deviant: its region is not marked as one whose objects were
+            # dropped, so an outlined region (a faint crystal found by its straight edges, whose brightest
+            # patches stand little above the crystal around them) keeps its centroid
             if vector[OBJECT_FEATURE_NAMES.index("significance")] < MIN_SIGNIFICANCE:
-                drop(region, "faint")
+                dropped["faint"] = dropped.get("faint", 0) + 1
                 continue
             if local_contrast_sigma(data, part_box, part, film) < MIN_LOCAL_CONTRAST_SIGMA:
-                drop(region, "flat")
+                dropped["flat"] = dropped.get("flat", 0) + 1
                 continue
             part_rows, part_cols = np.nonzero(part)
             region_of.append(region)
