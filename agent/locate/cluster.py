@@ -510,11 +510,13 @@ def _upsample_mask(small: np.ndarray, factor: int, shape: tuple[int, int]) -> np
     cols = np.minimum(np.arange(shape[1]) // factor, small.shape[1] - 1)
     if small.shape[0] * factor > shape[0] or small.shape[1] * factor > shape[1]:
         return small[rows][:, cols]
-    # repeats (and the edge rows/columns copied on) instead of fancy indexing: a few times faster at 4k
+    # repeats (and the edge rows/columns copied on) instead of fancy indexing: a few times faster at 4k.
+    # Each block row is widened once (np.repeat along the row), then copied `factor` times as whole rows:
+    # a broadcast into the 4-D block view copies `factor`-element runs and is ~8x slower at 4k.
     out = np.empty(shape, dtype=small.dtype)
     full_rows, full_cols = small.shape[0] * factor, small.shape[1] * factor
-    block = out[:full_rows, :full_cols].reshape(small.shape[0], factor, small.shape[1], factor)
-    block[...] = small[:, None, :, None]
+    wide = np.repeat(small, factor, axis=1)  # (block rows, full_cols)
+    out[:full_rows, :full_cols].reshape(small.shape[0], factor, full_cols)[...] = wide[:, None, :]
     out[:full_rows, full_cols:] = out[:full_rows, full_cols - 1 : full_cols]
     out[full_rows:] = out[full_rows - 1 : full_rows]
     return out
