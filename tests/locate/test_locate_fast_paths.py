@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
+from PIL import Image
 
+from agent.locate.analysis import LocateSettings, analyse
 from agent.locate.cluster import _upsample_mask
+from agent.locate.render import HeatmapDraft, heatmap_png, heatmap_rgb
+from agent.locate.targets import Candidate
+from tests.synthetic_images import make_grid_image
 
 
 @pytest.mark.parametrize(
@@ -38,3 +45,30 @@ def test_gaussian_rows_on_threads_equal_the_whole_image_bit_for_bit(
     whole = ndimage.gaussian_filter(image, 1.0)
     bands = [smoothing.gaussian_rows(image, top, bottom, 1.0) for top, bottom in ((0, 150), (150, 151), (151, 301))]
     assert np.array_equal(np.concatenate(bands), whole)
+
+
+def _marks(n: int, shape: tuple[int, int]) -> list[Candidate]:
+    rng = np.random.default_rng(n)
+    rows, cols = rng.uniform(0, shape[0], n), rng.uniform(0, shape[1], n)
+    return [
+        Candidate(row_px=float(r), col_px=float(c), area_px=9.0, score=0.5, cluster_id=0)
+        for r, c in zip(rows, cols, strict=True)
+    ]
+
+
+@pytest.mark.parametrize("k", [3, 8])  # 8: too many clusters for the palette, the RGB picture is encoded
+def test_heatmap_draft_made_before_the_candidates_gives_the_same_png(k: int) -> None:
+    scene = make_grid_image((260, 300), 2, n_crystals=5)
+    analysis = analyse(scene.image, LocateSettings(mode="grid", grid_rows=13, grid_cols=15, k=k))
+    crystal = analysis.suggested_crystal_clusters
+    candidates = _marks(12, scene.image.shape)
+    draft = HeatmapDraft.make(scene.image, analysis, crystal)
+    before = draft.rows.copy()
+    first = draft.png(candidates)
+    assert first == heatmap_png(scene.image, analysis, candidates, crystal)
+    assert np.array_equal(draft.rows, before)  # the marks went into a copy: the draft can make another PNG
+    assert draft.png(()) == heatmap_png(scene.image, analysis, (), crystal) != first
+    if k == 8:  # the RGB path is exact: the marks are where heatmap_rgb draws them
+        picture = Image.open(io.BytesIO(first))
+        assert picture.mode == "RGB"
+        assert np.array_equal(np.asarray(picture), heatmap_rgb(scene.image, analysis, candidates, crystal))
