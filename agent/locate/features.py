@@ -260,24 +260,35 @@ def _sliding_extreme(
     """Min or max (`op` = np.minimum / np.maximum) of the clipped window around each centre.
 
     `raw` holds the input rows of one chunk; the result has shape (len(local_rows), len(centres_c)).
-    Edge padding makes clipped windows (the edge value is inside the window anyway); a sparse table of
-    power-of-two windows gives any window as the `op` of two overlapping power-of-two windows.
+    Rows first, and only at the centre rows, then columns, only at the centre columns (min and max are
+    exact in any order, so this is the same as any other order): with a stride the second pass works on a
+    fraction of the pixels, and nothing is transposed.
     """
-    half = window_px // 2
+    vertical = _window_extreme(raw, window_px, op, local_rows)
+    return _window_extreme(vertical.T, window_px, op, centres_c).T
+
+
+def _window_extreme(a: np.ndarray, window_px: int, op: np.ufunc, centres: np.ndarray) -> np.ndarray:
+    """`op` over rows c - half .. c + half of `a` (clipped to its rows) for each c of the increasing
+    `centres`: (len(centres), *a.shape[1:]).
+
+    Edge rows are repeated where a window leaves `a` (the edge value is inside the window anyway); a sparse
+    table of power-of-two windows over the rows the windows cover gives each window as the `op` of two
+    overlapping power-of-two windows.
+    """
+    half, rows = window_px // 2, a.shape[0]
     power = 1 << (window_px.bit_length() - 1)  # largest power of two <= window_px
-
-    def along_last(a: np.ndarray) -> np.ndarray:
-        table = a
-        width = 1
-        while width < power:
-            table = op(table[..., :-width], table[..., width:])
-            width *= 2
-        return op(table[..., : table.shape[-1] - (window_px - power)], table[..., window_px - power :])
-
-    padded = np.pad(raw, ((0, 0), (half, half)), mode="edge")
-    horizontal = along_last(padded)[:, centres_c]  # (n_in, n_out_c)
-    rows_first = np.pad(horizontal.T, ((0, 0), (half, half)), mode="edge")
-    return along_last(rows_first)[:, local_rows].T
+    first, stop = int(centres[0]) - half, int(centres[-1]) + half + 1
+    table = a[max(first, 0) : min(stop, rows)]
+    if first < 0 or stop > rows:
+        edges = (np.repeat(table[:1], max(0, -first), axis=0), np.repeat(table[-1:], max(0, stop - rows), axis=0))
+        table = np.concatenate([edges[0], table, edges[1]])
+    width = 1
+    while width < power:
+        table = op(table[:-width], table[width:])
+        width *= 2
+    starts = np.asarray(centres) - half - first
+    return op(table[starts], table[starts + (window_px - power)])
 
 
 def _run_parallel(tasks: list[Callable[[], None]]) -> None:

@@ -72,3 +72,22 @@ def test_heatmap_draft_made_before_the_candidates_gives_the_same_png(k: int) -> 
         picture = Image.open(io.BytesIO(first))
         assert picture.mode == "RGB"
         assert np.array_equal(np.asarray(picture), heatmap_rgb(scene.image, analysis, candidates, crystal))
+
+
+@pytest.mark.parametrize(("window_px", "stride_px"), [(15, 4), (3, 1), (9, 9), (31, 2), (5, 7)])
+def test_sliding_extremes_equal_the_clipped_windows(window_px: int, stride_px: int) -> None:
+    from agent.locate.features import _sliding_extreme
+
+    rng = np.random.default_rng(window_px * stride_px)
+    raw = rng.normal(size=(40, 37))
+    half = window_px // 2
+    local_rows = np.arange(1, 40, stride_px)
+    centres_c = np.arange(0, 37, stride_px)
+    for op, reduce in ((np.minimum, np.min), (np.maximum, np.max)):
+        expected = np.array(
+            [
+                [reduce(raw[max(r - half, 0) : r + half + 1, max(c - half, 0) : c + half + 1]) for c in centres_c]
+                for r in local_rows
+            ]
+        )
+        assert np.array_equal(_sliding_extreme(raw, window_px, op, centres_c, local_rows), expected)
