@@ -658,18 +658,24 @@ def _vertical_window_sums(qq: np.ndarray, lo_r: np.ndarray, hi_r: np.ndarray, v:
             qq[lo_r[k] : hi_r[k]].sum(axis=0, out=v[k])
         return
     qq[lo_r[0] : hi_r[0]].sum(axis=0, out=v[0])
+    tmp = np.empty(v.shape[1:], dtype=v.dtype)
     for k in range(1, n_rows):
-        np.copyto(v[k], v[k - 1])
+        # v[k] = (v[k - 1] + entering) - leaving, the entering and leaving rows each summed first; the
+        # first step writes v[k] directly instead of copying v[k - 1] and adding in place (same values)
         add0, add1 = hi_r[k - 1], hi_r[k]
         sub0, sub1 = lo_r[k - 1], lo_r[k]
         if add1 - add0 == 1:
-            v[k] += qq[add0]
+            np.add(v[k - 1], qq[add0], out=v[k])
         elif add1 > add0:
-            v[k] += qq[add0:add1].sum(axis=0)
+            qq[add0:add1].sum(axis=0, out=tmp)
+            np.add(v[k - 1], tmp, out=v[k])
+        else:
+            np.copyto(v[k], v[k - 1])
         if sub1 - sub0 == 1:
             v[k] -= qq[sub0]
         elif sub1 > sub0:
-            v[k] -= qq[sub0:sub1].sum(axis=0)
+            qq[sub0:sub1].sum(axis=0, out=tmp)
+            v[k] -= tmp
 
 
 def _horizontal_window_sums(plan: _WindowPlan, buffers: _WindowBuffers, v: np.ndarray) -> np.ndarray:
