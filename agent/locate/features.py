@@ -240,7 +240,7 @@ def _shape_features(vmin: np.ndarray, vmax: np.ndarray, scratch: dict[str, np.nd
 def _gradient_energy(block: np.ndarray, next_row: np.ndarray | None, out: np.ndarray, tmp: np.ndarray) -> None:
     """Per-pixel gradient energy of float64 `block` (rows, cols) into `out`; `next_row` is the image row
     below the block (None at the bottom of the image, where vertical differences count as 0)."""
-    out.fill(0.0)
+    out[:, -1] = 0.0  # the other columns are written next
     np.subtract(block[:, 1:], block[:, :-1], out=tmp[:, :-1])
     np.multiply(tmp[:, :-1], tmp[:, :-1], out=out[:, :-1])
     if block.shape[0] > 1:
@@ -542,9 +542,10 @@ class _WindowPlan:
 class _WindowBuffers:
     """One thread's re-used buffers for `_window_chunk` (float64 unless said; contents change per chunk).
 
-    `block` (max_in + 1, width): centred input rows plus the row below; `q` (max_in, 5, width): the summed
-    quantities per pixel; `tmp`: scratch for the gradient; `vert` (chunk_out, 5, width): vertical window
-    sums at the centre rows; `csum`: their cumulative sums along the row, padded by `half` on each side;
+    `block` (1, width): the centred image row below the chunk; `q` (max_in, 5, width): the summed
+    quantities per pixel (`q[:, 0]` the centred rows); `tmp`: scratch for the gradient; `vert` (chunk_out,
+    5, width): vertical window sums at the centre rows; `csum`: their cumulative sums along the row, padded
+    by `half` on each side;
     `sums` (5, chunk_out, n_out_c): the window sums; `vmin` / `vmax` (chunk_out, n_out_c): window extremes;
     `scratches`: `_new_scratch` buffers per block shape.
     """
@@ -564,7 +565,7 @@ class _WindowBuffers:
         """Buffers sized for the largest chunk of `plan`."""
         width, n_q, n_out_c = plan.image.shape[1], _N_WINDOW_SUMS, len(plan.centres_c)
         return cls(
-            block=np.empty((plan.max_in + 1, width), dtype=np.float64),
+            block=np.empty((1, width), dtype=np.float64),
             q=np.empty((plan.max_in, n_q, width), dtype=np.float64),
             tmp=np.empty((plan.max_in, width), dtype=np.float64),
             vert=np.empty((plan.chunk_out, n_q, width), dtype=np.float64),
@@ -631,18 +632,19 @@ def _pixel_quantities(plan: _WindowPlan, buffers: _WindowBuffers, in0: int, in1:
     """Per-pixel d, d**2, d**3, d**4 (d = pixel - `plan.ref`, image units) and gradient energy of input
     rows in0..in1-1, as a view (in1 - in0, 5, width) of `buffers.q`."""
     height = plan.image.shape[0]
-    block = buffers.block
     n_in = in1 - in0
     with_next = in1 < height
-    d_ext = block[: n_in + 1] if with_next else block[:n_in]
-    np.subtract(plan.image[in0 : in1 + 1] if with_next else plan.image[in0:in1], plan.ref, out=d_ext, casting="unsafe")
-    d = block[:n_in]
     qq = buffers.q[:n_in]
-    qq[:, 0] = d
+    d = qq[:, 0]  # the centred rows go straight into their place among the quantities
+    np.subtract(plan.image[in0:in1], plan.ref, out=d, casting="unsafe")
+    next_row = None
+    if with_next:
+        next_row = buffers.block[0]
+        np.subtract(plan.image[in1], plan.ref, out=next_row, casting="unsafe")
     np.multiply(d, d, out=qq[:, 1])
     np.multiply(qq[:, 1], d, out=qq[:, 2])
     np.multiply(qq[:, 1], qq[:, 1], out=qq[:, 3])
-    _gradient_energy(d, block[n_in] if with_next else None, qq[:, 4], buffers.tmp[:n_in])
+    _gradient_energy(d, next_row, qq[:, 4], buffers.tmp[:n_in])
     return qq
 
 
