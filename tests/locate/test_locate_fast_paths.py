@@ -91,3 +91,27 @@ def test_sliding_extremes_equal_the_clipped_windows(window_px: int, stride_px: i
             ]
         )
         assert np.array_equal(_sliding_extreme(raw, window_px, op, centres_c, local_rows), expected)
+
+
+def test_cluster_labels_and_distances_from_threads_equal_one_chunk_after_another() -> None:
+    from agent.locate.cluster import fit_clusters
+
+    rng = np.random.default_rng(11)
+    features = np.concatenate([rng.normal(m, 1.0, (3000, 9)) for m in (0.0, 3.0, 6.0)])
+    features[::97] *= 40.0  # outliers, capped
+    model = fit_clusters(features, 3, seed=0, sample_size=2000)
+    chunk = 257  # many chunks of the same size as the sequential loop uses
+    assert model.clip_low is not None
+    labels, distances = np.empty(len(features), dtype=np.int32), np.empty(len(features))
+    projection = (model.components / model.scale_std[None, :]).T
+    offset = (model.scale_mean / model.scale_std) @ model.components.T
+    weights = (projection @ model.centroids_pca.T).astype(np.float32)
+    bias = (np.sum(model.centroids_pca**2, axis=1) + 2.0 * (offset @ model.centroids_pca.T)).astype(np.float32)
+    centre = (offset + model.centroids_pca[1]).astype(np.float32)[None, :]
+    for start, block in model._blocks(features, chunk):
+        labels[start : start + len(block)] = np.argmin(bias[None, :] - 2.0 * (block @ weights), axis=1)
+        z = block @ projection.astype(np.float32) - centre
+        distances[start : start + len(block)] = np.sqrt(np.einsum("ij,ij->i", z, z))
+    assert np.array_equal(model.predict(features, chunk=chunk), labels)
+    assert np.array_equal(model.distance_to(features, 1, chunk=chunk), distances)
+    assert len(np.unique(labels)) == 3
