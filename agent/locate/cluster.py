@@ -529,7 +529,21 @@ def _block_mean(image: np.ndarray, max_side_px: int) -> tuple[np.ndarray, int]:
     rows, cols = image.shape[0] // factor * factor, image.shape[1] // factor * factor
     if rows == 0 or cols == 0:
         return image.astype(np.float64), 1
+    if factor > 1 and image.dtype in (np.uint8, np.uint16):
+        return _small_integer_block_mean(image, factor), factor
     return block_mean(image, factor), factor
+
+
+def _small_integer_block_mean(image: np.ndarray, factor: int) -> np.ndarray:
+    """`preprocess.block_mean(image, factor)` of a uint8/uint16 image (factor <= 256), the same values faster:
+    the block sums are whole numbers, exact in any order (uint32 for the rows of a block, then float64 for
+    its columns, added as whole rows instead of `factor`-element runs), divided by factor**2 as there."""
+    rows, cols = (image.shape[0] // factor) * factor, (image.shape[1] // factor) * factor
+    row_sums = image[:rows, :cols].reshape(rows // factor, factor, cols).sum(axis=1, dtype=np.uint32)
+    total = row_sums[:, 0::factor].astype(np.float64)
+    for offset in range(1, factor):
+        total += row_sums[:, offset::factor]
+    return total / float(factor * factor)
 
 
 def _upsample_mask(small: np.ndarray, factor: int, shape: tuple[int, int]) -> np.ndarray:

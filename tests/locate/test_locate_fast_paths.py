@@ -115,3 +115,24 @@ def test_cluster_labels_and_distances_from_threads_equal_one_chunk_after_another
     assert np.array_equal(model.predict(features, chunk=chunk), labels)
     assert np.array_equal(model.distance_to(features, 1, chunk=chunk), distances)
     assert len(np.unique(labels)) == 3
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+@pytest.mark.parametrize(
+    ("shape", "max_side_px"), [((400, 333), 100), ((97, 130), 40), ((64, 64), 64), ((50, 3000), 256)]
+)
+def test_block_mean_of_small_integers_equals_preprocess_block_mean(
+    dtype: type, shape: tuple[int, int], max_side_px: int
+) -> None:
+    from agent.locate.cluster import _block_mean
+    from agent.locate.preprocess import block_mean
+
+    rng = np.random.default_rng(shape[0])
+    top = np.iinfo(dtype).max
+    image = rng.integers(0, top + 1, shape).astype(dtype)
+    image[:8, :8] = top  # a block at the type's maximum: the uint32 row sums must not overflow
+    small, factor = _block_mean(image, max_side_px)
+    assert factor == max(1, -(-max(shape) // max_side_px))
+    expected = block_mean(image, factor)
+    assert small.dtype == np.float64 and small.shape == expected.shape
+    assert np.array_equal(small, expected)
