@@ -287,8 +287,21 @@ class _Drafts:
     mask_png: bytes
 
 
+def _load_picture_modules() -> None:
+    """Import what `_make_drafts` uses (the renderer, Pillow with its file formats and fonts) on the calling
+    thread: the drafting thread then imports nothing while the other imports the object search's modules
+    (two threads importing at once could meet in a circular import)."""
+    from PIL import Image, ImageDraw, ImageFont  # noqa: F401
+
+    import agent.locate.render  # noqa: F401
+    import drivers.formats.images  # noqa: F401
+
+    Image.preinit()  # the PNG writer and the other standard formats, loaded on the first save otherwise
+
+
 def _make_drafts(image: np.ndarray, analysis: ClusterAnalysis, crystal: tuple[int, ...]) -> _Drafts:
-    """`_Drafts` of `image` with one thread of band work (`_locate` runs this beside the candidate search)."""
+    """`_Drafts` of `image` with one thread of band work (`_locate` runs this beside the candidate search,
+    after `_load_picture_modules`)."""
     from agent.locate.render import HeatmapDraft, cluster_gallery_rgb, mask_png
     from drivers.formats.images import encode_png
 
@@ -320,6 +333,7 @@ def _locate(image: np.ndarray, settings: LocateSettings, args: argparse.Namespac
     from agent.locate.similarity import similarity_map
     from agent.locate.targets import find_candidates
 
+    _load_picture_modules()
     with ThreadPoolExecutor(1) as pool:
         try:
             # the objects are searched on the image the analysis prepared (preparing it again took a quarter

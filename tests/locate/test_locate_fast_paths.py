@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -136,3 +139,28 @@ def test_block_mean_of_small_integers_equals_preprocess_block_mean(
     expected = block_mean(image, factor)
     assert small.dtype == np.float64 and small.shape == expected.shape
     assert np.array_equal(small, expected)
+
+
+_DRAFTS_IMPORT_PROBE = """
+import sys
+from agent.commands.locate import _load_picture_modules, _make_drafts
+from agent.locate.analysis import LocateSettings, analyse
+from tests.synthetic_images import make_grid_image
+scene = make_grid_image((200, 220), 1, n_crystals=3)
+analysis = analyse(scene.image, LocateSettings(mode="grid", grid_rows=10, grid_cols=11, k=3))
+_load_picture_modules()
+before = set(sys.modules)
+drafts = _make_drafts(scene.image, analysis, analysis.suggested_crystal_clusters)
+drafts.heatmap.png(())
+print(len(drafts.gallery_png) > 0, len(drafts.mask_png) > 0, sorted(set(sys.modules) - before))
+"""
+
+
+def test_the_drafting_thread_imports_nothing_after_load_picture_modules() -> None:
+    """`locate` drafts its pictures on a second thread while the main one imports the object search: the
+    drafting must not import (in a fresh interpreter, where nothing is loaded yet)."""
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run(
+        [sys.executable, "-c", _DRAFTS_IMPORT_PROBE], cwd=root, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "True True []"
