@@ -298,8 +298,13 @@ def cluster_gallery_rgb(
     image: np.ndarray, analysis: ClusterAnalysis, per_cluster: int = 8, patch_px: int = 64
 ) -> np.ndarray:
     """A gallery: one row per cluster of up to `per_cluster` typical patches (the cells nearest the
-    cluster centre), each `patch_px` square, with a colour tab and the cluster id; uint8 RGB."""
-    gray = display_uint8(image)
+    cluster centre), each `patch_px` square, with a colour tab and the cluster id; uint8 RGB.
+
+    Only the sampled pixels of the patches are stretched for display (as `display_uint8` stretches the whole
+    image: the same limits, the same values), each patch sampled from the image with its edge repeated."""
+    check_image(image)
+    stretch = _stretch_limits(image, 0.5, 99.5)
+    display = _display_lut(image.dtype, *stretch)
     k = len(analysis.clusters)
     lut = _cluster_lut(k, analysis.suggested_crystal_clusters)
     tab = 18
@@ -313,16 +318,19 @@ def cluster_gallery_rgb(
         crop_px = analysis.settings.window_px
     crop_px = max(crop_px, 8)
     half = crop_px // 2
-    padded = np.pad(gray, half, mode="edge")
+    # rows and columns of the image padded by `half` (edge mode), as indices into the image
+    padded_rows = np.clip(np.arange(image.shape[0] + 2 * half) - half, 0, image.shape[0] - 1)
+    padded_cols = np.clip(np.arange(image.shape[1] + 2 * half) - half, 0, image.shape[1] - 1)
     sample_idx = np.linspace(0, crop_px - 1, patch_px).round().astype(np.intp)
     for row, summary in enumerate(analysis.clusters):
         y0 = pad + row * (patch_px + pad)
         canvas[y0 : y0 + patch_px, pad : tab - pad] = lut[summary.cluster_id + 1]
         for j, (r, c) in enumerate(summary.example_cells_px[:per_cluster]):
-            crop = padded[r : r + crop_px, c : c + crop_px]
-            if crop.shape != (crop_px, crop_px):
+            rows, cols = padded_rows[r : r + crop_px], padded_cols[c : c + crop_px]  # the crop of the padded image
+            if (len(rows), len(cols)) != (crop_px, crop_px):
                 continue
-            patch = crop[sample_idx][:, sample_idx]
+            values = image[np.ix_(rows[sample_idx], cols[sample_idx])]
+            patch = np.take(display, values, mode="clip") if display is not None else _scale_uint8(values, *stretch)
             x0 = tab + pad + j * (patch_px + pad)
             canvas[y0 : y0 + patch_px, x0 : x0 + patch_px] = patch[..., None]
     from PIL import Image, ImageDraw

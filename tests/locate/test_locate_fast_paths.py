@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from agent.locate.analysis import LocateSettings, analyse
+from agent.locate.analysis import ClusterAnalysis, LocateSettings, analyse
 from agent.locate.cluster import _upsample_mask
 from agent.locate.render import HeatmapDraft, heatmap_png, heatmap_rgb
 from agent.locate.targets import Candidate
@@ -144,7 +144,7 @@ def test_block_mean_of_small_integers_equals_preprocess_block_mean(
 _DRAFTS_IMPORT_PROBE = """
 import sys
 from agent.commands.locate import _load_picture_modules, _make_drafts
-from agent.locate.analysis import LocateSettings, analyse
+from agent.locate.analysis import ClusterAnalysis, LocateSettings, analyse
 from tests.synthetic_images import make_grid_image
 scene = make_grid_image((200, 220), 1, n_crystals=3)
 analysis = analyse(scene.image, LocateSettings(mode="grid", grid_rows=10, grid_cols=11, k=3))
@@ -164,3 +164,48 @@ def test_the_drafting_thread_imports_nothing_after_load_picture_modules() -> Non
         [sys.executable, "-c", _DRAFTS_IMPORT_PROBE], cwd=root, capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == "True True []"
+
+
+def _gallery_from_the_whole_display(image: np.ndarray, analysis: ClusterAnalysis) -> np.ndarray:
+    """The gallery as it was made before: the whole image stretched (`display_uint8`), edge-padded, cropped."""
+    from PIL import ImageDraw
+
+    from agent.locate.render import _cluster_lut, display_uint8
+
+    gray, k = display_uint8(image), len(analysis.clusters)
+    lut = _cluster_lut(k, analysis.suggested_crystal_clusters)
+    canvas = np.full((max(1, k) * 66 + 2, 18 + 8 * 66 + 2, 3), 24, dtype=np.uint8)
+    if analysis.settings.mode == "grid":
+        crop_px = int(max(image.shape[0] / analysis.grid_shape[0], image.shape[1] / analysis.grid_shape[1]))
+    else:
+        crop_px = analysis.settings.window_px
+    crop_px = max(crop_px, 8)
+    padded = np.pad(gray, crop_px // 2, mode="edge")
+    sample_idx = np.linspace(0, crop_px - 1, 64).round().astype(np.intp)
+    for row, summary in enumerate(analysis.clusters):
+        y0 = 2 + row * 66
+        canvas[y0 : y0 + 64, 2:16] = lut[summary.cluster_id + 1]
+        for j, (r, c) in enumerate(summary.example_cells_px[:8]):
+            crop = padded[r : r + crop_px, c : c + crop_px]
+            if crop.shape == (crop_px, crop_px):
+                canvas[y0 : y0 + 64, 20 + j * 66 : 84 + j * 66] = crop[sample_idx][:, sample_idx][..., None]
+    picture = Image.fromarray(canvas)
+    for row, summary in enumerate(analysis.clusters):
+        ImageDraw.Draw(picture).text((3, 4 + row * 66), str(summary.cluster_id), fill=(255, 255, 255))
+    return np.asarray(picture)
+
+
+@pytest.mark.parametrize("dtype", ["uint16", "uint8", "float32"])
+@pytest.mark.parametrize("mode", ["grid", "window"])
+def test_gallery_equals_crops_of_the_whole_display(dtype: str, mode: str) -> None:
+    from agent.locate.render import cluster_gallery_rgb
+
+    scene = make_grid_image((230, 260), 4, n_crystals=6, bit_depth=8 if dtype == "uint8" else 16)
+    image = scene.image.astype(np.float32) * 0.3 if dtype == "float32" else scene.image
+    settings = LocateSettings(mode="grid", grid_rows=9, grid_cols=10, k=3)
+    if mode == "window":
+        settings = LocateSettings(mode="window", window_px=15, stride_px=6, k=3)
+    analysis = analyse(image, settings)
+    cells = [cell for summary in analysis.clusters for cell in summary.example_cells_px[:8]]
+    assert any(min(r, c) < 8 or r > 222 or c > 252 for r, c in cells) or mode == "grid"  # edges padded
+    assert np.array_equal(cluster_gallery_rgb(image, analysis), _gallery_from_the_whole_display(image, analysis))
