@@ -7,7 +7,8 @@ Measures (median of --repeats):
   imports included, until every output file is written), on a SIZE^2 uint16 TIFF of the simulator's
   atlas (grid bars, crystals, ice, uneven film; `--end-to-end-image FILE` to use another), as a multiple
   of `ndimage.uniform_filter(image as float64, 31)` timed in this process alternately with it (the
-  target, issue 21: at most 10 passes);
+  target, issue 21: at most 10 passes), with the CPU time of the runs and the load average (on a shared
+  machine the wall time swings with other jobs; the CPU time much less);
 - grid features, SIZE^2 uint16, 20x20 and 40x40 grids, vs a per-patch Python loop (numpy + scipy.stats
   per patch, as the 2018 code did);
 - sliding-window features, window 31, stride 1 (every pixel), plus clustering all windows (fit on a
@@ -140,7 +141,13 @@ def simulated_atlas_tiff(size: int, folder: Path) -> Path:
 
 def run_locate(image_path: Path, out_dir: Path) -> float:
     """Wall time (s) of `python -m agent.cli locate IMAGE --out DIR` in a fresh process."""
-    start = time.perf_counter()
+    return run_locate_wall_cpu(image_path, out_dir)[0]
+
+
+def run_locate_wall_cpu(image_path: Path, out_dir: Path) -> tuple[float, float]:
+    """Wall time and CPU time (s; user + system of the child, all its threads) of `python -m agent.cli locate
+    IMAGE --out DIR` in a fresh process."""
+    start, before = time.perf_counter(), os.times()
     subprocess.run(
         [sys.executable, "-m", "agent.cli", "locate", str(image_path), "--out", str(out_dir)],
         check=True,
@@ -148,7 +155,9 @@ def run_locate(image_path: Path, out_dir: Path) -> float:
         stdout=subprocess.DEVNULL,
         env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
     )
-    return time.perf_counter() - start
+    after = os.times()
+    cpu = (after.children_user - before.children_user) + (after.children_system - before.children_system)
+    return time.perf_counter() - start, cpu
 
 
 def bench_end_to_end(size: int, repeats: int, image_path: Path | None) -> None:
@@ -162,16 +171,19 @@ def bench_end_to_end(size: int, repeats: int, image_path: Path | None) -> None:
         data = read_image(path).array.astype(np.float64)
         ndimage.uniform_filter(data, 31)  # warm-up
         run_locate(path, Path(folder) / "warm-up")  # warm-up: page cache, bytecode
-        passes, runs = [], []
+        passes, runs, cpus = [], [], []
         for i in range(repeats):
             passes.append(timed(lambda: ndimage.uniform_filter(data, 31), 1))
-            runs.append(run_locate(path, Path(folder) / f"out-{i}"))
+            wall, cpu = run_locate_wall_cpu(path, Path(folder) / f"out-{i}")
+            runs.append(wall)
+            cpus.append(cpu)
         passes.append(timed(lambda: ndimage.uniform_filter(data, 31), 1))
     one_pass, locate = statistics.median(passes), statistics.median(runs)
     print(
         f"locate end to end = {locate / one_pass:.1f} uniform_filter(31) passes; target <= 10 "
         f"({data.shape[0]}x{data.shape[1]}, default settings: {locate:.2f} s, one pass {one_pass * 1e3:.0f} ms; "
-        f"runs {', '.join(f'{r:.2f}' for r in runs)} s)"
+        f"runs {', '.join(f'{r:.2f}' for r in runs)} s; CPU of the runs, median {statistics.median(cpus):.2f} s; "
+        f"load average {os.getloadavg()[0]:.1f})"
     )
 
 

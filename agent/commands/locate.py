@@ -18,6 +18,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +30,7 @@ from drivers.geometry import pixel_to_stage_um
 
 if TYPE_CHECKING:
     from agent.locate.analysis import ClusterAnalysis, LocateSettings
+    from agent.locate.render import HeatmapDraft
     from agent.locate.targets import Candidate
 
 logger = logging.getLogger(__name__)
@@ -276,44 +278,85 @@ def _settings_from_args(args: argparse.Namespace) -> LocateSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class _Drafts:
+    """The pictures that do not depend on the candidates: the heat map before its marks, and the bytes of
+    gallery.png and bar_mask.png."""
+
+    heatmap: HeatmapDraft
+    gallery_png: bytes
+    mask_png: bytes
+
+
+def _load_picture_modules() -> None:
+    """Import what `_make_drafts` uses (the renderer, Pillow with its file formats and fonts) on the calling
+    thread: the drafting thread then imports nothing while the other imports the object search's modules
+    (two threads importing at once could meet in a circular import)."""
+    from PIL import Image, ImageDraw, ImageFont  # noqa: F401
+
+    import agent.locate.render  # noqa: F401
+    import drivers.formats.images  # noqa: F401
+
+    Image.preinit()  # the PNG writer and the other standard formats, loaded on the first save otherwise
+
+
+def _make_drafts(image: np.ndarray, analysis: ClusterAnalysis, crystal: tuple[int, ...]) -> _Drafts:
+    """`_Drafts` of `image` with one thread of band work (`_locate` runs this beside the candidate search,
+    after `_load_picture_modules`)."""
+    from agent.locate.render import HeatmapDraft, cluster_gallery_rgb, mask_png
+    from drivers.formats.images import encode_png
+
+    heatmap = HeatmapDraft.make(image, analysis, crystal, workers=1)
+    return _Drafts(heatmap, encode_png(cluster_gallery_rgb(image, analysis)), mask_png(analysis.bar_mask, workers=1))
+
+
+@dataclasses.dataclass(frozen=True)
 class _Located:
     """What `_locate` found: the analysis, the similarity map (cell grid; None without `--reference`), the
-    crystal clusters and what chose them, and the candidates in pixels."""
+    crystal clusters and what chose them, the candidates in pixels, and the pictures drafted meanwhile."""
 
     analysis: ClusterAnalysis
     similarity: np.ndarray | None
     crystal: tuple[int, ...]
     chosen_by: str
     candidates: list[Candidate]
+    drafts: _Drafts
 
 
 def _locate(image: np.ndarray, settings: LocateSettings, args: argparse.Namespace) -> _Located:
     """Analyse `image` and find candidates: by similarity to `--reference` patches, or in the
-    `--crystal-cluster` clusters, or in the default rule's. `CommandError` for a `LocateError`."""
+    `--crystal-cluster` clusters, or in the default rule's. `CommandError` for a `LocateError`.
+
+    The pictures that do not need the candidates (`_Drafts`) are made on a second thread while the
+    candidates are searched (mostly Python, one core); nothing is written before both are done."""
     from agent.locate.analysis import analyse_and_prepare
     from agent.locate.errors import LocateError
     from agent.locate.similarity import similarity_map
     from agent.locate.targets import find_candidates
 
-    try:
-        # the objects are searched on the image the analysis prepared (preparing it again took a quarter
-        # of the time at 4k)
-        analysis, prepared = analyse_and_prepare(image, settings)
-        similarity = None
-        if args.reference:
-            cells = [analysis.cell_of_pixel(*_parse_reference(text)) for text in args.reference]
-            similarity = similarity_map(analysis.features, analysis.grid_shape, cells, analysis.valid_cells)
-            crystal, chosen_by = (), "similarity to reference patch(es) " + ", ".join(args.reference)
-            candidates = find_candidates(analysis, (), settings, score_map=similarity)
-        else:
-            if args.crystal_cluster:
-                crystal, chosen_by = tuple(args.crystal_cluster), "--crystal-cluster"
+    _load_picture_modules()
+    with ThreadPoolExecutor(1) as pool:
+        try:
+            # the objects are searched on the image the analysis prepared (preparing it again took a quarter
+            # of the time at 4k)
+            analysis, prepared = analyse_and_prepare(image, settings)
+            similarity = None
+            if args.reference:
+                cells = [analysis.cell_of_pixel(*_parse_reference(text)) for text in args.reference]
+                similarity = similarity_map(analysis.features, analysis.grid_shape, cells, analysis.valid_cells)
+                crystal, chosen_by = (), "similarity to reference patch(es) " + ", ".join(args.reference)
+                drafts = pool.submit(_make_drafts, image, analysis, crystal)
+                candidates = find_candidates(analysis, (), settings, score_map=similarity)
             else:
-                crystal, chosen_by = analysis.suggested_crystal_clusters, "default rule: " + analysis.suggestion_rule
-            candidates = find_candidates(analysis, crystal, settings, image=image, prepared=prepared)
-    except LocateError as exc:
-        raise CommandError(str(exc)) from exc
-    return _Located(analysis, similarity, crystal, chosen_by, candidates)
+                if args.crystal_cluster:
+                    crystal, chosen_by = tuple(args.crystal_cluster), "--crystal-cluster"
+                else:
+                    crystal = analysis.suggested_crystal_clusters
+                    chosen_by = "default rule: " + analysis.suggestion_rule
+                drafts = pool.submit(_make_drafts, image, analysis, crystal)
+                candidates = find_candidates(analysis, crystal, settings, image=image, prepared=prepared)
+        except LocateError as exc:
+            raise CommandError(str(exc)) from exc
+        return _Located(analysis, similarity, crystal, chosen_by, candidates, drafts.result())
 
 
 def _write_outputs(
@@ -326,13 +369,13 @@ def _write_outputs(
     matrix_source: str,
 ) -> None:
     """Write the files of the module docstring into `out` (each atomically)."""
-    from agent.locate.render import cluster_gallery_rgb, heatmap_png, mask_png, similarity_rgb
+    from agent.locate.render import similarity_rgb
     from drivers.formats.images import encode_png, write_atomic
 
     analysis = located.analysis
-    write_atomic(out / "heatmap.png", heatmap_png(image, analysis, candidates, located.crystal))
-    write_atomic(out / "gallery.png", encode_png(cluster_gallery_rgb(image, analysis)))
-    write_atomic(out / "bar_mask.png", mask_png(analysis.bar_mask))
+    write_atomic(out / "heatmap.png", located.drafts.heatmap.png(candidates))
+    write_atomic(out / "gallery.png", located.drafts.gallery_png)
+    write_atomic(out / "bar_mask.png", located.drafts.mask_png)
     similarity = located.similarity
     if similarity is not None:
         write_atomic(out / "similarity.png", encode_png(similarity_rgb(image, analysis, similarity, candidates)))

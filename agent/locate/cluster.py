@@ -36,7 +36,9 @@ Bars and black areas (grid bars block the beam in bright and in dark field, so t
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+import os
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
@@ -92,8 +94,11 @@ class ClusterModel:
         offset = (self.scale_mean / self.scale_std) @ self.components.T
         return self.capped(features) @ projection - offset
 
-    def _blocks(self, features: np.ndarray, chunk: int) -> Iterator[tuple[int, np.ndarray]]:
-        """(start row, float32 block of capped features) over `features` in chunks of `chunk` rows.
+    def _blocks(
+        self, features: np.ndarray, chunk: int, starts: Sequence[int] | None = None
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """(start row, float32 block of capped features) over `features` in chunks of `chunk` rows (only
+        the chunks beginning at `starts`, when given).
 
         Labelling millions of windows is bandwidth-bound: one float32 buffer, reused, holds each chunk
         with the cap applied in place (float32 keeps ~7 significant digits, far more than the features'
@@ -107,7 +112,7 @@ class ClusterModel:
             # np.clip with per-column bounds broadcast along 9-wide rows runs ~8x slower
             low = np.ascontiguousarray(np.broadcast_to(self.clip_low.astype(np.float32), shape))
             high = np.ascontiguousarray(np.broadcast_to(self.clip_high.astype(np.float32), shape))
-        for start in range(0, features.shape[0], chunk):
+        for start in range(0, features.shape[0], chunk) if starts is None else starts:
             rows = min(chunk, features.shape[0] - start)
             block = buffer[:rows]
             np.copyto(block, features[start : start + chunk], casting="unsafe")
@@ -115,6 +120,24 @@ class ClusterModel:
                 np.minimum(block, high[:rows], out=block)
                 np.maximum(block, low[:rows], out=block)
             yield start, block
+
+    def _each_block(self, features: np.ndarray, chunk: int, work: Callable[[int, np.ndarray], None]) -> None:
+        """`work(start, block)` for every block of `_blocks`; the chunks (the same ones, so the same
+        arithmetic per row) are shared out over up to four threads, each with its own buffer."""
+        starts = range(0, features.shape[0], chunk)
+        n_threads = min(len(starts), max(1, min(4, os.cpu_count() or 1)))
+        if n_threads < 2:
+            for start, block in self._blocks(features, chunk):
+                work(start, block)
+            return
+
+        def run(part: Sequence[int]) -> None:
+            for start, block in self._blocks(features, chunk, part):
+                work(start, block)
+
+        with ThreadPoolExecutor(n_threads) as pool:
+            for future in [pool.submit(run, starts[i::n_threads]) for i in range(n_threads)]:
+                future.result()
 
     def predict(self, features: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
         """Nearest-centroid cluster id of every row of `features` (n, F), int32; chunked for large n."""
@@ -128,10 +151,13 @@ class ClusterModel:
         offset = (self.scale_mean / self.scale_std) @ self.components.T
         weights = (projection @ self.centroids_pca.T).astype(np.float32)  # (F, k)
         bias = (np.sum(self.centroids_pca**2, axis=1) + 2.0 * (offset @ self.centroids_pca.T)).astype(np.float32)
-        # thin matrix products: one BLAS thread is faster than two competing ones
+
+        def label(start: int, block: np.ndarray) -> None:
+            labels[start : start + block.shape[0]] = np.argmin(bias[None, :] - 2.0 * (block @ weights), axis=1)
+
+        # thin matrix products: one BLAS thread per chunk, the chunks on threads of their own
         with threadpool_limits(1, user_api="blas"):
-            for start, block in self._blocks(features, chunk):
-                labels[start : start + block.shape[0]] = np.argmin(bias[None, :] - 2.0 * (block @ weights), axis=1)
+            self._each_block(features, chunk, label)
         return labels
 
     def distance_to(self, features: np.ndarray, cluster_id: int, chunk: int = 1 << 16) -> np.ndarray:
@@ -144,10 +170,13 @@ class ClusterModel:
         projection = ((self.components / self.scale_std[None, :]).T).astype(np.float32)
         offset = (self.scale_mean / self.scale_std) @ self.components.T + self.centroids_pca[cluster_id]
         offset32 = offset.astype(np.float32)[None, :]
+
+        def distance(start: int, block: np.ndarray) -> None:
+            z = block @ projection - offset32
+            out[start : start + block.shape[0]] = np.sqrt(np.einsum("ij,ij->i", z, z))
+
         with threadpool_limits(1, user_api="blas"):
-            for start, block in self._blocks(features, chunk):
-                z = block @ projection - offset32
-                out[start : start + block.shape[0]] = np.sqrt(np.einsum("ij,ij->i", z, z))
+            self._each_block(features, chunk, distance)
         return out
 
 
@@ -500,7 +529,21 @@ def _block_mean(image: np.ndarray, max_side_px: int) -> tuple[np.ndarray, int]:
     rows, cols = image.shape[0] // factor * factor, image.shape[1] // factor * factor
     if rows == 0 or cols == 0:
         return image.astype(np.float64), 1
+    if factor > 1 and image.dtype in (np.uint8, np.uint16):
+        return _small_integer_block_mean(image, factor), factor
     return block_mean(image, factor), factor
+
+
+def _small_integer_block_mean(image: np.ndarray, factor: int) -> np.ndarray:
+    """`preprocess.block_mean(image, factor)` of a uint8/uint16 image (factor <= 256), the same values faster:
+    the block sums are whole numbers, exact in any order (uint32 for the rows of a block, then float64 for
+    its columns, added as whole rows instead of `factor`-element runs), divided by factor**2 as there."""
+    rows, cols = (image.shape[0] // factor) * factor, (image.shape[1] // factor) * factor
+    row_sums = image[:rows, :cols].reshape(rows // factor, factor, cols).sum(axis=1, dtype=np.uint32)
+    total = row_sums[:, 0::factor].astype(np.float64)
+    for offset in range(1, factor):
+        total += row_sums[:, offset::factor]
+    return total / float(factor * factor)
 
 
 def _upsample_mask(small: np.ndarray, factor: int, shape: tuple[int, int]) -> np.ndarray:
@@ -510,11 +553,13 @@ def _upsample_mask(small: np.ndarray, factor: int, shape: tuple[int, int]) -> np
     cols = np.minimum(np.arange(shape[1]) // factor, small.shape[1] - 1)
     if small.shape[0] * factor > shape[0] or small.shape[1] * factor > shape[1]:
         return small[rows][:, cols]
-    # repeats (and the edge rows/columns copied on) instead of fancy indexing: a few times faster at 4k
+    # repeats (and the edge rows/columns copied on) instead of fancy indexing: a few times faster at 4k.
+    # Each block row is widened once (np.repeat along the row), then copied `factor` times as whole rows:
+    # a broadcast into the 4-D block view copies `factor`-element runs and is ~8x slower at 4k.
     out = np.empty(shape, dtype=small.dtype)
     full_rows, full_cols = small.shape[0] * factor, small.shape[1] * factor
-    block = out[:full_rows, :full_cols].reshape(small.shape[0], factor, small.shape[1], factor)
-    block[...] = small[:, None, :, None]
+    wide = np.repeat(small, factor, axis=1)  # (block rows, full_cols)
+    out[:full_rows, :full_cols].reshape(small.shape[0], factor, full_cols)[...] = wide[:, None, :]
     out[:full_rows, full_cols:] = out[:full_rows, full_cols - 1 : full_cols]
     out[full_rows:] = out[full_rows - 1 : full_rows]
     return out

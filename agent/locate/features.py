@@ -240,7 +240,7 @@ def _shape_features(vmin: np.ndarray, vmax: np.ndarray, scratch: dict[str, np.nd
 def _gradient_energy(block: np.ndarray, next_row: np.ndarray | None, out: np.ndarray, tmp: np.ndarray) -> None:
     """Per-pixel gradient energy of float64 `block` (rows, cols) into `out`; `next_row` is the image row
     below the block (None at the bottom of the image, where vertical differences count as 0)."""
-    out.fill(0.0)
+    out[:, -1] = 0.0  # the other columns are written next
     np.subtract(block[:, 1:], block[:, :-1], out=tmp[:, :-1])
     np.multiply(tmp[:, :-1], tmp[:, :-1], out=out[:, :-1])
     if block.shape[0] > 1:
@@ -260,24 +260,35 @@ def _sliding_extreme(
     """Min or max (`op` = np.minimum / np.maximum) of the clipped window around each centre.
 
     `raw` holds the input rows of one chunk; the result has shape (len(local_rows), len(centres_c)).
-    Edge padding makes clipped windows (the edge value is inside the window anyway); a sparse table of
-    power-of-two windows gives any window as the `op` of two overlapping power-of-two windows.
+    Rows first, and only at the centre rows, then columns, only at the centre columns (min and max are
+    exact in any order, so this is the same as any other order): with a stride the second pass works on a
+    fraction of the pixels, and nothing is transposed.
     """
-    half = window_px // 2
+    vertical = _window_extreme(raw, window_px, op, local_rows)
+    return _window_extreme(vertical.T, window_px, op, centres_c).T
+
+
+def _window_extreme(a: np.ndarray, window_px: int, op: np.ufunc, centres: np.ndarray) -> np.ndarray:
+    """`op` over rows c - half .. c + half of `a` (clipped to its rows) for each c of the increasing
+    `centres`: (len(centres), *a.shape[1:]).
+
+    Edge rows are repeated where a window leaves `a` (the edge value is inside the window anyway); a sparse
+    table of power-of-two windows over the rows the windows cover gives each window as the `op` of two
+    overlapping power-of-two windows.
+    """
+    half, rows = window_px // 2, a.shape[0]
     power = 1 << (window_px.bit_length() - 1)  # largest power of two <= window_px
-
-    def along_last(a: np.ndarray) -> np.ndarray:
-        table = a
-        width = 1
-        while width < power:
-            table = op(table[..., :-width], table[..., width:])
-            width *= 2
-        return op(table[..., : table.shape[-1] - (window_px - power)], table[..., window_px - power :])
-
-    padded = np.pad(raw, ((0, 0), (half, half)), mode="edge")
-    horizontal = along_last(padded)[:, centres_c]  # (n_in, n_out_c)
-    rows_first = np.pad(horizontal.T, ((0, 0), (half, half)), mode="edge")
-    return along_last(rows_first)[:, local_rows].T
+    first, stop = int(centres[0]) - half, int(centres[-1]) + half + 1
+    table = a[max(first, 0) : min(stop, rows)]
+    if first < 0 or stop > rows:
+        edges = (np.repeat(table[:1], max(0, -first), axis=0), np.repeat(table[-1:], max(0, stop - rows), axis=0))
+        table = np.concatenate([edges[0], table, edges[1]])
+    width = 1
+    while width < power:
+        table = op(table[:-width], table[width:])
+        width *= 2
+    starts = np.asarray(centres) - half - first
+    return op(table[starts], table[starts + (window_px - power)])
 
 
 def _run_parallel(tasks: list[Callable[[], None]]) -> None:
@@ -531,9 +542,10 @@ class _WindowPlan:
 class _WindowBuffers:
     """One thread's re-used buffers for `_window_chunk` (float64 unless said; contents change per chunk).
 
-    `block` (max_in + 1, width): centred input rows plus the row below; `q` (max_in, 5, width): the summed
-    quantities per pixel; `tmp`: scratch for the gradient; `vert` (chunk_out, 5, width): vertical window
-    sums at the centre rows; `csum`: their cumulative sums along the row, padded by `half` on each side;
+    `block` (1, width): the centred image row below the chunk; `q` (max_in, 5, width): the summed
+    quantities per pixel (`q[:, 0]` the centred rows); `tmp`: scratch for the gradient; `vert` (chunk_out,
+    5, width): vertical window sums at the centre rows; `csum`: their cumulative sums along the row, padded
+    by `half` on each side;
     `sums` (5, chunk_out, n_out_c): the window sums; `vmin` / `vmax` (chunk_out, n_out_c): window extremes;
     `scratches`: `_new_scratch` buffers per block shape.
     """
@@ -553,7 +565,7 @@ class _WindowBuffers:
         """Buffers sized for the largest chunk of `plan`."""
         width, n_q, n_out_c = plan.image.shape[1], _N_WINDOW_SUMS, len(plan.centres_c)
         return cls(
-            block=np.empty((plan.max_in + 1, width), dtype=np.float64),
+            block=np.empty((1, width), dtype=np.float64),
             q=np.empty((plan.max_in, n_q, width), dtype=np.float64),
             tmp=np.empty((plan.max_in, width), dtype=np.float64),
             vert=np.empty((plan.chunk_out, n_q, width), dtype=np.float64),
@@ -620,18 +632,19 @@ def _pixel_quantities(plan: _WindowPlan, buffers: _WindowBuffers, in0: int, in1:
     """Per-pixel d, d**2, d**3, d**4 (d = pixel - `plan.ref`, image units) and gradient energy of input
     rows in0..in1-1, as a view (in1 - in0, 5, width) of `buffers.q`."""
     height = plan.image.shape[0]
-    block = buffers.block
     n_in = in1 - in0
     with_next = in1 < height
-    d_ext = block[: n_in + 1] if with_next else block[:n_in]
-    np.subtract(plan.image[in0 : in1 + 1] if with_next else plan.image[in0:in1], plan.ref, out=d_ext, casting="unsafe")
-    d = block[:n_in]
     qq = buffers.q[:n_in]
-    qq[:, 0] = d
+    d = qq[:, 0]  # the centred rows go straight into their place among the quantities
+    np.subtract(plan.image[in0:in1], plan.ref, out=d, casting="unsafe")
+    next_row = None
+    if with_next:
+        next_row = buffers.block[0]
+        np.subtract(plan.image[in1], plan.ref, out=next_row, casting="unsafe")
     np.multiply(d, d, out=qq[:, 1])
     np.multiply(qq[:, 1], d, out=qq[:, 2])
     np.multiply(qq[:, 1], qq[:, 1], out=qq[:, 3])
-    _gradient_energy(d, block[n_in] if with_next else None, qq[:, 4], buffers.tmp[:n_in])
+    _gradient_energy(d, next_row, qq[:, 4], buffers.tmp[:n_in])
     return qq
 
 
@@ -647,18 +660,24 @@ def _vertical_window_sums(qq: np.ndarray, lo_r: np.ndarray, hi_r: np.ndarray, v:
             qq[lo_r[k] : hi_r[k]].sum(axis=0, out=v[k])
         return
     qq[lo_r[0] : hi_r[0]].sum(axis=0, out=v[0])
+    tmp = np.empty(v.shape[1:], dtype=v.dtype)
     for k in range(1, n_rows):
-        np.copyto(v[k], v[k - 1])
+        # v[k] = (v[k - 1] + entering) - leaving, the entering and leaving rows each summed first; the
+        # first step writes v[k] directly instead of copying v[k - 1] and adding in place (same values)
         add0, add1 = hi_r[k - 1], hi_r[k]
         sub0, sub1 = lo_r[k - 1], lo_r[k]
         if add1 - add0 == 1:
-            v[k] += qq[add0]
+            np.add(v[k - 1], qq[add0], out=v[k])
         elif add1 > add0:
-            v[k] += qq[add0:add1].sum(axis=0)
+            qq[add0:add1].sum(axis=0, out=tmp)
+            np.add(v[k - 1], tmp, out=v[k])
+        else:
+            np.copyto(v[k], v[k - 1])
         if sub1 - sub0 == 1:
             v[k] -= qq[sub0]
         elif sub1 > sub0:
-            v[k] -= qq[sub0:sub1].sum(axis=0)
+            qq[sub0:sub1].sum(axis=0, out=tmp)
+            v[k] -= tmp
 
 
 def _horizontal_window_sums(plan: _WindowPlan, buffers: _WindowBuffers, v: np.ndarray) -> np.ndarray:

@@ -15,6 +15,7 @@ import struct
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -228,6 +229,20 @@ def heatmap_rgb(
     Crystal clusters are red and more opaque; other clusters take palette colours at `alpha`; masked
     cells (bars, black areas) are dark grey. `mixed_clusters` are only tagged in the legend.
     """
+    rgb, legend = _heatmap_rgb_unmarked(image, analysis, crystal_clusters, alpha, mixed_clusters)
+    _draw_overlay(rgb, legend, candidates)
+    return rgb
+
+
+def _heatmap_rgb_unmarked(
+    image: np.ndarray,
+    analysis: ClusterAnalysis,
+    crystal_clusters: Sequence[int],
+    alpha: float,
+    mixed_clusters: Sequence[int] = (),
+) -> tuple[np.ndarray, list[tuple[str, Any]]]:
+    """`heatmap_rgb` before the overlay: the blended picture (uint8 (rows, cols, 3)) and the legend's
+    (label, RGB swatch) pairs."""
     if tuple(image.shape[:2]) != analysis.image_shape:
         raise ImageInputError(f"image shape {image.shape} does not match the analysis ({analysis.image_shape})")
     gray = display_uint8(image)
@@ -241,8 +256,7 @@ def heatmap_rgb(
     rgb = _blend(gray, colour_index, lut, alpha_lut)
     swatches = [MASK_RGB] + [tuple(int(v) for v in lut[s.cluster_id + 1]) for s in analysis.clusters]
     legend = _legend_labels(analysis, crystal_clusters, mixed_clusters)
-    _draw_overlay(rgb, list(zip(legend, swatches, strict=True)), candidates)
-    return rgb
+    return rgb, list(zip(legend, swatches, strict=True))
 
 
 def similarity_rgb(
@@ -284,8 +298,13 @@ def cluster_gallery_rgb(
     image: np.ndarray, analysis: ClusterAnalysis, per_cluster: int = 8, patch_px: int = 64
 ) -> np.ndarray:
     """A gallery: one row per cluster of up to `per_cluster` typical patches (the cells nearest the
-    cluster centre), each `patch_px` square, with a colour tab and the cluster id; uint8 RGB."""
-    gray = display_uint8(image)
+    cluster centre), each `patch_px` square, with a colour tab and the cluster id; uint8 RGB.
+
+    Only the sampled pixels of the patches are stretched for display (as `display_uint8` stretches the whole
+    image: the same limits, the same values), each patch sampled from the image with its edge repeated."""
+    check_image(image)
+    stretch = _stretch_limits(image, 0.5, 99.5)
+    display = _display_lut(image.dtype, *stretch)
     k = len(analysis.clusters)
     lut = _cluster_lut(k, analysis.suggested_crystal_clusters)
     tab = 18
@@ -299,16 +318,19 @@ def cluster_gallery_rgb(
         crop_px = analysis.settings.window_px
     crop_px = max(crop_px, 8)
     half = crop_px // 2
-    padded = np.pad(gray, half, mode="edge")
+    # rows and columns of the image padded by `half` (edge mode), as indices into the image
+    padded_rows = np.clip(np.arange(image.shape[0] + 2 * half) - half, 0, image.shape[0] - 1)
+    padded_cols = np.clip(np.arange(image.shape[1] + 2 * half) - half, 0, image.shape[1] - 1)
     sample_idx = np.linspace(0, crop_px - 1, patch_px).round().astype(np.intp)
     for row, summary in enumerate(analysis.clusters):
         y0 = pad + row * (patch_px + pad)
         canvas[y0 : y0 + patch_px, pad : tab - pad] = lut[summary.cluster_id + 1]
         for j, (r, c) in enumerate(summary.example_cells_px[:per_cluster]):
-            crop = padded[r : r + crop_px, c : c + crop_px]
-            if crop.shape != (crop_px, crop_px):
+            rows, cols = padded_rows[r : r + crop_px], padded_cols[c : c + crop_px]  # the crop of the padded image
+            if (len(rows), len(cols)) != (crop_px, crop_px):
                 continue
-            patch = crop[sample_idx][:, sample_idx]
+            values = image[np.ix_(rows[sample_idx], cols[sample_idx])]
+            patch = np.take(display, values, mode="clip") if display is not None else _scale_uint8(values, *stretch)
             x0 = tab + pad + j * (patch_px + pad)
             canvas[y0 : y0 + patch_px, x0 : x0 + patch_px] = patch[..., None]
     from PIL import Image, ImageDraw
@@ -361,35 +383,103 @@ def heatmap_png(
     (about twice as fast as Pillow's level 1 on noisy micrographs, and a smaller file), in bands on
     `workers` threads (default: the usable cores, at most 4). `compress_level` 0 stores the rows
     uncompressed (fastest, ~3x larger).
-    """
-    check_image(image)
-    if tuple(image.shape[:2]) != analysis.image_shape:
-        raise ImageInputError(f"image shape {image.shape} does not match the analysis ({analysis.image_shape})")
-    k = len(analysis.clusters)
-    n_colours = k + 1  # cluster colours plus the mask colour (index 0)
-    weights = _cluster_alpha_weights(k, crystal_clusters, alpha)
-    n_gray = (256 - 3) // n_colours  # three entries left for the overlay inks
-    gray_to_level = (np.arange(256) * max(n_gray, 1) // 256).astype(np.uint8)
-    bin_sizes = np.bincount(gray_to_level, minlength=max(n_gray, 1))
-    error = float((256 - weights.min()) / 256) * (int(bin_sizes.max()) - 1) / 2
-    workers = workers if workers is not None else _default_workers()
-    if n_gray < 2 or error > PALETTE_MAX_ERROR:
-        rgb = heatmap_rgb(image, analysis, candidates, crystal_clusters, alpha)
-        rows = np.empty((rgb.shape[0], 1 + rgb.shape[1] * 3), dtype=np.uint8)
-        rows[:, 0] = 0
-        rows[:, 1:] = rgb.reshape(rgb.shape[0], -1)
-        return _encode_png_rows(rows, rgb.shape[1], 2, None, compress_level, workers)
 
-    # palette: entry colour * n_gray + level = the bin's mean grey blended with the colour
+    The same as `HeatmapDraft.make(...).png(candidates, ...)`: the picture without marks can be made before
+    the candidates are known (e.g. on another thread while they are searched).
+    """
+    draft = HeatmapDraft.make(image, analysis, crystal_clusters, alpha, workers)
+    return draft.png(candidates, compress_level, workers)
+
+
+@dataclass(frozen=True)
+class HeatmapDraft:
+    """The heat map of `heatmap_png` before its candidate marks: everything that does not depend on them.
+
+    `rows` (rows, 1 + cols) uint8: each row's PNG filter byte (0) then the pixels, palette indices when
+    `palette` (256, 3) uint8 is set, else the RGB bytes of `heatmap_rgb` without marks; `legend`: the
+    legend's (label, ink) pairs; `inks`: the (mark, text, box) inks of the overlay (palette indices or RGB).
+    `png` draws the marks and legend into a copy of the rows and encodes it.
+    """
+
+    rows: np.ndarray
+    width: int
+    palette: np.ndarray | None
+    legend: tuple[tuple[str, Any], ...]
+    inks: tuple[Any, Any, Any]
+
+    @classmethod
+    def make(
+        cls,
+        image: np.ndarray,
+        analysis: ClusterAnalysis,
+        crystal_clusters: Sequence[int] = (),
+        alpha: float = 0.45,
+        workers: int | None = None,
+    ) -> HeatmapDraft:
+        """The draft of `heatmap_png(image, analysis, ..., crystal_clusters, alpha)`; bands on `workers`
+        threads (default: the usable cores, at most 4)."""
+        check_image(image)
+        if tuple(image.shape[:2]) != analysis.image_shape:
+            raise ImageInputError(f"image shape {image.shape} does not match the analysis ({analysis.image_shape})")
+        k = len(analysis.clusters)
+        weights = _cluster_alpha_weights(k, crystal_clusters, alpha)
+        n_gray = (256 - 3) // (k + 1)  # three entries left for the overlay inks
+        gray_to_level = (np.arange(256) * max(n_gray, 1) // 256).astype(np.uint8)
+        bin_sizes = np.bincount(gray_to_level, minlength=max(n_gray, 1))
+        error = float((256 - weights.min()) / 256) * (int(bin_sizes.max()) - 1) / 2
+        if n_gray < 2 or error > PALETTE_MAX_ERROR:
+            rgb, legend = _heatmap_rgb_unmarked(image, analysis, crystal_clusters, alpha)
+            rows = np.empty((rgb.shape[0], 1 + rgb.shape[1] * 3), dtype=np.uint8)
+            rows[:, 0] = 0
+            rows[:, 1:] = rgb.reshape(rgb.shape[0], -1)
+            return cls(rows, rgb.shape[1], None, tuple(legend), ((255, 255, 0), (255, 255, 255), (0, 0, 0)))
+        palette = _heatmap_palette(k, crystal_clusters, weights, gray_to_level, n_gray, bin_sizes)
+        workers = workers if workers is not None else _default_workers()
+        rows = _heatmap_palette_rows(image, analysis, gray_to_level, n_gray, workers)
+        swatches = [(c + 1) * n_gray - 1 for c in [0] + [s.cluster_id + 1 for s in analysis.clusters]]
+        legend = tuple(zip(_legend_labels(analysis, crystal_clusters), swatches, strict=True))
+        return cls(rows, image.shape[1], palette, legend, (_YELLOW, _WHITE, _BLACK))
+
+    def png(self, candidates: Sequence[Candidate] = (), compress_level: int = 1, workers: int | None = None) -> bytes:
+        """PNG bytes of the heat map with `candidates` marked (see `heatmap_png`); the draft is not changed."""
+        rows = self.rows.copy()
+        pixels = rows[:, 1:] if self.palette is not None else rows[:, 1:].reshape(rows.shape[0], self.width, 3)
+        mark, text, box = self.inks
+        _draw_overlay(pixels, self.legend, candidates, mark=mark, text=text, box=box)
+        colour_type = 3 if self.palette is not None else 2
+        workers = workers if workers is not None else _default_workers()
+        return _encode_png_rows(rows, self.width, colour_type, self.palette, compress_level, workers)
+
+
+#: Palette indices of the overlay inks of the palette heat map (yellow marks, white text, black legend box).
+_YELLOW, _WHITE, _BLACK = 253, 254, 255
+
+
+def _heatmap_palette(
+    k: int,
+    crystal_clusters: Sequence[int],
+    weights: np.ndarray,
+    gray_to_level: np.ndarray,
+    n_gray: int,
+    bin_sizes: np.ndarray,
+) -> np.ndarray:
+    """(256, 3) uint8 palette of the heat map: entry colour * n_gray + level is the grey bin's mean blended
+    with the colour (colour 0 the mask, colour c + 1 cluster c), then the three overlay inks."""
     colours = _cluster_lut(k, crystal_clusters).astype(np.float64)
     levels = np.bincount(gray_to_level, weights=np.arange(256.0)) / bin_sizes
     w = weights.astype(np.float64)[:, None, None] / 256
     blended = levels[None, :, None] * (1 - w) + colours[:, None, :] * w
     palette = np.zeros((256, 3), dtype=np.uint8)
-    palette[: n_colours * n_gray] = np.clip(np.rint(blended), 0, 255).reshape(-1, 3).astype(np.uint8)
-    yellow, white, black = 253, 254, 255
-    palette[yellow], palette[white], palette[black] = (255, 255, 0), (255, 255, 255), (0, 0, 0)
+    palette[: (k + 1) * n_gray] = np.clip(np.rint(blended), 0, 255).reshape(-1, 3).astype(np.uint8)
+    palette[_YELLOW], palette[_WHITE], palette[_BLACK] = (255, 255, 0), (255, 255, 255), (0, 0, 0)
+    return palette
 
+
+def _heatmap_palette_rows(
+    image: np.ndarray, analysis: ClusterAnalysis, gray_to_level: np.ndarray, n_gray: int, workers: int
+) -> np.ndarray:
+    """(rows, 1 + cols) uint8: per row the PNG filter byte 0 then the palette index of every pixel (its
+    cell's colour times `n_gray` plus its grey level; colour 0 on the pixel-exact bar mask), band by band."""
     low, high = _stretch_limits(image, 0.5, 99.5)
     display = _display_lut(image.dtype, low, high)
     level_lut = gray_to_level[display] if display is not None else None
@@ -415,10 +505,7 @@ def heatmap_png(
 
     with _band_pool(workers, rows_px * cols_px) as pool:
         _run(pool, fill, range(0, rows_px, _BAND_ROWS))
-        swatches = [(c + 1) * n_gray - 1 for c in [0] + [s.cluster_id + 1 for s in analysis.clusters]]
-        legend = list(zip(_legend_labels(analysis, crystal_clusters), swatches, strict=True))
-        _draw_overlay(indices, legend, candidates, mark=yellow, text=white, box=black)
-        return _encode_png_rows(rows, cols_px, 3, palette, compress_level, workers, pool)
+    return rows
 
 
 def _default_workers() -> int:

@@ -1,0 +1,211 @@
+"""Faster paths of the locator equal the plain computations they replace, value for value."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from agent.locate.analysis import ClusterAnalysis, LocateSettings, analyse
+from agent.locate.cluster import _upsample_mask
+from agent.locate.render import HeatmapDraft, heatmap_png, heatmap_rgb
+from agent.locate.targets import Candidate
+from tests.synthetic_images import make_grid_image
+
+
+@pytest.mark.parametrize(
+    ("small_shape", "factor", "shape"),
+    [((8, 6), 4, (32, 24)), ((8, 6), 4, (35, 27)), ((5, 7), 3, (15, 23)), ((3, 3), 1, (3, 5)), ((1, 4), 5, (9, 20))],
+)
+def test_upsample_mask_gives_each_pixel_its_block(
+    small_shape: tuple[int, int], factor: int, shape: tuple[int, int]
+) -> None:
+    rng = np.random.default_rng(factor)
+    small = rng.random(small_shape) < 0.4
+    rows = np.minimum(np.arange(shape[0]) // factor, small_shape[0] - 1)
+    cols = np.minimum(np.arange(shape[1]) // factor, small_shape[1] - 1)
+    up = _upsample_mask(small, factor, shape)
+    assert up.shape == shape and up.dtype == np.bool_
+    assert np.array_equal(up, small[rows][:, cols])
+
+
+@pytest.mark.parametrize("threaded", [False, True])
+def test_gaussian_rows_on_threads_equal_the_whole_image_bit_for_bit(
+    threaded: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from scipy import ndimage
+
+    from agent.locate import smoothing
+
+    monkeypatch.setattr(smoothing, "PARALLEL_MIN_PX", 0 if threaded else 1 << 62)
+    rng = np.random.default_rng(5)
+    image = rng.normal(1000.0, 50.0, (301, 190)) * rng.uniform(0.5, 2.0, (301, 190))
+    whole = ndimage.gaussian_filter(image, 1.0)
+    bands = [smoothing.gaussian_rows(image, top, bottom, 1.0) for top, bottom in ((0, 150), (150, 151), (151, 301))]
+    assert np.array_equal(np.concatenate(bands), whole)
+
+
+def _marks(n: int, shape: tuple[int, int]) -> list[Candidate]:
+    rng = np.random.default_rng(n)
+    rows, cols = rng.uniform(0, shape[0], n), rng.uniform(0, shape[1], n)
+    return [
+        Candidate(row_px=float(r), col_px=float(c), area_px=9.0, score=0.5, cluster_id=0)
+        for r, c in zip(rows, cols, strict=True)
+    ]
+
+
+@pytest.mark.parametrize("k", [3, 8])  # 8: too many clusters for the palette, the RGB picture is encoded
+def test_heatmap_draft_made_before_the_candidates_gives_the_same_png(k: int) -> None:
+    scene = make_grid_image((260, 300), 2, n_crystals=5)
+    analysis = analyse(scene.image, LocateSettings(mode="grid", grid_rows=13, grid_cols=15, k=k))
+    crystal = analysis.suggested_crystal_clusters
+    candidates = _marks(12, scene.image.shape)
+    draft = HeatmapDraft.make(scene.image, analysis, crystal)
+    before = draft.rows.copy()
+    first = draft.png(candidates)
+    assert first == heatmap_png(scene.image, analysis, candidates, crystal)
+    assert np.array_equal(draft.rows, before)  # the marks went into a copy: the draft can make another PNG
+    assert draft.png(()) == heatmap_png(scene.image, analysis, (), crystal) != first
+    if k == 8:  # the RGB path is exact: the marks are where heatmap_rgb draws them
+        picture = Image.open(io.BytesIO(first))
+        assert picture.mode == "RGB"
+        assert np.array_equal(np.asarray(picture), heatmap_rgb(scene.image, analysis, candidates, crystal))
+
+
+@pytest.mark.parametrize(("window_px", "stride_px"), [(15, 4), (3, 1), (9, 9), (31, 2), (5, 7)])
+def test_sliding_extremes_equal_the_clipped_windows(window_px: int, stride_px: int) -> None:
+    from agent.locate.features import _sliding_extreme
+
+    rng = np.random.default_rng(window_px * stride_px)
+    raw = rng.normal(size=(40, 37))
+    half = window_px // 2
+    local_rows = np.arange(1, 40, stride_px)
+    centres_c = np.arange(0, 37, stride_px)
+    for op, reduce in ((np.minimum, np.min), (np.maximum, np.max)):
+        expected = np.array(
+            [
+                [reduce(raw[max(r - half, 0) : r + half + 1, max(c - half, 0) : c + half + 1]) for c in centres_c]
+                for r in local_rows
+            ]
+        )
+        assert np.array_equal(_sliding_extreme(raw, window_px, op, centres_c, local_rows), expected)
+
+
+def test_cluster_labels_and_distances_from_threads_equal_one_chunk_after_another() -> None:
+    from agent.locate.cluster import fit_clusters
+
+    rng = np.random.default_rng(11)
+    features = np.concatenate([rng.normal(m, 1.0, (3000, 9)) for m in (0.0, 3.0, 6.0)])
+    features[::97] *= 40.0  # outliers, capped
+    model = fit_clusters(features, 3, seed=0, sample_size=2000)
+    chunk = 257  # many chunks of the same size as the sequential loop uses
+    assert model.clip_low is not None
+    labels, distances = np.empty(len(features), dtype=np.int32), np.empty(len(features))
+    projection = (model.components / model.scale_std[None, :]).T
+    offset = (model.scale_mean / model.scale_std) @ model.components.T
+    weights = (projection @ model.centroids_pca.T).astype(np.float32)
+    bias = (np.sum(model.centroids_pca**2, axis=1) + 2.0 * (offset @ model.centroids_pca.T)).astype(np.float32)
+    centre = (offset + model.centroids_pca[1]).astype(np.float32)[None, :]
+    for start, block in model._blocks(features, chunk):
+        labels[start : start + len(block)] = np.argmin(bias[None, :] - 2.0 * (block @ weights), axis=1)
+        z = block @ projection.astype(np.float32) - centre
+        distances[start : start + len(block)] = np.sqrt(np.einsum("ij,ij->i", z, z))
+    assert np.array_equal(model.predict(features, chunk=chunk), labels)
+    assert np.array_equal(model.distance_to(features, 1, chunk=chunk), distances)
+    assert len(np.unique(labels)) == 3
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+@pytest.mark.parametrize(
+    ("shape", "max_side_px"), [((400, 333), 100), ((97, 130), 40), ((64, 64), 64), ((50, 3000), 256)]
+)
+def test_block_mean_of_small_integers_equals_preprocess_block_mean(
+    dtype: type, shape: tuple[int, int], max_side_px: int
+) -> None:
+    from agent.locate.cluster import _block_mean
+    from agent.locate.preprocess import block_mean
+
+    rng = np.random.default_rng(shape[0])
+    top = np.iinfo(dtype).max
+    image = rng.integers(0, top + 1, shape).astype(dtype)
+    image[:8, :8] = top  # a block at the type's maximum: the uint32 row sums must not overflow
+    small, factor = _block_mean(image, max_side_px)
+    assert factor == max(1, -(-max(shape) // max_side_px))
+    expected = block_mean(image, factor)
+    assert small.dtype == np.float64 and small.shape == expected.shape
+    assert np.array_equal(small, expected)
+
+
+_DRAFTS_IMPORT_PROBE = """
+import sys
+from agent.commands.locate import _load_picture_modules, _make_drafts
+from agent.locate.analysis import ClusterAnalysis, LocateSettings, analyse
+from tests.synthetic_images import make_grid_image
+scene = make_grid_image((200, 220), 1, n_crystals=3)
+analysis = analyse(scene.image, LocateSettings(mode="grid", grid_rows=10, grid_cols=11, k=3))
+_load_picture_modules()
+before = set(sys.modules)
+drafts = _make_drafts(scene.image, analysis, analysis.suggested_crystal_clusters)
+drafts.heatmap.png(())
+print(len(drafts.gallery_png) > 0, len(drafts.mask_png) > 0, sorted(set(sys.modules) - before))
+"""
+
+
+def test_the_drafting_thread_imports_nothing_after_load_picture_modules() -> None:
+    """`locate` drafts its pictures on a second thread while the main one imports the object search: the
+    drafting must not import (in a fresh interpreter, where nothing is loaded yet)."""
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run(
+        [sys.executable, "-c", _DRAFTS_IMPORT_PROBE], cwd=root, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "True True []"
+
+
+def _gallery_from_the_whole_display(image: np.ndarray, analysis: ClusterAnalysis) -> np.ndarray:
+    """The gallery as it was made before: the whole image stretched (`display_uint8`), edge-padded, cropped."""
+    from PIL import ImageDraw
+
+    from agent.locate.render import _cluster_lut, display_uint8
+
+    gray, k = display_uint8(image), len(analysis.clusters)
+    lut = _cluster_lut(k, analysis.suggested_crystal_clusters)
+    canvas = np.full((max(1, k) * 66 + 2, 18 + 8 * 66 + 2, 3), 24, dtype=np.uint8)
+    if analysis.settings.mode == "grid":
+        crop_px = int(max(image.shape[0] / analysis.grid_shape[0], image.shape[1] / analysis.grid_shape[1]))
+    else:
+        crop_px = analysis.settings.window_px
+    crop_px = max(crop_px, 8)
+    padded = np.pad(gray, crop_px // 2, mode="edge")
+    sample_idx = np.linspace(0, crop_px - 1, 64).round().astype(np.intp)
+    for row, summary in enumerate(analysis.clusters):
+        y0 = 2 + row * 66
+        canvas[y0 : y0 + 64, 2:16] = lut[summary.cluster_id + 1]
+        for j, (r, c) in enumerate(summary.example_cells_px[:8]):
+            crop = padded[r : r + crop_px, c : c + crop_px]
+            if crop.shape == (crop_px, crop_px):
+                canvas[y0 : y0 + 64, 20 + j * 66 : 84 + j * 66] = crop[sample_idx][:, sample_idx][..., None]
+    picture = Image.fromarray(canvas)
+    for row, summary in enumerate(analysis.clusters):
+        ImageDraw.Draw(picture).text((3, 4 + row * 66), str(summary.cluster_id), fill=(255, 255, 255))
+    return np.asarray(picture)
+
+
+@pytest.mark.parametrize("dtype", ["uint16", "uint8", "float32"])
+@pytest.mark.parametrize("mode", ["grid", "window"])
+def test_gallery_equals_crops_of_the_whole_display(dtype: str, mode: str) -> None:
+    from agent.locate.render import cluster_gallery_rgb
+
+    scene = make_grid_image((230, 260), 4, n_crystals=6, bit_depth=8 if dtype == "uint8" else 16)
+    image = scene.image.astype(np.float32) * 0.3 if dtype == "float32" else scene.image
+    settings = LocateSettings(mode="grid", grid_rows=9, grid_cols=10, k=3)
+    if mode == "window":
+        settings = LocateSettings(mode="window", window_px=15, stride_px=6, k=3)
+    analysis = analyse(image, settings)
+    cells = [cell for summary in analysis.clusters for cell in summary.example_cells_px[:8]]
+    assert any(min(r, c) < 8 or r > 222 or c > 252 for r, c in cells) or mode == "grid"  # edges padded
+    assert np.array_equal(cluster_gallery_rgb(image, analysis), _gallery_from_the_whole_display(image, analysis))
