@@ -12,17 +12,20 @@ in one exposure and half in another).
 How a seam is found, for columns (rows likewise): the step between neighbouring columns is the difference of
 log intensities (a gain step is a ratio) of unmasked pixel pairs, sampled every `SAMPLE_STRIDE`-th line and
 averaged (trimmed) in blocks of `BLOCK_LINES` lines along the seam; steps over `MAX_STEP_LOG` are edges, not
-gain. A seam's step lasts, a readout stripe's is undone a few lines on: the steps are weighed by a triangle
-over `LASTING_LINES` lines on either side (the step between the means of the lines on each side). A column
-boundary is a seam where at least `MIN_BLOCK_FRACTION` of the blocks (and half of those with unmasked pixels)
-step the same way by more than `MIN_STEP_LOG` (2 %: a smaller step does not lift film above the locator's
-contrast threshold) and by more than `MIN_STEP_SIGMAS` robust spreads of all blocks, and where the lasting step
-is at least half the line's own step. Of seams closer than `LASTING_LINES` the strongest is kept.
+gain. A column boundary is a seam where at least `MIN_BLOCK_FRACTION` of the blocks (and half of those with
+unmasked pixels) step the same way by more than `MIN_STEP_LOG` (2 %: a smaller step does not lift film above
+the locator's contrast threshold) and by more than `MIN_STEP_SIGMAS` robust spreads of all blocks, and where
+the step lasts: a readout stripe's is undone a few lines on, so the step between the means of `LASTING_LINES`
+lines on either side (the steps weighted by a triangle) must be at least half the line's own. Of seams closer
+than `LASTING_LINES` the strongest is kept.
 
-Limits, measured on the synthetic montages of `tests.synthetic_images`: the 2x2 seams of 2048^2 images are
-found; on a 1024^2 montage with bars every 400 px the middle column seam was missed (the bars leave too few
-blocks). No seam was found on images without one (bright columns, 8-bit, dark field, holes, axis-parallel
-bars).
+On integer images a seam must also step by two grey levels of the film (an 8-bit export of dim film steps by
+a few % from one level to the next).
+
+Measured on the synthetic images of `tests.synthetic_images` (1024^2 and 2048^2, three seeds, eleven conditions):
+the 2x2 seams are found in bright field, 16- and 8-bit; no seam is found on images without one (bright columns,
+8-bit, dark field, mottle, holes, axis-parallel bars). Missed: the middle seams of 8-bit dark-field montages,
+whose 7-8 % step is less than two grey levels of their dim film.
 """
 
 from __future__ import annotations
@@ -70,15 +73,22 @@ def find_seams(image: np.ndarray, mask: np.ndarray) -> Seams:
     left out; see the module docstring."""
     log = np.log(np.maximum(np.asarray(image, dtype=np.float32), 1.0))
     mask = np.asarray(mask, dtype=bool)
+    min_step = MIN_STEP_LOG
+    if np.issubdtype(np.asarray(image).dtype, np.integer) and (~mask).any():
+        # whole grey levels: an 8-bit export of dim film steps by a few % from one level to the next, and the
+        # block means of such steps are not a seam; a seam must step by at least two levels of the film
+        film = np.asarray(image)[~mask][:: max(1, int((~mask).sum()) // 100_000)]
+        min_step = max(min_step, 2.0 * float(np.log1p(1.0 / max(float(np.median(film)), 1.0))))
     return Seams(
         shape=(int(log.shape[0]), int(log.shape[1])),
-        columns=_seam_lines(log, mask),
-        rows=_seam_lines(log.T, mask.T),
+        columns=_seam_lines(log, mask, min_step),
+        rows=_seam_lines(log.T, mask.T, min_step),
     )
 
 
-def _seam_lines(log: np.ndarray, mask: np.ndarray) -> tuple[int, ...]:
-    """Column boundaries c (between c - 1 and c) of `log` that are seams (see the module docstring). Every
+def _seam_lines(log: np.ndarray, mask: np.ndarray, min_step: float) -> tuple[int, ...]:
+    """Column boundaries c (between c - 1 and c) of `log` that step by at least `min_step` (ln units) and are
+    seams (see the module docstring). Every
     `SAMPLE_STRIDE`-th line is sampled: a seam runs the whole block, so the median needs only a few lines."""
     rows, cols = log.shape
     n_blocks = rows // BLOCK_LINES
@@ -101,25 +111,24 @@ def _seam_lines(log: np.ndarray, mask: np.ndarray) -> tuple[int, ...]:
     # steps of more than `MAX_STEP_LOG` are edges of objects or of the bars' blurred rims, never a gain step
     known = np.nan_to_num(medians, nan=0.0)
     known[np.abs(known) > MAX_STEP_LOG] = 0.0
-    # a seam's step lasts; a readout stripe steps up and back down within a line or two (and
-    # `preprocess.remove_stripes` has corrected most before this): the step between the means of
-    # `LASTING_LINES` lines on either side is the steps weighted by a triangle, which keeps a seam's whole
-    # and a stripe's 1 / LASTING_LINES per line of its width
-    offsets = np.arange(-(LASTING_LINES - 1), LASTING_LINES)
-    triangle = (LASTING_LINES - np.abs(offsets)) / LASTING_LINES
-    lasting = ndimage.convolve1d(known, triangle, axis=1, mode="constant")
-    finite = lasting[np.isfinite(medians)]
+    finite = known[np.isfinite(medians)]
     if finite.size < 16:
         return ()
     spread = 1.4826 * float(np.median(np.abs(finite - np.median(finite))))
-    limit = max(MIN_STEP_LOG, MIN_STEP_SIGMAS * spread)
-    up, down = (lasting > limit).sum(axis=0), (lasting < -limit).sum(axis=0)
+    limit = max(min_step, MIN_STEP_SIGMAS * spread)
+    up, down = (known > limit).sum(axis=0), (known < -limit).sum(axis=0)
     n_valid = np.isfinite(medians).sum(axis=0)
     least = max(4, int(np.ceil(MIN_BLOCK_FRACTION * n_blocks)))
     stepping = (np.maximum(up, down) >= least) & (up + down >= 0.5 * n_valid)
-    # the window spreads one seam over neighbouring lines: keep the line that steps most in its window
-    # and a line whose own step is mostly undone within the window is a stripe's edge, however strong
+    # a seam's step lasts; a readout stripe steps up and back down within a few lines (and
+    # `preprocess.remove_stripes` corrects it): the step between the means of `LASTING_LINES` lines on either
+    # side (the steps weighted by a triangle) keeps a seam's whole and undoes most of a stripe's; a line whose
+    # own step is mostly undone that way is a stripe's edge, however strong
+    offsets = np.arange(-(LASTING_LINES - 1), LASTING_LINES)
+    triangle = (LASTING_LINES - np.abs(offsets)) / LASTING_LINES
+    lasting = ndimage.convolve1d(known, triangle, axis=1, mode="constant")
     lasts = np.abs(lasting.sum(axis=0)) >= 0.5 * np.abs(known.sum(axis=0))
+    # of neighbouring seam lines (a blurred step) keep the one that steps most
     strength = np.where(stepping & lasts, np.abs(known).sum(axis=0), 0.0)
     peak = ndimage.maximum_filter1d(strength, 2 * LASTING_LINES - 1, mode="constant")
     return tuple(int(c) + 1 for c in np.flatnonzero((strength > 0) & (strength >= peak)))
