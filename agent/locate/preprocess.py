@@ -248,14 +248,18 @@ def flatten_illumination(
 
 def _background(small: np.ndarray, weight: np.ndarray, sigma: float) -> np.ndarray:
     """The smooth background of the block means `small` over blocks weighted by `weight` (their unmasked
-    share), NaN where no weight reaches: pass 1 at `sigma` (blocks), pass 2 at `sigma` / 2 without the
-    objects (robust outliers of pass 1), so the film's own thickness variations flatten while crystals are
-    not absorbed into the background."""
+    share), NaN where no weight reaches: pass 1 a weighted mean at `sigma` (blocks), pass 2 a local plane
+    (`local_plane`) at `sigma` / 2 without the objects (robust outliers of pass 1), so the film's own thickness
+    variations flatten while crystals are not absorbed into the background."""
 
-    def smooth(weights: np.ndarray, width: float) -> np.ndarray:
-        return local_plane(small, weights, width)
-
-    coarse = smooth(weight, sigma)
+    # pass 1 is a weighted mean: a plane would tilt into a large object (a crystal filling much of a search
+    # frame) instead of leaving it out as an outlier; pass 2, with the objects left out, is a plane, which
+    # follows the illumination's slope up to the frame and the masks
+    with np.errstate(divide="ignore", invalid="ignore"):
+        denominator = ndimage.gaussian_filter(weight, sigma, mode="nearest")
+        coarse = np.where(
+            denominator > 1e-3, ndimage.gaussian_filter(small * weight, sigma, mode="nearest") / denominator, np.nan
+        )
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = small / coarse - 1.0
     usable = (weight > 0.5) & np.isfinite(ratio)
@@ -265,7 +269,12 @@ def _background(small: np.ndarray, weight: np.ndarray, sigma: float) -> np.ndarr
     spread = 1.4826 * np.median(np.abs(ratio[usable] - centre)) + 1e-12
     objects = ~np.isfinite(ratio) | (np.abs(ratio - centre) > 3.0 * spread)
     objects = ndimage.maximum_filter(objects.astype(np.uint8), size=3) > 0
-    background = smooth(weight * ~objects, max(1.0, sigma / 2.0))
+    background = local_plane(small, weight * ~objects, max(1.0, sigma / 2.0))
+    # inside an object wider than pass 2 reaches (a crystal filling much of a search frame) there is no film to
+    # fit: the film around it at pass 1's width, still without the objects, rather than pass 1 itself, which the
+    # object has pulled towards its own level (its middle was flattened into a disc of film level)
+    wide = local_plane(small, weight * ~objects, sigma)
+    background = np.where(np.isfinite(background), background, wide)
     return np.where(np.isfinite(background), background, coarse)
 
 
