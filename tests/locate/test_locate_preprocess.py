@@ -125,3 +125,19 @@ def test_a_vignetted_frame_edge_flattens_to_the_film_level() -> None:
     mask[:, 250:300] = True  # a grid bar
     level = flatten_illumination(image, mask)
     assert abs(float(np.median(image[:, 2:20])) / level - 1.0) < 0.01
+
+
+def test_a_crystal_wider_than_the_background_fit_stays_dark_to_its_middle() -> None:
+    """A plate filling much of a search frame: its middle was flattened towards the film level (the background
+    there fell back to the first pass, which the plate had pulled down); the film around it stands in now. (A
+    plate of half the frame still flattens away: the fit's width is a twelfth of the frame.)"""
+    rng = np.random.default_rng(0)
+    image = rng.normal(4000.0, 40.0, (512, 512))
+    image[196:316, 196:316] *= 0.35  # a thick plate, 120 px a side (the background fit's width is 42 px)
+    prepared = prepare_image(image, np.zeros(image.shape, dtype=bool))
+    film = float(np.median(prepared[:100]))
+    middle = float(np.median(prepared[246:266, 246:266]))
+    rim = float(np.median(prepared[200:208, 200:312]))
+    # measured: middle and rim 0.35 of the film now; before, the middle 0.60 and the rim 0.48
+    assert middle < 0.4 * film
+    assert abs(middle - rim) < 0.03 * film
