@@ -290,6 +290,19 @@ def outline_turning_concentration(outline_rc: np.ndarray, chord_px: float = 2.0,
     return float(np.sort(turn)[::-1][: max(1, int(n * top_fraction))].sum() / total)
 
 
+def grown_box(
+    box: tuple[slice, slice], mask: np.ndarray, shape: tuple[int, ...], pad_px: int
+) -> tuple[tuple[slice, slice], np.ndarray]:
+    """`box` grown by `pad_px` within an array of `shape`, and the object `mask` (bool, `box`'s shape) placed in
+    a bool array of the grown box's shape."""
+    rows = slice(max(box[0].start - pad_px, 0), min(box[0].stop + pad_px, shape[0]))
+    cols = slice(max(box[1].start - pad_px, 0), min(box[1].stop + pad_px, shape[1]))
+    inside = np.zeros((rows.stop - rows.start, cols.stop - cols.start), dtype=bool)
+    r0, c0 = box[0].start - rows.start, box[1].start - cols.start
+    inside[r0 : r0 + mask.shape[0], c0 : c0 + mask.shape[1]] = mask
+    return (rows, cols), inside
+
+
 def is_round(
     data: np.ndarray, box: tuple[slice, slice], mask: np.ndarray, level: float, compound: bool | None = None
 ) -> bool:
@@ -314,12 +327,7 @@ def is_round(
         return False
     if is_compound(mask) if compound is None else compound:
         return False
-    pad = 3
-    rows = slice(max(box[0].start - pad, 0), min(box[0].stop + pad, data.shape[0]))
-    cols = slice(max(box[1].start - pad, 0), min(box[1].stop + pad, data.shape[1]))
-    inside = np.zeros((rows.stop - rows.start, cols.stop - cols.start), dtype=bool)
-    r0, c0 = box[0].start - rows.start, box[1].start - cols.start
-    inside[r0 : r0 + mask.shape[0], c0 : c0 + mask.shape[1]] = mask
+    (rows, cols), inside = grown_box(box, mask, data.shape, 3)
     radius_px = float(np.sqrt(np.count_nonzero(mask) / np.pi))
     deviation = np.abs(data[rows, cols] - level)
     if radius_px > 16.0:
@@ -651,12 +659,7 @@ def _edge_width_px(data: np.ndarray, box: tuple[slice, slice], mask: np.ndarray,
     box grown by 3 px (within the crop)."""
     from agent.locate.edges import object_edge_width_px
 
-    pad = 3
-    rows = slice(max(box[0].start - pad, 0), min(box[0].stop + pad, data.shape[0]))
-    cols = slice(max(box[1].start - pad, 0), min(box[1].stop + pad, data.shape[1]))
-    inside = np.zeros((rows.stop - rows.start, cols.stop - cols.start), dtype=bool)
-    r0, c0 = box[0].start - rows.start, box[1].start - cols.start
-    inside[r0 : r0 + mask.shape[0], c0 : c0 + mask.shape[1]] = mask
+    (rows, cols), inside = grown_box(box, mask, data.shape, 3)
     return object_edge_width_px(deviation_in_polarity(data[rows, cols], film.level, film.polarity), inside)
 
 
