@@ -29,7 +29,8 @@ fall-off goes, a hole as large as a grid square stays):
      split as on it, and a split through a ramp wanders with the noise,
    - the sharp part of its rim does not run along one row or column, or a row and a column meeting at a
      corner: that is a montage seam between tiles of different gain.
-3. Accepted regions are returned at full resolution (block resolution: the edge is within one block).
+3. Accepted regions are returned at full resolution, grown by one block (block resolution: the edge found is
+   within one block of the true one, and no vacuum may stay unmasked along the rim).
 
 The test is conservative: it misses holes (a whole square without film has no edge inside it to find,
 and a hole whose edge is soft somewhere is left alone), but on the simulator's atlases and the synthetic
@@ -186,6 +187,9 @@ def vacuum_mask(
             holes |= region
     if not holes.any():
         return result
+    # grown by one block: the edge found at block resolution can lie a block inside the hole, and a sliver of
+    # unmasked vacuum along the rim made a row of false objects there
+    holes = ndimage.binary_dilation(holes)
     full = np.repeat(np.repeat(holes, factor, axis=0), factor, axis=1)
     result[: full.shape[0], : full.shape[1]] = full
     return result & ~mask
