@@ -29,13 +29,13 @@ targets. Steps (`find_objects`):
    along its length would send the microscope to the same crystal several times.
 5. Objects are dropped before splitting when their outline is round (`is_round`: ice balls; single,
    convex objects only), when they lie mostly on a line in the film (`film_lines.film_line_mask`: folds,
-   tears, carbon edges, thin lines spanning the film or curved), when their edge is far wider than the grid
-   bars' (soft contamination, `agent.locate.edges`; single, convex objects only), or, with `max_od`, when
-   they are too thick for diffraction. Parts that do not stand out from the film's own noise
-   (`object_features.MIN_SIGNIFICANCE`) are no objects at all. A candidate region whose objects were all
-   dropped for what they are (round, soft, a film line, too thick) gives no candidate
-   (`ObjectTable.dropped_regions`); an outlined region in which no object stands out keeps its centroid
-   (`agent.locate.targets`).
+   tears, carbon edges, thin lines spanning the film or curved), or, with `max_od`, when they are too thick
+   for diffraction. Parts that do not stand out from the film's own noise
+   (`object_features.MIN_SIGNIFICANCE`), or whose mean stands less than `MIN_LOCAL_CONTRAST_SIGMA` above the
+   film right around them (`local_contrast_sigma`: noise crossing the threshold where the film is a little off),
+   are no objects at all. A candidate region whose objects were all dropped for what they are (round, soft,
+   a film line, too thick) gives no candidate (`ObjectTable.dropped_regions`); an outlined region in which no
+   object stands out keeps its centroid (`agent.locate.targets`).
 
 Returned per object: its region (0-based), centroid row/col (px), area (px), the connected object it is a
 part of, and its features (`object_features.OBJECT_FEATURE_NAMES`).
@@ -87,8 +87,9 @@ class ObjectTable:
     centroid and `area_px` its area in pixels; `component` the id of the connected object it is a part of;
     `features` its (n, len(OBJECT_FEATURE_NAMES)) features; `polarity` the objects' measured polarity;
     `dropped_regions` the regions (0-based) where an object was dropped for what it is (round contamination,
-    soft contamination, a film line, too thick; not parts too faint to be objects at all); `dropped` how many
-    objects were dropped for each reason ("round", "soft", "film-line", "too-thick", "faint").
+    soft contamination, a film line, too thick; not parts too faint or too flat to be objects at all);
+    `dropped` how many objects were dropped for each reason ("round", "soft", "film-line", "too-thick",
+    "faint", "flat").
     """
 
     region: np.ndarray
@@ -401,7 +402,7 @@ def find_objects(
         smoothed,
         labels,
         region_px,
-        _Film(level, sigma, polarity, dark_fraction, max_edge_px),
+        _Film(level, sigma, polarity, dark_fraction, max_edge_px, min_contrast_sigma),
         min_distance_px=min_distance_px,
         smallest_px=max(MIN_OBJECT_AREA_PX, min_area_px),
         min_transmission=_min_transmission(polarity, dark_fraction, max_od),
@@ -423,14 +424,15 @@ def _label(mask: np.ndarray) -> np.ndarray:
 @dataclass(frozen=True)
 class _Film:
     """The film the objects are measured against: level and noise sigma (smoothed image units), the objects'
-    polarity, the camera's dark level as a fraction of the film level (None: unknown) and the widest edge (px)
-    an object may have (None: not tested)."""
+    polarity, the camera's dark level as a fraction of the film level (None: unknown), the widest edge (px)
+    an object may have (None: not tested) and the deviation (sigmas) that makes a pixel deviant."""
 
     level: float
     sigma: float
     polarity: Polarity
     dark_fraction: float | None
     max_edge_px: float | None = None
+    threshold_sigma: float = 4.0
 
 
 #: Rows of the image smoothed at a time (`_smooth`): a few MB per band instead of a fresh full-size array.
@@ -607,11 +609,15 @@ def _measure_objects(
                 data, part_box, part, level=film.level, sigma=film.sigma, polarity=film.polarity,
                 dark_fraction=film.dark_fraction, smooth_sigma_px=SMOOTH_SIGMA_PX, convex_area_px=part_hull_px,
             )
-            # a part that does not stand out from the noise is no object at all, as if its pixels had not been
-            # deviant: its region is not marked as one whose objects were dropped, so an outlined region (a faint
-            # crystal found by its straight edges, whose brightest patches barely stand out) keeps its centroid
+            # a part that does not stand out from the noise, or from the film right around it, is no object at
+            # all, as if its pixels had not been deviant: its region is not marked as one whose objects were
+            # dropped, so an outlined region (a faint crystal found by its straight edges, whose brightest
+            # patches stand little above the crystal around them) keeps its centroid
             if vector[OBJECT_FEATURE_NAMES.index("significance")] < MIN_SIGNIFICANCE:
                 dropped["faint"] = dropped.get("faint", 0) + 1
+                continue
+            if local_contrast_sigma(data, part_box, part, film) < MIN_LOCAL_CONTRAST_SIGMA:
+                dropped["flat"] = dropped.get("flat", 0) + 1
                 continue
             part_rows, part_cols = np.nonzero(part)
             region_of.append(region)
@@ -631,6 +637,31 @@ def _measure_objects(
         np.asarray(components, dtype=np.int64),
         np.asarray(features, dtype=np.float64).reshape(-1, len(OBJECT_FEATURE_NAMES)),
     )
+
+
+#: Least mean contrast (film noise sigmas) an object must have over the film right around it (`local_contrast_sigma`):
+#: pixels are deviant at 4 sigmas from the image's film level, but where the flattening leaves the film a few
+#: sigmas off, noise crosses that threshold in clusters whose mean stands only 1-2 sigmas above their own
+#: surroundings. Measured: such clusters 1.1-2.1; the faintest crystals of the simulator and the synthetic test
+#: images 3.8-3.9.
+MIN_LOCAL_CONTRAST_SIGMA = 3.0
+#: Gap and width (px) of the ring around an object where its surroundings are measured.
+LOCAL_RING_GAP_PX = 2
+LOCAL_RING_WIDTH_PX = 4
+
+
+def local_contrast_sigma(data: np.ndarray, box: tuple[slice, slice], mask: np.ndarray, film: _Film) -> float:
+    """Mean deviation (film sigmas, in the objects' polarity) of the object `mask` in bounding box `box` of the
+    smoothed crop `data`, over the median of a ring `LOCAL_RING_GAP_PX` to `LOCAL_RING_GAP_PX` +
+    `LOCAL_RING_WIDTH_PX` px outside it (within the crop, without pixels that are themselves deviant: neighbours,
+    or the object where a candidate region cut it); NaN when fewer than 8 ring pixels remain."""
+    (rows, cols), inside = grown_box(box, mask, data.shape, LOCAL_RING_GAP_PX + LOCAL_RING_WIDTH_PX)
+    deviation = deviation_in_polarity(data[rows, cols], film.level, film.polarity) / film.sigma
+    near = cross_steps(inside, LOCAL_RING_GAP_PX, erode=False)
+    ring = cross_steps(near, LOCAL_RING_WIDTH_PX, erode=False) & ~near & (deviation < film.threshold_sigma)
+    if np.count_nonzero(ring) < 8:
+        return float("nan")
+    return float(deviation[inside].mean() - np.median(deviation[ring]))
 
 
 def _drop_reason(

@@ -14,9 +14,8 @@ and become clusters of their own. `prepare_image` removes them, in this order, o
    Ratios within a row cancel the illumination, so a column that keeps other rows than its neighbours
    (at a tilted bar edge) is not read as a stripe.
 3. Illumination: divided by a smooth background, times the background's median (keeps the grey-value
-   scale). The background is a Gaussian-weighted local plane (`local_plane`; a local linear fit, so that it
-   follows the illumination's slope up to the frame and the masks) over the unmasked pixels of a
-   block-averaged copy, in two passes: sigma = 1/12 of the shorter side, then 1/24 with objects (pixels more than 3
+   scale). The background is a normalised Gaussian convolution over unmasked pixels of a block-averaged
+   copy, in two passes: sigma = 1/12 of the shorter side, then 1/24 with objects (pixels more than 3
    robust spreads from the first background) left out, so film thickness variations flatten and crystals
    are not absorbed.
 4. Masked pixels (bars, black areas, annotation bands, grown by 2 px) are set to the median film level,
@@ -248,18 +247,17 @@ def flatten_illumination(
 
 def _background(small: np.ndarray, weight: np.ndarray, sigma: float) -> np.ndarray:
     """The smooth background of the block means `small` over blocks weighted by `weight` (their unmasked
-    share), NaN where no weight reaches: pass 1 a weighted mean at `sigma` (blocks), pass 2 a local plane
-    (`local_plane`) at `sigma` / 2 without the objects (robust outliers of pass 1), so the film's own thickness
-    variations flatten while crystals are not absorbed into the background."""
+    share), NaN where no weight reaches: pass 1 at `sigma` (blocks), pass 2 at `sigma` / 2 without the
+    objects (robust outliers of pass 1; where no film is within its reach, the same at `sigma`), so the film's
+    own thickness variations flatten while crystals are not absorbed into the background."""
 
-    # pass 1 is a weighted mean: a plane would tilt into a large object (a crystal filling much of a search
-    # frame) instead of leaving it out as an outlier; pass 2, with the objects left out, is a plane, which
-    # follows the illumination's slope up to the frame and the masks
-    with np.errstate(divide="ignore", invalid="ignore"):
-        denominator = ndimage.gaussian_filter(weight, sigma, mode="nearest")
-        coarse = np.where(
-            denominator > 1e-3, ndimage.gaussian_filter(small * weight, sigma, mode="nearest") / denominator, np.nan
-        )
+    def smooth(weights: np.ndarray, width: float) -> np.ndarray:
+        numerator = ndimage.gaussian_filter(small * weights, width, mode="nearest")
+        denominator = ndimage.gaussian_filter(weights, width, mode="nearest")
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(denominator > 1e-3, numerator / denominator, np.nan)
+
+    coarse = smooth(weight, sigma)
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = small / coarse - 1.0
     usable = (weight > 0.5) & np.isfinite(ratio)
@@ -269,56 +267,12 @@ def _background(small: np.ndarray, weight: np.ndarray, sigma: float) -> np.ndarr
     spread = 1.4826 * np.median(np.abs(ratio[usable] - centre)) + 1e-12
     objects = ~np.isfinite(ratio) | (np.abs(ratio - centre) > 3.0 * spread)
     objects = ndimage.maximum_filter(objects.astype(np.uint8), size=3) > 0
-    background = local_plane(small, weight * ~objects, max(1.0, sigma / 2.0))
-    # inside an object wider than pass 2 reaches (a crystal filling much of a search frame) there is no film to
-    # fit: the film around it at pass 1's width, still without the objects, rather than pass 1 itself, which the
-    # object has pulled towards its own level (its middle was flattened into a disc of film level)
-    wide = local_plane(small, weight * ~objects, sigma)
-    background = np.where(np.isfinite(background), background, wide)
+    background = smooth(weight * ~objects, max(1.0, sigma / 2.0))
+    # inside an object wider than pass 2 reaches (a crystal filling much of a search frame) there is no film:
+    # the film around it at pass 1's width, still without the objects, rather than pass 1 itself, which the
+    # object has pulled towards its own level (its middle was flattened towards the film level)
+    background = np.where(np.isfinite(background), background, smooth(weight * ~objects, sigma))
     return np.where(np.isfinite(background), background, coarse)
-
-
-#: Ridge on the local plane's slopes (`local_plane`), as a share of the Gaussian's own second moment: keeps the fit
-#: solvable where the film is a thin strip, and pulls it towards the plain weighted mean there.
-PLANE_RIDGE = 0.01
-
-
-def local_plane(values: np.ndarray, weights: np.ndarray, width: float) -> np.ndarray:
-    """Weighted local linear fit of `values` (2-D) at every point: the value at the point of the plane fitted by
-    weighted least squares with weights `weights` x a Gaussian of `width` (same units as the array's index)
-    around the point; NaN where the weights within reach sum to almost nothing.
-
-    A plain normalised convolution (the weighted mean) is a local constant: where the film ends on one side (the
-    frame, a seam, a wide mask) it averages only the film on the other side and misses the illumination's slope
-    by about the slope x the width (several per cent at a vignetted frame edge, where the film then read as a
-    band of false objects). The plane follows the slope up to the edge. Its value is kept within half and twice
-    the weighted mean, so a fit on a thin strip cannot run away.
-    """
-    rows, cols = values.shape
-    y = ((np.arange(rows, dtype=np.float64) - rows / 2.0) / width)[:, None]
-    x = ((np.arange(cols, dtype=np.float64) - cols / 2.0) / width)[None, :]
-
-    def blur(array: np.ndarray) -> np.ndarray:
-        return ndimage.gaussian_filter(np.broadcast_to(array, values.shape).astype(np.float64), width, mode="constant")
-
-    w, wf = weights.astype(np.float64), weights * values
-    s0, sx, sy = blur(w), blur(w * x), blur(w * y)
-    sxx, sxy, syy = blur(w * x * x), blur(w * x * y), blur(w * y * y)
-    f0, fx, fy = blur(wf), blur(wf * x), blur(wf * y)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        # moments about each point (x, y): u = x' - x, v = y' - y
-        su, sv = sx - x * s0, sy - y * s0
-        suu = sxx - 2 * x * sx + x * x * s0 + PLANE_RIDGE * s0
-        svv = syy - 2 * y * sy + y * y * s0 + PLANE_RIDGE * s0
-        suv = sxy - x * sy - y * sx + x * y * s0
-        fu, fv = fx - x * f0, fy - y * f0
-        # a of [[s0, su, sv], [su, suu, suv], [sv, suv, svv]] (a, b, c) = (f0, fu, fv), by Cramer's rule
-        determinant = s0 * (suu * svv - suv * suv) - su * (su * svv - suv * sv) + sv * (su * suv - suu * sv)
-        numerator = f0 * (suu * svv - suv * suv) - su * (fu * svv - suv * fv) + sv * (fu * suv - suu * fv)
-        plane = numerator / determinant
-        mean = f0 / s0
-        plane = np.clip(np.where(np.isfinite(plane), plane, mean), 0.5 * mean, 2.0 * mean)
-        return np.where(s0 > 1e-3, plane, np.nan)
 
 
 def _unmasked_block_sum(data: np.ndarray, mask: np.ndarray, factor: int) -> np.ndarray:

@@ -94,39 +94,6 @@ def test_a_stripe_several_columns_wide_is_removed_and_its_neighbours_are_left_al
     np.testing.assert_array_equal(data[:, 204:], clean[:, 204:])
 
 
-def test_the_background_plane_follows_a_slope_up_to_where_the_film_ends() -> None:
-    """A weighted mean next to a wide mask averages only the film on one side and misses the slope by about the
-    slope x the width (24 counts here); the local plane stays within one count."""
-    from scipy import ndimage
-
-    from agent.locate.preprocess import local_plane
-
-    yy, xx = np.mgrid[:100, :120].astype(np.float64)
-    values = 1000.0 + 3.0 * xx + 2.0 * yy
-    weights = np.ones_like(values)
-    weights[:, :40] = 0.0  # the film ends at column 40
-    plane = local_plane(values, weights, 10.0)
-    mean = ndimage.gaussian_filter(values * weights, 10.0, mode="constant") / ndimage.gaussian_filter(
-        weights, 10.0, mode="constant"
-    )
-    assert np.max(np.abs(plane - values)[:, 40:]) < 1.5
-    assert np.max(np.abs(mean - values)[:, 40:]) > 15.0
-    assert np.isnan(local_plane(values, np.zeros_like(values), 10.0)).all()
-
-
-def test_a_vignetted_frame_edge_flattens_to_the_film_level() -> None:
-    """A beam falling off by 18 % towards the frame edge: after flattening, the film along the edge is within
-    1 % of the level (the weighted-mean background left it 3-4 % dark, a band of false objects)."""
-    rows = cols = 512
-    yy, xx = np.mgrid[:rows, :cols].astype(np.float64)
-    illumination = 1.0 - 0.5 * (((yy - 0.4 * rows) / rows) ** 2 + ((xx - 0.6 * cols) / cols) ** 2)
-    image = np.random.default_rng(0).poisson(20000.0 * illumination).astype(np.float64)
-    mask = np.zeros(image.shape, dtype=bool)
-    mask[:, 250:300] = True  # a grid bar
-    level = flatten_illumination(image, mask)
-    assert abs(float(np.median(image[:, 2:20])) / level - 1.0) < 0.01
-
-
 def test_a_crystal_wider_than_the_background_fit_stays_dark_to_its_middle() -> None:
     """A plate filling much of a search frame: its middle was flattened towards the film level (the background
     there fell back to the first pass, which the plate had pulled down); the film around it stands in now. (A
