@@ -18,8 +18,8 @@ For every specimen type (`simulator.specimen.SPECIMEN_TYPES`) x seeds 1, 2, 3 x 
 as a subprocess with `PYTHONPATH` set to the code tree (so the tree's `agent`, `drivers` and `simulator`
 are imported, not the installed ones), in a temporary working folder, with `--squares 1 --max-targets 12`
 (the default plan until issue 20 sized sessions by a one-hour budget), a fresh empty label memory and an
-empty calibration store per run. `behaviour_baseline.json` holds commit f4db080's figures (stop 22: field
-placement, direct snapshots, the optics staying in diffraction); a change of behaviour needs a new baseline
+empty calibration store per run. `behaviour_baseline.json` holds commit 7f47293's figures (stop 23: the
+locator's flattening, seams, soft contamination and film level); a change of behaviour needs a new baseline
 before it can check a refactor. It collects from each session folder:
 
 - `summary.json`: every key except `wall_time_s` and `session` must be equal (floats compared exactly;
