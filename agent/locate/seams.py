@@ -36,13 +36,13 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-#: Lines (rows for a column seam) per block whose median step is tested.
+#: Lines (rows for a column seam) per block whose (trimmed mean) step is tested.
 BLOCK_LINES = 32
 #: Smallest step in ln(intensity) across a seam (2 %).
 MIN_STEP_LOG = 0.02
 #: Largest step in ln(intensity) taken for a seam (40 %: tiles of one montage are not exposed that differently).
 MAX_STEP_LOG = 0.34
-#: A block's median step must exceed this many robust spreads of all block medians.
+#: A block's step must exceed this many robust spreads of the steps of all blocks.
 MIN_STEP_SIGMAS = 6.0
 #: Share of the blocks along a line that must step the same way for a seam (at least 4 blocks; and at least half
 #: of the blocks with unmasked pixels on the line must step).
@@ -51,7 +51,7 @@ MIN_BLOCK_FRACTION = 0.15
 LASTING_LINES = 32
 #: Every this-many-th line of a block is sampled.
 SAMPLE_STRIDE = 4
-#: Fewest unmasked pixel pairs among a block's sampled lines for its median to count.
+#: Fewest unmasked pixel pairs among a block's sampled lines for its step to count.
 MIN_PAIRS_PER_BLOCK = 4
 
 
@@ -88,8 +88,8 @@ def find_seams(image: np.ndarray, mask: np.ndarray) -> Seams:
 
 def _seam_lines(log: np.ndarray, mask: np.ndarray, min_step: float) -> tuple[int, ...]:
     """Column boundaries c (between c - 1 and c) of `log` that step by at least `min_step` (ln units) and are
-    seams (see the module docstring). Every
-    `SAMPLE_STRIDE`-th line is sampled: a seam runs the whole block, so the median needs only a few lines."""
+    seams (see the module docstring). Every `SAMPLE_STRIDE`-th line is sampled: a seam runs the whole block, so
+    the block's step needs only a few lines."""
     rows, cols = log.shape
     n_blocks = rows // BLOCK_LINES
     if n_blocks < 4 or cols < 8:
@@ -106,18 +106,18 @@ def _seam_lines(log: np.ndarray, mask: np.ndarray, min_step: float) -> tuple[int
     finite_sum = np.where(np.isfinite(ordered), ordered, 0.0).sum(axis=1, dtype=np.float64)
     highest = np.take_along_axis(ordered, np.maximum(counts - 1, 0)[:, None, :], axis=1)[:, 0, :]
     with np.errstate(invalid="ignore", divide="ignore"):
-        medians = (finite_sum - ordered[:, 0, :] - highest) / (counts - 2)
-    medians[counts < MIN_PAIRS_PER_BLOCK] = np.nan
+        block_steps = (finite_sum - ordered[:, 0, :] - highest) / (counts - 2)
+    block_steps[counts < MIN_PAIRS_PER_BLOCK] = np.nan
     # steps of more than `MAX_STEP_LOG` are edges of objects or of the bars' blurred rims, never a gain step
-    known = np.nan_to_num(medians, nan=0.0)
+    known = np.nan_to_num(block_steps, nan=0.0)
     known[np.abs(known) > MAX_STEP_LOG] = 0.0
-    finite = known[np.isfinite(medians)]
+    finite = known[np.isfinite(block_steps)]
     if finite.size < 16:
         return ()
     spread = 1.4826 * float(np.median(np.abs(finite - np.median(finite))))
     limit = max(min_step, MIN_STEP_SIGMAS * spread)
     up, down = (known > limit).sum(axis=0), (known < -limit).sum(axis=0)
-    n_valid = np.isfinite(medians).sum(axis=0)
+    n_valid = np.isfinite(block_steps).sum(axis=0)
     least = max(4, int(np.ceil(MIN_BLOCK_FRACTION * n_blocks)))
     stepping = (np.maximum(up, down) >= least) & (up + down >= 0.5 * n_valid)
     # a seam's step lasts; a readout stripe steps up and back down within a few lines (and
