@@ -71,31 +71,36 @@ class Seams:
 def find_seams(image: np.ndarray, mask: np.ndarray) -> Seams:
     """The montage seams of a 2-D `image` (any real dtype), pixels of `mask` (bars, black areas, data bars)
     left out; see the module docstring."""
-    log = np.log(np.maximum(np.asarray(image, dtype=np.float32), 1.0))
+    data = np.asarray(image)
     mask = np.asarray(mask, dtype=bool)
     min_step = MIN_STEP_LOG
-    if np.issubdtype(np.asarray(image).dtype, np.integer) and (~mask).any():
+    film = data[::8, ::8][~mask[::8, ::8]]  # a sample of the film (every 8th pixel of every 8th row)
+    if np.issubdtype(data.dtype, np.integer) and film.size:
         # whole grey levels: an 8-bit export of dim film steps by a few % from one level to the next, and the
         # block means of such steps are not a seam; a seam must step by at least two levels of the film
-        film = np.asarray(image)[~mask][:: max(1, int((~mask).sum()) // 100_000)]
         min_step = max(min_step, 2.0 * float(np.log1p(1.0 / max(float(np.median(film)), 1.0))))
+    def log_of(lines: np.ndarray) -> np.ndarray:
+        return np.log(np.maximum(lines.astype(np.float32), 1.0))
+
+    # only every SAMPLE_STRIDE-th line along a seam is read: the log of two quarter-size copies, not the image
+    stride = SAMPLE_STRIDE
     return Seams(
-        shape=(int(log.shape[0]), int(log.shape[1])),
-        columns=_seam_lines(log, mask, min_step),
-        rows=_seam_lines(log.T, mask.T, min_step),
+        shape=(int(data.shape[0]), int(data.shape[1])),
+        columns=_seam_lines(log_of(data[::stride]), mask[::stride], min_step),
+        rows=_seam_lines(log_of(data[:, ::stride].T), mask[:, ::stride].T, min_step),
     )
 
 
 def _seam_lines(log: np.ndarray, mask: np.ndarray, min_step: float) -> tuple[int, ...]:
     """Column boundaries c (between c - 1 and c) of `log` that step by at least `min_step` (ln units) and are
-    seams (see the module docstring). Every `SAMPLE_STRIDE`-th line is sampled: a seam runs the whole block, so
-    the block's step needs only a few lines."""
-    rows, cols = log.shape
-    n_blocks = rows // BLOCK_LINES
+    seams (see the module docstring). `log` and `mask` hold every `SAMPLE_STRIDE`-th row of the image: a seam
+    runs the whole block, so the block's step needs only a few lines."""
+    per_block = BLOCK_LINES // SAMPLE_STRIDE
+    n_blocks = log.shape[0] // per_block
+    cols = log.shape[1]
     if n_blocks < 4 or cols < 8:
         return ()
-    sampled = slice(0, n_blocks * BLOCK_LINES, SAMPLE_STRIDE)
-    per_block = BLOCK_LINES // SAMPLE_STRIDE
+    sampled = slice(0, n_blocks * per_block)
     step = np.diff(log[sampled], axis=1)
     valid = ~(mask[sampled, 1:] | mask[sampled, :-1])
     step[~valid] = np.inf  # sorted last
