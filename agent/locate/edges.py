@@ -14,8 +14,10 @@ a band two pixels either side of its outline; for the bars, the film level besid
 the gradient in a band four pixels either side of the bar mask's edge.
 
 Measured, in the 1-px-smoothed image (`tests.synthetic_images`, the simulator's atlases of four specimen types):
-bar edges 2.6-3.2 px; crystals 2.8-5.8 px in the synthetic images and up to 6.2 px in the simulator (one fibre
-10.6 px); blurred debris of the synthetic images 3.1-33 px, half of it above 10 px.
+bar edges 3.2-3.4 px at 1-2k (4.6 px on the synthetic 4k images); crystals 2.8-5.8 px in the synthetic images and
+up to 6.2 px in the simulator (one fibre bundle cut by the frame 10.6 px, now measured without the frame's cut);
+blurred debris of the synthetic images 3.1-33 px, half of it above 10 px. The factor 3.5 lies between the widest
+crystal edges and the bulk of the blurred debris; it was not fitted to any one image.
 """
 
 from __future__ import annotations
