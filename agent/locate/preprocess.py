@@ -28,8 +28,13 @@ are found on the raw image first; each tile is flattened on its own (step 3), an
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 from scipy import ndimage
+
+if TYPE_CHECKING:
+    from agent.locate.seams import Seams
 
 
 def noise_sigma(image: np.ndarray, mask: np.ndarray | None = None) -> float:
@@ -212,11 +217,11 @@ def _divide_by_upsampled(data: np.ndarray, background: np.ndarray, factor: int, 
 
 
 def flatten_illumination(
-    data: np.ndarray, mask: np.ndarray, sigma_fraction: float = 1 / 12, tiles: np.ndarray | None = None
+    data: np.ndarray, mask: np.ndarray, sigma_fraction: float = 1 / 12, seams: Seams | None = None
 ) -> float:
     """In place: divide float64 `data` by its smooth background times the background median; returns
-    that median (the film level). See module docstring. `tiles` (int labels, image shape; None: one tile):
-    the tiles of a montage (`seams.tile_labels`), each flattened on its own, so no background is smoothed
+    that median (the film level). See module docstring. `seams` (None or none found: one tile): a montage's
+    seams (`seams.find_seams`); each tile they bound is flattened on its own, so no background is smoothed
     across a seam."""
     factor = max(1, min(data.shape) // 256)
     weight = block_mean(~mask, factor)
@@ -226,12 +231,12 @@ def flatten_illumination(
     with np.errstate(divide="ignore", invalid="ignore"):
         small = np.where(weight > 0, _unmasked_block_sum(data, mask, factor) / (weight * factor * factor), 0.0)
     sigma = max(1.0, min(small.shape) * sigma_fraction)
-    if tiles is None:
+    if not seams:
         background = _background(small, weight, sigma)
     else:
-        from agent.locate.seams import block_tiles
+        from agent.locate.seams import tile_labels
 
-        tile_of_block = block_tiles(tiles, factor)[: small.shape[0], : small.shape[1]]
+        tile_of_block = tile_labels(seams, factor)[: small.shape[0], : small.shape[1]]
         background = np.full(small.shape, np.nan)
         for tile in np.unique(tile_of_block):
             inside = tile_of_block == tile
@@ -290,19 +295,17 @@ def _unmasked_block_sum(data: np.ndarray, mask: np.ndarray, factor: int) -> np.n
 def prepare_image(image: np.ndarray, mask: np.ndarray, flatten: bool = True, clean: bool = True) -> np.ndarray:
     """A float64 copy of `image` with artefacts removed, illumination flattened and masked pixels set
     to the film level (module docstring). `mask` is the bar / black-area mask (image shape, bool)."""
-    from agent.locate.seams import find_seams, seam_band, tile_labels
+    from agent.locate.seams import find_seams, seam_band
 
     seams = find_seams(image, mask)  # on the raw image: the stripe clean-up below bends a seam's step
-    tiles = None
     if seams:
-        tiles = tile_labels(seams)
         mask = mask | seam_band(seams, max(SEAM_HALF_WIDTH_PX, min(image.shape) // 256))
     data = image.astype(np.float64)
     if clean:
         remove_outlier_pixels(data, noise_sigma(image, mask))
         remove_stripes(data, mask)
     if flatten:
-        level = flatten_illumination(data, mask, tiles=tiles)
+        level = flatten_illumination(data, mask, seams=seams)
     else:
         unmasked = data[~mask] if (~mask).any() else data.ravel()
         level = float(np.median(unmasked[:: max(1, unmasked.size // 100_000)]))

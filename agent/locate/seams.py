@@ -139,12 +139,17 @@ def _seam_lines(log: np.ndarray, mask: np.ndarray, min_step: float) -> tuple[int
     return tuple(int(c) + 1 for c in np.flatnonzero((strength > 0) & (strength >= peak)))
 
 
-def tile_labels(seams: Seams) -> np.ndarray:
-    """Int32 label image (`seams.shape`) of the tiles the seams bound: tile k + 1 for the k-th rectangle in
-    row-major order. Every seam is taken to cross the whole image (montage tiles are laid out on a grid)."""
+def tile_labels(seams: Seams, block_px: int = 1) -> np.ndarray:
+    """Int32 labels of the tiles the seams bound: tile k + 1 for the k-th rectangle in row-major order. Every
+    seam is taken to cross the whole image (montage tiles are laid out on a grid). Per pixel (`block_px` 1,
+    `seams.shape`), or per `block_px` x `block_px` block (blocks as `preprocess.block_mean`: edges that do not
+    fill a block are cropped), the tile of the block's centre pixel."""
     rows, cols = seams.shape
-    row_tile = np.searchsorted(np.asarray(seams.rows, dtype=np.int64), np.arange(rows), side="right")
-    col_tile = np.searchsorted(np.asarray(seams.columns, dtype=np.int64), np.arange(cols), side="right")
+    centre = block_px // 2
+    row_px = np.arange(centre, (rows // block_px) * block_px, block_px)
+    col_px = np.arange(centre, (cols // block_px) * block_px, block_px)
+    row_tile = np.searchsorted(np.asarray(seams.rows, dtype=np.int64), row_px, side="right")
+    col_tile = np.searchsorted(np.asarray(seams.columns, dtype=np.int64), col_px, side="right")
     n_cols = len(seams.columns) + 1
     return (row_tile[:, None] * n_cols + col_tile[None, :] + 1).astype(np.int32)
 
@@ -163,12 +168,4 @@ def seam_band(seams: Seams, half_width_px: int) -> np.ndarray:
             if hi - lo <= 2 * half_width_px:
                 (band[:, lo:hi] if axis == 1 else band[lo:hi, :])[...] = True
     return band
-
-
-def block_tiles(tiles: np.ndarray, factor: int) -> np.ndarray:
-    """The tile of each `factor` x `factor` block of `tiles` (the tile at the block's centre pixel; blocks
-    as `preprocess.block_mean`: edges that do not fill a block are cropped)."""
-    rows, cols = (tiles.shape[0] // factor) * factor, (tiles.shape[1] // factor) * factor
-    centre = factor // 2
-    return np.asarray(tiles[centre:rows:factor, centre:cols:factor])
 

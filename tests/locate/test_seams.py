@@ -107,3 +107,10 @@ def test_a_mottled_film_keeps_dark_objects_dark() -> None:
     candidates = find_candidates(analysis, analysis.suggested_crystal_clusters, settings, image=scene.image)
     on_crystal = scene.crystal_mask(3)
     assert sum(on_crystal[int(c.row_px), int(c.col_px)] for c in candidates) >= 11
+
+
+def test_block_tile_labels_are_the_tiles_of_the_block_centres() -> None:
+    seams = Seams(shape=(40, 60), columns=(3, 30), rows=(20,))
+    full = tile_labels(seams)
+    assert np.array_equal(tile_labels(seams, 4), full[2:40:4, 2:60:4])
+    assert tile_labels(seams, 7).shape == (5, 8)  # blocks that do not fill 7 px are cropped
