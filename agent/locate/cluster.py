@@ -36,9 +36,7 @@ Bars and black areas (grid bars block the beam in bright and in dark field, so t
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
@@ -123,21 +121,17 @@ class ClusterModel:
 
     def _each_block(self, features: np.ndarray, chunk: int, work: Callable[[int, np.ndarray], None]) -> None:
         """`work(start, block)` for every block of `_blocks`; the chunks (the same ones, so the same
-        arithmetic per row) are shared out over up to four threads, each with its own buffer."""
+        arithmetic per row) are shared out over `parallel.thread_count()` threads, each with its own buffer."""
+        from agent.locate.parallel import run_parallel, thread_count
+
         starts = range(0, features.shape[0], chunk)
-        n_threads = min(len(starts), max(1, min(4, os.cpu_count() or 1)))
-        if n_threads < 2:
-            for start, block in self._blocks(features, chunk):
-                work(start, block)
-            return
+        n_threads = min(len(starts), thread_count())
 
         def run(part: Sequence[int]) -> None:
             for start, block in self._blocks(features, chunk, part):
                 work(start, block)
 
-        with ThreadPoolExecutor(n_threads) as pool:
-            for future in [pool.submit(run, starts[i::n_threads]) for i in range(n_threads)]:
-                future.result()
+        run_parallel([lambda part=starts[i::n_threads]: run(part) for i in range(n_threads)])
 
     def predict(self, features: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
         """Nearest-centroid cluster id of every row of `features` (n, F), int32; chunked for large n."""

@@ -38,14 +38,13 @@ Speed: work is done in row bands that fit the CPU cache, with re-used buffers, s
 from __future__ import annotations
 
 import logging
-import os
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
 from agent.locate.errors import ImageInputError, SettingsError
+from agent.locate.parallel import run_parallel, thread_count
 
 logger = logging.getLogger(__name__)
 
@@ -66,10 +65,6 @@ FEATURE_NAMES: tuple[str, ...] = (
 _UNRELIABLE_VARIANCE = 1e-7
 
 _BAND_ROWS = 32
-
-
-def _n_threads() -> int:
-    return max(1, min(4, os.cpu_count() or 1))
 
 
 def check_image(image: np.ndarray) -> np.ndarray:
@@ -291,17 +286,6 @@ def _window_extreme(a: np.ndarray, window_px: int, op: np.ufunc, centres: np.nda
     return op(table[starts], table[starts + (window_px - power)])
 
 
-def _run_parallel(tasks: list[Callable[[], None]]) -> None:
-    n_threads = _n_threads()
-    if n_threads == 1 or len(tasks) == 1:
-        for task in tasks:
-            task()
-        return
-    with ThreadPoolExecutor(max_workers=n_threads) as pool:
-        for future in [pool.submit(task) for task in tasks]:
-            future.result()
-
-
 # --------------------------------------------------------------------------------------------------
 # Grid patches
 # --------------------------------------------------------------------------------------------------
@@ -388,8 +372,8 @@ def grid_features(image: np.ndarray, rows: int, cols: int) -> tuple[np.ndarray, 
                     lower = s2 - first_sq + (last_sq if n_dy == n else 0.0)
                     acc[4] += 0.5 * (upper + lower - 2.0 * cross_v)
 
-    n_threads = _n_threads()
-    _run_parallel([(lambda part=part: work(part)) for part in np.array_split(np.arange(rows), n_threads) if len(part)])
+    n_threads = thread_count()
+    run_parallel([(lambda part=part: work(part)) for part in np.array_split(np.arange(rows), n_threads) if len(part)])
     cell_sums = np.add.reduceat(sums, edges_c[:-1], axis=2)  # (rows, 5, cols)
     vmin = np.minimum.reduceat(col_min, edges_c[:-1], axis=1).astype(np.float64)
     vmax = np.maximum.reduceat(col_max, edges_c[:-1], axis=1).astype(np.float64)
@@ -492,9 +476,9 @@ def window_features(
     chunk_out = max(1, 64 // stride_px)
     chunks = [(i, min(i + chunk_out, n_out_r)) for i in range(0, n_out_r, chunk_out)]
     plan = _WindowPlan(image, window_px, stride_px, centres_r, centres_c, count_c, ref, out, chunk_out)
-    n_threads = _n_threads()
+    n_threads = thread_count()
     parts = [chunks[k::n_threads] for k in range(n_threads)]
-    _run_parallel([(lambda part=part: _window_chunks(plan, part)) for part in parts if part])
+    run_parallel([(lambda part=part: _window_chunks(plan, part)) for part in parts if part])
     return out, FEATURE_NAMES
 
 

@@ -10,16 +10,17 @@ axis-1 pass is scipy's own `correlate1d`. Tests compare both on random images.
 
 Speed: the band is done in sub-bands of `_SUB_BAND_ROWS` rows, each through both passes (every row of the
 axis-1 pass is filtered on its own, so a sub-band's rows equal the whole band's); sub-bands run on up to
-four threads once the band has `PARALLEL_MIN_PX` pixels (numpy and scipy release the GIL).
+`parallel.MAX_THREADS` threads once the band has `PARALLEL_MIN_PX` pixels (numpy and scipy release the GIL).
 """
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
+import functools
 
 import numpy as np
 from scipy import ndimage
+
+from agent.locate.parallel import run_parallel
 
 #: Rows of the axis-0 pass done at a time (their temporaries stay in the cache).
 _SUB_BAND_ROWS = 64
@@ -56,19 +57,15 @@ def gaussian_rows(image: np.ndarray, top: int, bottom: int, sigma_px: float) -> 
         return ndimage.gaussian_filter(np.asarray(image[top:bottom], dtype=np.float64), sigma_px)
     cols = image.shape[1]
     out = np.empty((bottom - top, cols))
-    firsts = list(range(top, bottom, _SUB_BAND_ROWS))
-    workers = min(len(firsts), max(1, min(4, os.cpu_count() or 1)))
-    if workers < 2 or out.size < PARALLEL_MIN_PX:
-        for first in firsts:
-            _smooth_sub_band(image, top, first, min(first + _SUB_BAND_ROWS, bottom), weights, out)
-        return out
-    with ThreadPoolExecutor(workers) as pool:
-        futures = [
-            pool.submit(_smooth_sub_band, image, top, first, min(first + _SUB_BAND_ROWS, bottom), weights, out)
-            for first in firsts
-        ]
-        for future in futures:
-            future.result()
+    tasks = [
+        functools.partial(_smooth_sub_band, image, top, first, min(first + _SUB_BAND_ROWS, bottom), weights, out)
+        for first in range(top, bottom, _SUB_BAND_ROWS)
+    ]
+    if out.size < PARALLEL_MIN_PX:
+        for task in tasks:
+            task()
+    else:
+        run_parallel(tasks)
     return out
 
 
