@@ -349,9 +349,9 @@ def objects_in_regions(
     film level); the film level and noise come from the pixels of the background cluster. Pixels of a
     region that differ from the film by more than `min_contrast_sigma` noise sigmas, in the objects'
     measured polarity, form objects; touching objects are split where they meet (pieces at least a third
-    of `settings.min_spacing_px` apart, at least 2 px). Ice balls (round), film lines and, with
-    `settings.max_object_od`, objects too thick for diffraction are dropped, and with `settings.drop_soft_objects`
-    objects whose edge is far wider than the bars' (`agent.locate.edges`) (the thickness test and the
+    of `settings.min_spacing_px` apart, at least 2 px). Ice balls (round), film lines, with
+    `settings.drop_soft_objects` objects whose edge is far wider than the bars' (`agent.locate.edges`), and with
+    `settings.max_object_od` objects too thick for diffraction are dropped (the thickness test and the
     `optical_density` feature need the bars for the camera's dark level). None when there is no film to
     compare with. `prepared`: the prepared image when the caller has it already (see `find_candidates`).
     """
