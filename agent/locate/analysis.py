@@ -83,6 +83,7 @@ from agent.locate.vacuum import vacuum_mask
 
 if TYPE_CHECKING:  # the outline search (and scipy.fft) is imported only when outlines are on
     from agent.locate.outlines import OutlineTable
+    from agent.locate.seams import Seams
 
 logger = logging.getLogger(__name__)
 
@@ -219,6 +220,8 @@ class ClusterAnalysis:
     - `outline_cluster`: with `settings.outline_length_px`, the id of the cluster of cells inside
       straight-edged outlines (the last id), None when there is none. `model` (k-means) knows neither
       that cluster nor the last feature column, `straight_edge`.
+    - `seams`: the montage seams found on the image (`seams.find_seams`; falsy when none), None when not
+      looked for.
     """
 
     image_shape: tuple[int, int]
@@ -243,6 +246,7 @@ class ClusterAnalysis:
     bar_angle_deg: float | None = None
     vacuum_mask: np.ndarray | None = None
     outline_cluster: int | None = None
+    seams: Seams | None = None
 
     @property
     def bar_mask_without_holes(self) -> np.ndarray:
@@ -421,7 +425,7 @@ def _analyse(
     # 1. bars, black areas and film holes
     bar_mask, bar_angle, vacuum = _pixel_masks(image, settings, grid_shape, row_index, col_index)
     # 2. clean-up and flattening, 3. features
-    prepared, features, names, outlines = _features_and_outlines(image, bar_mask, settings)
+    prepared, features, names, outlines, seams = _features_and_outlines(image, bar_mask, settings)
     if not keep_prepared:
         prepared = None  # 8 bytes a pixel: not held through the clustering when nobody wants it
     # 4. cluster the unmasked cells
@@ -470,6 +474,7 @@ def _analyse(
         bar_angle_deg=bar_angle,
         vacuum_mask=vacuum,
         outline_cluster=cells.outline_cluster,
+        seams=seams,
     )
     return analysis, prepared
 
@@ -531,17 +536,20 @@ def _pixel_masks(
 
 def _features_and_outlines(
     image: np.ndarray, bar_mask: np.ndarray, settings: LocateSettings
-) -> tuple[np.ndarray, np.ndarray, tuple[str, ...], OutlineTable | None]:
-    """Steps 2 and 3: the image cleaned and flattened (`prepare_image`), its cell features and names, and
-    with `outline_length_px` its straight-edged outlines (None without)."""
-    data = prepare_image(image, bar_mask, flatten=settings.flatten, clean=settings.clean)
+) -> tuple[np.ndarray, np.ndarray, tuple[str, ...], OutlineTable | None, Seams]:
+    """Steps 2 and 3: the image cleaned and flattened (`prepare_image`), its cell features and names, with
+    `outline_length_px` its straight-edged outlines (None without), and its montage seams."""
+    from agent.locate.seams import find_seams
+
+    seams = find_seams(image, bar_mask)
+    data = prepare_image(image, bar_mask, flatten=settings.flatten, clean=settings.clean, seams=seams)
     features, names = _cell_features(data, settings)
     outlines = None
     if settings.outline_length_px:
         from agent.locate.outlines import find_outlines
 
         outlines = find_outlines(data, bar_mask, settings.outline_length_px)
-    return data, features, names, outlines
+    return data, features, names, outlines, seams
 
 
 def _valid_cells(bar_mask: np.ndarray, settings: LocateSettings, grid_shape: tuple[int, int]) -> np.ndarray:

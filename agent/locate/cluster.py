@@ -630,9 +630,9 @@ def black_pixel_mask(image: np.ndarray, ignore: np.ndarray | None = None, max_si
     the bright class mean (classes as in `dark_class`; 3x3 mean first against noise), grown by 2 px. Which
     connected parts count is decided on a block-averaged copy.
 
-    Only parts touching the border or covering >= 10 % of the image count (`keep_border_or_large`).
-    Catches bar edges and black corners the wide-structure detectors leave out. Empty when the image has no
-    clear dark class.
+    Only parts touching the border or covering >= 10 % of the image count (`keep_border_or_large`), and the
+    slivers of bars that the frame cuts (`frame_edge_slivers`). Catches bar edges and black corners the
+    wide-structure detectors leave out. Empty when the image has no clear dark class.
     """
     small, factor = _block_mean(image, max_side_px)
     ignore_small = _ignore_blocks(ignore, factor, small.shape)
@@ -646,12 +646,45 @@ def black_pixel_mask(image: np.ndarray, ignore: np.ndarray | None = None, max_si
         black_small &= ~ignore_small
     # which black parts count is decided on the block copy (cheap); the mask itself is pixel-exact
     allowed = grow_mask(keep_border_or_large(black_small), 3)
-    if not allowed.any():
-        return np.zeros(image.shape, dtype=bool)
-    black = _mean_3x3_at_most(image, level) & _upsample_mask(allowed, factor, image.shape)
+    black = frame_edge_slivers(image, level, 2 * factor)
+    if allowed.any():
+        black |= _mean_3x3_at_most(image, level) & _upsample_mask(allowed, factor, image.shape)
     if ignore is not None:
         black &= ~ignore
-    return grow_mask(black, 5)
+    return grow_mask(black, 5) if black.any() else black
+
+
+def frame_edge_slivers(image: np.ndarray, level: float, depth_px: int) -> np.ndarray:
+    """Bool mask (image shape) of the pixels at most `level` within `depth_px` of the frame's edge, in connected
+    parts (8-connected, within that rim) that reach the edge and run along it for at least 4 x `depth_px`:
+    a bar or black area that the frame cuts to a sliver a pixel or two wide. Averaged into blocks, or over 3 x 3
+    pixels, such a sliver is brighter than black, and unmasked it became a row of dark objects along the
+    frame. Pixel by pixel, not averaged: a sliver one pixel wide is black in its own pixels only."""
+    rows, cols = image.shape
+    mask = np.zeros((rows, cols), dtype=bool)
+    depth = min(depth_px, rows, cols)
+    if depth < 1:
+        return mask
+    min_run = 4 * depth
+    # each edge as a strip whose first column lies on the frame (the rows: transposed views)
+    strips = (
+        (image[:, :depth], mask[:, :depth]),
+        (image[:, ::-1][:, :depth], mask[:, ::-1][:, :depth]),
+        (image[:depth].T, mask[:depth].T),
+        (image[::-1][:depth].T, mask[::-1][:depth].T),
+    )
+    for values, target in strips:
+        dark = values <= level
+        if not dark[:, 0].any():
+            continue
+        labels, _count = ndimage.label(dark, structure=np.ones((3, 3), dtype=bool))
+        for part, box in enumerate(ndimage.find_objects(labels), start=1):
+            if box is None or box[0].stop - box[0].start < min_run:
+                continue
+            inside = labels[box] == part
+            if box[1].start == 0 and inside[:, 0].any():
+                target[box] |= inside
+    return mask
 
 
 def _mean_3x3(image: np.ndarray) -> np.ndarray:

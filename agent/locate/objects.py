@@ -361,6 +361,7 @@ def find_objects(
     drop_round: bool = True,
     drop_film_lines: bool = True,
     max_edge_px: float | None = None,
+    filled: np.ndarray | None = None,
 ) -> ObjectTable | None:
     """Objects inside candidate regions (see module docstring).
 
@@ -384,8 +385,12 @@ def find_objects(
 
     Soft (`max_edge_px`, None: not tested): an object whose edge is wider than this (`edges.object_edge_width_px`)
     is dropped as blurred contamination.
+
+    `filled`: bool mask of the pixels the preparation set to the film level (`preprocess.filled_mask`; None:
+    `bar_mask`). They are no film: left out of the film's level and noise and of every object's surroundings.
     """
-    smoothed = _smooth(np.asarray(prepared, dtype=np.float64), film & ~bar_mask, region_px)
+    filled = bar_mask if filled is None else np.asarray(filled, dtype=bool)
+    smoothed = _smooth(np.asarray(prepared, dtype=np.float64), film & ~filled, region_px)
     if smoothed is None:
         return None
     level, sigma = _level_and_sigma(smoothed.film_sample)
@@ -408,6 +413,7 @@ def find_objects(
         min_transmission=_min_transmission(polarity, dark_fraction, max_od),
         drop_round=drop_round,
         lines_half=lines_half,
+        filled=filled,
     )
 
 
@@ -571,6 +577,7 @@ def _measure_objects(
     min_transmission: float | None,
     drop_round: bool,
     lines_half: np.ndarray | None,
+    filled: np.ndarray,
 ) -> ObjectTable:
     """Steps 4 and 5: for every labelled component, drop it (too thick, round, a film line) or split it into
     its parts and keep the largest `MAX_PARTS_PER_OBJECT` parts of at least `smallest_px` pixels that stand
@@ -616,7 +623,7 @@ def _measure_objects(
             if vector[OBJECT_FEATURE_NAMES.index("significance")] < MIN_SIGNIFICANCE:
                 dropped["faint"] = dropped.get("faint", 0) + 1
                 continue
-            if local_contrast_sigma(data, part_box, part, film) < MIN_LOCAL_CONTRAST_SIGMA:
+            if local_contrast_sigma(data, part_box, part, film, filled[crop_box]) < MIN_LOCAL_CONTRAST_SIGMA:
                 dropped["flat"] = dropped.get("flat", 0) + 1
                 continue
             part_rows, part_cols = np.nonzero(part)
@@ -650,15 +657,21 @@ LOCAL_RING_GAP_PX = 2
 LOCAL_RING_WIDTH_PX = 4
 
 
-def local_contrast_sigma(data: np.ndarray, box: tuple[slice, slice], mask: np.ndarray, film: _Film) -> float:
+def local_contrast_sigma(
+    data: np.ndarray, box: tuple[slice, slice], mask: np.ndarray, film: _Film, filled: np.ndarray | None = None
+) -> float:
     """Mean deviation (film sigmas, in the objects' polarity) of the object `mask` in bounding box `box` of the
     smoothed crop `data`, over the median of a ring `LOCAL_RING_GAP_PX` to `LOCAL_RING_GAP_PX` +
     `LOCAL_RING_WIDTH_PX` px outside it (within the crop, without pixels that are themselves deviant: neighbours,
-    or the object where a candidate region cut it); NaN when fewer than 8 ring pixels remain."""
+    or the object where a candidate region cut it; without the crop's `filled` pixels, set to the film level
+    over bars and seams: beside a data bar or a seam, film left a few sigmas off by the flattening stood out
+    against that written level, not against the film around it); NaN when fewer than 8 ring pixels remain."""
     (rows, cols), inside = grown_box(box, mask, data.shape, LOCAL_RING_GAP_PX + LOCAL_RING_WIDTH_PX)
     deviation = deviation_in_polarity(data[rows, cols], film.level, film.polarity) / film.sigma
     near = cross_steps(inside, LOCAL_RING_GAP_PX, erode=False)
     ring = cross_steps(near, LOCAL_RING_WIDTH_PX, erode=False) & ~near & (deviation < film.threshold_sigma)
+    if filled is not None:
+        ring &= ~filled[rows, cols]
     if np.count_nonzero(ring) < 8:
         return float("nan")
     return float(deviation[inside].mean() - np.median(deviation[ring]))

@@ -18,8 +18,8 @@ and become clusters of their own. `prepare_image` removes them, in this order, o
    copy, in two passes: sigma = 1/12 of the shorter side, then 1/24 with objects (pixels more than 3
    robust spreads from the first background) left out, so film thickness variations flatten and crystals
    are not absorbed.
-4. Masked pixels (bars, black areas, annotation bands, grown by 2 px) are set to the median film level,
-   so a patch that only touches a bar is described by its film part.
+4. Masked pixels (bars, black areas, annotation bands, seam strips, grown by 2 px: `filled_mask`) are set to
+   the median film level, so a patch that only touches a bar is described by its film part.
 
 Montages (`agent.locate.seams`): tiles that were exposed apart step in brightness where they meet. The seams
 are found on the raw image first; each tile is flattened on its own (step 3), and a strip of
@@ -292,14 +292,18 @@ def _unmasked_block_sum(data: np.ndarray, mask: np.ndarray, factor: int) -> np.n
     return np.concatenate(parts, axis=0)[: rows // factor]
 
 
-def prepare_image(image: np.ndarray, mask: np.ndarray, flatten: bool = True, clean: bool = True) -> np.ndarray:
+def prepare_image(
+    image: np.ndarray, mask: np.ndarray, flatten: bool = True, clean: bool = True, seams: Seams | None = None
+) -> np.ndarray:
     """A float64 copy of `image` with artefacts removed, illumination flattened and masked pixels set
-    to the film level (module docstring). `mask` is the bar / black-area mask (image shape, bool)."""
-    from agent.locate.seams import find_seams, seam_band
+    to the film level (module docstring; `filled_mask` tells which). `mask` is the bar / black-area mask (image
+    shape, bool); `seams` the image's montage seams when the caller has found them already (None: found here,
+    `seams.find_seams`)."""
+    from agent.locate.seams import find_seams
 
-    seams = find_seams(image, mask)  # on the raw image: the stripe clean-up below bends a seam's step
-    if seams:
-        mask = mask | seam_band(seams, max(SEAM_HALF_WIDTH_PX, min(image.shape) // 256))
+    if seams is None:
+        seams = find_seams(image, mask)  # on the raw image: the stripe clean-up below bends a seam's step
+    mask = _with_seam_band(mask, seams)
     data = image.astype(np.float64)
     if clean:
         remove_outlier_pixels(data, noise_sigma(image, mask))
@@ -310,10 +314,30 @@ def prepare_image(image: np.ndarray, mask: np.ndarray, flatten: bool = True, cle
         unmasked = data[~mask] if (~mask).any() else data.ravel()
         level = float(np.median(unmasked[:: max(1, unmasked.size // 100_000)]))
     if mask.any():
-        data[grow_mask(mask, 5)] = level
+        data[grow_mask(mask, FILL_GROWTH_PX)] = level
     return data
 
 
+def filled_mask(mask: np.ndarray, seams: Seams) -> np.ndarray:
+    """Bool mask of the pixels `prepare_image` sets to the film level for the bar / black-area `mask` and the
+    montage `seams`: no measured value is left there, so nothing may be compared with them (an object beside
+    a bar or a seam is not judged against the level written over the bar)."""
+    return grow_mask(_with_seam_band(np.asarray(mask, dtype=bool), seams), FILL_GROWTH_PX)
+
+
+def _with_seam_band(mask: np.ndarray, seams: Seams) -> np.ndarray:
+    """`mask` with the strip along every seam (`seams.seam_band`, `SEAM_HALF_WIDTH_PX` or 1/256 of the shorter
+    side, whichever is wider) added."""
+    if not seams:
+        return mask
+    from agent.locate.seams import seam_band
+
+    return mask | seam_band(seams, max(SEAM_HALF_WIDTH_PX, min(mask.shape) // 256))
+
+
+#: Side (px, odd) of the square by which `prepare_image` grows the mask before it sets the masked pixels to the
+#: film level: bar edges are a pixel or two wide, and their half-dark pixels are not film either.
+FILL_GROWTH_PX = 5
 #: Half-width (px) of the strip along a montage seam that is masked like a bar (at least one flattening block):
 #: the stripe clean-up and the flattening's interpolation both reach a few lines across a seam.
 SEAM_HALF_WIDTH_PX = 8

@@ -345,8 +345,9 @@ def objects_in_regions(
 ) -> ObjectTable | None:
     """The separate objects inside candidate regions, found at pixel level (`agent.locate.objects`).
 
-    The image is prepared as for the features (artefacts removed, illumination flattened, bars set to the
-    film level); the film level and noise come from the pixels of the background cluster. Pixels of a
+    The image is prepared as for the features (artefacts removed, illumination flattened, bars and seam strips
+    set to the film level); the film level and noise come from the film outside the candidate regions, without
+    the pixels set to the level (`preprocess.filled_mask`). Pixels of a
     region that differ from the film by more than `min_contrast_sigma` noise sigmas, in the objects'
     measured polarity, form objects; touching objects are split where they meet (pieces at least a third
     of `settings.min_spacing_px` apart, at least 2 px). Ice balls (round), film lines, with
@@ -356,11 +357,13 @@ def objects_in_regions(
     compare with. `prepared`: the prepared image when the caller has it already (see `find_candidates`).
     """
     from agent.locate.objects import find_objects
-    from agent.locate.preprocess import prepare_image
+    from agent.locate.preprocess import filled_mask, prepare_image
+    from agent.locate.seams import find_seams
 
     bar = np.asarray(analysis.bar_mask, dtype=bool)
+    seams = analysis.seams if analysis.seams is not None else find_seams(image, bar)
     if prepared is None:
-        prepared = prepare_image(image, bar, flatten=settings.flatten, clean=settings.clean)
+        prepared = prepare_image(image, bar, flatten=settings.flatten, clean=settings.clean, seams=seams)
     # the film is every unmasked cell outside the candidate regions, not the background cluster alone: film
     # with mottle or residual illumination splits into several clusters, and the largest one's level is
     # then biased (it flipped the objects' polarity on a mottled film)
@@ -379,6 +382,7 @@ def objects_in_regions(
         max_od=settings.max_object_od,
         drop_round=settings.drop_round_objects,
         max_edge_px=_max_edge_px(image, bar) if settings.drop_soft_objects else None,
+        filled=filled_mask(bar, seams),
     )
 
 
