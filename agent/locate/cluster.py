@@ -646,20 +646,25 @@ def black_pixel_mask(image: np.ndarray, ignore: np.ndarray | None = None, max_si
         black_small &= ~ignore_small
     # which black parts count is decided on the block copy (cheap); the mask itself is pixel-exact
     allowed = grow_mask(keep_border_or_large(black_small), 3)
-    black = frame_edge_slivers(image, level, 2 * factor)
+    black = np.zeros(image.shape, dtype=bool)
     if allowed.any():
-        black |= _mean_3x3_at_most(image, level) & _upsample_mask(allowed, factor, image.shape)
+        black = _mean_3x3_at_most(image, level) & _upsample_mask(allowed, factor, image.shape)
+    black |= frame_edge_slivers(image, level, 2 * factor, known=black)
     if ignore is not None:
         black &= ~ignore
     return grow_mask(black, 5) if black.any() else black
 
 
-def frame_edge_slivers(image: np.ndarray, level: float, depth_px: int) -> np.ndarray:
+def frame_edge_slivers(
+    image: np.ndarray, level: float, depth_px: int, known: np.ndarray | None = None
+) -> np.ndarray:
     """Bool mask (image shape) of the pixels at most `level` within `depth_px` of the frame's edge, in connected
-    parts (8-connected, within that rim) that reach the edge and run along it for at least 4 x `depth_px`:
-    a bar or black area that the frame cuts to a sliver a pixel or two wide. Averaged into blocks, or over 3 x 3
-    pixels, such a sliver is brighter than black, and unmasked it became a row of dark objects along the
-    frame. Pixel by pixel, not averaged: a sliver one pixel wide is black in its own pixels only."""
+    parts (8-connected, within that rim) that reach the edge, where the part's pixels outside `known` (black
+    already found) run along the edge for at least 4 x `depth_px`: a bar or black area that the frame cuts to a
+    sliver a pixel or two wide. Averaged into blocks, or over 3 x 3 pixels, such a sliver is brighter than black,
+    and unmasked it became a row of dark objects along the frame. Pixel by pixel, not averaged: a sliver one
+    pixel wide is black in its own pixels only. Where a bar meets the frame whole, its mask stays as it was (the
+    few edge pixels the 3 x 3 mean leaves out do not run along the frame)."""
     rows, cols = image.shape
     mask = np.zeros((rows, cols), dtype=bool)
     depth = min(depth_px, rows, cols)
@@ -667,13 +672,14 @@ def frame_edge_slivers(image: np.ndarray, level: float, depth_px: int) -> np.nda
         return mask
     min_run = 4 * depth
     # each edge as a strip whose first column lies on the frame (the rows: transposed views)
+    known = np.zeros((rows, cols), dtype=bool) if known is None else np.asarray(known, dtype=bool)
     strips = (
-        (image[:, :depth], mask[:, :depth]),
-        (image[:, ::-1][:, :depth], mask[:, ::-1][:, :depth]),
-        (image[:depth].T, mask[:depth].T),
-        (image[::-1][:depth].T, mask[::-1][:depth].T),
+        (image[:, :depth], known[:, :depth], mask[:, :depth]),
+        (image[:, ::-1][:, :depth], known[:, ::-1][:, :depth], mask[:, ::-1][:, :depth]),
+        (image[:depth].T, known[:depth].T, mask[:depth].T),
+        (image[::-1][:depth].T, known[::-1][:depth].T, mask[::-1][:depth].T),
     )
-    for values, target in strips:
+    for values, found, target in strips:
         dark = values <= level
         if not dark[:, 0].any():
             continue
@@ -682,8 +688,12 @@ def frame_edge_slivers(image: np.ndarray, level: float, depth_px: int) -> np.nda
             if box is None or box[0].stop - box[0].start < min_run:
                 continue
             inside = labels[box] == part
-            if box[1].start == 0 and inside[:, 0].any():
-                target[box] |= inside
+            if box[1].start != 0 or not inside[:, 0].any():
+                continue
+            new = inside & ~found[box]
+            runs, _count = ndimage.label(new.any(axis=1))
+            if runs.any() and np.bincount(runs)[1:].max() >= min_run:
+                target[box] |= new
     return mask
 
 

@@ -387,10 +387,10 @@ def find_objects(
     is dropped as blurred contamination.
 
     `filled`: bool mask of the pixels the preparation set to the film level (`preprocess.filled_mask`; None:
-    `bar_mask`). They are no film: left out of the film's level and noise and of every object's surroundings.
+    `bar_mask`). They are no film: left out of every object's surroundings (`local_contrast_sigma`).
     """
     filled = bar_mask if filled is None else np.asarray(filled, dtype=bool)
-    smoothed = _smooth(np.asarray(prepared, dtype=np.float64), film & ~filled, region_px)
+    smoothed = _smooth(np.asarray(prepared, dtype=np.float64), film & ~bar_mask, region_px)
     if smoothed is None:
         return None
     level, sigma = _level_and_sigma(smoothed.film_sample)

@@ -4,6 +4,8 @@ Real camera images carry hot and dead pixels, bright or dark columns and rows (r
 uneven beam. Left in, they dominate patch statistics (one hot pixel sets a patch's range and kurtosis)
 and become clusters of their own. `prepare_image` removes them, in this order, on a float64 copy:
 
+0. Saturated lines: a column or row of an integer image clipped at its top grey value (a bright readout column
+   in an 8-bit export) is replaced by the interpolation of its neighbours (`repair_saturated_lines`).
 1. Hot/dead pixels: a pixel more than 8 robust noise sigmas above the maximum (below the minimum) of its
    8 neighbours is replaced by the mean of that maximum and minimum. The noise sigma is 1.4826 * MAD of
    horizontal neighbour differences / sqrt(2) over the unmasked pixels (self-calibrating: nothing is
@@ -76,6 +78,62 @@ def remove_outlier_pixels(data: np.ndarray, sigma: float, threshold: float = 8.0
             centre[outliers] = 0.5 * (n_max[outliers] + n_min[outliers])
             count += n_out
     return count
+
+
+#: A line (column or row) is saturated when more than this share of its unmasked pixels sit at the image's top value.
+SATURATED_LINE_SHARE = 0.5
+#: ... and its neighbours within `SATURATED_NEIGHBOUR_LINES` hold less than this share: a line, not a clipped area.
+SATURATED_NEIGHBOUR_SHARE = 0.1
+SATURATED_NEIGHBOUR_LINES = 3
+#: At most this many neighbouring lines make one defect, and at most this share of all lines are defects.
+SATURATED_MAX_RUN_LINES = 3
+SATURATED_MAX_SHARE_OF_LINES = 0.01
+
+
+def repair_saturated_lines(data: np.ndarray, image: np.ndarray, mask: np.ndarray) -> int:
+    """In place: replace every saturated column and row of float64 `data` (a copy of the integer `image`) by the
+    linear interpolation of the nearest unsaturated lines on either side; returns how many lines.
+
+    A bright readout column clipped at the top grey value (an 8-bit export stretched to its brightest pixels
+    clips it) has lost its gain: the stripe clean-up cannot divide it out, so it stayed a bright line across
+    the frame, and as the strongest "bright object" of the image it swung the objects' polarity vote. A line is
+    saturated when more than `SATURATED_LINE_SHARE` of its pixels outside `mask` sit at `image`'s maximum and its
+    neighbours' do not (`SATURATED_NEIGHBOUR_SHARE`), in runs of at most `SATURATED_MAX_RUN_LINES` lines and
+    `SATURATED_MAX_SHARE_OF_LINES` of all: a clipped area, or film at the top value all over, is left alone.
+    Float images are not clipped to a grey level and are left alone too."""
+    if not np.issubdtype(image.dtype, np.integer) or min(image.shape) < 2 * SATURATED_NEIGHBOUR_LINES + 3:
+        return 0
+    top = image.max()
+    repaired = 0
+    for axis in (0, 1):  # columns (counted down every 4th row), then rows (along every 4th column)
+        sample = (slice(None, None, 4), slice(None)) if axis == 0 else (slice(None), slice(None, None, 4))
+        unmasked = np.count_nonzero(~mask[sample], axis=axis)
+        share = np.count_nonzero((image[sample] == top) & ~mask[sample], axis=axis) / np.maximum(unmasked, 1)
+        bad = (share > SATURATED_LINE_SHARE) & (unmasked >= 8)
+        if not bad.any():
+            continue
+        runs, _count = ndimage.label(bad)
+        wide = np.bincount(runs)[runs] > SATURATED_MAX_RUN_LINES  # a clipped area, not a line
+        window = 2 * SATURATED_NEIGHBOUR_LINES + 1
+        busy = ndimage.maximum_filter1d(np.where(bad, 0.0, share), window) >= SATURATED_NEIGHBOUR_SHARE
+        bad &= ~wide & ~busy
+        if np.count_nonzero(bad) > SATURATED_MAX_SHARE_OF_LINES * bad.size:
+            continue  # clipped film all over, not a few defective lines
+        good = np.flatnonzero(~bad)
+        lines = data if axis == 0 else data.T  # lines[:, k] is line k: a column, or a row of the transpose
+        for line in np.flatnonzero(bad):
+            after = int(np.searchsorted(good, line))
+            left = int(good[after - 1]) if after > 0 else None
+            right = int(good[after]) if after < good.size else None
+            if left is None and right is None:
+                continue
+            if left is None or right is None:
+                lines[:, line] = lines[:, left if right is None else right]
+            else:
+                weight = (line - left) / (right - left)
+                lines[:, line] = (1 - weight) * lines[:, left] + weight * lines[:, right]
+            repaired += 1
+    return repaired
 
 
 #: Lines a pixel is compared with along its row: 8 on each side.
@@ -306,6 +364,7 @@ def prepare_image(
     mask = _with_seam_band(mask, seams)
     data = image.astype(np.float64)
     if clean:
+        repair_saturated_lines(data, image, mask)
         remove_outlier_pixels(data, noise_sigma(image, mask))
         remove_stripes(data, mask)
     if flatten:

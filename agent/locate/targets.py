@@ -346,8 +346,8 @@ def objects_in_regions(
     """The separate objects inside candidate regions, found at pixel level (`agent.locate.objects`).
 
     The image is prepared as for the features (artefacts removed, illumination flattened, bars and seam strips
-    set to the film level); the film level and noise come from the film outside the candidate regions, without
-    the pixels set to the level (`preprocess.filled_mask`). Pixels of a
+    set to the film level); the film level and noise come from the film outside the candidate regions; an
+    object's surroundings leave out the pixels set to the level (`preprocess.filled_mask`). Pixels of a
     region that differ from the film by more than `min_contrast_sigma` noise sigmas, in the objects'
     measured polarity, form objects; touching objects are split where they meet (pieces at least a third
     of `settings.min_spacing_px` apart, at least 2 px). Ice balls (round), film lines, with

@@ -108,3 +108,35 @@ def test_a_crystal_wider_than_the_background_fit_stays_dark_to_its_middle() -> N
     # measured: middle and rim 0.35 of the film now; before, the middle 0.60 and the rim 0.48
     assert middle < 0.4 * film
     assert abs(middle - rim) < 0.03 * film
+
+
+def test_a_saturated_column_and_row_are_repaired_and_a_clipped_area_is_left_alone() -> None:
+    """An 8-bit export clips a bright readout column at 255: its gain is lost, so the stripe clean-up left it a
+    bright line across the frame (it swung the objects' polarity vote on a 4k 8-bit image)."""
+    from agent.locate.preprocess import repair_saturated_lines
+
+    rng = np.random.default_rng(4)
+    image = np.clip(rng.normal(200.0, 6.0, size=(300, 400)), 0, 254).astype(np.uint8)
+    image[:, 123] = 255  # a clipped column
+    image[77, :] = 255  # a clipped row
+    image[200:260, 300:380] = 255  # a clipped area: film too bright for the export, not a line
+    mask = np.zeros(image.shape, dtype=bool)
+    mask[:40] = True  # a bar: its pixels do not count
+    data = image.astype(np.float64)
+    assert repair_saturated_lines(data, image, mask) == 2
+    assert abs(float(np.median(data[:, 123])) - 200.0) < 3.0
+    assert abs(float(np.median(data[77, :300])) - 200.0) < 3.0
+    assert np.all(data[200:260, 310:370] == 255)  # the area is untouched
+    untouched = np.ones(image.shape, dtype=bool)
+    untouched[:, 123] = untouched[77, :] = False
+    assert np.array_equal(data[untouched], image[untouched])
+
+
+def test_float_images_have_no_saturated_lines() -> None:
+    from agent.locate.preprocess import repair_saturated_lines
+
+    image = np.full((64, 64), 100.0)
+    image[:, 10] = 200.0
+    data = image.copy()
+    assert repair_saturated_lines(data, image, np.zeros(image.shape, dtype=bool)) == 0
+    assert np.array_equal(data, image)
