@@ -652,29 +652,32 @@ def _measure_objects(
 #: surroundings. Measured: such clusters 1.1-2.1; the faintest crystals of the simulator and the synthetic test
 #: images 3.8-3.9.
 MIN_LOCAL_CONTRAST_SIGMA = 3.0
-#: Gap and width (px) of the ring around an object where its surroundings are measured.
+#: Gap (px) and widths (px, tried in turn) of the ring around an object where its surroundings are measured: the
+#: next width where the ring holds too little film (a part of a larger deviant mass, or an object beside a bar or
+#: a seam strip, whose ring was all filled or deviant and so was never judged).
 LOCAL_RING_GAP_PX = 2
-LOCAL_RING_WIDTH_PX = 4
+LOCAL_RING_WIDTHS_PX = (4, 8, 16)
 
 
 def local_contrast_sigma(
     data: np.ndarray, box: tuple[slice, slice], mask: np.ndarray, film: _Film, filled: np.ndarray | None = None
 ) -> float:
     """Mean deviation (film sigmas, in the objects' polarity) of the object `mask` in bounding box `box` of the
-    smoothed crop `data`, over the median of a ring `LOCAL_RING_GAP_PX` to `LOCAL_RING_GAP_PX` +
-    `LOCAL_RING_WIDTH_PX` px outside it (within the crop, without pixels that are themselves deviant: neighbours,
-    or the object where a candidate region cut it; without the crop's `filled` pixels, set to the film level
-    over bars and seams: beside a data bar or a seam, film left a few sigmas off by the flattening stood out
-    against that written level, not against the film around it); NaN when fewer than 8 ring pixels remain."""
-    (rows, cols), inside = grown_box(box, mask, data.shape, LOCAL_RING_GAP_PX + LOCAL_RING_WIDTH_PX)
-    deviation = deviation_in_polarity(data[rows, cols], film.level, film.polarity) / film.sigma
-    near = cross_steps(inside, LOCAL_RING_GAP_PX, erode=False)
-    ring = cross_steps(near, LOCAL_RING_WIDTH_PX, erode=False) & ~near & (deviation < film.threshold_sigma)
-    if filled is not None:
-        ring &= ~filled[rows, cols]
-    if np.count_nonzero(ring) < 8:
-        return float("nan")
-    return float(deviation[inside].mean() - np.median(deviation[ring]))
+    smoothed crop `data`, over the median of a ring from `LOCAL_RING_GAP_PX` px outside it, as wide as the first of
+    `LOCAL_RING_WIDTHS_PX` that holds 8 film pixels: within the crop, without pixels that are themselves deviant
+    (neighbours, or the object where a candidate region cut it) and without the crop's `filled` pixels, set to
+    the film level over bars and seams (beside a data bar or a seam, film left a few sigmas off by the flattening
+    stood out against that written level, not against the film around it). NaN when no ring holds 8."""
+    for width_px in LOCAL_RING_WIDTHS_PX:
+        (rows, cols), inside = grown_box(box, mask, data.shape, LOCAL_RING_GAP_PX + width_px)
+        deviation = deviation_in_polarity(data[rows, cols], film.level, film.polarity) / film.sigma
+        near = cross_steps(inside, LOCAL_RING_GAP_PX, erode=False)
+        ring = cross_steps(near, width_px, erode=False) & ~near & (deviation < film.threshold_sigma)
+        if filled is not None:
+            ring &= ~filled[rows, cols]
+        if np.count_nonzero(ring) >= 8:
+            return float(deviation[inside].mean() - np.median(deviation[ring]))
+    return float("nan")
 
 
 def _drop_reason(
