@@ -209,3 +209,32 @@ def test_gallery_equals_crops_of_the_whole_display(dtype: str, mode: str) -> Non
     cells = [cell for summary in analysis.clusters for cell in summary.example_cells_px[:8]]
     assert any(min(r, c) < 8 or r > 222 or c > 252 for r, c in cells) or mode == "grid"  # edges padded
     assert np.array_equal(cluster_gallery_rgb(image, analysis), _gallery_from_the_whole_display(image, analysis))
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 9), (2, 64), (5, 17), (37, 53), (64, 128), (130, 65), (300, 257)])
+@pytest.mark.parametrize("erode", [True, False])
+def test_packed_cross_steps_equal_binary_erosion_and_dilation(shape: tuple[int, int], erode: bool) -> None:
+    from scipy import ndimage
+
+    from agent.locate.bitmask import packed_cross_steps
+
+    rng = np.random.default_rng(shape[0] * 1000 + shape[1])
+    for density in (0.1, 0.5, 0.9):
+        mask = rng.random(shape) < density
+        mask[: shape[0] // 3, : shape[1] // 2] = erode  # a solid block, so erosions keep something
+        for iterations in (1, 2, 4):
+            plain = (ndimage.binary_erosion if erode else ndimage.binary_dilation)(mask, iterations=iterations)
+            packed = packed_cross_steps(mask, iterations, erode)
+            assert packed.dtype == np.bool_ and packed.shape == mask.shape
+            assert np.array_equal(packed, plain), (density, iterations)
+
+
+def test_cross_steps_on_packed_bits_above_the_size_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    from agent.locate import objects
+
+    rng = np.random.default_rng(3)
+    mask = rng.random((97, 203)) < 0.7
+    plain = {(n, e): objects.cross_steps(mask, n, e) for n in (1, 4) for e in (True, False)}
+    monkeypatch.setattr(objects, "PACKED_MIN_PX", 0)
+    for (n, e), expected in plain.items():
+        assert np.array_equal(objects.cross_steps(mask, n, e), expected)

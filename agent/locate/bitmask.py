@@ -1,0 +1,81 @@
+"""Bool masks as packed bits: erosion and dilation by the 3x3 cross on 64 pixels a word.
+
+A full-size bool mask at 4k is 16 MB, one byte a pixel; each step of an erosion or dilation by shifted ANDs /
+ORs reads and writes it several times. Packed 64 pixels to a `uint64` word, a step is the same logic on 2 MB:
+the vertical neighbours are the words of the rows above and below, the horizontal ones the word shifted by one
+bit with the carry from the neighbouring word. The results equal `objects.cross_steps` pixel for pixel.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+#: Masks of at least this many pixels are worth packing (packing and unpacking cost ~1 ms per 16 MB; per-object
+#: crops of a few hundred pixels are faster as plain bools).
+PACKED_MIN_PX = 1 << 16
+
+_ONE, _TOP = np.uint64(1), np.uint64(63)
+
+
+def pack_rows(mask: np.ndarray) -> np.ndarray:
+    """(rows, ceil(cols / 64)) uint64 of the bool `mask` (rows, cols): pixel c of a row is bit c % 64 of word
+    c // 64; the bits past the last column are 0."""
+    rows, cols = mask.shape
+    words = -(-cols // 64)
+    if words * 64 != cols:
+        padded = np.zeros((rows, words * 64), dtype=bool)
+        padded[:, :cols] = mask
+        mask = padded
+    return np.packbits(np.ascontiguousarray(mask, dtype=bool), axis=1, bitorder="little").view(np.uint64)
+
+
+def unpack_rows(packed: np.ndarray, cols: int) -> np.ndarray:
+    """The bool mask (rows, `cols`) of `pack_rows`' words `packed`."""
+    return np.unpackbits(packed.view(np.uint8), axis=1, count=cols, bitorder="little").view(bool)
+
+
+def _last_word_bits(cols: int) -> np.uint64:
+    """The bits of a row's last word that hold pixels of a row of `cols` columns."""
+    used = cols - (-(-cols // 64) - 1) * 64
+    return np.uint64((1 << used) - 1) if used < 64 else np.uint64(0xFFFF_FFFF_FFFF_FFFF)
+
+
+def _horizontal(current: np.ndarray, out: np.ndarray, carry: np.ndarray, toward_left: bool) -> np.ndarray:
+    """`out` = each pixel's right neighbour (`toward_left`: pixel c takes pixel c + 1) or left neighbour (pixel c
+    takes c - 1), outside the row counting as False (0)."""
+    if toward_left:
+        np.right_shift(current, _ONE, out=out)
+        np.left_shift(current[:, 1:], _TOP, out=carry[:, :-1])
+        carry[:, -1] = 0
+    else:
+        np.left_shift(current, _ONE, out=out)
+        np.right_shift(current[:, :-1], _TOP, out=carry[:, 1:])
+        carry[:, 0] = 0
+    out |= carry
+    return out
+
+
+def packed_cross_steps(mask: np.ndarray, iterations: int, erode: bool) -> np.ndarray:
+    """`mask` (bool) eroded (`erode`) or dilated `iterations` times by the 3x3 cross, outside the image counting
+    as False: the same mask as `objects.cross_steps` (`ndimage.binary_erosion` / `binary_dilation(mask,
+    iterations=...)` with the default structure), computed on packed bits."""
+    mask = np.asarray(mask, dtype=bool)
+    rows, cols = mask.shape
+    if rows == 0 or cols == 0 or iterations <= 0:
+        return mask.copy()
+    current = pack_rows(mask)
+    last_bits = _last_word_bits(cols)
+    combine = np.bitwise_and if erode else np.bitwise_or
+    side, carry = np.empty_like(current), np.empty_like(current)
+    for _ in range(iterations):
+        out = current.copy()
+        combine(out, _horizontal(current, side, carry, toward_left=True), out=out)
+        combine(out, _horizontal(current, side, carry, toward_left=False), out=out)
+        combine(out[1:], current[:-1], out=out[1:])
+        combine(out[:-1], current[1:], out=out[:-1])
+        if erode:  # the rows above the first and below the last are outside: False
+            out[0] = 0
+            out[-1] = 0
+        out[:, -1] &= last_bits  # the padding bits stay 0
+        current = out
+    return unpack_rows(current, cols)
