@@ -1,9 +1,11 @@
-"""Bool masks as packed bits: erosion and dilation by the 3x3 cross on 64 pixels a word.
+"""Bool masks as packed bits: erosion and dilation by the 3x3 cross, and dilation by a square, on 64 pixels a
+word.
 
 A full-size bool mask at 4k is 16 MB, one byte a pixel; each step of an erosion or dilation by shifted ANDs /
 ORs reads and writes it several times. Packed 64 pixels to a `uint64` word, a step is the same logic on 2 MB:
 the vertical neighbours are the words of the rows above and below, the horizontal ones the word shifted by one
-bit with the carry from the neighbouring word. The results equal `objects.cross_steps` pixel for pixel.
+bit with the carry from the neighbouring word. The results equal `objects.cross_steps` and `preprocess.grow_mask`
+pixel for pixel.
 """
 
 from __future__ import annotations
@@ -40,19 +42,46 @@ def _last_word_bits(cols: int) -> np.uint64:
     return np.uint64((1 << used) - 1) if used < 64 else np.uint64(0xFFFF_FFFF_FFFF_FFFF)
 
 
-def _horizontal(current: np.ndarray, out: np.ndarray, carry: np.ndarray, toward_left: bool) -> np.ndarray:
-    """`out` = each pixel's right neighbour (`toward_left`: pixel c takes pixel c + 1) or left neighbour (pixel c
-    takes c - 1), outside the row counting as False (0)."""
+def _horizontal(
+    current: np.ndarray, out: np.ndarray, carry: np.ndarray, toward_left: bool, shift_px: int = 1
+) -> np.ndarray:
+    """`out` = each pixel's neighbour `shift_px` (1..63) to the right (`toward_left`: pixel c takes pixel
+    c + shift_px) or to the left (pixel c takes c - shift_px), outside the row counting as False (0)."""
+    near, far = np.uint64(shift_px), np.uint64(64 - shift_px)
     if toward_left:
-        np.right_shift(current, _ONE, out=out)
-        np.left_shift(current[:, 1:], _TOP, out=carry[:, :-1])
+        np.right_shift(current, near, out=out)
+        np.left_shift(current[:, 1:], far, out=carry[:, :-1])
         carry[:, -1] = 0
     else:
-        np.left_shift(current, _ONE, out=out)
-        np.right_shift(current[:, :-1], _TOP, out=carry[:, 1:])
+        np.left_shift(current, near, out=out)
+        np.right_shift(current[:, :-1], far, out=carry[:, 1:])
         carry[:, 0] = 0
     out |= carry
     return out
+
+
+def packed_square_dilation(mask: np.ndarray, size_px: int) -> np.ndarray:
+    """`mask` (bool) dilated by a `size_px` x `size_px` square (odd side, at most 127; at the border, the
+    square's part inside the image): `ndimage.maximum_filter(mask, size_px) > 0`, computed on packed bits."""
+    if size_px % 2 == 0 or not 1 <= size_px <= 127:
+        raise ValueError(f"size_px must be odd and 1..127, got {size_px}")
+    mask = np.asarray(mask, dtype=bool)
+    rows, cols = mask.shape
+    reach = size_px // 2
+    if rows == 0 or cols == 0 or reach == 0:
+        return mask.copy()
+    current = pack_rows(mask)
+    tall = current.copy()
+    for shift in range(1, min(reach, rows - 1) + 1):
+        tall[shift:] |= current[:-shift]
+        tall[:-shift] |= current[shift:]
+    grown = tall.copy()
+    side, carry = np.empty_like(tall), np.empty_like(tall)
+    for shift in range(1, reach + 1):
+        grown |= _horizontal(tall, side, carry, toward_left=True, shift_px=shift)
+        grown |= _horizontal(tall, side, carry, toward_left=False, shift_px=shift)
+    grown[:, -1] &= _last_word_bits(cols)
+    return unpack_rows(grown, cols)
 
 
 def packed_cross_steps(mask: np.ndarray, iterations: int, erode: bool) -> np.ndarray:

@@ -238,3 +238,19 @@ def test_cross_steps_on_packed_bits_above_the_size_limit(monkeypatch: pytest.Mon
     monkeypatch.setattr(objects, "PACKED_MIN_PX", 0)
     for (n, e), expected in plain.items():
         assert np.array_equal(objects.cross_steps(mask, n, e), expected)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 9), (3, 64), (5, 17), (37, 53), (130, 65), (300, 257)])
+@pytest.mark.parametrize("size_px", [1, 3, 5, 9, 65])
+def test_packed_square_dilation_equals_the_maximum_filter(shape: tuple[int, int], size_px: int) -> None:
+    from scipy import ndimage
+
+    from agent.locate.bitmask import packed_square_dilation
+    from agent.locate.preprocess import grow_mask
+
+    rng = np.random.default_rng(shape[0] + 7 * shape[1] + size_px)
+    for density in (0.002, 0.05, 0.5):
+        mask = rng.random(shape) < density
+        expected = ndimage.maximum_filter(mask, size_px, mode="constant", cval=False) > 0
+        assert np.array_equal(packed_square_dilation(mask, size_px), expected), density
+        assert np.array_equal(grow_mask(mask, size_px), expected), density
