@@ -108,3 +108,42 @@ def packed_cross_steps(mask: np.ndarray, iterations: int, erode: bool) -> np.nda
         out[:, -1] &= last_bits  # the padding bits stay 0
         current = out
     return unpack_rows(current, cols)
+
+
+def block_any(mask: np.ndarray, factor: int) -> np.ndarray:
+    """(ceil(rows / factor), ceil(cols / factor)) bool: True where any pixel of the `factor` x `factor` block of
+    `mask` is True (blocks past the edge padded with False), as `padded.reshape(r, f, c, f).any(axis=(1, 3))`
+    but the rows of a block ORed first (whole rows at a time) and, for factors of 2, 4 and 8, each block's row
+    of bools read as one 2-, 4- or 8-byte word."""
+    mask = np.asarray(mask, dtype=bool)
+    rows, cols = mask.shape
+    out_rows, out_cols = -(-rows // factor), -(-cols // factor)
+    tall = np.zeros((out_rows, out_cols * factor), dtype=bool)
+    for offset in range(factor):
+        part = mask[offset::factor]
+        tall[: part.shape[0], :cols] |= part
+    word = {2: np.uint16, 4: np.uint32, 8: np.uint64}.get(factor)
+    if word is not None:
+        return tall.view(word) != 0
+    return tall.reshape(out_rows, out_cols, factor).any(axis=2)
+
+
+def distance_to_true_px(mask: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Euclidean distance (px, float64) from the pixels (`rows`, `cols`: int arrays inside `mask`) to the nearest
+    True pixel of the bool `mask` (which must hold one): `ndimage.distance_transform_edt(~mask)[rows, cols]`,
+    the same values, without the transform of the whole mask.
+
+    The nearest True pixel of a False pixel has a False 4-neighbour (its neighbour towards the pixel is nearer),
+    so only the mask's edge pixels are searched (a k-d tree of their integer coordinates: the squared distances
+    are exact, and the square root is the transform's)."""
+    from scipy.spatial import cKDTree
+
+    mask = np.asarray(mask, dtype=bool)
+    rows, cols = np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)
+    distance = np.zeros(rows.shape, dtype=np.float64)
+    outside = ~mask[rows, cols]
+    if outside.any():
+        edge = mask & ~packed_cross_steps(mask, 1, erode=True)
+        tree = cKDTree(np.argwhere(edge).astype(np.float64))
+        distance[outside] = tree.query(np.column_stack([rows[outside], cols[outside]]).astype(np.float64))[0]
+    return distance

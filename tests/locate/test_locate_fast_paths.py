@@ -254,3 +254,35 @@ def test_packed_square_dilation_equals_the_maximum_filter(shape: tuple[int, int]
         expected = ndimage.maximum_filter(mask, size_px, mode="constant", cval=False) > 0
         assert np.array_equal(packed_square_dilation(mask, size_px), expected), density
         assert np.array_equal(grow_mask(mask, size_px), expected), density
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (4, 4), (5, 17), (37, 53), (64, 128), (130, 65)])
+@pytest.mark.parametrize("factor", [2, 3, 4, 5, 8])
+def test_block_any_equals_the_padded_reshape(shape: tuple[int, int], factor: int) -> None:
+    from agent.locate.bitmask import block_any
+
+    rng = np.random.default_rng(shape[0] * factor + shape[1])
+    for density in (0.01, 0.2):
+        mask = rng.random(shape) < density
+        rows, cols = -(-shape[0] // factor) * factor, -(-shape[1] // factor) * factor
+        padded = np.zeros((rows, cols), dtype=bool)
+        padded[: shape[0], : shape[1]] = mask
+        expected = padded.reshape(rows // factor, factor, cols // factor, factor).any(axis=(1, 3))
+        assert np.array_equal(block_any(mask, factor), expected)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 40), (37, 53), (200, 130)])
+def test_distance_to_true_equals_the_distance_transform(shape: tuple[int, int]) -> None:
+    from scipy import ndimage
+
+    from agent.locate.bitmask import distance_to_true_px
+
+    rng = np.random.default_rng(shape[0] + shape[1])
+    for density in (0.0005, 0.01, 0.3, 1.0):
+        mask = rng.random(shape) < density
+        mask.flat[rng.integers(mask.size)] = True
+        if shape[0] > 20:
+            mask[5:15, 3:9] = True  # a block, with inner pixels
+        rows, cols = rng.integers(0, shape[0], 300), rng.integers(0, shape[1], 300)
+        expected = ndimage.distance_transform_edt(~mask)[rows, cols]
+        assert np.array_equal(distance_to_true_px(mask, rows, cols), expected), density
