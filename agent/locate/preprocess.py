@@ -204,17 +204,25 @@ def _interpolation_weights(n_out: int, n_in: int, factor: int) -> tuple[np.ndarr
 def _divide_by_upsampled(data: np.ndarray, background: np.ndarray, factor: int, level: float) -> None:
     """In place: `data` divided by `background` (blocks of `factor` px) bilinearly upsampled to its shape,
     times `level`. Band by band of rows, so the upsampled background never exists whole (at 4k it would
-    be 128 MB written and read again; two matrix products with the interpolation matrices took longer)."""
+    be 128 MB written and read again; two matrix products with the interpolation matrices took longer). The
+    block indices of the columns rise, so each band's columns are taken by `np.repeat` (the same values as
+    indexing, 4x faster), into two buffers used by every band."""
     row_low, row_high, row_frac = _interpolation_weights(data.shape[0], background.shape[0], factor)
     col_low, col_high, col_frac = _interpolation_weights(data.shape[1], background.shape[1], factor)
     tall = background[row_low] * (1 - row_frac)[:, None] + background[row_high] * row_frac[:, None]
+    n_blocks = background.shape[1]
+    low_counts, high_counts = np.bincount(col_low, minlength=n_blocks), np.bincount(col_high, minlength=n_blocks)
+    low_weight = 1 - col_frac
     band = 64
+    full, high = np.empty((band, data.shape[1])), np.empty((band, data.shape[1]))
     for r0 in range(0, data.shape[0], band):
         rows = tall[r0 : r0 + band]
-        full = rows[:, col_low] * (1 - col_frac)
-        full += rows[:, col_high] * col_frac
+        n = rows.shape[0]
+        np.multiply(np.repeat(rows, low_counts, axis=1), low_weight, out=full[:n])  # rows[:, col_low] * (1 - f)
+        np.multiply(np.repeat(rows, high_counts, axis=1), col_frac, out=high[:n])  # rows[:, col_high] * f
+        full[:n] += high[:n]
         block = data[r0 : r0 + band]
-        block /= full
+        block /= full[:n]
         block *= level
 
 

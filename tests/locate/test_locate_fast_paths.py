@@ -286,3 +286,26 @@ def test_distance_to_true_equals_the_distance_transform(shape: tuple[int, int]) 
         rows, cols = rng.integers(0, shape[0], 300), rng.integers(0, shape[1], 300)
         expected = ndimage.distance_transform_edt(~mask)[rows, cols]
         assert np.array_equal(distance_to_true_px(mask, rows, cols), expected), density
+
+
+@pytest.mark.parametrize(
+    ("shape", "small_shape", "factor"),
+    [((64, 64), (4, 4), 16), ((300, 130), (18, 8), 16), ((97, 203), (24, 50), 4), ((7, 5), (7, 5), 1)],
+)
+def test_divide_by_upsampled_equals_dividing_by_the_indexed_background(
+    shape: tuple[int, int], small_shape: tuple[int, int], factor: int
+) -> None:
+    from agent.locate.preprocess import _divide_by_upsampled, _interpolation_weights
+
+    rng = np.random.default_rng(shape[0])
+    data = rng.uniform(100.0, 5000.0, shape)
+    background = rng.uniform(500.0, 1500.0, small_shape)
+    row_low, row_high, row_frac = _interpolation_weights(shape[0], small_shape[0], factor)
+    col_low, col_high, col_frac = _interpolation_weights(shape[1], small_shape[1], factor)
+    tall = background[row_low] * (1 - row_frac)[:, None] + background[row_high] * row_frac[:, None]
+    full = tall[:, col_low] * (1 - col_frac)
+    full += tall[:, col_high] * col_frac
+    expected = data / full
+    expected *= 1234.5
+    _divide_by_upsampled(data, background, factor, 1234.5)
+    assert np.array_equal(data, expected)
