@@ -53,31 +53,55 @@ def noise_sigma(image: np.ndarray, mask: np.ndarray | None = None) -> float:
 
 
 def remove_outlier_pixels(data: np.ndarray, sigma: float, threshold: float = 8.0) -> int:
-    """In place: replace hot/dead pixels of float64 `data` (see module docstring); returns how many."""
+    """In place: replace hot/dead pixels of float64 `data` (see module docstring); returns how many.
+
+    Row bands of 64 (the temporaries stay small and cache-resident), each copied with its neighbour rows and
+    columns (mirrored at the image's edges, as `np.pad(..., mode="reflect")`) into one re-used buffer; a band
+    sees the rows above it as the previous band left them."""
     if sigma <= 0:
         sigma = float(np.std(data)) * 0.05
         if sigma <= 0:
             return 0
     count = 0
-    rows = data.shape[0]
-    band = 64  # row bands keep the temporaries small and cache-resident
+    rows, cols = data.shape
+    band = 64
     limit = threshold * sigma
+    padded = np.empty((band + 2, cols + 2))
+    h_max, h_min = np.empty((band + 2, cols)), np.empty((band + 2, cols))
+    n_max, n_min, scratch = np.empty((band, cols)), np.empty((band, cols)), np.empty((band, cols))
+    hot, cold = np.empty((band, cols), dtype=bool), np.empty((band, cols), dtype=bool)
     for r0 in range(0, rows, band):
         r1 = min(rows, r0 + band)
-        top, bottom = max(0, r0 - 1), min(rows, r1 + 1)
-        block = np.pad(data[top:bottom], ((r0 - top == 0, bottom - r1 == 0), (1, 1)), mode="reflect")
+        m = r1 - r0
+        block = _reflected_band(data, r0, r1, padded[: m + 2])
         # 3-wide horizontal max/min of the rows above and below, plus the left and right neighbours
-        h_max = np.maximum(np.maximum(block[:, :-2], block[:, 1:-1]), block[:, 2:])
-        h_min = np.minimum(np.minimum(block[:, :-2], block[:, 1:-1]), block[:, 2:])
-        n_max = np.maximum(np.maximum(h_max[:-2], h_max[2:]), np.maximum(block[1:-1, :-2], block[1:-1, 2:]))
-        n_min = np.minimum(np.minimum(h_min[:-2], h_min[2:]), np.minimum(block[1:-1, :-2], block[1:-1, 2:]))
+        hx, hn, nx, nn, tmp = h_max[: m + 2], h_min[: m + 2], n_max[:m], n_min[:m], scratch[:m]
+        np.maximum(np.maximum(block[:, :-2], block[:, 1:-1], out=hx), block[:, 2:], out=hx)
+        np.minimum(np.minimum(block[:, :-2], block[:, 1:-1], out=hn), block[:, 2:], out=hn)
+        np.maximum(np.maximum(hx[:-2], hx[2:], out=nx), np.maximum(block[1:-1, :-2], block[1:-1, 2:], out=tmp), out=nx)
+        np.minimum(np.minimum(hn[:-2], hn[2:], out=nn), np.minimum(block[1:-1, :-2], block[1:-1, 2:], out=tmp), out=nn)
         centre = data[r0:r1]
-        outliers = (centre > n_max + limit) | (centre < n_min - limit)
-        n_out = int(outliers.sum())
+        outliers = np.greater(centre, np.add(nx, limit, out=tmp), out=hot[:m])
+        outliers |= np.less(centre, np.subtract(nn, limit, out=tmp), out=cold[:m])
+        n_out = int(np.count_nonzero(outliers))
         if n_out:
-            centre[outliers] = 0.5 * (n_max[outliers] + n_min[outliers])
+            centre[outliers] = 0.5 * (nx[outliers] + nn[outliers])
             count += n_out
     return count
+
+
+def _reflected_band(data: np.ndarray, r0: int, r1: int, out: np.ndarray) -> np.ndarray:
+    """`out` (r1 - r0 + 2, cols + 2) filled with rows `r0:r1` of `data` and one more row and column on every
+    side: the image's own where it has them, else mirrored about the edge row or column (`np.pad(...,
+    mode="reflect")`: the row above row 0 is row 1)."""
+    rows = data.shape[0]
+    out[1:-1, 1:-1] = data[r0:r1]
+    out[0, 1:-1] = data[r0 - 1] if r0 > 0 else data[min(1, rows - 1)]
+    out[-1, 1:-1] = data[r1] if r1 < rows else data[max(rows - 2, 0)]
+    wide = out.shape[1] > 3  # at least two columns
+    out[:, 0] = out[:, 2] if wide else out[:, 1]
+    out[:, -1] = out[:, -3] if wide else out[:, -2]
+    return out
 
 
 #: Lines a pixel is compared with along its row: 8 on each side.

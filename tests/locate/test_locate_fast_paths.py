@@ -309,3 +309,37 @@ def test_divide_by_upsampled_equals_dividing_by_the_indexed_background(
     expected *= 1234.5
     _divide_by_upsampled(data, background, factor, 1234.5)
     assert np.array_equal(data, expected)
+
+
+def _remove_outlier_pixels_padding_each_band(data: np.ndarray, sigma: float, threshold: float = 8.0) -> int:
+    """`preprocess.remove_outlier_pixels` as it was: every band padded by `np.pad` into fresh temporaries."""
+    count, rows, band, limit = 0, data.shape[0], 64, threshold * sigma
+    for r0 in range(0, rows, band):
+        r1 = min(rows, r0 + band)
+        top, bottom = max(0, r0 - 1), min(rows, r1 + 1)
+        block = np.pad(data[top:bottom], ((r0 - top == 0, bottom - r1 == 0), (1, 1)), mode="reflect")
+        h_max = np.maximum(np.maximum(block[:, :-2], block[:, 1:-1]), block[:, 2:])
+        h_min = np.minimum(np.minimum(block[:, :-2], block[:, 1:-1]), block[:, 2:])
+        n_max = np.maximum(np.maximum(h_max[:-2], h_max[2:]), np.maximum(block[1:-1, :-2], block[1:-1, 2:]))
+        n_min = np.minimum(np.minimum(h_min[:-2], h_min[2:]), np.minimum(block[1:-1, :-2], block[1:-1, 2:]))
+        centre = data[r0:r1]
+        outliers = (centre > n_max + limit) | (centre < n_min - limit)
+        if outliers.any():
+            centre[outliers] = 0.5 * (n_max[outliers] + n_min[outliers])
+            count += int(outliers.sum())
+    return count
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 7), (6, 1), (2, 2), (64, 30), (65, 33), (130, 200), (129, 3)])
+def test_remove_outlier_pixels_equals_padding_each_band(shape: tuple[int, int]) -> None:
+    from agent.locate.preprocess import remove_outlier_pixels
+
+    rng = np.random.default_rng(shape[0] * 31 + shape[1])
+    data = rng.normal(1000.0, 10.0, shape)
+    spots = rng.random(shape) < 0.02
+    data[spots] = rng.choice([0.0, 5000.0], int(spots.sum()))
+    data[:, :1] += 300.0  # a hot first column: the mirrored column sees it
+    expected = data.copy()
+    n_expected = _remove_outlier_pixels_padding_each_band(expected, 10.0)
+    assert remove_outlier_pixels(data, 10.0) == n_expected
+    assert np.array_equal(data, expected)
