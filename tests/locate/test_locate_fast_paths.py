@@ -343,3 +343,20 @@ def test_remove_outlier_pixels_equals_padding_each_band(shape: tuple[int, int]) 
     n_expected = _remove_outlier_pixels_padding_each_band(expected, 10.0)
     assert remove_outlier_pixels(data, 10.0) == n_expected
     assert np.array_equal(data, expected)
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "int16", "int32"])
+def test_seam_block_steps_of_integer_images_need_no_sorting(dtype: str) -> None:
+    from agent.locate.seams import _block_steps
+
+    rng = np.random.default_rng(len(dtype))
+    info = np.iinfo(dtype)
+    image = rng.integers(max(info.min, -50), info.max, (96, 150), endpoint=True).astype(dtype)
+    image[:, 70:] = (image[:, 70:] // 2).astype(dtype)  # a step
+    image[10:30, 20:40] = rng.integers(0, 4, (20, 20)).astype(dtype)  # dark, low levels (logs 0 and ln 2)
+    mask = rng.random(image.shape) < 0.3
+    mask[40:, :5] = True  # blocks without pairs
+    log = np.log(np.maximum(image.astype(np.float32), 1.0))
+    sorted_steps = _block_steps(log, mask, 12, 8, any_order=False)
+    assert np.isfinite(sorted_steps).sum() > 100
+    assert np.array_equal(_block_steps(log, mask, 12, 8, any_order=True), sorted_steps, equal_nan=True)
