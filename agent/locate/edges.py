@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from agent.locate.object_features import percentile_90
+from agent.locate.object_features import CROSS_3X3, gradient_2d, percentile_90
 
 #: An object's edge more than this many times as wide as the bars' is soft (contamination, not a crystal).
 SOFT_EDGE_FACTOR = 3.5
@@ -85,7 +85,9 @@ def object_edge_width_px(deviation: np.ndarray, inside: np.ndarray) -> float:
     margin, except where the image's frame cuts it) in `deviation`, its smoothed deviation from the film in the
     objects' polarity; inf for an object without a measurable edge gradient."""
     # outside the array counts as object: where the frame cuts an object there is no edge to measure
-    band = ndimage.binary_dilation(inside, iterations=2) & ~ndimage.binary_erosion(inside, iterations=2, border_value=1)
-    gradient = np.hypot(*np.gradient(deviation))
+    # (the default structure passed, not made again on every call)
+    grown = ndimage.binary_dilation(inside, structure=CROSS_3X3, iterations=2)
+    band = grown & ~ndimage.binary_erosion(inside, structure=CROSS_3X3, iterations=2, border_value=1)
+    gradient = np.hypot(*gradient_2d(deviation))
     steepest = percentile_90(gradient[band]) if band.any() else 0.0
     return percentile_90(deviation[inside]) / steepest if steepest > 0 else float("inf")

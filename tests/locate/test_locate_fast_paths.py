@@ -360,3 +360,28 @@ def test_seam_block_steps_of_integer_images_need_no_sorting(dtype: str) -> None:
     sorted_steps = _block_steps(log, mask, 12, 8, any_order=False)
     assert np.isfinite(sorted_steps).sum() > 100
     assert np.array_equal(_block_steps(log, mask, 12, 8, any_order=True), sorted_steps, equal_nan=True)
+
+
+@pytest.mark.parametrize("shape", [(2, 2), (2, 7), (9, 2), (3, 3), (17, 40), (64, 33)])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_gradient_2d_equals_np_gradient(shape: tuple[int, int], dtype: str) -> None:
+    from agent.locate.object_features import gradient_2d
+
+    rng = np.random.default_rng(shape[0] * 100 + shape[1])
+    values = (rng.normal(0.0, 1000.0, shape) * rng.uniform(0.0, 3.0, shape)).astype(dtype)
+    for view in (values, values[:, ::-1], values.T):
+        expected = np.gradient(view)
+        got = gradient_2d(view)
+        assert all(g.dtype == e.dtype and np.array_equal(g, e) for g, e in zip(got, expected, strict=True))
+
+
+def test_fill_holes_equals_binary_fill_holes() -> None:
+    from scipy import ndimage
+
+    from agent.locate.object_features import fill_holes
+
+    rng = np.random.default_rng(11)
+    for shape in ((1, 1), (3, 3), (20, 31), (64, 64)):
+        for density in (0.3, 0.6, 0.85):
+            mask = rng.random(shape) < density
+            assert np.array_equal(fill_holes(mask), ndimage.binary_fill_holes(mask))
