@@ -272,18 +272,23 @@ def outline_turning_concentration(outline_rc: np.ndarray, chord_px: float = 2.0,
     share equals `top_fraction` (0.25); a polygon turns at its corners only, so the share approaches 1;
     smooth irregular blobs lie between. NaN for outlines shorter than 20 px.
     """
+    # (numpy's linspace, roll and column_stack written out: the same values, ~0.1 ms less a call)
     outline_rc = np.asarray(outline_rc, dtype=np.float64)
-    steps = np.hypot(*np.diff(outline_rc, axis=0).T)
-    arc = np.concatenate([[0.0], np.cumsum(steps)])
+    step_rc = outline_rc[1:] - outline_rc[:-1]
+    arc = np.empty(len(outline_rc))
+    arc[0] = 0.0
+    np.cumsum(np.hypot(step_rc[:, 0], step_rc[:, 1]), out=arc[1:])
     length = float(arc[-1])
     if length < 20.0:
         return float("nan")
     n = int(length / 0.5)
-    t = np.linspace(0.0, length, n, endpoint=False)
-    points = np.column_stack([np.interp(t, arc, outline_rc[:, 0]), np.interp(t, arc, outline_rc[:, 1])])
+    t = np.arange(n, dtype=np.float64) * (length / n)  # np.linspace(0.0, length, n, endpoint=False)
+    points = np.empty((n, 2))
+    points[:, 0] = np.interp(t, arc, outline_rc[:, 0])
+    points[:, 1] = np.interp(t, arc, outline_rc[:, 1])
     k = max(1, round(chord_px / 0.5))
-    ahead = np.roll(points, -k, axis=0) - points
-    behind = points - np.roll(points, k, axis=0)
+    ahead = np.concatenate([points[k:], points[:k]]) - points  # np.roll(points, -k, axis=0) - points
+    behind = points - np.concatenate([points[-k:], points[:-k]])  # points - np.roll(points, k, axis=0)
     turn = np.arctan2(ahead[:, 0], ahead[:, 1]) - np.arctan2(behind[:, 0], behind[:, 1])
     turn = np.abs((turn + np.pi) % (2.0 * np.pi) - np.pi)
     total = float(turn.sum())

@@ -385,3 +385,40 @@ def test_fill_holes_equals_binary_fill_holes() -> None:
         for density in (0.3, 0.6, 0.85):
             mask = rng.random(shape) < density
             assert np.array_equal(fill_holes(mask), ndimage.binary_fill_holes(mask))
+
+
+def _turning_concentration_with_numpy_helpers(outline_rc: np.ndarray, chord_px: float) -> float:
+    """`objects.outline_turning_concentration` as it was written (linspace, roll, column_stack)."""
+    steps = np.hypot(*np.diff(outline_rc, axis=0).T)
+    arc = np.concatenate([[0.0], np.cumsum(steps)])
+    length = float(arc[-1])
+    if length < 20.0:
+        return float("nan")
+    n = int(length / 0.5)
+    t = np.linspace(0.0, length, n, endpoint=False)
+    points = np.column_stack([np.interp(t, arc, outline_rc[:, 0]), np.interp(t, arc, outline_rc[:, 1])])
+    k = max(1, round(chord_px / 0.5))
+    ahead = np.roll(points, -k, axis=0) - points
+    behind = points - np.roll(points, k, axis=0)
+    turn = np.arctan2(ahead[:, 0], ahead[:, 1]) - np.arctan2(behind[:, 0], behind[:, 1])
+    turn = np.abs((turn + np.pi) % (2.0 * np.pi) - np.pi)
+    total = float(turn.sum())
+    if total <= 0:
+        return float("nan")
+    return float(np.sort(turn)[::-1][: max(1, int(n * 0.25))].sum() / total)
+
+
+def test_outline_turning_concentration_equals_the_numpy_helpers_version() -> None:
+    from agent.locate.objects import outline_turning_concentration
+
+    rng = np.random.default_rng(21)
+    for _ in range(200):
+        m = int(rng.integers(3, 400))
+        angles = np.sort(rng.uniform(0.0, 2 * np.pi, m))
+        radius = rng.uniform(2.0, 40.0) * (1 + 0.2 * rng.random(m))
+        outline = np.column_stack([radius * np.sin(angles), radius * np.cos(angles)])
+        outline = np.vstack([outline, outline[:1]])
+        for chord in (2.0, 3.7):
+            expected = _turning_concentration_with_numpy_helpers(outline, chord)
+            got = outline_turning_concentration(outline, chord_px=chord)
+            assert got == expected or (np.isnan(got) and np.isnan(expected))
