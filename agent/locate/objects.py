@@ -52,6 +52,7 @@ from scipy import ndimage
 from agent.locate.bitmask import PACKED_MIN_PX, packed_cross_steps
 from agent.locate.film_lines import film_line_mask
 from agent.locate.object_features import (
+    CROSS_3X3,
     MIN_SIGNIFICANCE,
     OBJECT_FEATURE_NAMES,
     deviation_in_polarity,
@@ -231,7 +232,7 @@ def fill_small_holes(mask: np.ndarray) -> np.ndarray:
     # the background labelled once (as `object_features.fill_holes`): label 1 is the outside, the others holes
     padded = np.ones((mask.shape[0] + 2, mask.shape[1] + 2), dtype=bool)
     np.logical_not(mask, out=padded[1:-1, 1:-1])
-    background, count = ndimage.label(padded)
+    background, count = ndimage.label(padded, structure=CROSS_3X3)  # the default structure, made once
     if count <= 1:
         return mask
     background = background[1:-1, 1:-1]

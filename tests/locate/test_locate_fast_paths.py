@@ -422,3 +422,21 @@ def test_outline_turning_concentration_equals_the_numpy_helpers_version() -> Non
             expected = _turning_concentration_with_numpy_helpers(outline, chord)
             got = outline_turning_concentration(outline, chord_px=chord)
             assert got == expected or (np.isnan(got) and np.isnan(expected))
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "int8", "uint16", "int16"])
+def test_noise_sigma_of_small_integers_equals_the_float_computation(dtype: str) -> None:
+    from agent.locate.preprocess import noise_sigma
+
+    rng = np.random.default_rng(len(dtype))
+    info = np.iinfo(dtype)
+    for shape in ((1, 2), (3, 4), (300, 257), (1100, 65)):
+        image = rng.integers(info.min, info.max, shape, endpoint=True).astype(dtype)
+        mask = rng.random(shape) < 0.3
+        for masked in (None, mask):
+            step = max(1, shape[0] // 512)
+            diffs = np.abs(np.diff(image[::step].astype(np.float64), axis=1))
+            if masked is not None:
+                diffs = diffs[~(masked[::step, 1:] | masked[::step, :-1])]
+            expected = float(1.4826 * np.median(diffs) / np.sqrt(2.0)) if diffs.size else 0.0
+            assert noise_sigma(image, masked) == expected
