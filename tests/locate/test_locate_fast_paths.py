@@ -440,3 +440,49 @@ def test_noise_sigma_of_small_integers_equals_the_float_computation(dtype: str) 
                 diffs = diffs[~(masked[::step, 1:] | masked[::step, :-1])]
             expected = float(1.4826 * np.median(diffs) / np.sqrt(2.0)) if diffs.size else 0.0
             assert noise_sigma(image, masked) == expected
+
+
+def _line_gains_out_of_place(sample: np.ndarray, exclude: np.ndarray, half: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """`preprocess._line_gains` as it was written: fresh arrays, np.pad, the columns sorted along axis 0."""
+    valid = np.isfinite(sample)
+    usable = valid & ~exclude[None, :]
+
+    def window_sums(array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        total = np.pad(np.cumsum(array, axis=1), ((0, 0), (half + 1, half)), mode="edge")
+        total[:, : half + 1] = 0.0
+        cols = array.shape[1]
+        return (total[:, half : half + cols] - total[:, :cols],
+                total[:, 2 * half + 1 : 2 * half + 1 + cols] - total[:, half + 1 : half + 1 + cols])
+
+    left_sum, right_sum = window_sums(np.where(usable, sample, 0.0))
+    n_left, n_right = window_sums(usable.astype(np.float64))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        left_distance, right_distance = (n_left + 1) / 2, (n_right + 1) / 2
+        local = (right_distance * left_sum / n_left + left_distance * right_sum / n_right) / (
+            left_distance + right_distance
+        )
+        ratio = np.where(valid & (n_left >= 2) & (n_right >= 2) & (local != 0), sample / local, np.nan)
+    ordered = np.sort(ratio, axis=0)
+    n_valid = np.sum(np.isfinite(ratio), axis=0)
+    cols = np.arange(ratio.shape[1])
+    low, high = np.clip((n_valid - 1) // 2, 0, ratio.shape[0] - 1), np.clip(n_valid // 2, 0, ratio.shape[0] - 1)
+    gains = np.where(n_valid > 0, 0.5 * (ordered[low, cols] + ordered[high, cols]), np.nan)
+    residual = (ratio - gains[None, :])[np.isfinite(ratio)]
+    sigma = 1.4826 * float(np.median(np.abs(residual[:: max(1, residual.size // 200_000)]))) if residual.size else 0.0
+    standard_error = 1.2533 * sigma / np.sqrt(np.maximum(n_valid, 1))
+    return np.where(n_valid >= max(16, sample.shape[0] // 8), gains, np.nan), standard_error
+
+
+@pytest.mark.parametrize("shape", [(20, 40), (64, 300), (256, 513)])
+def test_line_gains_in_place_equal_the_out_of_place_arithmetic(shape: tuple[int, int]) -> None:
+    from agent.locate.preprocess import _line_gains
+
+    rng = np.random.default_rng(shape[1])
+    sample = rng.normal(1000.0, 30.0, shape) * np.linspace(0.8, 1.2, shape[1])[None, :]
+    sample[:, 7] *= 1.04  # a stripe
+    sample[rng.random(shape) < 0.2] = np.nan
+    sample[:, 11:14] = np.nan  # columns without a value
+    exclude = rng.random(shape[1]) < 0.05
+    expected = _line_gains_out_of_place(sample, exclude)
+    got = _line_gains(sample, exclude)
+    assert all(np.array_equal(g, e, equal_nan=True) for g, e in zip(got, expected, strict=True))
