@@ -63,6 +63,7 @@ from agent.locate.cluster import (
     OUTLIER_CAP_SIGMA,
     ClusterModel,
     black_pixel_mask,
+    dark_blocks,
     fit_clusters,
     large_dark_mask,
     mesh_mask,
@@ -342,8 +343,9 @@ def bar_and_black_mask(image: np.ndarray, settings: LocateSettings) -> tuple[np.
     mesh = mesh_mask(image, min_width_px=min_width, ignore=flat)
     mask |= mesh.mask
     if settings.bar_filter == "auto":
-        mask |= large_dark_mask(image, min_width_px=min_width, ignore=flat)
-        mask |= black_pixel_mask(image, ignore=flat)
+        blocks = dark_blocks(image, flat)  # the block copy and dark class both detectors use
+        mask |= large_dark_mask(image, min_width_px=min_width, ignore=flat, blocks=blocks)
+        mask |= black_pixel_mask(image, ignore=flat, blocks=blocks)
     return mask, mesh.angle_deg
 
 

@@ -486,3 +486,18 @@ def test_line_gains_in_place_equal_the_out_of_place_arithmetic(shape: tuple[int,
     expected = _line_gains_out_of_place(sample, exclude)
     got = _line_gains(sample, exclude)
     assert all(np.array_equal(g, e, equal_nan=True) for g, e in zip(got, expected, strict=True))
+
+
+def test_dark_detectors_sharing_their_blocks_equal_each_on_its_own() -> None:
+    from agent.locate.cluster import black_pixel_mask, dark_blocks, large_dark_mask
+
+    for seed, polarity in ((0, "bright"), (1, "dark"), (2, "bright")):
+        image = make_grid_image((700, 900), seed, polarity=polarity).image  # type: ignore[arg-type]
+        ignore = np.zeros(image.shape, dtype=bool)
+        ignore[-40:] = True  # an annotation band
+        for flat in (None, ignore):
+            blocks = dark_blocks(image, flat, 256)
+            alone = large_dark_mask(image, 12.0, 256, ignore=flat)
+            assert np.array_equal(large_dark_mask(image, 12.0, 256, ignore=flat, blocks=blocks), alone)
+            alone = black_pixel_mask(image, ignore=flat, max_side_px=256)
+            assert np.array_equal(black_pixel_mask(image, ignore=flat, max_side_px=256, blocks=blocks), alone)
