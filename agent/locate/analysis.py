@@ -79,6 +79,7 @@ from agent.locate.features import (
     window_centres_px,
     window_features,
 )
+from agent.locate.parallel import run_pair
 from agent.locate.preprocess import prepare_image
 from agent.locate.vacuum import vacuum_mask
 
@@ -340,12 +341,20 @@ def bar_and_black_mask(image: np.ndarray, settings: LocateSettings) -> tuple[np.
     min_width = settings.min_bar_width_px or max(8.0, 0.02 * min(image.shape))
     flat = flat_band_mask(image)
     mask = flat.copy() if settings.bar_filter == "auto" else np.zeros(image.shape, dtype=bool)
-    mesh = mesh_mask(image, min_width_px=min_width, ignore=flat)
+    if settings.bar_filter != "auto":
+        mesh = mesh_mask(image, min_width_px=min_width, ignore=flat)
+        mask |= mesh.mask
+        return mask, mesh.angle_deg
+    blocks = dark_blocks(image, flat)  # the block copy and dark class both dark detectors use (imports Otsu's)
+
+    def dark_areas() -> np.ndarray:
+        dark = large_dark_mask(image, min_width_px=min_width, ignore=flat, blocks=blocks)
+        return dark | black_pixel_mask(image, ignore=flat, blocks=blocks)
+
+    # the mesh detector (small block copies, profiles) beside the dark detectors (full-size masks)
+    mesh, dark = run_pair(lambda: mesh_mask(image, min_width_px=min_width, ignore=flat), dark_areas)
     mask |= mesh.mask
-    if settings.bar_filter == "auto":
-        blocks = dark_blocks(image, flat)  # the block copy and dark class both detectors use
-        mask |= large_dark_mask(image, min_width_px=min_width, ignore=flat, blocks=blocks)
-        mask |= black_pixel_mask(image, ignore=flat, blocks=blocks)
+    mask |= dark
     return mask, mesh.angle_deg
 
 

@@ -36,6 +36,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from agent.locate.parallel import run_pair
+
 #: Lines (rows for a column seam) per block whose (trimmed mean) step is tested.
 BLOCK_LINES = 32
 #: Smallest step in ln(intensity) across a seam (2 %).
@@ -85,11 +87,12 @@ def find_seams(image: np.ndarray, mask: np.ndarray) -> Seams:
     # only every SAMPLE_STRIDE-th line along a seam is read: the log of two quarter-size copies, not the image
     stride = SAMPLE_STRIDE
     any_order = bool(np.issubdtype(data.dtype, np.integer))
-    return Seams(
-        shape=(int(data.shape[0]), int(data.shape[1])),
-        columns=_seam_lines(log_of(data[::stride]), mask[::stride], min_step, any_order),
-        rows=_seam_lines(log_of(data[:, ::stride].T), mask[:, ::stride].T, min_step, any_order),
+    # the columns' search on a second thread beside the rows' (numpy work on separate copies)
+    columns, rows = run_pair(
+        lambda: _seam_lines(log_of(data[::stride]), mask[::stride], min_step, any_order),
+        lambda: _seam_lines(log_of(data[:, ::stride].T), mask[:, ::stride].T, min_step, any_order),
     )
+    return Seams(shape=(int(data.shape[0]), int(data.shape[1])), columns=columns, rows=rows)
 
 
 def _seam_lines(log: np.ndarray, mask: np.ndarray, min_step: float, any_order: bool = False) -> tuple[int, ...]:

@@ -501,3 +501,38 @@ def test_dark_detectors_sharing_their_blocks_equal_each_on_its_own() -> None:
             assert np.array_equal(large_dark_mask(image, 12.0, 256, ignore=flat, blocks=blocks), alone)
             alone = black_pixel_mask(image, ignore=flat, max_side_px=256)
             assert np.array_equal(black_pixel_mask(image, ignore=flat, max_side_px=256, blocks=blocks), alone)
+
+
+_MESH_IMPORT_PROBE = """
+import sys
+import numpy as np
+from agent.locate.cluster import dark_blocks, mesh_mask
+from tests.synthetic_images import make_grid_image
+image = make_grid_image((400, 420), 3).image
+dark_blocks(image, np.zeros(image.shape, dtype=bool))
+before = set(sys.modules)
+mesh = mesh_mask(image, min_width_px=8.0)
+print(mesh.n_bars > 0, sorted(set(sys.modules) - before))
+"""
+
+
+def test_the_mesh_thread_imports_nothing_after_dark_blocks() -> None:
+    """`analysis.bar_and_black_mask` runs `mesh_mask` on a second thread beside the dark detectors, after
+    `dark_blocks` (which imports Otsu's threshold): the mesh detector must not import (fresh interpreter)."""
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run(
+        [sys.executable, "-c", _MESH_IMPORT_PROBE], cwd=root, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "True []"
+
+
+def test_bar_and_black_mask_with_the_mesh_beside_equals_one_after_another(monkeypatch: pytest.MonkeyPatch) -> None:
+    from agent.locate import parallel
+    from agent.locate.analysis import bar_and_black_mask
+
+    image = make_grid_image((500, 640), 4, bar_angle_deg=12.0).image
+    settings = LocateSettings()
+    threaded = bar_and_black_mask(image, settings)
+    monkeypatch.setattr(parallel, "thread_count", lambda: 1)
+    serial = bar_and_black_mask(image, settings)
+    assert np.array_equal(threaded[0], serial[0]) and threaded[1] == serial[1]
