@@ -59,6 +59,7 @@ from agent.locate.object_features import (
     measure_object,
     percentile_90,
 )
+from agent.locate.parallel import run_pair
 from agent.locate.smoothing import gaussian_rows
 
 #: Gaussian smoothing (px) before pixels are compared with the film level.
@@ -396,13 +397,19 @@ def find_objects(
     if smoothed is None:
         return None
     level, sigma = _level_and_sigma(smoothed.film_sample)
-    polarity, deviant = _deviant_pixels(smoothed, level, min_contrast_sigma * sigma, bar_mask, region_px)
-    labels = _label(deviant)
-    lines_half = (
-        film_line_mask(deviation_in_polarity(smoothed.half, level, polarity) / sigma, bar_mask[::2, ::2])
-        if drop_film_lines
-        else None
-    )
+    threshold = min_contrast_sigma * sigma
+    polarity = _polarity_vote(smoothed, level, threshold, bar_mask)
+
+    def lines() -> np.ndarray | None:
+        if not drop_film_lines:
+            return None
+        return film_line_mask(deviation_in_polarity(smoothed.half, level, polarity) / sigma, bar_mask[::2, ::2])
+
+    def labelled() -> np.ndarray:
+        return _label(_deviant_pixels(smoothed, level, threshold, polarity, bar_mask, region_px))
+
+    # the film lines (half resolution) on a second thread while the deviant pixels are labelled
+    lines_half, labels = run_pair(lines, labelled)
     if lines_half is not None and not lines_half.any():
         lines_half = None  # no line: no component lies on one
     return _measure_objects(
@@ -509,21 +516,27 @@ def _grown_boxes(region_px: np.ndarray, margin_px: int) -> list[tuple[slice, sli
     return grown
 
 
-def _deviant_pixels(
-    smoothed: _Smoothed, level: float, threshold: float, bar_mask: np.ndarray, region_px: np.ndarray
-) -> tuple[Polarity, np.ndarray]:
-    """Steps 2 and 3: the objects' polarity and the bool mask of deviant pixels inside candidate regions.
-
-    `smoothed` is the smoothed image, `level` the film level and `threshold` the least deviation from it
-    (image units) that counts; pixels deviate in the measured polarity only (both ways when undecided).
-    """
-    # the polarity is a whole-image vote, measured on every second pixel (a quarter of the work); there
-    # a component needs 2 pixels (about 8 at full resolution), so lone noisy pixels cast no vote and
-    # MIN_POLARITY_OBJECTS keeps its meaning
+def _polarity_vote(smoothed: _Smoothed, level: float, threshold: float, bar_mask: np.ndarray) -> Polarity:
+    """Step 2: the objects' polarity, a whole-image vote (`object_polarity`) of the pixels deviating from the film
+    `level` by more than `threshold` (image units) in `smoothed`."""
+    # measured on every second pixel (a quarter of the work); there a component needs 2 pixels (about 8 at full
+    # resolution), so lone noisy pixels cast no vote and MIN_POLARITY_OBJECTS keeps its meaning
     half, half_bar = smoothed.half, bar_mask[::2, ::2]
-    polarity = object_polarity(
+    return object_polarity(
         (half < level - threshold) & ~half_bar, (half > level + threshold) & ~half_bar, half - level, min_area_px=2.0
     )
+
+
+def _deviant_pixels(
+    smoothed: _Smoothed,
+    level: float,
+    threshold: float,
+    polarity: Polarity,
+    bar_mask: np.ndarray,
+    region_px: np.ndarray,
+) -> np.ndarray:
+    """Step 3: the bool mask of deviant pixels inside candidate regions: `smoothed` deviates from the film `level`
+    by more than `threshold` (image units) in `polarity` (both ways when undecided), opened (lone pixels go)."""
     deviant = np.zeros(bar_mask.shape, dtype=bool)
     for box, data in zip(smoothed.boxes, smoothed.crops, strict=True):  # every region pixel lies in a box
         if box is None or data is None:
@@ -535,7 +548,7 @@ def _deviant_pixels(
         else:
             inside = np.abs(data - level) > threshold
         deviant[box] |= inside & ~bar_mask[box] & (region_px[box] > 0)
-    return polarity, cross_steps(cross_steps(deviant, 1, erode=True), 1, erode=False)  # opening: lone pixels go
+    return cross_steps(cross_steps(deviant, 1, erode=True), 1, erode=False)  # opening: lone pixels go
 
 
 def cross_steps(mask: np.ndarray, iterations: int, erode: bool) -> np.ndarray:

@@ -536,3 +536,49 @@ def test_bar_and_black_mask_with_the_mesh_beside_equals_one_after_another(monkey
     monkeypatch.setattr(parallel, "thread_count", lambda: 1)
     serial = bar_and_black_mask(image, settings)
     assert np.array_equal(threaded[0], serial[0]) and threaded[1] == serial[1]
+
+
+def test_objects_with_the_film_lines_beside_equal_one_after_another(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`objects.find_objects` searches the film lines on a second thread while the deviant pixels are labelled."""
+    from agent.locate import parallel
+    from agent.locate.targets import find_candidates
+
+    scene = make_grid_image((1024, 1024), 1, n_crystals=6)
+    rows, cols = scene.image.shape
+    yy, xx = np.mgrid[:rows, :cols].astype(float)
+    fold = np.abs(np.hypot(yy - rows * 1.6, xx - cols * 0.5) - rows * 1.3) < 2.5  # a gentle fold
+    image = (scene.image * (1 - 0.06 * fold)).astype(scene.image.dtype)
+    analysis = analyse(image, LocateSettings())
+    threaded = find_candidates(analysis, analysis.suggested_crystal_clusters, image=image)
+    monkeypatch.setattr(parallel, "thread_count", lambda: 1)
+    serial = find_candidates(analysis, analysis.suggested_crystal_clusters, image=image)
+    assert threaded and threaded == serial
+
+
+_DEVIANT_IMPORT_PROBE = """
+import sys
+import numpy as np
+from agent.locate.objects import _deviant_pixels, _label, _level_and_sigma, _polarity_vote, _smooth
+image = np.random.default_rng(2).normal(1000.0, 10.0, (300, 320))
+image[100:112, 100:114] = 600.0  # a dark plate in the region
+regions = np.zeros(image.shape, dtype=np.uint8)
+regions[40:200, 50:250] = 1
+bars = np.zeros(image.shape, dtype=bool)
+bars[:, :20] = True
+smoothed = _smooth(image, regions == 0, regions)
+level, sigma = _level_and_sigma(smoothed.film_sample)
+polarity = _polarity_vote(smoothed, level, 4 * sigma, bars)
+before = set(sys.modules)
+labels = _label(_deviant_pixels(smoothed, level, 4 * sigma, polarity, bars, regions))
+print(int(labels.max()) > 0, sorted(set(sys.modules) - before))
+"""
+
+
+def test_labelling_the_deviant_pixels_imports_nothing() -> None:
+    """The deviant pixels are labelled while another thread searches the film lines (and imports what the
+    skeletons need): the labelling must import nothing (fresh interpreter)."""
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run(
+        [sys.executable, "-c", _DEVIANT_IMPORT_PROBE], cwd=root, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "True []"
