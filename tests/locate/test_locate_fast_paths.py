@@ -582,3 +582,24 @@ def test_labelling_the_deviant_pixels_imports_nothing() -> None:
         [sys.executable, "-c", _DEVIANT_IMPORT_PROBE], cwd=root, capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == "True []"
+
+
+def test_object_edge_width_equals_the_ndimage_band() -> None:
+    from scipy import ndimage
+
+    from agent.locate.edges import object_edge_width_px
+    from agent.locate.object_features import percentile_90
+
+    rng = np.random.default_rng(8)
+    for shape in ((5, 5), (12, 30), (40, 33)):
+        for _ in range(20):
+            inside = rng.random(shape) < 0.6
+            inside[: shape[0] // 2, : shape[1] // 2] = True  # cut by the frame on two sides
+            deviation = rng.normal(5.0, 2.0, shape) + 10.0 * inside
+            band = ndimage.binary_dilation(inside, iterations=2) & ~ndimage.binary_erosion(
+                inside, iterations=2, border_value=1
+            )
+            gradient = np.hypot(*np.gradient(deviation))
+            steepest = percentile_90(gradient[band]) if band.any() else 0.0
+            expected = percentile_90(deviation[inside]) / steepest if steepest > 0 else float("inf")
+            assert object_edge_width_px(deviation, inside) == expected
