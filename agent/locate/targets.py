@@ -217,16 +217,25 @@ def _region_sites(analysis: ClusterAnalysis, regions: np.ndarray, n_regions: int
     centroid_row = row_sum[1:] / weights
     # nearest member cell when the centroid falls outside its region
     rows_out, cols_out = [], []
+    boxes = None
     for label_id, (r, c) in enumerate(zip(centroid_row, centroid_col, strict=True), start=1):
         cell_r, cell_c = analysis.cell_of_pixel(r, c)
         if regions[cell_r, cell_c] != label_id:
-            members = np.flatnonzero(flat_regions == label_id)
+            boxes = ndimage.find_objects(regions) if boxes is None else boxes
+            members = _members(regions, label_id, boxes[label_id - 1])  # np.flatnonzero(flat_regions == label_id)
             d2 = (centres[members, 0] - c) ** 2 + (centres[members, 1] - r) ** 2
             nearest = members[int(np.argmin(d2))]
             c, r = centres[nearest]
         rows_out.append(float(r))
         cols_out.append(float(c))
     return _Sites(np.arange(n_regions), np.array(rows_out), np.array(cols_out), weights, weights >= min_area_px)
+
+
+def _members(regions: np.ndarray, label_id: int, box: tuple[slice, slice]) -> np.ndarray:
+    """`np.flatnonzero(regions.ravel() == label_id)` (ascending flat indices), searched in the region's bounding
+    `box` only."""
+    rows, cols = np.nonzero(regions[box] == label_id)
+    return (rows + box[0].start) * regions.shape[1] + (cols + box[1].start)
 
 
 def _object_sites(

@@ -603,3 +603,16 @@ def test_object_edge_width_equals_the_ndimage_band() -> None:
             steepest = percentile_90(gradient[band]) if band.any() else 0.0
             expected = percentile_90(deviation[inside]) / steepest if steepest > 0 else float("inf")
             assert object_edge_width_px(deviation, inside) == expected
+
+
+def test_region_members_from_their_boxes_equal_flatnonzero() -> None:
+    from scipy import ndimage
+
+    from agent.locate.targets import _members
+
+    rng = np.random.default_rng(4)
+    regions, n = ndimage.label(rng.random((120, 90)) < 0.45, structure=np.ones((3, 3), dtype=bool))
+    boxes = ndimage.find_objects(regions)
+    for label_id in range(1, n + 1):
+        got = _members(regions, label_id, boxes[label_id - 1])
+        assert np.array_equal(got, np.flatnonzero(regions.ravel() == label_id))
