@@ -396,8 +396,13 @@ def block_mean(image: np.ndarray, factor: int) -> np.ndarray:
 
 def _block_total(data: np.ndarray, factor: int) -> np.ndarray:
     """Block sums of `data` (factor >= 2), in float64 (int64 for bool: exact counts; for integer images
-    exact too, so the same as numpy's sum over the block axes)."""
+    exact too, so the same as numpy's sum over the block axes). 8- and 16-bit integers are summed as integers
+    (int32 along the rows of a block, exact, 2-3x faster than in float64) and returned as float64: the same
+    whole numbers."""
     rows, cols = (data.shape[0] // factor) * factor, (data.shape[1] // factor) * factor
+    if data.dtype.kind in "ui" and data.dtype.itemsize <= 2 and factor <= 1 << 15:
+        row_sums = data[:rows, :cols].reshape(rows // factor, factor, cols).sum(axis=1, dtype=np.int32)
+        return row_sums.reshape(rows // factor, cols // factor, factor).sum(axis=2, dtype=np.int64).astype(np.float64)
     accumulator = np.int64 if data.dtype == np.bool_ else np.float64
     # the rows of a block first (whole contiguous rows added), then the short runs along each row: summing
     # over both block axes of the 4-D view at once is 3-10x slower

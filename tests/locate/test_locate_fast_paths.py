@@ -616,3 +616,19 @@ def test_region_members_from_their_boxes_equal_flatnonzero() -> None:
     for label_id in range(1, n + 1):
         got = _members(regions, label_id, boxes[label_id - 1])
         assert np.array_equal(got, np.flatnonzero(regions.ravel() == label_id))
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "int8", "uint16", "int16"])
+def test_block_sums_of_small_integers_equal_the_float_sums(dtype: str) -> None:
+    from agent.locate.preprocess import _block_total, block_mean, block_sum
+
+    info = np.iinfo(dtype)
+    image = np.random.default_rng(1).integers(info.min, info.max, (301, 299), endpoint=True).astype(dtype)
+    for factor in (2, 5, 16, 64):
+        rows, cols = (301 // factor) * factor, (299 // factor) * factor
+        blocks = image[:rows, :cols].reshape(rows // factor, factor, cols // factor, factor)
+        expected = blocks.sum(axis=(1, 3), dtype=np.float64)
+        total = _block_total(image, factor)
+        assert total.dtype == np.float64 and np.array_equal(total, expected)
+        assert np.array_equal(block_sum(image, factor), expected.astype(np.float32))
+        assert np.array_equal(block_mean(image, factor), expected / float(factor * factor))
