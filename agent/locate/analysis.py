@@ -688,12 +688,11 @@ def _cluster_summaries(
     """Step 6: one `ClusterSummary` per cluster id 0..k-1, with normalised centroids in background sigmas
     (polarity features as absolute values) and texture contrast (see the module docstring)."""
     features, names, labels, k = cells.features, cells.names, cells.labels, cells.k
-    counts = np.bincount(labels + 1, minlength=k + 1)[1:]
+    shifted = labels + 1  # masked cells (-1) in bin 0; made once for every feature's bincount
+    counts = np.bincount(shifted, minlength=k + 1)[1:]
     polarity_cols = [names.index(n) for n in _POLARITY_FEATURES]
     texture_cols = [names.index(n) for n in _TEXTURE_FEATURES]
-    sums = np.stack(
-        [np.bincount(labels + 1, weights=features[:, j], minlength=k + 1)[1:] for j in range(len(names))], 1
-    )
+    sums = np.stack([np.bincount(shifted, weights=features[:, j], minlength=k + 1)[1:] for j in range(len(names))], 1)
     summaries = []
     for cid in range(k):
         n_cells = int(counts[cid])
