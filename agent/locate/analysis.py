@@ -63,6 +63,7 @@ from agent.locate.cluster import (
     OUTLIER_CAP_SIGMA,
     ClusterModel,
     black_pixel_mask,
+    dark_blocks,
     fit_clusters,
     large_dark_mask,
     mesh_mask,
@@ -78,6 +79,7 @@ from agent.locate.features import (
     window_centres_px,
     window_features,
 )
+from agent.locate.parallel import run_pair
 from agent.locate.preprocess import prepare_image
 from agent.locate.vacuum import vacuum_mask
 
@@ -343,11 +345,20 @@ def bar_and_black_mask(image: np.ndarray, settings: LocateSettings) -> tuple[np.
     min_width = settings.min_bar_width_px or max(8.0, 0.02 * min(image.shape))
     flat = flat_band_mask(image)
     mask = flat.copy() if settings.bar_filter == "auto" else np.zeros(image.shape, dtype=bool)
-    mesh = mesh_mask(image, min_width_px=min_width, ignore=flat)
+    if settings.bar_filter != "auto":
+        mesh = mesh_mask(image, min_width_px=min_width, ignore=flat)
+        mask |= mesh.mask
+        return mask, mesh.angle_deg
+    blocks = dark_blocks(image, flat)  # the block copy and dark class both dark detectors use (imports Otsu's)
+
+    def dark_areas() -> np.ndarray:
+        dark = large_dark_mask(image, min_width_px=min_width, ignore=flat, blocks=blocks)
+        return dark | black_pixel_mask(image, ignore=flat, blocks=blocks)
+
+    # the mesh detector (small block copies, profiles) beside the dark detectors (full-size masks)
+    mesh, dark = run_pair(lambda: mesh_mask(image, min_width_px=min_width, ignore=flat), dark_areas)
     mask |= mesh.mask
-    if settings.bar_filter == "auto":
-        mask |= large_dark_mask(image, min_width_px=min_width, ignore=flat)
-        mask |= black_pixel_mask(image, ignore=flat)
+    mask |= dark
     return mask, mesh.angle_deg
 
 
@@ -685,12 +696,11 @@ def _cluster_summaries(
     """Step 6: one `ClusterSummary` per cluster id 0..k-1, with normalised centroids in background sigmas
     (polarity features as absolute values) and texture contrast (see the module docstring)."""
     features, names, labels, k = cells.features, cells.names, cells.labels, cells.k
-    counts = np.bincount(labels + 1, minlength=k + 1)[1:]
+    shifted = labels + 1  # masked cells (-1) in bin 0; made once for every feature's bincount
+    counts = np.bincount(shifted, minlength=k + 1)[1:]
     polarity_cols = [names.index(n) for n in _POLARITY_FEATURES]
     texture_cols = [names.index(n) for n in _TEXTURE_FEATURES]
-    sums = np.stack(
-        [np.bincount(labels + 1, weights=features[:, j], minlength=k + 1)[1:] for j in range(len(names))], 1
-    )
+    sums = np.stack([np.bincount(shifted, weights=features[:, j], minlength=k + 1)[1:] for j in range(len(names))], 1)
     summaries = []
     for cid in range(k):
         n_cells = int(counts[cid])

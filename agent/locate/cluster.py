@@ -43,6 +43,7 @@ from typing import Literal
 import numpy as np
 from scipy import ndimage
 
+from agent.locate.bitmask import block_any
 from agent.locate.errors import SettingsError
 from agent.locate.preprocess import block_mean, grow_mask
 
@@ -583,6 +584,37 @@ def _otsu_classes(small: np.ndarray, ignore: np.ndarray | None) -> tuple[float, 
     return threshold, mu_d, mu_b
 
 
+@dataclass(frozen=True)
+class DarkBlocks:
+    """A block-averaged copy of an image (`small`, blocks of `factor` px, as `_block_mean` makes it), the blocks
+    holding ignored pixels (None: none) and the Otsu classes of the rest (`_otsu_classes`; None: no clear dark
+    class). `large_dark_mask` and `black_pixel_mask` of one image share it (`dark_blocks`)."""
+
+    small: np.ndarray
+    factor: int
+    ignore_small: np.ndarray | None
+    classes: tuple[float, float, float] | None
+
+
+def dark_blocks(image: np.ndarray, ignore: np.ndarray | None = None, max_side_px: int = 1024) -> DarkBlocks:
+    """The `DarkBlocks` of `image` with sides <= `max_side_px`, pixels of `ignore` left out of the classes."""
+    small, factor = _block_mean(image, max_side_px)
+    ignore_small = _ignore_blocks(ignore, factor, small.shape)
+    return DarkBlocks(small, factor, ignore_small, _otsu_classes(small, ignore_small))
+
+
+def _dark_of(
+    small: np.ndarray, ignore: np.ndarray | None, classes: tuple[float, float, float] | None
+) -> np.ndarray | None:
+    """`dark_class(small, ignore)` when `classes` is `_otsu_classes(small, ignore)`."""
+    if classes is None:
+        return None
+    dark_pixels = small <= classes[0]
+    if ignore is not None:
+        dark_pixels &= ~ignore
+    return dark_pixels
+
+
 def dark_class(small: np.ndarray, ignore: np.ndarray | None = None) -> np.ndarray | None:
     """Dark pixels of a block-averaged image by Otsu's threshold, or None when there is no clear dark class.
 
@@ -591,13 +623,7 @@ def dark_class(small: np.ndarray, ignore: np.ndarray | None = None) -> np.ndarra
     class means are more than 4 pooled within-class standard deviations apart, so a film with a few dark
     crystals has no dark class.
     """
-    classes = _otsu_classes(small, ignore)
-    if classes is None:
-        return None
-    dark_pixels = small <= classes[0]
-    if ignore is not None:
-        dark_pixels &= ~ignore
-    return dark_pixels
+    return _dark_of(small, ignore, _otsu_classes(small, ignore))
 
 
 def keep_border_or_large(mask: np.ndarray, min_fraction: float = 0.1) -> np.ndarray:
@@ -622,21 +648,24 @@ def _ignore_blocks(ignore: np.ndarray | None, factor: int, shape: tuple[int, int
     if ignore is None or not ignore.any():
         return None
     rows, cols = shape[0] * factor, shape[1] * factor
-    return ignore[:rows, :cols].reshape(shape[0], factor, shape[1], factor).any(axis=(1, 3))
+    # ignore[:rows, :cols].reshape(shape[0], factor, shape[1], factor).any(axis=(1, 3)), rows ORed first
+    return block_any(ignore[:rows, :cols], factor) if factor > 1 else np.array(ignore[:rows, :cols], dtype=bool)
 
 
-def black_pixel_mask(image: np.ndarray, ignore: np.ndarray | None = None, max_side_px: int = 1024) -> np.ndarray:
+def black_pixel_mask(
+    image: np.ndarray, ignore: np.ndarray | None = None, max_side_px: int = 1024, blocks: DarkBlocks | None = None
+) -> np.ndarray:
     """Pixels (of any extent) that are nearly black: below a quarter of the way from the dark class mean to
     the bright class mean (classes as in `dark_class`; 3x3 mean first against noise), grown by 2 px. Which
     connected parts count is decided on a block-averaged copy.
 
     Only parts touching the border or covering >= 10 % of the image count (`keep_border_or_large`), and the
     slivers of bars that the frame cuts (`frame_edge_slivers`). Catches bar edges and black corners the
-    wide-structure detectors leave out. Empty when the image has no clear dark class.
+    wide-structure detectors leave out. Empty when the image has no clear dark class. `blocks`:
+    `dark_blocks(image, ignore, max_side_px)` when the caller has it.
     """
-    small, factor = _block_mean(image, max_side_px)
-    ignore_small = _ignore_blocks(ignore, factor, small.shape)
-    classes = _otsu_classes(small, ignore_small)
+    blocks = blocks or dark_blocks(image, ignore, max_side_px)
+    small, factor, ignore_small, classes = blocks.small, blocks.factor, blocks.ignore_small, blocks.classes
     if classes is None:
         return np.zeros(image.shape, dtype=bool)
     _, mu_d, mu_b = classes
@@ -740,16 +769,22 @@ def _sum_3(data: np.ndarray, axis: int) -> np.ndarray:
 
 
 def large_dark_mask(
-    image: np.ndarray, min_width_px: float, max_side_px: int = 1024, ignore: np.ndarray | None = None
+    image: np.ndarray,
+    min_width_px: float,
+    max_side_px: int = 1024,
+    ignore: np.ndarray | None = None,
+    blocks: DarkBlocks | None = None,
 ) -> np.ndarray:
     """Pixel mask of dark areas at least `min_width_px` wide (bars, black corners, broken film edges).
 
     Dark class from `dark_class` on a block-averaged copy; an opening with a square of side
     `min_width_px / sqrt(2)` keeps only wide structures (not crystals, not small ice balls), and of
     those only the parts touching the border or covering >= 10 % of the image (`keep_border_or_large`).
+    `blocks`: `dark_blocks(image, ignore, max_side_px)` when the caller has it.
     """
-    small, factor = _block_mean(image, max_side_px)
-    dark = dark_class(small, _ignore_blocks(ignore, factor, small.shape))
+    blocks = blocks or dark_blocks(image, ignore, max_side_px)
+    factor = blocks.factor
+    dark = _dark_of(blocks.small, blocks.ignore_small, blocks.classes)
     if dark is None:
         return np.zeros(image.shape, dtype=bool)
     # opening with a square of side min_width/sqrt(2): a bar at any angle contains such squares;

@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from agent.locate.object_features import percentile_90
+from agent.locate.object_features import gradient_2d, percentile_90
 
 #: An object's edge more than this many times as wide as the bars' is soft (contamination, not a crystal).
 SOFT_EDGE_FACTOR = 3.5
@@ -84,8 +84,15 @@ def object_edge_width_px(deviation: np.ndarray, inside: np.ndarray) -> float:
     """Edge width (px) of the object `inside` (bool, same shape as `deviation`, with at least two pixels of
     margin, except where the image's frame cuts it) in `deviation`, its smoothed deviation from the film in the
     objects' polarity; inf for an object without a measurable edge gradient."""
-    # outside the array counts as object: where the frame cuts an object there is no edge to measure
-    band = ndimage.binary_dilation(inside, iterations=2) & ~ndimage.binary_erosion(inside, iterations=2, border_value=1)
-    gradient = np.hypot(*np.gradient(deviation))
+    # outside the array counts as object: where the frame cuts an object there is no edge to measure.
+    # ndimage.binary_dilation(inside, iterations=2) & ~ndimage.binary_erosion(inside, iterations=2,
+    # border_value=1), by shifted ANDs / ORs: the erosion on a copy with two rows and columns of object around
+    # it (two cross erosions reach two pixels, so outside that frame nothing counts)
+    from agent.locate.objects import cross_steps
+
+    framed = np.ones((inside.shape[0] + 4, inside.shape[1] + 4), dtype=bool)
+    framed[2:-2, 2:-2] = inside
+    band = cross_steps(inside, 2, erode=False) & ~cross_steps(framed, 2, erode=True)[2:-2, 2:-2]
+    gradient = np.hypot(*gradient_2d(deviation))
     steepest = percentile_90(gradient[band]) if band.any() else 0.0
     return percentile_90(deviation[inside]) / steepest if steepest > 0 else float("inf")

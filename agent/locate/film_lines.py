@@ -90,7 +90,9 @@ def is_line_component(mask: np.ndarray, near_edge: np.ndarray | None = None) -> 
     mask = fill_holes(mask)
     skeleton = skeletonize(mask)
     length_px = skeleton_length_px(skeleton)
-    width_px = 2.0 * float(ndimage.distance_transform_edt(np.pad(mask, 1)).max())
+    padded = np.zeros((mask.shape[0] + 2, mask.shape[1] + 2), dtype=bool)  # np.pad(mask, 1)
+    padded[1:-1, 1:-1] = mask
+    width_px = 2.0 * float(ndimage.distance_transform_edt(padded).max())
     if length_px < MIN_LENGTH_WIDTHS * width_px:
         return False
     if near_edge is not None and _spans(mask, near_edge, length_px):

@@ -35,15 +35,22 @@ from typing import TYPE_CHECKING
 import numpy as np
 from scipy import ndimage
 
+from agent.locate.bitmask import PACKED_MIN_PX, packed_square_dilation
+
 if TYPE_CHECKING:
     from agent.locate.seams import Seams
 
 
 def noise_sigma(image: np.ndarray, mask: np.ndarray | None = None) -> float:
-    """Robust pixel-noise estimate (image units) from horizontal neighbour differences."""
+    """Robust pixel-noise estimate (image units) from horizontal neighbour differences. Images of 8- and 16-bit
+    integers are differenced as int32 (exact, and the median of whole numbers is the float one's: the middle
+    value, or the mean of the two, in float64), without a float64 copy."""
     step = max(1, image.shape[0] // 512)
-    rows = image[::step].astype(np.float64)
-    diffs = np.abs(np.diff(rows, axis=1))
+    if image.dtype.kind in "ui" and image.dtype.itemsize <= 2:
+        sampled = image[::step]
+        diffs = np.abs(np.subtract(sampled[:, 1:], sampled[:, :-1], dtype=np.int32))
+    else:
+        diffs = np.abs(np.diff(image[::step].astype(np.float64), axis=1))
     if mask is not None:
         keep = ~(mask[::step, 1:] | mask[::step, :-1])
         diffs = diffs[keep]
@@ -53,29 +60,39 @@ def noise_sigma(image: np.ndarray, mask: np.ndarray | None = None) -> float:
 
 
 def remove_outlier_pixels(data: np.ndarray, sigma: float, threshold: float = 8.0) -> int:
-    """In place: replace hot/dead pixels of float64 `data` (see module docstring); returns how many."""
+    """In place: replace hot/dead pixels of float64 `data` (see module docstring); returns how many.
+
+    Row bands of 64 (the temporaries stay small and cache-resident), each copied with its neighbour rows and
+    columns (mirrored at the image's edges, as `np.pad(..., mode="reflect")`) into one re-used buffer; a band
+    sees the rows above it as the previous band left them."""
     if sigma <= 0:
         sigma = float(np.std(data)) * 0.05
         if sigma <= 0:
             return 0
     count = 0
-    rows = data.shape[0]
-    band = 64  # row bands keep the temporaries small and cache-resident
+    rows, cols = data.shape
+    band = 64
     limit = threshold * sigma
+    padded = np.empty((band + 2, cols + 2))
+    h_max, h_min = np.empty((band + 2, cols)), np.empty((band + 2, cols))
+    n_max, n_min, scratch = np.empty((band, cols)), np.empty((band, cols)), np.empty((band, cols))
+    hot, cold = np.empty((band, cols), dtype=bool), np.empty((band, cols), dtype=bool)
     for r0 in range(0, rows, band):
         r1 = min(rows, r0 + band)
-        top, bottom = max(0, r0 - 1), min(rows, r1 + 1)
-        block = np.pad(data[top:bottom], ((r0 - top == 0, bottom - r1 == 0), (1, 1)), mode="reflect")
+        m = r1 - r0
+        block = _reflected_band(data, r0, r1, padded[: m + 2])
         # 3-wide horizontal max/min of the rows above and below, plus the left and right neighbours
-        h_max = np.maximum(np.maximum(block[:, :-2], block[:, 1:-1]), block[:, 2:])
-        h_min = np.minimum(np.minimum(block[:, :-2], block[:, 1:-1]), block[:, 2:])
-        n_max = np.maximum(np.maximum(h_max[:-2], h_max[2:]), np.maximum(block[1:-1, :-2], block[1:-1, 2:]))
-        n_min = np.minimum(np.minimum(h_min[:-2], h_min[2:]), np.minimum(block[1:-1, :-2], block[1:-1, 2:]))
+        hx, hn, nx, nn, tmp = h_max[: m + 2], h_min[: m + 2], n_max[:m], n_min[:m], scratch[:m]
+        np.maximum(np.maximum(block[:, :-2], block[:, 1:-1], out=hx), block[:, 2:], out=hx)
+        np.minimum(np.minimum(block[:, :-2], block[:, 1:-1], out=hn), block[:, 2:], out=hn)
+        np.maximum(np.maximum(hx[:-2], hx[2:], out=nx), np.maximum(block[1:-1, :-2], block[1:-1, 2:], out=tmp), out=nx)
+        np.minimum(np.minimum(hn[:-2], hn[2:], out=nn), np.minimum(block[1:-1, :-2], block[1:-1, 2:], out=tmp), out=nn)
         centre = data[r0:r1]
-        outliers = (centre > n_max + limit) | (centre < n_min - limit)
-        n_out = int(outliers.sum())
+        outliers = np.greater(centre, np.add(nx, limit, out=tmp), out=hot[:m])
+        outliers |= np.less(centre, np.subtract(nn, limit, out=tmp), out=cold[:m])
+        n_out = int(np.count_nonzero(outliers))
         if n_out:
-            centre[outliers] = 0.5 * (n_max[outliers] + n_min[outliers])
+            centre[outliers] = 0.5 * (nx[outliers] + nn[outliers])
             count += n_out
     return count
 
@@ -136,6 +153,20 @@ def repair_saturated_lines(data: np.ndarray, image: np.ndarray, mask: np.ndarray
     return repaired
 
 
+def _reflected_band(data: np.ndarray, r0: int, r1: int, out: np.ndarray) -> np.ndarray:
+    """`out` (r1 - r0 + 2, cols + 2) filled with rows `r0:r1` of `data` and one more row and column on every
+    side: the image's own where it has them, else mirrored about the edge row or column (`np.pad(...,
+    mode="reflect")`: the row above row 0 is row 1)."""
+    rows = data.shape[0]
+    out[1:-1, 1:-1] = data[r0:r1]
+    out[0, 1:-1] = data[r0 - 1] if r0 > 0 else data[min(1, rows - 1)]
+    out[-1, 1:-1] = data[r1] if r1 < rows else data[max(rows - 2, 0)]
+    wide = out.shape[1] > 3  # at least two columns
+    out[:, 0] = out[:, 2] if wide else out[:, 1]
+    out[:, -1] = out[:, -3] if wide else out[:, -2]
+    return out
+
+
 #: Lines a pixel is compared with along its row: 8 on each side.
 _STRIPE_WINDOW = 17
 #: Passes of the stripe search (a stripe up to this many lines wide is measured against clean neighbours).
@@ -145,14 +176,29 @@ _MIN_STRIPE_GAIN = 0.005
 
 
 def _nan_median_axis0(values: np.ndarray) -> np.ndarray:
-    """Column medians ignoring NaN (NaN where a column has no value); vectorised."""
-    ordered = np.sort(values, axis=0)  # NaN sort last
+    """Column medians ignoring NaN (NaN where a column has no value); vectorised. The columns are sorted as
+    contiguous rows of a transposed copy (the same order statistics as sorting along axis 0, faster)."""
+    ordered = np.ascontiguousarray(values.T)
+    ordered.sort(axis=1)  # NaN sort last
     n_valid = np.sum(np.isfinite(values), axis=0)
     cols = np.arange(values.shape[1])
     low = np.clip((n_valid - 1) // 2, 0, values.shape[0] - 1)
     high = np.clip(n_valid // 2, 0, values.shape[0] - 1)
-    median = 0.5 * (ordered[low, cols] + ordered[high, cols])
+    median = 0.5 * (ordered[cols, low] + ordered[cols, high])
     return np.where(n_valid > 0, median, np.nan)
+
+
+def _window_sums(array: np.ndarray, half: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per element of the 2-D `array`, the sums of the `half` elements before it and of the `half` after it along
+    its row (fewer at the row's ends), from one cumulative sum."""
+    rows, cols = array.shape
+    total = np.empty((rows, cols + 2 * half + 1))
+    total[:, : half + 1] = 0.0
+    np.cumsum(array, axis=1, out=total[:, half + 1 : half + 1 + cols])
+    total[:, half + 1 + cols :] = total[:, half + cols : half + cols + 1]  # the last sum carried on
+    left = total[:, half : half + cols] - total[:, :cols]  # columns c - half .. c - 1
+    right = total[:, 2 * half + 1 : 2 * half + 1 + cols] - total[:, half + 1 : half + 1 + cols]
+    return left, right
 
 
 def _line_gains(sample: np.ndarray, exclude: np.ndarray, width: int = _STRIPE_WINDOW) -> tuple[np.ndarray, np.ndarray]:
@@ -166,33 +212,40 @@ def _line_gains(sample: np.ndarray, exclude: np.ndarray, width: int = _STRIPE_WI
     (a tilted bar edge ending in one column and not the next) are compared fairly; a column median of raw
     values would read the illumination of the rows it happens to keep as a gain. Neighbours on both sides
     cancel a gradient along the row (the beam's fall-off); so the outer two lines are never measured.
+    (The arithmetic runs in place, in the order the expressions in the comments give.)
     """
     half = width // 2
     valid = np.isfinite(sample)
     usable = valid & ~exclude[None, :]
-    values = np.where(usable, sample, 0.0)
-
-    def window_sums(array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        total = np.pad(np.cumsum(array, axis=1), ((0, 0), (half + 1, half)), mode="edge")
-        total[:, : half + 1] = 0.0
-        cols = array.shape[1]
-        left = total[:, half : half + cols] - total[:, :cols]  # columns c - half .. c - 1
-        right = total[:, 2 * half + 1 : 2 * half + 1 + cols] - total[:, half + 1 : half + 1 + cols]
-        return left, right
-
-    left_sum, right_sum = window_sums(values)
-    n_left, n_right = window_sums(usable.astype(np.float64))
+    left_sum, right_sum = _window_sums(np.where(usable, sample, 0.0), half)
+    n_left, n_right = _window_sums(usable.astype(np.float64), half)
     with np.errstate(divide="ignore", invalid="ignore"):
         # each side's mean sits about (n + 1) / 2 lines away: interpolating between them cancels a gradient
         # along the row even where a mask leaves fewer neighbours on one side
-        left_distance, right_distance = (n_left + 1) / 2, (n_right + 1) / 2
-        local = (right_distance * left_sum / n_left + left_distance * right_sum / n_right) / (
-            left_distance + right_distance
-        )
-        ratio = np.where(valid & (n_left >= 2) & (n_right >= 2) & (local != 0), sample / local, np.nan)
+        left_distance = np.add(n_left, 1)
+        left_distance /= 2  # (n_left + 1) / 2
+        right_distance = np.add(n_right, 1)
+        right_distance /= 2
+        # local = (right_distance * left_sum / n_left + left_distance * right_sum / n_right)
+        #         / (left_distance + right_distance)
+        left_sum *= right_distance
+        left_sum /= n_left
+        right_sum *= left_distance
+        right_sum /= n_right
+        local = left_sum
+        local += right_sum
+        left_distance += right_distance
+        local /= left_distance
+        # np.where(valid & (n_left >= 2) & (n_right >= 2) & (local != 0), sample / local, np.nan)
+        keep = valid & (n_left >= 2)
+        keep &= n_right >= 2
+        keep &= local != 0
+        ratio = np.divide(sample, local, out=right_sum)
+        ratio[~keep] = np.nan
     gains = _nan_median_axis0(ratio)
-    n_rows = np.sum(np.isfinite(ratio), axis=0)
-    residual = (ratio - gains[None, :])[np.isfinite(ratio)]
+    finite = np.isfinite(ratio)
+    n_rows = np.sum(finite, axis=0)
+    residual = np.subtract(ratio, gains[None, :], out=left_distance)[finite]
     sigma = 1.4826 * float(np.median(np.abs(residual[:: max(1, residual.size // 200_000)]))) if residual.size else 0.0
     # the median of integer counts is quantised (most columns land exactly on 1 at low dose): the spread of
     # the gains then says nothing, and the standard error of each median is the honest yardstick
@@ -260,17 +313,25 @@ def _interpolation_weights(n_out: int, n_in: int, factor: int) -> tuple[np.ndarr
 def _divide_by_upsampled(data: np.ndarray, background: np.ndarray, factor: int, level: float) -> None:
     """In place: `data` divided by `background` (blocks of `factor` px) bilinearly upsampled to its shape,
     times `level`. Band by band of rows, so the upsampled background never exists whole (at 4k it would
-    be 128 MB written and read again; two matrix products with the interpolation matrices took longer)."""
+    be 128 MB written and read again; two matrix products with the interpolation matrices took longer). The
+    block indices of the columns rise, so each band's columns are taken by `np.repeat` (the same values as
+    indexing, 4x faster), into two buffers used by every band."""
     row_low, row_high, row_frac = _interpolation_weights(data.shape[0], background.shape[0], factor)
     col_low, col_high, col_frac = _interpolation_weights(data.shape[1], background.shape[1], factor)
     tall = background[row_low] * (1 - row_frac)[:, None] + background[row_high] * row_frac[:, None]
+    n_blocks = background.shape[1]
+    low_counts, high_counts = np.bincount(col_low, minlength=n_blocks), np.bincount(col_high, minlength=n_blocks)
+    low_weight = 1 - col_frac
     band = 64
+    full, high = np.empty((band, data.shape[1])), np.empty((band, data.shape[1]))
     for r0 in range(0, data.shape[0], band):
         rows = tall[r0 : r0 + band]
-        full = rows[:, col_low] * (1 - col_frac)
-        full += rows[:, col_high] * col_frac
+        n = rows.shape[0]
+        np.multiply(np.repeat(rows, low_counts, axis=1), low_weight, out=full[:n])  # rows[:, col_low] * (1 - f)
+        np.multiply(np.repeat(rows, high_counts, axis=1), col_frac, out=high[:n])  # rows[:, col_high] * f
+        full[:n] += high[:n]
         block = data[r0 : r0 + band]
-        block /= full
+        block /= full[:n]
         block *= level
 
 
@@ -418,8 +479,13 @@ def block_mean(image: np.ndarray, factor: int) -> np.ndarray:
 
 def _block_total(data: np.ndarray, factor: int) -> np.ndarray:
     """Block sums of `data` (factor >= 2), in float64 (int64 for bool: exact counts; for integer images
-    exact too, so the same as numpy's sum over the block axes)."""
+    exact too, so the same as numpy's sum over the block axes). 8- and 16-bit integers are summed as integers
+    (int32 along the rows of a block, exact, 2-3x faster than in float64) and returned as float64: the same
+    whole numbers."""
     rows, cols = (data.shape[0] // factor) * factor, (data.shape[1] // factor) * factor
+    if data.dtype.kind in "ui" and data.dtype.itemsize <= 2 and factor <= 1 << 15:
+        row_sums = data[:rows, :cols].reshape(rows // factor, factor, cols).sum(axis=1, dtype=np.int32)
+        return row_sums.reshape(rows // factor, cols // factor, factor).sum(axis=2, dtype=np.int64).astype(np.float64)
     accumulator = np.int64 if data.dtype == np.bool_ else np.float64
     # the rows of a block first (whole contiguous rows added), then the short runs along each row: summing
     # over both block axes of the 4-D view at once is 3-10x slower
@@ -429,9 +495,12 @@ def _block_total(data: np.ndarray, factor: int) -> np.ndarray:
 
 def grow_mask(mask: np.ndarray, size_px: int) -> np.ndarray:
     """`mask` (bool) dilated by a `size_px` x `size_px` square (odd side; at the border, the square's part
-    inside the image): `ndimage.maximum_filter(mask, size_px) > 0` by shifted ORs, several times faster."""
+    inside the image): `ndimage.maximum_filter(mask, size_px) > 0` by shifted ORs, several times faster (full-size
+    masks on packed bits, `bitmask.packed_square_dilation`)."""
     if size_px % 2 == 0:
         raise ValueError(f"size_px must be odd, got {size_px}")
+    if np.size(mask) >= PACKED_MIN_PX and np.ndim(mask) == 2 and size_px <= 127:
+        return packed_square_dilation(mask, size_px)
     grown = np.array(mask, dtype=bool)
     for axis in (0, 1):
         source = grown.copy() if size_px > 1 else grown

@@ -36,6 +36,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from agent.locate.parallel import run_pair
+
 #: Lines (rows for a column seam) per block whose (trimmed mean) step is tested.
 BLOCK_LINES = 32
 #: Smallest step in ln(intensity) across a seam (2 %).
@@ -84,35 +86,25 @@ def find_seams(image: np.ndarray, mask: np.ndarray) -> Seams:
 
     # only every SAMPLE_STRIDE-th line along a seam is read: the log of two quarter-size copies, not the image
     stride = SAMPLE_STRIDE
-    return Seams(
-        shape=(int(data.shape[0]), int(data.shape[1])),
-        columns=_seam_lines(log_of(data[::stride]), mask[::stride], min_step),
-        rows=_seam_lines(log_of(data[:, ::stride].T), mask[:, ::stride].T, min_step),
+    any_order = bool(np.issubdtype(data.dtype, np.integer))
+    # the columns' search on a second thread beside the rows' (numpy work on separate copies)
+    columns, rows = run_pair(
+        lambda: _seam_lines(log_of(data[::stride]), mask[::stride], min_step, any_order),
+        lambda: _seam_lines(log_of(data[:, ::stride].T), mask[:, ::stride].T, min_step, any_order),
     )
+    return Seams(shape=(int(data.shape[0]), int(data.shape[1])), columns=columns, rows=rows)
 
 
-def _seam_lines(log: np.ndarray, mask: np.ndarray, min_step: float) -> tuple[int, ...]:
+def _seam_lines(log: np.ndarray, mask: np.ndarray, min_step: float, any_order: bool = False) -> tuple[int, ...]:
     """Column boundaries c (between c - 1 and c) of `log` that step by at least `min_step` (ln units) and are
     seams (see the module docstring). `log` and `mask` hold every `SAMPLE_STRIDE`-th row of the image: a seam
-    runs the whole block, so the block's step needs only a few lines."""
+    runs the whole block, so the block's step needs only a few lines. `any_order`: see `_block_steps`."""
     per_block = BLOCK_LINES // SAMPLE_STRIDE
     n_blocks = log.shape[0] // per_block
     cols = log.shape[1]
     if n_blocks < 4 or cols < 8:
         return ()
-    sampled = slice(0, n_blocks * per_block)
-    step = np.diff(log[sampled], axis=1)
-    valid = ~(mask[sampled, 1:] | mask[sampled, :-1])
-    step[~valid] = np.inf  # sorted last
-    ordered = np.sort(step.reshape(n_blocks, per_block, cols - 1), axis=1)
-    counts = valid.reshape(n_blocks, per_block, cols - 1).sum(axis=1)
-    # trimmed mean (lowest and highest dropped): as robust to a crystal's edge as the median, and not
-    # stuck on the grey levels of an 8-bit export, whose single-level steps a median returns as they are
-    finite_sum = np.where(np.isfinite(ordered), ordered, 0.0).sum(axis=1, dtype=np.float64)
-    highest = np.take_along_axis(ordered, np.maximum(counts - 1, 0)[:, None, :], axis=1)[:, 0, :]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        block_steps = (finite_sum - ordered[:, 0, :] - highest) / (counts - 2)
-    block_steps[counts < MIN_PAIRS_PER_BLOCK] = np.nan
+    block_steps = _block_steps(log, mask, n_blocks, per_block, any_order)
     # steps of more than `MAX_STEP_LOG` are edges of objects or of the bars' blurred rims, never a gain step
     known = np.nan_to_num(block_steps, nan=0.0)
     known[np.abs(known) > MAX_STEP_LOG] = 0.0
@@ -137,6 +129,41 @@ def _seam_lines(log: np.ndarray, mask: np.ndarray, min_step: float) -> tuple[int
     strength = np.where(stepping & lasts, np.abs(known).sum(axis=0), 0.0)
     peak = ndimage.maximum_filter1d(strength, 2 * LASTING_LINES - 1, mode="constant")
     return tuple(int(c) + 1 for c in np.flatnonzero((strength > 0) & (strength >= peak)))
+
+
+def _block_steps(log: np.ndarray, mask: np.ndarray, n_blocks: int, per_block: int, any_order: bool) -> np.ndarray:
+    """(n_blocks, cols - 1) float64: the trimmed mean (lowest and highest dropped) of the steps between
+    neighbouring columns of `log` over the unmasked pixel pairs of each block of `per_block` rows; NaN for a
+    block with fewer than `MIN_PAIRS_PER_BLOCK` pairs. The trimmed mean is as robust to a crystal's edge as the
+    median, and not stuck on the grey levels of an 8-bit export, whose single-level steps a median returns.
+
+    The steps are summed in ascending order. `any_order` (the log of an integer image: every log is 0 or at least
+    ln 2, a float32 multiple of 2**-24 below 64) makes the order immaterial -- the steps are multiples of 2**-24
+    below 64 and any sum of eight is exact in float64 -- so the steps are not sorted: the lowest and highest are
+    a minimum and a maximum (the same sums, 3x faster)."""
+    cols = log.shape[1]
+    sampled = slice(0, n_blocks * per_block)
+    step = np.diff(log[sampled], axis=1)
+    valid = ~(mask[sampled, 1:] | mask[sampled, :-1])
+    counts = valid.reshape(n_blocks, per_block, cols - 1).sum(axis=1)
+    if any_order:
+        step[~valid] = 0.0
+        blocks = step.reshape(n_blocks, per_block, cols - 1)
+        finite_sum = blocks.sum(axis=1, dtype=np.float64)
+        step[~valid] = np.inf
+        lowest = blocks.min(axis=1)
+        step[~valid] = -np.inf
+        highest = blocks.max(axis=1)  # -inf without pairs (the block is NaN then)
+    else:
+        step[~valid] = np.inf  # sorted last
+        ordered = np.sort(step.reshape(n_blocks, per_block, cols - 1), axis=1)
+        finite_sum = np.where(np.isfinite(ordered), ordered, 0.0).sum(axis=1, dtype=np.float64)
+        lowest = ordered[:, 0, :]
+        highest = np.take_along_axis(ordered, np.maximum(counts - 1, 0)[:, None, :], axis=1)[:, 0, :]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        block_steps = (finite_sum - lowest - highest) / (counts - 2)
+    block_steps[counts < MIN_PAIRS_PER_BLOCK] = np.nan
+    return block_steps
 
 
 def tile_labels(seams: Seams, block_px: int = 1) -> np.ndarray:

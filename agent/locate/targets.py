@@ -28,6 +28,7 @@ import numpy as np
 from scipy import ndimage
 
 from agent.locate.analysis import ClusterAnalysis, LocateSettings
+from agent.locate.bitmask import block_any, distance_to_true_px
 from agent.locate.errors import SettingsError
 from agent.locate.object_features import CANDIDATE_FEATURE_NAMES, CONTEXT_FEATURE_NAMES, cold_start_score
 from agent.locate.objects import ObjectTable, cross_steps
@@ -69,18 +70,11 @@ def bar_distance_px(bar_mask: np.ndarray, points_rc: np.ndarray, max_side_px: in
     if not bar_mask.any():
         return np.full(points_rc.shape[0], np.inf)
     factor = max(1, int(np.ceil(max(bar_mask.shape) / max_side_px)))
-    if factor > 1:
-        rows = -(-bar_mask.shape[0] // factor) * factor
-        cols = -(-bar_mask.shape[1] // factor) * factor
-        padded = np.zeros((rows, cols), dtype=bool)
-        padded[: bar_mask.shape[0], : bar_mask.shape[1]] = bar_mask
-        small = padded.reshape(rows // factor, factor, cols // factor, factor).any(axis=(1, 3))
-    else:
-        small = bar_mask
-    distance = ndimage.distance_transform_edt(~small) * factor
+    small = block_any(bar_mask, factor) if factor > 1 else bar_mask  # the edge blocks padded with False
     r = np.clip((points_rc[:, 0] // factor).astype(np.int64), 0, small.shape[0] - 1)
     c = np.clip((points_rc[:, 1] // factor).astype(np.int64), 0, small.shape[1] - 1)
-    return np.maximum(distance[r, c] - (factor - 1) * 0.5, 0.0)
+    # ndimage.distance_transform_edt(~small)[r, c], at the points only
+    return np.maximum(distance_to_true_px(small, r, c) * factor - (factor - 1) * 0.5, 0.0)
 
 
 def find_candidates(
@@ -223,16 +217,25 @@ def _region_sites(analysis: ClusterAnalysis, regions: np.ndarray, n_regions: int
     centroid_row = row_sum[1:] / weights
     # nearest member cell when the centroid falls outside its region
     rows_out, cols_out = [], []
+    boxes = None
     for label_id, (r, c) in enumerate(zip(centroid_row, centroid_col, strict=True), start=1):
         cell_r, cell_c = analysis.cell_of_pixel(r, c)
         if regions[cell_r, cell_c] != label_id:
-            members = np.flatnonzero(flat_regions == label_id)
+            boxes = ndimage.find_objects(regions) if boxes is None else boxes
+            members = _members(regions, label_id, boxes[label_id - 1])  # np.flatnonzero(flat_regions == label_id)
             d2 = (centres[members, 0] - c) ** 2 + (centres[members, 1] - r) ** 2
             nearest = members[int(np.argmin(d2))]
             c, r = centres[nearest]
         rows_out.append(float(r))
         cols_out.append(float(c))
     return _Sites(np.arange(n_regions), np.array(rows_out), np.array(cols_out), weights, weights >= min_area_px)
+
+
+def _members(regions: np.ndarray, label_id: int, box: tuple[slice, slice]) -> np.ndarray:
+    """`np.flatnonzero(regions.ravel() == label_id)` (ascending flat indices), searched in the region's bounding
+    `box` only."""
+    rows, cols = np.nonzero(regions[box] == label_id)
+    return (rows + box[0].start) * regions.shape[1] + (cols + box[1].start)
 
 
 def _object_sites(

@@ -108,7 +108,10 @@ def _block_ratio(image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.nd
     keep = ~mask[:rows, :cols]
     count = block_sum(keep, factor).astype(np.float64)
     # the mean of the unmasked pixels only: a film block that touches a bar must not look darker
-    small = block_sum(np.where(keep, image[:rows, :cols], 0), factor) / np.maximum(count, 1.0)
+    crop = image[:rows, :cols]
+    # np.where(keep, crop, 0); for whole numbers a product (the same values, several times faster)
+    masked = np.multiply(crop, keep) if crop.dtype.kind in "ui" else np.where(keep, crop, 0)
+    small = block_sum(masked, factor) / np.maximum(count, 1.0)
     weight = count / factor**2
     usable = weight > 0.9
     remove_stripes(small, ~usable)  # a bright readout column is a sharp step too

@@ -13,11 +13,12 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from drivers.base import Frame, FrameMetadata
+if TYPE_CHECKING:  # imported where a frame is read: reading a plain image needs no pydantic models
+    from drivers.base import Frame
 
 #: File name suffixes `read_image` understands.
 IMAGE_SUFFIXES: tuple[str, ...] = (".tif", ".tiff", ".mrc", ".mrcs", ".st", ".map", ".npy", ".png")
@@ -220,6 +221,8 @@ def read_frame_tiff(path: str | os.PathLike[str]) -> Frame:
 
     Raises `ImageFormatError` if the file has no frame metadata or is not uint16.
     """
+    from drivers.base import Frame, FrameMetadata
+
     data = read_image(path)
     if not data.metadata:
         raise ImageFormatError(f"{path}: TIFF has no crystal-locator frame metadata")
