@@ -62,10 +62,10 @@ def move(ctx: SessionContext) -> None:
         visit.in_field = True
         return
     visit.in_field = False
-    ctx.field = None
     if direct.direct_snapshot_ok(ctx, target):
         _move_for_direct_snapshot(ctx, visit, limit_um)
         return
+    ctx.field = None
     # back to imaging before the move, so that leaving diffraction (a driver may stay there after a snapshot)
     # overlaps the move and its settling
     ctx.microscope.set_preset(ctx.plan.presets.search)
@@ -78,16 +78,27 @@ def move(ctx: SessionContext) -> None:
 
 
 def _move_for_direct_snapshot(ctx: SessionContext, visit: VisitState, limit_um: float) -> None:
-    """Put the beam on a target snapped with no search image (`agent.steps.direct`): the search preset (the
-    snapshot's) without leaving diffraction if the optics are still there, no image shift, and the stage on the
-    target."""
+    """Put the beam on a target snapped with no search image (`agent.steps.direct`), at the search preset (the
+    snapshot's) without leaving diffraction if the optics are still there. With image shift: by image shift alone
+    when the target is in its range of where the stage is (no move, no settling; a search field the stage sits on
+    stays valid), else the stage goes to the centre of the target and its directly snapped neighbours
+    (`direct.group_point`) and the image shift puts the beam on the target. Without: the stage on the target."""
     visit.direct = True
     target = visit.target
-    if ctx.microscope.get_preset() != ctx.plan.presets.search:
+    on_search = ctx.microscope.get_preset() == ctx.plan.presets.search
+    if not on_search:
         ctx.microscope.set_preset(ctx.plan.presets.search)
-    if limit_um > 0:
-        ctx.microscope.set_image_shift(0.0, 0.0)  # type: ignore[attr-defined]
-    approach_move(ctx.microscope, target.x_um, target.y_um, ctx.plan.targeting.approach_um)
+    if limit_um <= 0:
+        approach_move(ctx.microscope, target.x_um, target.y_um, ctx.plan.targeting.approach_um)
+        return
+    here = ctx.microscope.get_stage()
+    stage_xy = (here.x_um, here.y_um)
+    if not (on_search and direct.within_shift(stage_xy, target.x_um, target.y_um, limit_um)):
+        ctx.field = None
+        approach_move(ctx.microscope, *direct.group_point(ctx, target, limit_um), ctx.plan.targeting.approach_um)
+        here = ctx.microscope.get_stage()
+        stage_xy = (here.x_um, here.y_um)
+    ctx.microscope.set_image_shift(target.x_um - stage_xy[0], target.y_um - stage_xy[1])  # type: ignore[attr-defined]
 
 
 def same_object_as(ctx: SessionContext, target: TargetRecord) -> str | None:
