@@ -13,9 +13,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from agent.session.outcomes import Outcome, TargetResult
+from agent.session.outcomes import Outcome, TargetRecord, TargetResult
 from agent.session.records import BudgetSpent, Record, TargetFinished
-from agent.steps import calibrate, diffract, label, learn, locate, map, record, target, visit
+from agent.steps import calibrate, diffract, direct, label, learn, locate, map, record, target, visit
 from agent.steps.context import SessionContext, VisitState
 from drivers.base import MicroscopeError
 
@@ -155,15 +155,28 @@ class ScreeningEngine:
         pending.sort(key=lambda planned: planned.tier)  # stable: each tier in its planned order
         if pending[0].tier >= WAITING_TIER and self._another_round():
             return "map_more"  # only unlikely targets left: a new block of squares is worth more
+        ctx.visit = VisitState(target=self._cheapest_next(pending))
+        return "next_target"
+
+    def _cheapest_next(self, pending: list[TargetRecord]) -> TargetRecord:
+        """The first of `pending` (sorted by tier, each tier in its planned order), unless a target of its tier
+        costs no stage move: one in the search image the stage sits on (`visit.in_search_field`), else one
+        snapped directly within image-shift range of the stage at the search preset (`direct.shift_reachable`)."""
+        ctx = self.ctx
         chosen = pending[0]
         limit_um = ctx.image_shift_limit_um()
-        if ctx.field is not None and limit_um > 0:
-            same_tier = (p for p in pending if p.tier == chosen.tier)
-            chosen = next(
-                (p for p in same_tier if visit.in_search_field(ctx, ctx.field, p.x_um, p.y_um, limit_um)), chosen
-            )
-        ctx.visit = VisitState(target=chosen)
-        return "next_target"
+        if limit_um <= 0:
+            return chosen
+        same_tier = [p for p in pending if p.tier == chosen.tier]
+        if ctx.field is not None:
+            in_field = (p for p in same_tier if visit.in_search_field(ctx, ctx.field, p.x_um, p.y_um, limit_um))
+            found = next(in_field, None)
+            if found is not None:
+                return found
+        if ctx.rounds == 0 or ctx.microscope.get_preset() != ctx.plan.presets.search:
+            return chosen
+        here = ctx.microscope.get_stage()
+        return direct.shift_reachable(ctx, (here.x_um, here.y_um), same_tier, limit_um) or chosen
 
     def _another_round(self) -> bool:
         """True when a session sized by its budget should map the next block of squares: the target cap (if

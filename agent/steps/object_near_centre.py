@@ -46,6 +46,8 @@ class FoundObject:
     contrast_sigma: float
     touches_border: bool
     round_outline: bool = False
+    #: Indices of the `others_px` points of `find_object_near_centre` that lie on this object (within 2 px).
+    holds: tuple[int, ...] = ()
 
 
 def find_object_near_centre(
@@ -58,9 +60,12 @@ def find_object_near_centre(
     smooth_px: float | None = None,
     min_area_px: float | None = None,
     point_px: tuple[float, float] | None = None,
+    others_px: list[tuple[float, float]] | None = None,
 ) -> FoundObject | None:
     """The object nearest the centre of `image` (or the (col, row) pixel `point_px`: a target seen off-centre
-    in another target's search image) within `radius_px`, or None (see module docstring).
+    in another target's search image) within `radius_px`, or None (see module docstring). `others_px`: (col,
+    row) pixels (e.g. where earlier snapshots of this frame's area were taken) to test against the object found
+    (`FoundObject.holds`: those on it, so one object larger than the atlas saw is snapped once).
 
     `exclude_mask` (bool, image shape) marks pixels that can never be the object (grid bars);
     `film_mask` (bool) marks pixels known to be plain film (from the atlas): when it holds enough pixels
@@ -89,7 +94,24 @@ def find_object_near_centre(
     best, best_label = _nearest_object(objects, labels, count, contrast, radius_px, minimum_area, point)
     if best is not None and not best.touches_border:
         best = _judge_outline(best, best_label, labels, data, film)
+    if best is not None and others_px:
+        best = dataclasses.replace(best, holds=_points_on(labels == best_label, others_px))
     return best
+
+
+def _points_on(member: np.ndarray, points_px: list[tuple[float, float]], tolerance_px: int = 2) -> tuple[int, ...]:
+    """Indices of the (col, row) `points_px` that lie on the object `member` (bool mask) or within
+    `tolerance_px` of it."""
+    rows, cols = member.shape
+    held = []
+    for index, (col, row) in enumerate(points_px):
+        c, r = round(float(col)), round(float(row))
+        if not (0 <= c < cols and 0 <= r < rows):
+            continue
+        window = member[max(r - tolerance_px, 0): r + tolerance_px + 1, max(c - tolerance_px, 0): c + tolerance_px + 1]
+        if window.any():
+            held.append(index)
+    return tuple(held)
 
 
 def _film_sample(excluded: np.ndarray, film_mask: np.ndarray | None) -> np.ndarray | None:

@@ -1,7 +1,8 @@
 """Steps `moving`, `zooming` and `confirming`: go to a target, take a search image, find the object again.
 
 At `confirming` a target is rejected when nothing crystal-like lies near it at the search preset, when the
-object there is round (an ice ball), or when it re-centres onto an object an earlier target already
+object there is round (an ice ball), when the object found holds the spot of an earlier snapshot (one crystal the
+atlas saw in pieces: a faint needle, a large flake), or when it re-centres onto an object an earlier target already
 confirmed (within `targeting.min_spacing_um`: pieces of one large flake or blob are measured once).
 Otherwise the object is put under the beam: by image shift where the microscope has it (no new image), else
 by a stage move and a new search image there (when the plan asks and the offset matters).
@@ -62,10 +63,10 @@ def move(ctx: SessionContext) -> None:
         visit.in_field = True
         return
     visit.in_field = False
-    ctx.field = None
     if direct.direct_snapshot_ok(ctx, target):
         _move_for_direct_snapshot(ctx, visit, limit_um)
         return
+    ctx.field = None
     # back to imaging before the move, so that leaving diffraction (a driver may stay there after a snapshot)
     # overlaps the move and its settling
     ctx.microscope.set_preset(ctx.plan.presets.search)
@@ -78,16 +79,27 @@ def move(ctx: SessionContext) -> None:
 
 
 def _move_for_direct_snapshot(ctx: SessionContext, visit: VisitState, limit_um: float) -> None:
-    """Put the beam on a target snapped with no search image (`agent.steps.direct`): the search preset (the
-    snapshot's) without leaving diffraction if the optics are still there, no image shift, and the stage on the
-    target."""
+    """Put the beam on a target snapped with no search image (`agent.steps.direct`), at the search preset (the
+    snapshot's) without leaving diffraction if the optics are still there. With image shift: by image shift alone
+    when the target is in its range of where the stage is (no move, no settling; a search field the stage sits on
+    stays valid), else the stage goes to the centre of the target and its directly snapped neighbours
+    (`direct.group_point`) and the image shift puts the beam on the target. Without: the stage on the target."""
     visit.direct = True
     target = visit.target
-    if ctx.microscope.get_preset() != ctx.plan.presets.search:
+    on_search = ctx.microscope.get_preset() == ctx.plan.presets.search
+    if not on_search:
         ctx.microscope.set_preset(ctx.plan.presets.search)
-    if limit_um > 0:
-        ctx.microscope.set_image_shift(0.0, 0.0)  # type: ignore[attr-defined]
-    approach_move(ctx.microscope, target.x_um, target.y_um, ctx.plan.targeting.approach_um)
+    if limit_um <= 0:
+        approach_move(ctx.microscope, target.x_um, target.y_um, ctx.plan.targeting.approach_um)
+        return
+    here = ctx.microscope.get_stage()
+    stage_xy = (here.x_um, here.y_um)
+    if not (on_search and direct.within_shift(stage_xy, target.x_um, target.y_um, limit_um)):
+        ctx.field = None
+        approach_move(ctx.microscope, *direct.group_point(ctx, target, limit_um), ctx.plan.targeting.approach_um)
+        here = ctx.microscope.get_stage()
+        stage_xy = (here.x_um, here.y_um)
+    ctx.microscope.set_image_shift(target.x_um - stage_xy[0], target.y_um - stage_xy[1])  # type: ignore[attr-defined]
 
 
 def same_object_as(ctx: SessionContext, target: TargetRecord) -> str | None:
@@ -192,16 +204,21 @@ def confirm(ctx: SessionContext) -> Rejection | None:
     assert visit.search is not None
     frame = visit.search
     expected_xy = (target.x_um, target.y_um) if visit.in_field or visit.off_centre else None
+    snapped = [result for result in ctx.results.values() if result.snapped]
     found = locate_near_centre(
         frame, ctx.calibration.matrix(ctx.plan.presets.search), ctx.plan, lambda xy: atlas_classes(ctx, xy),
-        expected_xy_um=expected_xy,
+        expected_xy_um=expected_xy, others_xy_um=[(result.x_um, result.y_um) for result in snapped],
     )
     view_x, view_y = expected_xy or frame.metadata.view_xy_um
     if found is None:
         return Rejection(view_x, view_y, "nothing crystal-like near the expected position at the search preset")
-    x_um, y_um, confirm_score, round_outline = found
+    x_um, y_um, confirm_score, round_outline = found.x_um, found.y_um, found.contrast_sigma, found.round_outline
     if round_outline and ctx.plan.confirm.reject_round:
         return Rejection(x_um, y_um, "a round object at the search preset (an ice ball)")
+    if found.holds:
+        # one crystal the atlas saw in pieces (a faint needle, a large flake): snapped once already
+        earlier = snapped[found.holds[0]].target_id
+        return Rejection(x_um, y_um, f"the same object as {earlier} (it holds that snapshot in the search image)")
     offset_um = math.hypot(x_um - view_x, y_um - view_y)
     visit.x_um, visit.y_um, visit.confirm_score, visit.offset_um = x_um, y_um, confirm_score, offset_um
     earlier = measured_near(ctx, x_um, y_um)
@@ -293,16 +310,29 @@ def _atlas_masks(
     return full == BAR, ndimage.binary_erosion(full == FILM, iterations=max(1, 4 * step))
 
 
+@dataclass(frozen=True)
+class Located:
+    """An object found again on a search frame: its stage position (um), contrast in film-noise sigmas, whether
+    its outline is round (an ice ball), and which of the `others_xy_um` points lie on it."""
+
+    x_um: float
+    y_um: float
+    contrast_sigma: float
+    round_outline: bool
+    holds: tuple[int, ...] = ()
+
+
 def locate_near_centre(
     frame: Frame,
     matrix_um_per_px: np.ndarray,
     plan: ScreeningPlan,
     classes_at: object | None = None,
     expected_xy_um: tuple[float, float] | None = None,
-) -> tuple[float, float, float, bool] | None:
+    others_xy_um: list[tuple[float, float]] | None = None,
+) -> Located | None:
     """Find the object nearest the centre of a search frame (or its stage point `expected_xy_um`) within
-    `confirm.radius_um` (see `agent.steps.object_near_centre`); returns its stage position (x_um, y_um),
-    contrast in film-noise sigmas and whether its outline is round (an ice ball), or None.
+    `confirm.radius_um` (see `agent.steps.object_near_centre`), or None; `others_xy_um`: stage points to test
+    against it (`Located.holds`).
 
     `classes_at(stage_xy_um (n, 2)) -> (n,)` says what the atlas saw at stage points (BAR, FILM, OTHER,
     OFF_ATLAS): bar pixels can never be the target, and film pixels set the film level even when objects
@@ -326,8 +356,22 @@ def locate_near_centre(
         exclude_mask=exclude,
         film_mask=film,
         min_area_px=math.pi / 4 * (plan.confirm.min_size_um / pixel_um) ** 2,
+        others_px=_others_px(others_xy_um, image.shape, stage_xy, matrix_um_per_px),
     )
     if found is None:
         return None
     xy = pixel_to_stage_um(np.array([found.col_px, found.row_px]), image.shape, stage_xy, matrix_um_per_px)
-    return float(xy[0]), float(xy[1]), found.contrast_sigma, found.round_outline
+    return Located(float(xy[0]), float(xy[1]), found.contrast_sigma, found.round_outline, found.holds)
+
+
+def _others_px(
+    others_xy_um: list[tuple[float, float]] | None, shape: tuple[int, ...], stage_xy: tuple[float, float],
+    matrix_um_per_px: np.ndarray,
+) -> list[tuple[float, float]] | None:
+    """Stage points (um) as (col, row) pixels of a frame of `shape` centred on `stage_xy` (points off the frame
+    stay off it)."""
+    if not others_xy_um:
+        return None
+    points = [stage_to_pixel(np.asarray(xy, dtype=np.float64), shape, stage_xy, matrix_um_per_px)
+              for xy in others_xy_um]
+    return [(float(col), float(row)) for col, row in points]

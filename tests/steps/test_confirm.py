@@ -132,3 +132,16 @@ def test_a_crystal_touching_an_ice_ball_is_not_called_round() -> None:
     image = np.minimum(_ball((256, 256), 128.0, 128.0, 22.0), _hexagon_plate((256, 256), 128, 166, 16, turn=0.0))
     found = find_object_near_centre(_poisson(400.0 * image, rng), radius_px=60, min_contrast_sigma=3)
     assert found is not None and not found.round_outline
+
+
+def test_points_on_the_object_found_are_reported_so_one_object_is_snapped_once() -> None:
+    signal, rng = _film(5)
+    yy, xx = np.mgrid[:256, :256]
+    needle = (np.abs(yy - 128) < 5) & (np.abs(xx - 128) < 90)  # one long crystal through the centre
+    other = np.hypot(xx - 60, yy - 200) < 10  # a separate one
+    image = _poisson(signal * np.where(needle, 0.6, 1.0) * np.where(other, 0.6, 1.0), rng)
+    points = [(60.0, 127.0), (200.0, 131.0), (60.0, 200.0), (128.0, 60.0), (-5.0, 128.0)]
+    found = find_object_near_centre(image, radius_px=40, min_contrast_sigma=3, others_px=points)
+    assert found is not None and abs(found.row_px - 128) < 2
+    assert found.holds == (0, 1)  # both ends of the needle; not the other crystal, the film, or off the frame
+    assert find_object_near_centre(image, radius_px=40, min_contrast_sigma=3).holds == ()
