@@ -8,7 +8,9 @@ resolution tags, so that `read_frame_tiff` gives the same frame back.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -18,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:  # imported where a frame is read: reading a plain image needs no pydantic models
+    from collections.abc import Iterator
+
     from drivers.base import Frame
 
 #: File name suffixes `read_image` understands.
@@ -85,7 +89,45 @@ def _checked_2d(data: ImageData, file_path: Path) -> ImageData:
     return ImageData(array=array, pixel_size_um=data.pixel_size_um, metadata=data.metadata, path=file_path)
 
 
+class _HeldRecords(logging.Handler):
+    """Keeps the log records of one logger while a file is opened (see `_tiff_warnings`)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def _tiff_warnings() -> Iterator[_HeldRecords]:
+    """While opening a TIFF, tifffile's warnings are held, not printed: a corrupt file then gets one error that
+    says what tifffile saw (`_read_tiff`), instead of a log line and an error. A file that reads is not at
+    fault beyond them, and they are passed on as they were."""
+    tiff_logger = logging.getLogger("tifffile")
+    held = _HeldRecords()
+    propagate = tiff_logger.propagate
+    tiff_logger.addHandler(held)
+    tiff_logger.propagate = False
+    try:
+        yield held
+    except ImageFormatError as error:
+        reasons = "; ".join(record.getMessage() for record in held.records)
+        raise ImageFormatError(f"{error} (tifffile: {reasons})" if reasons else str(error)) from error
+    finally:
+        tiff_logger.removeHandler(held)
+        tiff_logger.propagate = propagate
+    for record in held.records:
+        tiff_logger.handle(record)
+
+
 def _read_tiff(file_path: Path, section: int) -> ImageData:
+    with _tiff_warnings():
+        return _read_tiff_pages(file_path, section)
+
+
+def _read_tiff_pages(file_path: Path, section: int) -> ImageData:
     import tifffile
 
     with tifffile.TiffFile(file_path) as tif:

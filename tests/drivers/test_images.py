@@ -54,3 +54,20 @@ def test_corrupt_and_missing_files_raise_clear_errors(tmp_path: Path) -> None:
     other.write_bytes(b"1")
     with pytest.raises(ImageFormatError, match="unsupported"):
         read_image(other)
+
+
+def test_tifffile_warnings_are_held_only_while_a_tiff_is_opened(tmp_path: Path) -> None:
+    import logging
+
+    import tifffile
+
+    tiff_logger = logging.getLogger("tifffile")
+    handlers, propagate = list(tiff_logger.handlers), tiff_logger.propagate
+    bad = tmp_path / "bad.tif"
+    bad.write_bytes(b"II*\x00garbage")
+    with pytest.raises(ImageFormatError, match=r"no pages \(tifffile: .*invalid offset"):
+        read_image(bad)
+    good = tmp_path / "good.tif"
+    tifffile.imwrite(good, np.zeros((4, 5), np.uint16))
+    assert read_image(good).array.shape == (4, 5)
+    assert tiff_logger.handlers == handlers and tiff_logger.propagate == propagate

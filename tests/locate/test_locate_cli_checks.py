@@ -94,3 +94,13 @@ def test_a_binary_file_as_calibration_gets_one_line(atlas_frame: Path, tmp_path:
     line = _one_error_line(_locate(str(atlas_frame), "--grid", "8x8", "--calibration", str(binary),
                                    "--out", str(tmp_path / "out")))
     assert "cannot read calibration JSON" in line
+
+
+def test_a_corrupt_tiff_gets_one_line_that_says_what_tifffile_saw(tmp_path: Path) -> None:
+    """tifffile logs a warning before it gives up; that warning used to be printed as a line of its own above the
+    error. It is folded into the one error line."""
+    bad = tmp_path / "bad.tif"
+    bad.write_bytes(b"II*\x00garbage")
+    line = _one_error_line(_locate(str(bad), "--out", str(tmp_path / "out")))
+    assert "bad.tif: TIFF has no pages (tifffile: " in line and "invalid offset" in line
+    assert not (tmp_path / "out").exists()
