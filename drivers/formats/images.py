@@ -90,7 +90,7 @@ def _checked_2d(data: ImageData, file_path: Path) -> ImageData:
 
 
 class _HeldRecords(logging.Handler):
-    """Keeps the log records of one logger while a file is opened (see `_tiff_warnings`)."""
+    """Keeps the log records of one logger while a file is opened (see `tiff_warnings`)."""
 
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
@@ -101,29 +101,34 @@ class _HeldRecords(logging.Handler):
 
 
 @contextlib.contextmanager
-def _tiff_warnings() -> Iterator[_HeldRecords]:
-    """While opening a TIFF, tifffile's warnings are held, not printed: a corrupt file then gets one error that
-    says what tifffile saw (`_read_tiff`), instead of a log line and an error. A file that reads is not at
-    fault beyond them, and they are passed on as they were."""
+def tiff_warnings(error_type: type[ValueError] = ImageFormatError) -> Iterator[None]:
+    """While a TIFF is opened, tifffile's warnings are held, not printed. When the block raises `error_type`
+    (whose constructor takes the message), they are folded into that one error ("... (tifffile: ...)"), instead
+    of a log line above it. Otherwise (the file read, or another error) they are passed on as they were."""
     tiff_logger = logging.getLogger("tifffile")
     held = _HeldRecords()
     propagate = tiff_logger.propagate
     tiff_logger.addHandler(held)
     tiff_logger.propagate = False
+    folded = False
     try:
-        yield held
-    except ImageFormatError as error:
+        yield
+    except error_type as error:
         reasons = "; ".join(record.getMessage() for record in held.records)
-        raise ImageFormatError(f"{error} (tifffile: {reasons})" if reasons else str(error)) from error
+        if not reasons:
+            raise
+        folded = True
+        raise error_type(f"{error} (tifffile: {reasons})") from error
     finally:
         tiff_logger.removeHandler(held)
         tiff_logger.propagate = propagate
-    for record in held.records:
-        tiff_logger.handle(record)
+        if not folded:
+            for record in held.records:
+                tiff_logger.handle(record)
 
 
 def _read_tiff(file_path: Path, section: int) -> ImageData:
-    with _tiff_warnings():
+    with tiff_warnings():
         return _read_tiff_pages(file_path, section)
 
 

@@ -627,9 +627,9 @@ def _probe_tile(path: Path) -> _TileInfo:
         if suffix in (".tif", ".tiff"):
             import tifffile
 
-            from drivers.formats.images import _tiff_pixel_size_um
+            from drivers.formats.images import _tiff_pixel_size_um, tiff_warnings
 
-            with tifffile.TiffFile(path) as tif:
+            with tiff_warnings(MontageFormatError), tifffile.TiffFile(path) as tif:
                 if not tif.pages:
                     raise MontageFormatError(f"{path}: TIFF has no pages")
                 page = tif.pages[0]

@@ -435,3 +435,11 @@ def test_png_tiles_and_colour_tiles(tmp_path: Path) -> None:
     tifffile.imwrite(colour / "Tile_1-1.tif", np.zeros((8, 8, 3), np.uint8), photometric="rgb")
     with pytest.raises(MontageFormatError, match="grayscale"):
         open_montage(colour)
+
+
+def test_a_corrupt_tile_gets_one_error_that_says_what_tifffile_saw(tmp_path: Path) -> None:
+    """tifffile logs a warning before it gives up on a tile; it is folded into the montage's one error."""
+    tifffile.imwrite(tmp_path / "Tile_001-001.tif", np.zeros((8, 8), np.uint16))
+    (tmp_path / "Tile_001-002.tif").write_bytes(b"II*\x00garbage")
+    with pytest.raises(MontageFormatError, match=r"Tile_001-002\.tif: TIFF has no pages \(tifffile: .*invalid offset"):
+        open_montage(tmp_path)
